@@ -1,0 +1,1 @@
+"""The meshserve controller: routing, worlds, health, launchers, admin API and the CLI."""

@@ -1,0 +1,211 @@
+"""The controller process: wires the sockets, routers and actors together and runs them.
+
+    Frontend (clients) --submit--> Router (per deployment) --dispatch--> Backend (workers)
+    Backend --reply--> Router --answer--> Frontend
+    Backend --control--> WorldManager <--> Launcher;   Backend --heartbeat--> Health
+    Admin (meshctl) --ask--> WorldManager / Routers
+
+The data path is synchronous callbacks on one event loop (see mesh.transport for why); the
+control path goes through actor mailboxes. ``start`` binds everything and asks for the initial
+worlds; ``drain`` stops admitting requests and waits for in-flight ones; ``aclose`` stops
+every worker and releases every socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from controller.admin import Admin
+from controller.backend import Backend
+from controller.config import Config
+from controller.frontend import Frontend
+from controller.health import Health
+from controller.launcher import Launcher, LocalLauncher
+from controller.metrics import MetricsServer
+from controller.router import Router
+from controller.status import build_status
+from controller.world_manager import (
+    FromWorker,
+    Tick,
+    WorkerExited,
+    WorkerSilent,
+    WorldIdle,
+    WorldManager,
+)
+from mesh.errors import Cancelled
+from mesh.messages import Heartbeat, Message, Ping
+
+log = logging.getLogger(__name__)
+
+LauncherFactory = Callable[[Config, Callable[[str, int], None]], Launcher]
+
+
+def local_launcher(config: Config, on_exit: Callable[[str, int], None]) -> Launcher:
+    c = config.controller
+    return LocalLauncher(c.worker_endpoint, on_exit=on_exit, device=c.worker_device,
+                         threads=c.worker_threads, max_workers=c.max_local_workers)
+
+
+class Controller:
+    def __init__(self, config: Config, *, launcher: LauncherFactory = local_launcher) -> None:
+        self.config = config
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._rids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started_s = time.monotonic()
+        self._launcher_factory = launcher
+        self.routers: dict[str, Router] = {}
+        self._world_owner: dict[int, Router] = {}
+        self._closed = False
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.config.controller
+        self.launcher = self._launcher_factory(self.config, self._on_worker_exit)
+        self.backend = Backend(self._context, c.worker_endpoint, route_of=self._route_of,
+                               on_heartbeat=self._on_heartbeat, on_control=self._on_control)
+        next_rid = self._rids.__next__
+        for dep in self.config.deployments:
+            self.routers[dep.name] = Router(
+                dep, send_client=self._send_client, send_worker=self.backend.send,
+                next_rid=next_rid, on_world_idle=self._on_world_idle)
+        self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
+                                 max_request_bytes=c.max_request_bytes)
+        self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_silent=self._on_silent)
+        self.world_manager = WorldManager(
+            self.config, self.routers, self.launcher, send_worker=self.backend.send_control,
+            on_watch=self.health.watch, on_forget=self.health.forget)
+        self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
+                           routers=self.routers, launcher=self.launcher, snapshot=self.status)
+        self.metrics: MetricsServer | None = None
+        if c.metrics_port:
+            self.metrics = MetricsServer(c.metrics_host, c.metrics_port, self.status)
+            await self.metrics.start()
+        self.backend.start()
+        self.frontend.start()
+        await self.health.start()
+        await self.world_manager.start()
+        await self.admin.start()
+        self._spawn(self._sweep_loop(), "controller.sweep")
+        self._spawn(self._tick_loop(), "controller.tick")
+        self.world_manager.tell(Tick())
+        log.info("[controller] clients %s, admin %s, workers %s%s", c.client_endpoint,
+                 c.admin_endpoint, c.worker_endpoint,
+                 f", metrics http://{c.metrics_host}:{c.metrics_port}/metrics"
+                 if c.metrics_port else "")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send_client(self, frames: list[Any]) -> bool:
+        return self.frontend.send(frames)
+
+    def _route_of(self, world_id: int) -> Router | None:
+        router = self._world_owner.get(world_id)
+        if router is None:
+            for r in self.routers.values():
+                if world_id in r.worlds:
+                    self._world_owner[world_id] = r
+                    return r
+        return router
+
+    def _on_heartbeat(self, worker_id: str, hb: Heartbeat) -> None:
+        self.health.beat(worker_id)
+        self.world_manager.note_heartbeat(worker_id, hb)
+
+    def _on_control(self, worker_id: str, message: Message) -> None:
+        self.health.beat(worker_id)
+        self.world_manager.tell(FromWorker(worker_id, message))
+
+    def _on_worker_exit(self, worker_id: str, returncode: int) -> None:
+        if not self._closed:
+            self.world_manager.tell(WorkerExited(worker_id, returncode))
+
+    def _on_silent(self, worker_id: str, silent_s: float) -> None:
+        self.world_manager.tell(WorkerSilent(worker_id, silent_s))
+
+    def _on_world_idle(self, world_id: int) -> None:
+        self._world_owner.pop(world_id, None)
+        self.world_manager.tell(WorldIdle(world_id))
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            for router in self.routers.values():
+                router.sweep()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.world_manager.tell(Tick())
+            for worker in self.world_manager.workers.values():
+                if worker.state not in ("dead", "starting"):
+                    self.backend.send_control(worker.id, _PING)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        c = self.config.controller
+        return build_status(self.world_manager, self.routers, started_s=self.started_s,
+                            endpoints={"client_endpoint": c.client_endpoint,
+                                       "admin_endpoint": c.admin_endpoint,
+                                       "worker_endpoint": c.worker_endpoint})
+
+    async def wait_serving(self, timeout_s: float) -> None:
+        """Wait until every deployment has its desired number of serving worlds."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                status = self.status()
+                if all(d["worlds_current"] >= d["worlds_desired"] for d in status["deployments"]):
+                    return
+                await asyncio.sleep(0.05)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting requests; wait for every accepted one to be answered."""
+        for router in self.routers.values():
+            router.accepting = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                while any(r.unanswered for r in self.routers.values()):
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            for router in self.routers.values():
+                router.fail_all(Cancelled("controller stopped before an answer came"))
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        stop_s = self.config.controller.drain_timeout_ms / 1000.0
+        await self.world_manager.shutdown_workers(timeout_s=max(2.0, min(stop_s, 10.0)))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.admin.aclose()
+        await self.world_manager.aclose()
+        await self.health.aclose()
+        if self.metrics is not None:
+            await self.metrics.aclose()
+        # Give answers already queued in ZeroMQ a moment to leave before closing sockets.
+        await asyncio.sleep(0.05)
+        self.frontend.close()
+        self.backend.close()
+        self._context.term()
+        log.info("[controller] stopped")
+
+
+_PING = Ping()

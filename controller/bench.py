@@ -1,0 +1,181 @@
+"""``meshctl bench``: closed-loop load against a running controller, with a live display.
+
+N concurrent callers each send a request, wait for its answer, and send the next, for
+``duration_s`` seconds after a warm-up. Reports req/s, latency percentiles (p50, p95, p99,
+max) and errors by code, as a table or JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from controller.stats import percentile
+from mesh.client import Client
+from mesh.errors import MeshError
+
+
+@dataclass
+class BenchResult:
+    model: str
+    concurrency: int
+    duration_s: float
+    requests: int
+    errors: dict[str, int] = field(default_factory=dict)
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    mean_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Progress:
+    """A one-line live display on a terminal; a line per second when piped."""
+
+    def __init__(self, out: TextIO, total_s: float) -> None:
+        self.out = out
+        self.total_s = total_s
+        self.tty = out.isatty()
+        self._last_line_s = 0.0
+
+    def update(self, elapsed_s: float, done: int, errors: int, recent_ms: list[float]) -> None:
+        recent = sorted(recent_ms)
+        line = (f"[{elapsed_s:5.1f}/{self.total_s:.0f}s] {done / max(elapsed_s, 1e-9):9.1f} req/s"
+                f"  p50 {percentile(recent, 50):7.2f} ms  p99 {percentile(recent, 99):7.2f} ms"
+                f"  errors {errors}")
+        if self.tty:
+            self.out.write("\r" + line)
+            self.out.flush()
+        elif elapsed_s - self._last_line_s >= 1.0:
+            self._last_line_s = elapsed_s
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+            self.out.flush()
+
+
+async def closed_loop(
+    client: Client,
+    model: str,
+    inputs: dict[str, Any],
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 0.5,
+    timeout_s: float = 30.0,
+    progress: Progress | None = None,
+) -> BenchResult:
+    latencies: list[float] = []
+    recent: list[float] = []
+    errors: dict[str, int] = {}
+    measuring = False
+    stop = False
+
+    async def caller() -> None:
+        while not stop:
+            t0 = time.perf_counter()
+            try:
+                await client.infer(model, inputs, timeout_s=timeout_s)
+            except MeshError as exc:
+                if measuring:
+                    errors[exc.code] = errors.get(exc.code, 0) + 1
+                continue
+            if measuring:
+                ms = (time.perf_counter() - t0) * 1000.0
+                latencies.append(ms)
+                recent.append(ms)
+
+    tasks = [asyncio.create_task(caller(), name=f"bench.caller.{i}") for i in range(concurrency)]
+    try:
+        await asyncio.sleep(warmup_s)
+        measuring = True
+        started = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.25)
+            elapsed = time.perf_counter() - started
+            if progress is not None:
+                progress.update(elapsed, len(latencies), sum(errors.values()), recent[-2000:])
+                del recent[:-2000]
+            if elapsed >= duration_s:
+                break
+        measuring = False
+        elapsed = time.perf_counter() - started
+    finally:
+        stop = True
+        await asyncio.wait(tasks, timeout=timeout_s + 5)
+        for t in tasks:
+            t.cancel()
+        if progress is not None:
+            progress.finish()
+    values = sorted(latencies)
+    return BenchResult(
+        model=model, concurrency=concurrency, duration_s=round(elapsed, 3),
+        requests=len(values), errors=errors, rps=round(len(values) / elapsed, 2),
+        p50_ms=round(percentile(values, 50), 3), p95_ms=round(percentile(values, 95), 3),
+        p99_ms=round(percentile(values, 99), 3), max_ms=round(values[-1] if values else 0.0, 3),
+        mean_ms=round(sum(values) / len(values), 3) if values else 0.0,
+    )
+
+
+def render_result(r: BenchResult) -> str:
+    errors = ", ".join(f"{k}={v}" for k, v in sorted(r.errors.items())) or "0"
+    rows = [
+        ("model", r.model), ("concurrency", r.concurrency), ("duration_s", r.duration_s),
+        ("requests", r.requests), ("req/s", r.rps), ("p50_ms", r.p50_ms), ("p95_ms", r.p95_ms),
+        ("p99_ms", r.p99_ms), ("max_ms", r.max_ms), ("mean_ms", r.mean_ms), ("errors", errors),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+async def _inputs_for(args: argparse.Namespace) -> dict[str, Any]:
+    from controller.admin_client import admin_call
+    from controller.inputs import example_inputs, parse_assignments
+
+    if args.input:
+        return parse_assignments(args.input)
+    status = await admin_call(args.admin, "status", {}, timeout_s=args.admin_timeout_s)
+    for dep in status["deployments"]:
+        if dep["name"] == args.model:
+            inputs = example_inputs(dep.get("inputs") or {})
+            if not inputs:
+                raise MeshError(f"deployment {args.model!r} has not described its inputs yet; "
+                                "pass --input KEY=JSON")
+            return inputs
+    from mesh.errors import UnknownModel
+
+    raise UnknownModel(f"no deployment named {args.model!r}")
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    from controller.cli import _run
+
+    if args.concurrency < 1 or args.duration_s <= 0:
+        print("meshctl bench: --concurrency must be >= 1 and --duration-s > 0", file=sys.stderr)
+        return 2
+
+    async def go() -> BenchResult:
+        inputs = await _inputs_for(args)
+        async with Client(args.endpoint) as client:
+            # One request first: fail fast (unknown model, bad inputs) before the load starts.
+            await client.infer(args.model, inputs, timeout_s=args.request_timeout_s)
+            return await closed_loop(
+                client, args.model, inputs, concurrency=args.concurrency,
+                duration_s=args.duration_s, warmup_s=args.warmup_s,
+                timeout_s=args.request_timeout_s, progress=Progress(sys.stderr, args.duration_s))
+
+    result = _run(go())
+    print(json.dumps(result.to_dict()) if args.json else render_result(result))
+    return 0

@@ -1,0 +1,216 @@
+"""``meshctl``: run the controller or a worker, and administer a running controller.
+
+Flags, environment (MESH_ADMIN, MESH_ENDPOINT, MESH_LOG_LEVEL) and the config file are turned
+into one validated Config before anything starts; a bad value exits 2 with a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from mesh.errors import ConfigError, MeshError
+
+DEFAULT_ADMIN = "tcp://127.0.0.1:5556"
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(args: argparse.Namespace, *, demo_if_missing: bool) -> Any:
+    from controller.config import demo_config, load_config
+
+    if args.config:
+        return load_config(args.config)
+    if demo_if_missing:
+        return demo_config()
+    raise ConfigError("--config FILE is required")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from controller.serve import serve
+
+    config = _load(args, demo_if_missing=True)
+    # 'up' always brings its own local worker pool.
+    config = dataclasses.replace(config, controller=dataclasses.replace(config.controller,
+                                                                         launcher="local"))
+    return _run(serve(config))
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from controller.serve import serve
+
+    return _run(serve(_load(args, demo_if_missing=False)))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import run_from_args
+
+    return run_from_args(args)
+
+
+def _admin(args: argparse.Namespace, command: str, call_args: dict[str, Any]) -> Any:
+    from controller.admin_client import admin_call
+
+    return _run(admin_call(args.admin, command, call_args, timeout_s=args.admin_timeout_s))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from controller.status import render_status
+
+    status = _admin(args, "status", {})
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    if args.worlds is None and args.min is None and args.max is None:
+        raise ConfigError("scale needs --worlds N, or --min N and/or --max M")
+    result = _admin(args, "scale", {"deployment": args.model, "worlds": args.worlds,
+                                    "min_worlds": args.min, "max_worlds": args.max})
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_slo(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "slo", {"deployment": args.model, "p99_ms": args.p99_ms})))
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "drain", {"target": args.target})))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "kill", {"worker": args.worker})))
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from controller.inputs import outputs_to_json, parse_assignments
+    from mesh.client import Client
+
+    inputs = parse_assignments(args.inputs)
+
+    async def go() -> Any:
+        async with Client(args.endpoint) as client:
+            return await client.infer(args.model, inputs, timeout_s=args.timeout_s)
+
+    print(json.dumps(outputs_to_json(_run(go()))))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from controller.bench import run_bench_cli
+
+    return run_bench_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from worker.main import add_arguments as add_worker_arguments
+
+    p = argparse.ArgumentParser(prog="meshctl", description="meshserve: serve PyTorch models "
+                                "over ZeroMQ in elastic, fault-tolerant worlds")
+    p.add_argument("--admin", default=os.environ.get("MESH_ADMIN", DEFAULT_ADMIN),
+                   help="controller admin endpoint (default %(default)s)")
+    p.add_argument("--admin-timeout-s", type=float, default=10.0, help="admin call timeout")
+    p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("up", help="controller plus a local worker pool (demo models by default)")
+    s.add_argument("--config", help="TOML config file (default: the built-in demo deployments)")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("controller", help="the controller alone; workers come from its launcher")
+    s.add_argument("--config", required=True, help="TOML config file")
+    s.set_defaults(func=cmd_controller)
+
+    s = sub.add_parser("worker", help="one worker that joins a controller")
+    add_worker_arguments(s)
+    s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("status", help="deployments, worlds, workers, latency and load")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("scale", help="set a deployment's world count or its bounds")
+    s.add_argument("model")
+    s.add_argument("--worlds", type=int)
+    s.add_argument("--min", type=int)
+    s.add_argument("--max", type=int)
+    s.set_defaults(func=cmd_scale)
+
+    s = sub.add_parser("slo", help="set a deployment's latency target")
+    s.add_argument("model")
+    s.add_argument("--p99-ms", type=float, required=True)
+    s.set_defaults(func=cmd_slo)
+
+    s = sub.add_parser("drain", help="stop routing to a worker or world, finish, release it")
+    s.add_argument("target", help="worker id or world id")
+    s.set_defaults(func=cmd_drain)
+
+    s = sub.add_parser("kill", help="SIGKILL a worker through its launcher (fault injection)")
+    s.add_argument("worker")
+    s.set_defaults(func=cmd_kill)
+
+    s = sub.add_parser("infer", help="one request from the shell: KEY=JSON ...")
+    s.add_argument("model")
+    s.add_argument("inputs", nargs="*", metavar="KEY[:DTYPE]=JSON",
+                   help="numeric lists become float32 tensors unless a dtype is given")
+    s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT))
+    s.add_argument("--timeout-s", dest="timeout_s", type=float, default=30.0)
+    s.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("bench", help="closed-loop load with latency percentiles")
+    s.add_argument("model")
+    s.add_argument("--concurrency", type=int, default=16)
+    s.add_argument("--duration-s", type=float, default=10.0)
+    s.add_argument("--warmup-s", type=float, default=1.0)
+    s.add_argument("--input", action="append", default=[], metavar="KEY[:DTYPE]=JSON",
+                   help="request inputs (default: zeros shaped as the deployment's inputs)")
+    s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT))
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("--request-timeout-s", type=float, default=30.0)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "worker":
+        _setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"meshctl: config error: {exc}", file=sys.stderr)
+        return 2
+    except MeshError as exc:
+        print(f"meshctl: {type(exc).__name__} [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

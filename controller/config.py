@@ -1,0 +1,242 @@
+"""The controller's configuration: one typed object, parsed and validated once.
+
+Sources, in order of precedence: command-line flags, then the TOML file, then defaults. Every
+key is checked for type and range, cross-field rules are enforced (min <= worlds <= max), and
+an unknown key is rejected by its dotted name so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import ConfigError
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENDPOINT_RE = re.compile(r"^(tcp://[^:/\s]+:\d+|ipc://\S+|inproc://\S+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    name: str
+    model: str
+    checkpoint: str = ""
+    stages: int = 1
+    worlds: int = 1
+    min_worlds: int = 1
+    max_worlds: int = 4
+    slo_p99_ms: float = 100.0
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 2.0
+    # Requests waiting at the controller when every world is full; beyond this: Overloaded.
+    max_queue: int = 4096
+    # Requests outstanding on one world before the router holds new ones back.
+    max_inflight_per_world: int = 64
+    # Deadline applied when a request names none, and the largest one accepted.
+    default_timeout_ms: int = 30000
+    max_timeout_ms: int = 600000
+    # Extra keyword arguments for the model factory (msgpack/TOML-native values only).
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    client_endpoint: str = "tcp://127.0.0.1:5555"
+    admin_endpoint: str = "tcp://127.0.0.1:5556"
+    worker_endpoint: str = "tcp://127.0.0.1:5557"
+    metrics_port: int = 9464  # 0 disables the metrics endpoint
+    metrics_host: str = "127.0.0.1"
+    max_request_bytes: int = 64 * 1024 * 1024
+    heartbeat_interval_ms: int = 200
+    heartbeat_timeout_ms: int = 2000
+    # A worker exits when it hears nothing from the controller for this long.
+    controller_timeout_ms: int = 10000
+    # How long SIGINT/SIGTERM waits for in-flight requests before stopping workers.
+    drain_timeout_ms: int = 10000
+    # How long a world may take to form (worker start + model load) before it is abandoned.
+    world_form_timeout_ms: int = 120000
+    # Local launcher: device for spawned workers ("auto", "cpu", "cuda") and torch threads.
+    worker_device: str = "auto"
+    worker_threads: int = 0  # 0: torch's default
+    # Local launcher: how many workers this host may run at once.
+    max_local_workers: int = 16
+    # Who starts workers: "local" (subprocesses of the controller) or "none" (workers join
+    # with 'meshctl worker').
+    launcher: str = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    controller: ControllerConfig
+    deployments: tuple[DeploymentConfig, ...]
+
+    def deployment(self, name: str) -> DeploymentConfig:
+        for dep in self.deployments:
+            if dep.name == name:
+                return dep
+        raise KeyError(name)
+
+
+def demo_config() -> Config:
+    """The built-in demo deployments served by ``meshctl up`` with no config file."""
+    return Config(
+        controller=ControllerConfig(),
+        deployments=(
+            DeploymentConfig(
+                name="mlp",
+                model="worker.models.mlp:build",
+                stages=1,
+                worlds=1,
+                min_worlds=1,
+                max_worlds=4,
+                slo_p99_ms=50.0,
+            ),
+        ),
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file; raises ConfigError naming the bad field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    return parse_config(raw)
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    unknown = set(raw) - {"controller", "deployments"}
+    if unknown:
+        raise ConfigError(f"unknown top-level key {sorted(unknown)[0]!r}")
+    controller_raw = raw.get("controller", {})
+    if not isinstance(controller_raw, dict):
+        raise ConfigError("'controller' must be a table")
+    controller = _build(ControllerConfig, controller_raw, "controller")
+    _check_controller(controller)
+    deps_raw = raw.get("deployments", [])
+    if not isinstance(deps_raw, list) or not all(isinstance(d, dict) for d in deps_raw):
+        raise ConfigError("'deployments' must be an array of tables ([[deployments]])")
+    if not deps_raw:
+        raise ConfigError("'deployments' is empty: configure at least one model")
+    deployments = []
+    seen: set[str] = set()
+    for i, dep_raw in enumerate(deps_raw):
+        where = f"deployments[{i}]"
+        if "name" in dep_raw and isinstance(dep_raw["name"], str):
+            where = f"deployments[{dep_raw['name']}]"
+        dep = _build(DeploymentConfig, dep_raw, where)
+        check_deployment(dep, where)
+        if dep.name in seen:
+            raise ConfigError(f"{where}.name: deployment {dep.name!r} is configured twice")
+        seen.add(dep.name)
+        deployments.append(dep)
+    return Config(controller=controller, deployments=tuple(deployments))
+
+
+def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"unknown key {where}.{key}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{name} is required")
+            continue
+        kwargs[name] = _coerce(raw[name], f.type, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, type_name: Any, where: str) -> Any:
+    t = str(type_name)
+    if t == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if t == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if t == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if t.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported type {t}")  # pragma: no cover
+
+
+def _check_controller(c: ControllerConfig) -> None:
+    for name in ("client_endpoint", "admin_endpoint", "worker_endpoint"):
+        value = getattr(c, name)
+        if not _ENDPOINT_RE.match(value):
+            raise ConfigError(f"controller.{name} must look like tcp://HOST:PORT, got {value!r}")
+    endpoints = [c.client_endpoint, c.admin_endpoint, c.worker_endpoint]
+    if len(set(endpoints)) != 3:
+        raise ConfigError("controller endpoints must be three different addresses")
+    _range("controller.metrics_port", c.metrics_port, 0, 65535)
+    _range("controller.max_request_bytes", c.max_request_bytes, 1024, 2**40)
+    _range("controller.heartbeat_interval_ms", c.heartbeat_interval_ms, 10, 60000)
+    _range("controller.heartbeat_timeout_ms", c.heartbeat_timeout_ms, 50, 600000)
+    if c.heartbeat_timeout_ms < 2 * c.heartbeat_interval_ms:
+        raise ConfigError(
+            "controller.heartbeat_timeout_ms must be at least twice heartbeat_interval_ms"
+        )
+    _range("controller.controller_timeout_ms", c.controller_timeout_ms, 500, 3600000)
+    _range("controller.drain_timeout_ms", c.drain_timeout_ms, 0, 3600000)
+    _range("controller.world_form_timeout_ms", c.world_form_timeout_ms, 100, 3600000)
+    if c.worker_device not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", c.worker_device):
+        raise ConfigError(
+            f"controller.worker_device must be auto, cpu, cuda or cuda:N, got {c.worker_device!r}"
+        )
+    _range("controller.worker_threads", c.worker_threads, 0, 1024)
+    _range("controller.max_local_workers", c.max_local_workers, 1, 4096)
+    if c.launcher not in ("local", "none"):
+        raise ConfigError(f"controller.launcher must be 'local' or 'none', got {c.launcher!r}")
+
+
+def check_deployment(d: DeploymentConfig, where: str) -> None:
+    if not _NAME_RE.match(d.name):
+        raise ConfigError(f"{where}.name must be 1-64 letters, digits, '_', '.', '-'")
+    if not _FACTORY_RE.match(d.model):
+        raise ConfigError(
+            f"{where}.model must be a factory 'package.module:function', got {d.model!r}"
+        )
+    _range(f"{where}.stages", d.stages, 1, 64)
+    _range(f"{where}.min_worlds", d.min_worlds, 0, 1024)
+    _range(f"{where}.max_worlds", d.max_worlds, 1, 1024)
+    if d.min_worlds > d.max_worlds:
+        raise ConfigError(f"{where}.min_worlds ({d.min_worlds}) exceeds max_worlds ({d.max_worlds})")
+    if not d.min_worlds <= d.worlds <= d.max_worlds:
+        raise ConfigError(
+            f"{where}.worlds ({d.worlds}) must lie between min_worlds ({d.min_worlds}) "
+            f"and max_worlds ({d.max_worlds})"
+        )
+    _range(f"{where}.slo_p99_ms", d.slo_p99_ms, 0.1, 3600000.0)
+    _range(f"{where}.max_batch_size", d.max_batch_size, 1, 65536)
+    _range(f"{where}.max_batch_delay_ms", d.max_batch_delay_ms, 0.0, 10000.0)
+    _range(f"{where}.max_queue", d.max_queue, 0, 10_000_000)
+    _range(f"{where}.max_inflight_per_world", d.max_inflight_per_world, 1, 1_000_000)
+    _range(f"{where}.default_timeout_ms", d.default_timeout_ms, 1, 86_400_000)
+    _range(f"{where}.max_timeout_ms", d.max_timeout_ms, 1, 86_400_000)
+    if d.default_timeout_ms > d.max_timeout_ms:
+        raise ConfigError(f"{where}.default_timeout_ms exceeds max_timeout_ms")
+
+
+def _range(where: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where} must lie in [{lo}, {hi}], got {value!r}")

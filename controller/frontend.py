@@ -1,0 +1,136 @@
+"""The Frontend: the client-facing ROUTER socket, request validation, hand-off to routers.
+
+Everything a client can get wrong is caught here and answered with a typed error to that
+client alone: oversized payloads, headers that are not msgpack or not a map, a protocol version
+we do not speak, unknown kinds and models, bad timeouts, tensor references that do not match
+their frames. A valid request reaches its deployment's Router without its tensors ever being
+decoded: the header frame and tensor frames are forwarded as they came.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from controller.router import Router
+from mesh import codec
+from mesh.errors import (
+    BadRequest,
+    MeshError,
+    PayloadTooLarge,
+    UnknownModel,
+    UnsupportedVersion,
+)
+from mesh.messages import PROTOCOL_VERSION, ClientKind, error_header
+from mesh.transport import Pump, make_socket
+
+log = logging.getLogger(__name__)
+
+
+def _validate_only(dtype: str, shape: tuple[int, ...], buf: Any) -> None:
+    return None
+
+
+class Frontend:
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        endpoint: str,
+        routers: dict[str, Router],
+        *,
+        max_request_bytes: int,
+        on_bad_request: Callable[[str], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.routers = routers
+        self.max_request_bytes = max_request_bytes
+        self._on_bad_request = on_bad_request
+        # ZeroMQ drops the connection of a peer sending a frame over MAXMSGSIZE; keep that far
+        # above our own limit so an oversized request normally gets a typed answer instead.
+        sock = make_socket(context, zmq.ROUTER, max_msg_bytes=max_request_bytes * 4 + (1 << 20))
+        sock.bind(endpoint)
+        self.pump = Pump(sock, self._on_message, name="frontend")
+        self.rejected = 0
+
+    def start(self) -> None:
+        self.pump.start()
+
+    def close(self) -> None:
+        self.pump.close()
+
+    def send(self, frames: list[Any]) -> bool:
+        return self.pump.send(frames)
+
+    def _on_message(self, frames: list[Any]) -> None:
+        client = frames[0]
+        if len(frames) < 2:
+            self._error(client, None, BadRequest("message has no header frame"))
+            return
+        size = 0
+        for f in frames[1:]:
+            size += len(f)
+        header_frame = frames[1]
+        try:
+            header = codec.unpack_header(codec.frame_buffer(header_frame))
+        except BadRequest as exc:
+            if size > self.max_request_bytes:
+                exc = PayloadTooLarge(f"request is {size} bytes; limit {self.max_request_bytes}")
+            self._error(client, None, exc)
+            return
+        req_id = header.get("id") if isinstance(header, dict) else None
+        try:
+            if size > self.max_request_bytes:
+                raise PayloadTooLarge(f"request is {size} bytes; limit {self.max_request_bytes}")
+            if not isinstance(header, dict):
+                raise BadRequest("header must be a msgpack map")
+            version = header.get("v")
+            if version != PROTOCOL_VERSION:
+                raise UnsupportedVersion(
+                    f"protocol version {version!r} is not supported; this controller speaks "
+                    f"{PROTOCOL_VERSION}")
+            if req_id is None or isinstance(req_id, bool) or not isinstance(req_id, int | str):
+                raise BadRequest("header 'id' must be an integer or a string")
+            kind = header.get("kind")
+            if kind == ClientKind.CANCEL:
+                for router in self.routers.values():
+                    router.cancel(client, req_id)
+                return
+            if kind not in (ClientKind.INFER, ClientKind.STREAM):
+                raise BadRequest(f"unknown request kind {kind!r}")
+            model = header.get("model")
+            router = self.routers.get(model) if isinstance(model, str) else None
+            if router is None:
+                raise UnknownModel(f"no deployment named {model!r}; "
+                                   f"serving {sorted(self.routers)}")
+            inputs = header.get("inputs")
+            if not isinstance(inputs, dict):
+                raise BadRequest("header 'inputs' must be a map of named values")
+            if "params" in header and not isinstance(header["params"], dict):
+                raise BadRequest("header 'params' must be a map")
+            timeout_ms = header.get("timeout_ms")
+            dep = router.deployment
+            if timeout_ms is None:
+                timeout_ms = dep.default_timeout_ms
+            elif isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float) \
+                    or timeout_ms <= 0:
+                raise BadRequest(f"'timeout_ms' must be a positive number, got {timeout_ms!r}")
+            elif timeout_ms > dep.max_timeout_ms:
+                raise BadRequest(f"'timeout_ms' {timeout_ms} exceeds the limit {dep.max_timeout_ms}")
+            tensor_frames = frames[2:]
+            # Check every tensor reference against its frame now, so a malformed request is
+            # answered here and never reaches (or slows) a worker.
+            codec.decode_tensors(header, [header_frame, *tensor_frames], _validate_only)
+        except MeshError as exc:
+            self._error(client, req_id, exc)
+            return
+        router.submit(client, req_id, kind, header_frame, tensor_frames, int(timeout_ms))
+
+    def _error(self, client: bytes, req_id: Any, exc: MeshError) -> None:
+        self.rejected += 1
+        if self._on_bad_request is not None:
+            self._on_bad_request(exc.code)
+        self.pump.send([client, codec.pack(error_header(req_id, exc.code, exc.message,
+                                                        exc.retryable))])

@@ -1,0 +1,198 @@
+"""Launchers start and stop worker processes; the WorldManager asks, the launcher acts.
+
+``LocalLauncher`` runs workers as subprocesses of the controller, each in its own session (a
+Ctrl-C on the terminal reaches the controller alone, which then drains and stops them in
+order). Every worker is ended by its PID on shutdown: SIGTERM, then SIGKILL after a grace
+period. Workers also set a parent-death signal and watch the controller, so even a SIGKILLed
+controller leaves no orphans behind.
+
+``NoLauncher`` is for controllers whose workers join remotely (``meshctl worker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+OnExit = Callable[[str, int], None]  # (worker_id, returncode)
+
+
+class LaunchError(RuntimeError):
+    """The launcher cannot start another worker."""
+
+
+class Launcher(Protocol):
+    """What the WorldManager needs from whatever starts workers."""
+
+    can_spawn: bool
+
+    async def spawn(self, worker_id: str) -> int: ...
+
+    async def stop(self, worker_id: str, timeout_s: float) -> None: ...
+
+    def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> bool: ...
+
+    def pids(self) -> dict[str, int]: ...
+
+    async def aclose(self, timeout_s: float) -> None: ...
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs on this host, without importing torch (or initialising CUDA) here."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+@dataclass
+class _Child:
+    worker_id: str
+    proc: asyncio.subprocess.Process
+    device: str
+    started_s: float = field(default_factory=time.monotonic)
+    watcher: asyncio.Task[None] | None = None
+
+
+class LocalLauncher:
+    """Workers as local subprocesses: ``python -m worker --controller ... --worker-id ...``."""
+
+    can_spawn = True
+
+    def __init__(
+        self,
+        controller_endpoint: str,
+        *,
+        on_exit: OnExit,
+        device: str = "auto",
+        threads: int = 0,
+        max_workers: int = 16,
+        python: str = sys.executable,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.controller_endpoint = controller_endpoint
+        self._on_exit = on_exit
+        self._device = device
+        self._threads = threads
+        self._max_workers = max_workers
+        self._python = python
+        self._extra_env = extra_env or {}
+        self._children: dict[str, _Child] = {}
+        self._gpus = count_gpus() if device in ("auto", "cuda") else 0
+        self._closing = False
+
+    def _pick_device(self) -> str:
+        if self._device not in ("auto", "cuda"):
+            return self._device
+        if self._gpus == 0:
+            return "cpu" if self._device == "auto" else "cuda:0"
+        used = [c.device for c in self._children.values()]
+        # Least-loaded GPU: one worker per GPU until every GPU has one.
+        return min((f"cuda:{i}" for i in range(self._gpus)), key=used.count)
+
+    async def spawn(self, worker_id: str) -> int:
+        if self._closing:
+            raise LaunchError("launcher is shutting down")
+        if len(self._children) >= self._max_workers:
+            raise LaunchError(f"local worker limit reached ({self._max_workers})")
+        device = self._pick_device()
+        cmd = [
+            self._python, "-m", "worker",
+            "--controller", self.controller_endpoint,
+            "--worker-id", worker_id,
+            "--device", device,
+            "--threads", str(self._threads),
+            "--parent-pid", str(os.getpid()),
+        ]
+        env = {**os.environ, **self._extra_env}
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env, start_new_session=True,
+                                                    stdin=asyncio.subprocess.DEVNULL)
+        child = _Child(worker_id, proc, device)
+        self._children[worker_id] = child
+        child.watcher = asyncio.get_running_loop().create_task(
+            self._watch(child), name=f"launcher.watch.{worker_id}")
+        log.info("[controller] started worker %s pid %d on %s", worker_id, proc.pid, device)
+        return proc.pid
+
+    async def _watch(self, child: _Child) -> None:
+        rc = await child.proc.wait()
+        self._children.pop(child.worker_id, None)
+        log.info("[controller] worker %s pid %d exited with %d", child.worker_id,
+                 child.proc.pid, rc)
+        self._on_exit(child.worker_id, rc)
+
+    def pids(self) -> dict[str, int]:
+        return {wid: c.proc.pid for wid, c in self._children.items()}
+
+    def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> bool:
+        child = self._children.get(worker_id)
+        if child is None or child.proc.returncode is not None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.proc.pid, sig)
+            return True
+        return False
+
+    async def stop(self, worker_id: str, timeout_s: float) -> None:
+        child = self._children.get(worker_id)
+        if child is None:
+            return
+        await self._stop_child(child, timeout_s)
+
+    async def _stop_child(self, child: _Child, timeout_s: float) -> None:
+        proc = child.proc
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+                os.kill(proc.pid, signal.SIGTERM)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await proc.wait()
+            except TimeoutError:
+                log.warning("[controller] worker %s pid %d ignored SIGTERM; SIGKILL",
+                            child.worker_id, proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if child.watcher is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await child.watcher
+
+    async def aclose(self, timeout_s: float) -> None:
+        """Stop every worker this launcher started, each by its own PID."""
+        self._closing = True
+        children = list(self._children.values())
+        await asyncio.gather(*(self._stop_child(c, timeout_s) for c in children))
+
+
+class NoLauncher:
+    """Workers join on their own (``meshctl worker``); this controller starts none."""
+
+    can_spawn = False
+
+    async def spawn(self, worker_id: str) -> int:
+        raise LaunchError("this controller has no launcher; start workers with 'meshctl worker'")
+
+    async def stop(self, worker_id: str, timeout_s: float) -> None:
+        return None
+
+    def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> bool:
+        return False
+
+    def pids(self) -> dict[str, int]:
+        return {}
+
+    async def aclose(self, timeout_s: float) -> None:
+        return None

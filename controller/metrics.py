@@ -1,0 +1,86 @@
+"""Prometheus metrics over plain HTTP (``GET /metrics``), served from the controller's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def render_metrics(status: dict[str, Any]) -> str:
+    lines = [
+        "# HELP meshserve_requests_total Requests answered, by deployment and outcome.",
+        "# TYPE meshserve_requests_total counter",
+    ]
+    for d in status["deployments"]:
+        lines.append(f'meshserve_requests_total{{deployment="{d["name"]}",outcome="ok"}} '
+                     f'{d["answered_ok"]}')
+        for code, n in sorted(d["errors"].items()):
+            lines.append(f'meshserve_requests_total{{deployment="{d["name"]}",outcome="{code}"}} {n}')
+    lines += ["# HELP meshserve_latency_ms End-to-end latency over the last 10 s.",
+              "# TYPE meshserve_latency_ms gauge"]
+    for d in status["deployments"]:
+        for q in ("p50", "p95", "p99"):
+            lines.append(f'meshserve_latency_ms{{deployment="{d["name"]}",quantile="{q}"}} '
+                         f'{d[q + "_ms"]}')
+    gauges = [("rps", "Requests per second over the last 10 s."),
+              ("queued", "Requests waiting for a world."),
+              ("in_flight", "Requests on a world."),
+              ("worlds_current", "Serving worlds."),
+              ("worlds_desired", "Target number of worlds."),
+              ("slo_p99_ms", "Latency target.")]
+    for key, help_text in gauges:
+        lines += [f"# HELP meshserve_{key} {help_text}", f"# TYPE meshserve_{key} gauge"]
+        for d in status["deployments"]:
+            lines.append(f'meshserve_{key}{{deployment="{d["name"]}"}} {d[key]}')
+    lines += ["# HELP meshserve_workers Workers by state.", "# TYPE meshserve_workers gauge"]
+    states: dict[str, int] = {}
+    for w in status["workers"]:
+        states[w["state"]] = states.get(w["state"], 0) + 1
+    for state, n in sorted(states.items()):
+        lines.append(f'meshserve_workers{{state="{state}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.host = host
+        self.port = port
+        self._snapshot = snapshot
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                request = await reader.readline()
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+            parts = request.decode(errors="replace").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                body = render_metrics(self._snapshot()).encode()
+                head = (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            else:
+                body = b"not found\n"
+                head = b"HTTP/1.0 404 Not Found\r\nContent-Length: 10\r\n\r\n"
+            writer.write(head + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("[controller] metrics request failed")
+        finally:
+            writer.close()

@@ -1,0 +1,336 @@
+"""The router of one deployment: admission, queue, world choice, in-flight table, deadlines.
+
+Hot path, called synchronously from the socket pumps (no task, no future per request):
+
+    submit()   a validated client request: dispatch to the serving world with the fewest
+               outstanding requests, or queue it while every world is full
+    on_reply() a worker's answer: forward it to the client, free the world's slot, pull the
+               next queued request
+    sweep()    on a timer: answer requests whose deadline passed
+
+Every accepted request gets exactly one final answer. ``Pending.answered`` is the guard: a
+late reply (after a deadline, a cancel or a re-send) finds it set and is dropped. When a world
+leaves (broken or released), its in-flight requests are re-sent to other worlds while their
+deadline and retry budget allow, else answered with a typed error.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from controller.config import DeploymentConfig
+from controller.stats import LatencyWindow
+from mesh import codec
+from mesh.errors import Cancelled, DeadlineExceeded, MeshError, Overloaded, Unavailable
+from mesh.messages import DISPATCH, REPLY_CHUNK, REPLY_ERROR, error_header
+
+log = logging.getLogger(__name__)
+
+SendFn = Callable[[list[Any]], bool]
+
+
+class Pending:
+    """One accepted request until its final answer (and until its world lets go of it)."""
+
+    __slots__ = (
+        "answered", "arrived_s", "attempts", "client", "client_id", "deadline_s", "frames",
+        "header", "kind", "rid", "world",
+    )
+
+    def __init__(self, rid: int, client: bytes, client_id: Any, kind: str, header: Any,
+                 frames: list[Any], arrived_s: float, deadline_s: float) -> None:
+        self.rid = rid
+        self.client = client
+        self.client_id = client_id
+        self.kind = kind
+        self.header = header  # the client's header frame, forwarded untouched
+        self.frames = frames  # the client's tensor frames, kept for re-sends
+        self.arrived_s = arrived_s
+        self.deadline_s = deadline_s
+        self.world: WorldRoute | None = None
+        self.attempts = 0
+        self.answered = False
+
+
+class WorldRoute:
+    """The router's view of one world: where stage 0 lives and how busy it is."""
+
+    __slots__ = ("entry", "epoch", "inflight", "served", "state", "world_id")
+
+    def __init__(self, world_id: int, epoch: int, entry: bytes) -> None:
+        self.world_id = world_id
+        self.epoch = epoch
+        self.entry = entry  # ZeroMQ identity of the stage-0 worker
+        self.inflight: dict[int, Pending] = {}
+        self.state = "serving"
+        self.served = 0
+
+
+class Router:
+    def __init__(
+        self,
+        deployment: DeploymentConfig,
+        *,
+        send_client: Callable[[list[Any]], bool],
+        send_worker: Callable[[list[Any]], bool],
+        next_rid: Callable[[], int],
+        on_world_idle: Callable[[int], None],
+        max_attempts: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.deployment = deployment
+        self.name = deployment.name
+        self._send_client = send_client
+        self._send_worker = send_worker
+        self._next_rid = next_rid
+        self._on_world_idle = on_world_idle
+        self.max_attempts = max_attempts
+        self._clock = clock
+        self.worlds: dict[int, WorldRoute] = {}
+        self._serving: list[WorldRoute] = []
+        self.queue: deque[Pending] = deque()
+        self.pending: dict[int, Pending] = {}
+        self._by_client: dict[tuple[bytes, Any], int] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self.stats = LatencyWindow()
+        self.late_replies = 0
+        self.resent = 0
+        self.accepting = True
+        self.limit = deployment.max_inflight_per_world
+        self.slo_p99_ms = deployment.slo_p99_ms
+
+    # -- admission ------------------------------------------------------------------------
+
+    def submit(self, client: bytes, client_id: Any, kind: str, header: Any, frames: list[Any],
+               timeout_ms: int) -> None:
+        now = self._clock()
+        if not self.accepting:
+            self._reject(client, client_id, Cancelled("controller is shutting down"))
+            return
+        key = (client, client_id)
+        if key in self._by_client:
+            self._reject(client, client_id, _bad_duplicate(client_id))
+            return
+        world = self._pick()
+        if world is None and len(self.queue) >= self.deployment.max_queue:
+            self._reject(client, client_id, Overloaded(
+                f"{self.name}: {len(self.queue)} requests queued, limit {self.deployment.max_queue}"))
+            return
+        rid = self._next_rid()
+        p = Pending(rid, client, client_id, kind, header, frames, now, now + timeout_ms / 1000.0)
+        self.pending[rid] = p
+        self._by_client[key] = rid
+        heapq.heappush(self._deadlines, (p.deadline_s, rid))
+        if world is not None:
+            self._dispatch(p, world, now)
+        else:
+            self.queue.append(p)
+
+    def _pick(self) -> WorldRoute | None:
+        best: WorldRoute | None = None
+        best_load = self.limit
+        for w in self._serving:
+            load = len(w.inflight)
+            if load < best_load:
+                best, best_load = w, load
+        return best
+
+    def _dispatch(self, p: Pending, world: WorldRoute, now: float) -> None:
+        p.world = world
+        p.attempts += 1
+        world.inflight[p.rid] = p
+        remaining_ms = max(1, int((p.deadline_s - now) * 1000.0))
+        head = codec.pack([DISPATCH, p.rid, world.world_id, world.epoch, remaining_ms])
+        if not self._send_worker([world.entry, head, p.header, *p.frames]):
+            # The worker is gone (unknown identity): health will break the world; retry now.
+            world.inflight.pop(p.rid, None)
+            p.world = None
+            self.queue.appendleft(p)
+
+    def _pump_queue(self) -> None:
+        queue = self.queue
+        if not queue:
+            return
+        now = self._clock()
+        while queue:
+            world = self._pick()
+            if world is None:
+                return
+            p = queue.popleft()
+            if p.answered:
+                continue
+            self._dispatch(p, world, now)
+
+    # -- answers --------------------------------------------------------------------------
+
+    def on_reply(self, head: list[Any], frames: list[Any]) -> None:
+        """A worker's answer: ``head`` is [REPLY, rid, world_id, epoch, status]."""
+        rid = head[1]
+        status = head[4]
+        p = self.pending.get(rid)
+        if p is None or p.world is None or p.world.world_id != head[2] or p.world.epoch != head[3]:
+            self.late_replies += 1  # from a world that no longer owns this request
+            return
+        if status == REPLY_CHUNK:
+            if not p.answered:
+                self._send_client([p.client, *frames])
+            return
+        world = p.world
+        world.inflight.pop(rid, None)
+        world.served += 1
+        del self.pending[rid]
+        if not p.answered:
+            p.answered = True
+            self._by_client.pop((p.client, p.client_id), None)
+            if status == REPLY_ERROR:
+                code = _error_code(frames[0])
+                if code == Unavailable.code and self._retry(p):
+                    self._pump_queue()
+                    self._after_world_progress(world)
+                    return
+                self.stats.record_error(code)
+            else:
+                now = self._clock()
+                self.stats.record(now, now - p.arrived_s)
+            self._send_client([p.client, *frames])
+        self._pump_queue()
+        self._after_world_progress(world)
+
+    def _after_world_progress(self, world: WorldRoute) -> None:
+        if world.state == "draining" and not world.inflight:
+            self._on_world_idle(world.world_id)
+
+    def _retry(self, p: Pending) -> bool:
+        """Put an unanswered request back in line if its deadline and budget allow."""
+        if p.attempts >= self.max_attempts or p.deadline_s <= self._clock():
+            return False
+        p.answered = False
+        p.world = None
+        self.pending[p.rid] = p
+        self._by_client[(p.client, p.client_id)] = p.rid
+        self.queue.appendleft(p)
+        self.resent += 1
+        return True
+
+    def cancel(self, client: bytes, client_id: Any) -> None:
+        rid = self._by_client.get((client, client_id))
+        if rid is None:
+            return
+        p = self.pending.get(rid)
+        if p is not None and not p.answered:
+            self._answer_error(p, Cancelled("cancelled by the caller"))
+            if p.world is None:
+                self.pending.pop(rid, None)
+
+    def sweep(self) -> None:
+        """Answer every request whose deadline has passed."""
+        now = self._clock()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, rid = heapq.heappop(heap)
+            p = self.pending.get(rid)
+            if p is None or p.answered or p.deadline_s > now:
+                continue
+            self._answer_error(p, DeadlineExceeded(
+                f"{self.name}: no answer within {int((p.deadline_s - p.arrived_s) * 1000)} ms"))
+            if p.world is None:
+                # Still queued: forget it now (the queue skips answered entries).
+                self.pending.pop(rid, None)
+
+    def _answer_error(self, p: Pending, err: MeshError) -> None:
+        p.answered = True
+        self._by_client.pop((p.client, p.client_id), None)
+        self.stats.record_error(err.code)
+        header = codec.pack(error_header(p.client_id, err.code, err.message, err.retryable))
+        self._send_client([p.client, header])
+
+    def _reject(self, client: bytes, client_id: Any, err: MeshError) -> None:
+        self.stats.record_error(err.code)
+        header = codec.pack(error_header(client_id, err.code, err.message, err.retryable))
+        self._send_client([client, header])
+
+    # -- worlds ---------------------------------------------------------------------------
+
+    def add_world(self, world_id: int, epoch: int, entry: bytes) -> None:
+        self.worlds[world_id] = WorldRoute(world_id, epoch, entry)
+        self._refresh_serving()
+        self._pump_queue()
+
+    def drain_world(self, world_id: int) -> None:
+        """Stop routing to a world; ``on_world_idle`` fires once its in-flight work is done."""
+        world = self.worlds.get(world_id)
+        if world is None:
+            return
+        world.state = "draining"
+        self._refresh_serving()
+        if not world.inflight:
+            self._on_world_idle(world_id)
+
+    def remove_world(self, world_id: int, reason: str) -> int:
+        """Forget a world; re-send its unanswered requests elsewhere. Returns how many."""
+        world = self.worlds.pop(world_id, None)
+        if world is None:
+            return 0
+        self._refresh_serving()
+        resent = 0
+        for p in sorted(world.inflight.values(), key=lambda q: q.arrived_s, reverse=True):
+            self.pending.pop(p.rid, None)
+            if p.answered:
+                continue
+            p.answered = True  # a late reply from the old world must not count
+            if self._retry(p):
+                resent += 1
+            else:
+                self._by_client.pop((p.client, p.client_id), None)
+                self.stats.record_error(Unavailable.code)
+                err = Unavailable(f"{self.name}: world {world_id} failed ({reason}); "
+                                  "no retry left before the deadline")
+                header = codec.pack(error_header(p.client_id, err.code, err.message, True))
+                self._send_client([p.client, header])
+        world.inflight.clear()
+        self._pump_queue()
+        return resent
+
+    def _refresh_serving(self) -> None:
+        self._serving = [w for w in self.worlds.values() if w.state == "serving"]
+
+    # -- figures --------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(w.inflight) for w in self.worlds.values())
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for p in self.queue if not p.answered)
+
+    @property
+    def unanswered(self) -> int:
+        return sum(1 for p in self.pending.values() if not p.answered)
+
+    def fail_all(self, err: MeshError) -> None:
+        """Answer everything still open (used at shutdown, after the drain timeout)."""
+        for p in list(self.pending.values()):
+            if not p.answered:
+                self._answer_error(p, err)
+        self.pending.clear()
+        self.queue.clear()
+
+
+def _bad_duplicate(client_id: Any) -> MeshError:
+    from mesh.errors import BadRequest
+
+    return BadRequest(f"request id {client_id!r} is already in flight on this connection")
+
+
+def _error_code(frame: Any) -> str:
+    try:
+        header = codec.unpack_header(codec.frame_buffer(frame))
+        return str(header.get("code", "internal"))
+    except Exception:
+        return "internal"

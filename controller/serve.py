@@ -1,0 +1,60 @@
+"""Running a controller as a process: signals, readiness line, graceful stop, exit code.
+
+SIGINT or SIGTERM starts a graceful stop: no new requests, in-flight ones finish (up to
+``drain_timeout_ms``), every worker is stopped by PID, and the process exits 0. A second signal
+skips the drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from controller.app import Controller
+from controller.config import Config
+from controller.launcher import NoLauncher
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
+    launcher_kind = config.controller.launcher
+    controller = (Controller(config) if launcher_kind == "local"
+                  else Controller(config, launcher=lambda cfg, on_exit: NoLauncher()))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        log.info("[controller] %s: %s", sig.name,
+                 "stopping gracefully" if signals_seen == 1 else "stopping now")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await controller.start()
+        ready = asyncio.ensure_future(controller.wait_serving(wait_ready_s))
+        stopped = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if ready in done and ready.exception() is None:
+            names = ", ".join(d.name for d in config.deployments)
+            print(f"meshserve ready: serving {names} on {config.controller.client_endpoint} "
+                  f"(admin {config.controller.admin_endpoint})", file=sys.stderr, flush=True)
+        elif ready in done:
+            log.warning("[controller] not every deployment is serving after %.0fs; carrying on",
+                        wait_ready_s)
+        await stopped
+        ready.cancel()
+        if signals_seen == 1:
+            drain_s = config.controller.drain_timeout_ms / 1000.0
+            drained = await controller.drain(drain_s)
+            if not drained:
+                log.warning("[controller] drain timed out after %.1fs", drain_s)
+    finally:
+        await controller.aclose()
+    return 0

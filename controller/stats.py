@@ -1,0 +1,69 @@
+"""Sliding-window latency and throughput figures for one deployment.
+
+``record`` is on the hot path (one deque append); percentiles are computed only when status
+or metrics ask, over the samples of the last ``window_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    count: int
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (q in [0, 100])."""
+    if not sorted_values:
+        return 0.0
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+class LatencyWindow:
+    def __init__(self, window_s: float = 10.0, max_samples: int = 200_000,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.window_s = window_s
+        self.max_samples = max_samples
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self.total_ok = 0
+        self.errors: Counter[str] = Counter()
+        self.latency_sum_s = 0.0
+        self._clock = clock
+
+    def record(self, now_s: float, latency_s: float) -> None:
+        self._samples.append((now_s, latency_s))
+        self.total_ok += 1
+        self.latency_sum_s += latency_s
+
+    def record_error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    def summary(self, now_s: float) -> LatencySummary:
+        cutoff = now_s - self.window_s
+        samples = self._samples
+        while samples and samples[0][0] < cutoff:
+            samples.popleft()
+        if not samples:
+            return LatencySummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        values = sorted(lat for _, lat in samples)
+        # Rate over the covered span, so a fresh deployment is not under-reported.
+        span = min(self.window_s, max(now_s - samples[0][0], 1e-3))
+        return LatencySummary(
+            count=len(values),
+            rps=len(values) / span,
+            p50_ms=percentile(values, 50) * 1000.0,
+            p95_ms=percentile(values, 95) * 1000.0,
+            p99_ms=percentile(values, 99) * 1000.0,
+            max_ms=values[-1] * 1000.0,
+        )

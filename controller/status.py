@@ -1,0 +1,123 @@
+"""The status snapshot (``meshctl status --json``) and its human-readable table.
+
+Top-level keys are a public contract (DESIGN.md): ``deployments``, ``worlds``, ``workers``;
+every entry carries at least the keys DESIGN.md lists. Extra keys may be added, never renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from controller.router import Router
+    from controller.world_manager import WorldManager
+
+
+def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: float,
+                 endpoints: dict[str, str]) -> dict[str, Any]:
+    now = time.monotonic()
+    deployments = []
+    for name, dep in wm.deployments.items():
+        router = routers[name]
+        summary = router.stats.summary(now)
+        serving = sum(1 for w in wm.worlds.values() if w.deployment == name and w.state == "serving")
+        deployments.append({
+            "name": name,
+            "model": dep.config.model,
+            "stages": dep.config.stages,
+            "worlds_current": serving,
+            "worlds_desired": dep.desired,
+            "min_worlds": dep.min_worlds,
+            "max_worlds": dep.max_worlds,
+            "slo_p99_ms": router.slo_p99_ms,
+            "p50_ms": round(summary.p50_ms, 3),
+            "p95_ms": round(summary.p95_ms, 3),
+            "p99_ms": round(summary.p99_ms, 3),
+            "max_ms": round(summary.max_ms, 3),
+            "rps": round(summary.rps, 2),
+            "queued": router.queued,
+            "in_flight": router.in_flight,
+            "answered_ok": router.stats.total_ok,
+            "errors": dict(router.stats.errors),
+            "resent": router.resent,
+            "late_replies": router.late_replies,
+            "max_batch_size": dep.config.max_batch_size,
+            "inputs": dep.inputs,
+            "last_error": dep.last_error,
+        })
+    worlds = []
+    for world in sorted(wm.worlds.values(), key=lambda w: w.id):
+        route = routers[world.deployment].worlds.get(world.id)
+        worlds.append({
+            "id": world.id,
+            "deployment": world.deployment,
+            "epoch": world.epoch,
+            "state": world.state,
+            "workers": list(world.workers),
+            "ranks": [{"rank": r, "stage": r, "worker": w} for r, w in enumerate(world.workers)],
+            "in_flight": len(route.inflight) if route is not None else 0,
+            "served": route.served if route is not None else 0,
+            "age_s": round(now - world.created_s, 3),
+        })
+    workers = []
+    for worker in sorted(wm.workers.values(), key=_worker_sort_key):
+        hb = worker.heartbeat
+        workers.append({
+            "id": worker.id,
+            "pid": worker.pid,
+            "host": worker.host,
+            "device": worker.device,
+            "state": worker.state,
+            "worlds": sorted(worker.worlds),
+            "reason": worker.reason,
+            "batches": hb.batches if hb else 0,
+            "rows": hb.rows if hb else 0,
+            "requests": hb.requests if hb else 0,
+            "busy_s": round(hb.busy_s, 6) if hb else 0.0,
+        })
+    return {
+        "controller": {"pid": os.getpid(), "uptime_s": round(now - started_s, 3), **endpoints},
+        "deployments": deployments,
+        "worlds": worlds,
+        "workers": workers,
+    }
+
+
+def _worker_sort_key(worker: Any) -> tuple[int, str]:
+    digits = "".join(ch for ch in worker.id if ch.isdigit())
+    return (int(digits) if digits and worker.id.startswith("w") else 1 << 30, worker.id)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    return "\n".join(lines)
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The table ``meshctl status`` prints."""
+    deps = [[d["name"], d["stages"], f"{d['worlds_current']}/{d['worlds_desired']}",
+             f"[{d['min_worlds']},{d['max_worlds']}]", d["slo_p99_ms"], d["p50_ms"],
+             d["p95_ms"], d["p99_ms"], d["rps"], d["queued"], d["in_flight"],
+             sum(d["errors"].values())] for d in status["deployments"]]
+    worlds = [[w["id"], w["deployment"], w["epoch"], w["state"],
+               " ".join(f"{r['rank']}:{r['worker']}" for r in w["ranks"]), w["in_flight"],
+               w["served"]] for w in status["worlds"]]
+    workers = [[w["id"], w["pid"], w["host"], w["device"], w["state"],
+                ",".join(map(str, w["worlds"])) or "-", w["reason"]] for w in status["workers"]]
+    parts = [
+        "DEPLOYMENTS",
+        _table(["NAME", "STAGES", "WORLDS", "BOUNDS", "SLO_P99", "P50_MS", "P95_MS", "P99_MS",
+                "RPS", "QUEUED", "IN_FLIGHT", "ERRORS"], deps),
+        "",
+        "WORLDS",
+        _table(["ID", "DEPLOYMENT", "EPOCH", "STATE", "RANKS", "IN_FLIGHT", "SERVED"], worlds),
+        "",
+        "WORKERS",
+        _table(["ID", "PID", "HOST", "DEVICE", "STATE", "WORLDS", "REASON"], workers),
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,468 @@
+"""The WorldManager: the worker registry, world formation and teardown, scaling to a target.
+
+It owns two maps, workers and worlds, and one rule: after every event (a registration, a
+join, an exit, a scale command, a tick) ``reconcile`` moves each deployment towards its desired
+number of worlds. It forms worlds from idle workers (asking the launcher for more when none
+are idle), drains surplus worlds through their router (no new requests, in-flight ones
+finish) before releasing them, and breaks every world of a worker that died, so its router
+re-sends the in-flight requests elsewhere.
+
+A world is a list of workers in rank order (rank = pipeline stage); it serves once every rank
+has joined. World ids are never reused; a world re-formed after a failure is a new world.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.config import Config, DeploymentConfig
+from controller.launcher import Launcher, LaunchError
+from controller.router import Router
+from mesh.actor import Actor
+from mesh.errors import BadRequest
+from mesh.messages import (
+    Heartbeat,
+    Join,
+    Joined,
+    JoinFailed,
+    Leave,
+    Left,
+    Message,
+    Register,
+    Shutdown,
+    Welcome,
+    WorldBroken,
+)
+
+log = logging.getLogger(__name__)
+
+SendWorker = Callable[[str, Message], bool]
+
+
+@dataclass
+class WorkerInfo:
+    id: str
+    state: str = "starting"  # starting | idle | serving | draining | dead
+    pid: int = 0
+    host: str = ""
+    device: str = ""
+    worlds: set[int] = field(default_factory=set)
+    spawned_by_us: bool = False
+    retiring: bool = False
+    since_s: float = field(default_factory=time.monotonic)
+    reason: str = ""
+    heartbeat: Heartbeat | None = None
+
+
+@dataclass
+class WorldInfo:
+    id: int
+    deployment: str
+    epoch: int
+    workers: list[str]
+    state: str = "forming"  # forming | serving | draining | broken
+    joined: set[str] = field(default_factory=set)
+    created_s: float = field(default_factory=time.monotonic)
+    ready_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class DeploymentState:
+    config: DeploymentConfig
+    desired: int
+    min_worlds: int
+    max_worlds: int
+    failures: int = 0
+    retry_at_s: float = 0.0
+    last_error: str = ""
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+# -- mailbox messages ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FromWorker:
+    worker_id: str
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerExited:
+    worker_id: str
+    returncode: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSilent:
+    worker_id: str
+    silent_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorldIdle:
+    world_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scale:
+    deployment: str
+    worlds: int | None = None
+    min_worlds: int | None = None
+    max_worlds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DrainTarget:
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    pass
+
+
+class WorldManager(Actor):
+    def __init__(
+        self,
+        config: Config,
+        routers: dict[str, Router],
+        launcher: Launcher,
+        *,
+        send_worker: SendWorker,
+        on_watch: Callable[[str], None],
+        on_forget: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__("world-manager")
+        self.config = config
+        self.routers = routers
+        self.launcher = launcher
+        self._send = send_worker
+        self._on_watch = on_watch
+        self._on_forget = on_forget
+        self._clock = clock
+        self.workers: dict[str, WorkerInfo] = {}
+        self.worlds: dict[int, WorldInfo] = {}
+        self.deployments: dict[str, DeploymentState] = {
+            d.name: DeploymentState(d, d.worlds, d.min_worlds, d.max_worlds)
+            for d in config.deployments
+        }
+        self._world_ids = itertools.count(1)
+        self._worker_ids = itertools.count(1)
+        self._fenced: set[str] = set()
+        self.stopping = False
+        c = config.controller
+        self._welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
+                                controller_timeout_ms=c.controller_timeout_ms)
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def handle(self, message: Any) -> Any:
+        if isinstance(message, FromWorker):
+            self._from_worker(message.worker_id, message.message)
+        elif isinstance(message, WorkerExited):
+            self._worker_died(message.worker_id, f"exited with code {message.returncode}")
+        elif isinstance(message, WorkerSilent):
+            self._worker_died(message.worker_id,
+                              f"no heartbeat for {message.silent_s * 1000:.0f} ms", kill=True)
+        elif isinstance(message, WorldIdle):
+            self._release_world(message.world_id)
+        elif isinstance(message, Scale):
+            return self._scale(message)
+        elif isinstance(message, DrainTarget):
+            return self._drain_target(message.target)
+        elif isinstance(message, Tick):
+            self._check_forming()
+            self._forget_dead()
+        await self.reconcile()
+        return None
+
+    def _from_worker(self, worker_id: str, msg: Message) -> None:
+        if isinstance(msg, Register):
+            self._register(worker_id, msg)
+            return
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.state == "dead":
+            return
+        if isinstance(msg, Joined):
+            world = self.worlds.get(msg.world_id)
+            if world is None or world.epoch != msg.epoch or world.state != "forming":
+                return
+            world.joined.add(worker_id)
+            if msg.inputs:
+                self.deployments[world.deployment].inputs = dict(msg.inputs)
+            if world.joined == set(world.workers):
+                self._world_serving(world)
+        elif isinstance(msg, JoinFailed):
+            world = self.worlds.get(msg.world_id)
+            if world is None or world.epoch != msg.epoch:
+                return
+            dep = self.deployments[world.deployment]
+            dep.failures += 1
+            dep.last_error = msg.error
+            backoff_s = min(60.0, 0.5 * 2 ** (dep.failures - 1))
+            dep.retry_at_s = self._clock() + backoff_s
+            log.error("[controller] world %d/%d of %s failed to form: %s (retry in %.1fs)",
+                      world.id, world.epoch, world.deployment, msg.error, backoff_s)
+            self._break_world(world, f"join failed: {msg.error}")
+        elif isinstance(msg, Left):
+            worker.worlds.discard(msg.world_id)
+            self._settle_worker(worker)
+        elif isinstance(msg, WorldBroken):
+            world = self.worlds.get(msg.world_id)
+            if world is not None and world.epoch == msg.epoch:
+                self._break_world(world, f"reported by {worker_id}: {msg.reason}")
+
+    def _register(self, worker_id: str, msg: Register) -> None:
+        if worker_id in self._fenced:
+            # A worker we declared dead came back (e.g. SIGCONT): it must not rejoin anything.
+            self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
+            return
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = WorkerInfo(worker_id)
+            self.workers[worker_id] = worker
+        if worker.state == "starting":
+            worker.state = "idle"
+            worker.since_s = self._clock()
+        worker.pid, worker.host, worker.device = msg.pid, msg.host, msg.device
+        self._on_watch(worker_id)
+        self._send(worker_id, self._welcome)
+        log.info("[controller] worker %s registered (pid %d, %s)", worker_id, msg.pid, msg.device)
+
+    def note_heartbeat(self, worker_id: str, hb: Heartbeat) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.heartbeat = hb
+
+    # -- worlds ---------------------------------------------------------------------------
+
+    def _form_world(self, dep: DeploymentState, workers: list[WorkerInfo]) -> WorldInfo:
+        world = WorldInfo(id=next(self._world_ids), deployment=dep.config.name, epoch=1,
+                          workers=[w.id for w in workers])
+        self.worlds[world.id] = world
+        spec = dep.config.to_wire()
+        for rank, worker in enumerate(workers):
+            worker.worlds.add(world.id)
+            worker.state = "serving"
+            self._send(worker.id, Join(world_id=world.id, epoch=world.epoch, rank=rank,
+                                       size=len(workers), deployment=spec,
+                                       peers=list(world.workers)))
+        log.info("[controller] forming world %d/%d of %s on %s", world.id, world.epoch,
+                 dep.config.name, world.workers)
+        return world
+
+    def _world_serving(self, world: WorldInfo) -> None:
+        world.state = "serving"
+        world.ready_s = self._clock()
+        dep = self.deployments[world.deployment]
+        dep.failures = 0
+        dep.last_error = ""
+        entry = world.workers[0].encode()
+        self.routers[world.deployment].add_world(world.id, world.epoch, entry)
+        log.info("[controller] world %d/%d of %s serving (formed in %.0f ms)", world.id,
+                 world.epoch, world.deployment, (world.ready_s - world.created_s) * 1000)
+
+    def _drain_world(self, world: WorldInfo, reason: str) -> None:
+        if world.state == "forming":
+            self._release_world(world.id)
+            return
+        if world.state != "serving":
+            return
+        world.state = "draining"
+        world.reason = reason
+        log.info("[controller] draining world %d/%d of %s: %s", world.id, world.epoch,
+                 world.deployment, reason)
+        self.routers[world.deployment].drain_world(world.id)  # may call WorldIdle at once
+
+    def _release_world(self, world_id: int) -> None:
+        world = self.worlds.pop(world_id, None)
+        if world is None:
+            return
+        self.routers[world.deployment].remove_world(world_id, "released")
+        for wid in world.workers:
+            worker = self.workers.get(wid)
+            if worker is None or worker.state == "dead":
+                continue
+            self._send(wid, Leave(world_id=world.id, epoch=world.epoch))
+            worker.worlds.discard(world.id)
+            self._settle_worker(worker)
+        log.info("[controller] released world %d/%d of %s", world.id, world.epoch,
+                 world.deployment)
+
+    def _break_world(self, world: WorldInfo, reason: str) -> None:
+        if world.id not in self.worlds:
+            return
+        del self.worlds[world.id]
+        world.state = "broken"
+        resent = self.routers[world.deployment].remove_world(world.id, reason)
+        log.warning("[controller] world %d/%d of %s broken: %s (%d requests re-sent)",
+                    world.id, world.epoch, world.deployment, reason, resent)
+        for wid in world.workers:
+            worker = self.workers.get(wid)
+            if worker is None or worker.state == "dead":
+                continue
+            self._send(wid, Leave(world_id=world.id, epoch=world.epoch, abort=True))
+            worker.worlds.discard(world.id)
+            self._settle_worker(worker)
+
+    def _check_forming(self) -> None:
+        limit_s = self.config.controller.world_form_timeout_ms / 1000.0
+        now = self._clock()
+        for world in list(self.worlds.values()):
+            if world.state == "forming" and now - world.created_s > limit_s:
+                self._break_world(world, f"not formed within {limit_s:.0f}s")
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _forget_dead(self, keep_s: float = 60.0) -> None:
+        now = self._clock()
+        for wid in [w.id for w in self.workers.values()
+                    if w.state == "dead" and now - w.since_s > keep_s]:
+            del self.workers[wid]
+
+    def _settle_worker(self, worker: WorkerInfo) -> None:
+        if worker.worlds or worker.state == "dead":
+            return
+        if worker.state == "draining":
+            if not worker.retiring:
+                self._retire_worker(worker)
+            return
+        worker.state = "idle"
+        worker.since_s = self._clock()
+
+    def _worker_died(self, worker_id: str, reason: str, *, kill: bool = False) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = WorkerInfo(worker_id)
+            self.workers[worker_id] = worker
+        if worker.state == "dead":
+            return
+        was_draining = worker.state == "draining"
+        worker.state = "dead"
+        worker.reason = reason
+        worker.since_s = self._clock()
+        self._fenced.add(worker_id)
+        self._on_forget(worker_id)
+        if kill:
+            self.launcher.kill(worker_id)
+        log_fn = log.info if was_draining or self.stopping else log.warning
+        log_fn("[controller] worker %s is dead: %s", worker_id, reason)
+        for world_id in sorted(worker.worlds):
+            world = self.worlds.get(world_id)
+            if world is not None:
+                self._break_world(world, f"worker {worker_id} {reason}")
+        worker.worlds.clear()
+
+    def _retire_worker(self, worker: WorkerInfo) -> None:
+        worker.state = "draining"
+        worker.retiring = True
+        worker.since_s = self._clock()
+        self._send(worker.id, Shutdown(reason="released"))
+        if worker.spawned_by_us:
+            self.spawn(self.launcher.stop(worker.id, timeout_s=10.0),
+                       name=f"{self.name}.stop.{worker.id}")
+
+    async def _spawn_worker(self) -> None:
+        worker_id = f"w{next(self._worker_ids)}"
+        info = WorkerInfo(worker_id, spawned_by_us=True)
+        self.workers[worker_id] = info
+        try:
+            info.pid = await self.launcher.spawn(worker_id)
+        except (LaunchError, OSError) as exc:
+            log.error("[controller] cannot start a worker: %s", exc)
+            info.state = "dead"
+            info.reason = f"launch failed: {exc}"
+
+    # -- the reconcile loop ---------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        if self.stopping:
+            return
+        now = self._clock()
+        idle = [w for w in self.workers.values() if w.state == "idle"]
+        starting = sum(1 for w in self.workers.values() if w.state == "starting")
+        needed = 0
+        for dep in self.deployments.values():
+            live = [w for w in self.worlds.values()
+                    if w.deployment == dep.config.name and w.state in ("forming", "serving")]
+            missing = dep.desired - len(live)
+            if missing > 0:
+                if now < dep.retry_at_s:
+                    continue
+                stages = dep.config.stages
+                while missing > 0 and len(idle) >= stages:
+                    members, idle = idle[:stages], idle[stages:]
+                    self._form_world(dep, members)
+                    missing -= 1
+                needed += missing * dep.config.stages
+            elif missing < 0:
+                # Drop forming worlds first (nothing to drain), then the least busy.
+                router = self.routers[dep.config.name]
+                ranked = sorted(live, key=lambda w: (w.state == "serving",
+                                                     len(router.worlds[w.id].inflight)
+                                                     if w.id in router.worlds else 0))
+                for world in ranked[:-missing]:
+                    self._drain_world(world, f"scaled down to {dep.desired}")
+        # Start what is missing; retire idle workers nobody needs.
+        if needed > starting and self.launcher.can_spawn:
+            for _ in range(needed - starting):
+                await self._spawn_worker()
+        surplus = len(idle) - max(0, needed - starting)
+        for worker in idle[:max(0, surplus)]:
+            if worker.spawned_by_us:
+                self._retire_worker(worker)
+
+    # -- commands -------------------------------------------------------------------------
+
+    def _scale(self, cmd: Scale) -> dict[str, Any]:
+        dep = self.deployments.get(cmd.deployment)
+        if dep is None:
+            raise BadRequest(f"no deployment named {cmd.deployment!r}")
+        lo = dep.min_worlds if cmd.min_worlds is None else cmd.min_worlds
+        hi = dep.max_worlds if cmd.max_worlds is None else cmd.max_worlds
+        if lo < 0 or hi < 1 or lo > hi:
+            raise BadRequest(f"bounds min={lo} max={hi} are invalid (need 0 <= min <= max, max >= 1)")
+        desired = dep.desired if cmd.worlds is None else cmd.worlds
+        if cmd.worlds is not None and not lo <= cmd.worlds <= hi:
+            raise BadRequest(f"--worlds {cmd.worlds} lies outside [{lo}, {hi}]; "
+                             "change --min/--max first")
+        dep.min_worlds, dep.max_worlds = lo, hi
+        dep.desired = max(lo, min(hi, desired))
+        log.info("[controller] %s scaled: desired %d worlds, bounds [%d, %d]", dep.config.name,
+                 dep.desired, lo, hi)
+        return {"deployment": dep.config.name, "worlds_desired": dep.desired,
+                "min_worlds": lo, "max_worlds": hi}
+
+    def _drain_target(self, target: str) -> dict[str, Any]:
+        worker = self.workers.get(target)
+        if worker is not None and worker.state != "dead":
+            for world_id in sorted(worker.worlds):
+                world = self.worlds.get(world_id)
+                if world is not None:
+                    self._drain_world(world, f"worker {target} drained by operator")
+            if not worker.worlds:
+                self._retire_worker(worker)
+            else:
+                worker.state = "draining"
+            return {"drained": "worker", "id": target}
+        world_id = int(target) if target.isdigit() else None
+        if world_id is not None and world_id in self.worlds:
+            self._drain_world(self.worlds[world_id], "drained by operator")
+            return {"drained": "world", "id": world_id}
+        raise BadRequest(f"no live worker or world named {target!r}")
+
+    async def shutdown_workers(self, timeout_s: float) -> None:
+        """Tell every worker to stop, then end the ones we started by PID."""
+        self.stopping = True
+        for worker in self.workers.values():
+            if worker.state != "dead":
+                self._send(worker.id, Shutdown(reason="controller stopping"))
+        await self.launcher.aclose(timeout_s)

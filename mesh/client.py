@@ -1,0 +1,230 @@
+"""The async Python client.
+
+    async with Client("tcp://127.0.0.1:5555") as client:
+        out = await client.infer("mlp", {"x": array}, timeout_s=5.0)
+        async for chunk in client.stream("tinygpt", {"prompt": "hi"}, max_tokens=32):
+            ...
+
+One DEALER socket per client, driven by a Pump (no await per message), so a single client can
+keep thousands of requests in flight; ``meshctl bench`` uses it as its load generator.
+Inputs may be numpy arrays, torch tensors or msgpack-native values; tensors come back as
+numpy arrays, so a client process never needs to import torch.
+
+Every call has a deadline. The server enforces ``timeout_s`` and answers DeadlineExceeded
+itself; the client waits ``grace_s`` longer and then raises DeadlineExceeded locally, so a
+dead controller can never hang a caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any, Self
+
+import zmq
+
+from mesh import codec
+from mesh.errors import BadRequest, Cancelled, DeadlineExceeded, MeshError, error_from_wire
+from mesh.messages import ClientKind, request_header
+from mesh.transport import Pump, make_socket
+
+_END = object()
+
+
+class _Stream:
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+
+class Client:
+    """An async client of one meshserve controller."""
+
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5555",
+        *,
+        default_timeout_s: float = 30.0,
+        grace_s: float = 2.0,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.default_timeout_s = default_timeout_s
+        self.grace_s = grace_s
+        self._own_context = context is None
+        self._context: zmq.Context[Any] = context if context is not None else zmq.Context()
+        self._pump: Pump | None = None
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._closed = False
+
+    async def connect(self) -> None:
+        sock = make_socket(self._context, zmq.DEALER)
+        sock.connect(self.endpoint)
+        self._pump = Pump(sock, self._on_message, name="client", copy_prefix=1)
+        self._pump.start()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(Cancelled("client closed"))
+        self._calls.clear()
+        for stream in self._streams.values():
+            stream.queue.put_nowait(Cancelled("client closed"))
+        self._streams.clear()
+        if self._pump is not None:
+            self._pump.close()
+        if self._own_context:
+            self._context.term()
+
+    # -- calls ----------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One request, one answer: the model's named outputs (tensors as numpy arrays)."""
+        pump = self._ready()
+        timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
+        if timeout_s <= 0:
+            raise BadRequest("timeout_s must be positive")
+        req_id = next(self._ids)
+        frames = _encode_request(ClientKind.INFER, req_id, model, inputs, timeout_s, params)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._calls[req_id] = fut
+        timer = loop.call_later(timeout_s + self.grace_s, self._expire, req_id)
+        pump.send(frames)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._calls.pop(req_id, None)
+
+    async def stream(
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        *,
+        max_tokens: int | None = None,
+        timeout_s: float | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One request, a sequence of chunks; ends cleanly on the server's end marker."""
+        pump = self._ready()
+        timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
+        params = dict(params or {})
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        req_id = next(self._ids)
+        frames = _encode_request(ClientKind.STREAM, req_id, model, inputs, timeout_s, params)
+        stream = _Stream()
+        self._streams[req_id] = stream
+        finished = False
+        pump.send(frames)
+        try:
+            async with asyncio.timeout(timeout_s + self.grace_s):
+                while True:
+                    item = await stream.queue.get()
+                    if item is _END:
+                        finished = True
+                        return
+                    if isinstance(item, MeshError):
+                        finished = True
+                        raise item
+                    yield item
+        except TimeoutError:
+            raise DeadlineExceeded(f"no end of stream within {timeout_s}s") from None
+        finally:
+            self._streams.pop(req_id, None)
+            if not finished and not self._closed:
+                # The caller stopped early: tell the server so the world stops decoding.
+                pump.send([codec.pack({"v": 1, "kind": ClientKind.CANCEL, "id": req_id})])
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _ready(self) -> Pump:
+        if self._closed:
+            raise Cancelled("client is closed")
+        if self._pump is None:
+            raise RuntimeError("client is not connected; use 'async with Client(...)'")
+        return self._pump
+
+    def _expire(self, req_id: int) -> None:
+        fut = self._calls.pop(req_id, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(DeadlineExceeded("no answer from the controller in time"))
+
+    def _on_message(self, frames: list[Any]) -> None:
+        try:
+            header = codec.unpack_header(codec.frame_buffer(frames[0]))
+            req_id = header["id"]
+            kind = header["kind"]
+        except (MeshError, KeyError, TypeError):
+            return  # not ours to understand; the protocol says answers are well formed
+        if kind == ClientKind.ERROR:
+            err = error_from_wire(str(header.get("code")), str(header.get("message", "")))
+            self._deliver(req_id, err)
+            return
+        try:
+            body = codec.decode_tensors(header, frames, codec.to_numpy)
+        except MeshError as exc:
+            self._deliver(req_id, exc)
+            return
+        if kind == ClientKind.RESULT:
+            self._deliver(req_id, body.get("outputs", {}))
+        elif kind == ClientKind.CHUNK:
+            stream = self._streams.get(req_id)
+            if stream is not None:
+                stream.queue.put_nowait(body.get("outputs", {}))
+        elif kind == ClientKind.END:
+            stream = self._streams.get(req_id)
+            if stream is not None:
+                stream.queue.put_nowait(_END)
+
+    def _deliver(self, req_id: Any, value: Any) -> None:
+        fut = self._calls.get(req_id)
+        if fut is not None:
+            if not fut.done():
+                if isinstance(value, BaseException):
+                    fut.set_exception(value)
+                else:
+                    fut.set_result(value)
+            return
+        stream = self._streams.get(req_id)
+        if stream is not None and isinstance(value, BaseException):
+            stream.queue.put_nowait(value)
+
+
+def _encode_request(
+    kind: str,
+    req_id: int,
+    model: str,
+    inputs: dict[str, Any],
+    timeout_s: float,
+    params: dict[str, Any] | None,
+) -> list[Any]:
+    if not isinstance(inputs, dict):
+        raise BadRequest("inputs must be a dict of named values")
+    header = request_header(kind, req_id, model, inputs, max(1, int(timeout_s * 1000)), params)
+    try:
+        return codec.encode(header)
+    except codec.EncodeError as exc:
+        raise BadRequest(str(exc)) from None

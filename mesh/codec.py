@@ -1,0 +1,209 @@
+"""The msgpack codec: a header frame plus one raw frame per tensor.
+
+A message is a list of ZeroMQ frames. Frame 0 is a msgpack map (the header); every numpy
+array or torch tensor found anywhere in the header's values is replaced by a small reference
+map ``{"$tensor": [dtype, shape, frame]}`` and its bytes travel as frame ``frame`` on their own.
+
+Why separate frames: a tensor's bytes are never copied into a msgpack buffer, and ZeroMQ can
+send them straight from the array's memory (``copy=False``); a controller forwarding a request
+relays those frames without ever looking inside them. Non-contiguous tensors are made
+contiguous first (the one copy we cannot avoid). No pickle anywhere: dtype and shape are plain
+msgpack values, and a frame whose length does not match its reference is rejected.
+
+Decoding yields numpy arrays (what a client wants: no torch import needed) or torch tensors
+(what a worker wants), both zero-copy views of the received frames where the frame allows it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from mesh.errors import BadRequest
+
+TENSOR_KEY = "$tensor"
+
+# Wire dtype name -> (numpy dtype or None for bf16, itemsize).
+DTYPES: dict[str, tuple[Any, int]] = {
+    "float32": (np.float32, 4),
+    "float64": (np.float64, 8),
+    "float16": (np.float16, 2),
+    "bfloat16": (None, 2),
+    "int64": (np.int64, 8),
+    "int32": (np.int32, 4),
+    "int16": (np.int16, 2),
+    "int8": (np.int8, 1),
+    "uint8": (np.uint8, 1),
+    "bool": (np.bool_, 1),
+}
+_NUMPY_NAMES = {np.dtype(v[0]).name: k for k, v in DTYPES.items() if v[0] is not None}
+
+Frame = Any  # bytes, memoryview, or zmq.Frame
+TensorDecoder = Callable[[str, tuple[int, ...], Any], Any]
+
+
+class EncodeError(TypeError):
+    """A value cannot be put on the wire (unsupported type or dtype)."""
+
+
+def _flat_bytes(arr: np.ndarray) -> memoryview:
+    # A 1-d uint8 view: ZeroMQ and every other-language reader want plain bytes.
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def _numpy_ref(arr: np.ndarray, frames: list[Frame]) -> dict[str, Any]:
+    name = _NUMPY_NAMES.get(arr.dtype.name)
+    if name is None:
+        raise EncodeError(f"dtype {arr.dtype} cannot travel on the wire; use one of {sorted(DTYPES)}")
+    arr = np.ascontiguousarray(arr)
+    frames.append(_flat_bytes(arr))
+    return {TENSOR_KEY: [name, list(arr.shape), len(frames) - 1]}
+
+
+def _torch_ref(t: Any, frames: list[Frame]) -> dict[str, Any]:
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.dtype == torch.bfloat16:
+        arr = t.view(torch.int16).numpy()
+        frames.append(_flat_bytes(arr))
+        return {TENSOR_KEY: ["bfloat16", list(t.shape), len(frames) - 1]}
+    try:
+        arr = t.numpy()
+    except TypeError as exc:
+        raise EncodeError(f"dtype {t.dtype} cannot travel on the wire") from exc
+    return _numpy_ref(arr, frames)
+
+
+def encode(header: dict[str, Any]) -> list[Frame]:
+    """Encode a header map into frames: the msgpack header first, then one frame per tensor."""
+    frames: list[Frame] = [b""]
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            return _numpy_ref(obj, frames)
+        if isinstance(obj, np.generic):
+            return obj.item()
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return _torch_ref(obj, frames)
+        if isinstance(obj, tuple):
+            return list(obj)
+        raise EncodeError(f"cannot encode a value of type {type(obj).__name__}")
+
+    frames[0] = msgpack.packb(header, default=default, use_bin_type=True)
+    return frames
+
+
+def pack(obj: Any) -> bytes:
+    """Pack a header with no tensors (control messages)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack_header(data: Any) -> Any:
+    """Unpack a header frame, mapping msgpack failures to BadRequest."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BadRequest(f"header is not valid msgpack: {type(exc).__name__}") from None
+
+
+def frame_buffer(frame: Frame) -> Any:
+    """The buffer behind a frame (zmq.Frame, bytes or memoryview) without copying."""
+    buf = getattr(frame, "buffer", None)
+    return frame if buf is None else buf
+
+
+def _check_ref(ref: Any, nframes: int) -> tuple[str, tuple[int, ...], int]:
+    if not (isinstance(ref, list) and len(ref) == 3):
+        raise BadRequest(f"{TENSOR_KEY} reference must be [dtype, shape, frame], got {ref!r}")
+    dtype, shape, index = ref
+    if dtype not in DTYPES:
+        raise BadRequest(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise BadRequest(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+    if not isinstance(index, int) or not 1 <= index < nframes:
+        raise BadRequest(f"tensor frame index {index!r} is outside frames 1..{nframes - 1}")
+    return dtype, tuple(shape), index
+
+
+def decode_tensors(obj: Any, frames: Sequence[Frame], decoder: TensorDecoder) -> Any:
+    """Replace every tensor reference inside ``obj`` by ``decoder(dtype, shape, buffer)``."""
+    nframes = len(frames)
+    used: set[int] = set()
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if TENSOR_KEY in value:
+                if len(value) != 1:
+                    raise BadRequest(f"a {TENSOR_KEY} map must have no other keys")
+                dtype, shape, index = _check_ref(value[TENSOR_KEY], nframes)
+                if index in used:
+                    raise BadRequest(f"frame {index} is referenced twice")
+                used.add(index)
+                buf = frame_buffer(frames[index])
+                expected = math.prod(shape) * DTYPES[dtype][1]
+                if len(buf) != expected:
+                    raise BadRequest(
+                        f"frame {index} holds {len(buf)} bytes but dtype {dtype} shape "
+                        f"{list(shape)} needs {expected}"
+                    )
+                return decoder(dtype, shape, buf)
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    out = walk(obj)
+    if len(used) != nframes - 1:
+        raise BadRequest(f"message has {nframes - 1} tensor frames but references {len(used)}")
+    return out
+
+
+def to_numpy(dtype: str, shape: tuple[int, ...], buf: Any) -> Any:
+    """Decode a tensor frame as a numpy array (bfloat16 needs ml_dtypes, else torch)."""
+    np_dtype = DTYPES[dtype][0]
+    if np_dtype is None:  # bfloat16
+        try:
+            import ml_dtypes
+
+            return np.frombuffer(buf, dtype=ml_dtypes.bfloat16).reshape(shape)
+        except ImportError:
+            return to_torch(dtype, shape, buf)
+    return np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+
+
+_TORCH_DTYPES: dict[str, Any] = {}
+
+
+def to_torch(dtype: str, shape: tuple[int, ...], buf: Any) -> Any:
+    """Decode a tensor frame as a torch tensor, zero-copy when the frame is writable."""
+    import torch
+
+    if not _TORCH_DTYPES:
+        _TORCH_DTYPES.update({name: getattr(torch, name) for name in DTYPES})
+    tdtype = _TORCH_DTYPES[dtype]
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=tdtype)
+    mv = memoryview(buf)
+    if mv.readonly:
+        mv = memoryview(bytearray(mv))
+    return torch.frombuffer(mv, dtype=tdtype).reshape(shape)
+
+
+def decode(frames: Sequence[Frame], decoder: TensorDecoder = to_numpy) -> Any:
+    """Decode frames produced by ``encode``: the header with its tensors filled in."""
+    if not frames:
+        raise BadRequest("message has no frames")
+    header = unpack_header(frame_buffer(frames[0]))
+    return decode_tensors(header, frames, decoder)

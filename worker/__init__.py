@@ -1,0 +1,1 @@
+"""The meshserve worker: a stateless process bound to one device, serving world memberships."""

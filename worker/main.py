@@ -1,0 +1,102 @@
+"""Worker process entry point: ``python -m worker`` and ``meshctl worker``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+
+from worker.agent import WorkerAgent
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str) -> str:
+    """``auto`` picks CUDA when present (the launcher pins one GPU per worker), else CPU."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def run_worker(controller: str, worker_id: str, device: str, threads: int,
+                     labels: dict[str, str]) -> int:
+    agent = WorkerAgent(controller=controller, worker_id=worker_id, device=pick_device(device),
+                        threads=threads, labels=labels)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, agent.stop, f"signal {signal.Signals(sig).name}")
+    await agent.start()
+    stop = asyncio.ensure_future(agent.stopped.wait())
+    crash = asyncio.ensure_future(agent.failed.wait())
+    try:
+        await asyncio.wait({stop, crash}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        crash.cancel()
+        await agent.aclose()
+    return 1 if agent.failure is not None else 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--controller", default="tcp://127.0.0.1:5557",
+                        help="the controller's worker endpoint (default %(default)s)")
+    parser.add_argument("--worker-id", default="", help="unique id (default host-pid-random)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="labels reported to the controller")
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="exit when this process (the launching controller) dies")
+
+
+def follow_parent(parent_pid: int) -> None:
+    """Die with the launching controller: SIGTERM on parent death (Linux), checked once now."""
+    if parent_pid <= 0:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:  # not Linux: the controller watchdog still ends us
+        pass
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"launching controller {parent_pid} is gone")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    follow_parent(args.parent_pid)
+    if os.environ.get("MESH_SWITCH_S"):
+        import sys
+        sys.setswitchinterval(float(os.environ["MESH_SWITCH_S"]))
+    labels = dict(item.split("=", 1) for item in args.label if "=" in item)
+    worker_id = args.worker_id or default_worker_id()
+    logging.basicConfig(
+        level=os.environ.get("MESH_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
+    )
+    coro = run_worker(args.controller, worker_id, args.device, args.threads, labels)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
