@@ -66,6 +66,10 @@ class Admin(Actor):
             if not isinstance(data, dict):
                 raise BadRequest("admin request must be a map")
             request = AdminRequest.from_wire(data)
+            if not isinstance(request.args, dict) or not isinstance(request.command, str):
+                raise BadRequest("admin 'command' must be a string and 'args' a map")
+            if request.v != 1:
+                raise BadRequest(f"admin protocol version {request.v!r} is not supported")
         except (MeshError, TypeError) as exc:
             self._reply(peer, AdminReply(id=-1, ok=False, code="bad_request", message=str(exc)))
             return

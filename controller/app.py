@@ -38,6 +38,7 @@ from controller.world_manager import (
     WorkerSilent,
     WorldIdle,
     WorldManager,
+    WorldUnreachable,
 )
 from mesh.errors import Cancelled
 from mesh.messages import Heartbeat, Message, Ping
@@ -73,10 +74,12 @@ class Controller:
         self.backend = Backend(self._context, c.worker_endpoint, route_of=self._route_of,
                                on_heartbeat=self._on_heartbeat, on_control=self._on_control)
         next_rid = self._rids.__next__
+        inflight_ids: dict[tuple[bytes, Any], int] = {}
         for dep in self.config.deployments:
             self.routers[dep.name] = Router(
                 dep, send_client=self._send_client, send_worker=self.backend.send,
-                next_rid=next_rid, on_world_idle=self._on_world_idle)
+                next_rid=next_rid, on_world_idle=self._on_world_idle,
+                on_world_unreachable=self._on_world_unreachable, inflight_ids=inflight_ids)
         self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
                                  max_request_bytes=c.max_request_bytes)
         self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_silent=self._on_silent)
@@ -133,6 +136,9 @@ class Controller:
 
     def _on_silent(self, worker_id: str, silent_s: float) -> None:
         self.world_manager.tell(WorkerSilent(worker_id, silent_s))
+
+    def _on_world_unreachable(self, world_id: int) -> None:
+        self.world_manager.tell(WorldUnreachable(world_id))
 
     def _on_world_idle(self, world_id: int) -> None:
         self._world_owner.pop(world_id, None)

@@ -17,7 +17,7 @@ import zmq
 from controller.router import Router
 from mesh import codec
 from mesh.errors import BadRequest
-from mesh.messages import REPLY, WORKER_MESSAGES, Heartbeat, Message, parse_control
+from mesh.messages import HELLO, REPLY, WORKER_MESSAGES, Heartbeat, Message, parse_control
 from mesh.transport import Pump, make_socket
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class Backend:
                 if router is not None:
                     router.on_reply(head, frames[2:])
                     return
+            elif head and head[0] == HELLO:
+                return  # a worker's data socket announcing itself
             self.unroutable += 1
             return
         worker_id = frames[0].decode(errors="replace")

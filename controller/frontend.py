@@ -10,6 +10,7 @@ decoded: the header frame and tensor frames are forwarded as they came.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -87,7 +88,7 @@ class Frontend:
             if not isinstance(header, dict):
                 raise BadRequest("header must be a msgpack map")
             version = header.get("v")
-            if version != PROTOCOL_VERSION:
+            if type(version) is not int or version != PROTOCOL_VERSION:
                 raise UnsupportedVersion(
                     f"protocol version {version!r} is not supported; this controller speaks "
                     f"{PROTOCOL_VERSION}")
@@ -126,7 +127,8 @@ class Frontend:
         except MeshError as exc:
             self._error(client, req_id, exc)
             return
-        router.submit(client, req_id, kind, header_frame, tensor_frames, int(timeout_ms))
+        router.submit(client, req_id, kind, header_frame, tensor_frames,
+                      max(1, math.ceil(timeout_ms)))
 
     def _error(self, client: bytes, req_id: Any, exc: MeshError) -> None:
         self.rejected += 1

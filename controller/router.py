@@ -80,6 +80,8 @@ class Router:
         send_worker: Callable[[list[Any]], bool],
         next_rid: Callable[[], int],
         on_world_idle: Callable[[int], None],
+        on_world_unreachable: Callable[[int], None] | None = None,
+        inflight_ids: dict[tuple[bytes, Any], int] | None = None,
         max_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -89,13 +91,18 @@ class Router:
         self._send_worker = send_worker
         self._next_rid = next_rid
         self._on_world_idle = on_world_idle
+        self._on_world_unreachable = on_world_unreachable
         self.max_attempts = max_attempts
         self._clock = clock
         self.worlds: dict[int, WorldRoute] = {}
         self._serving: list[WorldRoute] = []
         self.queue: deque[Pending] = deque()
+        self._queue_dead = 0  # answered entries still sitting in ``queue``
         self.pending: dict[int, Pending] = {}
-        self._by_client: dict[tuple[bytes, Any], int] = {}
+        # (client identity, client id) -> rid; shared by every router of a controller, so a
+        # client's ids are unique per connection, not per deployment.
+        self._by_client: dict[tuple[bytes, Any], int] = (
+            inflight_ids if inflight_ids is not None else {})
         self._deadlines: list[tuple[float, int]] = []
         self.stats = LatencyWindow()
         self.late_replies = 0
@@ -117,7 +124,7 @@ class Router:
             self._reject(client, client_id, _bad_duplicate(client_id))
             return
         world = self._pick()
-        if world is None and len(self.queue) >= self.deployment.max_queue:
+        if world is None and len(self.queue) - self._queue_dead >= self.deployment.max_queue:
             self._reject(client, client_id, Overloaded(
                 f"{self.name}: {len(self.queue)} requests queued, limit {self.deployment.max_queue}"))
             return
@@ -147,10 +154,16 @@ class Router:
         remaining_ms = max(1, int((p.deadline_s - now) * 1000.0))
         head = codec.pack([DISPATCH, p.rid, world.world_id, world.epoch, remaining_ms])
         if not self._send_worker([world.entry, head, p.header, *p.frames]):
-            # The worker is gone (unknown identity): health will break the world; retry now.
+            # The worker's socket is gone: route around the world until health breaks it.
             world.inflight.pop(p.rid, None)
             p.world = None
+            p.attempts -= 1
             self.queue.appendleft(p)
+            if world.state == "serving":
+                world.state = "unreachable"
+                self._refresh_serving()
+                if self._on_world_unreachable is not None:
+                    self._on_world_unreachable(world.world_id)
 
     def _pump_queue(self) -> None:
         queue = self.queue
@@ -163,6 +176,7 @@ class Router:
                 return
             p = queue.popleft()
             if p.answered:
+                self._queue_dead -= 1
                 continue
             self._dispatch(p, world, now)
 
@@ -176,6 +190,8 @@ class Router:
         if p is None or p.world is None or p.world.world_id != head[2] or p.world.epoch != head[3]:
             self.late_replies += 1  # from a world that no longer owns this request
             return
+        if p.answered and status != REPLY_CHUNK:
+            self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
         if status == REPLY_CHUNK:
             if not p.answered:
                 self._send_client([p.client, *frames])
@@ -226,6 +242,7 @@ class Router:
             self._answer_error(p, Cancelled("cancelled by the caller"))
             if p.world is None:
                 self.pending.pop(rid, None)
+                self._queue_dead += 1
 
     def sweep(self) -> None:
         """Answer every request whose deadline has passed."""
@@ -241,6 +258,7 @@ class Router:
             if p.world is None:
                 # Still queued: forget it now (the queue skips answered entries).
                 self.pending.pop(rid, None)
+                self._queue_dead += 1
 
     def _answer_error(self, p: Pending, err: MeshError) -> None:
         p.answered = True
@@ -307,7 +325,7 @@ class Router:
 
     @property
     def queued(self) -> int:
-        return sum(1 for p in self.queue if not p.answered)
+        return len(self.queue) - self._queue_dead
 
     @property
     def unanswered(self) -> int:
@@ -320,6 +338,7 @@ class Router:
                 self._answer_error(p, err)
         self.pending.clear()
         self.queue.clear()
+        self._queue_dead = 0
 
 
 def _bad_duplicate(client_id: Any) -> MeshError:

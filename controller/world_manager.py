@@ -51,6 +51,7 @@ class WorkerInfo:
     pid: int = 0
     host: str = ""
     device: str = ""
+    data_identity: str = ""
     worlds: set[int] = field(default_factory=set)
     spawned_by_us: bool = False
     retiring: bool = False
@@ -107,6 +108,11 @@ class WorkerSilent:
 
 @dataclass(frozen=True, slots=True)
 class WorldIdle:
+    world_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorldUnreachable:
     world_id: int
 
 
@@ -174,6 +180,10 @@ class WorldManager(Actor):
                               f"no heartbeat for {message.silent_s * 1000:.0f} ms", kill=True)
         elif isinstance(message, WorldIdle):
             self._release_world(message.world_id)
+        elif isinstance(message, WorldUnreachable):
+            world = self.worlds.get(message.world_id)
+            if world is not None:
+                self._break_world(world, "its stage-0 worker's data socket is unreachable")
         elif isinstance(message, Scale):
             return self._scale(message)
         elif isinstance(message, DrainTarget):
@@ -233,6 +243,7 @@ class WorldManager(Actor):
             worker.state = "idle"
             worker.since_s = self._clock()
         worker.pid, worker.host, worker.device = msg.pid, msg.host, msg.device
+        worker.data_identity = msg.data_identity or worker_id
         self._on_watch(worker_id)
         self._send(worker_id, self._welcome)
         log.info("[controller] worker %s registered (pid %d, %s)", worker_id, msg.pid, msg.device)
@@ -265,7 +276,7 @@ class WorldManager(Actor):
         dep = self.deployments[world.deployment]
         dep.failures = 0
         dep.last_error = ""
-        entry = world.workers[0].encode()
+        entry = self.workers[world.workers[0]].data_identity.encode()
         self.routers[world.deployment].add_world(world.id, world.epoch, entry)
         log.info("[controller] world %d/%d of %s serving (formed in %.0f ms)", world.id,
                  world.epoch, world.deployment, (world.ready_s - world.created_s) * 1000)

@@ -76,6 +76,8 @@ class Actor:
             await self.on_stop()
         except Exception:
             log.exception("[%s] on_stop failed", self.name)
+        # Cancelling the mailbox task clears ``_current``: remember the ask being handled.
+        handling = self._current
         current = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not current]
         for task in tasks:
@@ -83,7 +85,7 @@ class Actor:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._fail_pending()
+        self._fail_pending(handling)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -154,9 +156,9 @@ class Actor:
                     # The loop that dispatches logs and carries on; handlers fail fast.
                     log.exception("[%s] handling %r failed", self.name, type(item).__name__)
 
-    def _fail_pending(self) -> None:
-        if self._current is not None and not self._current.future.done():
-            self._current.future.set_exception(ActorStopped(f"actor {self.name} stopped"))
+    def _fail_pending(self, handling: _Ask | None) -> None:
+        if handling is not None and not handling.future.done():
+            handling.future.set_exception(ActorStopped(f"actor {self.name} stopped"))
         while not self._mailbox.empty():
             item = self._mailbox.get_nowait()
             if isinstance(item, _Ask) and not item.future.done():

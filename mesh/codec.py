@@ -52,15 +52,22 @@ class EncodeError(TypeError):
 
 
 def _flat_bytes(arr: np.ndarray) -> memoryview:
-    # A 1-d uint8 view: ZeroMQ and every other-language reader want plain bytes.
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    # A flat byte view: ZeroMQ and every other-language reader want plain bytes.
+    if arr.size == 0:
+        return memoryview(b"")
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    return memoryview(arr).cast("B")
 
 
 def _numpy_ref(arr: np.ndarray, frames: list[Frame]) -> dict[str, Any]:
     name = _NUMPY_NAMES.get(arr.dtype.name)
     if name is None:
         raise EncodeError(f"dtype {arr.dtype} cannot travel on the wire; use one of {sorted(DTYPES)}")
-    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">":  # the wire is little-endian
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     frames.append(_flat_bytes(arr))
     return {TENSOR_KEY: [name, list(arr.shape), len(frames) - 1]}
 
@@ -68,10 +75,14 @@ def _numpy_ref(arr: np.ndarray, frames: list[Frame]) -> dict[str, Any]:
 def _torch_ref(t: Any, frames: list[Frame]) -> dict[str, Any]:
     import torch
 
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.dtype == torch.bfloat16:
         arr = t.view(torch.int16).numpy()
         frames.append(_flat_bytes(arr))
@@ -123,16 +134,17 @@ def frame_buffer(frame: Frame) -> Any:
 
 
 def _check_ref(ref: Any, nframes: int) -> tuple[str, tuple[int, ...], int]:
-    if not (isinstance(ref, list) and len(ref) == 3):
+    if type(ref) is not list or len(ref) != 3:
         raise BadRequest(f"{TENSOR_KEY} reference must be [dtype, shape, frame], got {ref!r}")
     dtype, shape, index = ref
-    if dtype not in DTYPES:
+    if type(dtype) is not str or dtype not in DTYPES:
         raise BadRequest(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+    if type(shape) is not list:
         raise BadRequest(f"tensor shape must be a list of non-negative ints, got {shape!r}")
-    if not isinstance(index, int) or not 1 <= index < nframes:
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise BadRequest(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+    if type(index) is not int or not 1 <= index < nframes:
         raise BadRequest(f"tensor frame index {index!r} is outside frames 1..{nframes - 1}")
     return dtype, tuple(shape), index
 
@@ -143,7 +155,7 @@ def decode_tensors(obj: Any, frames: Sequence[Frame], decoder: TensorDecoder) ->
     used: set[int] = set()
 
     def walk(value: Any) -> Any:
-        if isinstance(value, dict):
+        if type(value) is dict:
             if TENSOR_KEY in value:
                 if len(value) != 1:
                     raise BadRequest(f"a {TENSOR_KEY} map must have no other keys")
@@ -159,9 +171,14 @@ def decode_tensors(obj: Any, frames: Sequence[Frame], decoder: TensorDecoder) ->
                         f"{list(shape)} needs {expected}"
                     )
                 return decoder(dtype, shape, buf)
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v) for v in value]
+            for k, v in value.items():
+                if type(v) is dict or type(v) is list:
+                    value[k] = walk(v)
+            return value
+        if type(value) is list:
+            for i, v in enumerate(value):
+                if type(v) is dict or type(v) is list:
+                    value[i] = walk(v)
         return value
 
     out = walk(obj)

@@ -40,6 +40,7 @@ REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCE
 
 
 # Data-path tags (frame 0 of worker-protocol data messages is [tag, rid, world_id, ...]).
+HELLO = "hello"  # worker data socket -> controller: [HELLO] (announces its identity)
 DISPATCH = "req"  # controller -> worker: [DISPATCH, rid, world_id, epoch, deadline_ms]
 REPLY = "res"  # worker -> controller: [REPLY, rid, world_id, epoch, status]
 REPLY_OK = 0  # status: frame 1 is a client "result"/"chunk"/"end" header
@@ -121,6 +122,8 @@ class Register(Message):
     host: str
     device: str
     version: int = PROTOCOL_VERSION
+    # Identity of the worker's data socket (dispatches go there; control stays on this one).
+    data_identity: str = ""
     # Set by a worker that was started for a particular role (warm pool, launcher slot).
     labels: dict[str, str] = field(default_factory=dict)
 

@@ -63,6 +63,24 @@ def make_socket(
     return sock
 
 
+def recv_nowait(sock: zmq.Socket[Any], copy_prefix: int) -> list[Any] | None:
+    """One whole multipart message, or None when nothing is waiting (never blocks)."""
+    try:
+        frames = [_recv(sock, _NOBLOCK, True)]
+    except zmq.Again:
+        return None
+    while _getsockopt(sock, _RCVMORE):
+        frames.append(_recv(sock, _NOBLOCK, len(frames) < copy_prefix))
+    return frames
+
+
+def send_nowait(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
+    """Send a multipart message without blocking; raises zmq.Again / ZMQError."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _send(sock, frame, _MORE if i < last else _NOBLOCK, len(frame) < ZERO_COPY_MIN_BYTES)
+
+
 class Pump:
     """Delivers every message a socket receives to ``on_message``; sends without blocking."""
 

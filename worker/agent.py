@@ -18,11 +18,8 @@ from typing import Any
 
 import zmq
 
-from mesh import codec
 from mesh.actor import Actor
-from mesh.errors import BadRequest, MeshError, Unavailable
 from mesh.messages import (
-    DISPATCH,
     Heartbeat,
     Join,
     Joined,
@@ -34,10 +31,8 @@ from mesh.messages import (
     Register,
     Shutdown,
     Welcome,
-    result_header,
 )
-from worker.executor import BatchStats
-from worker.handler import Request
+from worker.dataplane import DataPlane
 from worker.link import Link
 from worker.loader import LoadError, load_handler
 from worker.world import World
@@ -62,12 +57,11 @@ class WorkerAgent(Actor):
         self.threads = threads
         self.labels = labels or {}
         self._context: zmq.Context[Any] = zmq.Context()
-        self._link = Link(self._context, controller, worker_id,
-                          on_dispatch=self._on_dispatch, on_control=self._on_control)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._link = Link(self._context, controller, worker_id, on_control=self._on_control)
+        self.data_identity = f"{worker_id}/data"
+        self._plane = DataPlane(self._context, controller, self.data_identity)
         self._loader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
         self._worlds: dict[int, World] = {}
-        self._stats = BatchStats()
         self._heartbeat_interval_s = 0.2
         self._controller_timeout_s = register_timeout_s
         self._last_heard = time.monotonic()
@@ -81,24 +75,24 @@ class WorkerAgent(Actor):
             import torch
 
             torch.set_num_threads(self.threads)
+        self._plane.start()
+        await asyncio.get_running_loop().run_in_executor(None, self._plane.started.wait, 10.0)
         self._link.start()
         self._register()
         self.spawn(self._heartbeat_loop(), name=f"{self.name}.heartbeat")
         self.spawn(self._watchdog(), name=f"{self.name}.watchdog")
 
     async def on_stop(self) -> None:
-        for world in self._worlds.values():
-            world.close(Unavailable("worker is stopping"))
+        await asyncio.get_running_loop().run_in_executor(None, self._plane.stop, 5.0)
         self._worlds.clear()
         self._link.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self._loader_pool.shutdown(wait=False, cancel_futures=True)
         self._context.term()
 
     def _register(self) -> None:
         self._link.send(Register(worker_id=self.worker_id, pid=os.getpid(),
                                  host=socket.gethostname(), device=self.device,
-                                 labels=self.labels))
+                                 data_identity=self.data_identity, labels=self.labels))
 
     def stop(self, reason: str) -> None:
         if not self.stopped.is_set():
@@ -143,8 +137,8 @@ class WorkerAgent(Actor):
             self._link.send(JoinFailed(world_id=msg.world_id, epoch=msg.epoch, error=str(exc)))
             return
         world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
-                      deployment=msg.deployment, handler=handler, pool=self._pool,
-                      reply=self._make_reply(msg.world_id, msg.epoch), stats=self._stats)
+                      deployment=msg.deployment, handler=handler)
+        await asyncio.wrap_future(self._plane.add_world(world))
         self._worlds[msg.world_id] = world
         load_ms = (time.perf_counter() - started) * 1000.0
         log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, %.0f ms)", self.worker_id,
@@ -157,54 +151,11 @@ class WorkerAgent(Actor):
         if world is None or world.epoch != msg.epoch:
             self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
             return
-        if not msg.abort:
-            await world.drain(timeout_s=10.0)
-        world.close(Unavailable("world closed"))
+        await asyncio.wrap_future(self._plane.remove_world(msg.world_id, msg.epoch,
+                                                           drain=not msg.abort, timeout_s=10.0))
         self._worlds.pop(msg.world_id, None)
         log.info("[worker %s world %d/%d] left", self.worker_id, msg.world_id, msg.epoch)
         self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
-
-    # -- data path ------------------------------------------------------------------------
-
-    def _make_reply(self, world_id: int, epoch: int) -> Any:
-        link = self._link
-
-        def reply(token: Any, error: MeshError | None, outputs: dict[str, Any] | None) -> None:
-            rid, client_id = token
-            if error is not None:
-                link.send_error(rid, world_id, epoch, client_id, error.code, error.message,
-                                error.retryable)
-            else:
-                link.send_result(rid, world_id, epoch, result_header(client_id, outputs or {}))
-
-        return reply
-
-    def _on_dispatch(self, head: list[Any], frames: list[Any]) -> None:
-        self._last_heard = time.monotonic()
-        if len(head) < 5 or head[0] != DISPATCH:
-            log.warning("[worker %s] dropped a malformed dispatch %r", self.worker_id, head[:3])
-            return
-        _, rid, world_id, epoch, deadline_ms = head[:5]
-        world = self._worlds.get(world_id)
-        client_id: Any = None
-        try:
-            header = codec.decode(frames, codec.to_torch)
-            client_id = header.get("id")
-            if world is None or world.epoch != epoch:
-                raise Unavailable(f"worker {self.worker_id} is not in world {world_id}/{epoch}")
-            inputs = header.get("inputs")
-            params = header.get("params") or {}
-            if not isinstance(inputs, dict):
-                raise BadRequest("'inputs' must be a map of named values")
-            if not isinstance(params, dict):
-                raise BadRequest("'params' must be a map")
-            rows = world.handler.validate(inputs, params)
-        except MeshError as exc:
-            self._link.send_error(rid, world_id, epoch, client_id, exc.code, exc.message,
-                                  exc.retryable)
-            return
-        deadline_s = time.monotonic() + deadline_ms / 1000.0
-        world.executor.submit((rid, client_id), Request(inputs, params, rows), deadline_s)
 
     # -- loops ----------------------------------------------------------------------------
 
@@ -219,11 +170,14 @@ class WorkerAgent(Actor):
                     self._register()
                     continue
             self._seq += 1
-            queued = sum(w.executor.queued for w in self._worlds.values())
-            busy = any(w.executor.busy for w in self._worlds.values())
-            st = self._stats
-            self._link.send(Heartbeat(seq=self._seq, queued=queued, busy=busy, batches=st.batches,
-                                      rows=st.rows, requests=st.requests, busy_s=st.busy_s))
+            plane = self._plane
+            if plane.crashed is not None:
+                self.stop(f"data plane crashed: {plane.crashed!r}")
+                return
+            st = plane.stats
+            self._link.send(Heartbeat(seq=self._seq, queued=plane.queued, busy=plane.busy,
+                                      batches=st.batches, rows=st.rows, requests=st.requests,
+                                      busy_s=st.busy_s))
             await asyncio.sleep(self._heartbeat_interval_s)
 
     async def _watchdog(self) -> None:

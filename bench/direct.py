@@ -1,0 +1,140 @@
+"""A client that talks to one worker directly over ZeroMQ, with no controller in between.
+
+It binds the ROUTER socket a worker connects to, answers the worker's registration, has it
+join a one-rank world of the given deployment, and then sends requests exactly as the
+controller would (the same dispatch header, the client's own header and tensor frames). It
+exposes the same ``infer`` as ``mesh.client.Client``, so one load loop drives both paths and
+the difference between them is what the controller costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from mesh import codec
+from mesh.errors import DeadlineExceeded, error_from_wire
+from mesh.messages import (
+    DISPATCH,
+    REPLY_ERROR,
+    WORKER_MESSAGES,
+    ClientKind,
+    Join,
+    Joined,
+    Register,
+    Welcome,
+    parse_control,
+    request_header,
+)
+from mesh.transport import Pump, make_socket
+
+
+class DirectWorker:
+    """One worker subprocess, driven directly (bench only)."""
+
+    def __init__(self, port: int, deployment: dict[str, Any], *, threads: int = 1) -> None:
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.deployment = deployment
+        self.threads = threads
+        self.worker_id = f"direct-{os.getpid()}"
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ready = asyncio.Event()
+        self._joined = asyncio.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.inputs_spec: dict[str, Any] = {}
+        self._data_identity = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        sock = make_socket(self._context, zmq.ROUTER)
+        sock.bind(self.endpoint)
+        self._pump = Pump(sock, self._on_message, name="direct", copy_prefix=3)
+        self._pump.start()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--controller", self.endpoint, "--worker-id",
+             self.worker_id, "--device", "cpu", "--threads", str(self.threads),
+             "--parent-pid", str(os.getpid())],
+            stdin=subprocess.DEVNULL)
+        async with asyncio.timeout(timeout_s):
+            await self._ready.wait()
+            self._pump.send([self.worker_id.encode(), codec.pack(
+                Join(world_id=1, epoch=1, rank=0, size=1, deployment=self.deployment).to_wire())])
+            await self._joined.wait()
+
+    async def aclose(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._pump.close()
+        self._context.term()
+
+    def _on_message(self, frames: list[Any]) -> None:
+        head = codec.unpack_header(frames[1])
+        if isinstance(head, list) and head and head[0] == "hello":
+            return
+        if isinstance(head, list):
+            rid, status = head[1], head[4]
+            fut = self._calls.pop(rid, None)
+            if fut is None or fut.done():
+                return
+            header = codec.unpack_header(codec.frame_buffer(frames[2]))
+            if status == REPLY_ERROR:
+                fut.set_exception(error_from_wire(header.get("code", ""), header.get("message", "")))
+            else:
+                body = codec.decode_tensors(header, frames[2:], codec.to_numpy)
+                fut.set_result(body.get("outputs", {}))
+            return
+        msg = parse_control(head, WORKER_MESSAGES)
+        if isinstance(msg, Register):
+            self._data_identity = (msg.data_identity or msg.worker_id).encode()
+            self._pump.send([frames[0], codec.pack(Welcome(
+                heartbeat_interval_ms=200, controller_timeout_ms=3_600_000).to_wire())])
+            self._ready.set()
+        elif isinstance(msg, Joined):
+            self.inputs_spec = msg.inputs
+            self._joined.set()
+
+    async def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float = 30.0,
+                    params: dict[str, Any] | None = None) -> dict[str, Any]:
+        rid = next(self._ids)
+        frames = codec.encode(request_header(ClientKind.INFER, rid, model, inputs,
+                                             int(timeout_s * 1000), params))
+        head = codec.pack([DISPATCH, rid, 1, 1, int(timeout_s * 1000)])
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._calls[rid] = fut
+        self._pump.send([self._data_identity, head, *frames])
+        try:
+            async with asyncio.timeout(timeout_s + 2.0):
+                return await fut
+        except TimeoutError:
+            raise DeadlineExceeded("direct worker did not answer") from None
+        finally:
+            self._calls.pop(rid, None)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def wait_s(seconds: float) -> None:
+    time.sleep(seconds)

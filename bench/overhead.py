@@ -1,0 +1,224 @@
+"""What meshserve costs per request, all measured in one run.
+
+    python -m bench.overhead [--duration-s 5] [--json results.json]
+
+1. Echo (a no-op worker), tiny payloads, closed loop at concurrency 1, 16 and 128:
+   (a) a client talking to the worker directly over ZeroMQ (bench.direct), and
+   (b) the same requests through a real controller process;
+   plus the controller's CPU time per request (from /proc, user + system, all threads).
+2. The ``mlp`` demo served through the controller against its bare forward pass in a tight
+   loop in this process (same torch thread count as the worker): at batch 1 (concurrency 1),
+   at concurrency 16, and at the batcher's maximum batch (concurrency = max_batch_size); the
+   bare loop runs at the effective batch the worker actually formed (from its counters).
+
+Prints a table and, with --json, writes every figure. Nothing here asserts: the machine is
+shared and noisy, so compare the ratios measured within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.direct import DirectWorker, cpu_seconds
+from controller.admin_client import admin_call
+from controller.bench import BenchResult, closed_loop
+from mesh.client import Client
+
+ECHO_INPUTS = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
+MLP_BATCH = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, ports: dict[str, int], threads: int) -> None:
+    path.write_text(f"""
+[controller]
+client_endpoint = "tcp://127.0.0.1:{ports['client']}"
+admin_endpoint = "tcp://127.0.0.1:{ports['admin']}"
+worker_endpoint = "tcp://127.0.0.1:{ports['worker']}"
+metrics_port = 0
+worker_threads = {threads}
+
+[[deployments]]
+name = "echo"
+model = "worker.models.echo:build"
+max_batch_size = 64
+max_inflight_per_world = 256
+
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+max_batch_size = {MLP_BATCH}
+max_inflight_per_world = 256
+""")
+
+
+async def wait_ready(admin: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            status = await admin_call(admin, "status", timeout_s=2.0)
+            if all(d["worlds_current"] >= 1 for d in status["deployments"]):
+                return status
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError("controller did not become ready")
+
+
+def worker_counters(status: dict[str, Any], deployment: str) -> tuple[int, int]:
+    """(batches, rows) summed over the workers serving ``deployment``."""
+    worlds = {w["id"] for w in status["worlds"] if w["deployment"] == deployment}
+    batches = rows = 0
+    for w in status["workers"]:
+        if worlds & set(w["worlds"]):
+            batches += w["batches"]
+            rows += w["rows"]
+    return batches, rows
+
+
+def bare_forward(batch: int, threads: int, duration_s: float) -> dict[str, float]:
+    """Median time of the mlp's forward pass in a tight loop, and the rows/s it implies."""
+    import torch
+
+    from worker.models.mlp import build
+
+    torch.set_num_threads(threads)
+    model = build()
+    x = torch.zeros(batch, 64)
+    times = []
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        end = time.perf_counter() + duration_s
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"batch": batch, "median_ms": med * 1000.0, "rows_per_s": batch / med,
+            "iterations": len(times)}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    ports = {k: free_port() for k in ("client", "admin", "worker", "direct")}
+    tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
+    config = tmp / "bench.toml"
+    write_config(config, ports, args.threads)
+    admin = f"tcp://127.0.0.1:{ports['admin']}"
+    ctrl = subprocess.Popen([sys.executable, "-m", "controller.cli", "--log-level", "WARNING",
+                             "controller", "--config", str(config)], stdin=subprocess.DEVNULL)
+    direct = DirectWorker(ports["direct"], {"name": "echo", "model": "worker.models.echo:build",
+                                            "max_batch_size": 64, "max_batch_delay_ms": 2.0},
+                          threads=args.threads)
+    results: dict[str, Any] = {"duration_s": args.duration_s, "threads": args.threads,
+                               "echo": [], "mlp": {}}
+    try:
+        await wait_ready(admin, 180.0)
+        await direct.start()
+        d = args.duration_s
+        async with Client(f"tcp://127.0.0.1:{ports['client']}") as client:
+            for c in args.concurrency:
+                direct_r = await closed_loop(direct, "echo", ECHO_INPUTS, concurrency=c,  # type: ignore[arg-type]
+                                             duration_s=d, warmup_s=0.5)
+                cpu0 = cpu_seconds(ctrl.pid)
+                via_r = await closed_loop(client, "echo", ECHO_INPUTS, concurrency=c,
+                                          duration_s=d, warmup_s=0.0)
+                cpu_us = (cpu_seconds(ctrl.pid) - cpu0) * 1e6 / max(1, via_r.requests)
+                row = {"concurrency": c, "direct": direct_r.to_dict(), "via": via_r.to_dict(),
+                       "ratio_rps": via_r.rps / direct_r.rps if direct_r.rps else 0.0,
+                       "controller_cpu_us_per_req": cpu_us}
+                results["echo"].append(row)
+                print(f"echo c={c:<4d} direct {direct_r.rps:9.1f} req/s p50 {direct_r.p50_ms:6.3f} ms"
+                      f" | via controller {via_r.rps:9.1f} req/s p50 {via_r.p50_ms:6.3f} ms"
+                      f" | ratio {row['ratio_rps']:.2f} | controller {cpu_us:5.1f} us/req",
+                      file=sys.stderr, flush=True)
+            mlp_x = {"x": np.zeros((1, 64), dtype=np.float32)}
+            for c in (1, 16, MLP_BATCH):
+                before = worker_counters(await admin_call(admin, "status"), "mlp")
+                r: BenchResult = await closed_loop(client, "mlp", mlp_x, concurrency=c,
+                                                   duration_s=d, warmup_s=0.5)
+                after = worker_counters(await admin_call(admin, "status"), "mlp")
+                batches = max(1, after[0] - before[0])
+                eff = (after[1] - before[1]) / batches
+                results["mlp"][f"c{c}"] = {"served": r.to_dict(), "effective_batch": eff}
+                print(f"mlp  c={c:<4d} served {r.rps:9.1f} req/s p50 {r.p50_ms:6.3f} ms "
+                      f"effective batch {eff:.2f}", file=sys.stderr, flush=True)
+    finally:
+        await direct.aclose()
+        ctrl.terminate()
+        try:
+            ctrl.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ctrl.kill()
+    # The bare loops run after the servers stopped, alone on the machine, as "bare" means.
+    for c, entry in results["mlp"].items():
+        eff = max(1, round(entry["effective_batch"]))
+        bare = bare_forward(eff, args.threads, min(3.0, args.duration_s))
+        entry["bare"] = bare
+        entry["ratio_rows_per_s"] = entry["served"]["rps"] / bare["rows_per_s"]
+        if c == "c1":
+            entry["p50_minus_bare_ms"] = entry["served"]["p50_ms"] - bare["median_ms"]
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = ["", "Echo, tiny payload (closed loop)",
+             "| concurrency | direct req/s | via controller req/s | ratio | direct p50 ms | "
+             "via p50 ms | controller CPU us/req |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results["echo"]:
+        lines.append(f"| {row['concurrency']} | {row['direct']['rps']:.0f} | {row['via']['rps']:.0f}"
+                     f" | {row['ratio_rps']:.2f} | {row['direct']['p50_ms']:.3f} | "
+                     f"{row['via']['p50_ms']:.3f} | {row['controller_cpu_us_per_req']:.1f} |")
+    lines += ["", f"mlp served vs bare forward (torch threads = {results['threads']})",
+              "| concurrency | effective batch | served req/s | bare rows/s at that batch | ratio |"
+              " served p50 ms | bare forward ms |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, e in results["mlp"].items():
+        lines.append(f"| {c[1:]} | {e['effective_batch']:.2f} | {e['served']['rps']:.1f} | "
+                     f"{e['bare']['rows_per_s']:.1f} | {e['ratio_rows_per_s']:.2f} | "
+                     f"{e['served']['p50_ms']:.3f} | {e['bare']['median_ms']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration-s", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        results = uvloop.run(run(args))
+    except ImportError:  # pragma: no cover
+        results = asyncio.run(run(args))
+    print(render(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MESH_LOG_LEVEL", "WARNING")
+    sys.exit(main())

@@ -1,0 +1,550 @@
+"""Unit tests for controller/router.py, driven synchronously with fake senders and a fake clock.
+
+Every scenario ends by checking the router's promise: each submitted request got exactly one
+final answer (a result or a typed error), and nothing else reached the client.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from controller.config import DeploymentConfig
+from controller.router import Router
+from mesh import codec
+from mesh.errors import BadRequest, ModelError, Unavailable
+from mesh.messages import (
+    DISPATCH,
+    REPLY,
+    REPLY_CHUNK,
+    REPLY_ERROR,
+    REPLY_OK,
+    ClientKind,
+    error_header,
+    request_header,
+    result_header,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+@dataclass
+class Dispatch:
+    """One request as a worker received it."""
+
+    entry: bytes
+    rid: int
+    world_id: int
+    epoch: int
+    deadline_ms: int
+    header: bytes
+    frames: list[Any]
+
+
+class Harness:
+    """A router with recording fakes for both sockets and the world-idle callback."""
+
+    def __init__(self, *, max_attempts: int = 3, **deployment: Any) -> None:
+        self.clock = FakeClock()
+        self.to_client: list[list[Any]] = []
+        self.to_worker: list[list[Any]] = []
+        self.idle: list[int] = []
+        self.vanished: set[bytes] = set()  # worker identities the socket no longer knows
+        self.submitted: list[tuple[bytes, Any]] = []
+        self.router = Router(
+            DeploymentConfig(name="mlp", model="worker.models.mlp:build", **deployment),
+            send_client=self._send_client,
+            send_worker=self._send_worker,
+            next_rid=itertools.count(1).__next__,
+            on_world_idle=self.idle.append,
+            max_attempts=max_attempts,
+            clock=self.clock,
+        )
+
+    def _send_client(self, frames: list[Any]) -> bool:
+        self.to_client.append(list(frames))
+        return True
+
+    def _send_worker(self, frames: list[Any]) -> bool:
+        self.to_worker.append(list(frames))
+        if len(self.to_worker) > 1000:
+            raise RuntimeError("the router keeps re-sending: dispatch loop does not end")
+        return frames[0] not in self.vanished
+
+    # -- driving ------------------------------------------------------------------------
+
+    def submit(self, client_id: Any, *, client: bytes = b"client-1", timeout_ms: int = 1000,
+               kind: str = ClientKind.INFER) -> None:
+        header = codec.pack(request_header(kind, client_id, "mlp", {}, timeout_ms))
+        frames = [f"tensor-of-{client_id}".encode()]
+        self.submitted.append((client, client_id))
+        self.router.submit(client, client_id, kind, header, frames, timeout_ms)
+
+    def dispatches(self, entry: bytes | None = None) -> list[Dispatch]:
+        out = []
+        for frames in self.to_worker:
+            head = codec.unpack_header(frames[1])
+            assert head[0] == DISPATCH
+            d = Dispatch(frames[0], head[1], head[2], head[3], head[4], frames[2], frames[3:])
+            if entry is None or d.entry == entry:
+                out.append(d)
+        return out
+
+    def dispatch_of(self, client_id: Any) -> Dispatch:
+        """The latest dispatch of a client's request."""
+        found = [d for d in self.dispatches()
+                 if codec.unpack_header(d.header)["id"] == client_id]
+        assert found, f"request {client_id!r} was never dispatched"
+        return found[-1]
+
+    def reply(self, d: Dispatch, *, status: int = REPLY_OK,
+              frames: list[Any] | None = None) -> None:
+        client_id = codec.unpack_header(d.header)["id"]
+        if frames is None:
+            frames = [codec.pack(result_header(client_id, {"y": client_id})), b"y-bytes"]
+        self.router.on_reply([REPLY, d.rid, d.world_id, d.epoch, status], frames)
+
+    def reply_error(self, d: Dispatch, code: str, retryable: bool = False) -> None:
+        client_id = codec.unpack_header(d.header)["id"]
+        header = codec.pack(error_header(client_id, code, "from the worker", retryable))
+        self.reply(d, status=REPLY_ERROR, frames=[header])
+
+    # -- reading what the client got ----------------------------------------------------
+
+    def answers(self) -> list[tuple[bytes, dict[str, Any]]]:
+        return [(frames[0], codec.unpack_header(frames[1])) for frames in self.to_client]
+
+    def final_answers(self, client_id: Any, client: bytes = b"client-1") -> list[dict[str, Any]]:
+        return [h for c, h in self.answers()
+                if c == client and h["id"] == client_id and h["kind"] != ClientKind.CHUNK]
+
+    def code_of(self, client_id: Any, client: bytes = b"client-1") -> str:
+        (answer,) = self.final_answers(client_id, client)
+        return answer["code"] if answer["kind"] == ClientKind.ERROR else "ok"
+
+    def assert_each_answered_once(self) -> None:
+        """Every submitted request got exactly one final answer; no answer is unexplained."""
+        for client, client_id in self.submitted:
+            got = self.final_answers(client_id, client)
+            assert len(got) == 1, f"request {client_id!r} got {len(got)} final answers: {got}"
+        finals = [(c, h["id"]) for c, h in self.answers() if h["kind"] != ClientKind.CHUNK]
+        assert sorted(finals, key=repr) == sorted(self.submitted, key=repr)
+        assert self.router.unanswered == 0
+
+
+# -- world choice and queueing ----------------------------------------------------------------
+
+
+def test_a_request_goes_to_the_world_with_the_fewest_outstanding_requests() -> None:
+    h = Harness(max_inflight_per_world=8)
+    h.router.add_world(1, 0, b"w1")
+    h.router.add_world(2, 0, b"w2")
+    for i in range(3):
+        h.submit(f"a{i}")
+    # Three requests over two idle worlds: 2 and 1 (in some order).
+    loads = sorted(len(h.dispatches(e)) for e in (b"w1", b"w2"))
+    assert loads == [1, 2]
+    busier = b"w1" if len(h.dispatches(b"w1")) == 2 else b"w2"
+    lighter = b"w2" if busier == b"w1" else b"w1"
+    h.submit("next")
+    assert h.dispatch_of("next").entry == lighter
+    # Now 2/2: answering one on the busier world makes it the lighter one.
+    h.reply(h.dispatches(busier)[0])
+    h.submit("after-reply")
+    assert h.dispatch_of("after-reply").entry == busier
+    for d in h.dispatches():
+        if not h.final_answers(codec.unpack_header(d.header)["id"]):
+            h.reply(d)
+    h.assert_each_answered_once()
+
+
+def test_a_dispatch_carries_the_request_untouched_with_its_remaining_time() -> None:
+    h = Harness()
+    h.submit("a", timeout_ms=1000)
+    h.clock.advance(0.4)  # waits in the queue: no world yet
+    h.router.add_world(7, 3, b"w7")
+    d = h.dispatch_of("a")
+    assert (d.entry, d.world_id, d.epoch) == (b"w7", 7, 3)
+    assert d.deadline_ms == 600
+    assert codec.unpack_header(d.header) == request_header(ClientKind.INFER, "a", "mlp", {}, 1000)
+    assert d.frames == [b"tensor-of-a"]
+
+
+def test_requests_queue_while_every_world_is_full_and_go_out_as_replies_free_slots() -> None:
+    h = Harness(max_inflight_per_world=2)
+    h.router.add_world(1, 0, b"w1")
+    for i in range(4):
+        h.submit(i)
+    assert len(h.dispatches()) == 2
+    assert h.router.queued == 2
+    assert h.router.in_flight == 2
+
+    h.reply(h.dispatch_of(0))
+    assert [codec.unpack_header(d.header)["id"] for d in h.dispatches()] == [0, 1, 2]
+    assert h.router.queued == 1
+
+    for i in (1, 2):
+        h.reply(h.dispatch_of(i))
+    h.reply(h.dispatch_of(3))
+    assert h.router.queued == 0
+    assert h.router.in_flight == 0
+    h.assert_each_answered_once()
+
+
+def test_a_request_beyond_a_full_queue_is_answered_overloaded() -> None:
+    h = Harness(max_inflight_per_world=1, max_queue=1)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("in-flight")
+    h.submit("queued")
+    h.submit("turned-away")
+    assert h.code_of("turned-away") == "overloaded"
+    assert h.final_answers("turned-away")[0]["retryable"] is True
+    h.reply(h.dispatch_of("in-flight"))
+    h.reply(h.dispatch_of("queued"))
+    assert h.code_of("queued") == "ok"
+    h.assert_each_answered_once()
+
+
+def test_with_no_world_and_no_queue_a_request_is_answered_overloaded_at_once() -> None:
+    h = Harness(max_queue=0)
+    h.submit("a")
+    assert h.code_of("a") == "overloaded"
+    assert h.to_worker == []
+    h.assert_each_answered_once()
+
+
+def test_requests_answered_while_queued_give_their_queue_places_back() -> None:
+    h = Harness(max_queue=2)
+    h.submit("a", timeout_ms=100)
+    h.submit("b", timeout_ms=100)
+    h.clock.advance(0.2)
+    h.router.sweep()
+    h.submit("c", timeout_ms=1000)
+    assert h.final_answers("c") == []  # queued, not Overloaded
+    h.router.add_world(1, 0, b"w1")
+    h.reply(h.dispatch_of("c"))
+    h.assert_each_answered_once()
+
+
+# -- deadlines --------------------------------------------------------------------------------
+
+
+def test_the_deadline_sweep_answers_deadline_exceeded_exactly_once() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("slow", timeout_ms=100)
+    h.clock.advance(0.05)
+    h.router.sweep()
+    assert h.final_answers("slow") == []
+    h.clock.advance(0.06)
+    h.router.sweep()
+    h.router.sweep()
+    assert h.code_of("slow") == "deadline_exceeded"
+    h.assert_each_answered_once()
+
+
+def test_a_reply_after_the_deadline_answer_is_dropped_and_frees_the_world_slot() -> None:
+    h = Harness(max_inflight_per_world=1)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("slow", timeout_ms=100)
+    h.submit("waiting", timeout_ms=5000)
+    h.clock.advance(0.2)
+    h.router.sweep()
+    before = len(h.to_client)
+    h.reply(h.dispatch_of("slow"))  # the worker finishes after all
+    assert len(h.to_client) == before  # the late result never reaches the client
+    # The slot the slow request held is free again: the waiting request goes out.
+    h.reply(h.dispatch_of("waiting"))
+    assert h.code_of("slow") == "deadline_exceeded"
+    assert h.code_of("waiting") == "ok"
+    h.assert_each_answered_once()
+
+
+def test_a_reply_after_the_deadline_answer_is_counted_as_late() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("slow", timeout_ms=100)
+    h.clock.advance(0.2)
+    h.router.sweep()
+    h.reply(h.dispatch_of("slow"))
+    assert h.router.late_replies == 1
+
+
+def test_a_request_that_expires_in_the_queue_is_never_dispatched() -> None:
+    h = Harness()
+    h.submit("expired", timeout_ms=100)
+    h.clock.advance(0.2)
+    h.router.sweep()
+    assert h.code_of("expired") == "deadline_exceeded"
+    h.router.add_world(1, 0, b"w1")
+    assert h.to_worker == []
+    assert h.router.queued == 0
+    h.assert_each_answered_once()
+
+
+# -- replies ----------------------------------------------------------------------------------
+
+
+def test_a_reply_is_forwarded_to_the_client_as_identity_plus_the_worker_frames() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("a", client=b"client-9")
+    frames = [codec.pack(result_header("a", {"y": 1})), b"raw-tensor-bytes"]
+    h.reply(h.dispatch_of("a"), frames=frames)
+    assert h.to_client == [[b"client-9", *frames]]
+    assert h.router.in_flight == 0
+    h.assert_each_answered_once()
+
+
+def test_stream_chunks_are_forwarded_in_order_and_the_request_stays_open_until_the_end() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("s", kind=ClientKind.STREAM)
+    d = h.dispatch_of("s")
+    chunks = [codec.pack({"v": 1, "kind": ClientKind.CHUNK, "id": "s", "seq": i}) for i in range(3)]
+    for chunk in chunks:
+        h.reply(d, status=REPLY_CHUNK, frames=[chunk])
+    assert h.router.in_flight == 1
+    end = codec.pack({"v": 1, "kind": ClientKind.END, "id": "s"})
+    h.reply(d, frames=[end])
+    assert [f[1] for f in h.to_client] == [*chunks, end]
+    assert h.router.in_flight == 0
+    h.assert_each_answered_once()
+
+
+def test_a_reply_for_an_unknown_request_is_counted_late_and_dropped() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.router.on_reply([REPLY, 999, 1, 0, REPLY_OK], [codec.pack(result_header("x", {}))])
+    assert h.router.late_replies == 1
+    assert h.to_client == []
+
+
+def test_an_unavailable_error_from_a_worker_is_retried_instead_of_shown_to_the_client() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.router.add_world(2, 0, b"w2")
+    h.submit("a")
+    first = h.dispatch_of("a")
+    h.reply_error(first, Unavailable.code, retryable=True)
+    assert h.final_answers("a") == []
+    again = h.dispatch_of("a")
+    assert len(h.dispatches()) == 2
+    assert again.rid == first.rid
+    assert again.frames == first.frames
+    h.reply(again)
+    assert h.code_of("a") == "ok"
+    h.assert_each_answered_once()
+
+
+def test_an_unavailable_error_is_shown_once_the_retry_budget_is_spent() -> None:
+    h = Harness(max_attempts=2)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("a")
+    for _ in range(2):
+        h.reply_error(h.dispatch_of("a"), Unavailable.code, retryable=True)
+    assert len(h.dispatches()) == 2
+    assert h.code_of("a") == "unavailable"
+    h.assert_each_answered_once()
+
+
+def test_a_model_error_from_a_worker_is_forwarded_without_a_retry() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("a")
+    h.reply_error(h.dispatch_of("a"), ModelError.code)
+    assert len(h.dispatches()) == 1
+    assert h.code_of("a") == "model_error"
+    h.assert_each_answered_once()
+
+
+# -- draining and removing worlds -------------------------------------------------------------
+
+
+def test_a_draining_world_gets_no_new_requests_and_reports_idle_once_its_work_is_answered() -> None:
+    h = Harness(max_inflight_per_world=8)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("on-w1")
+    h.router.add_world(2, 0, b"w2")
+    h.submit("x")
+    h.submit("y")  # w1 now holds fewer than w2 ...
+    h.router.drain_world(1)
+    h.submit("after-drain")  # ... yet the new request avoids the draining world
+    assert h.dispatch_of("after-drain").entry == b"w2"
+    assert h.idle == []
+
+    for client_id in ("on-w1", "x", "y", "after-drain"):
+        h.reply(h.dispatch_of(client_id))
+    assert h.idle == [1]
+    h.assert_each_answered_once()
+
+
+def test_draining_an_idle_world_reports_it_idle_at_once() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.router.drain_world(1)
+    assert h.idle == [1]
+
+
+def test_removing_a_world_re_sends_its_unanswered_requests_to_another_world() -> None:
+    h = Harness(max_inflight_per_world=8)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("a")
+    h.submit("b")
+    h.router.add_world(2, 0, b"w2")
+    old = {cid: h.dispatch_of(cid) for cid in ("a", "b")}
+    assert {d.entry for d in old.values()} == {b"w1"}
+
+    assert h.router.remove_world(1, "worker lost") == 2
+    for cid, before in old.items():
+        after = h.dispatch_of(cid)
+        assert (after.entry, after.world_id) == (b"w2", 2)
+        assert after.rid == before.rid
+        assert (after.header, after.frames) == (before.header, before.frames)
+    assert h.final_answers("a") == h.final_answers("b") == []
+
+    # The broken world answers after all: too late, dropped and counted.
+    h.reply(old["a"])
+    assert h.router.late_replies == 1
+    assert h.final_answers("a") == []
+    for cid in ("a", "b"):
+        h.reply(h.dispatch_of(cid))
+    h.assert_each_answered_once()
+
+
+def test_removing_the_only_world_with_no_retry_left_answers_unavailable() -> None:
+    h = Harness(max_attempts=1)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("a")
+    assert h.router.remove_world(1, "worker lost") == 0
+    assert h.code_of("a") == "unavailable"
+    assert h.final_answers("a")[0]["retryable"] is True
+    h.assert_each_answered_once()
+
+
+def test_removing_a_world_after_the_deadline_answers_unavailable_without_a_re_send() -> None:
+    h = Harness(max_attempts=3)
+    h.router.add_world(1, 0, b"w1")
+    h.router.add_world(2, 0, b"w2")
+    h.submit("a", timeout_ms=100)
+    entry = h.dispatch_of("a").entry
+    h.clock.advance(0.2)  # deadline passed, sweep not yet run
+    h.router.remove_world(1 if entry == b"w1" else 2, "worker lost")
+    assert len(h.dispatches()) == 1
+    assert h.code_of("a") == "unavailable"
+    h.assert_each_answered_once()
+
+
+def test_a_request_of_a_removed_world_waits_for_the_next_world_while_retries_remain() -> None:
+    h = Harness(max_attempts=3)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("a")
+    h.router.remove_world(1, "worker lost")
+    assert h.final_answers("a") == []
+    assert h.router.queued == 1
+    h.router.add_world(2, 1, b"w2")
+    h.reply(h.dispatch_of("a"))
+    assert h.code_of("a") == "ok"
+    h.assert_each_answered_once()
+
+
+def test_a_world_whose_worker_vanished_does_not_make_the_router_spin() -> None:
+    h = Harness(max_attempts=3)
+    h.vanished.add(b"gone")
+    h.router.add_world(1, 0, b"gone")
+    h.submit("a")
+    h.router.add_world(2, 0, b"w2")  # pumps the queue
+    assert len(h.dispatches(b"gone")) <= 3
+    h.router.remove_world(1, "worker lost")
+    h.reply(h.dispatch_of("a"))
+    h.assert_each_answered_once()
+
+
+# -- admission errors and cancellation --------------------------------------------------------
+
+
+def test_a_second_request_with_an_id_already_in_flight_is_a_bad_request() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("same")
+    h.router.submit(b"client-1", "same", ClientKind.INFER, b"", [], 1000)
+    (dup,) = h.final_answers("same")
+    assert dup["code"] == BadRequest.code
+    assert len(h.dispatches()) == 1
+    # Another connection may use the same id; the first one is still served.
+    h.submit("same", client=b"client-2")
+    h.reply(h.dispatch_of("same"))
+    h.reply(h.dispatches()[0])
+    assert [a["kind"] for a in h.final_answers("same")] == [ClientKind.ERROR, ClientKind.RESULT]
+    assert h.code_of("same", client=b"client-2") == "ok"
+
+
+def test_an_id_can_be_reused_once_its_request_is_answered() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("id")
+    h.reply(h.dispatch_of("id"))
+    h.submit("id")
+    assert len(h.dispatches()) == 2
+    h.reply(h.dispatch_of("id"))
+    assert [a["kind"] for a in h.final_answers("id")] == [ClientKind.RESULT] * 2
+
+
+def test_cancelling_an_in_flight_request_answers_cancelled_and_drops_the_worker_result() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("a")
+    h.router.cancel(b"client-1", "a")
+    assert h.code_of("a") == "cancelled"
+    h.reply(h.dispatch_of("a"))
+    assert h.code_of("a") == "cancelled"
+    assert h.router.in_flight == 0
+    h.assert_each_answered_once()
+
+
+def test_cancelling_a_queued_request_answers_cancelled_and_it_is_never_dispatched() -> None:
+    h = Harness()
+    h.submit("a")
+    h.router.cancel(b"client-1", "a")
+    h.router.add_world(1, 0, b"w1")
+    assert h.to_worker == []
+    assert h.code_of("a") == "cancelled"
+    h.assert_each_answered_once()
+
+
+def test_cancelling_an_unknown_request_sends_nothing() -> None:
+    h = Harness()
+    h.router.cancel(b"client-1", "never-sent")
+    assert h.to_client == []
+
+
+def test_a_request_arriving_while_not_accepting_is_answered_cancelled() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.router.accepting = False
+    h.submit("a")
+    assert h.code_of("a") == "cancelled"
+    assert h.to_worker == []
+    h.assert_each_answered_once()
+
+
+def test_fail_all_answers_every_open_request_once() -> None:
+    h = Harness(max_inflight_per_world=1)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("in-flight")
+    h.submit("queued")
+    h.router.fail_all(Unavailable("shutting down"))
+    assert h.code_of("in-flight") == h.code_of("queued") == "unavailable"
+    h.assert_each_answered_once()
