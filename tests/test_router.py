@@ -10,8 +10,6 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
-
 from controller.config import DeploymentConfig
 from controller.router import Router
 from mesh import codec

@@ -1,0 +1,158 @@
+"""Real meshserve processes for integration tests: a controller (``meshctl up``) with its local
+workers on free loopback ports, and the means to check that none of them outlives a test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.admin_client import admin_call
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pids_with(marker: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Cluster:
+    proc: subprocess.Popen[bytes]
+    client: str
+    admin: str
+    workers_endpoint: str
+    config_path: Path
+    log_path: Path
+    seen_worker_pids: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        status = await admin_call(self.admin, "status", timeout_s=timeout_s)
+        self.seen_worker_pids.update(w["pid"] for w in status["workers"] if w["pid"])
+        return status
+
+    async def wait_for(self, predicate: Any, timeout_s: float = 60.0,
+                       what: str = "condition") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                last = await self.status()
+                if predicate(last):
+                    return last
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; last status: {last}\n"
+                             f"controller log tail:\n{self.log_tail()}")
+
+    def worker_pids(self) -> list[int]:
+        """Live worker processes of this cluster, found by their controller endpoint."""
+        return pids_with(f"--controller {self.workers_endpoint}")
+
+    def meshctl(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "controller.cli", "--admin", self.admin, *args],
+            capture_output=True, text=True, timeout=timeout_s, check=False)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def write_config(path: Path, ports: dict[str, int], deployments: str, controller: str = "") -> None:
+    path.write_text(
+        "[controller]\n"
+        f'client_endpoint = "tcp://127.0.0.1:{ports["client"]}"\n'
+        f'admin_endpoint = "tcp://127.0.0.1:{ports["admin"]}"\n'
+        f'worker_endpoint = "tcp://127.0.0.1:{ports["worker"]}"\n'
+        "metrics_port = 0\n"
+        f"{controller}\n{deployments}\n")
+
+
+async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "",
+                        ready_timeout_s: float = 90.0) -> Cluster:
+    ports = {k: free_port() for k in ("client", "admin", "worker")}
+    config = tmp_path / f"meshserve-{ports['admin']}.toml"
+    write_config(config, ports, deployments, controller)
+    log_path = tmp_path / f"controller-{ports['admin']}.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "up", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    cluster = Cluster(proc, f"tcp://127.0.0.1:{ports['client']}",
+                      f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
+                      config, log_path)
+    try:
+        await cluster.wait_for(
+            lambda s: all(d["worlds_current"] >= d["worlds_desired"] for d in s["deployments"]),
+            timeout_s=ready_timeout_s, what="every deployment serving")
+    except BaseException:
+        reap(cluster)
+        raise
+    return cluster
+
+
+def reap(cluster: Cluster) -> list[int]:
+    """End the controller and every worker it started, by PID; return the PIDs that had to be
+    killed because they outlived the controller's own shutdown."""
+    leaked: list[int] = []
+    if cluster.proc.poll() is None:
+        with contextlib.suppress(Exception):
+            cluster.stop(signal.SIGTERM, timeout_s=20.0)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and cluster.worker_pids():
+        time.sleep(0.05)
+    for pid in cluster.worker_pids() + [p for p in cluster.seen_worker_pids if alive(p)]:
+        if pid in leaked:
+            continue
+        leaked.append(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+    return leaked
