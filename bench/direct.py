@@ -95,7 +95,8 @@ class DirectWorker:
                 return
             header = codec.unpack_header(codec.frame_buffer(frames[2]))
             if status == REPLY_ERROR:
-                fut.set_exception(error_from_wire(header.get("code", ""), header.get("message", "")))
+                err = error_from_wire(header.get("code", ""), header.get("message", ""))
+                fut.set_exception(err)
             else:
                 body = codec.decode_tensors(header, frames[2:], codec.to_numpy)
                 fut.set_result(body.get("outputs", {}))

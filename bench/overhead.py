@@ -146,7 +146,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                        "ratio_rps": via_r.rps / direct_r.rps if direct_r.rps else 0.0,
                        "controller_cpu_us_per_req": cpu_us}
                 results["echo"].append(row)
-                print(f"echo c={c:<4d} direct {direct_r.rps:9.1f} req/s p50 {direct_r.p50_ms:6.3f} ms"
+                print(f"echo c={c:<4d} direct {direct_r.rps:9.1f} req/s "
+                      f"p50 {direct_r.p50_ms:6.3f} ms"
                       f" | via controller {via_r.rps:9.1f} req/s p50 {via_r.p50_ms:6.3f} ms"
                       f" | ratio {row['ratio_rps']:.2f} | controller {cpu_us:5.1f} us/req",
                       file=sys.stderr, flush=True)
@@ -185,7 +186,8 @@ def render(results: dict[str, Any]) -> str:
              "via p50 ms | controller CPU us/req |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["echo"]:
-        lines.append(f"| {row['concurrency']} | {row['direct']['rps']:.0f} | {row['via']['rps']:.0f}"
+        lines.append(f"| {row['concurrency']} | {row['direct']['rps']:.0f} | "
+                     f"{row['via']['rps']:.0f}"
                      f" | {row['ratio_rps']:.2f} | {row['direct']['p50_ms']:.3f} | "
                      f"{row['via']['p50_ms']:.3f} | {row['controller_cpu_us_per_req']:.1f} |")
     lines += ["", f"mlp served vs bare forward (torch threads = {results['threads']})",

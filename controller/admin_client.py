@@ -11,7 +11,6 @@ import zmq.asyncio
 from mesh import codec
 from mesh.errors import DeadlineExceeded, error_from_wire
 from mesh.messages import AdminReply, AdminRequest
-from mesh.transport import make_socket
 
 _ids = itertools.count(1)
 
@@ -20,12 +19,13 @@ async def admin_call(endpoint: str, command: str, args: dict[str, Any] | None = 
                      timeout_s: float = 10.0) -> Any:
     """Send one admin command and return its result; raise the typed error it answered."""
     context = zmq.asyncio.Context()
-    sock = make_socket(context, zmq.DEALER)
+    sock: zmq.asyncio.Socket = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
         req = AdminRequest(id=next(_ids), command=command, args=args or {})
         await sock.send(codec.pack(req.to_wire()))
-        if not await sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+        if not await sock.poll(timeout=int(timeout_s * 1000)):
             raise DeadlineExceeded(f"no answer from the controller at {endpoint} within "
                                    f"{timeout_s:g}s (is it running?)")
         frames = await sock.recv_multipart()

@@ -199,7 +199,8 @@ def _check_controller(c: ControllerConfig) -> None:
     _range("controller.controller_timeout_ms", c.controller_timeout_ms, 500, 3600000)
     _range("controller.drain_timeout_ms", c.drain_timeout_ms, 0, 3600000)
     _range("controller.world_form_timeout_ms", c.world_form_timeout_ms, 100, 3600000)
-    if c.worker_device not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", c.worker_device):
+    device = c.worker_device
+    if device not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", device):
         raise ConfigError(
             f"controller.worker_device must be auto, cpu, cuda or cuda:N, got {c.worker_device!r}"
         )
@@ -220,7 +221,8 @@ def check_deployment(d: DeploymentConfig, where: str) -> None:
     _range(f"{where}.min_worlds", d.min_worlds, 0, 1024)
     _range(f"{where}.max_worlds", d.max_worlds, 1, 1024)
     if d.min_worlds > d.max_worlds:
-        raise ConfigError(f"{where}.min_worlds ({d.min_worlds}) exceeds max_worlds ({d.max_worlds})")
+        raise ConfigError(
+            f"{where}.min_worlds ({d.min_worlds}) exceeds max_worlds ({d.max_worlds})")
     if not d.min_worlds <= d.worlds <= d.max_worlds:
         raise ConfigError(
             f"{where}.worlds ({d.worlds}) must lie between min_worlds ({d.min_worlds}) "

@@ -31,8 +31,7 @@ from mesh.transport import Pump, make_socket
 log = logging.getLogger(__name__)
 
 
-def _validate_only(dtype: str, shape: tuple[int, ...], buf: Any) -> None:
-    return None
+
 
 
 class Frontend:
@@ -76,10 +75,11 @@ class Frontend:
         header_frame = frames[1]
         try:
             header = codec.unpack_header(codec.frame_buffer(header_frame))
-        except BadRequest as exc:
+        except BadRequest as bad:
+            error: MeshError = bad
             if size > self.max_request_bytes:
-                exc = PayloadTooLarge(f"request is {size} bytes; limit {self.max_request_bytes}")
-            self._error(client, None, exc)
+                error = PayloadTooLarge(f"request is {size} bytes; limit {self.max_request_bytes}")
+            self._error(client, None, error)
             return
         req_id = header.get("id") if isinstance(header, dict) else None
         try:
@@ -102,10 +102,11 @@ class Frontend:
             if kind not in (ClientKind.INFER, ClientKind.STREAM):
                 raise BadRequest(f"unknown request kind {kind!r}")
             model = header.get("model")
-            router = self.routers.get(model) if isinstance(model, str) else None
-            if router is None:
+            found = self.routers.get(model) if isinstance(model, str) else None
+            if found is None:
                 raise UnknownModel(f"no deployment named {model!r}; "
                                    f"serving {sorted(self.routers)}")
+            router = found
             inputs = header.get("inputs")
             if not isinstance(inputs, dict):
                 raise BadRequest("header 'inputs' must be a map of named values")
@@ -119,11 +120,12 @@ class Frontend:
                     or timeout_ms <= 0:
                 raise BadRequest(f"'timeout_ms' must be a positive number, got {timeout_ms!r}")
             elif timeout_ms > dep.max_timeout_ms:
-                raise BadRequest(f"'timeout_ms' {timeout_ms} exceeds the limit {dep.max_timeout_ms}")
+                raise BadRequest(
+                    f"'timeout_ms' {timeout_ms} exceeds the limit {dep.max_timeout_ms}")
             tensor_frames = frames[2:]
             # Check every tensor reference against its frame now, so a malformed request is
             # answered here and never reaches (or slows) a worker.
-            codec.decode_tensors(header, [header_frame, *tensor_frames], _validate_only)
+            codec.check_tensor_refs(header, inputs, frames, 2)
         except MeshError as exc:
             self._error(client, req_id, exc)
             return

@@ -20,7 +20,8 @@ def render_metrics(status: dict[str, Any]) -> str:
         lines.append(f'meshserve_requests_total{{deployment="{d["name"]}",outcome="ok"}} '
                      f'{d["answered_ok"]}')
         for code, n in sorted(d["errors"].items()):
-            lines.append(f'meshserve_requests_total{{deployment="{d["name"]}",outcome="{code}"}} {n}')
+            lines.append(
+                f'meshserve_requests_total{{deployment="{d["name"]}",outcome="{code}"}} {n}')
     lines += ["# HELP meshserve_latency_ms End-to-end latency over the last 10 s.",
               "# TYPE meshserve_latency_ms gauge"]
     for d in status["deployments"]:

@@ -126,7 +126,7 @@ class Router:
         world = self._pick()
         if world is None and len(self.queue) - self._queue_dead >= self.deployment.max_queue:
             self._reject(client, client_id, Overloaded(
-                f"{self.name}: {len(self.queue)} requests queued, limit {self.deployment.max_queue}"))
+                f"{self.name}: {self.queued} requests queued, limit {self.deployment.max_queue}"))
             return
         rid = self._next_rid()
         p = Pending(rid, client, client_id, kind, header, frames, now, now + timeout_ms / 1000.0)

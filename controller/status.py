@@ -22,7 +22,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
     for name, dep in wm.deployments.items():
         router = routers[name]
         summary = router.stats.summary(now)
-        serving = sum(1 for w in wm.worlds.values() if w.deployment == name and w.state == "serving")
+        serving = sum(1 for w in wm.worlds.values()
+                      if w.deployment == name and w.state == "serving")
         deployments.append({
             "name": name,
             "model": dep.config.model,

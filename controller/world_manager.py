@@ -440,7 +440,8 @@ class WorldManager(Actor):
         lo = dep.min_worlds if cmd.min_worlds is None else cmd.min_worlds
         hi = dep.max_worlds if cmd.max_worlds is None else cmd.max_worlds
         if lo < 0 or hi < 1 or lo > hi:
-            raise BadRequest(f"bounds min={lo} max={hi} are invalid (need 0 <= min <= max, max >= 1)")
+            raise BadRequest(
+                f"bounds min={lo} max={hi} are invalid (need 0 <= min <= max, max >= 1)")
         desired = dep.desired if cmd.worlds is None else cmd.worlds
         if cmd.worlds is not None and not lo <= cmd.worlds <= hi:
             raise BadRequest(f"--worlds {cmd.worlds} lies outside [{lo}, {hi}]; "
@@ -464,8 +465,8 @@ class WorldManager(Actor):
             else:
                 worker.state = "draining"
             return {"drained": "worker", "id": target}
-        world_id = int(target) if target.isdigit() else None
-        if world_id is not None and world_id in self.worlds:
+        if target.isdigit() and int(target) in self.worlds:
+            world_id = int(target)
             self._drain_world(self.worlds[world_id], "drained by operator")
             return {"drained": "world", "id": world_id}
         raise BadRequest(f"no live worker or world named {target!r}")

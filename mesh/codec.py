@@ -57,13 +57,14 @@ def _flat_bytes(arr: np.ndarray) -> memoryview:
         return memoryview(b"")
     if arr.ndim != 1:
         arr = arr.reshape(-1)
-    return memoryview(arr).cast("B")
+    return memoryview(arr).cast("B")  # type: ignore[arg-type]
 
 
 def _numpy_ref(arr: np.ndarray, frames: list[Frame]) -> dict[str, Any]:
     name = _NUMPY_NAMES.get(arr.dtype.name)
     if name is None:
-        raise EncodeError(f"dtype {arr.dtype} cannot travel on the wire; use one of {sorted(DTYPES)}")
+        raise EncodeError(
+            f"dtype {arr.dtype} cannot travel on the wire; use one of {sorted(DTYPES)}")
     if arr.dtype.byteorder == ">":  # the wire is little-endian
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     if not arr.flags.c_contiguous:
@@ -224,3 +225,46 @@ def decode(frames: Sequence[Frame], decoder: TensorDecoder = to_numpy) -> Any:
         raise BadRequest("message has no frames")
     header = unpack_header(frame_buffer(frames[0]))
     return decode_tensors(header, frames, decoder)
+
+
+def _ignore(dtype: str, shape: tuple[int, ...], buf: Any) -> None:
+    return None
+
+
+def check_tensor_refs(header: dict[str, Any], inputs: dict[str, Any], frames: Sequence[Frame],
+                      first: int) -> None:
+    """Validate a request's tensor references against its frames without decoding anything.
+
+    ``frames[first:]`` are the tensor frames (``first`` is where frame index 1 lives). The
+    common case (inputs are plain values and tensor references, params hold none) is checked
+    in one pass; anything else goes through the general walk.
+    """
+    ntensors = len(frames) - first
+    params = header.get("params")
+    if params is None or params == {}:
+        seen = 0
+        simple = True
+        for value in inputs.values():
+            if type(value) is dict:
+                ref = value.get(TENSOR_KEY)
+                if ref is None or len(value) != 1:
+                    simple = False
+                    break
+                dtype, shape, index = _check_ref(ref, ntensors + 1)
+                seen += 1
+                if index != seen:  # refs in order 1..n: duplicates impossible, easy to check
+                    simple = False
+                    break
+                expected = math.prod(shape) * DTYPES[dtype][1]
+                size = len(frames[first + index - 1])
+                if size != expected:
+                    raise BadRequest(f"frame {index} holds {size} bytes but dtype {dtype} shape "
+                                     f"{list(shape)} needs {expected}")
+            elif type(value) is list:
+                simple = False
+                break
+        if simple:
+            if seen != ntensors:
+                raise BadRequest(f"message has {ntensors} tensor frames but references {seen}")
+            return
+    decode_tensors(header, [b"", *frames[first:]], _ignore)

@@ -37,6 +37,8 @@ _getsockopt = _BackendSocket.get
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 ZERO_COPY_MIN_BYTES = 64 * 1024
 
 OnMessage = Callable[[list[zmq.Frame]], None]
@@ -66,7 +68,7 @@ def make_socket(
 def recv_nowait(sock: zmq.Socket[Any], copy_prefix: int) -> list[Any] | None:
     """One whole multipart message, or None when nothing is waiting (never blocks)."""
     try:
-        frames = [_recv(sock, _NOBLOCK, True)]
+        frames: list[Any] = [_recv(sock, _NOBLOCK, True)]
     except zmq.Again:
         return None
     while _getsockopt(sock, _RCVMORE):
@@ -76,9 +78,10 @@ def recv_nowait(sock: zmq.Socket[Any], copy_prefix: int) -> list[Any] | None:
 
 def send_nowait(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
     """Send a multipart message without blocking; raises zmq.Again / ZMQError."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        _send(sock, frame, _MORE if i < last else _NOBLOCK, len(frame) < ZERO_COPY_MIN_BYTES)
+    last = frames[-1]
+    for frame in frames[:-1]:
+        _send(sock, frame, _MORE, len(frame) < ZERO_COPY_MIN_BYTES)
+    _send(sock, last, _NOBLOCK, len(last) < ZERO_COPY_MIN_BYTES)
 
 
 class Pump:
@@ -108,14 +111,21 @@ class Pump:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._fd = self.sock.getsockopt(zmq.FD)
+        self._fd = int(self.sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._drain)
         self._schedule()
 
     def _schedule(self) -> None:
         if not self._scheduled and not self._closed and self._loop is not None:
             self._scheduled = True
-            self._loop.call_soon(self._drain)
+            self._loop.call_soon(self._recheck)
+
+    def _recheck(self) -> None:
+        # Asking EVENTS (2.4 us) is cheaper than a receive that raises zmq.Again (5.2 us), and
+        # after a send there is usually nothing new to read.
+        self._scheduled = False
+        if not self._closed and int(_getsockopt(self.sock, _EVENTS)) & _POLLIN:
+            self._drain()
 
     def _drain(self) -> None:
         self._scheduled = False
@@ -125,35 +135,37 @@ class Pump:
         on_message = self._on_message
         prefix = self._copy_prefix
         n = 0
-        while n < self._max_burst:
-            try:
-                frames = [_recv(sock, _NOBLOCK, True)]
-                while _getsockopt(sock, _RCVMORE):
-                    frames.append(_recv(sock, _NOBLOCK, len(frames) < prefix))
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                if self._closed:
+        try:
+            while n < self._max_burst:
+                try:
+                    frames: list[Any] = [_recv(sock, _NOBLOCK, True)]
+                    while _getsockopt(sock, _RCVMORE):
+                        frames.append(_recv(sock, _NOBLOCK, len(frames) < prefix))
+                except zmq.Again:
                     return
-                raise
-            n += 1
-            self.received += 1
-            try:
-                on_message(frames)
-            except Exception:
-                # A handler bug must not kill the pump: the socket serves other peers too.
-                log.exception("[%s] message handler failed", self.name)
-        # Burst limit hit: more may be waiting, and the FD will not fire again for them.
-        self._schedule()
+                except zmq.ZMQError:
+                    if self._closed:
+                        return
+                    raise
+                n += 1
+                try:
+                    on_message(frames)
+                except Exception:
+                    # A handler bug must not kill the pump: the socket serves other peers too.
+                    log.exception("[%s] message handler failed", self.name)
+            # Burst limit hit: more may be waiting, and the FD will not fire again for them.
+            self._schedule()
+        finally:
+            self.received += n
 
     def send(self, frames: Sequence[Any]) -> bool:
         """Send without blocking; returns False (and counts a drop) when the peer is gone."""
         sock = self.sock
-        last = len(frames) - 1
         try:
-            for i, frame in enumerate(frames):
-                _send(sock, frame, _MORE if i < last else _NOBLOCK,
-                      len(frame) < ZERO_COPY_MIN_BYTES)
+            last = frames[-1]
+            for frame in frames[:-1]:
+                _send(sock, frame, _MORE, len(frame) < ZERO_COPY_MIN_BYTES)
+            _send(sock, last, _NOBLOCK, len(last) < ZERO_COPY_MIN_BYTES)
         except zmq.Again:
             self.dropped += 1
             return False

@@ -42,7 +42,8 @@ def load_handler(deployment: dict[str, Any], device: str) -> Handler:
     try:
         built = factory(**deployment.get("factory_kwargs", {}))
     except Exception as exc:
-        raise LoadError(f"factory {deployment['model']!r} raised {type(exc).__name__}: {exc}") from exc
+        raise LoadError(
+            f"factory {deployment['model']!r} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(built, Handler):
         handler = built
     elif isinstance(built, torch.nn.Module):

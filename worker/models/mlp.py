@@ -1,8 +1,8 @@
 """The built-in ``mlp`` demo: float32 [B, 64] -> float32 [B, 10], deterministic weights.
 
-Wide enough (hidden 3072, 19M parameters) that a forward pass costs milliseconds on a CPU, so batching and
-pipelining have something to win; built as an ``nn.Sequential`` so it splits into stages along
-its children.
+Wide enough (hidden 3072, 19M parameters) that a forward pass costs milliseconds on a CPU, so
+batching and pipelining have something to win; built as an ``nn.Sequential`` so it splits into
+stages along its children.
 """
 
 from __future__ import annotations
