@@ -117,6 +117,11 @@ class LocalLauncher:
             "--parent-pid", str(os.getpid()),
         ]
         env = {**os.environ, **self._extra_env}
+        if self._threads > 0:
+            # Set before torch loads: OpenMP sizes its pool per thread, and a pool larger than
+            # the slot keeps a spinning helper thread that slows every process on the host.
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env.setdefault(var, str(self._threads))
         proc = await asyncio.create_subprocess_exec(*cmd, env=env, start_new_session=True,
                                                     stdin=asyncio.subprocess.DEVNULL)
         child = _Child(worker_id, proc, device)
