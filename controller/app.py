@@ -196,19 +196,28 @@ class Controller:
             return
         self._closed = True
         stop_s = self.config.controller.drain_timeout_ms / 1000.0
-        await self.world_manager.shutdown_workers(timeout_s=max(2.0, min(stop_s, 10.0)))
+        # start() may have failed halfway (a port in use): close only what exists.
+        world_manager = getattr(self, "world_manager", None)
+        if world_manager is not None:
+            await world_manager.shutdown_workers(timeout_s=max(2.0, min(stop_s, 10.0)))
+        elif getattr(self, "launcher", None) is not None:
+            await self.launcher.aclose(timeout_s=5.0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.admin.aclose()
-        await self.world_manager.aclose()
-        await self.health.aclose()
-        if self.metrics is not None:
-            await self.metrics.aclose()
+        for name in ("admin", "world_manager", "health"):
+            actor = getattr(self, name, None)
+            if actor is not None:
+                await actor.aclose()
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            await metrics.aclose()
         # Give answers already queued in ZeroMQ a moment to leave before closing sockets.
         await asyncio.sleep(0.05)
-        self.frontend.close()
-        self.backend.close()
+        for name in ("frontend", "backend"):
+            endpoint = getattr(self, name, None)
+            if endpoint is not None:
+                endpoint.close()
         self._context.term()
         log.info("[controller] stopped")
 

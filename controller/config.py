@@ -196,7 +196,8 @@ def _check_controller(c: ControllerConfig) -> None:
         raise ConfigError(
             "controller.heartbeat_timeout_ms must be at least twice heartbeat_interval_ms"
         )
-    _range("controller.controller_timeout_ms", c.controller_timeout_ms, 500, 3600000)
+    # The controller pings every second: anything shorter than a few pings is a false alarm.
+    _range("controller.controller_timeout_ms", c.controller_timeout_ms, 3000, 3600000)
     _range("controller.drain_timeout_ms", c.drain_timeout_ms, 0, 3600000)
     _range("controller.world_form_timeout_ms", c.world_form_timeout_ms, 100, 3600000)
     device = c.worker_device

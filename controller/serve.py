@@ -25,6 +25,7 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
                   else Controller(config, launcher=lambda cfg, on_exit: NoLauncher()))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    hurry = asyncio.Event()
     signals_seen = 0
 
     def on_signal(sig: signal.Signals) -> None:
@@ -33,6 +34,8 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
         log.info("[controller] %s: %s", sig.name,
                  "stopping gracefully" if signals_seen == 1 else "stopping now")
         stop.set()
+        if signals_seen > 1:
+            hurry.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -52,8 +55,14 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
         ready.cancel()
         if signals_seen == 1:
             drain_s = config.controller.drain_timeout_ms / 1000.0
-            drained = await controller.drain(drain_s)
-            if not drained:
+            draining = asyncio.ensure_future(controller.drain(drain_s))
+            hurried = asyncio.ensure_future(hurry.wait())
+            await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            hurried.cancel()
+            if not draining.done():
+                draining.cancel()
+                await controller.drain(0.0)  # answer what is left with Cancelled
+            elif not draining.result():
                 log.warning("[controller] drain timed out after %.1fs", drain_s)
     finally:
         await controller.aclose()

@@ -162,7 +162,9 @@ class WorldManager(Actor):
         }
         self._world_ids = itertools.count(1)
         self._worker_ids = itertools.count(1)
-        self._fenced: set[str] = set()
+        # (worker id, pid) of processes declared dead: the same process must never come back,
+        # but a new process may reuse the id (a remote worker restarted by its operator).
+        self._fenced: set[tuple[str, int]] = set()
         self.stopping = False
         c = config.controller
         self._welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
@@ -231,12 +233,12 @@ class WorldManager(Actor):
                 self._break_world(world, f"reported by {worker_id}: {msg.reason}")
 
     def _register(self, worker_id: str, msg: Register) -> None:
-        if worker_id in self._fenced:
+        if (worker_id, msg.pid) in self._fenced:
             # A worker we declared dead came back (e.g. SIGCONT): it must not rejoin anything.
             self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
             return
         worker = self.workers.get(worker_id)
-        if worker is None:
+        if worker is None or worker.state == "dead":
             worker = WorkerInfo(worker_id)
             self.workers[worker_id] = worker
         if worker.state == "starting":
@@ -360,7 +362,7 @@ class WorldManager(Actor):
         worker.state = "dead"
         worker.reason = reason
         worker.since_s = self._clock()
-        self._fenced.add(worker_id)
+        self._fenced.add((worker_id, worker.pid))
         self._on_forget(worker_id)
         if kill:
             self.launcher.kill(worker_id)

@@ -10,9 +10,10 @@ return an instance from their factory:
         def run_batch(self, batch) -> list[dict]: ...           # one output dict per request
         def input_spec(self) -> dict: ...                       # for status and meshctl bench
 
-``validate`` runs on the event loop for each request as it arrives, so one bad request is
-answered with BadRequest alone and never poisons a batch. ``run_batch`` runs on the worker's
-compute thread, off the event loop, with the requests the batcher grouped together.
+``validate`` runs for each request as it arrives, so one bad request is answered with
+BadRequest alone and never poisons a batch. Both ``validate`` and ``run_batch`` run on the
+worker's data-plane thread, off the event loop that keeps heartbeats flowing; ``run_batch``
+gets the requests the batcher grouped together.
 """
 
 from __future__ import annotations
