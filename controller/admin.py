@@ -16,7 +16,7 @@ import zmq
 
 from controller.launcher import Launcher
 from controller.router import Router
-from controller.world_manager import DrainTarget, Scale, WorldManager
+from controller.world_manager import DrainTarget, FormWorld, Scale, WorldManager
 from mesh import codec
 from mesh.actor import Actor
 from mesh.errors import BadRequest, MeshError
@@ -120,6 +120,12 @@ class Admin(Actor):
             router.slo_p99_ms = float(p99)
             log.info("[controller] %s latency target set to p99 %.1f ms", name, p99)
             return {"deployment": name, "slo_p99_ms": float(p99)}
+        if command == "form":
+            workers = args.get("workers")
+            if not isinstance(workers, list) or not all(isinstance(w, str) for w in workers):
+                raise BadRequest("argument 'workers' must be a list of worker ids")
+            return await self._wm.ask(FormWorld(_str(args, "deployment"), tuple(workers)),
+                                      timeout_s=10.0)
         if command == "drain":
             return await self._wm.ask(DrainTarget(_str(args, "target")), timeout_s=10.0)
         if command == "kill":

@@ -96,6 +96,11 @@ def cmd_slo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_form(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "form", {"deployment": args.model, "workers": args.workers})))
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     print(json.dumps(_admin(args, "drain", {"target": args.target})))
     return 0
@@ -111,12 +116,27 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from mesh.client import Client
 
     inputs = parse_assignments(args.inputs)
+    params = {"max_tokens": args.max_tokens} if args.max_tokens is not None else None
 
     async def go() -> Any:
         async with Client(args.endpoint) as client:
-            return await client.infer(args.model, inputs, timeout_s=args.timeout_s)
+            if not args.stream:
+                return await client.infer(args.model, inputs, timeout_s=args.timeout_s,
+                                          params=params)
+            async for chunk in client.stream(args.model, inputs, timeout_s=args.timeout_s,
+                                             params=params):
+                if set(chunk) == {"text"}:
+                    sys.stdout.write(str(chunk["text"]))
+                else:
+                    sys.stdout.write(json.dumps(outputs_to_json(chunk)) + "\n")
+                sys.stdout.flush()
+            return None
 
-    print(json.dumps(outputs_to_json(_run(go()))))
+    result = _run(go())
+    if args.stream:
+        sys.stdout.write("\n")
+    else:
+        print(json.dumps(outputs_to_json(result)))
     return 0
 
 
@@ -165,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--p99-ms", type=float, required=True)
     s.set_defaults(func=cmd_slo)
 
+    s = sub.add_parser("form", help="form a world on chosen workers, in rank order (a worker "
+                       "may already serve other worlds)")
+    s.add_argument("model")
+    s.add_argument("workers", nargs="+", metavar="WORKER")
+    s.set_defaults(func=cmd_form)
+
     s = sub.add_parser("drain", help="stop routing to a worker or world, finish, release it")
     s.add_argument("target", help="worker id or world id")
     s.set_defaults(func=cmd_drain)
@@ -179,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="numeric lists become float32 tensors unless a dtype is given")
     s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT))
     s.add_argument("--timeout-s", dest="timeout_s", type=float, default=30.0)
+    s.add_argument("--stream", action="store_true",
+                   help="stream the answer chunk by chunk (text chunks print as they come)")
+    s.add_argument("--max-tokens", type=int, help="tokens to generate (streaming models)")
     s.set_defaults(func=cmd_infer)
 
     s = sub.add_parser("bench", help="closed-loop load with latency percentiles")

@@ -42,6 +42,12 @@ class DeploymentConfig:
     max_timeout_ms: int = 600000
     # Extra keyword arguments for the model factory (msgpack/TOML-native values only).
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Pipeline: child indices of the nn.Sequential where stages 1.. begin (default: balanced
+    # by parameter count), micro-batches per batch (0: one per stage), and the timeout of
+    # every world operation (a stage silent this long breaks its world).
+    split_points: list[int] = field(default_factory=list)
+    micro_batches: int = 0
+    world_timeout_ms: int = 10000
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,6 +74,9 @@ class ControllerConfig:
     worker_threads: int = 0  # 0: torch's default
     # Local launcher: how many workers this host may run at once.
     max_local_workers: int = 16
+    # Idle, started workers kept ready (torch imported) so a new world forms without paying
+    # for a process start; refilled in the background.
+    warm_workers: int = 1
     # Who starts workers: "local" (subprocesses of the controller) or "none" (workers join
     # with 'meshctl worker').
     launcher: str = "local"
@@ -173,6 +182,11 @@ def _coerce(value: Any, type_name: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if t.startswith("list[int]"):
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
+        return list(value)
     if t.startswith("dict"):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a table, got {value!r}")
@@ -207,6 +221,7 @@ def _check_controller(c: ControllerConfig) -> None:
         )
     _range("controller.worker_threads", c.worker_threads, 0, 1024)
     _range("controller.max_local_workers", c.max_local_workers, 1, 4096)
+    _range("controller.warm_workers", c.warm_workers, 0, 1024)
     if c.launcher not in ("local", "none"):
         raise ConfigError(f"controller.launcher must be 'local' or 'none', got {c.launcher!r}")
 
@@ -238,6 +253,14 @@ def check_deployment(d: DeploymentConfig, where: str) -> None:
     _range(f"{where}.max_timeout_ms", d.max_timeout_ms, 1, 86_400_000)
     if d.default_timeout_ms > d.max_timeout_ms:
         raise ConfigError(f"{where}.default_timeout_ms exceeds max_timeout_ms")
+    if d.split_points:
+        if len(d.split_points) != d.stages - 1:
+            raise ConfigError(f"{where}.split_points must list stages - 1 = {d.stages - 1} "
+                              f"child indices, got {d.split_points}")
+        if d.split_points != sorted(set(d.split_points)) or d.split_points[0] < 1:
+            raise ConfigError(f"{where}.split_points must increase strictly from 1")
+    _range(f"{where}.micro_batches", d.micro_batches, 0, 1024)
+    _range(f"{where}.world_timeout_ms", d.world_timeout_ms, 100, 3_600_000)
 
 
 def _range(where: str, value: float, lo: float, hi: float) -> None:

@@ -61,6 +61,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "in_flight": len(route.inflight) if route is not None else 0,
             "served": route.served if route is not None else 0,
             "age_s": round(now - world.created_s, 3),
+            "load_ms": round(world.load_ms, 1),
+            "form_ms": round(world.form_ms, 1),
         })
     workers = []
     for worker in sorted(wm.workers.values(), key=_worker_sort_key):
@@ -77,12 +79,15 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "rows": hb.rows if hb else 0,
             "requests": hb.requests if hb else 0,
             "busy_s": round(hb.busy_s, 6) if hb else 0.0,
+            "heartbeat_age_ms": round((now - worker.heartbeat_s) * 1000.0, 1)
+            if worker.heartbeat_s else None,
         })
     return {
         "controller": {"pid": os.getpid(), "uptime_s": round(now - started_s, 3), **endpoints},
         "deployments": deployments,
         "worlds": worlds,
         "workers": workers,
+        "events": list(wm.events),
     }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,12 +53,14 @@ class WorkerInfo:
     host: str = ""
     device: str = ""
     data_identity: str = ""
+    store_addr: str = ""
     worlds: set[int] = field(default_factory=set)
     spawned_by_us: bool = False
     retiring: bool = False
     since_s: float = field(default_factory=time.monotonic)
     reason: str = ""
     heartbeat: Heartbeat | None = None
+    heartbeat_s: float = 0.0
 
 
 @dataclass
@@ -71,6 +74,8 @@ class WorldInfo:
     created_s: float = field(default_factory=time.monotonic)
     ready_s: float = 0.0
     reason: str = ""
+    load_ms: float = 0.0
+    form_ms: float = 0.0
 
 
 @dataclass
@@ -125,6 +130,15 @@ class Scale:
 
 
 @dataclass(frozen=True, slots=True)
+class FormWorld:
+    """Form a world of ``deployment`` on exactly these workers (rank order); they may already
+    serve other worlds: a worker shared between worlds is the MultiWorld idea."""
+
+    deployment: str
+    workers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DrainTarget:
     target: str
 
@@ -166,6 +180,8 @@ class WorldManager(Actor):
         # but a new process may reuse the id (a remote worker restarted by its operator).
         self._fenced: set[tuple[str, int]] = set()
         self.stopping = False
+        # The last world and worker events, for status: what broke, when, and why.
+        self.events: deque[dict[str, Any]] = deque(maxlen=100)
         c = config.controller
         self._welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
                                 controller_timeout_ms=c.controller_timeout_ms)
@@ -190,6 +206,8 @@ class WorldManager(Actor):
             return self._scale(message)
         elif isinstance(message, DrainTarget):
             return self._drain_target(message.target)
+        elif isinstance(message, FormWorld):
+            return self._form_on(message)
         elif isinstance(message, Tick):
             self._check_forming()
             self._forget_dead()
@@ -208,6 +226,8 @@ class WorldManager(Actor):
             if world is None or world.epoch != msg.epoch or world.state != "forming":
                 return
             world.joined.add(worker_id)
+            world.load_ms = max(world.load_ms, msg.load_ms)
+            world.form_ms = max(world.form_ms, msg.form_ms)
             if msg.inputs:
                 self.deployments[world.deployment].inputs = dict(msg.inputs)
             if world.joined == set(world.workers):
@@ -246,6 +266,7 @@ class WorldManager(Actor):
             worker.since_s = self._clock()
         worker.pid, worker.host, worker.device = msg.pid, msg.host, msg.device
         worker.data_identity = msg.data_identity or worker_id
+        worker.store_addr = msg.store_addr
         self._on_watch(worker_id)
         self._send(worker_id, self._welcome)
         log.info("[controller] worker %s registered (pid %d, %s)", worker_id, msg.pid, msg.device)
@@ -254,6 +275,7 @@ class WorldManager(Actor):
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.heartbeat = hb
+            worker.heartbeat_s = self._clock()
 
     # -- worlds ---------------------------------------------------------------------------
 
@@ -267,14 +289,23 @@ class WorldManager(Actor):
             worker.state = "serving"
             self._send(worker.id, Join(world_id=world.id, epoch=world.epoch, rank=rank,
                                        size=len(workers), deployment=spec,
+                                       rendezvous=workers[0].store_addr,
+                                       world_timeout_ms=dep.config.world_timeout_ms,
                                        peers=list(world.workers)))
         log.info("[controller] forming world %d/%d of %s on %s", world.id, world.epoch,
                  dep.config.name, world.workers)
         return world
 
+    def event(self, kind: str, **fields: Any) -> None:
+        self.events.append({"t": round(time.time(), 3), "event": kind, **fields})
+
     def _world_serving(self, world: WorldInfo) -> None:
         world.state = "serving"
         world.ready_s = self._clock()
+        self.event("world_serving", world=world.id, epoch=world.epoch,
+                   deployment=world.deployment, workers=list(world.workers),
+                   formed_ms=round((world.ready_s - world.created_s) * 1000, 1),
+                   load_ms=round(world.load_ms, 1), form_ms=round(world.form_ms, 1))
         dep = self.deployments[world.deployment]
         dep.failures = 0
         dep.last_error = ""
@@ -316,6 +347,8 @@ class WorldManager(Actor):
         del self.worlds[world.id]
         world.state = "broken"
         resent = self.routers[world.deployment].remove_world(world.id, reason)
+        self.event("world_broken", world=world.id, epoch=world.epoch,
+                   deployment=world.deployment, reason=reason, resent=resent)
         log.warning("[controller] world %d/%d of %s broken: %s (%d requests re-sent)",
                     world.id, world.epoch, world.deployment, reason, resent)
         for wid in world.workers:
@@ -368,6 +401,7 @@ class WorldManager(Actor):
             self.launcher.kill(worker_id)
         log_fn = log.info if was_draining or self.stopping else log.warning
         log_fn("[controller] worker %s is dead: %s", worker_id, reason)
+        self.event("worker_dead", worker=worker_id, reason=reason)
         for world_id in sorted(worker.worlds):
             world = self.worlds.get(world_id)
             if world is not None:
@@ -424,11 +458,14 @@ class WorldManager(Actor):
                                                      if w.id in router.worlds else 0))
                 for world in ranked[:-missing]:
                     self._drain_world(world, f"scaled down to {dep.desired}")
-        # Start what is missing; retire idle workers nobody needs.
-        if needed > starting and self.launcher.can_spawn:
-            for _ in range(needed - starting):
+        # Start what is missing; retire idle workers nobody needs. Workers still starting
+        # count as supply: they will register and be used on a later pass.
+        supply = len(idle) + starting
+        wanted = needed + self.config.controller.warm_workers
+        if wanted > supply and self.launcher.can_spawn:
+            for _ in range(wanted - supply):
                 await self._spawn_worker()
-        surplus = len(idle) - max(0, needed - starting)
+        surplus = min(len(idle), supply - wanted)
         for worker in idle[:max(0, surplus)]:
             if worker.spawned_by_us:
                 self._retire_worker(worker)
@@ -454,6 +491,30 @@ class WorldManager(Actor):
                  dep.desired, lo, hi)
         return {"deployment": dep.config.name, "worlds_desired": dep.desired,
                 "min_worlds": lo, "max_worlds": hi}
+
+    def _form_on(self, cmd: FormWorld) -> dict[str, Any]:
+        dep = self.deployments.get(cmd.deployment)
+        if dep is None:
+            raise BadRequest(f"no deployment named {cmd.deployment!r}")
+        if len(cmd.workers) != dep.config.stages:
+            raise BadRequest(f"{cmd.deployment} has {dep.config.stages} stages; "
+                             f"got {len(cmd.workers)} workers")
+        if len(set(cmd.workers)) != len(cmd.workers):
+            raise BadRequest("a worker can hold only one rank of a world")
+        workers = []
+        for wid in cmd.workers:
+            worker = self.workers.get(wid)
+            if worker is None or worker.state not in ("idle", "serving"):
+                raise BadRequest(f"worker {wid!r} is not a live, idle or serving worker")
+            workers.append(worker)
+        live = sum(1 for w in self.worlds.values()
+                   if w.deployment == cmd.deployment and w.state in ("forming", "serving"))
+        if live + 1 > dep.max_worlds:
+            raise BadRequest(f"{cmd.deployment} already has {live} worlds; max_worlds is "
+                             f"{dep.max_worlds}")
+        dep.desired = max(dep.desired, live + 1)
+        world = self._form_world(dep, workers)
+        return {"world": world.id, "epoch": world.epoch, "workers": list(world.workers)}
 
     def _drain_target(self, target: str) -> dict[str, Any]:
         worker = self.workers.get(target)

@@ -124,6 +124,8 @@ class Register(Message):
     version: int = PROTOCOL_VERSION
     # Identity of the worker's data socket (dispatches go there; control stays on this one).
     data_identity: str = ""
+    # HOST:PORT of the worker's rendezvous store (worlds whose rank 0 it is meet there).
+    store_addr: str = ""
     # Set by a worker that was started for a particular role (warm pool, launcher slot).
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -147,6 +149,7 @@ class Joined(Message):
     world_id: int
     epoch: int
     load_ms: float = 0.0
+    form_ms: float = 0.0
     # The handler's description of its inputs (for status and meshctl bench).
     inputs: dict[str, Any] = field(default_factory=dict)
 
@@ -245,7 +248,7 @@ def parse_control(data: Any, table: dict[str, type[Message]]) -> Message:
 
 # -- admin (meshctl <-> controller admin socket) --------------------------------------------
 
-ADMIN_COMMANDS = frozenset({"status", "scale", "slo", "drain", "kill", "ping"})
+ADMIN_COMMANDS = frozenset({"status", "scale", "slo", "drain", "kill", "ping", "form"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,9 @@ class Cluster:
 
 
 def write_config(path: Path, ports: dict[str, int], deployments: str, controller: str = "") -> None:
+    if "warm_workers" not in controller:
+        # Tests count worker processes; the ones about the warm pool ask for it.
+        controller += "\nwarm_workers = 0"
     path.write_text(
         "[controller]\n"
         f'client_endpoint = "tcp://127.0.0.1:{ports["client"]}"\n'

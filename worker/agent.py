@@ -9,6 +9,7 @@ lost controller never leaves orphans burning a device.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import socket
@@ -31,7 +32,9 @@ from mesh.messages import (
     Register,
     Shutdown,
     Welcome,
+    WorldBroken,
 )
+from worker.comm import Comm, CommError, parse_addr
 from worker.dataplane import DataPlane
 from worker.link import Link
 from worker.loader import LoadError, load_handler
@@ -50,6 +53,7 @@ class WorkerAgent(Actor):
         threads: int = 0,
         labels: dict[str, str] | None = None,
         register_timeout_s: float = 30.0,
+        advertise_host: str = "127.0.0.1",
     ) -> None:
         super().__init__(f"worker {worker_id}")
         self.worker_id = worker_id
@@ -59,9 +63,19 @@ class WorkerAgent(Actor):
         self._context: zmq.Context[Any] = zmq.Context()
         self._link = Link(self._context, controller, worker_id, on_control=self._on_control)
         self.data_identity = f"{worker_id}/data"
-        self._plane = DataPlane(self._context, controller, self.data_identity)
+        self._plane = DataPlane(self._context, controller, self.data_identity,
+                                on_broken=self._broken_from_thread)
         self._loader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
+        # Forming a world blocks until every rank arrives: each formation gets its own thread,
+        # so two worlds forming in opposite orders on two workers cannot deadlock.
+        self._form_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="form")
         self._worlds: dict[int, World] = {}
+        self._handlers: dict[str, Any] = {}
+        self._advertise_host = advertise_host
+        self._store: Any = None
+        self._store_clients: dict[str, Any] = {}
+        self.store_addr = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat_interval_s = 0.2
         self._controller_timeout_s = register_timeout_s
         self._last_heard = time.monotonic()
@@ -71,10 +85,17 @@ class WorkerAgent(Actor):
         self._seq = 0
 
     async def on_start(self) -> None:
-        if self.threads > 0:
-            import torch
+        import torch
+        import torch.distributed as dist
 
+        if self.threads > 0:
             torch.set_num_threads(self.threads)
+        # This worker's rendezvous store: worlds whose rank 0 lives here meet in it, each under
+        # a prefix of its own (world id and epoch), so a store outlives any one world.
+        self._store = dist.TCPStore(self._advertise_host, 0, 1, True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=60))
+        self.store_addr = f"{self._advertise_host}:{self._store.port}"
+        self._loop = asyncio.get_running_loop()
         self._plane.start()
         await asyncio.get_running_loop().run_in_executor(None, self._plane.started.wait, 10.0)
         self._link.start()
@@ -87,12 +108,14 @@ class WorkerAgent(Actor):
         self._worlds.clear()
         self._link.close()
         self._loader_pool.shutdown(wait=False, cancel_futures=True)
+        self._form_pool.shutdown(wait=False, cancel_futures=True)
         self._context.term()
 
     def _register(self) -> None:
         self._link.send(Register(worker_id=self.worker_id, pid=os.getpid(),
                                  host=socket.gethostname(), device=self.device,
-                                 data_identity=self.data_identity, labels=self.labels))
+                                 data_identity=self.data_identity, store_addr=self.store_addr,
+                                 labels=self.labels))
 
     def stop(self, reason: str) -> None:
         if not self.stopped.is_set():
@@ -118,9 +141,44 @@ class WorkerAgent(Actor):
 
     async def handle(self, message: Any) -> Any:
         if isinstance(message, Join):
-            await self._join(message)
+            self.spawn(self._join(message), name=f"{self.name}.join.{message.world_id}")
         elif isinstance(message, Leave):
-            await self._leave(message)
+            self.spawn(self._leave(message), name=f"{self.name}.leave.{message.world_id}")
+
+    def _broken_from_thread(self, world_id: int, epoch: int, reason: str, peer_lost: bool) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._send_broken, world_id, epoch, reason, peer_lost)
+
+    def _send_broken(self, world_id: int, epoch: int, reason: str, peer_lost: bool) -> None:
+        self._link.send(WorldBroken(world_id=world_id, epoch=epoch, reason=reason,
+                                    peer_lost=peer_lost))
+
+    def _handler_for(self, deployment: dict[str, Any], rank: int, size: int) -> Any:
+        key = repr((sorted(deployment.items()), rank, size))
+        handler = self._handlers.get(key)
+        if handler is None:
+            handler = load_handler(deployment, self.device, stage=rank, stages=size)
+            self._handlers[key] = handler
+        return handler
+
+    def _store_for(self, addr: str) -> Any:
+        import torch.distributed as dist
+
+        if not addr or addr == self.store_addr:
+            return self._store
+        client = self._store_clients.get(addr)
+        if client is None:
+            host, port = parse_addr(addr)
+            client = dist.TCPStore(host, port, 1, False, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=30))
+            self._store_clients[addr] = client
+        return client
+
+    def _form(self, msg: Join) -> Comm:
+        return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
+                    store=self._store_for(msg.rendezvous), device=self.device,
+                    timeout_s=msg.world_timeout_ms / 1000.0)
 
     async def _join(self, msg: Join) -> None:
         if msg.world_id in self._worlds:
@@ -128,23 +186,29 @@ class WorkerAgent(Actor):
             return
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        comm: Comm | None = None
         try:
-            handler = await loop.run_in_executor(self._loader_pool, load_handler,
-                                                 msg.deployment, self.device)
-        except LoadError as exc:
-            log.error("[worker %s world %d/%d] load failed: %s", self.worker_id, msg.world_id,
+            handler = await loop.run_in_executor(self._loader_pool, self._handler_for,
+                                                 msg.deployment, msg.rank, msg.size)
+            load_ms = (time.perf_counter() - started) * 1000.0
+            if msg.size > 1:
+                comm = await loop.run_in_executor(self._form_pool, self._form, msg)
+        except (LoadError, CommError) as exc:
+            log.error("[worker %s world %d/%d] join failed: %s", self.worker_id, msg.world_id,
                       msg.epoch, exc)
-            self._link.send(JoinFailed(world_id=msg.world_id, epoch=msg.epoch, error=str(exc)))
+            self._link.send(JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
+                                       error=f"{type(exc).__name__}: {exc}"))
             return
         world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
-                      deployment=msg.deployment, handler=handler)
+                      deployment=msg.deployment, handler=handler, comm=comm)
         await asyncio.wrap_future(self._plane.add_world(world))
         self._worlds[msg.world_id] = world
-        load_ms = (time.perf_counter() - started) * 1000.0
-        log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, %.0f ms)", self.worker_id,
-                 msg.world_id, msg.epoch, msg.rank, msg.size, msg.deployment.get("name"), load_ms)
+        form_ms = (time.perf_counter() - started) * 1000.0 - load_ms
+        log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, load %.0f ms, form %.0f ms)",
+                 self.worker_id, msg.world_id, msg.epoch, msg.rank, msg.size,
+                 msg.deployment.get("name"), load_ms, form_ms)
         self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
-                               inputs=handler.input_spec()))
+                               form_ms=form_ms, inputs=handler.input_spec()))
 
     async def _leave(self, msg: Leave) -> None:
         world = self._worlds.get(msg.world_id)

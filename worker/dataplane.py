@@ -29,19 +29,19 @@ import zmq
 
 from mesh import codec
 from mesh.errors import BadRequest, DeadlineExceeded, MeshError, ModelError, Unavailable
-from mesh.messages import (
-    DISPATCH,
-    HELLO,
-    REPLY,
-    REPLY_ERROR,
-    REPLY_OK,
-    error_header,
-    result_header,
-)
+from mesh.messages import DISPATCH, HELLO, REPLY, REPLY_ERROR, error_header
 from mesh.transport import make_socket, recv_nowait, send_nowait
 from worker.batcher import Item
+from worker.comm import CommError
 from worker.handler import Request
-from worker.world import World
+from worker.world import (
+    OnBroken,
+    Replier,
+    StageRunner,
+    World,
+    emit_stream_step,
+    names_and_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,13 @@ class DataPlane:
         endpoint: str,
         identity: str,
         *,
+        on_broken: OnBroken | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identity = identity
+        self._on_broken_cb = on_broken
+        # One device, one computation at a time, whichever world or stage asks.
+        self.compute_lock = threading.Lock()
         self._context = context
         self._endpoint = endpoint
         self._clock = clock
@@ -147,6 +151,7 @@ class DataPlane:
                 self._apply_commands()
                 self._receive()
                 self._compute()
+                self._keepalive()
         except BaseException as exc:  # the worker must hear that its data plane died
             self.crashed = exc
             log.exception("[worker %s] data plane crashed", self.identity)
@@ -163,6 +168,11 @@ class DataPlane:
                 wait = w
         if self._leaving:
             wait = 0.05 if wait is None else min(wait, 0.05)
+        now = self._clock()
+        for world in self._worlds.values():
+            if world.rank == 0 and world.comm is not None and world.broken is None:
+                due = world.last_sent_s + world.comm.timeout.total_seconds() / 4 - now
+                wait = max(0.0, due) if wait is None else max(0.0, min(wait, due))
         if wait is None:
             return _IDLE_POLL_MS
         return max(0, int(wait * 1000.0 + 0.999))
@@ -179,29 +189,42 @@ class DataPlane:
             except queue.Empty:
                 break
             if cmd.op == "add" and cmd.world is not None:
-                self._worlds[cmd.world.world_id] = cmd.world
+                world = cmd.world
+                self._worlds[world.world_id] = world
+                if world.rank > 0:
+                    world.runner = StageRunner(
+                        world, context=self._context, endpoint=self._endpoint,
+                        identity=f"{self.identity}/{world.world_id}.{world.epoch}",
+                        on_broken=self._report_broken, compute_lock=self.compute_lock,
+                        stats=self.stats)
+                    world.runner.start()
                 cmd.future.set_result(None)
             elif cmd.op == "remove":
-                world = self._worlds.get(cmd.world_id)
-                if world is None or world.epoch != cmd.epoch:
+                gone = self._worlds.get(cmd.world_id)
+                if gone is None or gone.epoch != cmd.epoch:
                     cmd.future.set_result(None)
                 elif cmd.drain:
-                    world.draining = True
+                    gone.draining = True
                     self._leaving[cmd.world_id] = cmd
                 else:
-                    self._fail_world(world, Unavailable(f"world {world.world_id} aborted"))
+                    self._fail_world(gone, Unavailable(f"world {gone.world_id} aborted"))
                     cmd.future.set_result(None)
             elif cmd.op == "stop":
                 self._stopping = True
                 cmd.future.set_result(None)
         now = self._clock()
         for world_id, cmd in list(self._leaving.items()):
-            world = self._worlds.get(world_id)
-            if world is None:
+            leaving = self._worlds.get(world_id)
+            if leaving is None:
                 del self._leaving[world_id]
                 cmd.future.set_result(None)
-            elif len(world.batcher) == 0 or now >= cmd.deadline_s:
-                self._fail_world(world, Unavailable(f"world {world_id} closed"))
+            elif len(leaving.batcher) == 0 or now >= cmd.deadline_s:
+                if leaving.rank == 0 and leaving.comm is not None and leaving.broken is None:
+                    try:  # let the later stages finish what they hold, then stop
+                        leaving.comm.send(1, {"k": "x"})
+                    except CommError:
+                        pass
+                self._fail_world(leaving, Unavailable(f"world {world_id} closed"))
                 del self._leaving[world_id]
                 cmd.future.set_result(None)
 
@@ -210,6 +233,20 @@ class DataPlane:
             self._send_error(world, item.token, error)
         self._worlds.pop(world.world_id, None)
         world.close()
+
+    def _report_broken(self, world_id: int, epoch: int, reason: str, peer_lost: bool) -> None:
+        if self._on_broken_cb is not None:
+            self._on_broken_cb(world_id, epoch, reason, peer_lost)
+
+    def _broken(self, world: World, exc: CommError) -> None:
+        """A world operation failed: the group is unusable. Say so, and stop using it."""
+        if world.broken is not None:
+            return
+        world.broken = str(exc)
+        log.warning("[worker %s world %d/%d] broken: %s", self.identity, world.world_id,
+                    world.epoch, exc)
+        self._report_broken(world.world_id, world.epoch, str(exc), exc.kind == "peer_lost")
+        self._fail_world(world, Unavailable(f"world {world.world_id} broke: {exc.kind}"))
 
     def _receive(self) -> None:
         sock = self._sock
@@ -236,22 +273,32 @@ class DataPlane:
             client_id = header.get("id")
             if world is None or world.epoch != epoch or world.draining:
                 raise Unavailable(f"{self.identity} is not serving world {world_id}/{epoch}")
+            if world.rank != 0:
+                raise Unavailable(f"{self.identity} is rank {world.rank} of world {world_id}")
             inputs = header.get("inputs")
             params = header.get("params") or {}
+            kind = header.get("kind", "infer")
             if not isinstance(inputs, dict):
                 raise BadRequest("'inputs' must be a map of named values")
             if not isinstance(params, dict):
                 raise BadRequest("'params' must be a map")
-            rows = world.handler.validate(inputs, params)
+            rows = world.handler.validate(inputs, params, kind)
         except MeshError as exc:
             self._send_error_raw(rid, world_id, epoch, client_id, exc)
             return
+        except Exception as exc:  # a handler bug: answer this request, keep serving
+            log.exception("[worker %s] validating a request failed", self.identity)
+            self._send_error_raw(rid, world_id, epoch, client_id,
+                                 ModelError(f"validation failed: {type(exc).__name__}: {exc}"))
+            return
         now = self._clock()
         world.batcher.add(Item((rid, client_id), rows, now, now + deadline_ms / 1000.0,
-                               Request(inputs, params, rows)))
+                               Request(inputs, params, rows, kind)))
 
     def _compute(self) -> None:
         for world in list(self._worlds.values()):
+            if world.rank != 0:
+                continue
             batch, expired = world.batcher.take()
             for item in expired:
                 self._send_error(world, item.token,
@@ -264,17 +311,24 @@ class DataPlane:
         self.busy = True
         started = self._clock()
         try:
-            outputs = world.handler.run_batch([item.payload for item in batch])
-            if len(outputs) != len(batch):
-                raise ModelError(f"handler returned {len(outputs)} outputs for "
-                                 f"{len(batch)} requests")
+            if world.handler.streaming:
+                for item in batch:
+                    self._generate(world, item)
+            elif world.size == 1:
+                self._run_local(world, batch)
+            else:
+                self._run_pipeline(world, batch)
+        except CommError as exc:
+            self._broken(world, exc)
+            for item in batch:
+                self._send_error(world, item.token,
+                                 Unavailable(f"world {world.world_id} broke: {exc.kind}"))
         except Exception as exc:
             log.exception("[worker %s world %d/%d] model failed on a batch of %d",
                           self.identity, world.world_id, world.epoch, len(batch))
             err = exc if isinstance(exc, MeshError) else ModelError(f"{type(exc).__name__}: {exc}")
             for item in batch:
                 self._send_error(world, item.token, err)
-            return
         finally:
             self.busy = False
             stats = self.stats
@@ -282,8 +336,84 @@ class DataPlane:
             stats.requests += len(batch)
             stats.rows += sum(item.rows for item in batch)
             stats.busy_s += self._clock() - started
+            world.last_sent_s = self._clock()
+
+    def _run_local(self, world: World, batch: list[Item]) -> None:
+        with self.compute_lock:
+            outputs = world.handler.run_batch([item.payload for item in batch])
+        if len(outputs) != len(batch):
+            raise ModelError(f"handler returned {len(outputs)} outputs for {len(batch)} requests")
+        replier = self._replier(world)
         for item, out in zip(batch, outputs, strict=True):
-            self._send_result(world, item.token, out)
+            rid, client_id = item.token
+            replier.result(rid, client_id, out)
+
+    def _run_pipeline(self, world: World, batch: list[Item]) -> None:
+        """Stage 0: split into micro-batches of whole requests and push each one on."""
+        comm = world.comm
+        assert comm is not None
+        handler = world.handler
+        rows = sum(item.rows for item in batch)
+        per_micro = max(1, -(-rows // world.micro_batches))
+        groups: list[list[Item]] = [[]]
+        acc = 0
+        for item in batch:
+            if groups[-1] and acc + item.rows > per_micro:
+                groups.append([])
+                acc = 0
+            groups[-1].append(item)
+            acc += item.rows
+        for group in groups:
+            with self.compute_lock:
+                acts = handler.forward(handler.collate([item.payload for item in group]))
+            names, tensors = names_and_tensors(acts)
+            items = [[item.token[0], item.token[1], item.rows] for item in group]
+            comm.send(1, {"k": "b", "items": items, "n": names}, tensors)
+
+    def _generate(self, world: World, item: Item) -> None:
+        """The decode loop of one request, driven from stage 0 (and inside the world)."""
+        handler = world.handler
+        request: Request = item.payload
+        rid, client_id = item.token
+        steps = handler.gen_steps(request)
+        skip = int(request.params.get("skip", 0))
+        replier = self._replier(world)
+        texts: dict[Any, list[str]] = {}
+        tensors = handler.gen_start(request)
+        for step in range(steps):
+            if self._clock() > item.deadline_s:
+                replier.error(rid, client_id, DeadlineExceeded("deadline passed while generating"))
+                return
+            last = step == steps - 1
+            with self.compute_lock:
+                acts = handler.forward(tensors)
+            if world.size == 1:
+                tokens = handler.gen_pick(acts)
+                emit_stream_step(replier, handler, texts, rid, client_id, request.kind, skip,
+                                 step, tokens[0], last)
+            else:
+                comm = world.comm
+                assert comm is not None
+                names, out = names_and_tensors(acts)
+                comm.send(1, {"k": "g", "items": [[rid, client_id, request.kind, skip]],
+                              "step": step, "last": last, "n": names}, out)
+                header, _ = comm.recv(world.size - 1)
+                tokens = header["tokens"]
+            tensors = handler.gen_extend(tensors, tokens)
+
+    def _keepalive(self) -> None:
+        """Idle multi-stage worlds ping down the pipeline, so waiting ranks never time out."""
+        now = self._clock()
+        for world in list(self._worlds.values()):
+            comm = world.comm
+            if world.rank != 0 or comm is None or world.broken is not None:
+                continue
+            if now - world.last_sent_s >= comm.timeout.total_seconds() / 4:
+                world.last_sent_s = now
+                try:
+                    comm.send(1, {"k": "p"})
+                except CommError as exc:
+                    self._broken(world, exc)
 
     # -- replies --------------------------------------------------------------------------
 
@@ -293,14 +423,8 @@ class DataPlane:
         except zmq.ZMQError as exc:
             log.warning("[worker %s] could not send an answer: %s", self.identity, exc)
 
-    def _send_result(self, world: World, token: Any, outputs: dict[str, Any]) -> None:
-        rid, client_id = token
-        try:
-            frames = codec.encode(result_header(client_id, outputs))
-        except Exception as exc:
-            self._send_error(world, token, ModelError(f"output cannot be encoded: {exc}"))
-            return
-        self._send([codec.pack([REPLY, rid, world.world_id, world.epoch, REPLY_OK]), *frames])
+    def _replier(self, world: World) -> Replier:
+        return Replier(world.world_id, world.epoch, self._send)
 
     def _send_error(self, world: World, token: Any, error: MeshError) -> None:
         rid, client_id = token

@@ -1,19 +1,30 @@
-"""The handler interface: what a worker runs for one deployment.
+"""The handler interface: what a worker runs for one deployment (and one pipeline stage).
 
 The simplest model is a factory returning a ``torch.nn.Module``; the loader wraps it in a
-``TensorHandler`` (requests carry ``x``, batched along dim 0; responses carry ``y``). Models
-that need more (several inputs, tokenizers, generation) implement ``Handler`` directly and
-return an instance from their factory:
+``TensorHandler`` (requests carry ``x``, batched along dim 0; responses carry ``y``). A
+``torch.nn.Sequential`` also splits into pipeline stages along its children.
 
-    class MyHandler(Handler):
-        def validate(self, inputs, params) -> int: ...        # raise BadRequest; return rows
-        def run_batch(self, batch) -> list[dict]: ...           # one output dict per request
-        def input_spec(self) -> dict: ...                       # for status and meshctl bench
+Models that need more (several inputs, tokenizers, generation) subclass ``Handler`` and return
+an instance from their factory. The hooks, and where they run:
 
-``validate`` runs for each request as it arrives, so one bad request is answered with
-BadRequest alone and never poisons a batch. Both ``validate`` and ``run_batch`` run on the
-worker's data-plane thread, off the event loop that keeps heartbeats flowing; ``run_batch``
-gets the requests the batcher grouped together.
+    validate(inputs, params, kind) -> rows    stage 0, per request as it arrives: raise
+                                              BadRequest to refuse it (alone; it never joins
+                                              a batch)
+    collate(batch) -> tensors                 stage 0: a batch of requests -> named tensors
+    forward(tensors) -> tensors               every stage: this stage's part of the model
+    split(tensors, batch) -> [outputs]        last stage: one dict of named outputs per request
+    run_batch(batch) -> [outputs]             one-stage worlds: split(forward(collate(batch)))
+
+Streaming handlers (``streaming = True``) generate token by token; the decode loop runs inside
+the world (stage 0 drives it, the last stage picks each token and streams it):
+
+    gen_start(request) -> tensors             stage 0: the initial model input
+    gen_pick(tensors) -> list[int]            last stage: next token id per sequence
+    gen_chunk(token) -> outputs               last stage: what the client receives per token
+    gen_extend(tensors, tokens) -> tensors    stage 0: the model input for the next step
+
+All hooks run on the worker's data-plane (or stage) thread, off the event loop that keeps
+heartbeats flowing.
 """
 
 from __future__ import annotations
@@ -32,21 +43,57 @@ class Request:
     inputs: dict[str, Any]
     params: dict[str, Any]
     rows: int
+    kind: str = "infer"
 
 
 class Handler(abc.ABC):
-    """A deployment's serving logic on one worker."""
+    """A deployment's serving logic on one worker, for one stage."""
 
-    def setup(self, *, checkpoint: str, device: str) -> None:  # noqa: B027 - optional hook
-        """Load weights and move to the device; called once, off the event loop."""
+    streaming = False
+    stage = 0
+    stages = 1
+
+    def setup(self, *, checkpoint: str, device: str, stage: int = 0,  # noqa: B027
+              stages: int = 1, split_points: list[int] | None = None) -> None:
+        """Load weights (this stage's only) and move to the device; runs once, off the loop.
+
+        Optional: a handler that builds everything in its constructor needs no setup.
+        """
 
     @abc.abstractmethod
-    def validate(self, inputs: dict[str, Any], params: dict[str, Any]) -> int:
+    def validate(self, inputs: dict[str, Any], params: dict[str, Any], kind: str = "infer") -> int:
         """Check one request; return its size in batch rows, or raise BadRequest."""
 
-    @abc.abstractmethod
+    def collate(self, batch: list[Request]) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} cannot run in a pipeline")
+
+    def forward(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} cannot run in a pipeline")
+
+    def split(self, tensors: dict[str, Any], batch: list[Request]) -> list[dict[str, Any]]:
+        raise NotImplementedError(f"{type(self).__name__} cannot run in a pipeline")
+
     def run_batch(self, batch: list[Request]) -> list[dict[str, Any]]:
-        """Compute a batch; return one dict of named outputs per request, in order."""
+        """Compute a batch in one stage; one dict of named outputs per request, in order."""
+        return self.split(self.forward(self.collate(batch)), batch)
+
+    # -- streaming ------------------------------------------------------------------------
+
+    def gen_start(self, request: Request) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def gen_pick(self, tensors: dict[str, Any]) -> list[int]:
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def gen_chunk(self, token: int) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def gen_extend(self, tensors: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    def gen_steps(self, request: Request) -> int:
+        """How many tokens to generate for this request."""
+        return int(request.params.get("max_tokens", 16))
 
     def input_spec(self) -> dict[str, Any]:
         """Describe the inputs, e.g. {"x": {"dtype": "float32", "shape": [1, 64]}}."""
@@ -70,9 +117,21 @@ class TensorHandler(Handler):
         self.dtype = params[0].dtype if params else torch.float32
         self.feature_shape = feature_shape if feature_shape is not None else _infer_features(module)
 
-    def setup(self, *, checkpoint: str, device: str) -> None:
+    def setup(self, *, checkpoint: str, device: str, stage: int = 0, stages: int = 1,
+              split_points: list[int] | None = None) -> None:
         torch = self._torch
-        if checkpoint:
+        from worker.loader_errors import LoadError
+        from worker.stages import load_stage_state, stage_slice
+
+        self.stage, self.stages = stage, stages
+        if stages > 1:
+            if not isinstance(self.module, torch.nn.Sequential):
+                raise LoadError(f"only an nn.Sequential splits into stages, got "
+                                f"{type(self.module).__name__}")
+            self.module, indices = stage_slice(self.module, stage, stages, split_points)
+            if checkpoint:
+                load_stage_state(self.module, checkpoint, indices)
+        elif checkpoint:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             self.module.load_state_dict(state)
         self.device = device
@@ -82,8 +141,10 @@ class TensorHandler(Handler):
         shape = [1, *self.feature_shape] if self.feature_shape is not None else [1]
         return {"x": {"dtype": _torch_dtype_name(self.dtype), "shape": shape}}
 
-    def validate(self, inputs: dict[str, Any], params: dict[str, Any]) -> int:
+    def validate(self, inputs: dict[str, Any], params: dict[str, Any], kind: str = "infer") -> int:
         torch = self._torch
+        if kind != "infer":
+            raise BadRequest("this model answers 'infer' requests only (it does not stream)")
         if set(inputs) != {"x"}:
             raise BadRequest(f"inputs must be exactly {{'x'}}, got {sorted(inputs)}")
         x = inputs["x"]
@@ -99,20 +160,25 @@ class TensorHandler(Handler):
             raise BadRequest(f"input 'x' must have shape {want}, got {list(x.shape)}")
         return int(x.shape[0])
 
-    def run_batch(self, batch: list[Request]) -> list[dict[str, Any]]:
-        torch = self._torch
+    def collate(self, batch: list[Request]) -> dict[str, Any]:
         xs = [r.inputs["x"] for r in batch]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        x = xs[0] if len(xs) == 1 else self._torch.cat(xs)
         if self.device != "cpu":
             x = x.to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            y = self.module(x)
-        if self.device != "cpu":
+        return {"x": x}
+
+    def forward(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        with self._torch.inference_mode():
+            return {"x": self.module(tensors["x"])}
+
+    def split(self, tensors: dict[str, Any], batch: list[Request]) -> list[dict[str, Any]]:
+        y = tensors["x"]
+        if y.device.type != "cpu":
             y = y.cpu()
         out = []
         start = 0
         for r in batch:
-            out.append({"y": y[start : start + r.rows]})
+            out.append({"y": y[start: start + r.rows]})
             start += r.rows
         return out
 

@@ -11,10 +11,9 @@ import importlib
 from typing import Any
 
 from worker.handler import Handler, TensorHandler
+from worker.loader_errors import LoadError
 
-
-class LoadError(Exception):
-    """The deployment's model could not be built or loaded; the message says why."""
+__all__ = ["LoadError", "load_handler", "resolve_factory"]
 
 
 def resolve_factory(spec: str) -> Any:
@@ -34,8 +33,9 @@ def resolve_factory(spec: str) -> Any:
     return factory
 
 
-def load_handler(deployment: dict[str, Any], device: str) -> Handler:
-    """Build the handler a deployment describes and put it on ``device``."""
+def load_handler(deployment: dict[str, Any], device: str, *, stage: int = 0,
+                 stages: int = 1) -> Handler:
+    """Build the handler of one stage of a deployment and put it on ``device``."""
     import torch
 
     factory = resolve_factory(deployment["model"])
@@ -54,7 +54,10 @@ def load_handler(deployment: dict[str, Any], device: str) -> Handler:
             "expected a torch.nn.Module or a worker.handler.Handler"
         )
     try:
-        handler.setup(checkpoint=deployment.get("checkpoint", ""), device=device)
+        handler.setup(checkpoint=deployment.get("checkpoint", ""), device=device, stage=stage,
+                      stages=stages, split_points=list(deployment.get("split_points") or []))
+    except LoadError:
+        raise
     except Exception as exc:
         raise LoadError(f"loading weights failed: {type(exc).__name__}: {exc}") from exc
     return handler

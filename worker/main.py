@@ -31,9 +31,9 @@ def default_worker_id() -> str:
 
 
 async def run_worker(controller: str, worker_id: str, device: str, threads: int,
-                     labels: dict[str, str]) -> int:
+                     labels: dict[str, str], advertise_host: str = "127.0.0.1") -> int:
     agent = WorkerAgent(controller=controller, worker_id=worker_id, device=pick_device(device),
-                        threads=threads, labels=labels)
+                        threads=threads, labels=labels, advertise_host=advertise_host)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop, f"signal {signal.Signals(sig).name}")
@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                         help="labels reported to the controller")
+    parser.add_argument("--advertise-host", default="127.0.0.1",
+                        help="address other workers use to reach this one's rendezvous store")
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="exit when this process (the launching controller) dies")
 
@@ -88,7 +90,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         level=os.environ.get("MESH_LOG_LEVEL", "INFO").upper(),
         format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
     )
-    coro = run_worker(args.controller, worker_id, args.device, args.threads, labels)
+    coro = run_worker(args.controller, worker_id, args.device, args.threads, labels,
+                      args.advertise_host)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

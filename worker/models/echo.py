@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from mesh.errors import BadRequest
 from worker.handler import Handler, Request
 
 
 class EchoHandler(Handler):
-    def validate(self, inputs: dict[str, Any], params: dict[str, Any]) -> int:
+    def validate(self, inputs: dict[str, Any], params: dict[str, Any], kind: str = "infer") -> int:
+        if kind != "infer":
+            raise BadRequest("echo answers 'infer' requests only")
         return 1
 
     def run_batch(self, batch: list[Request]) -> list[dict[str, Any]]:

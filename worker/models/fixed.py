@@ -22,7 +22,9 @@ class FixedTimeHandler(Handler):
         self.features = features
         self.scale = scale
 
-    def validate(self, inputs: dict[str, Any], params: dict[str, Any]) -> int:
+    def validate(self, inputs: dict[str, Any], params: dict[str, Any], kind: str = "infer") -> int:
+        if kind != "infer":
+            raise BadRequest("this model answers 'infer' requests only")
         x = inputs.get("x")
         if set(inputs) != {"x"} or x is None or not hasattr(x, "shape"):
             raise BadRequest("inputs must be exactly {'x': tensor [B, features]}")

@@ -1,0 +1,192 @@
+"""Multi-stage worlds on real gloo process groups, workers shared between worlds, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mesh.client import Client
+from mesh.errors import MeshError
+from tests.conftest import StartCluster
+
+TWO_STAGE_MLP = """
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+stages = 2
+micro_batches = 2
+max_worlds = 4
+"""
+
+TWO_STAGE_TINYGPT = """
+[[deployments]]
+name = "tinygpt"
+model = "worker.models.tinygpt:build"
+stages = 2
+max_batch_size = 1
+"""
+
+
+async def test_a_two_stage_mlp_world_computes_the_unsplit_model(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(TWO_STAGE_MLP)
+    status = await cluster.status()
+    (world,) = status["worlds"]
+    assert len(world["workers"]) == 2 and world["ranks"][1]["stage"] == 1
+    from worker.models.mlp import build
+
+    model = build()
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((n, 64)).astype(np.float32) for n in (1, 3, 5, 2, 7, 4)]
+    async with Client(cluster.client) as client:
+        outs = await asyncio.gather(*(client.infer("mlp", {"x": x}, timeout_s=30) for x in xs))
+    with torch.inference_mode():
+        for x, out in zip(xs, outs, strict=True):
+            torch.testing.assert_close(torch.from_numpy(out["y"]), model(torch.from_numpy(x)))
+    # Both stages computed: the stage-1 worker reports batches of its own.
+    status = await cluster.status()
+    by_id = {w["id"]: w for w in status["workers"]}
+    assert all(by_id[w]["batches"] > 0 for w in world["workers"])
+
+
+async def test_a_two_stage_tinygpt_world_streams_exactly_the_reference_tokens(
+        cluster_factory: StartCluster) -> None:
+    from worker.models.tinygpt import generate
+
+    cluster = await cluster_factory(TWO_STAGE_TINYGPT)
+    prompts = ["hello world", "The quick brown fox"]
+    async with Client(cluster.client) as client:
+        for prompt in prompts:
+            chunks = [c async for c in client.stream("tinygpt", {"prompt": prompt},
+                                                     max_tokens=24, timeout_s=30)]
+            assert all(set(c) == {"text"} and len(c["text"]) == 1 for c in chunks)
+            assert "".join(c["text"] for c in chunks) == generate(prompt, 24)
+        whole = await client.infer("tinygpt", {"prompt": prompts[0]},
+                                   params={"max_tokens": 10}, timeout_s=30)
+        assert whole == {"text": generate(prompts[0], 10)}
+
+    proc = await asyncio.to_thread(cluster.meshctl, "infer", "tinygpt", 'prompt="hello world"',
+                                   "--stream", "--max-tokens", "12", "--endpoint",
+                                   cluster.client)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip("\n") == generate("hello world", 12)
+
+
+async def test_a_worker_shared_by_two_worlds_serves_both_and_survives_closing_one(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(TWO_STAGE_MLP, controller="warm_workers = 1")
+    status = await cluster.wait_for(
+        lambda s: any(w["state"] == "idle" for w in s["workers"]), what="a warm idle worker")
+    (world_a,) = status["worlds"]
+    shared = world_a["workers"][0]
+    idle = next(w["id"] for w in status["workers"] if w["state"] == "idle")
+    proc = await asyncio.to_thread(cluster.meshctl, "form", "mlp", shared, idle)
+    assert proc.returncode == 0, proc.stderr
+    status = await cluster.wait_for(
+        lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 2, what="world B")
+    world_b = next(w for w in status["worlds"] if w["id"] != world_a["id"])
+    assert world_b["workers"] == [shared, idle]
+    by_id = {w["id"]: w for w in status["workers"]}
+    assert sorted(by_id[shared]["worlds"]) == sorted([world_a["id"], world_b["id"]])
+    shared_pid = by_id[shared]["pid"]
+
+    x = np.ones((1, 64), dtype=np.float32)
+    failures: list[BaseException] = []
+    answered = 0
+    stop = asyncio.Event()
+
+    async def caller(client: Client) -> None:
+        nonlocal answered
+        while not stop.is_set():
+            try:
+                await client.infer("mlp", {"x": x}, timeout_s=20)
+                answered += 1
+            except MeshError as exc:
+                failures.append(exc)
+
+    async with Client(cluster.client) as client:
+        load = [asyncio.create_task(caller(client)) for _ in range(8)]
+        try:
+            await asyncio.sleep(2.0)
+            status = await cluster.status()
+            served = {w["id"]: w["served"] for w in status["worlds"]}
+            assert served[world_a["id"]] > 0 and served[world_b["id"]] > 0  # both worlds used
+
+            proc = await asyncio.to_thread(cluster.meshctl, "drain", str(world_b["id"]))
+            assert proc.returncode == 0, proc.stderr
+            await cluster.wait_for(lambda s: world_b["id"] not in {w["id"] for w in s["worlds"]},
+                                   what="world B closed")
+            before = answered
+            await asyncio.sleep(1.5)
+            assert answered > before  # world A kept serving through the shared worker
+        finally:
+            stop.set()
+            await asyncio.gather(*load)
+    assert failures == []
+    status = await cluster.status()
+    by_id = {w["id"]: w for w in status["workers"]}
+    assert by_id[shared]["pid"] == shared_pid and by_id[shared]["state"] == "serving"
+    assert world_a["id"] in by_id[shared]["worlds"]
+
+
+async def test_a_stopped_peer_gives_a_typed_timeout_while_heartbeats_keep_flowing(
+        cluster_factory: StartCluster) -> None:
+    # Health would notice the stopped process too; give it no chance here, so what breaks the
+    # world is the waiting rank's own typed timeout.
+    cluster = await cluster_factory(
+        TWO_STAGE_MLP + "world_timeout_ms = 2000\n",
+        controller="heartbeat_timeout_ms = 60000\ncontroller_timeout_ms = 60000")
+    status = await cluster.status()
+    (world,) = status["worlds"]
+    stage0, stage1 = world["workers"]
+    by_id = {w["id"]: w for w in status["workers"]}
+    async with Client(cluster.client) as client:
+        await client.infer("mlp", {"x": np.ones((2, 64), np.float32)}, timeout_s=20)
+
+    os.kill(by_id[stage0]["pid"], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        ages: list[float] = []
+
+        def broken(s: dict[str, Any]) -> bool:
+            ages.append(next(w["heartbeat_age_ms"] for w in s["workers"] if w["id"] == stage1))
+            return any(e["event"] == "world_broken" and e["world"] == world["id"]
+                       for e in s["events"])
+
+        status = await cluster.wait_for(broken, timeout_s=10.0, what="the world to break")
+        elapsed = time.monotonic() - stopped_at
+        event = next(e for e in status["events"]
+                     if e["event"] == "world_broken" and e["world"] == world["id"])
+        assert f"reported by {stage1}" in event["reason"]
+        assert "WorldTimeout" in event["reason"] or "timed out" in event["reason"].lower()
+        # Within the world timeout (2 s) plus the keepalive period that may precede it.
+        assert elapsed < 2.0 + 0.5 + 1.5
+        # The waiting worker kept heartbeating the whole time (interval 200 ms).
+        assert max(ages) < 1000.0, ages
+        stage1_state = next(w["state"] for w in status["workers"] if w["id"] == stage1)
+        assert stage1_state != "dead"
+    finally:
+        os.kill(by_id[stage0]["pid"], signal.SIGCONT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_world_on_a_cuda_device_uses_nccl() -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from worker.comm import Comm
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=10))
+    comm = Comm(world_id=1, epoch=1, rank=0, size=1, store=store, device="cuda:0",
+                timeout_s=10.0)
+    assert comm.backend == "nccl"
+    comm.abort()

@@ -1,0 +1,188 @@
+"""A world's communicator: a torch.distributed process group built from a store of its own.
+
+No ``init_process_group``, no default group, no patched torch: the backend class is built
+directly (``ProcessGroupGloo`` on CPU, ``ProcessGroupNCCL`` on CUDA, non-blocking with abort),
+over a ``PrefixStore`` whose prefix names the world and its epoch. So one process can hold
+several worlds at once, and each is its own fault domain: when a peer dies, only the worlds
+it belonged to fail.
+
+Point-to-point messages carry their own description. Every ``send`` first ships a fixed-size
+header (msgpack: a kind, the request tokens, and the dtype and shape of every tensor that
+follows), so a receiver never posts a receive for a tensor it was not told about. Every wait
+has the world's timeout; failures come out as typed exceptions: ``PeerLost`` (the peer's
+connection closed: it crashed or was killed), ``WorldTimeout`` (nothing arrived in time: the
+peer hangs or is stopped) or ``CommError`` (anything else). After any error the group is
+unusable: the owner aborts it and the controller forms a new world, never retrying on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import struct
+import threading
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+HEADER_BYTES = 4096
+_LEN = struct.Struct("<I")
+
+
+class CommError(Exception):
+    """A world operation failed; the world is broken."""
+
+    kind = "error"
+
+
+class PeerLost(CommError):
+    """A peer of the world is gone (its connection closed or reset)."""
+
+    kind = "peer_lost"
+
+
+class WorldTimeout(CommError):
+    """A world operation did not complete within the world's timeout."""
+
+    kind = "timeout"
+
+
+_PEER_LOST_MARKERS = ("connection closed", "connection reset", "broken pipe",
+                      "connection refused", "socket closed", "closed by peer", "ncclremoteerror")
+_TIMEOUT_MARKERS = ("timed out", "timeout", "deadline")
+
+
+def classify(exc: BaseException) -> CommError:
+    """Map a backend exception to PeerLost / WorldTimeout / CommError.
+
+    Types first (torch's DistNetworkError is a lost connection), then the backend's message,
+    which is all gloo gives us ("Connection closed by peer", "Timed out waiting ...").
+    """
+    if isinstance(exc, CommError):
+        return exc
+    import torch.distributed as dist
+
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    if any(m in lowered for m in _TIMEOUT_MARKERS):
+        return WorldTimeout(text)
+    if isinstance(exc, dist.DistNetworkError) or any(m in lowered for m in _PEER_LOST_MARKERS):
+        return PeerLost(text)
+    return CommError(text)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise CommError(f"rendezvous address {addr!r} is not HOST:PORT")
+    return host, int(port)
+
+
+class Comm:
+    """One world membership's process group, with timed, self-describing p2p messages."""
+
+    def __init__(
+        self,
+        *,
+        world_id: int,
+        epoch: int,
+        rank: int,
+        size: int,
+        store: Any,
+        device: str,
+        timeout_s: float,
+    ) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.world_id = world_id
+        self.epoch = epoch
+        self.rank = rank
+        self.size = size
+        self.device = torch.device(device)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self._torch = torch
+        self._lock = threading.Lock()
+        self._aborted = False
+        self.pg: Any
+        prefix = dist.PrefixStore(f"world/{world_id}/{epoch}/", store)
+        try:
+            if self.device.type == "cuda":
+                opts = dist.ProcessGroupNCCL.Options()
+                # Non-blocking communicators: a hung peer cannot wedge this process, and the
+                # group can be aborted from another thread.
+                opts.config.blocking = False
+                opts._timeout = self.timeout
+                self.pg = dist.ProcessGroupNCCL(prefix, rank, size, opts)
+                self.backend = "nccl"
+            else:
+                self.pg = dist.ProcessGroupGloo(prefix, rank, size, self.timeout)
+                self.backend = "gloo"
+        except Exception as exc:
+            raise classify(exc) from exc
+        self._header_out = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
+        self._header_in = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
+
+    def _wait(self, work: Any) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except Exception as exc:
+            raise classify(exc) from exc
+        if ok is False:
+            raise WorldTimeout(f"no completion within {self.timeout.total_seconds():.1f}s")
+
+    def send(self, dst: int, header: dict[str, Any], tensors: list[Any] = ()) -> None:  # type: ignore[assignment]
+        """Send a header (and the tensors it describes) to rank ``dst``."""
+        torch = self._torch
+        tensors = [t.contiguous() if t.device == self.device else t.to(self.device).contiguous()
+                   for t in tensors]
+        header = dict(header)
+        header["t"] = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]
+        body = msgpack.packb(header, use_bin_type=True)
+        if len(body) > HEADER_BYTES - _LEN.size:
+            raise CommError(f"p2p header of {len(body)} bytes exceeds {HEADER_BYTES - 4}")
+        raw = _LEN.pack(len(body)) + body
+        buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if self._aborted:
+            raise CommError("world aborted")
+        out = self._header_out
+        out[: len(raw)].copy_(buf)
+        self._wait(self.pg.send([out], dst, 0))
+        for t in tensors:
+            self._wait(self.pg.send([t], dst, 0))
+
+    def recv(self, src: int) -> tuple[dict[str, Any], list[Any]]:
+        """Receive one header and the tensors it announces from rank ``src``."""
+        torch = self._torch
+        if self._aborted:
+            raise CommError("world aborted")
+        self._wait(self.pg.recv([self._header_in], src, 0))
+        raw = self._header_in.cpu().numpy().tobytes() if self.device.type != "cpu" \
+            else self._header_in.numpy().tobytes()
+        (length,) = _LEN.unpack_from(raw)
+        header = msgpack.unpackb(raw[_LEN.size: _LEN.size + length], raw=False)
+        tensors = []
+        for dtype, shape in header.pop("t", []):
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            self._wait(self.pg.recv([t], src, 0))
+            tensors.append(t)
+        return header, tensors
+
+    def abort(self) -> None:
+        """Make every pending and future operation fail at once; idempotent, never blocks long."""
+        with self._lock:
+            if self._aborted:
+                return
+            self._aborted = True
+        for method in ("abort", "shutdown"):
+            fn = getattr(self.pg, method, None)
+            if fn is None:
+                continue
+            try:
+                fn()
+                return
+            except Exception:  # an already-broken group may refuse; nothing else to do
+                log.debug("world %d/%d: %s failed", self.world_id, self.epoch, method,
+                          exc_info=True)
