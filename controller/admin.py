@@ -20,7 +20,7 @@ from controller.world_manager import DrainTarget, FormWorld, Scale, WorldManager
 from mesh import codec
 from mesh.actor import Actor
 from mesh.errors import BadRequest, MeshError
-from mesh.messages import ADMIN_COMMANDS, AdminReply, AdminRequest
+from mesh.messages import ADMIN_COMMANDS, AdminReply, AdminRequest, Fault
 from mesh.transport import Pump, make_socket
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Admin(Actor):
         routers: dict[str, Router],
         launcher: Launcher,
         snapshot: Callable[[], dict[str, Any]],
+        send_worker: Callable[[str, Any], bool] | None = None,
     ) -> None:
         super().__init__("admin")
         self.endpoint = endpoint
@@ -49,6 +50,7 @@ class Admin(Actor):
         self._routers = routers
         self._launcher = launcher
         self._snapshot = snapshot
+        self._send_worker = send_worker
         sock = make_socket(context, zmq.ROUTER, max_msg_bytes=1 << 20)
         sock.bind(endpoint)
         self._pump = Pump(sock, self._on_message, name="admin")
@@ -128,6 +130,19 @@ class Admin(Actor):
                                       timeout_s=10.0)
         if command == "drain":
             return await self._wm.ask(DrainTarget(_str(args, "target")), timeout_s=10.0)
+        if command == "fault":
+            worker_id = _str(args, "worker")
+            delay = args.get("delay_ms", 0.0)
+            if isinstance(delay, bool) or not isinstance(delay, int | float) or \
+                    not 0 <= delay <= 600_000:
+                raise BadRequest("delay_ms must be a number of milliseconds in [0, 600000]")
+            worker = self._wm.workers.get(worker_id)
+            if worker is None or worker.state == "dead" or self._send_worker is None or \
+                    not self._send_worker(worker_id, Fault(delay_ms=float(delay))):
+                raise BadRequest(f"worker {worker_id!r} is not live")
+            log.warning("[controller] fault injected: worker %s computes %.0f ms slower",
+                        worker_id, delay)
+            return {"worker": worker_id, "delay_ms": float(delay)}
         if command == "kill":
             worker_id = _str(args, "worker")
             pid = self._launcher.pids().get(worker_id)

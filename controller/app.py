@@ -79,7 +79,8 @@ class Controller:
             self.routers[dep.name] = Router(
                 dep, send_client=self._send_client, send_worker=self.backend.send,
                 next_rid=next_rid, on_world_idle=self._on_world_idle,
-                on_world_unreachable=self._on_world_unreachable, inflight_ids=inflight_ids)
+                on_world_unreachable=self._on_world_unreachable, inflight_ids=inflight_ids,
+                max_attempts=c.max_attempts)
         self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
                                  max_request_bytes=c.max_request_bytes)
         self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_silent=self._on_silent)
@@ -87,7 +88,8 @@ class Controller:
             self.config, self.routers, self.launcher, send_worker=self.backend.send_control,
             on_watch=self.health.watch, on_forget=self.health.forget)
         self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
-                           routers=self.routers, launcher=self.launcher, snapshot=self.status)
+                           routers=self.routers, launcher=self.launcher, snapshot=self.status,
+                           send_worker=self.backend.send_control)
         self.metrics: MetricsServer | None = None
         if c.metrics_port:
             self.metrics = MetricsServer(c.metrics_host, c.metrics_port, self.status)

@@ -96,6 +96,11 @@ def cmd_slo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fault(args: argparse.Namespace) -> int:
+    print(json.dumps(_admin(args, "fault", {"worker": args.worker, "delay_ms": args.delay_ms})))
+    return 0
+
+
 def cmd_form(args: argparse.Namespace) -> int:
     print(json.dumps(_admin(args, "form", {"deployment": args.model, "workers": args.workers})))
     return 0
@@ -198,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("kill", help="SIGKILL a worker through its launcher (fault injection)")
     s.add_argument("worker")
     s.set_defaults(func=cmd_kill)
+
+    s = sub.add_parser("fault", help="fault injection: slow a worker's computations down")
+    s.add_argument("worker")
+    s.add_argument("--delay-ms", type=float, required=True, help="added per batch; 0 clears")
+    s.set_defaults(func=cmd_fault)
 
     s = sub.add_parser("infer", help="one request from the shell: KEY=JSON ...")
     s.add_argument("model")

@@ -62,7 +62,8 @@ class ControllerConfig:
     metrics_host: str = "127.0.0.1"
     max_request_bytes: int = 64 * 1024 * 1024
     heartbeat_interval_ms: int = 200
-    heartbeat_timeout_ms: int = 2000
+    # A worker silent this long is declared hung: its worlds break and it is killed.
+    heartbeat_timeout_ms: int = 1500
     # A worker exits when it hears nothing from the controller for this long.
     controller_timeout_ms: int = 10000
     # How long SIGINT/SIGTERM waits for in-flight requests before stopping workers.
@@ -74,6 +75,11 @@ class ControllerConfig:
     worker_threads: int = 0  # 0: torch's default
     # Local launcher: how many workers this host may run at once.
     max_local_workers: int = 16
+    # Formation failures in a row (a model that fails to load, a worker that crashes while
+    # loading) before a deployment is quarantined: no more attempts until 'meshctl scale'.
+    max_load_failures: int = 3
+    # Times one request may be sent to a world (first try plus re-sends after failures).
+    max_attempts: int = 4
     # Idle, started workers kept ready (torch imported) so a new world forms without paying
     # for a process start; refilled in the background.
     warm_workers: int = 1
@@ -107,6 +113,16 @@ def demo_config() -> Config:
                 min_worlds=1,
                 max_worlds=4,
                 slo_p99_ms=50.0,
+            ),
+            DeploymentConfig(
+                name="tinygpt",
+                model="worker.models.tinygpt:build",
+                stages=2,
+                worlds=1,
+                min_worlds=1,
+                max_worlds=2,
+                slo_p99_ms=2000.0,
+                max_batch_size=1,
             ),
         ),
     )
@@ -222,6 +238,8 @@ def _check_controller(c: ControllerConfig) -> None:
     _range("controller.worker_threads", c.worker_threads, 0, 1024)
     _range("controller.max_local_workers", c.max_local_workers, 1, 4096)
     _range("controller.warm_workers", c.warm_workers, 0, 1024)
+    _range("controller.max_load_failures", c.max_load_failures, 1, 1000)
+    _range("controller.max_attempts", c.max_attempts, 1, 100)
     if c.launcher not in ("local", "none"):
         raise ConfigError(f"controller.launcher must be 'local' or 'none', got {c.launcher!r}")
 

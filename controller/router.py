@@ -26,7 +26,14 @@ from typing import Any
 from controller.config import DeploymentConfig
 from controller.stats import LatencyWindow
 from mesh import codec
-from mesh.errors import Cancelled, DeadlineExceeded, MeshError, Overloaded, Unavailable
+from mesh.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    MeshError,
+    Overloaded,
+    StreamInterrupted,
+    Unavailable,
+)
 from mesh.messages import DISPATCH, REPLY_CHUNK, REPLY_ERROR, error_header
 
 log = logging.getLogger(__name__)
@@ -38,8 +45,8 @@ class Pending:
     """One accepted request until its final answer (and until its world lets go of it)."""
 
     __slots__ = (
-        "answered", "arrived_s", "attempts", "client", "client_id", "deadline_s", "frames",
-        "header", "kind", "rid", "world",
+        "answered", "arrived_s", "attempts", "chunks", "client", "client_id", "deadline_s",
+        "frames", "header", "kind", "rid", "world",
     )
 
     def __init__(self, rid: int, client: bytes, client_id: Any, kind: str, header: Any,
@@ -55,12 +62,13 @@ class Pending:
         self.world: WorldRoute | None = None
         self.attempts = 0
         self.answered = False
+        self.chunks = 0  # stream chunks forwarded to the client so far
 
 
 class WorldRoute:
     """The router's view of one world: where stage 0 lives and how busy it is."""
 
-    __slots__ = ("entry", "epoch", "inflight", "served", "state", "world_id")
+    __slots__ = ("entry", "epoch", "inflight", "last_progress_s", "served", "state", "world_id")
 
     def __init__(self, world_id: int, epoch: int, entry: bytes) -> None:
         self.world_id = world_id
@@ -69,6 +77,7 @@ class WorldRoute:
         self.inflight: dict[int, Pending] = {}
         self.state = "serving"
         self.served = 0
+        self.last_progress_s = 0.0  # last answer or chunk, or first dispatch after idle
 
 
 class Router:
@@ -82,7 +91,7 @@ class Router:
         on_world_idle: Callable[[int], None],
         on_world_unreachable: Callable[[int], None] | None = None,
         inflight_ids: dict[tuple[bytes, Any], int] | None = None,
-        max_attempts: int = 3,
+        max_attempts: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.deployment = deployment
@@ -148,6 +157,8 @@ class Router:
         return best
 
     def _dispatch(self, p: Pending, world: WorldRoute, now: float) -> None:
+        if not world.inflight:
+            world.last_progress_s = now
         p.world = world
         p.attempts += 1
         world.inflight[p.rid] = p
@@ -193,10 +204,13 @@ class Router:
         if p.answered and status != REPLY_CHUNK:
             self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
         if status == REPLY_CHUNK:
+            p.world.last_progress_s = self._clock()
             if not p.answered:
+                p.chunks += 1
                 self._send_client([p.client, *frames])
             return
         world = p.world
+        world.last_progress_s = self._clock()
         world.inflight.pop(rid, None)
         world.served += 1
         del self.pending[rid]
@@ -225,6 +239,13 @@ class Router:
         """Put an unanswered request back in line if its deadline and budget allow."""
         if p.attempts >= self.max_attempts or p.deadline_s <= self._clock():
             return False
+        if p.kind == "stream" and p.chunks:
+            # Resume where the client is: the new world regenerates (greedy decoding is
+            # deterministic) and sends only the chunks after the ones already delivered.
+            try:
+                p.header = _with_skip(p.header, p.chunks)
+            except Exception:
+                return False
         p.answered = False
         p.world = None
         self.pending[p.rid] = p
@@ -305,9 +326,11 @@ class Router:
                 resent += 1
             else:
                 self._by_client.pop((p.client, p.client_id), None)
-                self.stats.record_error(Unavailable.code)
-                err = Unavailable(f"{self.name}: world {world_id} failed ({reason}); "
-                                  "no retry left before the deadline")
+                message = (f"{self.name}: world {world_id} failed ({reason}); no retry left "
+                           "before the deadline")
+                err: MeshError = (StreamInterrupted(f"{message}; {p.chunks} chunks delivered")
+                                  if p.kind == "stream" and p.chunks else Unavailable(message))
+                self.stats.record_error(err.code)
                 header = codec.pack(error_header(p.client_id, err.code, err.message, True))
                 self._send_client([p.client, header])
         world.inflight.clear()
@@ -345,6 +368,15 @@ def _bad_duplicate(client_id: Any) -> MeshError:
     from mesh.errors import BadRequest
 
     return BadRequest(f"request id {client_id!r} is already in flight on this connection")
+
+
+def _with_skip(header_frame: Any, skip: int) -> bytes:
+    """The client's header with ``params.skip`` set (the chunks it already has)."""
+    header = codec.unpack_header(codec.frame_buffer(header_frame))
+    params = dict(header.get("params") or {})
+    params["skip"] = skip
+    header["params"] = params
+    return codec.pack(header)
 
 
 def _error_code(frame: Any) -> str:

@@ -47,6 +47,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "max_batch_size": dep.config.max_batch_size,
             "inputs": dep.inputs,
             "last_error": dep.last_error,
+            "quarantined": dep.quarantined,
+            "formation_failures": dep.failures,
         })
     worlds = []
     for world in sorted(wm.worlds.values(), key=lambda w: w.id):
@@ -83,7 +85,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             if worker.heartbeat_s else None,
         })
     return {
-        "controller": {"pid": os.getpid(), "uptime_s": round(now - started_s, 3), **endpoints},
+        "controller": {"pid": os.getpid(), "uptime_s": round(now - started_s, 3),
+                       "launcher_quarantined": wm.spawn_quarantined, **endpoints},
         "deployments": deployments,
         "worlds": worlds,
         "workers": workers,

@@ -87,6 +87,7 @@ class DeploymentState:
     failures: int = 0
     retry_at_s: float = 0.0
     last_error: str = ""
+    quarantined: str = ""  # why formation stopped being retried ("" = it is not)
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,6 +176,11 @@ class WorldManager(Actor):
             for d in config.deployments
         }
         self._world_ids = itertools.count(1)
+        # Workers that die before registering (a broken environment, an import error) make
+        # the launcher back off, and stop after max_load_failures in a row.
+        self._spawn_failures = 0
+        self._spawn_retry_at_s = 0.0
+        self.spawn_quarantined = ""
         self._worker_ids = itertools.count(1)
         # (worker id, pid) of processes declared dead: the same process must never come back,
         # but a new process may reuse the id (a remote worker restarted by its operator).
@@ -210,6 +216,7 @@ class WorldManager(Actor):
             return self._form_on(message)
         elif isinstance(message, Tick):
             self._check_forming()
+            self.check_progress()
             self._forget_dead()
         await self.reconcile()
         return None
@@ -220,6 +227,9 @@ class WorldManager(Actor):
             return
         worker = self.workers.get(worker_id)
         if worker is None or worker.state == "dead":
+            if worker is not None and (worker_id, worker.pid) in self._fenced:
+                # A fenced process spoke again (it was stopped, now resumed): end it.
+                self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
             return
         if isinstance(msg, Joined):
             world = self.worlds.get(msg.world_id)
@@ -236,13 +246,7 @@ class WorldManager(Actor):
             world = self.worlds.get(msg.world_id)
             if world is None or world.epoch != msg.epoch:
                 return
-            dep = self.deployments[world.deployment]
-            dep.failures += 1
-            dep.last_error = msg.error
-            backoff_s = min(60.0, 0.5 * 2 ** (dep.failures - 1))
-            dep.retry_at_s = self._clock() + backoff_s
-            log.error("[controller] world %d/%d of %s failed to form: %s (retry in %.1fs)",
-                      world.id, world.epoch, world.deployment, msg.error, backoff_s)
+            self._formation_failed(world, msg.error)
             self._break_world(world, f"join failed: {msg.error}")
         elif isinstance(msg, Left):
             worker.worlds.discard(msg.world_id)
@@ -264,6 +268,7 @@ class WorldManager(Actor):
         if worker.state == "starting":
             worker.state = "idle"
             worker.since_s = self._clock()
+            self._spawn_failures = 0
         worker.pid, worker.host, worker.device = msg.pid, msg.host, msg.device
         worker.data_identity = msg.data_identity or worker_id
         worker.store_addr = msg.store_addr
@@ -359,6 +364,39 @@ class WorldManager(Actor):
             worker.worlds.discard(world.id)
             self._settle_worker(worker)
 
+    def _formation_failed(self, world: WorldInfo, error: str) -> None:
+        """Back off exponentially; after ``max_load_failures`` in a row, stop trying."""
+        dep = self.deployments[world.deployment]
+        dep.failures += 1
+        dep.last_error = error
+        limit = self.config.controller.max_load_failures
+        if dep.failures >= limit:
+            dep.quarantined = (f"{dep.failures} formation failures in a row; last: {error}. "
+                               f"Fix the model, then 'meshctl scale {dep.config.name}' to retry")
+            log.error("[controller] %s quarantined: %s", dep.config.name, dep.quarantined)
+            self.event("deployment_quarantined", deployment=dep.config.name, reason=error,
+                       failures=dep.failures)
+            return
+        backoff_s = min(60.0, 0.5 * 2 ** (dep.failures - 1))
+        dep.retry_at_s = self._clock() + backoff_s
+        log.error("[controller] world %d/%d of %s failed to form: %s (retry %d/%d in %.1fs)",
+                  world.id, world.epoch, world.deployment, error, dep.failures, limit - 1,
+                  backoff_s)
+
+    def check_progress(self) -> None:
+        """Break serving worlds that hold requests but stopped answering (a stuck stage)."""
+        now = self._clock()
+        for world in list(self.worlds.values()):
+            if world.state not in ("serving", "draining"):
+                continue
+            route = self.routers[world.deployment].worlds.get(world.id)
+            if route is None or not route.inflight:
+                continue
+            stall_s = self.deployments[world.deployment].config.world_timeout_ms / 1000.0
+            if now - route.last_progress_s > stall_s:
+                self._break_world(world, f"no progress for {now - route.last_progress_s:.1f}s "
+                                         f"with {len(route.inflight)} requests in flight")
+
     def _check_forming(self) -> None:
         limit_s = self.config.controller.world_form_timeout_ms / 1000.0
         now = self._clock()
@@ -392,6 +430,8 @@ class WorldManager(Actor):
         if worker.state == "dead":
             return
         was_draining = worker.state == "draining"
+        if worker.state == "starting" and worker.spawned_by_us and not self.stopping:
+            self._spawn_failed(worker_id, reason)
         worker.state = "dead"
         worker.reason = reason
         worker.since_s = self._clock()
@@ -405,8 +445,24 @@ class WorldManager(Actor):
         for world_id in sorted(worker.worlds):
             world = self.worlds.get(world_id)
             if world is not None:
+                if world.state == "forming" and worker_id not in world.joined:
+                    self._formation_failed(world, f"worker {worker_id} {reason} while loading")
                 self._break_world(world, f"worker {worker_id} {reason}")
         worker.worlds.clear()
+
+    def _spawn_failed(self, worker_id: str, reason: str) -> None:
+        self._spawn_failures += 1
+        limit = self.config.controller.max_load_failures
+        if self._spawn_failures >= limit:
+            self.spawn_quarantined = (f"{self._spawn_failures} workers in a row died before "
+                                      f"registering; last: {worker_id} {reason}")
+            log.error("[controller] no more workers will be started: %s", self.spawn_quarantined)
+            self.event("launcher_quarantined", reason=self.spawn_quarantined)
+            return
+        backoff_s = min(60.0, 0.5 * 2 ** (self._spawn_failures - 1))
+        self._spawn_retry_at_s = self._clock() + backoff_s
+        log.error("[controller] worker %s died before registering (%s); next start in %.1fs",
+                  worker_id, reason, backoff_s)
 
     def _retire_worker(self, worker: WorkerInfo) -> None:
         worker.state = "draining"
@@ -442,7 +498,7 @@ class WorldManager(Actor):
                     if w.deployment == dep.config.name and w.state in ("forming", "serving")]
             missing = dep.desired - len(live)
             if missing > 0:
-                if now < dep.retry_at_s:
+                if now < dep.retry_at_s or dep.quarantined:
                     continue
                 stages = dep.config.stages
                 while missing > 0 and len(idle) >= stages:
@@ -462,7 +518,9 @@ class WorldManager(Actor):
         # count as supply: they will register and be used on a later pass.
         supply = len(idle) + starting
         wanted = needed + self.config.controller.warm_workers
-        if wanted > supply and self.launcher.can_spawn:
+        can_spawn = (self.launcher.can_spawn and not self.spawn_quarantined
+                     and now >= self._spawn_retry_at_s)
+        if wanted > supply and can_spawn:
             for _ in range(wanted - supply):
                 await self._spawn_worker()
         surplus = min(len(idle), supply - wanted)
@@ -487,6 +545,13 @@ class WorldManager(Actor):
                              "change --min/--max first")
         dep.min_worlds, dep.max_worlds = lo, hi
         dep.desired = max(lo, min(hi, desired))
+        if dep.quarantined or self.spawn_quarantined:
+            log.info("[controller] %s: quarantine lifted by operator", dep.config.name)
+            dep.quarantined = ""
+            dep.failures = 0
+            dep.retry_at_s = 0.0
+            self.spawn_quarantined = ""
+            self._spawn_failures = 0
         log.info("[controller] %s scaled: desired %d worlds, bounds [%d, %d]", dep.config.name,
                  dep.desired, lo, hi)
         return {"deployment": dep.config.name, "worlds_desired": dep.desired,

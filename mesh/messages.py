@@ -218,6 +218,14 @@ class Shutdown(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Fault(Message):
+    """Fault injection: make every batch and stage computation take ``delay_ms`` longer."""
+
+    KIND: ClassVar[str] = "fault"
+    delay_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     """Controller liveness for the worker (the worker exits when these stop)."""
 
@@ -229,7 +237,7 @@ WORKER_MESSAGES: dict[str, type[Message]] = {
     cls.KIND: cls for cls in (Register, Heartbeat, Joined, JoinFailed, Left, WorldBroken)
 }
 CONTROLLER_MESSAGES: dict[str, type[Message]] = {
-    cls.KIND: cls for cls in (Welcome, Join, Leave, Shutdown, Ping)
+    cls.KIND: cls for cls in (Welcome, Join, Leave, Shutdown, Ping, Fault)
 }
 
 
@@ -248,7 +256,7 @@ def parse_control(data: Any, table: dict[str, type[Message]]) -> Message:
 
 # -- admin (meshctl <-> controller admin socket) --------------------------------------------
 
-ADMIN_COMMANDS = frozenset({"status", "scale", "slo", "drain", "kill", "ping", "form"})
+ADMIN_COMMANDS = frozenset({"status", "scale", "slo", "drain", "kill", "ping", "form", "fault"})
 
 
 @dataclass(frozen=True, slots=True)

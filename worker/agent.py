@@ -21,6 +21,7 @@ import zmq
 
 from mesh.actor import Actor
 from mesh.messages import (
+    Fault,
     Heartbeat,
     Join,
     Joined,
@@ -136,6 +137,11 @@ class WorkerAgent(Actor):
             return
         if isinstance(message, Shutdown):
             self.stop(f"controller asked: {message.reason}")
+            return
+        if isinstance(message, Fault):
+            log.warning("[worker %s] fault injected: +%.0f ms per computation", self.worker_id,
+                        message.delay_ms)
+            self._plane.fault_delay_s = message.delay_ms / 1000.0
             return
         self.tell(message)
 

@@ -100,6 +100,7 @@ class DataPlane:
         self.queued = 0
         self.busy = False
         self.started = threading.Event()
+        self.fault_delay_s = 0.0  # fault injection: added to every computation
         self.crashed: BaseException | None = None
 
     # -- control-plane side (any thread) --------------------------------------------------
@@ -196,7 +197,7 @@ class DataPlane:
                         world, context=self._context, endpoint=self._endpoint,
                         identity=f"{self.identity}/{world.world_id}.{world.epoch}",
                         on_broken=self._report_broken, compute_lock=self.compute_lock,
-                        stats=self.stats)
+                        stats=self.stats, fault_delay=lambda: self.fault_delay_s)
                     world.runner.start()
                 cmd.future.set_result(None)
             elif cmd.op == "remove":
@@ -310,6 +311,8 @@ class DataPlane:
     def _run_batch(self, world: World, batch: list[Item]) -> None:
         self.busy = True
         started = self._clock()
+        if self.fault_delay_s:
+            time.sleep(self.fault_delay_s)
         try:
             if world.handler.streaming:
                 for item in batch:

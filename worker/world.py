@@ -143,7 +143,7 @@ class StageRunner:
 
     def __init__(self, world: World, *, context: zmq.Context[Any], endpoint: str,
                  identity: str, on_broken: OnBroken, compute_lock: threading.Lock,
-                 stats: Any) -> None:
+                 stats: Any, fault_delay: Callable[[], float] = lambda: 0.0) -> None:
         self.world = world
         self._context = context
         self._endpoint = endpoint
@@ -151,6 +151,7 @@ class StageRunner:
         self._on_broken = on_broken
         self._lock = compute_lock
         self._stats = stats
+        self._fault_delay = fault_delay
         self._stopping = False
         self._text: dict[Any, list[str]] = {}  # infer requests on a streaming model
         self._thread = threading.Thread(
@@ -186,6 +187,9 @@ class StageRunner:
                         comm.send(world.rank + 1, {"k": "p"})
                     continue
                 started = time.monotonic()
+                delay = self._fault_delay()
+                if delay:
+                    time.sleep(delay)
                 with self._lock:
                     acts = world.handler.forward(dict(zip(header["n"], tensors, strict=True)))
                 self._stats.busy_s += time.monotonic() - started
