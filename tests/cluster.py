@@ -120,7 +120,7 @@ def write_config(path: Path, ports: dict[str, int], deployments: str, controller
 
 
 async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "",
-                        ready_timeout_s: float = 90.0) -> Cluster:
+                        ready_timeout_s: float = 90.0, wait_serving: bool = True) -> Cluster:
     ports = {k: free_port() for k in ("client", "admin", "worker")}
     config = tmp_path / f"meshserve-{ports['admin']}.toml"
     write_config(config, ports, deployments, controller)
@@ -133,7 +133,8 @@ async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "
                       config, log_path)
     try:
         await cluster.wait_for(
-            lambda s: all(d["worlds_current"] >= d["worlds_desired"] for d in s["deployments"]),
+            lambda s: not wait_serving or all(d["worlds_current"] >= d["worlds_desired"]
+                                              for d in s["deployments"]),
             timeout_s=ready_timeout_s, what="every deployment serving")
     except BaseException:
         reap(cluster)

@@ -1,0 +1,295 @@
+"""Fault tolerance with real processes: crashes, hangs, shared workers, streams, crash loops.
+
+Every test injects its fault for real (SIGKILL, SIGSTOP), checks that it happened, and asserts
+the promise from the client's own ledger: every request answered exactly once, and no error
+while another world could answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from mesh import codec
+from mesh.client import Client
+from mesh.errors import MeshError
+from tests.cluster import Cluster, alive
+from tests.conftest import StartCluster
+
+PIPELINE = """
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 128 }
+stages = 2
+worlds = 2
+max_worlds = 4
+default_timeout_ms = 15000
+"""
+
+
+class LedgerClient(Client):
+    """A real client that also counts every answer frame it receives, per request id."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.answers: Counter[Any] = Counter()
+        self.chunks: Counter[Any] = Counter()
+
+    def _on_message(self, frames: list[Any]) -> None:
+        header = codec.unpack_header(codec.frame_buffer(frames[0]))
+        if header.get("kind") == "chunk":
+            self.chunks[header.get("id")] += 1
+        else:
+            self.answers[header.get("id")] += 1
+        super()._on_message(frames)
+
+
+class Load:
+    """Closed-loop callers that keep a ledger of what they sent and what came back."""
+
+    def __init__(self, client: LedgerClient, callers: int = 6) -> None:
+        self.client = client
+        self.callers = callers
+        self.sent = 0
+        self.ok = 0
+        self.errors: list[tuple[float, BaseException]] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _caller(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not self._stop.is_set():
+            x = rng.standard_normal((1, 64)).astype(np.float32)
+            self.sent += 1
+            try:
+                out = await self.client.infer("mlp", {"x": x}, timeout_s=15)
+                assert out["y"].shape == (1, 10)
+                self.ok += 1
+            except MeshError as exc:
+                self.errors.append((time.monotonic(), exc))
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._caller(i)) for i in range(self.callers)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def assert_exactly_once(self) -> None:
+        assert self.ok + len(self.errors) == self.sent
+        duplicates = {i: n for i, n in self.client.answers.items() if n != 1}
+        assert not duplicates, f"requests answered more than once: {duplicates}"
+        assert sum(self.client.answers.values()) == self.sent
+
+
+async def serving_worlds(cluster: Cluster) -> list[dict[str, Any]]:
+    return [w for w in (await cluster.status())["worlds"] if w["state"] == "serving"]
+
+
+async def form_shared_world(cluster: Cluster) -> tuple[str, dict[str, Any]]:
+    """Add a world that reuses world A's stage-0 worker; returns (shared worker, status)."""
+    status = await cluster.wait_for(
+        lambda s: sum(w["state"] == "serving" for w in s["worlds"]) >= 2
+        and any(w["state"] == "idle" for w in s["workers"]), what="2 worlds and a warm worker")
+    shared = status["worlds"][0]["workers"][0]
+    idle = next(w["id"] for w in status["workers"] if w["state"] == "idle")
+    proc = await asyncio.to_thread(cluster.meshctl, "form", "mlp", shared, idle)
+    assert proc.returncode == 0, proc.stderr
+    status = await cluster.wait_for(
+        lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 3, what="3 worlds")
+    return shared, status
+
+
+async def test_chaos_three_kills_answer_every_request_exactly_once(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(PIPELINE, controller="warm_workers = 1")
+    shared, status = await form_shared_world(cluster)
+    by_id = {w["id"]: w for w in status["workers"]}
+    assert len(by_id[shared]["worlds"]) == 2
+    rng = random.Random(11)
+    killed: list[int] = []
+    async with LedgerClient(cluster.client) as client:
+        load = Load(client)
+        load.start()
+        try:
+            await asyncio.sleep(2.0)
+            for round_ in range(3):
+                status = await cluster.status()
+                candidates = [w for w in status["workers"] if w["state"] == "serving"]
+                # The first kill takes the shared worker: two worlds break at once.
+                victim = (next(w for w in candidates if w["id"] == shared) if round_ == 0
+                          else rng.choice(candidates))
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed.append(victim["pid"])
+                await asyncio.sleep(0.5)
+                assert not alive(victim["pid"])
+                await asyncio.sleep(4.5)
+            await cluster.wait_for(
+                lambda s: sum(w["state"] == "serving" for w in s["worlds"]) >= 3,
+                timeout_s=30, what="worlds re-formed")
+            await asyncio.sleep(1.0)
+        finally:
+            await load.stop()
+    load.assert_exactly_once()
+    assert load.errors == [], load.errors[:3]
+    assert load.ok > 200
+    status = await cluster.status()
+    broken = [e for e in status["events"] if e["event"] == "world_broken"]
+    assert len(broken) >= 4  # the shared worker alone broke two worlds
+    assert sum(e["resent"] for e in broken) >= 0
+
+
+async def test_killing_the_shared_worker_breaks_both_its_worlds_and_both_are_reformed(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(PIPELINE, controller="warm_workers = 1")
+    shared, status = await form_shared_world(cluster)
+    shared_worlds = {w["id"] for w in status["worlds"] if shared in w["workers"]}
+    other = next(w["id"] for w in status["worlds"] if shared not in w["workers"])
+    assert len(shared_worlds) == 2
+    pid = next(w["pid"] for w in status["workers"] if w["id"] == shared)
+    async with LedgerClient(cluster.client) as client:
+        load = Load(client)
+        load.start()
+        try:
+            await asyncio.sleep(1.0)
+            os.kill(pid, signal.SIGKILL)
+            status = await cluster.wait_for(
+                lambda s: shared_worlds <= {e["world"] for e in s["events"]
+                                            if e["event"] == "world_broken"},
+                timeout_s=5, what="both shared worlds broken")
+            assert other not in {e["world"] for e in status["events"]
+                                 if e["event"] == "world_broken"}
+            assert other in {w["id"] for w in status["worlds"]}  # untouched, still serving
+            await cluster.wait_for(
+                lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 3,
+                timeout_s=30, what="both re-formed")
+            await asyncio.sleep(1.0)
+        finally:
+            await load.stop()
+    load.assert_exactly_once()
+    assert load.errors == []
+
+
+async def test_killing_a_non_shared_worker_breaks_only_its_world(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(PIPELINE, controller="warm_workers = 0")
+    status = await cluster.status()
+    world_a, world_b = status["worlds"]
+    victim = world_a["workers"][1]
+    pid = next(w["pid"] for w in status["workers"] if w["id"] == victim)
+    async with LedgerClient(cluster.client) as client:
+        load = Load(client)
+        load.start()
+        try:
+            await asyncio.sleep(1.0)
+            os.kill(pid, signal.SIGKILL)
+            await cluster.wait_for(
+                lambda s: any(e["event"] == "world_broken" and e["world"] == world_a["id"]
+                              for e in s["events"]), timeout_s=5, what="world A broken")
+            served_b = next(w["served"] for w in (await cluster.status())["worlds"]
+                            if w["id"] == world_b["id"])
+            await asyncio.sleep(1.0)
+            status = await cluster.status()
+            assert world_b["id"] in {w["id"] for w in status["worlds"]}
+            assert not any(e["event"] == "world_broken" and e["world"] == world_b["id"]
+                           for e in status["events"])
+            now_b = next(w["served"] for w in status["worlds"] if w["id"] == world_b["id"])
+            assert now_b > served_b  # world B never stopped answering
+        finally:
+            await load.stop()
+    load.assert_exactly_once()
+    assert load.errors == []
+
+
+async def test_a_stopped_stage_is_detected_within_two_seconds_and_resuming_it_duplicates_nothing(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(PIPELINE)  # default heartbeat settings
+    status = await cluster.status()
+    world = status["worlds"][0]
+    victim = world["workers"][1]
+    pid = next(w["pid"] for w in status["workers"] if w["id"] == victim)
+    async with LedgerClient(cluster.client) as client:
+        load = Load(client)
+        load.start()
+        try:
+            await asyncio.sleep(1.0)
+            os.kill(pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            await cluster.wait_for(
+                lambda s: any(e["event"] == "worker_dead" and e["worker"] == victim
+                              for e in s["events"]), timeout_s=5, what="the hang detected")
+            detected_s = time.monotonic() - stopped_at
+            assert detected_s < 2.0 + 0.3, detected_s  # 0.3 s: status polling granularity
+            await asyncio.sleep(1.0)
+        finally:
+            if alive(pid):
+                os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(1.5)  # whatever the resumed process still had must not surface
+        await load.stop()
+    load.assert_exactly_once()
+    assert load.errors == []
+    assert not alive(pid)  # fenced: the hung process was ended
+
+
+async def test_a_stream_whose_world_dies_completes_with_exactly_the_reference_tokens(
+        cluster_factory: StartCluster) -> None:
+    from worker.models.tinygpt import generate
+
+    cluster = await cluster_factory("""
+[[deployments]]
+name = "tinygpt"
+model = "worker.models.tinygpt:build"
+stages = 2
+worlds = 2
+max_batch_size = 1
+""")
+    prompt, n = "fault tolerant", 120
+    async with LedgerClient(cluster.client) as client:
+        stream = client.stream("tinygpt", {"prompt": prompt}, max_tokens=n, timeout_s=60)
+        chunks: list[str] = []
+        killed = False
+        async for chunk in stream:
+            chunks.append(chunk["text"])
+            if len(chunks) == 20 and not killed:
+                status = await cluster.status()
+                world = max(status["worlds"], key=lambda w: w["in_flight"])
+                assert world["in_flight"] == 1
+                pid = next(w["pid"] for w in status["workers"] if w["id"] == world["workers"][1])
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+    assert killed
+    assert "".join(chunks) == generate(prompt, n)
+    status = await cluster.status()
+    assert status["deployments"][0]["resent"] >= 1
+    assert sum(client.chunks.values()) == n  # every token exactly once
+
+
+async def test_a_worker_that_crashes_while_loading_is_not_restarted_forever(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory("""
+[[deployments]]
+name = "faulty"
+model = "worker.models.faulty:build"
+factory_kwargs = { mode = "exit" }
+""", controller="max_load_failures = 3", wait_serving=False)
+    status = await cluster.wait_for(lambda s: s["deployments"][0]["quarantined"] != "",
+                                    timeout_s=30, what="the deployment quarantined")
+    dep = status["deployments"][0]
+    assert "3 formation failures" in dep["quarantined"] and "exited with code 3" in dep[
+        "quarantined"]
+    assert dep["worlds_current"] == 0
+    started = {w["id"] for w in status["workers"]}
+    await asyncio.sleep(3.0)  # no tight loop: nothing new is started
+    status = await cluster.status()
+    assert {w["id"] for w in status["workers"]} - started == set()
+    assert sum(1 for e in status["events"] if e["event"] == "worker_dead") == 3
+    table = await asyncio.to_thread(cluster.meshctl, "status", "--json")
+    assert "quarantined" in table.stdout
