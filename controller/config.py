@@ -83,6 +83,8 @@ class ControllerConfig:
     # Idle, started workers kept ready (torch imported) so a new world forms without paying
     # for a process start; refilled in the background.
     warm_workers: int = 1
+    # Idle workers load every stage of every deployment ahead of time (memory for speed).
+    preload_warm: bool = True
     # Who starts workers: "local" (subprocesses of the controller) or "none" (workers join
     # with 'meshctl worker').
     launcher: str = "local"
@@ -194,6 +196,10 @@ def _coerce(value: Any, type_name: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
+    if t == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
     if t == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")

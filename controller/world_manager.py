@@ -34,6 +34,8 @@ from mesh.messages import (
     Leave,
     Left,
     Message,
+    Ping,
+    Preload,
     Register,
     Shutdown,
     Welcome,
@@ -57,6 +59,11 @@ class WorkerInfo:
     worlds: set[int] = field(default_factory=set)
     spawned_by_us: bool = False
     retiring: bool = False
+    joined_once: bool = False
+    preloaded: bool = False  # it loaded a model at least once (a later crash is no load fault)
+    # Set when a world of this worker broke by someone else's report: the worker may be the
+    # one that died, so it is not reused until it heartbeats again after this time.
+    suspect_since_s: float = 0.0
     since_s: float = field(default_factory=time.monotonic)
     reason: str = ""
     heartbeat: Heartbeat | None = None
@@ -236,6 +243,7 @@ class WorldManager(Actor):
             if world is None or world.epoch != msg.epoch or world.state != "forming":
                 return
             world.joined.add(worker_id)
+            worker.joined_once = True
             world.load_ms = max(world.load_ms, msg.load_ms)
             world.form_ms = max(world.form_ms, msg.form_ms)
             if msg.inputs:
@@ -254,6 +262,12 @@ class WorldManager(Actor):
         elif isinstance(msg, WorldBroken):
             world = self.worlds.get(msg.world_id)
             if world is not None and world.epoch == msg.epoch:
+                now = self._clock()
+                for wid in world.workers:
+                    peer = self.workers.get(wid)
+                    if wid != worker_id and peer is not None and peer.state != "dead":
+                        peer.suspect_since_s = now
+                        self._send(wid, Ping(reply=True))  # alive? a heartbeat clears it
                 self._break_world(world, f"reported by {worker_id}: {msg.reason}")
 
     def _register(self, worker_id: str, msg: Register) -> None:
@@ -279,8 +293,11 @@ class WorldManager(Actor):
     def note_heartbeat(self, worker_id: str, hb: Heartbeat) -> None:
         worker = self.workers.get(worker_id)
         if worker is not None:
+            suspect = worker.heartbeat_s < worker.suspect_since_s
             worker.heartbeat = hb
             worker.heartbeat_s = self._clock()
+            if suspect and worker.state == "idle" and not self.stopping:
+                self.tell(Tick())  # cleared: it may take a place in a new world now
 
     # -- worlds ---------------------------------------------------------------------------
 
@@ -354,8 +371,9 @@ class WorldManager(Actor):
         resent = self.routers[world.deployment].remove_world(world.id, reason)
         self.event("world_broken", world=world.id, epoch=world.epoch,
                    deployment=world.deployment, reason=reason, resent=resent)
-        log.warning("[controller] world %d/%d of %s broken: %s (%d requests re-sent)",
-                    world.id, world.epoch, world.deployment, reason, resent)
+        (log.info if self.stopping else log.warning)(
+            "[controller] world %d/%d of %s broken: %s (%d requests re-sent)",
+            world.id, world.epoch, world.deployment, reason, resent)
         for wid in world.workers:
             worker = self.workers.get(wid)
             if worker is None or worker.state == "dead":
@@ -445,7 +463,8 @@ class WorldManager(Actor):
         for world_id in sorted(worker.worlds):
             world = self.worlds.get(world_id)
             if world is not None:
-                if world.state == "forming" and worker_id not in world.joined:
+                if world.state == "forming" and worker_id not in world.joined \
+                        and not worker.joined_once:
                     self._formation_failed(world, f"worker {worker_id} {reason} while loading")
                 self._break_world(world, f"worker {worker_id} {reason}")
         worker.worlds.clear()
@@ -490,8 +509,12 @@ class WorldManager(Actor):
         if self.stopping:
             return
         now = self._clock()
-        idle = [w for w in self.workers.values() if w.state == "idle"]
-        starting = sum(1 for w in self.workers.values() if w.state == "starting")
+        # A suspect worker (its world broke on a peer's word) waits for a fresh heartbeat.
+        idle = [w for w in self.workers.values() if w.state == "idle"
+                and w.heartbeat_s >= w.suspect_since_s]
+        suspects = sum(1 for w in self.workers.values() if w.state == "idle"
+                       and w.heartbeat_s < w.suspect_since_s)
+        starting = sum(1 for w in self.workers.values() if w.state == "starting") + suspects
         needed = 0
         for dep in self.deployments.values():
             live = [w for w in self.worlds.values()
@@ -527,6 +550,21 @@ class WorldManager(Actor):
         for worker in idle[:max(0, surplus)]:
             if worker.spawned_by_us:
                 self._retire_worker(worker)
+        if self.config.controller.preload_warm:
+            for worker in idle:
+                if worker.state == "idle" and not worker.preloaded:
+                    self._preload(worker)
+
+    def _preload(self, worker: WorkerInfo) -> None:
+        """A warm worker loads every stage it may be asked for, so a later join only forms
+        the group: re-forming after a failure then costs milliseconds, not a model load."""
+        worker.preloaded = True
+        for dep in self.deployments.values():
+            if dep.quarantined:
+                continue
+            for rank in range(dep.config.stages):
+                self._send(worker.id, Preload(deployment=dep.config.to_wire(), rank=rank,
+                                              size=dep.config.stages))
 
     # -- commands -------------------------------------------------------------------------
 

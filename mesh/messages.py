@@ -231,13 +231,25 @@ class Ping(Message):
 
     KIND: ClassVar[str] = "ping"
     seq: int = 0
+    # Answer with a heartbeat at once (the controller checks a suspect worker is alive).
+    reply: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Preload(Message):
+    """Load (and cache) one stage of a deployment now, so a later join is fast (warm pool)."""
+
+    KIND: ClassVar[str] = "preload"
+    deployment: dict[str, Any]
+    rank: int = 0
+    size: int = 1
 
 
 WORKER_MESSAGES: dict[str, type[Message]] = {
     cls.KIND: cls for cls in (Register, Heartbeat, Joined, JoinFailed, Left, WorldBroken)
 }
 CONTROLLER_MESSAGES: dict[str, type[Message]] = {
-    cls.KIND: cls for cls in (Welcome, Join, Leave, Shutdown, Ping, Fault)
+    cls.KIND: cls for cls in (Welcome, Join, Leave, Shutdown, Ping, Fault, Preload)
 }
 
 

@@ -30,6 +30,7 @@ from mesh.messages import (
     Left,
     Message,
     Ping,
+    Preload,
     Register,
     Shutdown,
     Welcome,
@@ -129,6 +130,8 @@ class WorkerAgent(Actor):
     def _on_control(self, message: Message) -> None:
         self._last_heard = time.monotonic()
         if isinstance(message, Ping):
+            if message.reply:
+                self._send_heartbeat()
             return
         if isinstance(message, Welcome):
             self._heartbeat_interval_s = message.heartbeat_interval_ms / 1000.0
@@ -138,6 +141,8 @@ class WorkerAgent(Actor):
         if isinstance(message, Shutdown):
             self.stop(f"controller asked: {message.reason}")
             return
+        if self.stopped.is_set() or not self.running:
+            return  # stopping: nothing new starts
         if isinstance(message, Fault):
             log.warning("[worker %s] fault injected: +%.0f ms per computation", self.worker_id,
                         message.delay_ms)
@@ -150,6 +155,22 @@ class WorkerAgent(Actor):
             self.spawn(self._join(message), name=f"{self.name}.join.{message.world_id}")
         elif isinstance(message, Leave):
             self.spawn(self._leave(message), name=f"{self.name}.leave.{message.world_id}")
+        elif isinstance(message, Preload):
+            self.spawn(self._preload(message), name=f"{self.name}.preload")
+
+    async def _preload(self, msg: Preload) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            await loop.run_in_executor(self._loader_pool, self._handler_for, msg.deployment,
+                                       msg.rank, msg.size)
+        except LoadError as exc:
+            log.warning("[worker %s] preload of %s stage %d failed: %s", self.worker_id,
+                        msg.deployment.get("name"), msg.rank, exc)
+            return
+        log.info("[worker %s] preloaded %s stage %d/%d in %.0f ms", self.worker_id,
+                 msg.deployment.get("name"), msg.rank, msg.size,
+                 (time.perf_counter() - started) * 1000.0)
 
     def _broken_from_thread(self, world_id: int, epoch: int, reason: str, peer_lost: bool) -> None:
         loop = self._loop
@@ -239,16 +260,19 @@ class WorkerAgent(Actor):
                 except TimeoutError:
                     self._register()
                     continue
-            self._seq += 1
-            plane = self._plane
-            if plane.crashed is not None:
-                self.stop(f"data plane crashed: {plane.crashed!r}")
+            if self._plane.crashed is not None:
+                self.stop(f"data plane crashed: {self._plane.crashed!r}")
                 return
-            st = plane.stats
-            self._link.send(Heartbeat(seq=self._seq, queued=plane.queued, busy=plane.busy,
-                                      batches=st.batches, rows=st.rows, requests=st.requests,
-                                      busy_s=st.busy_s))
+            self._send_heartbeat()
             await asyncio.sleep(self._heartbeat_interval_s)
+
+    def _send_heartbeat(self) -> None:
+        self._seq += 1
+        plane = self._plane
+        st = plane.stats
+        self._link.send(Heartbeat(seq=self._seq, queued=plane.queued, busy=plane.busy,
+                                  batches=st.batches, rows=st.rows, requests=st.requests,
+                                  busy_s=st.busy_s))
 
     async def _watchdog(self) -> None:
         while True:
