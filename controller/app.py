@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from controller.admin import Admin
+from controller.autoscaler import Autoscaler, Context
 from controller.backend import Backend
 from controller.config import Config
 from controller.frontend import Frontend
@@ -33,6 +34,7 @@ from controller.router import Router
 from controller.status import build_status
 from controller.world_manager import (
     FromWorker,
+    Scale,
     Tick,
     WorkerExited,
     WorkerSilent,
@@ -99,6 +101,13 @@ class Controller:
         await self.health.start()
         await self.world_manager.start()
         await self.admin.start()
+        self.autoscaler = Autoscaler(list(self.routers), context_of=self._autoscale_context,
+                                     apply=self._autoscale_apply,
+                                     tick_s=c.autoscale_tick_ms / 1000.0)
+        self._busy_seen: dict[str, tuple[float, float, int]] = {}
+        self._world_rps: dict[str, float] = {}
+        if c.autoscale:
+            self._spawn(self.autoscaler.run(), "controller.autoscaler")
         self._spawn(self._sweep_loop(), "controller.sweep")
         self._spawn(self._tick_loop(), "controller.tick")
         self.world_manager.tell(Tick())
@@ -160,11 +169,53 @@ class Controller:
                 if worker.state not in ("dead", "starting"):
                     self.backend.send_control(worker.id, _PING)
 
+    # -- autoscaling ----------------------------------------------------------------------
+
+    def _autoscale_context(self, name: str, now: float) -> Context | None:
+        wm = self.world_manager
+        dep = wm.deployments[name]
+        if dep.quarantined:
+            return None
+        router = self.routers[name]
+        window_s = max(2.0, dep.config.upscale_delay_s)
+        samples, p99 = router.stats.recent(now, window_s)
+        serving = [w for w in wm.worlds.values() if w.deployment == name and w.state == "serving"]
+        forming = sum(1 for w in wm.worlds.values()
+                      if w.deployment == name and w.state == "forming")
+        # Service rate per world, measured online: answers per second of the bottleneck
+        # stage's busy time (a world's slowest stage bounds what it can deliver).
+        busy = 0.0
+        for world in serving:
+            busy += max(_busy_s(wm.workers.get(w)) for w in world.workers)
+        answered = router.stats.total_ok
+        seen = self._busy_seen.get(name)
+        self._busy_seen[name] = (now, busy, answered)
+        if seen is not None:
+            d_busy = busy - seen[1]
+            d_ans = answered - seen[2]
+            if d_busy > 0.2 * (now - seen[0]) and d_ans > 0:
+                rate = d_ans / d_busy
+                old = self._world_rps.get(name)
+                self._world_rps[name] = rate if old is None else 0.7 * old + 0.3 * rate
+        return Context(
+            now_s=now, slo_p99_ms=router.slo_p99_ms, p99_ms=p99, samples=samples,
+            arrival_rps=router.arrival_rate(now, window_s), queued=router.queued,
+            serving=len(serving), forming=forming, desired=dep.desired,
+            min_worlds=dep.min_worlds, max_worlds=dep.max_worlds,
+            world_rps=self._world_rps.get(name, 0.0),
+            upscale_delay_s=dep.config.upscale_delay_s,
+            downscale_delay_s=dep.config.downscale_delay_s)
+
+    def _autoscale_apply(self, name: str, worlds: int, reason: str) -> None:
+        self.world_manager.tell(Scale(deployment=name, worlds=worlds, by_operator=False,
+                                      reason=reason))
+
     # -- queries --------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         c = self.config.controller
         return build_status(self.world_manager, self.routers, started_s=self.started_s,
+                            autoscaler=self.autoscaler,
                             endpoints={"client_endpoint": c.client_endpoint,
                                        "admin_endpoint": c.admin_endpoint,
                                        "worker_endpoint": c.worker_endpoint})
@@ -225,3 +276,8 @@ class Controller:
 
 
 _PING = Ping()
+
+
+def _busy_s(worker: Any) -> float:
+    hb = worker.heartbeat if worker is not None else None
+    return hb.busy_s if hb is not None else 0.0

@@ -48,6 +48,10 @@ class DeploymentConfig:
     split_points: list[int] = field(default_factory=list)
     micro_batches: int = 0
     world_timeout_ms: int = 10000
+    # Autoscaling on the latency target: act on a breach after upscale_delay_s, give a world
+    # back after downscale_delay_s of sustained headroom (one at a time).
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 30.0
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,6 +84,9 @@ class ControllerConfig:
     max_load_failures: int = 3
     # Times one request may be sent to a world (first try plus re-sends after failures).
     max_attempts: int = 4
+    # Scale each deployment's worlds between its bounds to hold its latency target.
+    autoscale: bool = True
+    autoscale_tick_ms: int = 500
     # Idle, started workers kept ready (torch imported) so a new world forms without paying
     # for a process start; refilled in the background.
     warm_workers: int = 1
@@ -246,6 +253,7 @@ def _check_controller(c: ControllerConfig) -> None:
     _range("controller.warm_workers", c.warm_workers, 0, 1024)
     _range("controller.max_load_failures", c.max_load_failures, 1, 1000)
     _range("controller.max_attempts", c.max_attempts, 1, 100)
+    _range("controller.autoscale_tick_ms", c.autoscale_tick_ms, 50, 60000)
     if c.launcher not in ("local", "none"):
         raise ConfigError(f"controller.launcher must be 'local' or 'none', got {c.launcher!r}")
 
@@ -284,6 +292,8 @@ def check_deployment(d: DeploymentConfig, where: str) -> None:
         if d.split_points != sorted(set(d.split_points)) or d.split_points[0] < 1:
             raise ConfigError(f"{where}.split_points must increase strictly from 1")
     _range(f"{where}.micro_batches", d.micro_batches, 0, 1024)
+    _range(f"{where}.upscale_delay_s", d.upscale_delay_s, 0.0, 3600.0)
+    _range(f"{where}.downscale_delay_s", d.downscale_delay_s, 0.0, 86400.0)
     _range(f"{where}.world_timeout_ms", d.world_timeout_ms, 100, 3_600_000)
 
 

@@ -114,6 +114,7 @@ class Router:
             inflight_ids if inflight_ids is not None else {})
         self._deadlines: list[tuple[float, int]] = []
         self.stats = LatencyWindow()
+        self.arrivals: deque[float] = deque(maxlen=100_000)  # accepted requests' arrival times
         self.late_replies = 0
         self.resent = 0
         self.accepting = True
@@ -138,6 +139,7 @@ class Router:
                 f"{self.name}: {self.queued} requests queued, limit {self.deployment.max_queue}"))
             return
         rid = self._next_rid()
+        self.arrivals.append(now)
         p = Pending(rid, client, client_id, kind, header, frames, now, now + timeout_ms / 1000.0)
         self.pending[rid] = p
         self._by_client[key] = rid
@@ -341,6 +343,15 @@ class Router:
         self._serving = [w for w in self.worlds.values() if w.state == "serving"]
 
     # -- figures --------------------------------------------------------------------------
+
+    def arrival_rate(self, now_s: float, window_s: float) -> float:
+        cutoff = now_s - window_s
+        n = 0
+        for t in reversed(self.arrivals):
+            if t < cutoff:
+                break
+            n += 1
+        return n / window_s
 
     @property
     def in_flight(self) -> int:

@@ -47,6 +47,17 @@ class LatencyWindow:
         self.total_ok += 1
         self.latency_sum_s += latency_s
 
+    def recent(self, now_s: float, window_s: float) -> tuple[int, float]:
+        """(samples, p99 ms) over the last ``window_s`` seconds (for the autoscaler)."""
+        cutoff = now_s - window_s
+        values = []
+        for t, lat in reversed(self._samples):
+            if t < cutoff:
+                break
+            values.append(lat)
+        values.sort()
+        return len(values), percentile(values, 99) * 1000.0
+
     def record_error(self, code: str) -> None:
         self.errors[code] += 1
 

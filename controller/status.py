@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: float,
-                 endpoints: dict[str, str]) -> dict[str, Any]:
+                 endpoints: dict[str, str], autoscaler: Any = None) -> dict[str, Any]:
     now = time.monotonic()
     deployments = []
     for name, dep in wm.deployments.items():
@@ -48,6 +48,10 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "inputs": dep.inputs,
             "last_error": dep.last_error,
             "quarantined": dep.quarantined,
+            "last_decision": (autoscaler.last[name].to_dict()
+                              if autoscaler is not None and name in autoscaler.last else None),
+            "autoscaler": autoscaler.reason.get(name, "") if autoscaler is not None else "",
+            "stage_workers": _stage_workers(wm, name, dep.config.stages),
             "formation_failures": dep.failures,
         })
     worlds = []
@@ -94,6 +98,16 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
     }
 
 
+def _stage_workers(wm: WorldManager, name: str, stages: int) -> list[int]:
+    """Distinct workers serving each stage of a deployment (shared workers count once)."""
+    per_stage: list[set[str]] = [set() for _ in range(stages)]
+    for world in wm.worlds.values():
+        if world.deployment == name and world.state == "serving":
+            for rank, wid in enumerate(world.workers[:stages]):
+                per_stage[rank].add(wid)
+    return [len(s) for s in per_stage]
+
+
 def _worker_sort_key(worker: Any) -> tuple[int, str]:
     digits = "".join(ch for ch in worker.id if ch.isdigit())
     return (int(digits) if digits and worker.id.startswith("w") else 1 << 30, worker.id)
@@ -118,10 +132,14 @@ def render_status(status: dict[str, Any]) -> str:
                w["served"]] for w in status["worlds"]]
     workers = [[w["id"], w["pid"], w["host"], w["device"], w["state"],
                 ",".join(map(str, w["worlds"])) or "-", w["reason"]] for w in status["workers"]]
+    decisions = [f"  {d['name']}: {d['last_decision']['from']} -> {d['last_decision']['to']} "
+                 f"worlds: {d['last_decision']['reason']}"
+                 for d in status["deployments"] if d.get("last_decision")]
     parts = [
         "DEPLOYMENTS",
         _table(["NAME", "STAGES", "WORLDS", "BOUNDS", "SLO_P99", "P50_MS", "P95_MS", "P99_MS",
                 "RPS", "QUEUED", "IN_FLIGHT", "ERRORS"], deps),
+        *(["LAST SCALING DECISIONS", *decisions] if decisions else []),
         "",
         "WORLDS",
         _table(["ID", "DEPLOYMENT", "EPOCH", "STATE", "RANKS", "IN_FLIGHT", "SERVED"], worlds),

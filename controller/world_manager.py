@@ -68,6 +68,7 @@ class WorkerInfo:
     reason: str = ""
     heartbeat: Heartbeat | None = None
     heartbeat_s: float = 0.0
+    util: float = 0.0  # busy fraction of its compute, smoothed over recent heartbeats
 
 
 @dataclass
@@ -135,6 +136,8 @@ class Scale:
     worlds: int | None = None
     min_worlds: int | None = None
     max_worlds: int | None = None
+    by_operator: bool = True
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +297,13 @@ class WorldManager(Actor):
         worker = self.workers.get(worker_id)
         if worker is not None:
             suspect = worker.heartbeat_s < worker.suspect_since_s
+            now = self._clock()
+            previous, previous_s = worker.heartbeat, worker.heartbeat_s
+            if previous is not None and now > previous_s:
+                busy = max(0.0, min(1.0, (hb.busy_s - previous.busy_s) / (now - previous_s)))
+                worker.util = 0.7 * worker.util + 0.3 * busy
             worker.heartbeat = hb
-            worker.heartbeat_s = self._clock()
+            worker.heartbeat_s = now
             if suspect and worker.state == "idle" and not self.stopping:
                 self.tell(Tick())  # cleared: it may take a place in a new world now
 
@@ -335,6 +343,35 @@ class WorldManager(Actor):
         self.routers[world.deployment].add_world(world.id, world.epoch, entry)
         log.info("[controller] world %d/%d of %s serving (formed in %.0f ms)", world.id,
                  world.epoch, world.deployment, (world.ready_s - world.created_s) * 1000)
+
+    def _shareable(self, dep: DeploymentState, spare_util: float = 0.45) -> dict[int, WorkerInfo]:
+        """Worker-granular scaling: for each stage that is not the bottleneck (its workers'
+        busy fraction is low), an existing worker of that stage the new world can share.
+
+        A new world then adds processes only for the stages that need them. Nothing is
+        shared while utilisation is unknown, or when every stage is busy.
+        """
+        if dep.config.stages < 2:
+            return {}
+        by_stage: dict[int, list[WorkerInfo]] = {}
+        for world in self.worlds.values():
+            if world.deployment != dep.config.name or world.state != "serving":
+                continue
+            for rank, wid in enumerate(world.workers):
+                worker = self.workers.get(wid)
+                if worker is not None and worker.state == "serving":
+                    by_stage.setdefault(rank, []).append(worker)
+        utils = {s: max(w.util for w in ws) for s, ws in by_stage.items() if ws}
+        if len(utils) < dep.config.stages or max(utils.values()) < 0.2:
+            return {}
+        shared: dict[int, WorkerInfo] = {}
+        for stage, workers in by_stage.items():
+            best = min(workers, key=lambda w: w.util)
+            if best.util < spare_util and best.util < max(utils.values()) / 1.5:
+                shared[stage] = best
+        if len(shared) == dep.config.stages:  # never a world of only shared workers
+            shared.pop(max(shared, key=lambda s: utils[s]))
+        return shared
 
     def _drain_world(self, world: WorldInfo, reason: str) -> None:
         if world.state == "forming":
@@ -524,17 +561,22 @@ class WorldManager(Actor):
                 if now < dep.retry_at_s or dep.quarantined:
                     continue
                 stages = dep.config.stages
-                while missing > 0 and len(idle) >= stages:
-                    members, idle = idle[:stages], idle[stages:]
+                while missing > 0:
+                    shared = self._shareable(dep) if live else {}
+                    fresh = stages - len(shared)
+                    if len(idle) < fresh:
+                        break
+                    new, idle = idle[:fresh], idle[fresh:]
+                    members = [shared[r] if r in shared else new.pop(0) for r in range(stages)]
                     self._form_world(dep, members)
                     missing -= 1
-                needed += missing * dep.config.stages
+                if missing > 0:
+                    fresh = stages - len(self._shareable(dep) if live else {})
+                    needed += missing * fresh
             elif missing < 0:
-                # Drop forming worlds first (nothing to drain), then the least busy.
-                router = self.routers[dep.config.name]
-                ranked = sorted(live, key=lambda w: (w.state == "serving",
-                                                     len(router.worlds[w.id].inflight)
-                                                     if w.id in router.worlds else 0))
+                # Drop forming worlds first (nothing to drain), then the newest: the reverse
+                # of the order they were added in (shared-worker worlds came last).
+                ranked = sorted(live, key=lambda w: (w.state == "serving", -w.created_s))
                 for world in ranked[:-missing]:
                     self._drain_world(world, f"scaled down to {dep.desired}")
         # Start what is missing; retire idle workers nobody needs. Workers still starting
@@ -582,7 +624,14 @@ class WorldManager(Actor):
             raise BadRequest(f"--worlds {cmd.worlds} lies outside [{lo}, {hi}]; "
                              "change --min/--max first")
         dep.min_worlds, dep.max_worlds = lo, hi
+        before = dep.desired
         dep.desired = max(lo, min(hi, desired))
+        if before != dep.desired:
+            self.event("scaled", deployment=dep.config.name, to=dep.desired,
+                       by="operator" if cmd.by_operator else "autoscaler",
+                       reason=cmd.reason or "meshctl scale")
+        if not cmd.by_operator:
+            return {"deployment": dep.config.name, "worlds_desired": dep.desired}
         if dep.quarantined or self.spawn_quarantined:
             log.info("[controller] %s: quarantine lifted by operator", dep.config.name)
             dep.quarantined = ""

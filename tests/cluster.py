@@ -110,6 +110,9 @@ def write_config(path: Path, ports: dict[str, int], deployments: str, controller
     if "warm_workers" not in controller:
         # Tests count worker processes; the ones about the warm pool ask for it.
         controller += "\nwarm_workers = 0"
+    if "autoscale" not in controller:
+        # Tests that set world counts by hand would race the autoscaler; its own tests opt in.
+        controller += "\nautoscale = false"
     path.write_text(
         "[controller]\n"
         f'client_endpoint = "tcp://127.0.0.1:{ports["client"]}"\n'

@@ -1,0 +1,156 @@
+"""The autoscaling policy, driven by a fake clock: no sleeping, no processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+from controller.autoscaler import Autoscaler, Context, State, decide
+
+
+def ctx(now: float, **kw: Any) -> Context:
+    base = dict(now_s=now, slo_p99_ms=100.0, p99_ms=40.0, samples=500, arrival_rps=100.0,
+                queued=0, serving=2, forming=0, desired=2, min_worlds=1, max_worlds=8,
+                world_rps=100.0, upscale_delay_s=2.0, downscale_delay_s=30.0)
+    base.update(kw)
+    return Context(**base)  # type: ignore[arg-type]
+
+
+class Sim:
+    """Runs decide() every tick of a fake clock; worlds appear after a start-up delay."""
+
+    def __init__(self, *, start_s: float = 0.5, tick_s: float = 0.5, **kw: Any) -> None:
+        self.now = 0.0
+        self.tick_s = tick_s
+        self.start_s = start_s
+        self.state = State()
+        self.desired = kw.pop("desired", 2)
+        self.serving = self.desired
+        self.forming: list[float] = []  # ready times
+        self.kw = kw
+        self.changes: list[tuple[float, int]] = []
+
+    def step(self, **load: Any) -> int:
+        self.now += self.tick_s
+        ready = [t for t in self.forming if t <= self.now]
+        self.forming = [t for t in self.forming if t > self.now]
+        self.serving += len(ready)
+        c = ctx(self.now, desired=self.desired, serving=self.serving,
+                forming=len(self.forming), **{**self.kw, **load})
+        target, self.state, _ = decide(c, self.state)
+        if target > self.desired:
+            self.forming += [self.now + self.start_s] * (target - self.desired)
+        elif target < self.desired:
+            self.serving -= self.desired - target
+        if target != self.desired:
+            self.changes.append((self.now, target))
+        self.desired = target
+        return target
+
+    def run(self, seconds: float, **load: Any) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.step(**load)
+
+
+def test_a_steady_load_under_the_target_changes_nothing() -> None:
+    sim = Sim()
+    sim.run(120, p99_ms=40.0, arrival_rps=100.0)  # 2 worlds at 100/s each: 50% busy
+    assert sim.changes == []
+
+
+def test_a_latency_breach_scales_up_within_the_upscale_delay() -> None:
+    sim = Sim()
+    sim.run(10, p99_ms=40.0, arrival_rps=100.0)
+    breach_at = sim.now
+    sim.run(5, p99_ms=250.0, arrival_rps=140.0, world_rps=0.0)  # rate unknown: latency only
+    assert sim.changes, "no scale-up"
+    t, target = sim.changes[0]
+    assert target == 3
+    assert 2.0 <= t - breach_at <= 2.0 + sim.tick_s
+
+
+def test_a_predicted_breach_scales_up_at_once_to_what_the_arrival_rate_needs() -> None:
+    sim = Sim()
+    sim.run(5, p99_ms=40.0, arrival_rps=100.0)
+    t0 = sim.now
+    sim.step(p99_ms=45.0, arrival_rps=400.0)  # 4x: needs ceil(400 / (100 * 0.75)) = 6
+    assert sim.changes == [(t0 + sim.tick_s, 6)]
+
+
+def test_forming_worlds_count_as_capacity_so_a_slow_start_is_not_answered_twice() -> None:
+    sim = Sim(start_s=5.0)
+    sim.run(20, p99_ms=300.0, arrival_rps=100.0, world_rps=0.0)
+    ups = [t for t, _ in sim.changes]
+    # One step every (start-up + delay), not one per tick while the new world starts.
+    assert all(b - a >= 5.0 for a, b in zip(ups, ups[1:], strict=False))
+
+
+def test_a_step_down_scales_down_only_after_the_delay_and_one_world_at_a_time() -> None:
+    sim = Sim(desired=6)
+    down_at = sim.now
+    sim.run(200, p99_ms=20.0, arrival_rps=60.0)
+    steps = sim.changes
+    assert steps, "never scaled down"
+    assert steps[0][0] - down_at >= 30.0
+    assert all(b - a >= 30.0 for (a, _), (b, _) in zip(steps, steps[1:], strict=False))
+    assert [w for _, w in steps] == list(range(5, 5 - len(steps), -1))
+    assert sim.desired >= 1
+
+
+def test_bounds_are_respected_both_ways() -> None:
+    sim = Sim(desired=2, min_worlds=2, max_worlds=3)
+    sim.run(60, p99_ms=500.0, arrival_rps=10_000.0)
+    assert max(w for _, w in sim.changes) == 3 and sim.desired == 3
+    sim.run(300, p99_ms=1.0, arrival_rps=1.0)
+    assert sim.desired == 2
+    target, _, why = decide(ctx(0.0, desired=9, max_worlds=4), State())
+    assert target == 4 and "bounds" in why
+
+
+def test_a_noisy_steady_load_never_oscillates() -> None:
+    for seed in range(30):
+        rng = random.Random(seed)
+        sim = Sim(desired=3)
+        for _ in range(1200):  # 10 minutes of 0.5 s ticks
+            sim.step(p99_ms=max(1.0, rng.gauss(45.0, 12.0)),
+                     arrival_rps=max(0.0, rng.gauss(150.0, 25.0)),
+                     world_rps=max(1.0, rng.gauss(100.0, 8.0)))
+        directions = [1 if b > a else -1 for (_, a), (_, b) in
+                      zip([(0.0, 3), *sim.changes], sim.changes, strict=False)]
+        flips = sum(1 for a, b in zip(directions, directions[1:], strict=False) if a != b)
+        assert flips == 0, (seed, sim.changes)
+
+
+def test_the_actor_applies_decisions_and_keeps_the_last_one_with_its_reason() -> None:
+    now = [0.0]
+    applied: list[tuple[str, int, str]] = []
+    contexts = {"a": ctx(0.0, p99_ms=400.0, arrival_rps=100.0, world_rps=0.0), "b": None}
+
+    def context_of(name: str, t: float) -> Context | None:
+        c = contexts[name]
+        return None if c is None else dataclasses.replace(c, now_s=t)
+
+    scaler = Autoscaler(["a", "b"], context_of=context_of,
+                        apply=lambda n, w, r: applied.append((n, w, r)), clock=lambda: now[0])
+    for _ in range(6):
+        now[0] += 0.5
+        scaler.tick()
+    assert applied and applied[0][:2] == ("a", 3) and "p99" in applied[0][2]
+    assert scaler.last["a"].to_worlds == 3
+    assert "b" not in scaler.last
+
+
+def test_a_policy_error_is_logged_and_the_other_deployments_still_tick() -> None:
+    applied: list[str] = []
+
+    def context_of(name: str, t: float) -> Context | None:
+        if name == "broken":
+            raise RuntimeError("boom")
+        return ctx(t, p99_ms=400.0, arrival_rps=1000.0)
+
+    scaler = Autoscaler(["broken", "ok"], context_of=context_of,
+                        apply=lambda n, w, r: applied.append(n), clock=lambda: 1.0)
+    scaler.tick()
+    assert applied == ["ok"]
