@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from typing import Any
 
@@ -84,7 +85,7 @@ def test_forming_worlds_count_as_capacity_so_a_slow_start_is_not_answered_twice(
     sim.run(20, p99_ms=300.0, arrival_rps=100.0, world_rps=0.0)
     ups = [t for t, _ in sim.changes]
     # One step every (start-up + delay), not one per tick while the new world starts.
-    assert all(b - a >= 5.0 for a, b in zip(ups, ups[1:], strict=False))
+    assert all(b - a >= 5.0 for a, b in itertools.pairwise(ups))
 
 
 def test_a_step_down_scales_down_only_after_the_delay_and_one_world_at_a_time() -> None:
@@ -94,7 +95,7 @@ def test_a_step_down_scales_down_only_after_the_delay_and_one_world_at_a_time() 
     steps = sim.changes
     assert steps, "never scaled down"
     assert steps[0][0] - down_at >= 30.0
-    assert all(b - a >= 30.0 for (a, _), (b, _) in zip(steps, steps[1:], strict=False))
+    assert all(b - a >= 30.0 for (a, _), (b, _) in itertools.pairwise(steps))
     assert [w for _, w in steps] == list(range(5, 5 - len(steps), -1))
     assert sim.desired >= 1
 
@@ -119,7 +120,7 @@ def test_a_noisy_steady_load_never_oscillates() -> None:
                      world_rps=max(1.0, rng.gauss(100.0, 8.0)))
         directions = [1 if b > a else -1 for (_, a), (_, b) in
                       zip([(0.0, 3), *sim.changes], sim.changes, strict=False)]
-        flips = sum(1 for a, b in zip(directions, directions[1:], strict=False) if a != b)
+        flips = sum(1 for a, b in itertools.pairwise(directions) if a != b)
         assert flips == 0, (seed, sim.changes)
 
 
