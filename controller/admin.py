@@ -21,7 +21,7 @@ from mesh import codec
 from mesh.actor import Actor
 from mesh.errors import BadRequest, MeshError
 from mesh.messages import ADMIN_COMMANDS, AdminReply, AdminRequest, Fault
-from mesh.transport import Pump, make_socket
+from mesh.transport import Pump, bind_socket, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Admin(Actor):
         self._snapshot = snapshot
         self._send_worker = send_worker
         sock = make_socket(context, zmq.ROUTER, max_msg_bytes=1 << 20)
-        sock.bind(endpoint)
+        bind_socket(sock, endpoint)
         self._pump = Pump(sock, self._on_message, name="admin")
 
     async def on_start(self) -> None:

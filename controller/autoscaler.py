@@ -80,7 +80,8 @@ def decide(ctx: Context, state: State) -> tuple[int, State, str]:
     if clamped != current:
         return clamped, replace(state, last_change_s=ctx.now_s), \
             f"bounds [{lo}, {hi}] moved the target"
-    capacity_on_the_way = ctx.serving + ctx.forming
+    # Worlds asked for but not yet forming count too: the manager acts on its next pass.
+    capacity_on_the_way = max(ctx.serving + ctx.forming, current)
     need = needed_worlds(ctx)
     breaching = ctx.samples >= ctx.min_samples and ctx.p99_ms > ctx.slo_p99_ms
     predicted = need is not None and need > capacity_on_the_way

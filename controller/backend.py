@@ -18,7 +18,7 @@ from controller.router import Router
 from mesh import codec
 from mesh.errors import BadRequest
 from mesh.messages import HELLO, REPLY, WORKER_MESSAGES, Heartbeat, Message, parse_control
-from mesh.transport import Pump, make_socket
+from mesh.transport import Pump, bind_socket, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Backend:
         sock = make_socket(context, zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.bind(endpoint)
+        bind_socket(sock, endpoint)
         self.pump = Pump(sock, self._on_message, name="backend", copy_prefix=3)
         self.unroutable = 0
 

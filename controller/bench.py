@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -127,6 +130,80 @@ async def closed_loop(
         p99_ms=round(percentile(values, 99), 3), max_ms=round(values[-1] if values else 0.0, 3),
         mean_ms=round(sum(values) / len(values), 3) if values else 0.0,
     )
+
+
+@dataclass
+class Arrival:
+    sent_s: float  # seconds since the start of the run
+    latency_ms: float | None = None
+    error: str = ""
+
+
+def profile_rate(profile: str, t: float, duration_s: float, base: float, peak: float) -> float:
+    """Requests per second at time ``t`` of a named load profile.
+
+    step: base, then peak from 1/3 to 2/3 of the run, then base again; ramp: base to peak
+    over the first half, back down over the second; spike: base with a peak for a tenth of
+    the run in the middle; diurnal: one smooth day, base at night, peak at noon.
+    """
+    x = t / duration_s
+    if profile == "step":
+        return peak if 1 / 3 <= x < 2 / 3 else base
+    if profile == "ramp":
+        return base + (peak - base) * (1 - abs(2 * x - 1))
+    if profile == "spike":
+        return peak if 0.45 <= x < 0.55 else base
+    if profile == "diurnal":
+        return base + (peak - base) * (1 - math.cos(2 * math.pi * x)) / 2
+    raise ValueError(f"unknown profile {profile!r}; use step, ramp, spike or diurnal")
+
+
+async def open_loop(
+    client: Any,
+    model: str,
+    inputs: dict[str, Any],
+    rate: Callable[[float], float],
+    *,
+    duration_s: float,
+    timeout_s: float = 30.0,
+    seed: int = 0,
+    max_outstanding: int = 20_000,
+    on_second: Callable[[float, list[Arrival]], Awaitable[None]] | None = None,
+) -> list[Arrival]:
+    """Poisson arrivals whose rate follows ``rate(t)``; every request is its own task, so a
+    slow server does not slow the arrivals (unlike a closed loop)."""
+    rng = random.Random(seed)
+    arrivals: list[Arrival] = []
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.perf_counter()
+
+    async def one(a: Arrival) -> None:
+        try:
+            await client.infer(model, inputs, timeout_s=timeout_s)
+            a.latency_ms = (time.perf_counter() - start - a.sent_s) * 1000.0
+        except MeshError as exc:
+            a.error = exc.code
+
+    next_report = 1.0
+    t = 0.0
+    while t < duration_s:
+        r = max(rate(t), 1e-6)
+        t += rng.expovariate(r)
+        now = time.perf_counter() - start
+        if t > now:
+            await asyncio.sleep(t - now)
+        if len(tasks) < max_outstanding:
+            a = Arrival(sent_s=time.perf_counter() - start)
+            arrivals.append(a)
+            task = asyncio.create_task(one(a))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if on_second is not None and time.perf_counter() - start >= next_report:
+            next_report += 1.0
+            await on_second(time.perf_counter() - start, arrivals)
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s + 5.0)
+    return arrivals
 
 
 def render_result(r: BenchResult) -> str:

@@ -26,7 +26,7 @@ from mesh.errors import (
     UnsupportedVersion,
 )
 from mesh.messages import PROTOCOL_VERSION, ClientKind, error_header
-from mesh.transport import Pump, make_socket
+from mesh.transport import Pump, bind_socket, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Frontend:
         # ZeroMQ drops the connection of a peer sending a frame over MAXMSGSIZE; keep that far
         # above our own limit so an oversized request normally gets a typed answer instead.
         sock = make_socket(context, zmq.ROUTER, max_msg_bytes=max_request_bytes * 4 + (1 << 20))
-        sock.bind(endpoint)
+        bind_socket(sock, endpoint)
         self.pump = Pump(sock, self._on_message, name="frontend")
         self.rejected = 0
 

@@ -69,6 +69,7 @@ class WorkerInfo:
     heartbeat: Heartbeat | None = None
     heartbeat_s: float = 0.0
     util: float = 0.0  # busy fraction of its compute, smoothed over recent heartbeats
+    cost_ms: float = 0.0  # compute time per request, smoothed (which stage is the bottleneck)
 
 
 @dataclass
@@ -219,7 +220,9 @@ class WorldManager(Actor):
             if world is not None:
                 self._break_world(world, "its stage-0 worker's data socket is unreachable")
         elif isinstance(message, Scale):
-            return self._scale(message)
+            result = self._scale(message)
+            await self.reconcile()
+            return result
         elif isinstance(message, DrainTarget):
             return self._drain_target(message.target)
         elif isinstance(message, FormWorld):
@@ -300,8 +303,14 @@ class WorldManager(Actor):
             now = self._clock()
             previous, previous_s = worker.heartbeat, worker.heartbeat_s
             if previous is not None and now > previous_s:
-                busy = max(0.0, min(1.0, (hb.busy_s - previous.busy_s) / (now - previous_s)))
+                d_busy = hb.busy_s - previous.busy_s
+                busy = max(0.0, min(1.0, d_busy / (now - previous_s)))
                 worker.util = 0.7 * worker.util + 0.3 * busy
+                d_req = hb.requests - previous.requests
+                if d_req > 0 and d_busy > 0:
+                    cost = d_busy * 1000.0 / d_req
+                    worker.cost_ms = cost if worker.cost_ms == 0.0 else \
+                        0.7 * worker.cost_ms + 0.3 * cost
             worker.heartbeat = hb
             worker.heartbeat_s = now
             if suspect and worker.state == "idle" and not self.stopping:
@@ -344,12 +353,14 @@ class WorldManager(Actor):
         log.info("[controller] world %d/%d of %s serving (formed in %.0f ms)", world.id,
                  world.epoch, world.deployment, (world.ready_s - world.created_s) * 1000)
 
-    def _shareable(self, dep: DeploymentState, spare_util: float = 0.45) -> dict[int, WorkerInfo]:
-        """Worker-granular scaling: for each stage that is not the bottleneck (its workers'
-        busy fraction is low), an existing worker of that stage the new world can share.
+    def _shareable(self, dep: DeploymentState, max_util: float = 0.85) -> dict[int, WorkerInfo]:
+        """Worker-granular scaling: for each stage that is not the bottleneck, an existing
+        worker of that stage that the new world can share.
 
-        A new world then adds processes only for the stages that need them. Nothing is
-        shared while utilisation is unknown, or when every stage is busy.
+        The bottleneck is the stage with the highest compute time per request; a stage at
+        most 2/3 of that, whose least busy worker still has headroom, is shared instead of
+        started anew. A new world then adds processes only for the stages that need them.
+        Nothing is shared while the costs are unknown.
         """
         if dep.config.stages < 2:
             return {}
@@ -361,16 +372,21 @@ class WorldManager(Actor):
                 worker = self.workers.get(wid)
                 if worker is not None and worker.state == "serving":
                     by_stage.setdefault(rank, []).append(worker)
-        utils = {s: max(w.util for w in ws) for s, ws in by_stage.items() if ws}
-        if len(utils) < dep.config.stages or max(utils.values()) < 0.2:
+        costs = {s: min(w.cost_ms for w in ws) for s, ws in by_stage.items() if ws}
+        if len(costs) < dep.config.stages or min(costs.values()) <= 0.0:
             return {}
+        worst = max(costs.values())
         shared: dict[int, WorkerInfo] = {}
         for stage, workers in by_stage.items():
             best = min(workers, key=lambda w: w.util)
-            if best.util < spare_util and best.util < max(utils.values()) / 1.5:
+            if costs[stage] <= worst / 1.5 and best.util < max_util:
                 shared[stage] = best
         if len(shared) == dep.config.stages:  # never a world of only shared workers
-            shared.pop(max(shared, key=lambda s: utils[s]))
+            shared.pop(max(shared, key=lambda s: costs[s]))
+        log.info("[controller] %s stage costs %s ms, busiest-stage utilisation %s: sharing %s",
+                 dep.config.name, {s: round(c, 1) for s, c in sorted(costs.items())},
+                 {s: round(max(w.util for w in ws), 2) for s, ws in sorted(by_stage.items())},
+                 {s: w.id for s, w in shared.items()} or "nothing")
         return shared
 
     def _drain_world(self, world: WorldInfo, reason: str) -> None:

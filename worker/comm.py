@@ -21,6 +21,8 @@ import datetime
 import logging
 import struct
 import threading
+import time
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -106,6 +108,7 @@ class Comm:
         self._torch = torch
         self._lock = threading.Lock()
         self._aborted = False
+        self._outbox: deque[tuple[list[Any], list[Any], float]] = deque()
         self.pg: Any
         prefix = dist.PrefixStore(f"world/{world_id}/{epoch}/", store)
         try:
@@ -133,8 +136,15 @@ class Comm:
         if ok is False:
             raise WorldTimeout(f"no completion within {self.timeout.total_seconds():.1f}s")
 
-    def send(self, dst: int, header: dict[str, Any], tensors: list[Any] = ()) -> None:  # type: ignore[assignment]
-        """Send a header (and the tensors it describes) to rank ``dst``."""
+    def send(self, dst: int, header: dict[str, Any], tensors: list[Any] = (),  # type: ignore[assignment]
+             *, window: int = 0) -> None:
+        """Send a header (and the tensors it describes) to rank ``dst``.
+
+        With ``window`` > 0 the send is posted and not waited for, so this stage can compute
+        its next micro-batch while the previous one is still on its way (gloo completes a
+        send only once the receiver has taken it); at most ``window`` messages stay
+        outstanding, the oldest waited for first. Buffers live until their send completes.
+        """
         torch = self._torch
         tensors = [t.contiguous() if t.device == self.device else t.to(self.device).contiguous()
                    for t in tensors]
@@ -147,17 +157,55 @@ class Comm:
         buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         if self._aborted:
             raise CommError("world aborted")
-        out = self._header_out
+        if window <= 0:
+            self.flush()
+            out = self._header_out
+            out[: len(raw)].copy_(buf)
+            self._wait(self.pg.send([out], dst, 0))
+            for t in tensors:
+                self._wait(self.pg.send([t], dst, 0))
+            return
+        out = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
         out[: len(raw)].copy_(buf)
-        self._wait(self.pg.send([out], dst, 0))
-        for t in tensors:
-            self._wait(self.pg.send([t], dst, 0))
+        works = [self.pg.send([out], dst, 0)]
+        works += [self.pg.send([t], dst, 0) for t in tensors]
+        self._outbox.append((works, [out, *tensors], time.monotonic()))
+        self.reap(window)
+
+    def reap(self, window: int = 0) -> None:
+        """Forget completed sends; wait for the oldest while more than ``window`` remain.
+
+        A send pending longer than the world's timeout is a WorldTimeout even if nobody
+        waits on it, so a stalled receiver is noticed while this rank is idle.
+        """
+        outbox = self._outbox
+        limit_s = self.timeout.total_seconds()
+        while outbox:
+            works, _, posted_s = outbox[0]
+            if all(w.is_completed() for w in works):
+                for w in works:
+                    self._wait(w)  # raises if the send failed
+                outbox.popleft()
+                continue
+            if len(outbox) > window:
+                for w in works:
+                    self._wait(w)
+                outbox.popleft()
+                continue
+            if time.monotonic() - posted_s > limit_s:
+                raise WorldTimeout(f"a send has been pending for over {limit_s:.1f}s")
+            break
+
+    def flush(self) -> None:
+        """Wait until every posted send has completed (each within the world's timeout)."""
+        self.reap(0)
 
     def recv(self, src: int) -> tuple[dict[str, Any], list[Any]]:
         """Receive one header and the tensors it announces from rank ``src``."""
         torch = self._torch
         if self._aborted:
             raise CommError("world aborted")
+        self.reap(len(self._outbox))  # surface failed sends before blocking
         self._wait(self.pg.recv([self._header_in], src, 0))
         raw = self._header_in.cpu().numpy().tobytes() if self.device.type != "cpu" \
             else self._header_in.numpy().tobytes()

@@ -46,6 +46,9 @@ from worker.world import (
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 250
+# Micro-batches a stage may have on their way to the next one before it waits: this is what
+# lets stage 0 compute batch n+1 while stage 1 still works on batch n.
+SEND_WINDOW = 8
 
 
 class BatchStats:
@@ -371,7 +374,7 @@ class DataPlane:
                 acts = handler.forward(handler.collate([item.payload for item in group]))
             names, tensors = names_and_tensors(acts)
             items = [[item.token[0], item.token[1], item.rows] for item in group]
-            comm.send(1, {"k": "b", "items": items, "n": names}, tensors)
+            comm.send(1, {"k": "b", "items": items, "n": names}, tensors, window=SEND_WINDOW)
 
     def _generate(self, world: World, item: Item) -> None:
         """The decode loop of one request, driven from stage 0 (and inside the world)."""
@@ -401,6 +404,8 @@ class DataPlane:
                 comm.send(1, {"k": "g", "items": [[rid, client_id, request.kind, skip]],
                               "step": step, "last": last, "n": names}, out)
                 header, _ = comm.recv(world.size - 1)
+                if header.get("error"):
+                    return  # a later stage failed and already answered this request
                 tokens = header["tokens"]
             tensors = handler.gen_extend(tensors, tokens)
 
@@ -411,12 +416,13 @@ class DataPlane:
             comm = world.comm
             if world.rank != 0 or comm is None or world.broken is not None:
                 continue
-            if now - world.last_sent_s >= comm.timeout.total_seconds() / 4:
-                world.last_sent_s = now
-                try:
-                    comm.send(1, {"k": "p"})
-                except CommError as exc:
-                    self._broken(world, exc)
+            try:
+                comm.reap(SEND_WINDOW)
+                if now - world.last_sent_s >= comm.timeout.total_seconds() / 4:
+                    world.last_sent_s = now
+                    comm.send(1, {"k": "p"}, window=SEND_WINDOW)
+            except CommError as exc:
+                self._broken(world, exc)
 
     # -- replies --------------------------------------------------------------------------
 

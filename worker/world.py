@@ -184,18 +184,27 @@ class StageRunner:
                     return
                 if kind == "p":
                     if not world.is_last:
-                        comm.send(world.rank + 1, {"k": "p"})
+                        comm.send(world.rank + 1, {"k": "p"}, window=8)
                     continue
                 started = time.monotonic()
                 delay = self._fault_delay()
                 if delay:
                     time.sleep(delay)
-                with self._lock:
-                    acts = world.handler.forward(dict(zip(header["n"], tensors, strict=True)))
-                self._stats.busy_s += time.monotonic() - started
+                try:
+                    with self._lock:
+                        acts = world.handler.forward(dict(zip(header["n"], tensors,
+                                                              strict=True)))
+                except Exception as exc:
+                    # The model failed on these requests: answer them, keep the world.
+                    log.exception("[worker world %d/%d rank %d] stage failed on a batch",
+                                  world.world_id, world.epoch, world.rank)
+                    self._fail_items(header, exc, replier, comm)
+                    continue
+                finally:
+                    self._stats.busy_s += time.monotonic() - started
                 if not world.is_last:
                     names, out = names_and_tensors(acts)
-                    comm.send(world.rank + 1, {**header, "n": names}, out)
+                    comm.send(world.rank + 1, {**header, "n": names}, out, window=8)
                 elif kind == "b":
                     self._finish_batch(header, acts, replier)
                 elif kind == "g":
@@ -211,6 +220,14 @@ class StageRunner:
             self._on_broken(world.world_id, world.epoch, f"stage failed: {exc!r}", False)
         finally:
             sock.close(linger=1000)
+
+    def _fail_items(self, header: dict[str, Any], exc: Exception, replier: Replier,
+                    comm: Comm) -> None:
+        err = exc if isinstance(exc, MeshError) else ModelError(f"{type(exc).__name__}: {exc}")
+        for item in header.get("items", []):
+            replier.error(item[0], item[1], err)
+        if header.get("k") == "g":
+            comm.send(0, {"k": "t", "tokens": [], "error": err.message})
 
     def _finish_batch(self, header: dict[str, Any], acts: dict[str, Any],
                       replier: Replier) -> None:

@@ -50,3 +50,24 @@ def build(batch_ms: float = 20.0, row_ms: float = 0.0, features: int = 4,
 
 def reference(x: np.ndarray, scale: float = 2.0) -> np.ndarray:
     return x * scale
+
+
+def build_pipeline(stage_ms: list[float] | None = None, features: int = 4) -> Any:
+    """An ``nn.Sequential`` of sleeping stages, e.g. stage 1 twice as slow as stage 0.
+
+    Splits into ``len(stage_ms)`` stages (one child each); ``y = x``.
+    """
+    import torch
+
+    class Sleep(torch.nn.Module):
+        def __init__(self, ms: float) -> None:
+            super().__init__()
+            self.seconds = ms / 1000.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            time.sleep(self.seconds)
+            return x
+
+    model = torch.nn.Sequential(*[Sleep(ms) for ms in (stage_ms or [5.0, 10.0])])
+    model.input_shape = (features,)  # type: ignore[assignment]
+    return model
