@@ -206,6 +206,90 @@ async def open_loop(
     return arrivals
 
 
+@dataclass
+class Second:
+    t: float
+    target_rps: float
+    sent: int
+    done: int
+    p99_ms: float
+    worlds: int
+    workers: int
+
+
+async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any], *,
+                      profile: str, duration_s: float, base_rps: float, peak_rps: float,
+                      timeout_s: float = 30.0, out: TextIO | None = None
+                      ) -> tuple[list[Arrival], list[Second]]:
+    """Open-loop load following a profile; one line per second with p99 and live worlds."""
+    from controller.admin_client import admin_call
+
+    seconds: list[Second] = []
+    marks = {"sent": 0}
+
+    def rate(t: float) -> float:
+        return profile_rate(profile, t, duration_s, base_rps, peak_rps)
+
+    async def every_second(t: float, arrivals: list[Arrival]) -> None:
+        recent = sorted(a.latency_ms for a in arrivals if a.latency_ms is not None
+                        and t - 1.0 <= a.sent_s + a.latency_ms / 1e3 < t)
+        try:
+            status = await admin_call(admin, "status", timeout_s=2.0)
+            dep = next(d for d in status["deployments"] if d["name"] == model)
+            worlds = dep["worlds_current"]
+            workers = sum(1 for w in status["workers"] if w["state"] != "dead")
+        except (MeshError, StopIteration):
+            worlds = workers = -1
+        row = Second(t=round(t, 2), target_rps=round(rate(t), 1),
+                     sent=len(arrivals) - marks["sent"], done=len(recent),
+                     p99_ms=round(percentile(recent, 99), 2), worlds=worlds, workers=workers)
+        marks["sent"] = len(arrivals)
+        seconds.append(row)
+        if out is not None:
+            out.write(f"t={row.t:6.1f}s target {row.target_rps:7.1f}/s sent {row.sent:5d} "
+                      f"done {row.done:5d} p99 {row.p99_ms:8.2f} ms worlds {row.worlds} "
+                      f"workers {row.workers}\n")
+            out.flush()
+
+    arrivals = await open_loop(client, model, inputs, rate, duration_s=duration_s,
+                               timeout_s=timeout_s, on_second=every_second)
+    return arrivals, seconds
+
+
+def plot_profile(seconds: list[Second], arrivals: list[Arrival], slo_ms: float, path: str,
+                 title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    done = [(a.sent_s, a.latency_ms) for a in arrivals if a.latency_ms is not None]
+    ax.scatter([t for t, _ in done], [lat for _, lat in done], s=2, alpha=0.3,
+               label="request latency")
+    ax.plot([s.t for s in seconds], [s.p99_ms for s in seconds], color="black",
+            label="p99 (1 s window)")
+    ax.axhline(slo_ms, color="red", linestyle="--", label=f"SLO p99 {slo_ms:g} ms")
+    ax.set_yscale("log")
+    ax.set_ylabel("latency ms")
+    ax.set_xlabel("seconds")
+    ax2 = ax.twinx()
+    ax2.step([s.t for s in seconds], [s.worlds for s in seconds], where="post", color="green",
+             label="serving worlds")
+    ax2.plot([s.t for s in seconds], [s.target_rps / max(1.0, max(x.target_rps for x in seconds))
+                                      * max(1, max(x.worlds for x in seconds))
+                                      for s in seconds],
+             color="orange", alpha=0.6, label="offered load (scaled)")
+    ax2.set_ylabel("worlds")
+    ax2.set_ylim(0, max([s.worlds for s in seconds] + [1]) + 1)
+    ax.set_title(title)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def render_result(r: BenchResult) -> str:
     errors = ", ".join(f"{k}={v}" for k, v in sorted(r.errors.items())) or "0"
     rows = [
@@ -215,6 +299,58 @@ def render_result(r: BenchResult) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _run_profile_cli(args: argparse.Namespace) -> int:
+    from controller.admin_client import admin_call
+    from controller.cli import _run
+
+    if args.base_rps <= 0 or args.peak_x < 1:
+        print("meshctl bench: --base-rps must be > 0 and --peak-x >= 1", file=sys.stderr)
+        return 2
+
+    async def go() -> tuple[list[Arrival], list[Second], float]:
+        inputs = await _inputs_for(args)
+        status = await admin_call(args.admin, "status", {}, timeout_s=args.admin_timeout_s)
+        slo = next((d["slo_p99_ms"] for d in status["deployments"] if d["name"] == args.model),
+                   0.0)
+        async with Client(args.endpoint) as client:
+            await client.infer(args.model, inputs, timeout_s=args.request_timeout_s)
+            arrivals, seconds = await run_profile(
+                client, args.admin, args.model, inputs, profile=args.profile,
+                duration_s=args.duration_s, base_rps=args.base_rps,
+                peak_rps=args.base_rps * args.peak_x, timeout_s=args.request_timeout_s,
+                out=sys.stderr)
+        return arrivals, seconds, slo
+
+    arrivals, seconds, slo = _run(go())
+    lat = sorted(a.latency_ms for a in arrivals if a.latency_ms is not None)
+    errors: dict[str, int] = {}
+    for a in arrivals:
+        if a.error:
+            errors[a.error] = errors.get(a.error, 0) + 1
+    summary = {
+        "model": args.model, "profile": args.profile, "duration_s": args.duration_s,
+        "base_rps": args.base_rps, "peak_rps": args.base_rps * args.peak_x,
+        "requests": len(arrivals), "answered": len(lat), "errors": errors,
+        "p50_ms": round(percentile(lat, 50), 3), "p99_ms": round(percentile(lat, 99), 3),
+        "slo_p99_ms": slo,
+        "seconds_over_slo": sum(1 for s in seconds if s.p99_ms > slo) if slo else None,
+        "worker_seconds": sum(max(0, s.workers) for s in seconds),
+        "max_worlds": max((s.worlds for s in seconds), default=0),
+        "per_second": [asdict(s) for s in seconds],
+    }
+    if args.plot:
+        plot_profile(seconds, arrivals, slo, args.plot,
+                     f"{args.model}: {args.profile} {args.base_rps:g} -> "
+                     f"{args.base_rps * args.peak_x:g} req/s")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        rows = [(k, v) for k, v in summary.items() if k != "per_second"]
+        width = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    return 0
 
 
 async def _inputs_for(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,6 +378,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.duration_s <= 0:
         print("meshctl bench: --concurrency must be >= 1 and --duration-s > 0", file=sys.stderr)
         return 2
+    if args.profile:
+        return _run_profile_cli(args)
 
     async def go() -> BenchResult:
         inputs = await _inputs_for(args)

@@ -230,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT))
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("--request-timeout-s", type=float, default=30.0)
+    s.add_argument("--profile", choices=["step", "ramp", "spike", "diurnal"],
+                   help="open-loop Poisson load following a profile instead of a closed loop")
+    s.add_argument("--base-rps", type=float, default=20.0, help="profile: the 1x rate")
+    s.add_argument("--peak-x", type=float, default=4.0, help="profile: peak as a multiple")
+    s.add_argument("--plot", help="profile: draw latency vs SLO and live worlds to this PNG")
     s.set_defaults(func=cmd_bench)
     return p
 
