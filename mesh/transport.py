@@ -84,6 +84,15 @@ def send_nowait(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
     _send(sock, last, _NOBLOCK, len(last) < ZERO_COPY_MIN_BYTES)
 
 
+def bind_socket(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """Bind, or close the socket and raise: a socket left open would hang Context.term()."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise OSError(f"cannot bind {endpoint}: {exc}") from exc
+
+
 class Pump:
     """Delivers every message a socket receives to ``on_message``; sends without blocking."""
 
