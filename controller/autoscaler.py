@@ -81,6 +81,12 @@ def decide(ctx: Context, state: State) -> tuple[int, State, str]:
         return clamped, replace(state, last_change_s=ctx.now_s), \
             f"bounds [{lo}, {hi}] moved the target"
     # Worlds asked for but not yet forming count too: the manager acts on its next pass.
+    if current == 0 and (ctx.queued > 0 or ctx.arrival_rps > 0) and hi > 0:
+        # Scaled to zero and traffic came back: nothing can be measured without a world.
+        target = max(1, lo)
+        return target, replace(state, last_change_s=ctx.now_s, breach_since_s=None,
+                               history=(*state.history[-19:], target)), \
+            "up: requests arrived with no world"
     capacity_on_the_way = max(ctx.serving + ctx.forming, current)
     need = needed_worlds(ctx)
     breaching = ctx.samples >= ctx.min_samples and ctx.p99_ms > ctx.slo_p99_ms

@@ -46,7 +46,7 @@ class Pending:
 
     __slots__ = (
         "answered", "arrived_s", "attempts", "chunks", "client", "client_id", "deadline_s",
-        "frames", "header", "kind", "rid", "world",
+        "frames", "header", "kind", "original_header", "rid", "world",
     )
 
     def __init__(self, rid: int, client: bytes, client_id: Any, kind: str, header: Any,
@@ -56,6 +56,7 @@ class Pending:
         self.client_id = client_id
         self.kind = kind
         self.header = header  # the client's header frame, forwarded untouched
+        self.original_header = header  # as the client sent it (re-sends of streams edit it)
         self.frames = frames  # the client's tensor frames, kept for re-sends
         self.arrived_s = arrived_s
         self.deadline_s = deadline_s
@@ -225,6 +226,11 @@ class Router:
                     self._pump_queue()
                     self._after_world_progress(world)
                     return
+                if code == Unavailable.code and p.kind == "stream" and p.chunks:
+                    err = StreamInterrupted(f"{self.name}: stream interrupted after {p.chunks} "
+                                            "chunks; no world could resume it in time")
+                    frames = [codec.pack(error_header(p.client_id, err.code, err.message, True))]
+                    code = err.code
                 self.stats.record_error(code)
             else:
                 now = self._clock()
@@ -245,7 +251,7 @@ class Router:
             # Resume where the client is: the new world regenerates (greedy decoding is
             # deterministic) and sends only the chunks after the ones already delivered.
             try:
-                p.header = _with_skip(p.header, p.chunks)
+                p.header = _with_skip(p.original_header, p.chunks)
             except Exception:
                 return False
         p.answered = False
@@ -385,7 +391,9 @@ def _with_skip(header_frame: Any, skip: int) -> bytes:
     """The client's header with ``params.skip`` set (the chunks it already has)."""
     header = codec.unpack_header(codec.frame_buffer(header_frame))
     params = dict(header.get("params") or {})
-    params["skip"] = skip
+    asked = params.get("skip", 0)
+    params["skip"] = skip + (asked if isinstance(asked, int) and not isinstance(asked, bool)
+                             else 0)
     header["params"] = params
     return codec.pack(header)
 

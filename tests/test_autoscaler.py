@@ -155,3 +155,12 @@ def test_a_policy_error_is_logged_and_the_other_deployments_still_tick() -> None
                         apply=lambda n, w, r: applied.append(n), clock=lambda: 1.0)
     scaler.tick()
     assert applied == ["ok"]
+
+
+def test_a_deployment_scaled_to_zero_comes_back_when_requests_arrive() -> None:
+    target, _, why = decide(ctx(5.0, desired=0, serving=0, min_worlds=0, queued=3,
+                                arrival_rps=0.0, world_rps=0.0, samples=0), State())
+    assert target == 1 and "no world" in why
+    target, _, _ = decide(ctx(5.0, desired=0, serving=0, min_worlds=0, queued=0,
+                              arrival_rps=0.0, world_rps=0.0, samples=0), State())
+    assert target == 0

@@ -546,3 +546,15 @@ def test_fail_all_answers_every_open_request_once() -> None:
     h.router.fail_all(Unavailable("shutting down"))
     assert h.code_of("in-flight") == h.code_of("queued") == "unavailable"
     h.assert_each_answered_once()
+
+
+def test_a_resumed_stream_skips_the_chunks_already_delivered_on_top_of_its_own_skip() -> None:
+    from controller.router import _with_skip
+    from mesh import codec as _codec
+    from mesh.messages import request_header as _rh
+
+    original = _codec.pack(_rh("stream", 9, "tinygpt", {"prompt": "hi"}, 5000,
+                               {"max_tokens": 20, "skip": 3}))
+    edited = _codec.unpack_header(_with_skip(original, 5))
+    assert edited["params"] == {"max_tokens": 20, "skip": 8}
+    assert edited["inputs"] == {"prompt": "hi"} and edited["id"] == 9
