@@ -45,6 +45,8 @@ class Launcher(Protocol):
 
     def pids(self) -> dict[str, int]: ...
 
+    def room(self) -> int: ...
+
     async def aclose(self, timeout_s: float) -> None: ...
 
 
@@ -141,6 +143,10 @@ class LocalLauncher:
     def pids(self) -> dict[str, int]:
         return {wid: c.proc.pid for wid, c in self._children.items()}
 
+    def room(self) -> int:
+        """How many more workers this launcher may start now."""
+        return 0 if self._closing else self._max_workers - len(self._children)
+
     def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> bool:
         child = self._children.get(worker_id)
         if child is None or child.proc.returncode is not None:
@@ -198,6 +204,9 @@ class NoLauncher:
 
     def pids(self) -> dict[str, int]:
         return {}
+
+    def room(self) -> int:
+        return 0
 
     async def aclose(self, timeout_s: float) -> None:
         return None

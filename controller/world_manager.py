@@ -192,6 +192,7 @@ class WorldManager(Actor):
         self._spawn_failures = 0
         self._spawn_retry_at_s = 0.0
         self.spawn_quarantined = ""
+        self._full_reported = False
         self._worker_ids = itertools.count(1)
         # (worker id, pid) of processes declared dead: the same process must never come back,
         # but a new process may reuse the id (a remote worker restarted by its operator).
@@ -540,6 +541,7 @@ class WorldManager(Actor):
         worker.state = "draining"
         worker.retiring = True
         worker.since_s = self._clock()
+        self._on_forget(worker.id)  # it goes quiet on purpose: not a hang
         self._send(worker.id, Shutdown(reason="released"))
         if worker.spawned_by_us:
             self.spawn(self.launcher.stop(worker.id, timeout_s=10.0),
@@ -601,11 +603,21 @@ class WorldManager(Actor):
         wanted = needed + self.config.controller.warm_workers
         can_spawn = (self.launcher.can_spawn and not self.spawn_quarantined
                      and now >= self._spawn_retry_at_s)
+        room = self.launcher.room()
+        if wanted > supply and can_spawn and room <= 0 and not self._full_reported:
+            self._full_reported = True
+            log.warning("[controller] %d more workers wanted, but the launcher is full; raise "
+                        "controller.max_local_workers or add remote workers", wanted - supply)
+            self.event("launcher_full", wanted=wanted - supply)
+        if room > 0:
+            self._full_reported = False
         if wanted > supply and can_spawn:
-            for _ in range(wanted - supply):
+            for _ in range(min(wanted - supply, max(0, room))):
                 await self._spawn_worker()
         surplus = min(len(idle), supply - wanted)
-        for worker in idle[:max(0, surplus)]:
+        # Keep the idle workers worth most (stages loaded, longest warm); retire the others.
+        by_value = sorted(idle, key=lambda w: (w.joined_once or w.preloaded, -w.since_s))
+        for worker in by_value[:max(0, surplus)]:
             if worker.spawned_by_us:
                 self._retire_worker(worker)
         if self.config.controller.preload_warm:
@@ -698,8 +710,14 @@ class WorldManager(Actor):
             return {"drained": "worker", "id": target}
         if target.isdigit() and int(target) in self.worlds:
             world_id = int(target)
-            self._drain_world(self.worlds[world_id], "drained by operator")
-            return {"drained": "world", "id": world_id}
+            world = self.worlds[world_id]
+            dep = self.deployments[world.deployment]
+            # Draining a world gives its place back (down to min_worlds, where a replacement
+            # is formed); draining a worker keeps the count and re-forms elsewhere.
+            if dep.desired > dep.min_worlds:
+                dep.desired -= 1
+            self._drain_world(world, "drained by operator")
+            return {"drained": "world", "id": world_id, "worlds_desired": dep.desired}
         raise BadRequest(f"no live worker or world named {target!r}")
 
     async def shutdown_workers(self, timeout_s: float) -> None:
@@ -707,5 +725,6 @@ class WorldManager(Actor):
         self.stopping = True
         for worker in self.workers.values():
             if worker.state != "dead":
+                self._on_forget(worker.id)
                 self._send(worker.id, Shutdown(reason="controller stopping"))
         await self.launcher.aclose(timeout_s)

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 HEADER_BYTES = 4096
 _LEN = struct.Struct("<I")
+# Headers and tensors travel on different tags, so the next header's receive can be posted
+# before this message's tensors arrive: the peer's next header never waits for us to ask.
+HEADER_TAG = 0
+TENSOR_TAG = 1
 
 
 class CommError(Exception):
@@ -109,6 +113,7 @@ class Comm:
         self._lock = threading.Lock()
         self._aborted = False
         self._outbox: deque[tuple[list[Any], list[Any], float]] = deque()
+        self._next_header: dict[int, tuple[Any, Any]] = {}
         self.pg: Any
         prefix = dist.PrefixStore(f"world/{world_id}/{epoch}/", store)
         try:
@@ -161,14 +166,14 @@ class Comm:
             self.flush()
             out = self._header_out
             out[: len(raw)].copy_(buf)
-            self._wait(self.pg.send([out], dst, 0))
+            self._wait(self.pg.send([out], dst, HEADER_TAG))
             for t in tensors:
-                self._wait(self.pg.send([t], dst, 0))
+                self._wait(self.pg.send([t], dst, TENSOR_TAG))
             return
         out = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
         out[: len(raw)].copy_(buf)
-        works = [self.pg.send([out], dst, 0)]
-        works += [self.pg.send([t], dst, 0) for t in tensors]
+        works = [self.pg.send([out], dst, HEADER_TAG)]
+        works += [self.pg.send([t], dst, TENSOR_TAG) for t in tensors]
         self._outbox.append((works, [out, *tensors], time.monotonic()))
         self.reap(window)
 
@@ -206,15 +211,22 @@ class Comm:
         if self._aborted:
             raise CommError("world aborted")
         self.reap(len(self._outbox))  # surface failed sends before blocking
-        self._wait(self.pg.recv([self._header_in], src, 0))
-        raw = self._header_in.cpu().numpy().tobytes() if self.device.type != "cpu" \
-            else self._header_in.numpy().tobytes()
+        posted = self._next_header.pop(src, None)
+        if posted is None:
+            buf = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
+            posted = (self.pg.recv([buf], src, HEADER_TAG), buf)
+        work, buf = posted
+        self._wait(work)
+        raw = buf.cpu().numpy().tobytes() if self.device.type != "cpu" else buf.numpy().tobytes()
+        # Ask for the next header now; a fresh buffer, since this one is still being read.
+        nxt = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
+        self._next_header[src] = (self.pg.recv([nxt], src, HEADER_TAG), nxt)
         (length,) = _LEN.unpack_from(raw)
         header = msgpack.unpackb(raw[_LEN.size: _LEN.size + length], raw=False)
         tensors = []
         for dtype, shape in header.pop("t", []):
             t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._wait(self.pg.recv([t], src, 0))
+            self._wait(self.pg.recv([t], src, TENSOR_TAG))
             tensors.append(t)
         return header, tensors
 
