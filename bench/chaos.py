@@ -61,6 +61,8 @@ worker_endpoint = "tcp://127.0.0.1:{ports['worker']}"
 metrics_port = 0
 worker_threads = 1
 warm_workers = {warm}
+# The world count is this benchmark's to hold steady: no autoscaling.
+autoscale = false
 
 [[deployments]]
 name = "mlp"

@@ -47,7 +47,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(path: Path, ports: dict[str, int], threads: int) -> None:
+def write_config(path: Path, ports: dict[str, int], threads: int,
+                 mlp_delay_ms: float = 2.0) -> None:
     path.write_text(f"""
 [controller]
 client_endpoint = "tcp://127.0.0.1:{ports['client']}"
@@ -55,6 +56,9 @@ admin_endpoint = "tcp://127.0.0.1:{ports['admin']}"
 worker_endpoint = "tcp://127.0.0.1:{ports['worker']}"
 metrics_port = 0
 worker_threads = {threads}
+# One world per deployment, as measured: no autoscaling, no idle warm worker.
+autoscale = false
+warm_workers = 0
 
 [[deployments]]
 name = "echo"
@@ -66,6 +70,7 @@ max_inflight_per_world = 256
 name = "mlp"
 model = "worker.models.mlp:build"
 max_batch_size = {MLP_BATCH}
+max_batch_delay_ms = {mlp_delay_ms}
 max_inflight_per_world = 256
 """)
 
@@ -121,7 +126,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = {k: free_port() for k in ("client", "admin", "worker", "direct")}
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     config = tmp / "bench.toml"
-    write_config(config, ports, args.threads)
+    write_config(config, ports, args.threads, args.mlp_delay_ms)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     ctrl = subprocess.Popen([sys.executable, "-m", "controller.cli", "--log-level", "WARNING",
                              "controller", "--config", str(config)], stdin=subprocess.DEVNULL)
@@ -207,6 +212,8 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--mlp-delay-ms", type=float, default=2.0,
+                        help="max_batch_delay_ms of the mlp deployment (0: never wait)")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     try:
