@@ -50,10 +50,13 @@ async def test_a_two_stage_mlp_world_computes_the_unsplit_model(
     with torch.inference_mode():
         for x, out in zip(xs, outs, strict=True):
             torch.testing.assert_close(torch.from_numpy(out["y"]), model(torch.from_numpy(x)))
-    # Both stages computed: the stage-1 worker reports batches of its own.
-    status = await cluster.status()
-    by_id = {w["id"]: w for w in status["workers"]}
-    assert all(by_id[w]["batches"] > 0 for w in world["workers"])
+    # Both stages computed: the stage-1 worker reports batches of its own (in its next
+    # heartbeat, within 200 ms).
+    def both_computed(s: dict[str, Any]) -> bool:
+        by_id = {w["id"]: w for w in s["workers"]}
+        return all(by_id[w]["batches"] > 0 for w in world["workers"])
+
+    await cluster.wait_for(both_computed, timeout_s=5.0, what="both stages' batch counters")
 
 
 async def test_a_two_stage_tinygpt_world_streams_exactly_the_reference_tokens(
