@@ -34,7 +34,7 @@ from mesh.errors import (
     StreamInterrupted,
     Unavailable,
 )
-from mesh.messages import DISPATCH, REPLY_CHUNK, REPLY_ERROR, error_header
+from mesh.messages import CANCEL_WORK, DISPATCH, REPLY_CHUNK, REPLY_ERROR, error_header
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,16 @@ class Router:
             if p.world is None:
                 self.pending.pop(rid, None)
                 self._queue_dead += 1
+            else:
+                self._stop_on_worker(p)
+
+    def _stop_on_worker(self, p: Pending) -> None:
+        """Tell the world to stop spending compute on an answered request (it still answers,
+        so its slot is freed; the answer is dropped as late)."""
+        world = p.world
+        if world is not None:
+            self._send_worker([world.entry,
+                               codec.pack([CANCEL_WORK, p.rid, world.world_id, world.epoch])])
 
     def sweep(self) -> None:
         """Answer every request whose deadline has passed."""
@@ -288,6 +298,8 @@ class Router:
                 # Still queued: forget it now (the queue skips answered entries).
                 self.pending.pop(rid, None)
                 self._queue_dead += 1
+            else:
+                self._stop_on_worker(p)
 
     def _answer_error(self, p: Pending, err: MeshError) -> None:
         p.answered = True

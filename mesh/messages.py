@@ -43,6 +43,7 @@ REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCE
 HELLO = "hello"  # worker data socket -> controller: [HELLO] (announces its identity)
 DISPATCH = "req"  # controller -> worker: [DISPATCH, rid, world_id, epoch, deadline_ms]
 REPLY = "res"  # worker -> controller: [REPLY, rid, world_id, epoch, status]
+CANCEL_WORK = "cancel"  # controller -> worker: [CANCEL_WORK, rid, world_id, epoch]
 REPLY_OK = 0  # status: frame 1 is a client "result"/"chunk"/"end" header
 REPLY_ERROR = 1  # status: frame 1 is a client "error" header
 REPLY_CHUNK = 2  # status: a stream chunk, more to come

@@ -15,6 +15,7 @@ from controller.router import Router
 from mesh import codec
 from mesh.errors import BadRequest, ModelError, Unavailable
 from mesh.messages import (
+    CANCEL_WORK,
     DISPATCH,
     REPLY,
     REPLY_CHUNK,
@@ -94,10 +95,21 @@ class Harness:
         out = []
         for frames in self.to_worker:
             head = codec.unpack_header(frames[1])
+            if head[0] == CANCEL_WORK:
+                continue
             assert head[0] == DISPATCH
             d = Dispatch(frames[0], head[1], head[2], head[3], head[4], frames[2], frames[3:])
             if entry is None or d.entry == entry:
                 out.append(d)
+        return out
+
+    def cancels(self) -> list[tuple[bytes, int, int, int]]:
+        """(entry, rid, world, epoch) of every stop-work message sent to a worker."""
+        out = []
+        for frames in self.to_worker:
+            head = codec.unpack_header(frames[1])
+            if head[0] == CANCEL_WORK:
+                out.append((frames[0], head[1], head[2], head[3]))
         return out
 
     def dispatch_of(self, client_id: Any) -> Dispatch:
@@ -260,8 +272,11 @@ def test_a_reply_after_the_deadline_answer_is_dropped_and_frees_the_world_slot()
     h.submit("waiting", timeout_ms=5000)
     h.clock.advance(0.2)
     h.router.sweep()
+    slow = h.dispatch_of("slow")
+    # The worker is told to stop: it still answers, and that answer frees the slot.
+    assert h.cancels() == [(b"w1", slow.rid, 1, 0)]
     before = len(h.to_client)
-    h.reply(h.dispatch_of("slow"))  # the worker finishes after all
+    h.reply(slow)  # the worker finishes after all
     assert len(h.to_client) == before  # the late result never reaches the client
     # The slot the slow request held is free again: the waiting request goes out.
     h.reply(h.dispatch_of("waiting"))

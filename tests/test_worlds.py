@@ -193,3 +193,31 @@ def test_a_world_on_a_cuda_device_uses_nccl() -> None:
                 timeout_s=10.0)
     assert comm.backend == "nccl"
     comm.abort()
+
+
+async def test_a_stream_the_caller_abandons_stops_decoding_on_the_worker(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory("""
+[[deployments]]
+name = "tinygpt"
+model = "worker.models.tinygpt:build"
+max_batch_size = 1
+""")
+    prompt = "x" * 200
+    async with Client(cluster.client) as client:
+        started = time.monotonic()
+        full = [c async for c in client.stream("tinygpt", {"prompt": prompt}, max_tokens=256)]
+        full_s = time.monotonic() - started
+        assert len(full) == 256
+        chunks = 0
+        async for _ in client.stream("tinygpt", {"prompt": prompt}, max_tokens=256):
+            chunks += 1
+            if chunks == 5:
+                break  # the client sends cancel for the stream
+        started = time.monotonic()
+        await client.infer("tinygpt", {"prompt": "hi"}, params={"max_tokens": 1})
+        follow_up_s = time.monotonic() - started
+    # The only world was free again long before the abandoned stream could have finished.
+    assert follow_up_s < full_s / 3, (follow_up_s, full_s)
+    status = await cluster.status()
+    assert status["deployments"][0]["in_flight"] == 0

@@ -88,6 +88,14 @@ class Batcher:
             self._target = rows if by_delay else max(self._target, rows)
         return batch, expired
 
+    def remove(self, match: Callable[[Item], bool]) -> list[Item]:
+        """Take the queued items ``match`` selects out of the queue."""
+        gone = [item for item in self._queue if match(item)]
+        for item in gone:
+            self._queue.remove(item)
+            self._rows -= item.rows
+        return gone
+
     def clear(self) -> list[Item]:
         items = list(self._queue)
         self._queue.clear()

@@ -28,8 +28,15 @@ from typing import Any
 import zmq
 
 from mesh import codec
-from mesh.errors import BadRequest, DeadlineExceeded, MeshError, ModelError, Unavailable
-from mesh.messages import DISPATCH, HELLO, REPLY, REPLY_ERROR, error_header
+from mesh.errors import (
+    BadRequest,
+    Cancelled,
+    DeadlineExceeded,
+    MeshError,
+    ModelError,
+    Unavailable,
+)
+from mesh.messages import CANCEL_WORK, DISPATCH, HELLO, REPLY, REPLY_ERROR, error_header
 from mesh.transport import make_socket, recv_nowait, send_nowait
 from worker.batcher import Item
 from worker.comm import CommError
@@ -103,6 +110,8 @@ class DataPlane:
         self.queued = 0
         self.busy = False
         self.started = threading.Event()
+        self._generating: set[Any] = set()  # rids whose decode loop runs now
+        self._cancelled: set[Any] = set()
         self.fault_delay_s = 0.0  # fault injection: added to every computation
         self.crashed: BaseException | None = None
 
@@ -266,6 +275,9 @@ class DataPlane:
 
     def _accept(self, frames: list[Any]) -> None:
         head = codec.unpack_header(frames[0])
+        if isinstance(head, list) and len(head) >= 4 and head[0] == CANCEL_WORK:
+            self._cancel(head[1], head[2])
+            return
         if not isinstance(head, list) or len(head) < 5 or head[0] != DISPATCH:
             log.warning("[worker %s] dropped a malformed dispatch", self.identity)
             return
@@ -298,6 +310,20 @@ class DataPlane:
         now = self._clock()
         world.batcher.add(Item((rid, client_id), rows, now, now + deadline_ms / 1000.0,
                                Request(inputs, params, rows, kind)))
+
+    def _cancel(self, rid: Any, world_id: Any) -> None:
+        """Stop work the controller already answered (cancel, deadline): drop it from the
+        queue, or stop its decode loop at the next step. Either way it is answered once more
+        (Cancelled), which frees its slot on the controller; that answer is dropped there."""
+        world = self._worlds.get(world_id)
+        if world is None:
+            return
+        for item in world.batcher.remove(lambda it: it.token[0] == rid):
+            self._send_error(world, item.token, Cancelled("cancelled while queued"))
+        # It may be decoding now, or wait in the batch being decoded: stop it when it starts.
+        if len(self._cancelled) > 10_000:
+            self._cancelled.clear()
+        self._cancelled.add(rid)
 
     def _compute(self) -> None:
         for world in list(self._worlds.values()):
@@ -380,13 +406,34 @@ class DataPlane:
         """The decode loop of one request, driven from stage 0 (and inside the world)."""
         handler = world.handler
         request: Request = item.payload
-        rid, client_id = item.token
+        rid = item.token[0]
         steps = handler.gen_steps(request)
         skip = int(request.params.get("skip", 0))
         replier = self._replier(world)
         texts: dict[Any, list[str]] = {}
+        if rid in self._cancelled:
+            self._cancelled.discard(rid)
+            replier.error(rid, item.token[1], Cancelled("cancelled before it started"))
+            return
         tensors = handler.gen_start(request)
+        self._generating.add(rid)
+        try:
+            self._decode(world, item, request, replier, texts, tensors, steps, skip)
+        finally:
+            self._generating.discard(rid)
+            self._cancelled.discard(rid)
+
+    def _decode(self, world: World, item: Item, request: Request, replier: Replier,
+                texts: dict[Any, list[str]], tensors: dict[str, Any], steps: int,
+                skip: int) -> None:
+        handler = world.handler
+        rid, client_id = item.token
         for step in range(steps):
+            # Between steps, take in what arrived: new requests queue, cancels land here.
+            self._receive()
+            if rid in self._cancelled:
+                replier.error(rid, client_id, Cancelled("stopped: the caller cancelled"))
+                return
             if self._clock() > item.deadline_s:
                 replier.error(rid, client_id, DeadlineExceeded("deadline passed while generating"))
                 return
