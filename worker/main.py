@@ -81,9 +81,6 @@ def follow_parent(parent_pid: int) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     follow_parent(args.parent_pid)
-    if os.environ.get("MESH_SWITCH_S"):
-        import sys
-        sys.setswitchinterval(float(os.environ["MESH_SWITCH_S"]))
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     worker_id = args.worker_id or default_worker_id()
     logging.basicConfig(
