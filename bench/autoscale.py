@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.overhead import free_port
+from bench.common import free_port, start_controller, stop_process
 from controller.admin_client import admin_call
 from controller.bench import Second, plot_profile, run_profile
 from controller.stats import percentile
 from mesh.client import Client
 from mesh.errors import MeshError
+from mesh.loop import run as run_loop
 
 
 def write_config(path: Path, ports: dict[str, int], args: argparse.Namespace) -> None:
@@ -77,9 +77,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     write_config(config, ports, args)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     log = open(config.with_suffix(".log"), "wb")
-    ctrl = subprocess.Popen([sys.executable, "-m", "controller.cli", "--log-level", "INFO",
-                             "controller", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    ctrl = start_controller(config, log=log, log_level="INFO")
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -101,12 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 out=sys.stderr)
         final = await admin_call(admin, "status", timeout_s=5.0)
     finally:
-        ctrl.terminate()
-        try:
-            ctrl.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            ctrl.kill()
-            ctrl.wait()
+        stop_process(ctrl, 30.0)
         log.close()
     step_up = args.duration_s / 3
     lat = sorted(a.latency_ms for a in arrivals if a.latency_ms is not None)
@@ -146,12 +139,7 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="draw a PNG timeline here")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        result = uvloop.run(run(args))
-    except ImportError:  # pragma: no cover
-        result = asyncio.run(run(args))
+    result = run_loop(run(args))
     seconds, arrivals = result.pop("_seconds"), result.pop("_arrivals")
     width = max(len(k) for k in result)
     for key, value in result.items():

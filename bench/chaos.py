@@ -20,7 +20,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.overhead import free_port
+from bench.common import free_port, start_controller, stop_process
 from controller.admin_client import admin_call
 from controller.stats import percentile
 from mesh import codec
 from mesh.client import Client
 from mesh.errors import MeshError
+from mesh.loop import run as run_loop
 
 
 class LedgerClient(Client):
@@ -96,10 +96,7 @@ async def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     write_config(config, ports, warm, args.worlds, args.hidden)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     log = open(config.with_suffix(".log"), "wb")
-    ctrl = subprocess.Popen([sys.executable, "-m", "controller.cli", "--log-level", "INFO",
-                             "controller", "--config",
-                             str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    ctrl = start_controller(config, log=log, log_level="INFO")
     rng = random.Random(args.seed)
     samples: list[tuple[float, float]] = []  # (wall time done, latency ms)
     errors: list[tuple[float, str]] = []
@@ -163,12 +160,7 @@ async def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
             answered_ids = len(client.answers)
     finally:
         stop.set()
-        ctrl.terminate()
-        try:
-            ctrl.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            ctrl.kill()
-            ctrl.wait()
+        stop_process(ctrl, 30.0)
         log.close()
     return summarize(name, started, args, samples, errors, sent, answered_ids, duplicated,
                      kills, final["events"], worlds_timeline)
@@ -306,12 +298,7 @@ def main() -> int:
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="draw a PNG timeline here (needs matplotlib)")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        results = uvloop.run(run(args))
-    except ImportError:  # pragma: no cover
-        results = asyncio.run(run(args))
+    results = run_loop(run(args))
     print(render(results))
     if args.json:
         slim = [{k: v for k, v in r.items() if k != "timeline"} for r in results]

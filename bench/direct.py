@@ -14,7 +14,6 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 import zmq
@@ -127,15 +126,3 @@ class DirectWorker:
             raise DeadlineExceeded("direct worker did not answer") from None
         finally:
             self._calls.pop(rid, None)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
-def wait_s(seconds: float) -> None:
-    time.sleep(seconds)

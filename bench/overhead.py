@@ -21,9 +21,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,19 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.direct import DirectWorker, cpu_seconds
+from bench.common import cpu_seconds, free_port, start_controller, stop_process
+from bench.direct import DirectWorker
 from controller.admin_client import admin_call
 from controller.bench import BenchResult, closed_loop
 from mesh.client import Client
+from mesh.loop import run as run_loop
 
 ECHO_INPUTS = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
 MLP_BATCH = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(path: Path, ports: dict[str, int], threads: int,
@@ -128,8 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config = tmp / "bench.toml"
     write_config(config, ports, args.threads, args.mlp_delay_ms)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
-    ctrl = subprocess.Popen([sys.executable, "-m", "controller.cli", "--log-level", "WARNING",
-                             "controller", "--config", str(config)], stdin=subprocess.DEVNULL)
+    ctrl = start_controller(config, log_level="WARNING")
     direct = DirectWorker(ports["direct"], {"name": "echo", "model": "worker.models.echo:build",
                                             "max_batch_size": 64, "max_batch_delay_ms": 2.0},
                           threads=args.threads)
@@ -169,11 +162,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"effective batch {eff:.2f}", file=sys.stderr, flush=True)
     finally:
         await direct.aclose()
-        ctrl.terminate()
-        try:
-            ctrl.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            ctrl.kill()
+        stop_process(ctrl, 30.0)
     # The bare loops run after the servers stopped, alone on the machine, as "bare" means.
     for c, entry in results["mlp"].items():
         eff = max(1, round(entry["effective_batch"]))
@@ -216,12 +205,7 @@ def main() -> int:
                         help="max_batch_delay_ms of the mlp deployment (0: never wait)")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        results = uvloop.run(run(args))
-    except ImportError:  # pragma: no cover
-        results = asyncio.run(run(args))
+    results = run_loop(run(args))
     print(render(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -51,7 +51,6 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench.common import alive, cpu_seconds, free_port, stop_process
+from mesh.loop import run as run_loop
 
 BATCH = 32
 FEATURES = 64
@@ -72,22 +74,6 @@ S1_ROWS, S1_MICRO, S1_COMPUTE, S1_RECV, S1_T = 7, 8, 9, 10, 11
 SLOTS = 16
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAUSE, RUN, STOP = 0.0, 1.0, 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, all its threads (Linux /proc); 0 if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def system_busy_s() -> float:
@@ -111,27 +97,6 @@ def cpu_cores(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     cores = {k: (b[k] - a[k]) / wall for k in a if not k.startswith("@")}
     cores["@other"] = max(0.0, (b["@system"] - a["@system"]) / wall - sum(cores.values()))
     return cores
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 20.0) -> None:
-    """Terminate one process we started, by its PID; kill it if it will not go."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
 
 
 def stop_pid(pid: int, timeout_s: float = 5.0) -> None:
@@ -961,12 +926,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.raw_stage is not None:
         return raw_stage(args)
-    try:
-        import uvloop
-
-        results = uvloop.run(run(args))
-    except ImportError:  # pragma: no cover
-        results = asyncio.run(run(args))
+    results = run_loop(run(args))
     print(render(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,6 @@ class Context:
 class State:
     breach_since_s: float | None = None
     headroom_since_s: float | None = None
-    last_change_s: float = -math.inf
-    history: tuple[int, ...] = field(default_factory=tuple)
 
 
 def needed_worlds(ctx: Context) -> int | None:
@@ -78,15 +76,12 @@ def decide(ctx: Context, state: State) -> tuple[int, State, str]:
     current = ctx.desired
     clamped = max(lo, min(hi, current))
     if clamped != current:
-        return clamped, replace(state, last_change_s=ctx.now_s), \
-            f"bounds [{lo}, {hi}] moved the target"
+        return clamped, state, f"bounds [{lo}, {hi}] moved the target"
     # Worlds asked for but not yet forming count too: the manager acts on its next pass.
     if current == 0 and (ctx.queued > 0 or ctx.arrival_rps > 0) and hi > 0:
         # Scaled to zero and traffic came back: nothing can be measured without a world.
         target = max(1, lo)
-        return target, replace(state, last_change_s=ctx.now_s, breach_since_s=None,
-                               history=(*state.history[-19:], target)), \
-            "up: requests arrived with no world"
+        return target, replace(state, breach_since_s=None), "up: requests arrived with no world"
     capacity_on_the_way = max(ctx.serving + ctx.forming, current)
     need = needed_worlds(ctx)
     breaching = ctx.samples >= ctx.min_samples and ctx.p99_ms > ctx.slo_p99_ms
@@ -106,8 +101,7 @@ def decide(ctx: Context, state: State) -> tuple[int, State, str]:
                    f"{ctx.world_rps:.0f}/s each" if predicted else
                    f"p99 {ctx.p99_ms:.1f} ms > target {ctx.slo_p99_ms:.1f} ms for "
                    f"{waited:.1f}s")
-            return target, replace(state, breach_since_s=None, last_change_s=ctx.now_s,
-                                   history=(*state.history[-19:], target)), f"up: {why}"
+            return target, replace(state, breach_since_s=None), f"up: {why}"
         return current, state, f"breach for {waited:.1f}s (acting at {ctx.upscale_delay_s}s)"
     # No breach, none predicted: is there room to give a world back?
     state = replace(state, breach_since_s=None)
@@ -121,8 +115,7 @@ def decide(ctx: Context, state: State) -> tuple[int, State, str]:
         waited = ctx.now_s - since
         if waited >= ctx.downscale_delay_s:
             target = current - 1
-            return target, replace(state, headroom_since_s=None, last_change_s=ctx.now_s,
-                                   history=(*state.history[-19:], target)), \
+            return target, replace(state, headroom_since_s=None), \
                 f"down: headroom for {waited:.0f}s (p99 {ctx.p99_ms:.1f} ms, " \
                 f"arrival {ctx.arrival_rps:.0f}/s)"
         return current, state, f"headroom for {waited:.0f}s (acting at {ctx.downscale_delay_s}s)"

@@ -7,7 +7,6 @@ into one validated Config before anything starts; a bad value exits 2 with a mes
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -16,17 +15,14 @@ from collections.abc import Coroutine
 from typing import Any
 
 from mesh.errors import ConfigError, MeshError
+from mesh.loop import run as run_loop
 
 DEFAULT_ADMIN = "tcp://127.0.0.1:5556"
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    return run_loop(coro)
 
 
 def _setup_logging(level: str) -> None:

@@ -39,7 +39,6 @@ class Actor:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.log = logging.LoggerAdapter(log, {})
         self._mailbox: asyncio.Queue[Any] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = False

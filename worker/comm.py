@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -131,7 +132,6 @@ class Comm:
         except Exception as exc:
             raise classify(exc) from exc
         self._header_out = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
-        self._header_in = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
 
     def _wait(self, work: Any) -> None:
         try:
@@ -141,8 +141,8 @@ class Comm:
         if ok is False:
             raise WorldTimeout(f"no completion within {self.timeout.total_seconds():.1f}s")
 
-    def send(self, dst: int, header: dict[str, Any], tensors: list[Any] = (),  # type: ignore[assignment]
-             *, window: int = 0) -> None:
+    def send(self, dst: int, header: dict[str, Any], tensors: Sequence[Any] = (), *,
+             window: int = 0) -> None:
         """Send a header (and the tensors it describes) to rank ``dst``.
 
         With ``window`` > 0 the send is posted and not waited for, so this stage can compute

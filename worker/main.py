@@ -10,6 +10,7 @@ import signal
 import socket
 import uuid
 
+from mesh.loop import run as run_loop
 from worker.agent import WorkerAgent
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     coro = run_worker(args.controller, worker_id, args.device, args.threads, labels,
                       args.advertise_host)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    return run_loop(coro)
 
 
 def main(argv: list[str] | None = None) -> int:

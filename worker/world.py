@@ -105,7 +105,6 @@ class World:
         self.deployment = deployment
         self.handler = handler
         self.comm = comm
-        self.joined_at = time.monotonic()
         self.draining = False
         self.broken: str | None = None
         self.last_sent_s = time.monotonic()
@@ -116,10 +115,6 @@ class World:
             clock=time.monotonic,
         )
         self.runner: StageRunner | None = None
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.world_id, self.epoch)
 
     @property
     def is_last(self) -> bool:
@@ -163,9 +158,6 @@ class StageRunner:
 
     def stop(self) -> None:
         self._stopping = True
-
-    def join(self, timeout_s: float) -> None:
-        self._thread.join(timeout_s)
 
     def _run(self) -> None:
         world = self.world

@@ -1,0 +1,58 @@
+"""What every benchmark program needs: free ports, CPU readings, processes ended by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads (Linux /proc); 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def start_controller(config: Path, *, log: IO[bytes] | None = None,
+                     log_level: str = "INFO") -> subprocess.Popen[bytes]:
+    """``meshctl controller --config`` as a subprocess (it starts its own workers)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "controller.cli", "--log-level", log_level, "controller",
+         "--config", str(config)],
+        stdout=log, stderr=subprocess.STDOUT if log is not None else None,
+        stdin=subprocess.DEVNULL)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 20.0) -> None:
+    """Terminate one process we started, by its PID; kill it if it will not go."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
