@@ -12,16 +12,11 @@ import os
 import random
 import signal
 import time
-from collections import Counter
 from typing import Any
 
-import numpy as np
-
-from mesh import codec
-from mesh.client import Client
-from mesh.errors import MeshError
 from tests.cluster import Cluster, alive
 from tests.conftest import StartCluster
+from tests.load import LedgerClient, Load
 
 PIPELINE = """
 [[deployments]]
@@ -33,65 +28,6 @@ worlds = 2
 max_worlds = 4
 default_timeout_ms = 15000
 """
-
-
-class LedgerClient(Client):
-    """A real client that also counts every answer frame it receives, per request id."""
-
-    def __init__(self, endpoint: str) -> None:
-        super().__init__(endpoint)
-        self.answers: Counter[Any] = Counter()
-        self.chunks: Counter[Any] = Counter()
-
-    def _on_message(self, frames: list[Any]) -> None:
-        header = codec.unpack_header(codec.frame_buffer(frames[0]))
-        if header.get("kind") == "chunk":
-            self.chunks[header.get("id")] += 1
-        else:
-            self.answers[header.get("id")] += 1
-        super()._on_message(frames)
-
-
-class Load:
-    """Closed-loop callers that keep a ledger of what they sent and what came back."""
-
-    def __init__(self, client: LedgerClient, callers: int = 6) -> None:
-        self.client = client
-        self.callers = callers
-        self.sent = 0
-        self.ok = 0
-        self.errors: list[tuple[float, BaseException]] = []
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def _caller(self, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        while not self._stop.is_set():
-            x = rng.standard_normal((1, 64)).astype(np.float32)
-            self.sent += 1
-            try:
-                out = await self.client.infer("mlp", {"x": x}, timeout_s=15)
-                assert out["y"].shape == (1, 10)
-                self.ok += 1
-            except MeshError as exc:
-                self.errors.append((time.monotonic(), exc))
-
-    def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._caller(i)) for i in range(self.callers)]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._tasks)
-
-    def assert_exactly_once(self) -> None:
-        assert self.ok + len(self.errors) == self.sent
-        duplicates = {i: n for i, n in self.client.answers.items() if n != 1}
-        assert not duplicates, f"requests answered more than once: {duplicates}"
-        assert sum(self.client.answers.values()) == self.sent
-
-
-async def serving_worlds(cluster: Cluster) -> list[dict[str, Any]]:
-    return [w for w in (await cluster.status())["worlds"] if w["state"] == "serving"]
 
 
 async def form_shared_world(cluster: Cluster) -> tuple[str, dict[str, Any]]:
@@ -117,9 +53,7 @@ async def test_chaos_three_kills_answer_every_request_exactly_once(
     rng = random.Random(11)
     killed: list[int] = []
     async with LedgerClient(cluster.client) as client:
-        load = Load(client)
-        load.start()
-        try:
+        async with Load(client) as load:
             await asyncio.sleep(2.0)
             for round_ in range(3):
                 status = await cluster.status()
@@ -136,8 +70,6 @@ async def test_chaos_three_kills_answer_every_request_exactly_once(
                 lambda s: sum(w["state"] == "serving" for w in s["worlds"]) >= 3,
                 timeout_s=30, what="worlds re-formed")
             await asyncio.sleep(1.0)
-        finally:
-            await load.stop()
     load.assert_exactly_once()
     assert load.errors == [], load.errors[:3]
     assert load.ok > 200
@@ -156,9 +88,7 @@ async def test_killing_the_shared_worker_breaks_both_its_worlds_and_both_are_ref
     assert len(shared_worlds) == 2
     pid = next(w["pid"] for w in status["workers"] if w["id"] == shared)
     async with LedgerClient(cluster.client) as client:
-        load = Load(client)
-        load.start()
-        try:
+        async with Load(client) as load:
             await asyncio.sleep(1.0)
             os.kill(pid, signal.SIGKILL)
             status = await cluster.wait_for(
@@ -172,8 +102,6 @@ async def test_killing_the_shared_worker_breaks_both_its_worlds_and_both_are_ref
                 lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 3,
                 timeout_s=30, what="both re-formed")
             await asyncio.sleep(1.0)
-        finally:
-            await load.stop()
     load.assert_exactly_once()
     assert load.errors == []
 
@@ -186,9 +114,7 @@ async def test_killing_a_non_shared_worker_breaks_only_its_world(
     victim = world_a["workers"][1]
     pid = next(w["pid"] for w in status["workers"] if w["id"] == victim)
     async with LedgerClient(cluster.client) as client:
-        load = Load(client)
-        load.start()
-        try:
+        async with Load(client) as load:
             await asyncio.sleep(1.0)
             os.kill(pid, signal.SIGKILL)
             await cluster.wait_for(
@@ -203,8 +129,6 @@ async def test_killing_a_non_shared_worker_breaks_only_its_world(
                            for e in status["events"])
             now_b = next(w["served"] for w in status["worlds"] if w["id"] == world_b["id"])
             assert now_b > served_b  # world B never stopped answering
-        finally:
-            await load.stop()
     load.assert_exactly_once()
     assert load.errors == []
 

@@ -14,6 +14,7 @@ import torch
 from mesh.client import Client
 from mesh.errors import BadRequest, MeshError, UnknownModel
 from tests.conftest import StartCluster
+from tests.load import Load
 
 MLP = """
 [[deployments]]
@@ -97,54 +98,35 @@ async def test_status_json_has_the_contract_keys_with_live_figures(
 async def test_scaling_to_three_worlds_and_back_to_one_fails_no_request_under_load(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(SMALL_MLP)
-    x = np.ones((1, 64), dtype=np.float32)
-    answered = 0
-    failures: list[BaseException] = []
-    stop = asyncio.Event()
+    async with Client(cluster.client) as client, Load(client, callers=8, timeout_s=20) as load:
+        proc = await asyncio.to_thread(cluster.meshctl, "scale", "mlp", "--worlds", "3")
+        assert proc.returncode == 0, proc.stderr
+        status = await cluster.wait_for(
+            lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 3,
+            what="3 serving worlds")
+        serving_pids = {w["pid"] for w in status["workers"] if w["state"] == "serving"}
+        assert len(serving_pids) == 3
+        assert serving_pids <= set(cluster.worker_pids())
+        before = load.ok
+        await asyncio.sleep(1.0)
+        assert load.ok > before  # load kept flowing through the new worlds
 
-    async def caller(client: Client) -> None:
-        nonlocal answered
-        while not stop.is_set():
-            try:
-                await client.infer("mlp", {"x": x}, timeout_s=20)
-                answered += 1
-            except MeshError as exc:
-                failures.append(exc)
-
-    async with Client(cluster.client) as client:
-        load = [asyncio.create_task(caller(client)) for _ in range(8)]
-        try:
-            proc = await asyncio.to_thread(cluster.meshctl, "scale", "mlp", "--worlds", "3")
-            assert proc.returncode == 0, proc.stderr
-            status = await cluster.wait_for(
-                lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 3,
-                what="3 serving worlds")
-            serving_pids = {w["pid"] for w in status["workers"] if w["state"] == "serving"}
-            assert len(serving_pids) == 3
-            assert serving_pids <= set(cluster.worker_pids())
-            before = answered
-            await asyncio.sleep(1.0)
-            assert answered > before  # load kept flowing through the new worlds
-
-            proc = await asyncio.to_thread(cluster.meshctl, "scale", "mlp", "--worlds", "1")
-            assert proc.returncode == 0, proc.stderr
-            status = await cluster.wait_for(
-                lambda s: len(s["worlds"]) == 1 and s["worlds"][0]["state"] == "serving",
-                what="one world left")
-            kept = {w["pid"] for w in status["workers"] if w["state"] == "serving"}
-            released = serving_pids - kept
-            assert len(released) == 2
-            for _ in range(100):  # released workers exit
-                if not released & set(cluster.worker_pids()):
-                    break
-                await asyncio.sleep(0.1)
-            assert not released & set(cluster.worker_pids())
-            await asyncio.sleep(0.5)
-        finally:
-            stop.set()
-            await asyncio.gather(*load)
-    assert failures == []
-    assert answered > 100
+        proc = await asyncio.to_thread(cluster.meshctl, "scale", "mlp", "--worlds", "1")
+        assert proc.returncode == 0, proc.stderr
+        status = await cluster.wait_for(
+            lambda s: len(s["worlds"]) == 1 and s["worlds"][0]["state"] == "serving",
+            what="one world left")
+        kept = {w["pid"] for w in status["workers"] if w["state"] == "serving"}
+        released = serving_pids - kept
+        assert len(released) == 2
+        for _ in range(100):  # released workers exit
+            if not released & set(cluster.worker_pids()):
+                break
+            await asyncio.sleep(0.1)
+        assert not released & set(cluster.worker_pids())
+        await asyncio.sleep(0.5)
+    assert load.errors == []
+    assert load.ok > 100
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

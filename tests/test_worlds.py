@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mesh.client import Client
-from mesh.errors import MeshError
 from tests.conftest import StartCluster
+from tests.load import Load
 
 TWO_STAGE_MLP = """
 [[deployments]]
@@ -100,39 +100,20 @@ async def test_a_worker_shared_by_two_worlds_serves_both_and_survives_closing_on
     assert sorted(by_id[shared]["worlds"]) == sorted([world_a["id"], world_b["id"]])
     shared_pid = by_id[shared]["pid"]
 
-    x = np.ones((1, 64), dtype=np.float32)
-    failures: list[BaseException] = []
-    answered = 0
-    stop = asyncio.Event()
+    async with Client(cluster.client) as client, Load(client, callers=8, timeout_s=20) as load:
+        await asyncio.sleep(2.0)
+        status = await cluster.status()
+        served = {w["id"]: w["served"] for w in status["worlds"]}
+        assert served[world_a["id"]] > 0 and served[world_b["id"]] > 0  # both worlds used
 
-    async def caller(client: Client) -> None:
-        nonlocal answered
-        while not stop.is_set():
-            try:
-                await client.infer("mlp", {"x": x}, timeout_s=20)
-                answered += 1
-            except MeshError as exc:
-                failures.append(exc)
-
-    async with Client(cluster.client) as client:
-        load = [asyncio.create_task(caller(client)) for _ in range(8)]
-        try:
-            await asyncio.sleep(2.0)
-            status = await cluster.status()
-            served = {w["id"]: w["served"] for w in status["worlds"]}
-            assert served[world_a["id"]] > 0 and served[world_b["id"]] > 0  # both worlds used
-
-            proc = await asyncio.to_thread(cluster.meshctl, "drain", str(world_b["id"]))
-            assert proc.returncode == 0, proc.stderr
-            await cluster.wait_for(lambda s: world_b["id"] not in {w["id"] for w in s["worlds"]},
-                                   what="world B closed")
-            before = answered
-            await asyncio.sleep(1.5)
-            assert answered > before  # world A kept serving through the shared worker
-        finally:
-            stop.set()
-            await asyncio.gather(*load)
-    assert failures == []
+        proc = await asyncio.to_thread(cluster.meshctl, "drain", str(world_b["id"]))
+        assert proc.returncode == 0, proc.stderr
+        await cluster.wait_for(lambda s: world_b["id"] not in {w["id"] for w in s["worlds"]},
+                               what="world B closed")
+        before = load.ok
+        await asyncio.sleep(1.5)
+        assert load.ok > before  # world A kept serving through the shared worker
+    assert load.errors == []
     status = await cluster.status()
     by_id = {w["id"]: w for w in status["workers"]}
     assert by_id[shared]["pid"] == shared_pid and by_id[shared]["state"] == "serving"

@@ -1,0 +1,81 @@
+"""Client-side load with a ledger: what was sent, what came back, and how often."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any, Self
+
+import numpy as np
+
+from mesh import codec
+from mesh.client import Client
+from mesh.errors import MeshError
+
+
+class LedgerClient(Client):
+    """A real client that also counts every answer frame it receives, per request id."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.answers: Counter[Any] = Counter()
+        self.chunks: Counter[Any] = Counter()
+
+    def _on_message(self, frames: list[Any]) -> None:
+        header = codec.unpack_header(codec.frame_buffer(frames[0]))
+        if header.get("kind") == "chunk":
+            self.chunks[header.get("id")] += 1
+        else:
+            self.answers[header.get("id")] += 1
+        super()._on_message(frames)
+
+
+class Load:
+    """Closed-loop callers of the ``mlp`` demo (any width: only the output shape is checked).
+
+    ``async with Load(client) as load:`` keeps them running for the block; ``errors`` holds
+    every failure a caller saw. With a LedgerClient, ``assert_exactly_once`` checks the ledger.
+    """
+
+    def __init__(self, client: Client, callers: int = 6, timeout_s: float = 15.0) -> None:
+        self.client = client
+        self.callers = callers
+        self.timeout_s = timeout_s
+        self.sent = 0
+        self.ok = 0
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _caller(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not self._stop.is_set():
+            x = rng.standard_normal((1, 64)).astype(np.float32)
+            self.sent += 1
+            try:
+                out = await self.client.infer("mlp", {"x": x}, timeout_s=self.timeout_s)
+                assert out["y"].shape == (1, 10)
+                self.ok += 1
+            except MeshError as exc:
+                self.errors.append(exc)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._caller(i)) for i in range(self.callers)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def assert_exactly_once(self) -> None:
+        assert isinstance(self.client, LedgerClient)
+        assert self.ok + len(self.errors) == self.sent
+        duplicates = {i: n for i, n in self.client.answers.items() if n != 1}
+        assert not duplicates, f"requests answered more than once: {duplicates}"
+        assert sum(self.client.answers.values()) == self.sent
