@@ -51,6 +51,7 @@ class DirectWorker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.inputs_spec: dict[str, Any] = {}
         self._data_identity = b""
+        self._closed = False
 
     @property
     def pid(self) -> int:
@@ -73,6 +74,9 @@ class DirectWorker:
             await self._joined.wait()
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self.proc is not None:
             self.proc.terminate()
             try:

@@ -10,9 +10,15 @@
    loop in this process (same torch thread count as the worker): at batch 1 (concurrency 1),
    at concurrency 16, and at the batcher's maximum batch (concurrency = max_batch_size); the
    bare loop runs at the effective batch the worker actually formed (from its counters).
+3. The transport floor (bench.floor) at concurrency 1: the same four ZeroMQ hops with no
+   meshserve code at all, so the served latency splits into what the hops cost on this
+   machine and what meshserve adds.
 
-Prints a table and, with --json, writes every figure. Nothing here asserts: the machine is
-shared and noisy, so compare the ratios measured within one run.
+The mlp figures come in rounds (--rounds, default 3): served, then bare at the batch the
+worker formed, then the floor, back to back, while the servers sit idle between phases. This
+machine's speed drifts by more than the differences measured, so the table quotes the median
+over rounds of each round's own ratio. Nothing here asserts. Prints a table and, with --json,
+writes every figure, round by round.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 
 from bench.common import cpu_seconds, free_port, start_controller, stop_process
 from bench.direct import DirectWorker
+from bench.floor import FloorChain
 from controller.admin_client import admin_call
 from controller.bench import BenchResult, closed_loop
 from mesh.client import Client
@@ -93,14 +100,20 @@ def worker_counters(status: dict[str, Any], deployment: str) -> tuple[int, int]:
     return batches, rows
 
 
+_BARE_MODEL: Any = None
+
+
 def bare_forward(batch: int, threads: int, duration_s: float) -> dict[str, float]:
     """Median time of the mlp's forward pass in a tight loop, and the rows/s it implies."""
+    global _BARE_MODEL
     import torch
 
     from worker.models.mlp import build
 
     torch.set_num_threads(threads)
-    model = build()
+    if _BARE_MODEL is None:
+        _BARE_MODEL = build()
+    model = _BARE_MODEL
     x = torch.zeros(batch, 64)
     times = []
     with torch.inference_mode():
@@ -116,6 +129,83 @@ def bare_forward(batch: int, threads: int, duration_s: float) -> dict[str, float
             "iterations": len(times)}
 
 
+async def echo_phase(client: Client, direct: DirectWorker, ctrl_pid: int,
+                     args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for c in args.concurrency:
+        direct_r = await closed_loop(direct, "echo", ECHO_INPUTS, concurrency=c,  # type: ignore[arg-type]
+                                     duration_s=args.duration_s, warmup_s=0.5)
+        cpu0 = cpu_seconds(ctrl_pid)
+        via_r = await closed_loop(client, "echo", ECHO_INPUTS, concurrency=c,
+                                  duration_s=args.duration_s, warmup_s=0.0)
+        cpu_us = (cpu_seconds(ctrl_pid) - cpu0) * 1e6 / max(1, via_r.requests)
+        row = {"concurrency": c, "direct": direct_r.to_dict(), "via": via_r.to_dict(),
+               "ratio_rps": via_r.rps / direct_r.rps if direct_r.rps else 0.0,
+               "controller_cpu_us_per_req": cpu_us}
+        rows.append(row)
+        print(f"echo c={c:<4d} direct {direct_r.rps:9.1f} req/s p50 {direct_r.p50_ms:6.3f} ms"
+              f" | via controller {via_r.rps:9.1f} req/s p50 {via_r.p50_ms:6.3f} ms"
+              f" | ratio {row['ratio_rps']:.2f} | controller {cpu_us:5.1f} us/req",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+async def mlp_round(client: Client, admin: str, floor: FloorChain,
+                    args: argparse.Namespace, n: int) -> dict[str, Any]:
+    """One round: served, bare at the batch the worker formed, and the floor, back to back.
+
+    The machine's speed drifts by more than the differences measured here, so each round
+    compares figures taken within seconds of each other, and the report takes medians."""
+    d = args.duration_s
+    bare_s = min(3.0, d)
+    mlp_x = {"x": np.zeros((1, 64), dtype=np.float32)}
+    out: dict[str, Any] = {}
+    for c in (1, 16, MLP_BATCH):
+        before = worker_counters(await admin_call(admin, "status"), "mlp")
+        r: BenchResult = await closed_loop(client, "mlp", mlp_x, concurrency=c,
+                                           duration_s=d, warmup_s=0.5)
+        after = worker_counters(await admin_call(admin, "status"), "mlp")
+        eff = (after[1] - before[1]) / max(1, after[0] - before[0])
+        # The servers sit idle (no load offered) while the bare loop runs.
+        bare = bare_forward(max(1, round(eff)), args.threads, bare_s)
+        entry: dict[str, Any] = {"served": r.to_dict(), "effective_batch": eff, "bare": bare,
+                 "ratio_rows_per_s": r.rps / bare["rows_per_s"]}
+        if c == 1:
+            entry["p50_minus_bare_ms"] = r.p50_ms - bare["median_ms"]
+            entry["floor"] = floor.measure(d)
+            entry["floor_minus_bare_ms"] = entry["floor"]["p50_ms"] - bare["median_ms"]
+        out[f"c{c}"] = entry
+        extra = f" | floor p50 {entry['floor']['p50_ms']:6.3f} ms" if c == 1 else ""
+        print(f"mlp  round {n} c={c:<3d} served {r.rps:8.1f} req/s p50 {r.p50_ms:7.3f} ms"
+              f" batch {eff:5.2f} | bare {bare['median_ms']:6.3f} ms"
+              f" ratio {entry['ratio_rows_per_s']:.2f}{extra}", file=sys.stderr, flush=True)
+    return out
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per concurrency, the median over rounds of every figure the report quotes."""
+    summary: dict[str, Any] = {}
+    for key in rounds[0]:
+        entries = [r[key] for r in rounds]
+
+        def med(get: Any, entries: list[dict[str, Any]] = entries) -> float:
+            return float(statistics.median(get(e) for e in entries))
+
+        s = {"effective_batch": med(lambda e: e["effective_batch"]),
+             "served_rps": med(lambda e: e["served"]["rps"]),
+             "served_p50_ms": med(lambda e: e["served"]["p50_ms"]),
+             "bare_rows_per_s": med(lambda e: e["bare"]["rows_per_s"]),
+             "bare_ms": med(lambda e: e["bare"]["median_ms"]),
+             "ratio_rows_per_s": med(lambda e: e["ratio_rows_per_s"]),
+             "errors": sum(sum(e["served"]["errors"].values()) for e in entries)}
+        if "p50_minus_bare_ms" in entries[0]:
+            s["p50_minus_bare_ms"] = med(lambda e: e["p50_minus_bare_ms"])
+            s["floor_p50_ms"] = med(lambda e: e["floor"]["p50_ms"])
+            s["floor_minus_bare_ms"] = med(lambda e: e["floor_minus_bare_ms"])
+        summary[key] = s
+    return summary
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = {k: free_port() for k in ("client", "admin", "worker", "direct")}
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
@@ -126,51 +216,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     direct = DirectWorker(ports["direct"], {"name": "echo", "model": "worker.models.echo:build",
                                             "max_batch_size": 64, "max_batch_delay_ms": 2.0},
                           threads=args.threads)
+    floor = FloorChain(args.threads)
     results: dict[str, Any] = {"duration_s": args.duration_s, "threads": args.threads,
-                               "echo": [], "mlp": {}}
+                               "rounds": args.rounds, "echo": [], "mlp_rounds": []}
     try:
         await wait_ready(admin, 180.0)
         await direct.start()
-        d = args.duration_s
         async with Client(f"tcp://127.0.0.1:{ports['client']}") as client:
-            for c in args.concurrency:
-                direct_r = await closed_loop(direct, "echo", ECHO_INPUTS, concurrency=c,  # type: ignore[arg-type]
-                                             duration_s=d, warmup_s=0.5)
-                cpu0 = cpu_seconds(ctrl.pid)
-                via_r = await closed_loop(client, "echo", ECHO_INPUTS, concurrency=c,
-                                          duration_s=d, warmup_s=0.0)
-                cpu_us = (cpu_seconds(ctrl.pid) - cpu0) * 1e6 / max(1, via_r.requests)
-                row = {"concurrency": c, "direct": direct_r.to_dict(), "via": via_r.to_dict(),
-                       "ratio_rps": via_r.rps / direct_r.rps if direct_r.rps else 0.0,
-                       "controller_cpu_us_per_req": cpu_us}
-                results["echo"].append(row)
-                print(f"echo c={c:<4d} direct {direct_r.rps:9.1f} req/s "
-                      f"p50 {direct_r.p50_ms:6.3f} ms"
-                      f" | via controller {via_r.rps:9.1f} req/s p50 {via_r.p50_ms:6.3f} ms"
-                      f" | ratio {row['ratio_rps']:.2f} | controller {cpu_us:5.1f} us/req",
-                      file=sys.stderr, flush=True)
-            mlp_x = {"x": np.zeros((1, 64), dtype=np.float32)}
-            for c in (1, 16, MLP_BATCH):
-                before = worker_counters(await admin_call(admin, "status"), "mlp")
-                r: BenchResult = await closed_loop(client, "mlp", mlp_x, concurrency=c,
-                                                   duration_s=d, warmup_s=0.5)
-                after = worker_counters(await admin_call(admin, "status"), "mlp")
-                batches = max(1, after[0] - before[0])
-                eff = (after[1] - before[1]) / batches
-                results["mlp"][f"c{c}"] = {"served": r.to_dict(), "effective_batch": eff}
-                print(f"mlp  c={c:<4d} served {r.rps:9.1f} req/s p50 {r.p50_ms:6.3f} ms "
-                      f"effective batch {eff:.2f}", file=sys.stderr, flush=True)
+            results["echo"] = await echo_phase(client, direct, ctrl.pid, args)
+            await direct.aclose()  # idle from here on: the mlp rounds need the machine
+            floor.start()
+            for n in range(1, args.rounds + 1):
+                results["mlp_rounds"].append(await mlp_round(client, admin, floor, args, n))
     finally:
+        floor.stop()
         await direct.aclose()
         stop_process(ctrl, 30.0)
-    # The bare loops run after the servers stopped, alone on the machine, as "bare" means.
-    for c, entry in results["mlp"].items():
-        eff = max(1, round(entry["effective_batch"]))
-        bare = bare_forward(eff, args.threads, min(3.0, args.duration_s))
-        entry["bare"] = bare
-        entry["ratio_rows_per_s"] = entry["served"]["rps"] / bare["rows_per_s"]
-        if c == "c1":
-            entry["p50_minus_bare_ms"] = entry["served"]["p50_ms"] - bare["median_ms"]
+    results["mlp"] = summarize(results["mlp_rounds"])
     return results
 
 
@@ -184,14 +246,24 @@ def render(results: dict[str, Any]) -> str:
                      f"{row['via']['rps']:.0f}"
                      f" | {row['ratio_rps']:.2f} | {row['direct']['p50_ms']:.3f} | "
                      f"{row['via']['p50_ms']:.3f} | {row['controller_cpu_us_per_req']:.1f} |")
-    lines += ["", f"mlp served vs bare forward (torch threads = {results['threads']})",
+    lines += ["", f"mlp served vs bare forward (torch threads = {results['threads']}; "
+              f"medians of {results['rounds']} rounds)",
               "| concurrency | effective batch | served req/s | bare rows/s at that batch | ratio |"
-              " served p50 ms | bare forward ms |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              " served p50 ms | bare forward ms | served p50 - bare ms |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, e in results["mlp"].items():
-        lines.append(f"| {c[1:]} | {e['effective_batch']:.2f} | {e['served']['rps']:.1f} | "
-                     f"{e['bare']['rows_per_s']:.1f} | {e['ratio_rows_per_s']:.2f} | "
-                     f"{e['served']['p50_ms']:.3f} | {e['bare']['median_ms']:.3f} |")
+        delta = f"{e['p50_minus_bare_ms']:.3f}" if "p50_minus_bare_ms" in e else ""
+        lines.append(f"| {c[1:]} | {e['effective_batch']:.2f} | {e['served_rps']:.1f} | "
+                     f"{e['bare_rows_per_s']:.1f} | {e['ratio_rows_per_s']:.2f} | "
+                     f"{e['served_p50_ms']:.3f} | {e['bare_ms']:.3f} | {delta} |")
+    c1 = results["mlp"].get("c1")
+    if c1 is not None:
+        lines += ["", "Transport floor at concurrency 1 (bench/floor.py: a verbatim ZeroMQ relay "
+                  "and a raw-bytes mlp worker, no meshserve code)",
+                  "| floor p50 ms | floor p50 - bare ms | meshserve p50 - floor p50 ms |",
+                  "|---:|---:|---:|",
+                  f"| {c1['floor_p50_ms']:.3f} | {c1['floor_minus_bare_ms']:.3f} | "
+                  f"{c1['served_p50_ms'] - c1['floor_p50_ms']:.3f} |"]
     return "\n".join(lines)
 
 
@@ -201,6 +273,8 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="mlp rounds (served, bare, floor back to back); medians reported")
     parser.add_argument("--mlp-delay-ms", type=float, default=2.0,
                         help="max_batch_delay_ms of the mlp deployment (0: never wait)")
     parser.add_argument("--json", help="write the results here as JSON")
