@@ -10,6 +10,11 @@ What its p50 adds to the bare forward pass is what the four hops cost here (the 
 of ZeroMQ, the kernel, the wake-ups of idle CPUs), before any of meshserve's own work.
 ``bench.overhead`` runs it in the same rounds as the served path, so the two can be compared.
 
+``pause_penalty`` measures the other half of the story: how much slower the same piece of
+Python (meshserve's own reply encoding) runs right after a pause as long as a forward pass
+than back to back. On a host whose caches other tenants share, code that has not run for a
+few milliseconds comes back cold, and a request path with more code pays more for that.
+
     python -m bench.floor relay --front PORT --back PORT
     python -m bench.floor worker --back PORT --threads 1
 """
@@ -65,6 +70,33 @@ def worker(back_port: int, threads: int) -> None:
             x = torch.frombuffer(bytearray(body.buffer), dtype=torch.float32).view(-1, IN_FEATURES)
             y = model(x)
             sock.send_multipart([client, y.numpy().tobytes()])
+
+
+def pause_penalty(pause_s: float = 0.004, rounds: int = 300) -> dict[str, float]:
+    """Median time of a fixed piece of Python back to back, and after ``pause_s`` of sleep."""
+    import torch
+
+    from mesh import codec
+    from mesh.messages import result_header
+
+    outputs = {"y": torch.zeros(1, 10)}
+
+    def work() -> float:
+        t0 = time.perf_counter()
+        for i in range(10):
+            codec.encode(result_header(i, outputs))
+        return time.perf_counter() - t0
+
+    work()
+    hot = [work() for _ in range(rounds)]
+    paused = []
+    for _ in range(rounds):
+        time.sleep(pause_s)
+        paused.append(work())
+    hot_us = statistics.median(hot) * 1e6
+    paused_us = statistics.median(paused) * 1e6
+    return {"pause_ms": pause_s * 1000.0, "hot_us": hot_us, "after_pause_us": paused_us,
+            "ratio": paused_us / hot_us}
 
 
 class FloorChain:

@@ -38,7 +38,7 @@ import numpy as np
 
 from bench.common import cpu_seconds, free_port, start_controller, stop_process
 from bench.direct import DirectWorker
-from bench.floor import FloorChain
+from bench.floor import FloorChain, pause_penalty
 from controller.admin_client import admin_call
 from controller.bench import BenchResult, closed_loop
 from mesh.client import Client
@@ -174,6 +174,7 @@ async def mlp_round(client: Client, admin: str, floor: FloorChain,
             entry["p50_minus_bare_ms"] = r.p50_ms - bare["median_ms"]
             entry["floor"] = floor.measure(d)
             entry["floor_minus_bare_ms"] = entry["floor"]["p50_ms"] - bare["median_ms"]
+            entry["pause_penalty"] = pause_penalty(pause_s=bare["median_ms"] / 1000.0)
         out[f"c{c}"] = entry
         extra = f" | floor p50 {entry['floor']['p50_ms']:6.3f} ms" if c == 1 else ""
         print(f"mlp  round {n} c={c:<3d} served {r.rps:8.1f} req/s p50 {r.p50_ms:7.3f} ms"
@@ -202,6 +203,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             s["p50_minus_bare_ms"] = med(lambda e: e["p50_minus_bare_ms"])
             s["floor_p50_ms"] = med(lambda e: e["floor"]["p50_ms"])
             s["floor_minus_bare_ms"] = med(lambda e: e["floor_minus_bare_ms"])
+            s["pause_penalty"] = med(lambda e: e["pause_penalty"]["ratio"])
         summary[key] = s
     return summary
 
@@ -263,7 +265,10 @@ def render(results: dict[str, Any]) -> str:
                   "| floor p50 ms | floor p50 - bare ms | meshserve p50 - floor p50 ms |",
                   "|---:|---:|---:|",
                   f"| {c1['floor_p50_ms']:.3f} | {c1['floor_minus_bare_ms']:.3f} | "
-                  f"{c1['served_p50_ms'] - c1['floor_p50_ms']:.3f} |"]
+                  f"{c1['served_p50_ms'] - c1['floor_p50_ms']:.3f} |",
+                  "", f"The same Python (10 reply encodings) runs {c1['pause_penalty']:.1f}x "
+                  f"slower right after a {c1['bare_ms']:.1f} ms pause than back to back "
+                  "(median of rounds)."]
     return "\n".join(lines)
 
 

@@ -74,6 +74,14 @@ def _numpy_ref(arr: np.ndarray, frames: list[Frame]) -> dict[str, Any]:
 
 
 def _torch_ref(t: Any, frames: list[Frame]) -> dict[str, Any]:
+    # The common case (a CPU tensor of a numpy dtype, no autograd, no conj/neg view) is one
+    # call: numpy() refuses everything else, which then takes the general path below. On the
+    # hot path of a reply every torch call counts, and more so right after a forward pass
+    # has pushed this code out of the CPU caches.
+    try:
+        return _numpy_ref(t.numpy(), frames)
+    except (TypeError, RuntimeError):
+        pass
     import torch
 
     if t.requires_grad:

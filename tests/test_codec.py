@@ -149,6 +149,11 @@ def test_a_tensor_that_requires_grad_travels_as_its_values() -> None:
     assert not out["derived"].requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.uint16, torch.float8_e4m3fn])
+def test_a_torch_dtype_the_wire_does_not_carry_is_refused_by_name(dtype: torch.dtype) -> None:
+    with pytest.raises(codec.EncodeError, match="cannot travel on the wire"):
+        codec.encode({"x": torch.zeros(2, dtype=dtype)})
+
 # -- frame layout -----------------------------------------------------------------------------
 
 
