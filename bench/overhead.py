@@ -14,10 +14,12 @@
    meshserve code at all, so the served latency splits into what the hops cost on this
    machine and what meshserve adds.
 
-The mlp figures come in rounds (--rounds, default 3): served, then bare at the batch the
-worker formed, then the floor, back to back, while the servers sit idle between phases. This
-machine's speed drifts by more than the differences measured, so the table quotes the median
-over rounds of each round's own ratio. Nothing here asserts. Prints a table and, with --json,
+Everything comes in rounds (--rounds, default 3). An echo round runs, at each concurrency,
+the direct path and then the controller path back to back; an mlp round runs served, then
+bare at the batch the worker formed, then the floor, while the servers sit idle between
+phases. This machine's speed drifts by more than the differences measured (the direct echo
+path moved from 11.7k to 16.2k req/s between two runs minutes apart), so the tables quote the
+median over rounds of each round's own ratio. Nothing here asserts. Prints a table and, with --json,
 writes every figure, round by round.
 """
 
@@ -129,8 +131,9 @@ def bare_forward(batch: int, threads: int, duration_s: float) -> dict[str, float
             "iterations": len(times)}
 
 
-async def echo_phase(client: Client, direct: DirectWorker, ctrl_pid: int,
-                     args: argparse.Namespace) -> list[dict[str, Any]]:
+async def echo_round(client: Client, direct: DirectWorker, ctrl_pid: int,
+                     args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
+    """One round: at each concurrency, the direct path and then the controller, back to back."""
     rows = []
     for c in args.concurrency:
         direct_r = await closed_loop(direct, "echo", ECHO_INPUTS, concurrency=c,  # type: ignore[arg-type]
@@ -143,11 +146,31 @@ async def echo_phase(client: Client, direct: DirectWorker, ctrl_pid: int,
                "ratio_rps": via_r.rps / direct_r.rps if direct_r.rps else 0.0,
                "controller_cpu_us_per_req": cpu_us}
         rows.append(row)
-        print(f"echo c={c:<4d} direct {direct_r.rps:9.1f} req/s p50 {direct_r.p50_ms:6.3f} ms"
-              f" | via controller {via_r.rps:9.1f} req/s p50 {via_r.p50_ms:6.3f} ms"
-              f" | ratio {row['ratio_rps']:.2f} | controller {cpu_us:5.1f} us/req",
-              file=sys.stderr, flush=True)
+        print(f"echo round {n} c={c:<4d} direct {direct_r.rps:8.1f} req/s p50 "
+              f"{direct_r.p50_ms:6.3f} ms | via controller {via_r.rps:8.1f} req/s p50 "
+              f"{via_r.p50_ms:6.3f} ms | ratio {row['ratio_rps']:.2f} | controller "
+              f"{cpu_us:5.1f} us/req", file=sys.stderr, flush=True)
     return rows
+
+
+def summarize_echo(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per concurrency, the median over rounds of each figure (ratios taken per round)."""
+    out = []
+    for i, first in enumerate(rounds[0]):
+        rows = [r[i] for r in rounds]
+
+        def med(get: Any, rows: list[dict[str, Any]] = rows) -> float:
+            return float(statistics.median(get(row) for row in rows))
+
+        out.append({"concurrency": first["concurrency"],
+                    "direct_rps": med(lambda r: r["direct"]["rps"]),
+                    "via_rps": med(lambda r: r["via"]["rps"]),
+                    "ratio_rps": med(lambda r: r["ratio_rps"]),
+                    "direct_p50_ms": med(lambda r: r["direct"]["p50_ms"]),
+                    "via_p50_ms": med(lambda r: r["via"]["p50_ms"]),
+                    "controller_cpu_us_per_req": med(lambda r: r["controller_cpu_us_per_req"]),
+                    "errors": sum(sum(r["via"]["errors"].values()) for r in rows)})
+    return out
 
 
 async def mlp_round(client: Client, admin: str, floor: FloorChain,
@@ -220,12 +243,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           threads=args.threads)
     floor = FloorChain(args.threads)
     results: dict[str, Any] = {"duration_s": args.duration_s, "threads": args.threads,
-                               "rounds": args.rounds, "echo": [], "mlp_rounds": []}
+                               "rounds": args.rounds, "echo_rounds": [], "mlp_rounds": []}
     try:
         await wait_ready(admin, 180.0)
         await direct.start()
         async with Client(f"tcp://127.0.0.1:{ports['client']}") as client:
-            results["echo"] = await echo_phase(client, direct, ctrl.pid, args)
+            for n in range(1, args.rounds + 1):
+                results["echo_rounds"].append(
+                    await echo_round(client, direct, ctrl.pid, args, n))
             await direct.aclose()  # idle from here on: the mlp rounds need the machine
             floor.start()
             for n in range(1, args.rounds + 1):
@@ -234,20 +259,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         floor.stop()
         await direct.aclose()
         stop_process(ctrl, 30.0)
+    results["echo"] = summarize_echo(results["echo_rounds"])
     results["mlp"] = summarize(results["mlp_rounds"])
     return results
 
 
 def render(results: dict[str, Any]) -> str:
-    lines = ["", "Echo, tiny payload (closed loop)",
+    lines = ["", f"Echo, tiny payload (closed loop; medians of {results['rounds']} rounds)",
              "| concurrency | direct req/s | via controller req/s | ratio | direct p50 ms | "
              "via p50 ms | controller CPU us/req |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["echo"]:
-        lines.append(f"| {row['concurrency']} | {row['direct']['rps']:.0f} | "
-                     f"{row['via']['rps']:.0f}"
-                     f" | {row['ratio_rps']:.2f} | {row['direct']['p50_ms']:.3f} | "
-                     f"{row['via']['p50_ms']:.3f} | {row['controller_cpu_us_per_req']:.1f} |")
+        lines.append(f"| {row['concurrency']} | {row['direct_rps']:.0f} | {row['via_rps']:.0f}"
+                     f" | {row['ratio_rps']:.2f} | {row['direct_p50_ms']:.3f} | "
+                     f"{row['via_p50_ms']:.3f} | {row['controller_cpu_us_per_req']:.1f} |")
     lines += ["", f"mlp served vs bare forward (torch threads = {results['threads']}; "
               f"medians of {results['rounds']} rounds)",
               "| concurrency | effective batch | served req/s | bare rows/s at that batch | ratio |"
