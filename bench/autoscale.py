@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import free_port, start_controller, stop_process
+from bench.common import controller_section, free_port, start_controller, stop_process
 from controller.admin_client import admin_call
 from controller.bench import Second, plot_profile, run_profile
 from controller.stats import percentile
@@ -37,17 +37,9 @@ from mesh.loop import run as run_loop
 
 
 def write_config(path: Path, ports: dict[str, int], args: argparse.Namespace) -> None:
-    path.write_text(f"""
-[controller]
-client_endpoint = "tcp://127.0.0.1:{ports['client']}"
-admin_endpoint = "tcp://127.0.0.1:{ports['admin']}"
-worker_endpoint = "tcp://127.0.0.1:{ports['worker']}"
-metrics_port = 0
-worker_threads = 1
-warm_workers = {args.warm_workers}
-autoscale = true
-autoscale_tick_ms = 250
-
+    controller = controller_section(ports, warm_workers=args.warm_workers, autoscale=True,
+                                    autoscale_tick_ms=250)
+    path.write_text(controller + f"""
 [[deployments]]
 name = "fixed"
 model = "worker.models.fixed:build"

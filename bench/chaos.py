@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import free_port, start_controller, stop_process
+from bench.common import controller_section, free_port, start_controller, stop_process
 from controller.admin_client import admin_call
 from controller.stats import percentile
 from mesh import codec
@@ -53,17 +53,9 @@ class LedgerClient(Client):
 
 
 def write_config(path: Path, ports: dict[str, int], warm: int, worlds: int, hidden: int) -> None:
-    path.write_text(f"""
-[controller]
-client_endpoint = "tcp://127.0.0.1:{ports['client']}"
-admin_endpoint = "tcp://127.0.0.1:{ports['admin']}"
-worker_endpoint = "tcp://127.0.0.1:{ports['worker']}"
-metrics_port = 0
-worker_threads = 1
-warm_workers = {warm}
-# The world count is this benchmark's to hold steady: no autoscaling.
-autoscale = false
-
+    # The world count is this benchmark's to hold steady: no autoscaling.
+    controller = controller_section(ports, warm_workers=warm, autoscale=False)
+    path.write_text(controller + f"""
 [[deployments]]
 name = "mlp"
 model = "worker.models.mlp:build"

@@ -35,6 +35,22 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def controller_section(ports: dict[str, int], **settings: bool | int | float | str) -> str:
+    """The ``[controller]`` table a benchmark starts from: loopback endpoints on ``ports``
+    (client, admin, worker), no metrics port, one torch thread per worker, then ``settings``."""
+    table: dict[str, bool | int | float | str] = {
+        f"{k}_endpoint": f"tcp://127.0.0.1:{ports[k]}" for k in ("client", "admin", "worker")}
+    table.update(metrics_port=0, worker_threads=1)
+    table.update(settings)
+
+    def toml(value: bool | int | float | str) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return f'"{value}"' if isinstance(value, str) else str(value)
+
+    return "[controller]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in table.items())
+
+
 def start_controller(config: Path, *, log: IO[bytes] | None = None,
                      log_level: str = "INFO") -> subprocess.Popen[bytes]:
     """``meshctl controller --config`` as a subprocess (it starts its own workers)."""

@@ -38,7 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import cpu_seconds, free_port, start_controller, stop_process
+from bench.common import (
+    controller_section,
+    cpu_seconds,
+    free_port,
+    start_controller,
+    stop_process,
+)
 from bench.direct import DirectWorker
 from bench.floor import FloorChain, pause_penalty
 from controller.admin_client import admin_call
@@ -52,17 +58,10 @@ MLP_BATCH = 32
 
 def write_config(path: Path, ports: dict[str, int], threads: int,
                  mlp_delay_ms: float = 2.0) -> None:
-    path.write_text(f"""
-[controller]
-client_endpoint = "tcp://127.0.0.1:{ports['client']}"
-admin_endpoint = "tcp://127.0.0.1:{ports['admin']}"
-worker_endpoint = "tcp://127.0.0.1:{ports['worker']}"
-metrics_port = 0
-worker_threads = {threads}
-# One world per deployment, as measured: no autoscaling, no idle warm worker.
-autoscale = false
-warm_workers = 0
-
+    # One world per deployment, as measured: no autoscaling, no idle warm worker.
+    controller = controller_section(ports, worker_threads=threads, autoscale=False,
+                                    warm_workers=0)
+    path.write_text(controller + f"""
 [[deployments]]
 name = "echo"
 model = "worker.models.echo:build"
@@ -304,7 +303,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="mlp rounds (served, bare, floor back to back); medians reported")
+                        help="rounds of echo (direct, controller) and mlp (served, bare, floor),"
+                             " each back to back; medians reported")
     parser.add_argument("--mlp-delay-ms", type=float, default=2.0,
                         help="max_batch_delay_ms of the mlp deployment (0: never wait)")
     parser.add_argument("--json", help="write the results here as JSON")

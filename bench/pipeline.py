@@ -60,7 +60,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import alive, cpu_seconds, free_port, stop_process
+from bench.common import alive, controller_section, cpu_seconds, free_port, stop_process
 from mesh.loop import run as run_loop
 
 BATCH = 32
@@ -299,22 +299,6 @@ class RawPipeline:
 # -- (b) meshserve ---------------------------------------------------------------------------
 
 
-def controller_config(ports: dict[str, int], body: str, controller: str) -> str:
-    import dataclasses
-
-    from controller.config import ControllerConfig
-
-    if "autoscale" in {f.name for f in dataclasses.fields(ControllerConfig)}:
-        # One world per deployment, held still: the autoscaler would add worlds under load
-        # (and so workers, whose CPU this 2-core machine does not have to spare).
-        controller += "\nautoscale = false"
-    return (f"[controller]\n"
-            f'client_endpoint = "tcp://127.0.0.1:{ports["client"]}"\n'
-            f'admin_endpoint = "tcp://127.0.0.1:{ports["admin"]}"\n'
-            f'worker_endpoint = "tcp://127.0.0.1:{ports["worker"]}"\n'
-            f"metrics_port = 0\nworker_threads = 1\n{controller}\n{body}")
-
-
 SERVE_DEPLOYMENTS = f"""
 [[deployments]]
 name = "mlp"
@@ -350,12 +334,14 @@ max_worlds = 8
 class Controller:
     """A controller subprocess on free loopback ports, its output in a log file."""
 
-    def __init__(self, tmp: Path, name: str, body: str, controller: str) -> None:
+    def __init__(self, tmp: Path, name: str, body: str, **settings: int) -> None:
         self.ports = {k: free_port() for k in ("client", "admin", "worker")}
         self.admin = f"tcp://127.0.0.1:{self.ports['admin']}"
         self.client = f"tcp://127.0.0.1:{self.ports['client']}"
         self.config = tmp / f"{name}.toml"
-        self.config.write_text(controller_config(self.ports, body, controller))
+        # One world per deployment, held still: the autoscaler would add worlds under load
+        # (and so workers, whose CPU this 2-core machine does not have to spare).
+        self.config.write_text(controller_section(self.ports, autoscale=False, **settings) + body)
         self.log_path = tmp / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.worker_pids: set[int] = set()
@@ -655,7 +641,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                "concurrency": args.concurrency, "quiet_cores": args.quiet_cores,
                                "tmp": str(tmp)}
     model = build()
-    serve = Controller(tmp, "serve", SERVE_DEPLOYMENTS, "warm_workers = 0")
+    serve = Controller(tmp, "serve", SERVE_DEPLOYMENTS, warm_workers=0)
     raws = {"raw": RawPipeline(tmp, args.micro_batches), "raw1": RawPipeline(tmp, 1)}
     try:
         serve.start()
@@ -708,7 +694,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results["bare_stages"] = bare_stages(1.0, args.micro_batches)
     if args.formations > 0:
         form = Controller(tmp, "form", FORM_DEPLOYMENT,
-                          "warm_workers = 2\nmax_local_workers = 4")
+                          warm_workers=2, max_local_workers=4)
         try:
             form.start()
             formation = await run_formations(form, args.formations)
