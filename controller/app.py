@@ -3,6 +3,7 @@
     Frontend (clients) --submit--> Router (per deployment) --dispatch--> Backend (workers)
     Backend --reply--> Router --answer--> Frontend
     Backend --control--> WorldManager <--> Launcher;   Backend --heartbeat--> Health
+    Launcher --exit--> Health --lost--> WorldManager
     Admin (meshctl) --ask--> WorldManager / Routers
 
 The data path is synchronous callbacks on one event loop (see mesh.transport for why); the
@@ -36,8 +37,7 @@ from controller.world_manager import (
     FromWorker,
     Scale,
     Tick,
-    WorkerExited,
-    WorkerSilent,
+    WorkerLost,
     WorldIdle,
     WorldManager,
     WorldUnreachable,
@@ -85,7 +85,7 @@ class Controller:
                 max_attempts=c.max_attempts)
         self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
                                  max_request_bytes=c.max_request_bytes)
-        self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_silent=self._on_silent)
+        self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_lost=self._on_lost)
         self.world_manager = WorldManager(
             self.config, self.routers, self.launcher, send_worker=self.backend.send_control,
             on_watch=self.health.watch, on_forget=self.health.forget)
@@ -143,10 +143,10 @@ class Controller:
 
     def _on_worker_exit(self, worker_id: str, returncode: int) -> None:
         if not self._closed:
-            self.world_manager.tell(WorkerExited(worker_id, returncode))
+            self.health.exited(worker_id, returncode)
 
-    def _on_silent(self, worker_id: str, silent_s: float) -> None:
-        self.world_manager.tell(WorkerSilent(worker_id, silent_s))
+    def _on_lost(self, worker_id: str, reason: str, kill: bool) -> None:
+        self.world_manager.tell(WorkerLost(worker_id, reason, kill))
 
     def _on_world_unreachable(self, world_id: int) -> None:
         self.world_manager.tell(WorldUnreachable(world_id))

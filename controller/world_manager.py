@@ -110,15 +110,12 @@ class FromWorker:
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerExited:
-    worker_id: str
-    returncode: int
+class WorkerLost:
+    """Health's verdict: the process exited, or went silent (then ``kill`` it)."""
 
-
-@dataclass(frozen=True, slots=True)
-class WorkerSilent:
     worker_id: str
-    silent_s: float
+    reason: str
+    kill: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,11 +206,8 @@ class WorldManager(Actor):
     async def handle(self, message: Any) -> Any:
         if isinstance(message, FromWorker):
             self._from_worker(message.worker_id, message.message)
-        elif isinstance(message, WorkerExited):
-            self._worker_died(message.worker_id, f"exited with code {message.returncode}")
-        elif isinstance(message, WorkerSilent):
-            self._worker_died(message.worker_id,
-                              f"no heartbeat for {message.silent_s * 1000:.0f} ms", kill=True)
+        elif isinstance(message, WorkerLost):
+            self._worker_died(message.worker_id, message.reason, kill=message.kill)
         elif isinstance(message, WorldIdle):
             self._release_world(message.world_id)
         elif isinstance(message, WorldUnreachable):

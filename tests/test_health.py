@@ -1,0 +1,123 @@
+"""Unit tests for controller/health.py: one verdict per lost worker, from exits or silence."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controller.health import Health, exit_reason
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 50.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def lost() -> list[tuple[str, str, bool]]:
+    return []
+
+
+@pytest.fixture
+def health(clock: FakeClock, lost: list[tuple[str, str, bool]]) -> Health:
+    return Health(timeout_ms=1000, on_lost=lambda *verdict: lost.append(verdict), clock=clock)
+
+
+def test_a_beating_worker_is_never_lost(health: Health, clock: FakeClock, lost: list) -> None:
+    health.watch("w1")
+    for _ in range(10):
+        clock.now_s += 0.6
+        health.beat("w1")
+        assert health.check() == []
+    assert lost == []
+
+
+def test_a_silent_worker_is_lost_once_and_marked_for_killing(
+        health: Health, clock: FakeClock, lost: list) -> None:
+    health.watch("w1")
+    health.watch("w2")
+    clock.now_s += 0.9
+    health.beat("w2")
+    clock.now_s += 0.2
+    assert health.check() == ["w1"]
+    assert lost == [("w1", "no heartbeat for 1100 ms", True)]
+    clock.now_s += 5.0
+    health.check()
+    assert [w for w, _, _ in lost] == ["w1", "w2"]  # w1 not again
+
+
+def test_an_exit_is_reported_at_once_and_names_the_signal(health: Health, lost: list) -> None:
+    health.watch("w1")
+    health.exited("w1", -9)
+    assert lost == [("w1", "exited with code -9 (SIGKILL)", False)]
+    assert health.check() == []
+
+
+def test_an_exit_after_a_silence_verdict_is_not_a_second_loss(
+        health: Health, clock: FakeClock, lost: list) -> None:
+    health.watch("w1")
+    clock.now_s += 2.0
+    health.check()
+    health.exited("w1", -9)  # the process killed for its silence ends
+    assert len(lost) == 1 and health.lost == 1
+
+
+def test_a_worker_that_dies_before_registering_is_still_reported(
+        health: Health, lost: list) -> None:
+    # The WorldManager counts these as failed starts and backs the launcher off.
+    health.exited("w7", 3)
+    assert lost == [("w7", "exited with code 3", False)]
+
+
+def test_a_beat_from_an_unwatched_worker_starts_nothing(
+        health: Health, clock: FakeClock, lost: list) -> None:
+    health.beat("stranger")
+    clock.now_s += 10.0
+    assert health.check() == [] and lost == []
+
+
+def test_a_worker_that_registers_again_is_watched_again(
+        health: Health, clock: FakeClock, lost: list) -> None:
+    health.watch("remote")
+    health.exited("remote", 0)
+    health.watch("remote")  # its operator restarted it under the same id
+    clock.now_s += 2.0
+    health.check()
+    assert [reason for _, reason, _ in lost] == ["exited with code 0",
+                                                 "no heartbeat for 2000 ms"]
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    (0, "exited with code 0"),
+    (-15, "exited with code -15 (SIGTERM)"),
+    (-250, "exited with code -250"),  # not a signal this platform names
+])
+def test_exit_reasons(code: int, reason: str) -> None:
+    assert exit_reason(code) == reason
+
+
+async def test_the_actor_checks_on_its_own() -> None:
+    verdicts: list[tuple[str, str, bool]] = []
+    reported = asyncio.Event()
+
+    def on_lost(*verdict: object) -> None:
+        verdicts.append(verdict)  # type: ignore[arg-type]
+        reported.set()
+
+    health = Health(timeout_ms=50, check_interval_ms=10, on_lost=on_lost)
+    await health.start()
+    try:
+        health.watch("w1")
+        await asyncio.wait_for(reported.wait(), 5.0)
+    finally:
+        await health.aclose()
+    assert verdicts[0][0] == "w1" and verdicts[0][2] is True
