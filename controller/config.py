@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError
+from mesh.messages import DEFAULT_MAX_IDLE_STAGES
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -92,6 +93,9 @@ class ControllerConfig:
     warm_workers: int = 1
     # Idle workers load every stage of every deployment ahead of time (memory for speed).
     preload_warm: bool = True
+    # Stages a worker keeps loaded that none of its worlds uses (for reuse: re-forming a
+    # world, preloading), least recently used dropped first; stages in use always stay.
+    max_idle_stages: int = DEFAULT_MAX_IDLE_STAGES
     # Who starts workers: "local" (subprocesses of the controller) or "none" (workers join
     # with 'meshctl worker').
     launcher: str = "local"
@@ -251,6 +255,7 @@ def _check_controller(c: ControllerConfig) -> None:
     _range("controller.worker_threads", c.worker_threads, 0, 1024)
     _range("controller.max_local_workers", c.max_local_workers, 1, 4096)
     _range("controller.warm_workers", c.warm_workers, 0, 1024)
+    _range("controller.max_idle_stages", c.max_idle_stages, 0, 1024)
     _range("controller.max_load_failures", c.max_load_failures, 1, 1000)
     _range("controller.max_attempts", c.max_attempts, 1, 100)
     _range("controller.autoscale_tick_ms", c.autoscale_tick_ms, 50, 60000)

@@ -85,6 +85,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "rows": hb.rows if hb else 0,
             "requests": hb.requests if hb else 0,
             "busy_s": round(hb.busy_s, 6) if hb else 0.0,
+            "stages_loaded": hb.stages if hb else 0,
+            "stages_idle": hb.idle_stages if hb else 0,
             "heartbeat_age_ms": round((now - worker.heartbeat_s) * 1000.0, 1)
             if worker.heartbeat_s else None,
         })

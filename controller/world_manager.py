@@ -199,7 +199,8 @@ class WorldManager(Actor):
         self.events: deque[dict[str, Any]] = deque(maxlen=100)
         c = config.controller
         self._welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
-                                controller_timeout_ms=c.controller_timeout_ms)
+                                controller_timeout_ms=c.controller_timeout_ms,
+                                max_idle_stages=c.max_idle_stages)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -621,12 +622,18 @@ class WorldManager(Actor):
 
     def _preload(self, worker: WorkerInfo) -> None:
         """A warm worker loads every stage it may be asked for, so a later join only forms
-        the group: re-forming after a failure then costs milliseconds, not a model load."""
+        the group: re-forming after a failure then costs milliseconds, not a model load.
+        At most ``max_idle_stages`` of them (more would only be dropped again), in config
+        order."""
         worker.preloaded = True
+        budget = self.config.controller.max_idle_stages
         for dep in self.deployments.values():
             if dep.quarantined:
                 continue
             for rank in range(dep.config.stages):
+                if budget <= 0:
+                    return
+                budget -= 1
                 self._send(worker.id, Preload(deployment=dep.config.to_wire(), rank=rank,
                                               size=dep.config.stages))
 

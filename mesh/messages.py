@@ -22,6 +22,8 @@ from typing import Any, ClassVar, TypeVar
 from mesh.errors import BadRequest
 
 PROTOCOL_VERSION = 1
+# Loaded stages no world uses that a worker keeps until the controller says otherwise.
+DEFAULT_MAX_IDLE_STAGES = 8
 
 
 class ClientKind:
@@ -142,6 +144,9 @@ class Heartbeat(Message):
     rows: int = 0
     requests: int = 0
     busy_s: float = 0.0
+    # Stages loaded on this worker, and how many of them no world uses.
+    stages: int = 0
+    idle_stages: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +192,8 @@ class Welcome(Message):
     KIND: ClassVar[str] = "welcome"
     heartbeat_interval_ms: int
     controller_timeout_ms: int
+    # Loaded stages no world uses that the worker may keep (the rest are dropped, LRU first).
+    max_idle_stages: int = DEFAULT_MAX_IDLE_STAGES
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,3 +202,56 @@ max_batch_size = 1
     assert follow_up_s < full_s / 3, (follow_up_s, full_s)
     status = await cluster.status()
     assert status["deployments"][0]["in_flight"] == 0
+
+
+THREE_ECHO_DEPLOYMENTS = "".join(f"""
+[[deployments]]
+name = "{name}"
+model = "worker.models.echo:build"
+stages = 1
+worlds = {worlds}
+min_worlds = {worlds}
+""" for name, worlds in (("a", 1), ("b", 0), ("c", 0)))
+
+
+async def test_a_worker_keeps_its_stages_in_use_and_at_most_max_idle_stages_others(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(
+        THREE_ECHO_DEPLOYMENTS,
+        controller="warm_workers = 1\npreload_warm = true\nmax_idle_stages = 1\nautoscale = false")
+
+    def spare(s: dict[str, Any]) -> dict[str, Any] | None:
+        return next((w for w in s["workers"] if w["state"] == "idle" and w["stages_loaded"]),
+                    None)
+
+    status = await cluster.wait_for(lambda s: spare(s) is not None, what="a preloaded spare")
+    # Preloading stops at the budget: one stage (deployment a's), not all three.
+    assert (spare(status) or {}).get("stages_idle") == 1
+    assert (spare(status) or {}).get("stages_loaded") == 1
+    # The worker serving a takes worlds of b, then c, beside it (a worker shared by worlds).
+    (world_a,) = status["worlds"]
+    (shared,) = world_a["workers"]
+
+    def stages(s: dict[str, Any]) -> tuple[int, int]:
+        w = next(w for w in s["workers"] if w["id"] == shared)
+        return w["stages_loaded"], w["stages_idle"]
+
+    assert stages(status) == (1, 0)
+    for name, loaded_while_serving in (("b", (2, 0)), ("c", (3, 1))):
+        proc = await asyncio.to_thread(cluster.meshctl, "form", name, shared)
+        assert proc.returncode == 0, proc.stderr
+        status = await cluster.wait_for(
+            lambda s, name=name, want=loaded_while_serving: stages(s) == want and any(
+                w["deployment"] == name and w["state"] == "serving" for w in s["worlds"]),
+            what=f"{name} serving beside a with stages {loaded_while_serving}")
+        async with Client(cluster.client) as client:
+            out = await client.infer(name, {"x": np.arange(3, dtype=np.float32)}, timeout_s=10)
+        np.testing.assert_array_equal(out["x"], np.arange(3, dtype=np.float32))
+        world = next(w for w in status["worlds"] if w["deployment"] == name)
+        proc = await asyncio.to_thread(cluster.meshctl, "drain", str(world["id"]))
+        assert proc.returncode == 0, proc.stderr
+        # Its stage stays as the newest idle one; an older idle stage (b's, when c goes) is
+        # dropped. a's stage is in use throughout.
+        await cluster.wait_for(lambda s: stages(s) == (2, 1), what=f"{name} released")
+    log = cluster.log_path.read_text(errors="replace")
+    assert f"[worker {shared}] dropped b stage 0/1" in log, cluster.log_tail()

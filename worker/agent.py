@@ -21,6 +21,7 @@ import zmq
 
 from mesh.actor import Actor
 from mesh.messages import (
+    DEFAULT_MAX_IDLE_STAGES,
     Fault,
     Heartbeat,
     Join,
@@ -40,6 +41,7 @@ from worker.comm import Comm, CommError, parse_addr
 from worker.dataplane import DataPlane
 from worker.link import Link
 from worker.loader import LoadError, load_handler
+from worker.stage_cache import StageCache
 from worker.world import World
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ class WorkerAgent(Actor):
         # so two worlds forming in opposite orders on two workers cannot deadlock.
         self._form_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="form")
         self._worlds: dict[int, World] = {}
-        self._handlers: dict[str, Any] = {}
+        self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
         self._advertise_host = advertise_host
         self._store: Any = None
         self._store_clients: dict[str, Any] = {}
@@ -136,6 +138,7 @@ class WorkerAgent(Actor):
         if isinstance(message, Welcome):
             self._heartbeat_interval_s = message.heartbeat_interval_ms / 1000.0
             self._controller_timeout_s = message.controller_timeout_ms / 1000.0
+            self._stages.set_max_idle(message.max_idle_stages)
             self._welcomed.set()
             return
         if isinstance(message, Shutdown):
@@ -181,13 +184,24 @@ class WorkerAgent(Actor):
         self._link.send(WorldBroken(world_id=world_id, epoch=epoch, reason=reason,
                                     peer_lost=peer_lost))
 
-    def _handler_for(self, deployment: dict[str, Any], rank: int, size: int) -> Any:
-        key = repr((sorted(deployment.items()), rank, size))
-        handler = self._handlers.get(key)
-        if handler is None:
-            handler = load_handler(deployment, self.device, stage=rank, stages=size)
-            self._handlers[key] = handler
-        return handler
+    def _handler_for(self, deployment: dict[str, Any], rank: int, size: int,
+                     world: int | None = None) -> Any:
+        """The stage's handler, loaded unless held; pinned while ``world`` uses it."""
+        key = (deployment.get("name", ""), rank, size, repr(sorted(deployment.items())))
+        return self._stages.get(
+            key, lambda: load_handler(deployment, self.device, stage=rank, stages=size),
+            world=world)
+
+    def _dropped_stage(self, key: Any, handler: Any) -> None:
+        name, rank, size, _ = key
+        log.info("[worker %s] dropped %s stage %d/%d: no world uses it and %d newer idle "
+                 "stages are kept (max_idle_stages)", self.worker_id, name, rank, size,
+                 self._stages.max_idle)
+        if self.device.startswith("cuda"):
+            import torch
+
+            del handler
+            torch.cuda.empty_cache()  # give the freed weights back to other processes
 
     def _store_for(self, addr: str) -> Any:
         import torch.distributed as dist
@@ -216,11 +230,13 @@ class WorkerAgent(Actor):
         comm: Comm | None = None
         try:
             handler = await loop.run_in_executor(self._loader_pool, self._handler_for,
-                                                 msg.deployment, msg.rank, msg.size)
+                                                 msg.deployment, msg.rank, msg.size,
+                                                 msg.world_id)
             load_ms = (time.perf_counter() - started) * 1000.0
             if msg.size > 1:
                 comm = await loop.run_in_executor(self._form_pool, self._form, msg)
         except (LoadError, CommError) as exc:
+            self._stages.release(msg.world_id)
             log.error("[worker %s world %d/%d] join failed: %s", self.worker_id, msg.world_id,
                       msg.epoch, exc)
             self._link.send(JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
@@ -245,6 +261,7 @@ class WorkerAgent(Actor):
         await asyncio.wrap_future(self._plane.remove_world(msg.world_id, msg.epoch,
                                                            drain=not msg.abort, timeout_s=10.0))
         self._worlds.pop(msg.world_id, None)
+        self._stages.release(msg.world_id)
         log.info("[worker %s world %d/%d] left", self.worker_id, msg.world_id, msg.epoch)
         self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
 
@@ -272,7 +289,8 @@ class WorkerAgent(Actor):
         st = plane.stats
         self._link.send(Heartbeat(seq=self._seq, queued=plane.queued, busy=plane.busy,
                                   batches=st.batches, rows=st.rows, requests=st.requests,
-                                  busy_s=st.busy_s))
+                                  busy_s=st.busy_s, stages=len(self._stages),
+                                  idle_stages=self._stages.idle))
 
     async def _watchdog(self) -> None:
         while True:
