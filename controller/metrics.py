@@ -44,6 +44,16 @@ def render_metrics(status: dict[str, Any]) -> str:
         states[w["state"]] = states.get(w["state"], 0) + 1
     for state, n in sorted(states.items()):
         lines.append(f'meshserve_workers{{state="{state}"}} {n}')
+    lines += ["# HELP meshserve_worker_stages Model stages a live worker holds in memory, "
+              "in use by its worlds or idle (kept for reuse, at most max_idle_stages).",
+              "# TYPE meshserve_worker_stages gauge"]
+    for w in status["workers"]:
+        if w["state"] == "dead":
+            continue
+        idle = w.get("stages_idle", 0)
+        used = max(0, w.get("stages_loaded", 0) - idle)
+        lines.append(f'meshserve_worker_stages{{worker="{w["id"]}",use="in_use"}} {used}')
+        lines.append(f'meshserve_worker_stages{{worker="{w["id"]}",use="idle"}} {idle}')
     return "\n".join(lines) + "\n"
 
 

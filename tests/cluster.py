@@ -118,7 +118,7 @@ def write_config(path: Path, ports: dict[str, int], deployments: str, controller
         f'client_endpoint = "tcp://127.0.0.1:{ports["client"]}"\n'
         f'admin_endpoint = "tcp://127.0.0.1:{ports["admin"]}"\n'
         f'worker_endpoint = "tcp://127.0.0.1:{ports["worker"]}"\n'
-        "metrics_port = 0\n"
+        f"{'' if 'metrics_port' in controller else 'metrics_port = 0'}\n"
         f"{controller}\n{deployments}\n")
 
 

@@ -13,6 +13,7 @@ import torch
 
 from mesh.client import Client
 from mesh.errors import BadRequest, MeshError, UnknownModel
+from tests.cluster import free_port
 from tests.conftest import StartCluster
 from tests.load import Load
 
@@ -93,6 +94,56 @@ async def test_status_json_has_the_contract_keys_with_live_figures(
 
     table = await asyncio.to_thread(cluster.meshctl, "status")
     assert table.returncode == 0 and "DEPLOYMENTS" in table.stdout and "mlp" in table.stdout
+
+
+async def http_get(port: int, path: str) -> tuple[str, str]:
+    """(status line, body) of one HTTP/1.0 GET on loopback."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5.0)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5.0)
+    finally:
+        writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return head.splitlines()[0], body
+
+
+async def test_metrics_serve_live_figures_in_prometheus_text(
+        cluster_factory: StartCluster) -> None:
+    port = free_port()
+    cluster = await cluster_factory(SMALL_MLP, controller=f"metrics_port = {port}")
+    x = np.zeros((1, 64), dtype=np.float32)
+    async with Client(cluster.client) as client:
+        await asyncio.gather(*(client.infer("mlp", {"x": x}) for _ in range(30)))
+        with pytest.raises(BadRequest):
+            await client.infer("mlp", {"x": np.zeros((1, 3), dtype=np.float32)})
+    # Worker figures come with heartbeats: wait for one sent after the requests.
+    status = await cluster.wait_for(lambda s: s["workers"][0]["requests"] >= 30,
+                                    what="a heartbeat counting the requests")
+    (worker,) = status["workers"]
+    line, body = await http_get(port, "/metrics")
+    assert line.endswith("200 OK")
+    series = {}
+    for text in body.splitlines():
+        if text and not text.startswith("#"):
+            name, value = text.rsplit(" ", 1)
+            series[name] = float(value)
+    assert series['meshserve_requests_total{deployment="mlp",outcome="ok"}'] == 30
+    assert series['meshserve_requests_total{deployment="mlp",outcome="bad_request"}'] == 1
+    assert series['meshserve_worlds_current{deployment="mlp"}'] == 1
+    assert series['meshserve_rps{deployment="mlp"}'] > 0
+    assert 0 < series['meshserve_latency_ms{deployment="mlp",quantile="p50"}'] <= \
+        series['meshserve_latency_ms{deployment="mlp",quantile="p99"}']
+    assert series['meshserve_workers{state="serving"}'] == 1
+    wid = worker["id"]
+    assert series[f'meshserve_worker_stages{{worker="{wid}",use="in_use"}}'] == 1
+    assert series[f'meshserve_worker_stages{{worker="{wid}",use="idle"}}'] == 0
+    # Every series is declared with its type, as Prometheus expects.
+    for name in {n.split("{")[0] for n in series}:
+        assert f"# TYPE {name} " in body, name
+    line, _ = await http_get(port, "/elsewhere")
+    assert "404" in line
 
 
 async def test_scaling_to_three_worlds_and_back_to_one_fails_no_request_under_load(
