@@ -12,7 +12,9 @@
    bare loop runs at the effective batch the worker actually formed (from its counters).
 3. The transport floor (bench.floor) at concurrency 1: the same four ZeroMQ hops with no
    meshserve code at all, so the served latency splits into what the hops cost on this
-   machine and what meshserve adds.
+   machine and what meshserve adds. And the same mlp worker driven directly (bench.direct,
+   no controller), which splits what meshserve adds between the controller and the rest
+   (client and worker).
 
 Everything comes in rounds (--rounds, default 3). An echo round runs, at each concurrency,
 the direct path and then the controller path back to back; an mlp round runs served, then
@@ -172,7 +174,7 @@ def summarize_echo(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-async def mlp_round(client: Client, admin: str, floor: FloorChain,
+async def mlp_round(client: Client, admin: str, floor: FloorChain, direct: DirectWorker,
                     args: argparse.Namespace, n: int) -> dict[str, Any]:
     """One round: served, bare at the batch the worker formed, and the floor, back to back.
 
@@ -196,9 +198,14 @@ async def mlp_round(client: Client, admin: str, floor: FloorChain,
             entry["p50_minus_bare_ms"] = r.p50_ms - bare["median_ms"]
             entry["floor"] = floor.measure(d)
             entry["floor_minus_bare_ms"] = entry["floor"]["p50_ms"] - bare["median_ms"]
+            direct_r = await closed_loop(direct, "mlp", mlp_x, concurrency=1,  # type: ignore[arg-type]
+                                         duration_s=d, warmup_s=0.5)
+            entry["direct"] = direct_r.to_dict()
+            entry["direct_minus_bare_ms"] = direct_r.p50_ms - bare["median_ms"]
             entry["pause_penalty"] = pause_penalty(pause_s=bare["median_ms"] / 1000.0)
         out[f"c{c}"] = entry
-        extra = f" | floor p50 {entry['floor']['p50_ms']:6.3f} ms" if c == 1 else ""
+        extra = (f" | floor p50 {entry['floor']['p50_ms']:6.3f} ms, direct p50 "
+                 f"{entry['direct']['p50_ms']:6.3f} ms" if c == 1 else "")
         print(f"mlp  round {n} c={c:<3d} served {r.rps:8.1f} req/s p50 {r.p50_ms:7.3f} ms"
               f" batch {eff:5.2f} | bare {bare['median_ms']:6.3f} ms"
               f" ratio {entry['ratio_rows_per_s']:.2f}{extra}", file=sys.stderr, flush=True)
@@ -225,13 +232,16 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             s["p50_minus_bare_ms"] = med(lambda e: e["p50_minus_bare_ms"])
             s["floor_p50_ms"] = med(lambda e: e["floor"]["p50_ms"])
             s["floor_minus_bare_ms"] = med(lambda e: e["floor_minus_bare_ms"])
+            s["direct_p50_ms"] = med(lambda e: e["direct"]["p50_ms"])
+            s["direct_minus_bare_ms"] = med(lambda e: e["direct_minus_bare_ms"])
+            s["controller_ms"] = med(lambda e: e["served"]["p50_ms"] - e["direct"]["p50_ms"])
             s["pause_penalty"] = med(lambda e: e["pause_penalty"]["ratio"])
         summary[key] = s
     return summary
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    ports = {k: free_port() for k in ("client", "admin", "worker", "direct")}
+    ports = {k: free_port() for k in ("client", "admin", "worker", "direct", "direct_mlp")}
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     config = tmp / "bench.toml"
     write_config(config, ports, args.threads, args.mlp_delay_ms)
@@ -240,6 +250,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     direct = DirectWorker(ports["direct"], {"name": "echo", "model": "worker.models.echo:build",
                                             "max_batch_size": 64, "max_batch_delay_ms": 2.0},
                           threads=args.threads)
+    direct_mlp = DirectWorker(ports["direct_mlp"], {
+        "name": "mlp", "model": "worker.models.mlp:build", "max_batch_size": MLP_BATCH,
+        "max_batch_delay_ms": args.mlp_delay_ms}, threads=args.threads)
     floor = FloorChain(args.threads)
     results: dict[str, Any] = {"duration_s": args.duration_s, "threads": args.threads,
                                "rounds": args.rounds, "echo_rounds": [], "mlp_rounds": []}
@@ -252,11 +265,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await echo_round(client, direct, ctrl.pid, args, n))
             await direct.aclose()  # idle from here on: the mlp rounds need the machine
             floor.start()
+            await direct_mlp.start()
             for n in range(1, args.rounds + 1):
-                results["mlp_rounds"].append(await mlp_round(client, admin, floor, args, n))
+                results["mlp_rounds"].append(
+                    await mlp_round(client, admin, floor, direct_mlp, args, n))
     finally:
         floor.stop()
         await direct.aclose()
+        await direct_mlp.aclose()
         stop_process(ctrl, 30.0)
     results["echo"] = summarize_echo(results["echo_rounds"])
     results["mlp"] = summarize(results["mlp_rounds"])
@@ -284,12 +300,15 @@ def render(results: dict[str, Any]) -> str:
                      f"{e['served_p50_ms']:.3f} | {e['bare_ms']:.3f} | {delta} |")
     c1 = results["mlp"].get("c1")
     if c1 is not None:
-        lines += ["", "Transport floor at concurrency 1 (bench/floor.py: a verbatim ZeroMQ relay "
-                  "and a raw-bytes mlp worker, no meshserve code)",
-                  "| floor p50 ms | floor p50 - bare ms | meshserve p50 - floor p50 ms |",
-                  "|---:|---:|---:|",
+        lines += ["", "Where the time goes at concurrency 1: the transport floor (bench/floor.py:"
+                  " a verbatim ZeroMQ relay and a raw-bytes mlp worker, no meshserve code) and "
+                  "the meshserve worker driven directly (bench/direct.py: no controller)",
+                  "| floor p50 ms | floor p50 - bare ms | meshserve p50 - floor p50 ms | "
+                  "direct p50 ms | direct p50 - bare ms | controller (served - direct) ms |",
+                  "|---:|---:|---:|---:|---:|---:|",
                   f"| {c1['floor_p50_ms']:.3f} | {c1['floor_minus_bare_ms']:.3f} | "
-                  f"{c1['served_p50_ms'] - c1['floor_p50_ms']:.3f} |",
+                  f"{c1['served_p50_ms'] - c1['floor_p50_ms']:.3f} | {c1['direct_p50_ms']:.3f} | "
+                  f"{c1['direct_minus_bare_ms']:.3f} | {c1['controller_ms']:.3f} |",
                   "", f"The same Python (10 reply encodings) runs {c1['pause_penalty']:.1f}x "
                   f"slower right after a {c1['bare_ms']:.1f} ms pause than back to back "
                   "(median of rounds)."]
