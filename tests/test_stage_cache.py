@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -37,7 +38,7 @@ def test_a_held_stage_is_not_built_again(loads: Loads) -> None:
 
 def test_idle_stages_beyond_the_limit_go_least_recently_used_first(loads: Loads) -> None:
     dropped: list[Any] = []
-    cache = StageCache(2, on_drop=lambda key, handler: dropped.append(key))
+    cache = StageCache(2, on_drop=dropped.append)
     for key in ("a", "b", "c"):
         cache.get(key, loads(key))
     assert dropped == ["a"] and "a" not in cache and len(cache) == 2
@@ -70,7 +71,7 @@ def test_a_stage_shared_by_two_worlds_stays_until_both_let_go(loads: Loads) -> N
 
 def test_released_stages_count_as_newest_idle(loads: Loads) -> None:
     dropped: list[Any] = []
-    cache = StageCache(1, on_drop=lambda key, handler: dropped.append(key))
+    cache = StageCache(1, on_drop=dropped.append)
     cache.get("old", loads("old"), world=7)
     cache.get("preloaded", loads("preloaded"))
     cache.release(7)  # "old" became idle after "preloaded" was built: it is kept
@@ -79,7 +80,7 @@ def test_released_stages_count_as_newest_idle(loads: Loads) -> None:
 
 def test_lowering_the_limit_drops_at_once(loads: Loads) -> None:
     dropped: list[Any] = []
-    cache = StageCache(8, on_drop=lambda key, handler: dropped.append(key))
+    cache = StageCache(8, on_drop=dropped.append)
     for key in "abc":
         cache.get(key, loads(key))
     cache.set_max_idle(1)
@@ -96,7 +97,7 @@ def test_a_world_that_changes_stage_moves_its_pin(loads: Loads) -> None:
 
 
 def test_a_failing_drop_hook_does_not_break_the_cache(loads: Loads) -> None:
-    def boom(key: Any, handler: Any) -> None:
+    def boom(key: Any) -> None:
         raise RuntimeError("no")
     cache = StageCache(0, on_drop=boom)
     cache.get("a", loads("a"))
@@ -126,3 +127,22 @@ def test_pins_and_releases_proceed_while_a_load_runs(loads: Loads) -> None:
 def test_a_negative_limit_is_refused() -> None:
     with pytest.raises(ValueError, match="max_idle"):
         StageCache(-1)
+
+
+def test_a_dropped_stage_is_freed_before_on_drop_runs() -> None:
+    class Stage:
+        pass
+
+    alive_at_drop: list[bool] = []
+    refs: list[weakref.ref[Stage]] = []
+
+    def load() -> Stage:
+        stage = Stage()
+        refs.append(weakref.ref(stage))
+        return stage
+
+    # on_drop is where a CUDA worker calls empty_cache: nothing may hold the stage by then.
+    cache = StageCache(0, on_drop=lambda key: alive_at_drop.append(refs[0]() is not None))
+    cache.get("a", load, world=1)
+    cache.release(1)
+    assert alive_at_drop == [False]

@@ -192,7 +192,7 @@ class WorkerAgent(Actor):
             key, lambda: load_handler(deployment, self.device, stage=rank, stages=size),
             world=world)
 
-    def _dropped_stage(self, key: Any, handler: Any) -> None:
+    def _dropped_stage(self, key: Any) -> None:
         name, rank, size, _ = key
         log.info("[worker %s] dropped %s stage %d/%d: no world uses it and %d newer idle "
                  "stages are kept (max_idle_stages)", self.worker_id, name, rank, size,
@@ -200,7 +200,6 @@ class WorkerAgent(Actor):
         if self.device.startswith("cuda"):
             import torch
 
-            del handler
             torch.cuda.empty_cache()  # give the freed weights back to other processes
 
     def _store_for(self, addr: str) -> Any:

@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class StageCache:
-    def __init__(self, max_idle: int, *, on_drop: Callable[[Hashable, Any], None] | None = None
+    def __init__(self, max_idle: int, *, on_drop: Callable[[Hashable], None] | None = None
                  ) -> None:
+        """``on_drop(key)`` runs after a dropped stage's handler is released by the cache, so
+        it may give the freed memory back (``torch.cuda.empty_cache``)."""
         if max_idle < 0:
             raise ValueError(f"max_idle must be at least 0, got {max_idle}")
         self._max_idle = max_idle
@@ -123,9 +125,11 @@ class StageCache:
         return dropped
 
     def _report(self, dropped: list[tuple[Hashable, Any]]) -> None:
-        for key, handler in dropped:
+        keys = [key for key, _ in dropped]
+        dropped.clear()  # the last references the cache held: the memory can go now
+        for key in keys:
             if self._on_drop is not None:
                 try:
-                    self._on_drop(key, handler)
+                    self._on_drop(key)
                 except Exception:
                     log.exception("dropping stage %r failed", key)
