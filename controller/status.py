@@ -133,7 +133,9 @@ def render_status(status: dict[str, Any]) -> str:
                " ".join(f"{r['rank']}:{r['worker']}" for r in w["ranks"]), w["in_flight"],
                w["served"]] for w in status["worlds"]]
     workers = [[w["id"], w["pid"], w["host"], w["device"], w["state"],
-                ",".join(map(str, w["worlds"])) or "-", w["reason"]] for w in status["workers"]]
+                ",".join(map(str, w["worlds"])) or "-",
+                f"{w.get('stages_loaded', 0)} ({w.get('stages_idle', 0)} idle)", w["reason"]]
+               for w in status["workers"]]
     decisions = [f"  {d['name']}: {d['last_decision']['from']} -> {d['last_decision']['to']} "
                  f"worlds: {d['last_decision']['reason']}"
                  for d in status["deployments"] if d.get("last_decision")]
@@ -147,6 +149,6 @@ def render_status(status: dict[str, Any]) -> str:
         _table(["ID", "DEPLOYMENT", "EPOCH", "STATE", "RANKS", "IN_FLIGHT", "SERVED"], worlds),
         "",
         "WORKERS",
-        _table(["ID", "PID", "HOST", "DEVICE", "STATE", "WORLDS", "REASON"], workers),
+        _table(["ID", "PID", "HOST", "DEVICE", "STATE", "WORLDS", "STAGES", "REASON"], workers),
     ]
     return "\n".join(parts)

@@ -92,8 +92,12 @@ async def test_status_json_has_the_contract_keys_with_live_figures(
     assert worker["device"] == "cpu" and worker["pid"] in cluster.worker_pids()
     assert world["workers"] == [worker["id"]]
 
+    # Stage counts come with heartbeats: the one before the world joined said 0.
+    await cluster.wait_for(lambda s: s["workers"][0]["stages_loaded"] == 1,
+                           what="a heartbeat after the join")
     table = await asyncio.to_thread(cluster.meshctl, "status")
     assert table.returncode == 0 and "DEPLOYMENTS" in table.stdout and "mlp" in table.stdout
+    assert "STAGES" in table.stdout and "1 (0 idle)" in table.stdout  # the worker's one stage
 
 
 async def http_get(port: int, path: str) -> tuple[str, str]:
