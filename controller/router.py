@@ -114,7 +114,8 @@ class Router:
         self._by_client: dict[tuple[bytes, Any], int] = (
             inflight_ids if inflight_ids is not None else {})
         self._deadlines: list[tuple[float, int]] = []
-        self.stats = LatencyWindow()
+        # Kept long enough for the autoscaler's breach window (see Controller._autoscale_context).
+        self.stats = LatencyWindow(keep_s=max(2.0, deployment.upscale_delay_s))
         self.arrivals: deque[float] = deque(maxlen=100_000)  # accepted requests' arrival times
         self.late_replies = 0
         self.resent = 0

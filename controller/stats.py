@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -32,15 +31,18 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 class LatencyWindow:
-    def __init__(self, window_s: float = 10.0, max_samples: int = 200_000,
-                 clock: Callable[[], float] | None = None) -> None:
+    """``window_s`` is what ``summary`` reports on; samples are kept for ``keep_s`` (at least
+    ``window_s``), so a reader of a longer span (``recent``, for the autoscaler) still finds
+    them after a status call."""
+
+    def __init__(self, window_s: float = 10.0, max_samples: int = 200_000, *,
+                 keep_s: float = 0.0) -> None:
         self.window_s = window_s
-        self.max_samples = max_samples
+        self.keep_s = max(window_s, keep_s)
         self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
         self.total_ok = 0
         self.errors: Counter[str] = Counter()
         self.latency_sum_s = 0.0
-        self._clock = clock
 
     def record(self, now_s: float, latency_s: float) -> None:
         self._samples.append((now_s, latency_s))
@@ -62,15 +64,23 @@ class LatencyWindow:
         self.errors[code] += 1
 
     def summary(self, now_s: float) -> LatencySummary:
-        cutoff = now_s - self.window_s
         samples = self._samples
-        while samples and samples[0][0] < cutoff:
+        horizon = now_s - self.keep_s
+        while samples and samples[0][0] < horizon:
             samples.popleft()
-        if not samples:
+        cutoff = now_s - self.window_s
+        values = []
+        first_s = now_s
+        for t, lat in reversed(samples):
+            if t < cutoff:
+                break
+            values.append(lat)
+            first_s = t
+        if not values:
             return LatencySummary(0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        values = sorted(lat for _, lat in samples)
+        values.sort()
         # Rate over the covered span, so a fresh deployment is not under-reported.
-        span = min(self.window_s, max(now_s - samples[0][0], 1e-3))
+        span = min(self.window_s, max(now_s - first_s, 1e-3))
         return LatencySummary(
             count=len(values),
             rps=len(values) / span,

@@ -111,6 +111,17 @@ def test_totals_keep_counting_after_samples_leave_the_window() -> None:
     assert w.latency_sum_s == pytest.approx(0.75)
 
 
+def test_a_status_summary_does_not_cut_a_longer_window_a_reader_keeps() -> None:
+    # The autoscaler reads p99 over upscale_delay_s, which may exceed the status window.
+    w = LatencyWindow(window_s=10.0, keep_s=30.0)
+    for i in range(30):
+        w.record(now_s=float(i), latency_s=0.5 if i < 20 else 0.01)
+    assert w.summary(now_s=30.0).count == 10
+    assert w.recent(now_s=30.0, window_s=30.0) == (30, 500.0)
+    w.summary(now_s=45.0)  # now samples before 15 s are past keep_s
+    assert w.recent(now_s=45.0, window_s=30.0)[0] == 15
+
+
 def test_the_window_keeps_at_most_max_samples_dropping_the_oldest() -> None:
     w = LatencyWindow(window_s=100.0, max_samples=3)
     for i, latency in enumerate([9.0, 0.1, 0.2, 0.3]):
