@@ -49,6 +49,7 @@ class DirectWorker:
         self._ready = asyncio.Event()
         self._joined = asyncio.Event()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._pump: Pump | None = None
         self.inputs_spec: dict[str, Any] = {}
         self._data_identity = b""
         self._closed = False
@@ -60,8 +61,8 @@ class DirectWorker:
     async def start(self, timeout_s: float = 120.0) -> None:
         sock = make_socket(self._context, zmq.ROUTER)
         sock.bind(self.endpoint)
-        self._pump = Pump(sock, self._on_message, name="direct", copy_prefix=3)
-        self._pump.start()
+        pump = self._pump = Pump(sock, self._on_message, name="direct", copy_prefix=3)
+        pump.start()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "--controller", self.endpoint, "--worker-id",
              self.worker_id, "--device", "cpu", "--threads", str(self.threads),
@@ -69,7 +70,7 @@ class DirectWorker:
             stdin=subprocess.DEVNULL)
         async with asyncio.timeout(timeout_s):
             await self._ready.wait()
-            self._pump.send([self.worker_id.encode(), codec.pack(
+            pump.send([self.worker_id.encode(), codec.pack(
                 Join(world_id=1, epoch=1, rank=0, size=1, deployment=self.deployment).to_wire())])
             await self._joined.wait()
 
@@ -84,7 +85,8 @@ class DirectWorker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._pump.close()
+        if self._pump is not None:
+            self._pump.close()
         self._context.term()
 
     def _on_message(self, frames: list[Any]) -> None:
@@ -107,6 +109,7 @@ class DirectWorker:
         msg = parse_control(head, WORKER_MESSAGES)
         if isinstance(msg, Register):
             self._data_identity = (msg.data_identity or msg.worker_id).encode()
+            assert self._pump is not None  # messages only come after start()
             self._pump.send([frames[0], codec.pack(Welcome(
                 heartbeat_interval_ms=200, controller_timeout_ms=3_600_000).to_wire())])
             self._ready.set()
@@ -122,6 +125,8 @@ class DirectWorker:
         head = codec.pack([DISPATCH, rid, 1, 1, int(timeout_s * 1000)])
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._calls[rid] = fut
+        if self._pump is None:
+            raise RuntimeError("DirectWorker is not started")
         self._pump.send([self._data_identity, head, *frames])
         try:
             async with asyncio.timeout(timeout_s + 2.0):

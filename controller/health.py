@@ -56,7 +56,6 @@ class Health(Actor):
         self._clock = clock
         self._last: dict[str, float] = {}
         self._gone: set[str] = set()  # reported lost, not registered again since
-        self.lost = 0
 
     async def on_start(self) -> None:
         self.spawn(self._loop(), name="health.loop")
@@ -91,7 +90,6 @@ class Health(Actor):
         if worker_id in self._gone:
             return
         self._gone.add(worker_id)
-        self.lost += 1
         self._on_lost(worker_id, reason, kill)
 
     async def _loop(self) -> None:

@@ -50,8 +50,8 @@ def render_metrics(status: dict[str, Any]) -> str:
     for w in status["workers"]:
         if w["state"] == "dead":
             continue
-        idle = w.get("stages_idle", 0)
-        used = max(0, w.get("stages_loaded", 0) - idle)
+        idle = w["stages_idle"]
+        used = w["stages_loaded"] - idle
         lines.append(f'meshserve_worker_stages{{worker="{w["id"]}",use="in_use"}} {used}')
         lines.append(f'meshserve_worker_stages{{worker="{w["id"]}",use="idle"}} {idle}')
     return "\n".join(lines) + "\n"

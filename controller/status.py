@@ -134,7 +134,7 @@ def render_status(status: dict[str, Any]) -> str:
                w["served"]] for w in status["worlds"]]
     workers = [[w["id"], w["pid"], w["host"], w["device"], w["state"],
                 ",".join(map(str, w["worlds"])) or "-",
-                f"{w.get('stages_loaded', 0)} ({w.get('stages_idle', 0)} idle)", w["reason"]]
+                f"{w['stages_loaded']} ({w['stages_idle']} idle)", w["reason"]]
                for w in status["workers"]]
     decisions = [f"  {d['name']}: {d['last_decision']['from']} -> {d['last_decision']['to']} "
                  f"worlds: {d['last_decision']['reason']}"

@@ -33,7 +33,7 @@ def test_a_held_stage_is_not_built_again(loads: Loads) -> None:
     cache = StageCache(4)
     a = cache.get("a", loads("a"))
     assert cache.get("a", loads("a")) is a
-    assert loads.built == ["a"] and cache.loads == 1
+    assert loads.built == ["a"]
 
 
 def test_idle_stages_beyond_the_limit_go_least_recently_used_first(loads: Loads) -> None:
@@ -101,7 +101,8 @@ def test_a_failing_drop_hook_does_not_break_the_cache(loads: Loads) -> None:
         raise RuntimeError("no")
     cache = StageCache(0, on_drop=boom)
     cache.get("a", loads("a"))
-    assert len(cache) == 0 and cache.dropped == 1
+    cache.get("b", loads("b"), world=1)  # still works after the hook failed
+    assert "a" not in cache and "b" in cache
 
 
 def test_pins_and_releases_proceed_while_a_load_runs(loads: Loads) -> None:

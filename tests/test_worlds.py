@@ -236,7 +236,7 @@ async def test_a_worker_keeps_its_stages_in_use_and_at_most_max_idle_stages_othe
         w = next(w for w in s["workers"] if w["id"] == shared)
         return w["stages_loaded"], w["stages_idle"]
 
-    assert stages(status) == (1, 0)
+    await cluster.wait_for(lambda s: stages(s) == (1, 0), what="a serves with its one stage")
     for name, loaded_while_serving in (("b", (2, 0)), ("c", (3, 1))):
         proc = await asyncio.to_thread(cluster.meshctl, "form", name, shared)
         assert proc.returncode == 0, proc.stderr

@@ -38,8 +38,6 @@ class StageCache:
         self._stages: OrderedDict[Hashable, Any] = OrderedDict()
         self._users: dict[Hashable, set[int]] = {}  # key -> worlds using it
         self._key_of: dict[int, Hashable] = {}  # world -> its key
-        self.loads = 0
-        self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._stages)
@@ -81,7 +79,6 @@ class StageCache:
                 handler = held  # built meanwhile by another caller: keep one copy
             else:
                 self._stages[key] = handler
-                self.loads += 1
             self._stages.move_to_end(key)
             if world is not None:
                 self._pin(key, world)
@@ -121,7 +118,6 @@ class StageCache:
         dropped = []
         for key in idle[:max(0, len(idle) - self._max_idle)]:
             dropped.append((key, self._stages.pop(key)))
-        self.dropped += len(dropped)
         return dropped
 
     def _report(self, dropped: list[tuple[Hashable, Any]]) -> None:
