@@ -25,7 +25,7 @@ from mesh.errors import (
     UnknownModel,
     UnsupportedVersion,
 )
-from mesh.messages import PROTOCOL_VERSION, ClientKind, error_header
+from mesh.messages import MAX_ID_BYTES, PROTOCOL_VERSION, ClientKind, error_header
 from mesh.transport import Pump, bind_socket, make_socket
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class Frontend:
                     f"{PROTOCOL_VERSION}")
             if req_id is None or isinstance(req_id, bool) or not isinstance(req_id, int | str):
                 raise BadRequest("header 'id' must be an integer or a string")
+            if isinstance(req_id, str) and len(req_id.encode()) > MAX_ID_BYTES:
+                raise BadRequest(f"header 'id' is {len(req_id.encode())} bytes; a string id "
+                                 f"may have at most {MAX_ID_BYTES}")
             kind = header.get("kind")
             if kind == ClientKind.CANCEL:
                 for router in self.routers.values():

@@ -22,6 +22,8 @@ from typing import Any, ClassVar, TypeVar
 from mesh.errors import BadRequest
 
 PROTOCOL_VERSION = 1
+# A string request id travels with its request through every pipeline stage: keep it short.
+MAX_ID_BYTES = 256
 # Loaded stages no world uses that a worker keeps until the controller says otherwise.
 DEFAULT_MAX_IDLE_STAGES = 8
 

@@ -136,6 +136,19 @@ async def test_a_header_that_is_not_msgpack_is_answered_bad_request(serving: Any
     assert failures == []
 
 
+async def test_a_string_id_over_256_bytes_is_answered_bad_request(serving: Any) -> None:
+    # Ids travel with their request through every pipeline stage, in a bounded header.
+    cluster, failures = serving
+    x = {"x": np.zeros((1, 64), np.float32)}
+    long_id = "é" * 129  # 258 bytes in UTF-8, 129 characters
+    reply = await send_raw(cluster, request_frames(x, req_id=long_id))
+    assert (reply["code"], reply["id"]) == ("bad_request", long_id)
+    assert "256" in reply["message"]
+    reply = await send_raw(cluster, request_frames(x, req_id="a" * 256))
+    assert (reply["kind"], reply["id"]) == ("result", "a" * 256)
+    assert failures == []
+
+
 async def test_a_payload_over_the_configured_limit_is_answered_payload_too_large(
         serving: Any) -> None:
     cluster, failures = serving

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from worker.batcher import Batcher, Item
+from worker.comm import HEADER_BYTES
+from worker.dataplane import micro_batches
 
 DELAY_MS = 10.0
 
@@ -203,3 +206,28 @@ def test_clear_hands_back_every_queued_request_and_empties_the_queue(clock: Fake
     assert tokens(b.clear()) == ["x", "y"]
     assert len(b) == 0 and b.rows == 0
     assert b.wait_s() is None
+
+
+def items(*specs: tuple[int, object]) -> list[Item]:
+    """Items from (rows, client id) pairs, request ids 0, 1, ..."""
+    return [Item((rid, cid), rows, 0.0, 1.0) for rid, (rows, cid) in enumerate(specs)]
+
+
+def test_micro_batches_split_rows_evenly_keeping_requests_whole() -> None:
+    batch = items((3, 1), (3, 2), (2, 3), (4, 4))
+    groups = micro_batches(batch, 2)
+    assert [[it.token[0] for it in g] for g in groups] == [[0, 1], [2, 3]]
+    assert [[it.token[0] for it in g] for g in micro_batches(batch, 1)] == [[0, 1, 2, 3]]
+    assert len(micro_batches(items((10, 1)), 4)) == 1  # one request is never split
+
+
+def test_micro_batches_never_name_more_requests_than_a_header_holds() -> None:
+    # 40 one-row requests with 256-byte string ids: one micro-batch by rows, but their ids
+    # would not fit one p2p header.
+    batch = items(*[(1, "i" * 256)] * 40)
+    groups = micro_batches(batch, 1)
+    assert len(groups) > 1 and sum(len(g) for g in groups) == 40
+    for g in groups:
+        header = {"k": "b", "n": ["x"], "t": [["float32", [len(g), 64]]],
+                  "items": [[it.token[0], it.token[1], it.rows] for it in g]}
+        assert len(msgpack.packb(header)) <= HEADER_BYTES - 4

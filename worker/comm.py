@@ -157,7 +157,8 @@ class Comm:
         header["t"] = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]
         body = msgpack.packb(header, use_bin_type=True)
         if len(body) > HEADER_BYTES - _LEN.size:
-            raise CommError(f"p2p header of {len(body)} bytes exceeds {HEADER_BYTES - 4}")
+            # Nothing was sent: the world is fine, only this message cannot go.
+            raise ValueError(f"p2p header of {len(body)} bytes exceeds {HEADER_BYTES - 4}")
         raw = _LEN.pack(len(body)) + body
         buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         if self._aborted:

@@ -39,7 +39,7 @@ from mesh.errors import (
 from mesh.messages import CANCEL_WORK, DISPATCH, HELLO, REPLY, REPLY_ERROR, error_header
 from mesh.transport import make_socket, recv_nowait, send_nowait
 from worker.batcher import Item
-from worker.comm import CommError
+from worker.comm import HEADER_BYTES, CommError
 from worker.handler import Request
 from worker.world import (
     OnBroken,
@@ -56,6 +56,31 @@ _IDLE_POLL_MS = 250
 # Micro-batches a stage may have on their way to the next one before it waits: this is what
 # lets stage 0 compute batch n+1 while stage 1 still works on batch n.
 SEND_WINDOW = 8
+
+
+# Bytes of a p2p header the request list of one micro-batch may use; the rest is left for the
+# tensor names, dtypes and shapes.
+ITEMS_BUDGET = HEADER_BYTES - 1024
+
+
+def micro_batches(batch: list[Item], parts: int, budget: int = ITEMS_BUDGET) -> list[list[Item]]:
+    """Whole requests, in order, about ``1/parts`` of the rows each, and never more requests
+    than one p2p header can name: each travels as [rid, client id, rows], and a client id may
+    be a string of up to MAX_ID_BYTES."""
+    rows = sum(item.rows for item in batch)
+    per_micro = max(1, -(-rows // parts))
+    groups: list[list[Item]] = [[]]
+    acc = size = 0
+    for item in batch:
+        client_id = item.token[1]
+        cost = 24 + (len(client_id.encode()) if isinstance(client_id, str) else 9)
+        if groups[-1] and (acc + item.rows > per_micro or size + cost > budget):
+            groups.append([])
+            acc = size = 0
+        groups[-1].append(item)
+        acc += item.rows
+        size += cost
+    return groups
 
 
 class BatchStats:
@@ -385,17 +410,7 @@ class DataPlane:
         comm = world.comm
         assert comm is not None
         handler = world.handler
-        rows = sum(item.rows for item in batch)
-        per_micro = max(1, -(-rows // world.micro_batches))
-        groups: list[list[Item]] = [[]]
-        acc = 0
-        for item in batch:
-            if groups[-1] and acc + item.rows > per_micro:
-                groups.append([])
-                acc = 0
-            groups[-1].append(item)
-            acc += item.rows
-        for group in groups:
+        for group in micro_batches(batch, world.micro_batches):
             with self.compute_lock:
                 acts = handler.forward(handler.collate([item.payload for item in group]))
             names, tensors = names_and_tensors(acts)
