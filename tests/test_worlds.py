@@ -255,3 +255,38 @@ async def test_a_worker_keeps_its_stages_in_use_and_at_most_max_idle_stages_othe
         await cluster.wait_for(lambda s: stages(s) == (2, 1), what=f"{name} released")
     log = cluster.log_path.read_text(errors="replace")
     assert f"[worker {shared}] dropped b stage 0/1" in log, cluster.log_tail()
+
+
+SLOW_LOADING = """
+[[deployments]]
+name = "slowload"
+model = "worker.models.faulty:build"
+factory_kwargs = { mode = "ok", load_s = 3.0 }
+worlds = 1
+min_worlds = 0
+"""
+
+
+async def test_a_world_drained_while_its_worker_still_loads_is_never_served_or_kept(
+        cluster_factory: StartCluster) -> None:
+    # A warm pool of two keeps the worker (beside the spare) after its only world is gone.
+    cluster = await cluster_factory(SLOW_LOADING, wait_serving=False,
+                                    controller="warm_workers = 2")
+    status = await cluster.wait_for(
+        lambda s: any(w["state"] == "forming" and w["workers"] for w in s["worlds"]),
+        what="a forming world")
+    (world,) = status["worlds"]
+    (worker,) = world["workers"]
+    proc = await asyncio.to_thread(cluster.meshctl, "drain", str(world["id"]))
+    assert proc.returncode == 0, proc.stderr
+
+    def mine(s: dict[str, Any]) -> dict[str, Any]:
+        return next(w for w in s["workers"] if w["id"] == worker)
+
+    # Once the load finishes, the worker lets the world go: its stage is idle, not pinned by a
+    # world nobody will ever use, and the worker is free for others.
+    status = await cluster.wait_for(
+        lambda s: mine(s)["stages_loaded"] == 1 and mine(s)["stages_idle"] == 1,
+        timeout_s=30, what="the late join let go")
+    assert status["worlds"] == [] and mine(status)["worlds"] == []
+    assert "leaving before its join completed" in cluster.log_path.read_text(errors="replace")

@@ -74,6 +74,8 @@ class WorkerAgent(Actor):
         # so two worlds forming in opposite orders on two workers cannot deadlock.
         self._form_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="form")
         self._worlds: dict[int, World] = {}
+        # Worlds whose join is loading or forming -> whether a leave came meanwhile.
+        self._joining: dict[tuple[int, int], bool] = {}
         self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
         self._advertise_host = advertise_host
         self._store: Any = None
@@ -227,6 +229,8 @@ class WorkerAgent(Actor):
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         comm: Comm | None = None
+        key = (msg.world_id, msg.epoch)
+        self._joining[key] = False
         try:
             handler = await loop.run_in_executor(self._loader_pool, self._handler_for,
                                                  msg.deployment, msg.rank, msg.size,
@@ -240,11 +244,19 @@ class WorkerAgent(Actor):
                       msg.epoch, exc)
             self._link.send(JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
                                        error=f"{type(exc).__name__}: {exc}"))
+            if self._joining.pop(key):
+                self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
             return
         world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
                       deployment=msg.deployment, handler=handler, comm=comm)
         await asyncio.wrap_future(self._plane.add_world(world))
         self._worlds[msg.world_id] = world
+        if self._joining.pop(key):
+            # Told to leave while loading or forming: never announce it, just let go.
+            log.info("[worker %s world %d/%d] leaving before its join completed",
+                     self.worker_id, msg.world_id, msg.epoch)
+            await self._leave(Leave(world_id=msg.world_id, epoch=msg.epoch, abort=True))
+            return
         form_ms = (time.perf_counter() - started) * 1000.0 - load_ms
         log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, load %.0f ms, form %.0f ms)",
                  self.worker_id, msg.world_id, msg.epoch, msg.rank, msg.size,
@@ -253,6 +265,9 @@ class WorkerAgent(Actor):
                                form_ms=form_ms, inputs=handler.input_spec()))
 
     async def _leave(self, msg: Leave) -> None:
+        if (msg.world_id, msg.epoch) in self._joining:
+            self._joining[msg.world_id, msg.epoch] = True  # the join lets go and says Left
+            return
         world = self._worlds.get(msg.world_id)
         if world is None or world.epoch != msg.epoch:
             self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
