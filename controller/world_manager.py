@@ -536,7 +536,11 @@ class WorldManager(Actor):
         worker.state = "draining"
         worker.retiring = True
         worker.since_s = self._clock()
-        self._on_forget(worker.id)  # it goes quiet on purpose: not a hang
+        if worker.spawned_by_us:
+            # It goes quiet on purpose, and the launcher reports its exit: not a hang. A
+            # worker that joined by itself has no launcher to report it, so Health keeps
+            # watching and declares it dead once it has gone quiet.
+            self._on_forget(worker.id)
         self._send(worker.id, Shutdown(reason="released"))
         if worker.spawned_by_us:
             self.spawn(self.launcher.stop(worker.id, timeout_s=10.0),

@@ -11,10 +11,13 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from tests.cluster import Cluster, alive
+from tests.cluster import Cluster, alive, free_port, write_config
 from tests.conftest import StartCluster
 from tests.load import LedgerClient, Load
 
@@ -217,3 +220,42 @@ factory_kwargs = { mode = "exit" }
     assert sum(1 for e in status["events"] if e["event"] == "worker_dead") == 3
     table = await asyncio.to_thread(cluster.meshctl, "status", "--json")
     assert "quarantined" in table.stdout
+
+
+async def test_a_drained_worker_that_joined_by_itself_ends_dead(tmp_path: Path) -> None:
+    # launcher = "none": no launcher sees this worker exit, so the heartbeat check must.
+    ports = {k: free_port() for k in ("client", "admin", "worker")}
+    config = tmp_path / "none.toml"
+    write_config(config, ports, '[[deployments]]\nname = "echo"\n'
+                 'model = "worker.models.echo:build"\n', 'launcher = "none"')
+    log = tmp_path / "controller.log"
+    with open(log, "wb") as out:
+        procs = [subprocess.Popen([sys.executable, "-m", "controller.cli", "controller",
+                                   "--config", str(config)],
+                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)]
+    cluster = Cluster(procs[0], f"tcp://127.0.0.1:{ports['client']}",
+                      f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
+                      config, log)
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "controller.cli", "worker", "--controller",
+             cluster.workers_endpoint, "--worker-id", "remote1"], stdin=subprocess.DEVNULL))
+        await cluster.wait_for(lambda s: any(w["id"] == "remote1" and w["state"] == "serving"
+                                             for w in s["workers"]), what="remote1 serving")
+        drained = await asyncio.to_thread(cluster.meshctl, "drain", "remote1")
+        assert drained.returncode == 0, drained.stderr
+        status = await cluster.wait_for(
+            lambda s: [w["state"] for w in s["workers"] if w["id"] == "remote1"] == ["dead"],
+            what="the drained worker declared dead")
+        (worker,) = status["workers"]
+        assert worker["reason"].startswith("no heartbeat for"), worker
+        assert procs[1].wait(timeout=10) == 0  # it did exit when told to
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
