@@ -205,6 +205,9 @@ class WorldManager(Actor):
     # -- events ---------------------------------------------------------------------------
 
     async def handle(self, message: Any) -> Any:
+        # Every message ends with a reconcile pass, so what it changed (a replacement, a
+        # spare, a drain) acts now, before an operator command's result goes back.
+        result: Any = None
         if isinstance(message, FromWorker):
             self._from_worker(message.worker_id, message.message)
         elif isinstance(message, WorkerLost):
@@ -217,18 +220,16 @@ class WorldManager(Actor):
                 self._break_world(world, "its stage-0 worker's data socket is unreachable")
         elif isinstance(message, Scale):
             result = self._scale(message)
-            await self.reconcile()
-            return result
         elif isinstance(message, DrainTarget):
-            return self._drain_target(message.target)
+            result = self._drain_target(message.target)
         elif isinstance(message, FormWorld):
-            return self._form_on(message)
+            result = self._form_on(message)
         elif isinstance(message, Tick):
             self._check_forming()
             self.check_progress()
             self._forget_dead()
         await self.reconcile()
-        return None
+        return result
 
     def _from_worker(self, worker_id: str, msg: Message) -> None:
         if isinstance(msg, Register):
@@ -349,17 +350,18 @@ class WorldManager(Actor):
         log.info("[controller] world %d/%d of %s serving (formed in %.0f ms)", world.id,
                  world.epoch, world.deployment, (world.ready_s - world.created_s) * 1000)
 
-    def _shareable(self, dep: DeploymentState, max_util: float = 0.85) -> dict[int, WorkerInfo]:
+    def _shareable(self, dep: DeploymentState,
+                   max_util: float = 0.85) -> tuple[dict[int, WorkerInfo], str]:
         """Worker-granular scaling: for each stage that is not the bottleneck, an existing
         worker of that stage that the new world can share.
 
         The bottleneck is the stage with the highest compute time per request; a stage at
         most 2/3 of that, whose least busy worker still has headroom, is shared instead of
         started anew. A new world then adds processes only for the stages that need them.
-        Nothing is shared while the costs are unknown.
+        Nothing is shared while the costs are unknown. Also returns why, for the log.
         """
         if dep.config.stages < 2:
-            return {}
+            return {}, ""
         by_stage: dict[int, list[WorkerInfo]] = {}
         for world in self.worlds.values():
             if world.deployment != dep.config.name or world.state != "serving":
@@ -370,7 +372,7 @@ class WorldManager(Actor):
                     by_stage.setdefault(rank, []).append(worker)
         costs = {s: min(w.cost_ms for w in ws) for s, ws in by_stage.items() if ws}
         if len(costs) < dep.config.stages or min(costs.values()) <= 0.0:
-            return {}
+            return {}, ""
         worst = max(costs.values())
         shared: dict[int, WorkerInfo] = {}
         for stage, workers in by_stage.items():
@@ -379,11 +381,12 @@ class WorldManager(Actor):
                 shared[stage] = best
         if len(shared) == dep.config.stages:  # never a world of only shared workers
             shared.pop(max(shared, key=lambda s: costs[s]))
-        log.info("[controller] %s stage costs %s ms, busiest-stage utilisation %s: sharing %s",
-                 dep.config.name, {s: round(c, 1) for s, c in sorted(costs.items())},
-                 {s: round(max(w.util for w in ws), 2) for s, ws in sorted(by_stage.items())},
-                 {s: w.id for s, w in shared.items()} or "nothing")
-        return shared
+        why = (f"{dep.config.name} stage costs "
+               f"{ {s: round(c, 1) for s, c in sorted(costs.items())} } ms, busiest-stage "
+               f"utilisation "
+               f"{ {s: round(max(w.util for w in ws), 2) for s, ws in sorted(by_stage.items())} }"
+               f": sharing { {s: w.id for s, w in shared.items()} }")
+        return shared, why
 
     def _drain_world(self, world: WorldInfo, reason: str) -> None:
         if world.state == "forming":
@@ -578,18 +581,16 @@ class WorldManager(Actor):
                 if now < dep.retry_at_s or dep.quarantined:
                     continue
                 stages = dep.config.stages
-                while missing > 0:
-                    shared = self._shareable(dep) if live else {}
-                    fresh = stages - len(shared)
-                    if len(idle) < fresh:
-                        break
+                shared, why = self._shareable(dep) if live else ({}, "")
+                fresh = stages - len(shared)
+                while missing > 0 and len(idle) >= fresh:
+                    if shared:  # logged when used: reconcile runs on every tick
+                        log.info("[controller] %s", why)
                     new, idle = idle[:fresh], idle[fresh:]
                     members = [shared[r] if r in shared else new.pop(0) for r in range(stages)]
                     self._form_world(dep, members)
                     missing -= 1
-                if missing > 0:
-                    fresh = stages - len(self._shareable(dep) if live else {})
-                    needed += missing * fresh
+                needed += missing * fresh
             elif missing < 0:
                 # Drop forming worlds first (nothing to drain), then the newest: the reverse
                 # of the order they were added in (shared-worker worlds came last).
