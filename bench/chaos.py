@@ -67,13 +67,14 @@ default_timeout_ms = 10000
 """)
 
 
-async def wait_serving(admin: str, worlds: int, timeout_s: float) -> dict[str, Any]:
+async def wait_serving(admin: str, worlds: int, idle: int, timeout_s: float) -> dict[str, Any]:
+    """Poll until ``worlds`` serve and ``idle`` warm workers wait beside them."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             status = await admin_call(admin, "status", timeout_s=2.0)
             if sum(w["state"] == "serving" for w in status["worlds"]) >= worlds and \
-                    sum(w["state"] == "idle" for w in status["workers"]) >= 0:
+                    sum(w["state"] == "idle" for w in status["workers"]) >= idle:
                 return status
         except MeshError:
             pass
@@ -97,9 +98,7 @@ async def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     worlds_timeline: list[tuple[float, int]] = []
     stop = asyncio.Event()
     try:
-        await wait_serving(admin, args.worlds, 120.0)
-        if warm:
-            await asyncio.sleep(3.0)  # the warm worker starts after the worlds
+        await wait_serving(admin, args.worlds, warm, 120.0)  # spares start after the worlds
         x = np.zeros((1, 64), dtype=np.float32)
         async with LedgerClient(f"tcp://127.0.0.1:{ports['client']}") as client:
 

@@ -79,7 +79,9 @@ async def test_chaos_three_kills_answer_every_request_exactly_once(
     status = await cluster.status()
     broken = [e for e in status["events"] if e["event"] == "world_broken"]
     assert len(broken) >= 4  # the shared worker alone broke two worlds
-    assert sum(e["resent"] for e in broken) >= 0
+    # Kills land under load: the broken worlds had requests in flight, re-sent elsewhere
+    # (and, per the ledger above, answered once).
+    assert sum(e["resent"] for e in broken) >= 1
 
 
 async def test_killing_the_shared_worker_breaks_both_its_worlds_and_both_are_reformed(
