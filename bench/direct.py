@@ -22,6 +22,7 @@ from mesh import codec
 from mesh.errors import DeadlineExceeded, error_from_wire
 from mesh.messages import (
     DISPATCH,
+    HELLO,
     REPLY_ERROR,
     WORKER_MESSAGES,
     ClientKind,
@@ -51,7 +52,7 @@ class DirectWorker:
         self.proc: subprocess.Popen[bytes] | None = None
         self._pump: Pump | None = None
         self.inputs_spec: dict[str, Any] = {}
-        self._data_identity = b""
+        self._entry = b""  # the world runner's socket, from Joined
         self._closed = False
 
     @property
@@ -91,7 +92,9 @@ class DirectWorker:
 
     def _on_message(self, frames: list[Any]) -> None:
         head = codec.unpack_header(frames[1])
-        if isinstance(head, list) and head and head[0] == "hello":
+        if isinstance(head, list) and head and head[0] == HELLO:
+            assert self._pump is not None
+            self._pump.send([frames[0], codec.pack([HELLO])])  # as the controller's Backend
             return
         if isinstance(head, list):
             rid, status = head[1], head[4]
@@ -108,12 +111,12 @@ class DirectWorker:
             return
         msg = parse_control(head, WORKER_MESSAGES)
         if isinstance(msg, Register):
-            self._data_identity = (msg.data_identity or msg.worker_id).encode()
             assert self._pump is not None  # messages only come after start()
             self._pump.send([frames[0], codec.pack(Welcome(
                 heartbeat_interval_ms=200, controller_timeout_ms=3_600_000).to_wire())])
             self._ready.set()
         elif isinstance(msg, Joined):
+            self._entry = msg.entry.encode()
             self.inputs_spec = msg.inputs
             self._joined.set()
 
@@ -127,7 +130,7 @@ class DirectWorker:
         self._calls[rid] = fut
         if self._pump is None:
             raise RuntimeError("DirectWorker is not started")
-        self._pump.send([self._data_identity, head, *frames])
+        self._pump.send([self._entry, head, *frames])
         try:
             async with asyncio.timeout(timeout_s + 2.0):
                 return await fut

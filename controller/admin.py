@@ -7,7 +7,10 @@ typed error code and message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +135,8 @@ class Admin(Actor):
             return await self._wm.ask(DrainTarget(_str(args, "target")), timeout_s=10.0)
         if command == "fault":
             worker_id = _str(args, "worker")
+            if worker_id == "controller":
+                return self._stall(args.get("stall_ms"))
             delay = args.get("delay_ms", 0.0)
             if isinstance(delay, bool) or not isinstance(delay, int | float) or \
                     not 0 <= delay <= 600_000:
@@ -153,6 +158,33 @@ class Admin(Actor):
                         pid)
             return {"killed": worker_id, "pid": pid}
         raise BadRequest(f"unhandled command {command!r}")  # pragma: no cover
+
+
+    def _stall(self, stall_ms: Any) -> dict[str, Any]:
+        """Fault injection: block the controller's own event loop, as a long synchronous call
+        would (game days: does a stalled controller blame its workers?). The stall runs in an
+        I/O callback, where a slow message handler would block (the case where, once it
+        returns, timers run before the sockets are read again), just after this reply."""
+        if isinstance(stall_ms, bool) or not isinstance(stall_ms, int | float) or \
+                not 0 < stall_ms <= 60_000:
+            raise BadRequest("stall_ms must be a number of milliseconds in (0, 60000]")
+        log.warning("[controller] fault injected: the controller's loop stalls for %.0f ms",
+                    stall_ms)
+        loop = asyncio.get_running_loop()
+        wake_r, wake_w = os.pipe()
+
+        def stall() -> None:
+            loop.remove_reader(wake_r)
+            os.close(wake_r)
+            time.sleep(stall_ms / 1000.0)
+
+        def start() -> None:
+            os.write(wake_w, b"\x01")
+            os.close(wake_w)
+
+        loop.add_reader(wake_r, stall)
+        loop.call_later(0.05, start)
+        return {"controller": "stalled", "stall_ms": float(stall_ms)}
 
 
 def _str(args: dict[str, Any], key: str) -> str:

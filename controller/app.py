@@ -88,7 +88,8 @@ class Controller:
         self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_lost=self._on_lost)
         self.world_manager = WorldManager(
             self.config, self.routers, self.launcher, send_worker=self.backend.send_control,
-            on_watch=self.health.watch, on_forget=self.health.forget)
+            on_watch=self.health.watch, on_forget=self.health.forget,
+            deaf_until=lambda: self.health.lag.last_end_s)
         self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
                            routers=self.routers, launcher=self.launcher, snapshot=self.status,
                            send_worker=self.backend.send_control)
@@ -218,18 +219,22 @@ class Controller:
     def status(self) -> dict[str, Any]:
         c = self.config.controller
         return build_status(self.world_manager, self.routers, started_s=self.started_s,
-                            autoscaler=self.autoscaler,
+                            autoscaler=self.autoscaler, loop_lag=self.health.lag,
                             endpoints={"client_endpoint": c.client_endpoint,
                                        "admin_endpoint": c.admin_endpoint,
                                        "worker_endpoint": c.worker_endpoint})
 
-    async def wait_serving(self, timeout_s: float) -> None:
-        """Wait until every deployment has its desired number of serving worlds."""
+    async def wait_serving(self, timeout_s: float) -> dict[str, str]:
+        """Wait until every deployment either has its desired number of serving worlds or
+        cannot have one; returns why for each of the latter (empty: all serve)."""
         async with asyncio.timeout(timeout_s):
             while True:
+                down = {name: router.unavailable for name, router in self.routers.items()
+                        if router.unavailable}
                 status = self.status()
-                if all(d["worlds_current"] >= d["worlds_desired"] for d in status["deployments"]):
-                    return
+                if all(d["worlds_current"] >= d["worlds_desired"] or d["name"] in down
+                       for d in status["deployments"]):
+                    return down
                 await asyncio.sleep(0.05)
 
     # -- lifecycle ------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from mesh.transport import Pump, bind_socket, make_socket
 
 log = logging.getLogger(__name__)
 
+_HELLO_ECHO = codec.pack([HELLO])
+
 
 class Backend:
     def __init__(
@@ -71,7 +73,10 @@ class Backend:
                     router.on_reply(head, frames[2:])
                     return
             elif head and head[0] == HELLO:
-                return  # a worker's data socket announcing itself
+                # A world runner's socket announcing itself: echo, so it knows that its
+                # identity is routable from here before its world is called joined.
+                self.pump.send([frames[0], _HELLO_ECHO])
+                return
             self.unroutable += 1
             return
         worker_id = frames[0].decode(errors="replace")

@@ -93,7 +93,15 @@ def cmd_slo(args: argparse.Namespace) -> int:
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
-    print(json.dumps(_admin(args, "fault", {"worker": args.worker, "delay_ms": args.delay_ms})))
+    if args.worker == "controller":
+        if args.stall_ms is None:
+            raise ConfigError("fault controller needs --stall-ms MS")
+        call = {"worker": "controller", "stall_ms": args.stall_ms}
+    elif args.delay_ms is None:
+        raise ConfigError("fault WORKER needs --delay-ms MS")
+    else:
+        call = {"worker": args.worker, "delay_ms": args.delay_ms}
+    print(json.dumps(_admin(args, "fault", call)))
     return 0
 
 
@@ -200,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("worker")
     s.set_defaults(func=cmd_kill)
 
-    s = sub.add_parser("fault", help="fault injection: slow a worker's computations down")
-    s.add_argument("worker")
-    s.add_argument("--delay-ms", type=float, required=True, help="added per batch; 0 clears")
+    s = sub.add_parser("fault", help="fault injection: slow a worker's computations down, or "
+                       "stall the controller's loop ('fault controller --stall-ms MS')")
+    s.add_argument("worker", help="a worker id, or 'controller'")
+    s.add_argument("--delay-ms", type=float, help="worker: added per batch; 0 clears")
+    s.add_argument("--stall-ms", type=float,
+                   help="controller: block its event loop this long, once")
     s.set_defaults(func=cmd_fault)
 
     s = sub.add_parser("infer", help="one request from the shell: KEY=JSON ...")

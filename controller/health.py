@@ -8,7 +8,10 @@ Two detectors, one verdict:
   starts and backs off.
 * **Silence.** Workers heartbeat every ``heartbeat_interval_ms``; one silent for
   ``heartbeat_timeout_ms`` (a hung process, a SIGSTOP, a lost host) is declared lost, and its
-  process is to be killed so it cannot come back with stale state.
+  process is to be killed so it cannot come back with stale state. Silence counts only while
+  the controller was listening: when its own loop stalls (a long synchronous call, a stopped
+  process), the heartbeats of that time wait unread, so the stall is credited to every worker
+  (``credit``, from the loop's measured lag) and a healthy worker is never blamed for it.
 
 Each loss is reported once, through ``on_lost(worker_id, reason, kill)``: a worker that goes
 silent and then exits (because it was killed for its silence) is not lost twice. The
@@ -24,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from mesh.actor import Actor
+from mesh.loop_lag import LoopLag
 
 # (worker id, reason, kill): kill is True when the process may still be running.
 OnLost = Callable[[str, str, bool], None]
@@ -56,6 +60,7 @@ class Health(Actor):
         self._clock = clock
         self._last: dict[str, float] = {}
         self._gone: set[str] = set()  # reported lost, not registered again since
+        self.lag = LoopLag(self._check_s, clock=clock)
 
     async def on_start(self) -> None:
         self.spawn(self._loop(), name="health.loop")
@@ -77,6 +82,12 @@ class Health(Actor):
         self._last.pop(worker_id, None)
         self._report(worker_id, exit_reason(returncode), kill=False)
 
+    def credit(self, deaf_s: float) -> None:
+        """The controller was not listening for ``deaf_s``: that time is no worker's silence."""
+        if deaf_s > 0.0:
+            for worker_id in self._last:
+                self._last[worker_id] += deaf_s
+
     def check(self) -> list[str]:
         """Report (and stop watching) every worker silent for longer than the timeout."""
         now = self._clock()
@@ -95,6 +106,7 @@ class Health(Actor):
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._check_s)
+            self.credit(self.lag.tick())
             self.check()
 
     async def handle(self, message: object) -> None:

@@ -122,6 +122,10 @@ class Router:
         self.accepting = True
         self.limit = deployment.max_inflight_per_world
         self.slo_p99_ms = deployment.slo_p99_ms
+        # Why no world of this deployment can form now (quarantined, no worker can start);
+        # "" while one can. Set by the WorldManager; requests that find no serving world are
+        # then answered at once instead of waiting out their deadline.
+        self.unavailable = ""
 
     # -- admission ------------------------------------------------------------------------
 
@@ -136,6 +140,10 @@ class Router:
             self._reject(client, client_id, _bad_duplicate(client_id))
             return
         world = self._pick()
+        if world is None and self.unavailable and not self._serving:
+            self._reject(client, client_id, Unavailable(
+                f"{self.name}: no world can serve it: {self.unavailable}"))
+            return
         if world is None and len(self.queue) - self._queue_dead >= self.deployment.max_queue:
             self._reject(client, client_id, Overloaded(
                 f"{self.name}: {self.queued} requests queued, limit {self.deployment.max_queue}"))
@@ -313,6 +321,23 @@ class Router:
         self.stats.record_error(err.code)
         header = codec.pack(error_header(client_id, err.code, err.message, err.retryable))
         self._send_client([client, header])
+
+    def set_unavailable(self, reason: str) -> None:
+        """No world can form (``reason``), or one can again (""). Requests queued for a world
+        that cannot come are answered now, with the reason."""
+        if reason == self.unavailable:
+            return
+        self.unavailable = reason
+        if not reason or self._serving:
+            return
+        err = Unavailable(f"{self.name}: no world can serve it: {reason}")
+        while self.queue:
+            p = self.queue.popleft()
+            if p.answered:
+                continue
+            self.pending.pop(p.rid, None)
+            self._answer_error(p, err)
+        self._queue_dead = 0
 
     # -- worlds ---------------------------------------------------------------------------
 

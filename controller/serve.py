@@ -45,9 +45,13 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
         stopped = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if ready in done and ready.exception() is None:
-            names = ", ".join(d.name for d in config.deployments)
-            print(f"meshserve ready: serving {names} on {config.controller.client_endpoint} "
-                  f"(admin {config.controller.admin_endpoint})", file=sys.stderr, flush=True)
+            down: dict[str, str] = ready.result()
+            names = ", ".join(d.name for d in config.deployments if d.name not in down)
+            print(f"meshserve ready: serving {names or 'nothing'} on "
+                  f"{config.controller.client_endpoint} (admin "
+                  f"{config.controller.admin_endpoint})", file=sys.stderr, flush=True)
+            for name, reason in down.items():
+                print(f"meshserve: NOT serving {name}: {reason}", file=sys.stderr, flush=True)
         elif ready in done:
             log.warning("[controller] not every deployment is serving after %.0fs; carrying on",
                         wait_ready_s)

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: float,
-                 endpoints: dict[str, str], autoscaler: Any = None) -> dict[str, Any]:
+                 endpoints: dict[str, str], autoscaler: Any = None,
+                 loop_lag: Any = None) -> dict[str, Any]:
     now = time.monotonic()
     deployments = []
     for name, dep in wm.deployments.items():
@@ -48,6 +49,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "inputs": dep.inputs,
             "last_error": dep.last_error,
             "quarantined": dep.quarantined,
+            # Why no world can serve it now ("" when one can): requests get Unavailable.
+            "unavailable": router.unavailable,
             "last_decision": (autoscaler.last[name].to_dict()
                               if autoscaler is not None and name in autoscaler.last else None),
             "autoscaler": autoscaler.reason.get(name, "") if autoscaler is not None else "",
@@ -69,6 +72,7 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "age_s": round(now - world.created_s, 3),
             "load_ms": round(world.load_ms, 1),
             "form_ms": round(world.form_ms, 1),
+            "backend": world.backend,
         })
     workers = []
     for worker in sorted(wm.workers.values(), key=_worker_sort_key):
@@ -92,7 +96,12 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
         })
     return {
         "controller": {"pid": os.getpid(), "uptime_s": round(now - started_s, 3),
-                       "launcher_quarantined": wm.spawn_quarantined, **endpoints},
+                       "launcher_quarantined": wm.spawn_quarantined,
+                       # Time the controller's loop was stalled (not listening) and its
+                       # longest stall: silence in that time is never blamed on a worker.
+                       "loop_stalled_s": round(loop_lag.total_s, 3) if loop_lag else 0.0,
+                       "loop_stall_max_s": round(loop_lag.max_s, 3) if loop_lag else 0.0,
+                       **endpoints},
         "deployments": deployments,
         "worlds": worlds,
         "workers": workers,
@@ -130,8 +139,8 @@ def render_status(status: dict[str, Any]) -> str:
              d["p95_ms"], d["p99_ms"], d["rps"], d["queued"], d["in_flight"],
              sum(d["errors"].values())] for d in status["deployments"]]
     worlds = [[w["id"], w["deployment"], w["epoch"], w["state"],
-               " ".join(f"{r['rank']}:{r['worker']}" for r in w["ranks"]), w["in_flight"],
-               w["served"]] for w in status["worlds"]]
+               w.get("backend", ""), " ".join(f"{r['rank']}:{r['worker']}" for r in w["ranks"]),
+               w["in_flight"], w["served"]] for w in status["worlds"]]
     workers = [[w["id"], w["pid"], w["host"], w["device"], w["state"],
                 ",".join(map(str, w["worlds"])) or "-",
                 f"{w['stages_loaded']} ({w['stages_idle']} idle)", w["reason"]]
@@ -139,14 +148,18 @@ def render_status(status: dict[str, Any]) -> str:
     decisions = [f"  {d['name']}: {d['last_decision']['from']} -> {d['last_decision']['to']} "
                  f"worlds: {d['last_decision']['reason']}"
                  for d in status["deployments"] if d.get("last_decision")]
+    down = [f"  {d['name']}: {d['unavailable']}" for d in status["deployments"]
+            if d.get("unavailable")]
     parts = [
         "DEPLOYMENTS",
         _table(["NAME", "STAGES", "WORLDS", "BOUNDS", "SLO_P99", "P50_MS", "P95_MS", "P99_MS",
                 "RPS", "QUEUED", "IN_FLIGHT", "ERRORS"], deps),
+        *(["NOT SERVING (requests are answered 'unavailable')", *down] if down else []),
         *(["LAST SCALING DECISIONS", *decisions] if decisions else []),
         "",
         "WORLDS",
-        _table(["ID", "DEPLOYMENT", "EPOCH", "STATE", "RANKS", "IN_FLIGHT", "SERVED"], worlds),
+        _table(["ID", "DEPLOYMENT", "EPOCH", "STATE", "BACKEND", "RANKS", "IN_FLIGHT",
+                "SERVED"], worlds),
         "",
         "WORKERS",
         _table(["ID", "PID", "HOST", "DEVICE", "STATE", "WORLDS", "STAGES", "REASON"], workers),

@@ -23,6 +23,7 @@ from typing import Any
 
 from controller.config import Config, DeploymentConfig
 from controller.launcher import Launcher, LaunchError
+from controller.placement import Placement, world_backend
 from controller.router import Router
 from mesh.actor import Actor
 from mesh.errors import BadRequest
@@ -54,7 +55,7 @@ class WorkerInfo:
     pid: int = 0
     host: str = ""
     device: str = ""
-    data_identity: str = ""
+    device_uuid: str = ""
     store_addr: str = ""
     worlds: set[int] = field(default_factory=set)
     spawned_by_us: bool = False
@@ -85,6 +86,8 @@ class WorldInfo:
     reason: str = ""
     load_ms: float = 0.0
     form_ms: float = 0.0
+    backend: str = "local"  # gloo | nccl | local (one rank), see controller.placement
+    entry: str = ""  # identity of rank 0's runner socket, from its Joined
 
 
 @dataclass
@@ -167,6 +170,7 @@ class WorldManager(Actor):
         send_worker: SendWorker,
         on_watch: Callable[[str], None],
         on_forget: Callable[[str], None],
+        deaf_until: Callable[[], float] = lambda: float("-inf"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__("world-manager")
@@ -176,6 +180,9 @@ class WorldManager(Actor):
         self._send = send_worker
         self._on_watch = on_watch
         self._on_forget = on_forget
+        # When the controller's loop last came back from a stall (Health measures it): no
+        # world is judged on time the controller was not listening to its answers.
+        self._deaf_until = deaf_until
         self._clock = clock
         self.workers: dict[str, WorkerInfo] = {}
         self.worlds: dict[int, WorldInfo] = {}
@@ -246,6 +253,8 @@ class WorldManager(Actor):
             if world is None or world.epoch != msg.epoch or world.state != "forming":
                 return
             world.joined.add(worker_id)
+            if msg.entry and world.workers[0] == worker_id:
+                world.entry = msg.entry
             worker.joined_once = True
             world.load_ms = max(world.load_ms, msg.load_ms)
             world.form_ms = max(world.form_ms, msg.form_ms)
@@ -287,7 +296,7 @@ class WorldManager(Actor):
             worker.since_s = self._clock()
             self._spawn_failures = 0
         worker.pid, worker.host, worker.device = msg.pid, msg.host, msg.device
-        worker.data_identity = msg.data_identity or worker_id
+        worker.device_uuid = msg.device_uuid
         worker.store_addr = msg.store_addr
         self._on_watch(worker_id)
         self._send(worker_id, self._welcome)
@@ -316,8 +325,10 @@ class WorldManager(Actor):
     # -- worlds ---------------------------------------------------------------------------
 
     def _form_world(self, dep: DeploymentState, workers: list[WorkerInfo]) -> WorldInfo:
+        backend, why = world_backend([Placement(w.host, w.device, w.device_uuid)
+                                      for w in workers])
         world = WorldInfo(id=next(self._world_ids), deployment=dep.config.name, epoch=1,
-                          workers=[w.id for w in workers])
+                          workers=[w.id for w in workers], backend=backend)
         self.worlds[world.id] = world
         spec = dep.config.to_wire()
         for rank, worker in enumerate(workers):
@@ -327,9 +338,12 @@ class WorldManager(Actor):
                                        size=len(workers), deployment=spec,
                                        rendezvous=workers[0].store_addr,
                                        world_timeout_ms=dep.config.world_timeout_ms,
-                                       peers=list(world.workers)))
-        log.info("[controller] forming world %d/%d of %s on %s", world.id, world.epoch,
-                 dep.config.name, world.workers)
+                                       form_timeout_ms=self.config.controller
+                                       .world_form_timeout_ms,
+                                       peers=list(world.workers),
+                                       backend="" if backend == "local" else backend))
+        log.info("[controller] forming world %d/%d of %s on %s (%s: %s)", world.id,
+                 world.epoch, dep.config.name, world.workers, backend, why)
         return world
 
     def event(self, kind: str, **fields: Any) -> None:
@@ -345,8 +359,7 @@ class WorldManager(Actor):
         dep = self.deployments[world.deployment]
         dep.failures = 0
         dep.last_error = ""
-        entry = self.workers[world.workers[0]].data_identity.encode()
-        self.routers[world.deployment].add_world(world.id, world.epoch, entry)
+        self.routers[world.deployment].add_world(world.id, world.epoch, world.entry.encode())
         log.info("[controller] world %d/%d of %s serving (formed in %.0f ms)", world.id,
                  world.epoch, world.deployment, (world.ready_s - world.created_s) * 1000)
 
@@ -443,6 +456,7 @@ class WorldManager(Actor):
         if dep.failures >= limit:
             dep.quarantined = (f"{dep.failures} formation failures in a row; last: {error}. "
                                f"Fix the model, then 'meshctl scale {dep.config.name}' to retry")
+            self.routers[dep.config.name].set_unavailable(self.unavailable_reason(dep))
             log.error("[controller] %s quarantined: %s", dep.config.name, dep.quarantined)
             self.event("deployment_quarantined", deployment=dep.config.name, reason=error,
                        failures=dep.failures)
@@ -456,6 +470,7 @@ class WorldManager(Actor):
     def check_progress(self) -> None:
         """Break serving worlds that hold requests but stopped answering (a stuck stage)."""
         now = self._clock()
+        listening_since = self._deaf_until()
         for world in list(self.worlds.values()):
             if world.state not in ("serving", "draining"):
                 continue
@@ -463,8 +478,9 @@ class WorldManager(Actor):
             if route is None or not route.inflight:
                 continue
             stall_s = self.deployments[world.deployment].config.world_timeout_ms / 1000.0
-            if now - route.last_progress_s > stall_s:
-                self._break_world(world, f"no progress for {now - route.last_progress_s:.1f}s "
+            silent_s = now - max(route.last_progress_s, listening_since)
+            if silent_s > stall_s:
+                self._break_world(world, f"no progress for {silent_s:.1f}s "
                                          f"with {len(route.inflight)} requests in flight")
 
     def _check_forming(self) -> None:
@@ -624,6 +640,18 @@ class WorldManager(Actor):
             for worker in idle:
                 if worker.state == "idle" and not worker.preloaded:
                     self._preload(worker)
+        for dep in self.deployments.values():
+            self.routers[dep.config.name].set_unavailable(self.unavailable_reason(dep))
+
+    def unavailable_reason(self, dep: DeploymentState) -> str:
+        """Why no world of ``dep`` can form now ("" when one can, or one serves)."""
+        if dep.quarantined:
+            return f"quarantined after {dep.quarantined}"
+        if self.spawn_quarantined and not any(
+                w.deployment == dep.config.name and w.state in ("forming", "serving")
+                for w in self.worlds.values()):
+            return f"no worker can be started: {self.spawn_quarantined}"
+        return ""
 
     def _preload(self, worker: WorkerInfo) -> None:
         """A warm worker loads every stage it may be asked for, so a later join only forms

@@ -44,7 +44,9 @@ REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCE
 
 
 # Data-path tags (frame 0 of worker-protocol data messages is [tag, rid, world_id, ...]).
-HELLO = "hello"  # worker data socket -> controller: [HELLO] (announces its identity)
+# A world runner's socket -> controller: [HELLO, world_id, epoch]; the controller echoes
+# [HELLO] back, after which it can route to that socket (a ROUTER reaches a peer that spoke).
+HELLO = "hello"
 DISPATCH = "req"  # controller -> worker: [DISPATCH, rid, world_id, epoch, deadline_ms]
 REPLY = "res"  # worker -> controller: [REPLY, rid, world_id, epoch, status]
 CANCEL_WORK = "cancel"  # controller -> worker: [CANCEL_WORK, rid, world_id, epoch]
@@ -127,8 +129,9 @@ class Register(Message):
     host: str
     device: str
     version: int = PROTOCOL_VERSION
-    # Identity of the worker's data socket (dispatches go there; control stays on this one).
-    data_identity: str = ""
+    # The GPU's UUID when ``device`` is a CUDA device: two workers on one GPU report the same
+    # one whatever CUDA_VISIBLE_DEVICES made them call it (their world then uses gloo).
+    device_uuid: str = ""
     # HOST:PORT of the worker's rendezvous store (worlds whose rank 0 it is meet there).
     store_addr: str = ""
     # Set by a worker that was started for a particular role (warm pool, launcher slot).
@@ -160,6 +163,8 @@ class Joined(Message):
     form_ms: float = 0.0
     # The handler's description of its inputs (for status and meshctl bench).
     inputs: dict[str, Any] = field(default_factory=dict)
+    # Rank 0 only: the identity of the socket the world takes its requests on.
+    entry: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +215,12 @@ class Join(Message):
     deployment: dict[str, Any]
     rendezvous: str = ""
     world_timeout_ms: int = 30000
+    # How long the ranks may take to meet (a peer may still be loading its stage).
+    form_timeout_ms: int = 120000
     peers: list[str] = field(default_factory=list)
+    # "gloo" or "nccl", chosen by the controller from where the ranks are ("": the device's
+    # default, NCCL on CUDA).
+    backend: str = ""
 
 
 @dataclass(frozen=True, slots=True)

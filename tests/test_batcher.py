@@ -7,7 +7,7 @@ import pytest
 
 from worker.batcher import Batcher, Item
 from worker.comm import HEADER_BYTES
-from worker.dataplane import micro_batches
+from worker.stage_loop import micro_batches
 
 DELAY_MS = 10.0
 

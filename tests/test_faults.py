@@ -261,3 +261,29 @@ async def test_a_drained_worker_that_joined_by_itself_ends_dead(tmp_path: Path) 
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+async def test_a_controller_stalled_for_three_seconds_gets_no_healthy_worker_killed(
+        cluster_factory: StartCluster) -> None:
+    # A synchronous call blocks the controller's loop for 3 s: heartbeats pile up unread, and
+    # when it returns its health check runs before they are read (timers come first), so it
+    # must credit the stall to the workers instead of declaring them silent.
+    cluster = await cluster_factory(PIPELINE)  # default heartbeat timeout: 1.5 s
+    before = await cluster.status()
+    pids = {w["id"]: w["pid"] for w in before["workers"]}
+    worlds = {w["id"] for w in before["worlds"]}
+    async with LedgerClient(cluster.client) as client:
+        async with Load(client, callers=4, timeout_s=20) as load:
+            await asyncio.sleep(1.0)
+            proc = await asyncio.to_thread(cluster.meshctl, "fault", "controller",
+                                           "--stall-ms", "3000")
+            assert proc.returncode == 0, proc.stderr
+            await asyncio.sleep(6.0)
+    load.assert_exactly_once()
+    assert load.errors == []
+    status = await cluster.status()
+    assert not [e for e in status["events"] if e["event"] in ("worker_dead", "world_broken")]
+    assert {w["id"]: w["pid"] for w in status["workers"]} == pids
+    assert all(alive(pid) for pid in pids.values())
+    assert {w["id"] for w in status["worlds"]} == worlds
+    assert status["controller"]["loop_stall_max_s"] > 2.5  # the stall was seen, and credited

@@ -121,3 +121,33 @@ async def test_the_actor_checks_on_its_own() -> None:
     finally:
         await health.aclose()
     assert verdicts[0][0] == "w1" and verdicts[0][2] is True
+
+
+def test_time_the_controller_was_not_listening_is_no_workers_silence(
+        health: Health, clock: FakeClock, lost: list) -> None:
+    health.watch("w1")
+    health.lag.tick()
+    clock.now_s += 3.0  # the controller's loop was blocked: no heartbeat could be read
+    health.credit(health.lag.tick())
+    assert health.check() == [] and lost == []
+    # Silence while listening still counts: checked every 50 ms from now on, w1 is lost once
+    # it has been silent for the timeout (1 s) of listening time.
+    verdicts: list[str] = []
+    for _ in range(30):
+        clock.now_s += 0.05
+        health.credit(health.lag.tick())
+        verdicts += health.check()
+    assert verdicts == ["w1"]
+    assert lost[0][1] == "no heartbeat for 1050 ms"
+
+
+def test_loop_lag_counts_only_gaps_beyond_the_period_and_its_slack(clock: FakeClock) -> None:
+    from mesh.loop_lag import LoopLag
+
+    lag = LoopLag(0.05, clock=clock)
+    assert lag.tick() == 0.0
+    clock.now_s += 0.12  # late, within the slack (2 periods): a busy loop
+    assert lag.tick() == 0.0
+    clock.now_s += 3.0
+    assert lag.tick() == pytest.approx(3.0 - 0.05 - 0.1)
+    assert lag.max_s == lag.total_s == pytest.approx(2.85)

@@ -233,3 +233,46 @@ async def test_unknown_models_and_bad_inputs_are_typed_errors_from_the_client(
             await client.infer("mlp", {"x": np.zeros((1, 63), np.float32)})
         out = await client.infer("mlp", {"x": np.zeros((3, 64), np.float32)})
         assert out["y"].shape == (3, 10)
+
+
+MISSING_CHECKPOINT = """
+[[deployments]]
+name = "echo"
+model = "worker.models.echo:build"
+
+[[deployments]]
+name = "broken"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 64 }
+checkpoint = "/nonexistent/mlp.pt"
+"""
+
+
+async def test_a_deployment_that_cannot_come_up_says_why_and_answers_unavailable_at_once(
+        cluster_factory: StartCluster) -> None:
+    from mesh.errors import Unavailable
+
+    cluster = await cluster_factory(MISSING_CHECKPOINT, wait_serving=False)
+    status = await cluster.wait_for(
+        lambda s: all(d["worlds_current"] >= 1 or d["unavailable"] for d in s["deployments"]),
+        timeout_s=60, what="echo serving and broken given up on")
+    broken = next(d for d in status["deployments"] if d["name"] == "broken")
+    assert "quarantined" in broken["unavailable"] and "mlp.pt" in broken["unavailable"]
+    # meshctl up says so on its own output, beside the ready line of what does serve.
+    deadline = asyncio.get_running_loop().time() + 10
+    while "NOT serving broken" not in cluster.log_path.read_text(errors="replace"):
+        assert asyncio.get_running_loop().time() < deadline, cluster.log_tail()
+        await asyncio.sleep(0.1)
+    log = cluster.log_path.read_text(errors="replace")
+    assert "meshserve ready: serving echo on" in log
+    assert "meshserve: NOT serving broken: quarantined after 3 formation failures" in log
+    async with Client(cluster.client) as client:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable) as raised:
+            await client.infer("broken", {"x": np.zeros((1, 64), np.float32)}, timeout_s=30)
+        assert asyncio.get_running_loop().time() - started < 1.0  # not the 30 s deadline
+        assert raised.value.retryable and "mlp.pt" in raised.value.message
+        out = await client.infer("echo", {"x": np.arange(3, dtype=np.float32)}, timeout_s=10)
+        np.testing.assert_array_equal(out["x"], np.arange(3, dtype=np.float32))
+    table = await asyncio.to_thread(cluster.meshctl, "status")
+    assert "NOT SERVING" in table.stdout and "broken: quarantined" in table.stdout

@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from mesh.actor import Actor
+from mesh.loop_lag import LoopLag
 from mesh.messages import (
     DEFAULT_MAX_IDLE_STAGES,
     Fault,
@@ -38,13 +39,28 @@ from mesh.messages import (
     WorldBroken,
 )
 from worker.comm import Comm, CommError, parse_addr
-from worker.dataplane import DataPlane
 from worker.link import Link
 from worker.loader import LoadError, load_handler
+from worker.runner import WorldRunner
 from worker.stage_cache import StageCache
-from worker.world import World
+from worker.world import Compute, RunnerStats, World
 
 log = logging.getLogger(__name__)
+
+
+def device_uuid(device: str) -> str:
+    """The UUID of a CUDA device ("" for the CPU): the same GPU under any local index."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    try:
+        index = torch.device(device).index
+        props = torch.cuda.get_device_properties(index if index is not None else 0)
+        return str(getattr(props, "uuid", ""))
+    except Exception:  # an old torch or a driver that does not say: fall back to the index
+        log.debug("no UUID for %s", device, exc_info=True)
+        return ""
 
 
 class WorkerAgent(Actor):
@@ -65,15 +81,17 @@ class WorkerAgent(Actor):
         self.threads = threads
         self.labels = labels or {}
         self._context: zmq.Context[Any] = zmq.Context()
+        self._controller = controller
         self._link = Link(self._context, controller, worker_id, on_control=self._on_control)
-        self.data_identity = f"{worker_id}/data"
-        self._plane = DataPlane(self._context, controller, self.data_identity,
-                                on_broken=self._broken_from_thread)
+        # The device, shared by every world's runner: one computation at a time.
+        self._compute = Compute()
+        # Counters of runners that ended, so the heartbeat's totals never go backwards.
+        self._retired = RunnerStats()
         self._loader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
         # Forming a world blocks until every rank arrives: each formation gets its own thread,
         # so two worlds forming in opposite orders on two workers cannot deadlock.
         self._form_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="form")
-        self._worlds: dict[int, World] = {}
+        self._runners: dict[int, WorldRunner] = {}
         # Worlds whose join is loading or forming -> whether a leave came meanwhile.
         self._joining: dict[tuple[int, int], bool] = {}
         self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
@@ -89,6 +107,7 @@ class WorkerAgent(Actor):
         self.stopped = asyncio.Event()
         self.exit_reason = ""
         self._seq = 0
+        self._device_uuid = ""
 
     async def on_start(self) -> None:
         import torch
@@ -101,17 +120,15 @@ class WorkerAgent(Actor):
         self._store = dist.TCPStore(self._advertise_host, 0, 1, True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=60))
         self.store_addr = f"{self._advertise_host}:{self._store.port}"
+        self._device_uuid = device_uuid(self.device)
         self._loop = asyncio.get_running_loop()
-        self._plane.start()
-        await asyncio.get_running_loop().run_in_executor(None, self._plane.started.wait, 10.0)
         self._link.start()
         self._register()
         self.spawn(self._heartbeat_loop(), name=f"{self.name}.heartbeat")
         self.spawn(self._watchdog(), name=f"{self.name}.watchdog")
 
     async def on_stop(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._plane.stop, 5.0)
-        self._worlds.clear()
+        await self._stop_runners(timeout_s=5.0)
         self._link.close()
         self._loader_pool.shutdown(wait=False, cancel_futures=True)
         self._form_pool.shutdown(wait=False, cancel_futures=True)
@@ -120,7 +137,7 @@ class WorkerAgent(Actor):
     def _register(self) -> None:
         self._link.send(Register(worker_id=self.worker_id, pid=os.getpid(),
                                  host=socket.gethostname(), device=self.device,
-                                 data_identity=self.data_identity, store_addr=self.store_addr,
+                                 device_uuid=self._device_uuid, store_addr=self.store_addr,
                                  labels=self.labels))
 
     def stop(self, reason: str) -> None:
@@ -151,7 +168,7 @@ class WorkerAgent(Actor):
         if isinstance(message, Fault):
             log.warning("[worker %s] fault injected: +%.0f ms per computation", self.worker_id,
                         message.delay_ms)
-            self._plane.fault_delay_s = message.delay_ms / 1000.0
+            self._compute.delay_s = message.delay_ms / 1000.0
             return
         self.tell(message)
 
@@ -220,10 +237,11 @@ class WorkerAgent(Actor):
     def _form(self, msg: Join) -> Comm:
         return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
                     store=self._store_for(msg.rendezvous), device=self.device,
-                    timeout_s=msg.world_timeout_ms / 1000.0)
+                    timeout_s=msg.world_timeout_ms / 1000.0, backend=msg.backend,
+                    connect_timeout_s=msg.form_timeout_ms / 1000.0)
 
     async def _join(self, msg: Join) -> None:
-        if msg.world_id in self._worlds:
+        if msg.world_id in self._runners:
             self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch))
             return
         started = time.perf_counter()
@@ -231,6 +249,7 @@ class WorkerAgent(Actor):
         comm: Comm | None = None
         key = (msg.world_id, msg.epoch)
         self._joining[key] = False
+        runner: WorldRunner | None = None
         try:
             handler = await loop.run_in_executor(self._loader_pool, self._handler_for,
                                                  msg.deployment, msg.rank, msg.size,
@@ -238,7 +257,18 @@ class WorkerAgent(Actor):
             load_ms = (time.perf_counter() - started) * 1000.0
             if msg.size > 1:
                 comm = await loop.run_in_executor(self._form_pool, self._form, msg)
-        except (LoadError, CommError) as exc:
+            world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
+                          deployment=msg.deployment, handler=handler, comm=comm)
+            runner = WorldRunner(world, context=self._context, endpoint=self._controller,
+                                 identity=f"{self.worker_id}/{msg.world_id}.{msg.epoch}",
+                                 compute=self._compute, on_broken=self._broken_from_thread)
+            # Returns once the controller can route to the runner's socket.
+            await loop.run_in_executor(self._form_pool, runner.start)
+        except (LoadError, CommError, TimeoutError) as exc:
+            if comm is not None and runner is None:
+                comm.close()
+            if runner is not None:
+                runner.leave(drain=False)
             self._stages.release(msg.world_id)
             log.error("[worker %s world %d/%d] join failed: %s", self.worker_id, msg.world_id,
                       msg.epoch, exc)
@@ -247,37 +277,55 @@ class WorkerAgent(Actor):
             if self._joining.pop(key):
                 self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
             return
-        world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
-                      deployment=msg.deployment, handler=handler, comm=comm)
-        await asyncio.wrap_future(self._plane.add_world(world))
-        self._worlds[msg.world_id] = world
-        if self._joining.pop(key):
+        self._runners[msg.world_id] = runner
+        if self._joining.pop(key) or self.stopped.is_set():
             # Told to leave while loading or forming: never announce it, just let go.
             log.info("[worker %s world %d/%d] leaving before its join completed",
                      self.worker_id, msg.world_id, msg.epoch)
             await self._leave(Leave(world_id=msg.world_id, epoch=msg.epoch, abort=True))
             return
         form_ms = (time.perf_counter() - started) * 1000.0 - load_ms
-        log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, load %.0f ms, form %.0f ms)",
-                 self.worker_id, msg.world_id, msg.epoch, msg.rank, msg.size,
-                 msg.deployment.get("name"), load_ms, form_ms)
+        log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, %s, load %.0f ms, form "
+                 "%.0f ms)", self.worker_id, msg.world_id, msg.epoch, msg.rank, msg.size,
+                 msg.deployment.get("name"), comm.backend if comm is not None else "local",
+                 load_ms, form_ms)
         self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
-                               form_ms=form_ms, inputs=handler.input_spec()))
+                               form_ms=form_ms, inputs=handler.input_spec(),
+                               entry=runner.identity if msg.rank == 0 else ""))
 
     async def _leave(self, msg: Leave) -> None:
         if (msg.world_id, msg.epoch) in self._joining:
             self._joining[msg.world_id, msg.epoch] = True  # the join lets go and says Left
             return
-        world = self._worlds.get(msg.world_id)
-        if world is None or world.epoch != msg.epoch:
+        runner = self._runners.get(msg.world_id)
+        if runner is None or runner.world.epoch != msg.epoch:
             self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
             return
-        await asyncio.wrap_future(self._plane.remove_world(msg.world_id, msg.epoch,
-                                                           drain=not msg.abort, timeout_s=10.0))
-        self._worlds.pop(msg.world_id, None)
-        self._stages.release(msg.world_id)
+        await self._end_runner(runner, drain=not msg.abort, timeout_s=10.0)
         log.info("[worker %s world %d/%d] left", self.worker_id, msg.world_id, msg.epoch)
         self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
+
+    async def _end_runner(self, runner: WorldRunner, *, drain: bool, timeout_s: float) -> None:
+        """Stop one world's runner and let go of its stage. A later rank whose previous rank
+        neither closes nor answers may stay blocked in the world's receive until its timeout;
+        it is not waited for beyond ``timeout_s`` (it ends on its own, reporting nothing)."""
+        done = runner.leave(drain=drain, timeout_s=timeout_s)
+        try:
+            async with asyncio.timeout(timeout_s + 1.0):
+                await asyncio.wrap_future(done)
+        except TimeoutError:
+            log.warning("[worker %s %s] runner still busy after %.0fs; letting it go",
+                        self.worker_id, runner.world.label, timeout_s)
+        self._runners.pop(runner.world.world_id, None)
+        self._retired.add(runner.stats)
+        self._stages.release(runner.world.world_id)
+
+    async def _stop_runners(self, timeout_s: float) -> None:
+        """Worker stop: every world closes at once; queued requests get Unavailable (the
+        controller, which drained before stopping us, re-sends anything left elsewhere)."""
+        runners = list(self._runners.values())
+        await asyncio.gather(*(self._end_runner(r, drain=False, timeout_s=timeout_s)
+                               for r in runners))
 
     # -- loops ----------------------------------------------------------------------------
 
@@ -291,24 +339,27 @@ class WorkerAgent(Actor):
                 except TimeoutError:
                     self._register()
                     continue
-            if self._plane.crashed is not None:
-                self.stop(f"data plane crashed: {self._plane.crashed!r}")
-                return
             self._send_heartbeat()
             await asyncio.sleep(self._heartbeat_interval_s)
 
     def _send_heartbeat(self) -> None:
         self._seq += 1
-        plane = self._plane
-        st = plane.stats
-        self._link.send(Heartbeat(seq=self._seq, queued=plane.queued, busy=plane.busy,
-                                  batches=st.batches, rows=st.rows, requests=st.requests,
-                                  busy_s=st.busy_s, stages=len(self._stages),
-                                  idle_stages=self._stages.idle))
+        runners = list(self._runners.values())
+        st = RunnerStats()
+        st.add(self._retired)
+        for runner in runners:
+            st.add(runner.stats)
+        self._link.send(Heartbeat(seq=self._seq, queued=sum(r.queued for r in runners),
+                                  busy=any(r.busy for r in runners), batches=st.batches,
+                                  rows=st.rows, requests=st.requests, busy_s=st.busy_s,
+                                  stages=len(self._stages), idle_stages=self._stages.idle))
 
     async def _watchdog(self) -> None:
+        lag = LoopLag(0.25)
         while True:
             await asyncio.sleep(0.25)
+            # Time this loop could not listen is not the controller's silence.
+            self._last_heard += lag.tick()
             silent_s = time.monotonic() - self._last_heard
             if silent_s > self._controller_timeout_s:
                 self.stop(f"no word from the controller for {silent_s:.1f}s")

@@ -1,18 +1,36 @@
 """A world's communicator: a torch.distributed process group built from a store of its own.
 
 No ``init_process_group``, no default group, no patched torch: the backend class is built
-directly (``ProcessGroupGloo`` on CPU, ``ProcessGroupNCCL`` on CUDA, non-blocking with abort),
-over a ``PrefixStore`` whose prefix names the world and its epoch. So one process can hold
-several worlds at once, and each is its own fault domain: when a peer dies, only the worlds
-it belonged to fail.
+directly (``ProcessGroupGloo``, or ``ProcessGroupNCCL`` non-blocking with abort), over a
+``PrefixStore`` whose prefix names the world and its epoch. So one process can hold several
+worlds at once, and each is its own fault domain: when a peer dies, only the worlds it belonged
+to fail.
+
+The backend is chosen per world by the controller, from where its ranks are (see
+``controller.placement``): NCCL only when every rank has a CUDA device of its own; gloo
+otherwise. Gloo cannot carry CUDA tensors between processes, so a gloo world on CUDA devices
+(several workers sharing one GPU, or a mix of CPU and GPU ranks) stages every tensor through
+host memory: copied to the CPU before a send, back to the device after a receive.
 
 Point-to-point messages carry their own description. Every ``send`` first ships a fixed-size
-header (msgpack: a kind, the request tokens, and the dtype and shape of every tensor that
-follows), so a receiver never posts a receive for a tensor it was not told about. Every wait
-has the world's timeout; failures come out as typed exceptions: ``PeerLost`` (the peer's
-connection closed: it crashed or was killed), ``WorldTimeout`` (nothing arrived in time: the
-peer hangs or is stopped) or ``CommError`` (anything else). After any error the group is
-unusable: the owner aborts it and the controller forms a new world, never retrying on it.
+header (msgpack: the message and the dtype and shape of every tensor that follows), so a
+receiver never posts a receive for a tensor it was not told about.
+
+Every call into the process group (building it, posting a send or a receive, waiting,
+polling) goes through ``_guard``, the one place that turns a backend failure into a typed
+error: ``PeerLost`` (the peer's connection closed: it crashed or was killed), ``WorldTimeout``
+(nothing completed in time: the peer hangs or is stopped) or ``CommError`` (anything else).
+Posting can fail as well as waiting (gloo raises at once on a pair whose peer is gone), so no
+backend exception ever escapes as a plain RuntimeError and passes for a model failure.
+
+Completion is only ever learned from something true. On gloo a posted send's
+``is_completed()`` stays False until someone calls ``wait()``, even after the peer took the
+data, and a ``wait`` shorter than the world's timeout closes the pair when it expires; so a
+gloo operation completes by a blocking ``wait`` with the world's timeout, nothing else. NCCL
+completes on the device, so its operations are polled (``is_completed``) up to the same
+timeout. After any error the group is unusable: its owner closes it and the controller forms a
+new world, never retrying on it. Closing releases the group, which closes its connections: a
+peer blocked on this rank fails at once with ``PeerLost``.
 """
 
 from __future__ import annotations
@@ -23,8 +41,8 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -36,6 +54,9 @@ _LEN = struct.Struct("<I")
 # before this message's tensors arrive: the peer's next header never waits for us to ask.
 HEADER_TAG = 0
 TENSOR_TAG = 1
+BACKENDS = ("gloo", "nccl")
+
+T = TypeVar("T")
 
 
 class CommError(Exception):
@@ -57,7 +78,8 @@ class WorldTimeout(CommError):
 
 
 _PEER_LOST_MARKERS = ("connection closed", "connection reset", "broken pipe",
-                      "connection refused", "socket closed", "closed by peer", "ncclremoteerror")
+                      "connection refused", "socket closed", "closed by peer", "ncclremoteerror",
+                      "pair closure")
 _TIMEOUT_MARKERS = ("timed out", "timeout", "deadline")
 
 
@@ -87,8 +109,17 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def default_backend(device: str) -> str:
+    """The backend a world of ranks on distinct devices of this kind uses."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
 class Comm:
-    """One world membership's process group, with timed, self-describing p2p messages."""
+    """One world membership's process group, with timed, self-describing p2p messages.
+
+    Used by one thread at a time (its world's runner); ``abort`` may be called from any
+    thread.
+    """
 
     def __init__(
         self,
@@ -100,7 +131,11 @@ class Comm:
         store: Any,
         device: str,
         timeout_s: float,
+        backend: str = "",
+        connect_timeout_s: float = 0.0,
     ) -> None:
+        """``connect_timeout_s`` bounds the wait for every rank to arrive (a peer may still be
+        loading its stage), ``timeout_s`` every operation after that."""
         import torch
         import torch.distributed as dist
 
@@ -109,37 +144,75 @@ class Comm:
         self.rank = rank
         self.size = size
         self.device = torch.device(device)
+        self.backend = backend or default_backend(device)
+        if self.backend not in BACKENDS:
+            raise CommError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        if self.backend == "nccl" and self.device.type != "cuda":
+            raise CommError(f"backend nccl needs a CUDA device, this rank has {device}")
+        # Where tensors travel: on the device for NCCL, through host memory for gloo.
+        self.wire = self.device if self.backend == "nccl" else torch.device("cpu")
+        self.staged = self.wire != self.device
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
         self._torch = torch
         self._lock = threading.Lock()
         self._aborted = False
-        self._outbox: deque[tuple[list[Any], list[Any], float]] = deque()
+        self._outbox: deque[tuple[list[Any], list[Any]]] = deque()
         self._next_header: dict[int, tuple[Any, Any]] = {}
-        self.pg: Any
+        self.pg: Any = None
         prefix = dist.PrefixStore(f"world/{world_id}/{epoch}/", store)
-        try:
-            if self.device.type == "cuda":
-                opts = dist.ProcessGroupNCCL.Options()
-                # Non-blocking communicators: a hung peer cannot wedge this process, and the
-                # group can be aborted from another thread.
-                opts.config.blocking = False
-                opts._timeout = self.timeout
-                self.pg = dist.ProcessGroupNCCL(prefix, rank, size, opts)
-                self.backend = "nccl"
-            else:
-                self.pg = dist.ProcessGroupGloo(prefix, rank, size, self.timeout)
-                self.backend = "gloo"
-        except Exception as exc:
-            raise classify(exc) from exc
-        self._header_out = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
+        connect = datetime.timedelta(seconds=max(timeout_s, connect_timeout_s))
+        if self.backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            # Non-blocking communicators: a hung peer cannot wedge this process, and the
+            # group can be aborted from another thread.
+            opts.config.blocking = False
+            opts._timeout = self.timeout
+            self.pg = self._guard(dist.ProcessGroupNCCL, prefix, rank, size, opts)
+        else:
+            self.pg = self._guard(dist.ProcessGroupGloo, prefix, rank, size, connect)
+            set_timeout = getattr(self.pg, "_set_default_timeout", None)
+            if set_timeout is not None:
+                set_timeout(self.timeout)
 
-    def _wait(self, work: Any) -> None:
+    # -- the one way into the process group -----------------------------------------------
+
+    def _guard(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call into the backend; any failure comes out as a typed CommError."""
+        if self._aborted:
+            raise CommError(f"world {self.world_id}/{self.epoch} was aborted")
         try:
-            ok = work.wait(self.timeout)
+            return fn(*args)
+        except CommError:
+            raise
         except Exception as exc:
             raise classify(exc) from exc
-        if ok is False:
-            raise WorldTimeout(f"no completion within {self.timeout.total_seconds():.1f}s")
+
+    def _group(self) -> Any:
+        pg = self.pg
+        if pg is None or self._aborted:
+            raise CommError(f"world {self.world_id}/{self.epoch} was aborted")
+        return pg
+
+    def _complete(self, work: Any) -> None:
+        """Block until ``work`` completes, at most the world's timeout."""
+        if self.backend == "nccl":
+            deadline = time.monotonic() + self.timeout_s
+            pause_s = 0.00005
+            while not self._guard(work.is_completed):
+                if time.monotonic() > deadline:
+                    raise WorldTimeout(f"no completion within {self.timeout_s:.1f}s")
+                time.sleep(pause_s)
+                pause_s = min(0.001, pause_s * 2)
+        if self._guard(work.wait, self.timeout) is False:
+            raise WorldTimeout(f"no completion within {self.timeout_s:.1f}s")
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _to_wire(self, t: Any) -> Any:
+        if t.device != self.wire:
+            t = t.to(self.wire)
+        return t.contiguous()
 
     def send(self, dst: int, header: dict[str, Any], tensors: Sequence[Any] = (), *,
              window: int = 0) -> None:
@@ -149,101 +222,109 @@ class Comm:
         its next micro-batch while the previous one is still on its way (gloo completes a
         send only once the receiver has taken it); at most ``window`` messages stay
         outstanding, the oldest waited for first. Buffers live until their send completes.
+        Raises ValueError (nothing sent, the world is fine) when the header is too large.
         """
         torch = self._torch
-        tensors = [t.contiguous() if t.device == self.device else t.to(self.device).contiguous()
-                   for t in tensors]
+        wire = [self._to_wire(t) for t in tensors]
         header = dict(header)
-        header["t"] = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]
+        header["t"] = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in wire]
         body = msgpack.packb(header, use_bin_type=True)
         if len(body) > HEADER_BYTES - _LEN.size:
-            # Nothing was sent: the world is fine, only this message cannot go.
             raise ValueError(f"p2p header of {len(body)} bytes exceeds {HEADER_BYTES - 4}")
         raw = _LEN.pack(len(body)) + body
-        buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if self._aborted:
-            raise CommError("world aborted")
-        if window <= 0:
-            self.flush()
-            out = self._header_out
-            out[: len(raw)].copy_(buf)
-            self._wait(self.pg.send([out], dst, HEADER_TAG))
-            for t in tensors:
-                self._wait(self.pg.send([t], dst, TENSOR_TAG))
-            return
-        out = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
-        out[: len(raw)].copy_(buf)
-        works = [self.pg.send([out], dst, HEADER_TAG)]
-        works += [self.pg.send([t], dst, TENSOR_TAG) for t in tensors]
-        self._outbox.append((works, [out, *tensors], time.monotonic()))
-        self.reap(window)
+        out = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.wire)
+        out[: len(raw)].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        pg = self._group()
+        works = [self._guard(pg.send, [out], dst, HEADER_TAG)]
+        works += [self._guard(pg.send, [t], dst, TENSOR_TAG) for t in wire]
+        self._outbox.append((works, [out, *wire]))
+        self.reap(max(0, window))
+
+    @property
+    def pending_sends(self) -> int:
+        """Messages posted and not yet known to be complete."""
+        return len(self._outbox)
 
     def reap(self, window: int = 0) -> None:
-        """Forget completed sends; wait for the oldest while more than ``window`` remain.
-
-        A send pending longer than the world's timeout is a WorldTimeout even if nobody
-        waits on it, so a stalled receiver is noticed while this rank is idle.
-        """
+        """Wait for the oldest posted messages until at most ``window`` remain outstanding."""
         outbox = self._outbox
-        limit_s = self.timeout.total_seconds()
-        while outbox:
-            works, _, posted_s = outbox[0]
-            if all(w.is_completed() for w in works):
-                for w in works:
-                    self._wait(w)  # raises if the send failed
-                outbox.popleft()
-                continue
-            if len(outbox) > window:
-                for w in works:
-                    self._wait(w)
-                outbox.popleft()
-                continue
-            if time.monotonic() - posted_s > limit_s:
-                raise WorldTimeout(f"a send has been pending for over {limit_s:.1f}s")
-            break
+        while len(outbox) > window:
+            works, _ = outbox[0]
+            for w in works:
+                self._complete(w)  # raises if the send failed or timed out
+            outbox.popleft()
 
     def flush(self) -> None:
-        """Wait until every posted send has completed (each within the world's timeout)."""
+        """Wait until every posted send has completed (each within the world's timeout).
+
+        On gloo this is the only true word that the peer took what we sent: an idle rank 0
+        flushes before each keepalive, so a receiver that stopped taking is noticed within
+        the world's timeout, and a live one costs nothing (the waits return at once)."""
         self.reap(0)
 
     def recv(self, src: int) -> tuple[dict[str, Any], list[Any]]:
         """Receive one header and the tensors it announces from rank ``src``."""
         torch = self._torch
-        if self._aborted:
-            raise CommError("world aborted")
-        self.reap(len(self._outbox))  # surface failed sends before blocking
+        pg = self._group()
         posted = self._next_header.pop(src, None)
         if posted is None:
-            buf = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
-            posted = (self.pg.recv([buf], src, HEADER_TAG), buf)
+            buf = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.wire)
+            posted = (self._guard(pg.recv, [buf], src, HEADER_TAG), buf)
         work, buf = posted
-        self._wait(work)
-        raw = buf.cpu().numpy().tobytes() if self.device.type != "cpu" else buf.numpy().tobytes()
+        self._complete(work)
+        raw = buf.cpu().numpy().tobytes() if buf.device.type != "cpu" else buf.numpy().tobytes()
         # Ask for the next header now; a fresh buffer, since this one is still being read.
-        nxt = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.device)
-        self._next_header[src] = (self.pg.recv([nxt], src, HEADER_TAG), nxt)
-        (length,) = _LEN.unpack_from(raw)
-        header = msgpack.unpackb(raw[_LEN.size: _LEN.size + length], raw=False)
+        nxt = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.wire)
+        self._next_header[src] = (self._guard(pg.recv, [nxt], src, HEADER_TAG), nxt)
+        try:
+            (length,) = _LEN.unpack_from(raw)
+            header = msgpack.unpackb(raw[_LEN.size: _LEN.size + length], raw=False)
+            described = header.pop("t", [])
+            specs = [(getattr(torch, dtype), [int(n) for n in shape]) for dtype, shape in described]
+        except Exception as exc:  # a peer that speaks garbage is as good as gone
+            raise CommError(f"unreadable p2p header from rank {src}: {exc!r}") from exc
         tensors = []
-        for dtype, shape in header.pop("t", []):
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._wait(self.pg.recv([t], src, TENSOR_TAG))
-            tensors.append(t)
+        for dtype, shape in specs:
+            t = torch.empty(shape, dtype=dtype, device=self.wire)
+            self._complete(self._guard(pg.recv, [t], src, TENSOR_TAG))
+            tensors.append(t.to(self.device) if self.staged else t)
         return header, tensors
 
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
     def abort(self) -> None:
-        """Make every pending and future operation fail at once; idempotent, never blocks long."""
+        """Make every future operation fail at once; idempotent, never blocks long, any thread.
+
+        NCCL also aborts operations in flight. A gloo wait already blocked cannot be woken
+        from here: it ends when the peer answers, closes (its group released) or the world's
+        timeout passes."""
         with self._lock:
             if self._aborted:
                 return
             self._aborted = True
-        for method in ("abort", "shutdown"):
-            fn = getattr(self.pg, method, None)
-            if fn is None:
-                continue
+        pg = self.pg
+        if pg is None or self.backend != "nccl":
+            return
+        try:
+            pg.abort()
+        except Exception:  # an already-broken group may refuse; nothing else to do
+            log.debug("world %d/%d: abort failed", self.world_id, self.epoch, exc_info=True)
+
+    def close(self) -> None:
+        """Release the group (by its owner thread, when done with it): its connections close,
+        so a peer still waiting on this rank fails at once instead of at its timeout."""
+        self.abort()
+        self._outbox.clear()
+        self._next_header.clear()
+        pg, self.pg = self.pg, None
+        if pg is not None and self.backend == "nccl":
             try:
-                fn()
-                return
-            except Exception:  # an already-broken group may refuse; nothing else to do
-                log.debug("world %d/%d: %s failed", self.world_id, self.epoch, method,
+                pg.shutdown()
+            except Exception:
+                log.debug("world %d/%d: shutdown failed", self.world_id, self.epoch,
                           exc_info=True)
+        del pg

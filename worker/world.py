@@ -1,30 +1,18 @@
-"""One world membership of a worker: its rank, its stage's handler, its communicator.
+"""One world membership of a worker, and how its answers reach the controller.
 
 A world is one replica of one deployment; this worker is rank ``rank`` of ``size``, and ranks
-are pipeline stages. Rank 0 takes requests from the controller (through the data plane's
-socket and batcher) and pushes activations down the world; every later rank runs a
-``StageRunner`` thread that receives from the previous rank, computes its stage, and either
-passes on or, as the last stage, answers the controller on a socket of its own.
-
-Pipeline messages (over the world's communicator, see worker.comm):
-
-    {"k": "b", "items": [[rid, client_id, rows], ...], "n": names}   a micro-batch
-    {"k": "g", "items": [[rid, client_id, kind, skip]], "step": i, "last": bool, "n": names}
-                                                                       one decode step
-    {"k": "t", "tokens": [...]}                                       last stage -> rank 0
-    {"k": "p"}                                                        keepalive while idle
-    {"k": "x"}                                                        the world is closing
+are pipeline stages. Rank 0 takes requests from the controller and pushes activations down the
+world; the last rank answers the controller. Each membership is served by a runner of its own
+(worker.runner), so one world's work never waits on another's.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
-
-import zmq
 
 from mesh import codec
 from mesh.errors import MeshError, ModelError
@@ -38,14 +26,69 @@ from mesh.messages import (
     error_header,
     result_header,
 )
-from mesh.transport import make_socket, send_nowait
-from worker.batcher import Batcher
-from worker.comm import Comm, CommError
-from worker.handler import Handler, Request
-
-log = logging.getLogger(__name__)
+from worker.comm import Comm
+from worker.handler import Handler
 
 OnBroken = Callable[[int, int, str, bool], None]  # (world_id, epoch, reason, peer_lost)
+
+
+@dataclass(eq=False)
+class World:
+    world_id: int
+    epoch: int
+    rank: int
+    size: int
+    deployment: dict[str, Any]
+    handler: Handler
+    comm: Comm | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    @property
+    def micro_batches(self) -> int:
+        return max(1, int(self.deployment.get("micro_batches") or self.size))
+
+    @property
+    def label(self) -> str:
+        return f"world {self.world_id}/{self.epoch} rank {self.rank}"
+
+
+class Compute:
+    """The worker's device, shared by every world on it: one computation at a time (a batch,
+    a stage's micro-batch or one decoding step, never a whole stream), and the fault-injection
+    delay added before each (``meshctl fault``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.delay_s = 0.0
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        delay_s = self.delay_s
+        if delay_s > 0.0:
+            import time
+
+            time.sleep(delay_s)
+        with self._lock:
+            yield
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    """Counters of one runner, written by its thread only; the heartbeat sums them."""
+
+    batches: int = 0
+    rows: int = 0
+    requests: int = 0
+    busy_s: float = 0.0
+
+    def add(self, other: RunnerStats) -> None:
+        self.batches += other.batches
+        self.rows += other.rows
+        self.requests += other.requests
+        self.busy_s += other.busy_s
 
 
 def chunk_header(client_id: Any, seq: int, outputs: dict[str, Any]) -> dict[str, Any]:
@@ -86,171 +129,6 @@ class Replier:
         self._send([codec.pack([REPLY, rid, self.world_id, self.epoch, REPLY_ERROR]), header])
 
 
-class World:
-    def __init__(
-        self,
-        *,
-        world_id: int,
-        epoch: int,
-        rank: int,
-        size: int,
-        deployment: dict[str, Any],
-        handler: Handler,
-        comm: Comm | None = None,
-    ) -> None:
-        self.world_id = world_id
-        self.epoch = epoch
-        self.rank = rank
-        self.size = size
-        self.deployment = deployment
-        self.handler = handler
-        self.comm = comm
-        self.draining = False
-        self.broken: str | None = None
-        self.last_sent_s = time.monotonic()
-        self.micro_batches = max(1, int(deployment.get("micro_batches") or size))
-        self.batcher = Batcher(
-            max_batch_size=int(deployment.get("max_batch_size", 32)),
-            max_batch_delay_ms=float(deployment.get("max_batch_delay_ms", 2.0)),
-            clock=time.monotonic,
-        )
-        self.runner: StageRunner | None = None
-
-    @property
-    def is_last(self) -> bool:
-        return self.rank == self.size - 1
-
-    def close(self) -> None:
-        """Release the communicator; a stage thread blocked on it ends at its next wake."""
-        if self.runner is not None:
-            self.runner.stop()
-        if self.comm is not None:
-            self.comm.abort()
-
-
-def names_and_tensors(tensors: dict[str, Any]) -> tuple[list[str], list[Any]]:
-    names = sorted(tensors)
-    return names, [tensors[n] for n in names]
-
-
-class StageRunner:
-    """The thread of a rank > 0: receive, compute this stage, pass on or answer."""
-
-    def __init__(self, world: World, *, context: zmq.Context[Any], endpoint: str,
-                 identity: str, on_broken: OnBroken, compute_lock: threading.Lock,
-                 stats: Any, fault_delay: Callable[[], float] = lambda: 0.0) -> None:
-        self.world = world
-        self._context = context
-        self._endpoint = endpoint
-        self._identity = identity
-        self._on_broken = on_broken
-        self._lock = compute_lock
-        self._stats = stats
-        self._fault_delay = fault_delay
-        self._stopping = False
-        self._text: dict[Any, list[str]] = {}  # infer requests on a streaming model
-        self._thread = threading.Thread(
-            target=self._run, name=f"stage-{world.world_id}.{world.epoch}-r{world.rank}",
-            daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping = True
-
-    def _run(self) -> None:
-        world = self.world
-        comm = world.comm
-        assert comm is not None
-        sock = make_socket(self._context, zmq.DEALER, identity=self._identity.encode())
-        sock.connect(self._endpoint)
-        replier = Replier(world.world_id, world.epoch, lambda frames: send_nowait(sock, frames))
-        try:
-            while not self._stopping:
-                header, tensors = comm.recv(world.rank - 1)
-                kind = header.get("k")
-                if kind == "x":
-                    if not world.is_last:
-                        comm.send(world.rank + 1, {"k": "x"})
-                    return
-                if kind == "p":
-                    if not world.is_last:
-                        comm.send(world.rank + 1, {"k": "p"}, window=8)
-                    continue
-                started = time.monotonic()
-                delay = self._fault_delay()
-                if delay:
-                    time.sleep(delay)
-                try:
-                    with self._lock:
-                        acts = world.handler.forward(dict(zip(header["n"], tensors,
-                                                              strict=True)))
-                except Exception as exc:
-                    # The model failed on these requests: answer them, keep the world.
-                    log.exception("[worker world %d/%d rank %d] stage failed on a batch",
-                                  world.world_id, world.epoch, world.rank)
-                    self._fail_items(header, exc, replier, comm)
-                    continue
-                finally:
-                    self._stats.busy_s += time.monotonic() - started
-                if not world.is_last:
-                    names, out = names_and_tensors(acts)
-                    comm.send(world.rank + 1, {**header, "n": names}, out, window=8)
-                elif kind == "b":
-                    self._finish_batch(header, acts, replier)
-                elif kind == "g":
-                    self._finish_step(header, acts, replier, comm)
-        except CommError as exc:
-            if not self._stopping:
-                log.warning("[worker world %d/%d rank %d] %s", world.world_id, world.epoch,
-                            world.rank, exc)
-                self._on_broken(world.world_id, world.epoch, str(exc), exc.kind == "peer_lost")
-        except Exception as exc:
-            log.exception("[worker world %d/%d rank %d] stage failed", world.world_id,
-                          world.epoch, world.rank)
-            self._on_broken(world.world_id, world.epoch, f"stage failed: {exc!r}", False)
-        finally:
-            sock.close(linger=1000)
-
-    def _fail_items(self, header: dict[str, Any], exc: Exception, replier: Replier,
-                    comm: Comm) -> None:
-        err = exc if isinstance(exc, MeshError) else ModelError(f"{type(exc).__name__}: {exc}")
-        for item in header.get("items", []):
-            replier.error(item[0], item[1], err)
-        if header.get("k") == "g":
-            comm.send(0, {"k": "t", "tokens": [], "error": err.message})
-
-    def _finish_batch(self, header: dict[str, Any], acts: dict[str, Any],
-                      replier: Replier) -> None:
-        items = header["items"]
-        batch = [Request({}, {}, int(rows)) for _, _, rows in items]
-        try:
-            outputs = self.world.handler.split(acts, batch)
-        except Exception as exc:
-            err = exc if isinstance(exc, MeshError) else ModelError(f"{type(exc).__name__}: {exc}")
-            for rid, client_id, _ in items:
-                replier.error(rid, client_id, err)
-            return
-        stats = self._stats
-        stats.batches += 1
-        stats.requests += len(items)
-        stats.rows += sum(int(rows) for _, _, rows in items)
-        for (rid, client_id, _), out in zip(items, outputs, strict=True):
-            replier.result(rid, client_id, out)
-
-    def _finish_step(self, header: dict[str, Any], acts: dict[str, Any], replier: Replier,
-                     comm: Comm) -> None:
-        handler = self.world.handler
-        tokens = handler.gen_pick(acts)
-        step = int(header["step"])
-        # The token goes back to rank 0 first: the next step must not wait on our replies.
-        comm.send(0, {"k": "t", "tokens": tokens})
-        for (rid, client_id, kind, skip), token in zip(header["items"], tokens, strict=True):
-            emit_stream_step(replier, handler, self._text, rid, client_id, kind, skip, step,
-                             token, bool(header["last"]))
-
-
 def emit_stream_step(replier: Replier, handler: Handler, text: dict[Any, list[str]], rid: Any,
                      client_id: Any, kind: str, skip: int, step: int, token: int,
                      last: bool) -> None:
@@ -266,3 +144,12 @@ def emit_stream_step(replier: Replier, handler: Handler, text: dict[Any, list[st
     parts.append(str(chunk.get("text", "")))
     if last:
         replier.result(rid, client_id, {"text": "".join(text.pop(rid))})
+
+
+def names_and_tensors(tensors: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    names = sorted(tensors)
+    return names, [tensors[n] for n in names]
+
+
+def as_model_error(exc: BaseException) -> MeshError:
+    return exc if isinstance(exc, MeshError) else ModelError(f"{type(exc).__name__}: {exc}")

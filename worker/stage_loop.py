@@ -1,0 +1,496 @@
+"""The serving logic of one world membership, with no socket and no thread of its own.
+
+``EntryStage`` is rank 0: it takes the controller's dispatches, batches them, computes the
+first stage and pushes micro-batches down the world, or drives a stream's decoding one step at
+a time. ``InnerStage`` is every later rank: it receives from the previous rank, computes its
+stage, and passes on or, as the last stage, answers. Both talk to the controller through an
+injected ``send`` and to their peers through the world's ``Comm``, so a test drives them with
+a real gloo pair and a list for a socket. worker.runner wraps each in the thread that owns its
+socket (vLLM's EngineCore / EngineCoreProc split).
+
+Failures are sorted at this boundary: a ``CommError`` (the world's transport failed) breaks
+the world and answers what it held with the retryable ``Unavailable``, so the controller
+re-sends it elsewhere; any other exception from the handler is the model's failure and
+answers the requests concerned with ``ModelError``, keeping the world.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh import codec
+from mesh.errors import (
+    BadRequest,
+    Cancelled,
+    DeadlineExceeded,
+    MeshError,
+    ModelError,
+    Unavailable,
+)
+from mesh.messages import CANCEL_WORK, DISPATCH, REPLY, REPLY_ERROR, error_header
+from worker import pipeline
+from worker.batcher import Batcher, Item
+from worker.comm import HEADER_BYTES, Comm, CommError
+from worker.handler import Request
+from worker.world import (
+    Compute,
+    OnBroken,
+    Replier,
+    RunnerStats,
+    World,
+    as_model_error,
+    emit_stream_step,
+    names_and_tensors,
+)
+
+log = logging.getLogger(__name__)
+
+# Micro-batches a stage may have on their way to the next one before it waits: this is what
+# lets stage 0 compute batch n+1 while stage 1 still works on batch n.
+SEND_WINDOW = 8
+# Bytes of a p2p header the request list of one micro-batch may use; the rest is left for the
+# tensor names, dtypes and shapes.
+ITEMS_BUDGET = HEADER_BYTES - 1024
+
+Send = Callable[[list[Any]], None]
+
+
+def micro_batches(batch: list[Item], parts: int, budget: int = ITEMS_BUDGET) -> list[list[Item]]:
+    """Whole requests, in order, about ``1/parts`` of the rows each, and never more requests
+    than one p2p header can name: each travels as [rid, client id, rows], and a client id may
+    be a string of up to MAX_ID_BYTES."""
+    rows = sum(item.rows for item in batch)
+    per_micro = max(1, -(-rows // parts))
+    groups: list[list[Item]] = [[]]
+    acc = size = 0
+    for item in batch:
+        client_id = item.token[1]
+        cost = 24 + (len(client_id.encode()) if isinstance(client_id, str) else 9)
+        if groups[-1] and (acc + item.rows > per_micro or size + cost > budget):
+            groups.append([])
+            acc = size = 0
+        groups[-1].append(item)
+        acc += item.rows
+        size += cost
+    return groups
+
+
+def error_reply(rid: Any, world_id: Any, epoch: Any, client_id: Any,
+                error: MeshError) -> list[Any]:
+    header = codec.pack(error_header(client_id, error.code, error.message, error.retryable))
+    return [codec.pack([REPLY, rid, world_id, epoch, REPLY_ERROR]), header]
+
+
+@dataclass(eq=False)
+class Decode:
+    """One sequence being generated, a step at a time."""
+
+    item: Item
+    steps: int
+    skip: int
+    step: int = 0
+    tensors: dict[str, Any] | None = None
+    cancelled: bool = False
+    text: dict[Any, list[str]] = field(default_factory=dict)
+
+    @property
+    def rid(self) -> Any:
+        return self.item.token[0]
+
+
+class EntryStage:
+    """Rank 0 of a world."""
+
+    def __init__(self, world: World, *, send: Send, compute: Compute, on_broken: OnBroken,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.world = world
+        self.comm: Comm | None = world.comm
+        self.handler = world.handler
+        self.compute = compute
+        self._send = send
+        self._on_broken = on_broken
+        self._clock = clock
+        self.replier = Replier(world.world_id, world.epoch, send)
+        dep = world.deployment
+        self.batcher = Batcher(max_batch_size=int(dep.get("max_batch_size", 32)),
+                               max_batch_delay_ms=float(dep.get("max_batch_delay_ms", 2.0)),
+                               clock=clock)
+        self.stats = RunnerStats()
+        self.busy = False
+        self.draining = False
+        self.broken: CommError | None = None
+        self.last_sent_s = clock()
+        self._keepalive_s = self.comm.timeout_s / 4 if self.comm is not None else None
+        self._decodes: deque[Decode] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self.batcher) + len(self._decodes)
+
+    @property
+    def idle(self) -> bool:
+        return not self.batcher and not self._decodes
+
+    # -- input ----------------------------------------------------------------------------
+
+    def accept(self, frames: list[Any]) -> None:
+        """A message from the controller: a dispatch or a cancel."""
+        head = codec.unpack_header(frames[0])
+        if isinstance(head, list) and len(head) >= 4 and head[0] == CANCEL_WORK:
+            self._cancel(head[1])
+            return
+        if not isinstance(head, list) or len(head) < 5 or head[0] != DISPATCH:
+            log.warning("[%s] dropped a malformed dispatch", self.world.label)
+            return
+        _, rid, world_id, epoch, deadline_ms = head[:5]
+        world = self.world
+        client_id: Any = None
+        try:
+            header = codec.decode(frames[1:], codec.to_torch)
+            client_id = header.get("id")
+            if world_id != world.world_id or epoch != world.epoch:
+                raise Unavailable(f"this runner serves world {world.world_id}/{world.epoch}")
+            if self.draining or self.broken is not None:
+                raise Unavailable(f"world {world.world_id} is closing")
+            inputs = header.get("inputs")
+            params = header.get("params") or {}
+            kind = header.get("kind", "infer")
+            if not isinstance(inputs, dict):
+                raise BadRequest("'inputs' must be a map of named values")
+            if not isinstance(params, dict):
+                raise BadRequest("'params' must be a map")
+            rows = self.handler.validate(inputs, params, kind)
+        except MeshError as exc:
+            self._send(error_reply(rid, world_id, epoch, client_id, exc))
+            return
+        except Exception as exc:  # a handler bug: answer this request, keep serving
+            log.exception("[%s] validating a request failed", world.label)
+            self._send(error_reply(rid, world_id, epoch, client_id, ModelError(
+                f"validation failed: {type(exc).__name__}: {exc}")))
+            return
+        now = self._clock()
+        self.batcher.add(Item((rid, client_id), rows, now, now + deadline_ms / 1000.0,
+                              Request(inputs, params, rows, kind)))
+
+    def _cancel(self, rid: Any) -> None:
+        """Stop work the controller already answered (cancel, deadline): drop it from the
+        queue, or stop its decoding at the next step. Either way it is answered once more
+        (Cancelled), which frees its slot on the controller; that answer is dropped there."""
+        for item in self.batcher.remove(lambda it: it.token[0] == rid):
+            self._answer(item, Cancelled("cancelled while queued"))
+        for d in self._decodes:
+            if d.rid == rid:
+                d.cancelled = True
+
+    # -- work -----------------------------------------------------------------------------
+
+    def wait_s(self) -> float | None:
+        """Seconds until ``step`` has something to do (0: now); None: only new input."""
+        if self.broken is not None:
+            return None
+        if self._decodes:
+            return 0.0
+        wait = self.batcher.wait_s()
+        if self._keepalive_s is not None:
+            due = max(0.0, self.last_sent_s + self._keepalive_s - self._clock())
+            wait = due if wait is None else min(wait, due)
+        return wait
+
+    def step(self) -> None:
+        """One unit of work: a decoding step, else a ready batch, else a keepalive if due."""
+        if self.broken is not None:
+            return
+        try:
+            if self._decodes:
+                self._decode_step(self._decodes[0])
+                return
+            batch, expired = self.batcher.take()
+            for item in expired:
+                self._answer(item, DeadlineExceeded("deadline passed while queued"))
+            if batch:
+                if self.handler.streaming:
+                    self._start_decodes(batch)
+                else:
+                    self._run_batch(batch)
+            elif self._keepalive_s is not None:
+                self._keepalive()
+        except CommError as exc:
+            self._break(exc)
+
+    def _run_batch(self, batch: list[Item]) -> None:
+        self.busy = True
+        started = self._clock()
+        try:
+            if self.world.size == 1:
+                self._run_local(batch)
+            else:
+                self._run_pipeline(batch)
+        except CommError as exc:
+            for item in batch:
+                self._answer(item, Unavailable(f"world {self.world.world_id} broke: {exc.kind}"))
+            raise
+        except Exception as exc:
+            log.exception("[%s] model failed on a batch of %d", self.world.label, len(batch))
+            err = as_model_error(exc)
+            for item in batch:
+                self._answer(item, err)
+        finally:
+            self.busy = False
+            stats = self.stats
+            stats.batches += 1
+            stats.requests += len(batch)
+            stats.rows += sum(item.rows for item in batch)
+            now = self._clock()
+            stats.busy_s += now - started
+            self.last_sent_s = now
+
+    def _run_local(self, batch: list[Item]) -> None:
+        with self.compute.turn():
+            outputs = self.handler.run_batch([item.payload for item in batch])
+        if len(outputs) != len(batch):
+            raise ModelError(f"handler returned {len(outputs)} outputs for {len(batch)} requests")
+        result = self.replier.result
+        for item, out in zip(batch, outputs, strict=True):
+            rid, client_id = item.token
+            result(rid, client_id, out)
+
+    def _run_pipeline(self, batch: list[Item]) -> None:
+        """Split into micro-batches of whole requests and push each one on."""
+        comm = self.comm
+        assert comm is not None
+        handler = self.handler
+        for group in micro_batches(batch, self.world.micro_batches):
+            with self.compute.turn():
+                acts = handler.forward(handler.collate([item.payload for item in group]))
+            names, tensors = names_and_tensors(acts)
+            message = pipeline.MicroBatch(
+                tuple(pipeline.BatchItem(i.token[0], i.token[1], i.rows) for i in group),
+                tuple(names))
+            comm.send(1, message.to_wire(), tensors, window=SEND_WINDOW)
+
+    def _keepalive(self) -> None:
+        """An idle world's sign of life, every world_timeout / 4. The flush before it is how an
+        idle rank 0 learns that rank 1 still takes what it is sent (see Comm.flush)."""
+        assert self.comm is not None and self._keepalive_s is not None
+        if self._clock() - self.last_sent_s < self._keepalive_s:
+            return
+        self.comm.flush()
+        self.comm.send(1, pipeline.KEEPALIVE.to_wire(), window=SEND_WINDOW)
+        self.last_sent_s = self._clock()
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def _start_decodes(self, batch: list[Item]) -> None:
+        for item in batch:
+            request: Request = item.payload
+            steps = self.handler.gen_steps(request)
+            self._decodes.append(Decode(item, steps, int(request.params.get("skip", 0))))
+
+    def _decode_step(self, d: Decode) -> None:
+        """One step of the oldest sequence: the unit a stream waits in, so cancels, deadlines
+        and the world's keepalives are looked at between two steps."""
+        item = d.item
+        if d.cancelled:
+            self._end_decode(d, Cancelled("stopped: the caller cancelled"))
+            return
+        if self._clock() > item.deadline_s:
+            self._end_decode(d, DeadlineExceeded("deadline passed while generating"))
+            return
+        handler = self.handler
+        request: Request = item.payload
+        rid, client_id = item.token
+        last = d.step >= d.steps - 1
+        started = self._clock()
+        self.busy = True
+        try:
+            if d.tensors is None:
+                d.tensors = handler.gen_start(request)
+            with self.compute.turn():
+                acts = handler.forward(d.tensors)
+            if self.world.size == 1:
+                tokens = list(handler.gen_pick(acts))
+                emit_stream_step(self.replier, handler, d.text, rid, client_id, request.kind,
+                                 d.skip, d.step, tokens[0], last)
+            else:
+                tokens_or_none = self._decode_remote(d, acts, last)
+                if tokens_or_none is None:
+                    self._decodes.remove(d)  # a later stage failed and answered it
+                    return
+                tokens = tokens_or_none
+            if last:
+                self._decodes.remove(d)
+                return
+            d.tensors = handler.gen_extend(d.tensors, tokens)
+            d.step += 1
+        except CommError:
+            raise
+        except Exception as exc:
+            log.exception("[%s] decoding failed at step %d", self.world.label, d.step)
+            self._end_decode(d, as_model_error(exc))
+        finally:
+            self.busy = False
+            now = self._clock()
+            self.stats.busy_s += now - started
+            self.last_sent_s = now
+            if d not in self._decodes:
+                self.stats.batches += 1
+                self.stats.requests += 1
+                self.stats.rows += item.rows
+
+    def _decode_remote(self, d: Decode, acts: dict[str, Any], last: bool) -> list[int] | None:
+        comm = self.comm
+        assert comm is not None
+        rid, client_id = d.item.token
+        names, out = names_and_tensors(acts)
+        step = pipeline.DecodeStep((pipeline.StreamItem(rid, client_id, d.item.payload.kind,
+                                                        d.skip),),
+                                   d.step, last, tuple(names))
+        comm.send(1, step.to_wire(), out)
+        header, _ = comm.recv(self.world.size - 1)
+        reply = pipeline.decode(header)
+        if not isinstance(reply, pipeline.Tokens):
+            raise CommError(f"expected tokens from the last stage, got {type(reply).__name__}")
+        return None if reply.error else list(reply.tokens)
+
+    def _end_decode(self, d: Decode, error: MeshError) -> None:
+        self._answer(d.item, error)
+        self._decodes.remove(d)
+
+    # -- endings --------------------------------------------------------------------------
+
+    def _answer(self, item: Item, error: MeshError) -> None:
+        rid, client_id = item.token
+        self.replier.error(rid, client_id, error)
+
+    def _break(self, exc: CommError) -> None:
+        """A world operation failed: the group is unusable. Say so, answer what is held."""
+        if self.broken is not None:
+            return
+        self.broken = exc
+        log.warning("[%s] broken: %s", self.world.label, exc)
+        self.finish(Unavailable(f"world {self.world.world_id} broke: {exc.kind}"),
+                    graceful=False)
+        self._on_broken(self.world.world_id, self.world.epoch, str(exc), exc.kind == "peer_lost")
+
+    def finish(self, error: MeshError, *, graceful: bool) -> None:
+        """Answer everything still held with ``error``; on a graceful close, tell the later
+        stages to finish what they hold and stop (they then end without a broken report)."""
+        for item in self.batcher.clear():
+            self._answer(item, error)
+        while self._decodes:
+            self._answer(self._decodes.popleft().item, error)
+        comm = self.comm
+        if graceful and comm is not None and self.broken is None and not comm.aborted:
+            try:
+                comm.send(1, pipeline.CLOSE.to_wire())
+            except CommError as exc:
+                log.info("[%s] closing: rank 1 did not take the close: %s", self.world.label,
+                         exc)
+
+
+class InnerStage:
+    """Rank 1.. of a world: receive from the previous rank, compute, pass on or answer."""
+
+    def __init__(self, world: World, *, send: Send, compute: Compute,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        assert world.comm is not None and world.rank > 0
+        self.world = world
+        self.comm: Comm = world.comm
+        self.handler = world.handler
+        self.compute = compute
+        self._clock = clock
+        self.replier = Replier(world.world_id, world.epoch, send)
+        self.stats = RunnerStats()
+        self.busy = False
+        self._text: dict[Any, list[str]] = {}  # infer requests on a streaming model
+
+    def serve_one(self) -> bool:
+        """Receive one message from the previous rank and act on it (blocking, at most the
+        world's timeout). False once the world closed on purpose; CommError when it broke."""
+        world = self.world
+        comm = self.comm
+        header, tensors = comm.recv(world.rank - 1)
+        message = pipeline.decode(header)
+        if isinstance(message, pipeline.Close):
+            if not world.is_last:
+                comm.send(world.rank + 1, message.to_wire())
+            return False
+        if isinstance(message, pipeline.Keepalive):
+            if not world.is_last:
+                comm.send(world.rank + 1, message.to_wire(), window=SEND_WINDOW)
+            return True
+        if isinstance(message, pipeline.Tokens):
+            raise CommError(f"rank {world.rank - 1} sent tokens down the pipeline")
+        started = self._clock()
+        self.busy = True
+        try:
+            with self.compute.turn():
+                acts = self.handler.forward(dict(zip(message.names, tensors, strict=True)))
+        except Exception as exc:
+            # The model failed on these requests: answer them, keep the world.
+            log.exception("[%s] stage failed on a batch", world.label)
+            self._fail_items(message, as_model_error(exc))
+            return True
+        finally:
+            self.busy = False
+            self.stats.busy_s += self._clock() - started
+        if not world.is_last:
+            names, out = names_and_tensors(acts)
+            forward: pipeline.MicroBatch | pipeline.DecodeStep
+            if isinstance(message, pipeline.MicroBatch):
+                forward = pipeline.MicroBatch(message.items, tuple(names))
+            else:
+                forward = pipeline.DecodeStep(message.items, message.step, message.last,
+                                              tuple(names))
+            comm.send(world.rank + 1, forward.to_wire(), out, window=SEND_WINDOW)
+        elif isinstance(message, pipeline.MicroBatch):
+            self._finish_batch(message, acts)
+        else:
+            self._finish_step(message, acts)
+        return True
+
+    def _fail_items(self, message: pipeline.MicroBatch | pipeline.DecodeStep,
+                    error: MeshError) -> None:
+        for item in message.items:
+            self.replier.error(item.rid, item.client_id, error)
+        if isinstance(message, pipeline.DecodeStep):
+            self.comm.send(0, pipeline.Tokens((), error.message or error.code).to_wire())
+
+    def _finish_batch(self, message: pipeline.MicroBatch, acts: dict[str, Any]) -> None:
+        batch = [Request({}, {}, item.rows) for item in message.items]
+        try:
+            outputs = self.handler.split(acts, batch)
+        except Exception as exc:
+            err = as_model_error(exc)
+            for item in message.items:
+                self.replier.error(item.rid, item.client_id, err)
+            return
+        stats = self.stats
+        stats.batches += 1
+        stats.requests += len(message.items)
+        stats.rows += sum(item.rows for item in message.items)
+        for item, out in zip(message.items, outputs, strict=True):
+            self.replier.result(item.rid, item.client_id, out)
+
+    def _finish_step(self, message: pipeline.DecodeStep, acts: dict[str, Any]) -> None:
+        handler = self.handler
+        try:
+            tokens = list(handler.gen_pick(acts))
+        except Exception as exc:
+            log.exception("[%s] picking tokens failed", self.world.label)
+            self._fail_items(message, as_model_error(exc))
+            return
+        # The tokens go back to rank 0 first: the next step must not wait on our replies.
+        self.comm.send(0, pipeline.Tokens(tuple(tokens)).to_wire())
+        if message.last:
+            self.stats.batches += 1
+            self.stats.requests += len(message.items)
+            self.stats.rows += len(message.items)
+        for item, token in zip(message.items, tokens, strict=True):
+            emit_stream_step(self.replier, handler, self._text, item.rid, item.client_id,
+                             item.kind, item.skip, message.step, token, message.last)
