@@ -26,6 +26,8 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 OnExit = Callable[[str, int], None]  # (worker_id, returncode)
+# How long a worker told to stop gets to exit by itself before it is sent SIGTERM.
+STOP_GRACE_S = 3.0
 
 
 class LaunchError(RuntimeError):
@@ -163,7 +165,15 @@ class LocalLauncher:
         await self._stop_child(child, timeout_s)
 
     async def _stop_child(self, child: _Child, timeout_s: float) -> None:
+        """End one worker by its PID. It was told to stop (Shutdown) just before: give it
+        ``grace`` to exit on its own, then SIGTERM (it stops gracefully on that too), then
+        SIGKILL once ``timeout_s`` has passed."""
         proc = child.proc
+        grace_s = min(STOP_GRACE_S, timeout_s / 2)
+        if proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await proc.wait()
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM

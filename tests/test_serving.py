@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -203,6 +204,40 @@ async def test_a_stop_signal_drains_in_flight_requests_stops_every_worker_and_ex
         assert not isinstance(r, BaseException), r
         np.testing.assert_array_equal(r["y"], x * 2.0)
     assert cluster.worker_pids() == []
+
+
+PIPELINE_SMALL = """
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 256 }
+stages = 2
+worlds = 2
+max_worlds = 4
+"""
+
+
+async def test_graceful_stops_under_load_end_every_worker_with_code_zero(
+        cluster_factory: StartCluster) -> None:
+    # MESH_TEST_STOPS=20 for the full run the worlds issue asks for; CI runs 3.
+    rounds = int(os.environ.get("MESH_TEST_STOPS", "3"))
+    for round_ in range(rounds):
+        cluster = await cluster_factory(PIPELINE_SMALL, controller="warm_workers = 1")
+        await cluster.wait_for(lambda s: len(s["workers"]) == 5, what="the warm worker")
+        async with Client(cluster.client) as client:
+            load = Load(client, callers=8, timeout_s=20)
+            load.start()
+            await asyncio.sleep(1.5)
+            os.kill(cluster.pid, signal.SIGINT)
+            # The callers stop sending; what they have in flight is drained and answered.
+            rc, _ = await asyncio.gather(asyncio.to_thread(cluster.proc.wait, 40), load.stop())
+        log = cluster.log_path.read_text(errors="replace")
+        codes = re.findall(r"worker (w\d+) pid \d+ exited with (-?\d+)", log)
+        assert rc == 0, f"round {round_}: controller exited {rc}"
+        assert len(codes) == 5 and {code for _, code in codes} == {"0"}, (round_, codes)
+        assert "terminate called" not in log and "Traceback" not in log, cluster.log_tail()
+        assert cluster.worker_pids() == []
+        assert load.ok > 0
 
 
 async def test_requests_after_a_stop_signal_are_refused_not_lost(

@@ -92,6 +92,7 @@ class WorkerAgent(Actor):
         # so two worlds forming in opposite orders on two workers cannot deadlock.
         self._form_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="form")
         self._runners: dict[int, WorldRunner] = {}
+        self._stuck: list[WorldRunner] = []  # runners let go of before their thread ended
         # Worlds whose join is loading or forming -> whether a leave came meanwhile.
         self._joining: dict[tuple[int, int], bool] = {}
         self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
@@ -132,6 +133,13 @@ class WorkerAgent(Actor):
         self._link.close()
         self._loader_pool.shutdown(wait=False, cancel_futures=True)
         self._form_pool.shutdown(wait=False, cancel_futures=True)
+        if self._stuck:
+            # A runner still blocked in a world's receive (a peer that neither closes nor
+            # answers) holds its socket: terminating ZeroMQ would wait for it. The process
+            # exits without (worker.main ends it with os._exit).
+            log.warning("[worker %s] %d runner(s) still blocked at exit: %s", self.worker_id,
+                        len(self._stuck), ", ".join(r.world.label for r in self._stuck))
+            return
         self._context.term()
 
     def _register(self) -> None:
@@ -316,6 +324,7 @@ class WorkerAgent(Actor):
         except TimeoutError:
             log.warning("[worker %s %s] runner still busy after %.0fs; letting it go",
                         self.worker_id, runner.world.label, timeout_s)
+            self._stuck.append(runner)
         self._runners.pop(runner.world.world_id, None)
         self._retired.add(runner.stats)
         self._stages.release(runner.world.world_id)

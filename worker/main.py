@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import uuid
 
 from mesh.loop import run as run_loop
@@ -80,7 +81,23 @@ def follow_parent(parent_pid: int) -> None:
         raise SystemExit(f"launching controller {parent_pid} is gone")
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    """Run a worker until it is told to stop; ends the process (os._exit) with its code.
+
+    Why os._exit: a world's runner may still sit in a gloo wait for a peer that neither
+    answers nor closes (it ends at the world's timeout). Python does not join such daemon
+    threads at exit, and finalization then destroys C++ objects that own running threads:
+    'terminate called without an active exception' and a -6 exit. The worker has already
+    answered, left its worlds and closed its sockets; nothing of worth is left to finalize.
+    """
+    # A stop that comes while the worker still starts (importing torch takes seconds) is a
+    # clean exit too; the event loop installs its own handlers once it runs.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGINT, _exit_quietly)
     follow_parent(args.parent_pid)
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     worker_id = args.worker_id or default_worker_id()
@@ -90,7 +107,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     coro = run_worker(args.controller, worker_id, args.device, args.threads, labels,
                       args.advertise_host)
-    return run_loop(coro)
+    try:
+        code = run_loop(coro)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    # Stopping: a second signal must not turn a clean exit into a killed one.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    log.info("[worker %s] exiting with %d", worker_id, code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
