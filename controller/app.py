@@ -24,14 +24,16 @@ from typing import Any
 import zmq
 
 from controller.admin import Admin
-from controller.autoscaler import Autoscaler, Context
+from controller.autoscaler import RATE_WINDOW_S, Autoscaler, Context
 from controller.backend import Backend
 from controller.config import Config
 from controller.frontend import Frontend
 from controller.health import Health
+from controller.host_cpu import HostCpu
 from controller.launcher import Launcher, LocalLauncher
 from controller.metrics import MetricsServer
 from controller.router import Router
+from controller.service_rate import ServiceRate
 from controller.status import build_status
 from controller.world_manager import (
     FromWorker,
@@ -105,8 +107,10 @@ class Controller:
         self.autoscaler = Autoscaler(list(self.routers), context_of=self._autoscale_context,
                                      apply=self._autoscale_apply,
                                      tick_s=c.autoscale_tick_ms / 1000.0)
-        self._busy_seen: dict[str, tuple[float, float, int]] = {}
-        self._world_rps: dict[str, float] = {}
+        self._service_rates: dict[str, ServiceRate] = {}
+        cores = self.launcher.host().get("cores", 0)
+        self._host_load = HostCpu(cores) if cores else None
+        self._host_sampled_s = -1.0
         if c.autoscale:
             self._spawn(self.autoscaler.run(), "controller.autoscaler")
         self._spawn(self._sweep_loop(), "controller.sweep")
@@ -186,29 +190,40 @@ class Controller:
         serving = [w for w in wm.worlds.values() if w.deployment == name and w.state == "serving"]
         forming = sum(1 for w in wm.worlds.values()
                       if w.deployment == name and w.state == "forming")
-        # Service rate per world, measured online: answers per second of the bottleneck
-        # stage's busy time (a world's slowest stage bounds what it can deliver).
-        busy = 0.0
-        for world in serving:
-            busy += max(_busy_s(wm.workers.get(w)) for w in world.workers)
-        answered = router.stats.total_ok
-        seen = self._busy_seen.get(name)
-        self._busy_seen[name] = (now, busy, answered)
-        if seen is not None:
-            d_busy = busy - seen[1]
-            d_ans = answered - seen[2]
-            if d_busy > 0.2 * (now - seen[0]) and d_ans > 0:
-                rate = d_ans / d_busy
-                old = self._world_rps.get(name)
-                self._world_rps[name] = rate if old is None else 0.7 * old + 0.3 * rate
+        host_cores, host_busy, world_cpu = self._host_cpu(now, serving)
+        rate = self._service_rates.setdefault(name, ServiceRate())
+        world_rps = rate.update(now, [[(wid, _busy_s(wm.workers.get(wid))) for wid in w.workers]
+                                      for w in serving], router.stats.total_ok)
         return Context(
             now_s=now, slo_p99_ms=router.slo_p99_ms, p99_ms=p99, samples=samples,
             arrival_rps=router.arrival_rate(now, window_s), queued=router.queued,
             serving=len(serving), forming=forming, desired=dep.desired,
             min_worlds=dep.min_worlds, max_worlds=dep.max_worlds,
-            world_rps=self._world_rps.get(name, 0.0),
+            world_rps=world_rps, recent_world_rps=rate.recent(now, RATE_WINDOW_S),
+            host_cores=host_cores, host_busy_cores=host_busy, world_cpu=world_cpu,
             upscale_delay_s=dep.config.upscale_delay_s,
             downscale_delay_s=dep.config.downscale_delay_s)
+
+    def _host_cpu(self, now: float, serving: list[Any]) -> tuple[int, float, float]:
+        """(cores, busy cores, cores one busy world keeps busy) of the local launcher's host;
+        (0, 0, 0) where unknown. A world's cores: its workers' CPU use over their busy
+        fraction (the busiest world, so a half-idle one does not look cheap)."""
+        if self._host_load is None:
+            return 0, 0.0, 0.0
+        if now != self._host_sampled_s:  # once per tick, for every deployment
+            self._host_sampled_s = now
+            self._host_load.sample()
+        busy = self._host_load.busy_cores
+        if busy is None:
+            return 0, 0.0, 0.0
+        workers = self.world_manager.workers
+        per_world = 0.0
+        for world in serving:
+            members = [workers[w] for w in world.workers if w in workers]
+            util = max((m.util for m in members), default=0.0)
+            if util >= 0.2:
+                per_world = max(per_world, sum(m.cpu_cores for m in members) / util)
+        return self._host_load.cores, busy, per_world
 
     def _autoscale_apply(self, name: str, worlds: int, reason: str) -> None:
         self.world_manager.tell(Scale(deployment=name, worlds=worlds, by_operator=False,

@@ -17,6 +17,14 @@ The policy:
   worlds would still run below ``down_util``; each step restarts the wait;
 * the gap between the up and down thresholds is the hysteresis that keeps a steady load,
   noisy or not, from moving the count back and forth;
+* a world that adds no service rate is not capacity: after every scale-up the policy measures
+  the deployment's service rate (each world's answers per busy second, times the worlds)
+  once the new worlds have served for ``probe_s``. If it did not rise by ``min_gain`` (a host
+  with no free cores or GPU time: more worlds only take turns on the same hardware), it goes
+  back to the count it came from and holds that as a ceiling for ``hold_s``, saying so;
+* and where the host is known (the local launcher's) and a world of the deployment keeps
+  cores busy, no world is added that the host's free cores cannot run: that one is not even
+  tried;
 * always within [min_worlds, max_worlds].
 """
 
@@ -31,6 +39,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# The window of Context.recent_world_rps: shorter than probe_s, so that once a bigger fleet
+# has served for probe_s the window holds only its answers.
+RATE_WINDOW_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +61,55 @@ class Context:
     min_worlds: int
     max_worlds: int
     world_rps: float  # answers per second one busy world delivers (0: unknown yet)
+    # The same over the last RATE_WINDOW_S only, unsmoothed (0: unknown): what worlds that
+    # just changed deliver. Judges a scale-up.
+    recent_world_rps: float = 0.0
+    # The host the worlds run on, where known (0 cores: unknown): its cores, how many are
+    # busy (every process), and how many one busy world of this deployment keeps busy.
+    host_cores: int = 0
+    host_busy_cores: float = 0.0
+    world_cpu: float = 0.0
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 30.0
     target_util: float = 0.75
     down_util: float = 0.5
     down_fraction: float = 0.5
     min_samples: int = 20
+    # How long a bigger fleet serves before its service rate is judged: long enough for a
+    # rate window to hold only its answers, short because a probe that fails costs throughput.
+    probe_s: float = 3.0
+    min_gain: float = 0.1  # the rise in service rate that makes added worlds worth keeping
+    hold_s: float = 300.0  # how long a ceiling found that way holds before a new probe
+
+    @property
+    def service_rps(self) -> float:
+        """What the serving worlds can deliver, measured (0: unknown)."""
+        return self.world_rps * self.serving
+
+    @property
+    def recent_service_rps(self) -> float:
+        """The same, from the recent unsmoothed rate (0: unknown)."""
+        return self.recent_world_rps * self.serving
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A scale-up under test: did going from ``from_worlds`` add service rate?"""
+
+    from_worlds: int
+    to_worlds: int
+    rate_before: float
+    serving_since_s: float | None = None  # when every new world was serving
 
 
 @dataclass(frozen=True, slots=True)
 class State:
     breach_since_s: float | None = None
     headroom_since_s: float | None = None
+    probe: Probe | None = None
+    ceiling: int | None = None  # more worlds than this added nothing, until ceiling_until_s
+    ceiling_until_s: float = 0.0
+    ceiling_why: str = ""
 
 
 def needed_worlds(ctx: Context) -> int | None:
@@ -76,7 +125,83 @@ def decide(ctx: Context, state: State) -> tuple[int, State, str]:
     current = ctx.desired
     clamped = max(lo, min(hi, current))
     if clamped != current:
-        return clamped, state, f"bounds [{lo}, {hi}] moved the target"
+        return clamped, replace(state, probe=None), f"bounds [{lo}, {hi}] moved the target"
+    if state.ceiling is not None and ctx.now_s >= state.ceiling_until_s:
+        state = replace(state, ceiling=None, ceiling_why="")
+    if state.probe is not None:
+        verdict = _judge_probe(ctx, state)
+        if verdict is not None:
+            return verdict
+        state = replace(state, probe=_advance_probe(ctx, state.probe))
+    target, state, why = _decide(ctx, state)
+    if target > current and state.probe is not None:
+        if state.probe.serving_since_s is not None:
+            # The last step's worlds serve and are being measured: judge them first.
+            return current, state, (f"measuring the service rate of {current} worlds "
+                                    f"(before: {state.probe.rate_before:.0f}/s)")
+        state = replace(state, probe=replace(state.probe, to_worlds=target))
+    elif target > current:
+        room = cpu_room(ctx)
+        if room is not None and target > current + room:
+            target = current + room
+            cpu = (f"the host's CPU is busy ({ctx.host_busy_cores:.1f} of {ctx.host_cores} "
+                   f"cores); a world of this deployment keeps {ctx.world_cpu:.1f} busy")
+            if target == current:
+                return current, state, f"holding at {current}: {cpu}"
+            why += f" (capped at {target}: {cpu})"
+        if state.ceiling is not None and target > state.ceiling:
+            target = max(current, state.ceiling)
+            if target == current:
+                return current, state, f"holding at {current}: {state.ceiling_why}"
+            why += f" (capped at {state.ceiling}: {state.ceiling_why})"
+        before = ctx.recent_service_rps or ctx.service_rps
+        if before > 0 and ctx.serving == current and ctx.forming == 0:
+            state = replace(state, probe=Probe(current, target, before))
+    elif target < current:
+        state = replace(state, probe=None)
+    return target, state, why
+
+
+def cpu_room(ctx: Context) -> int | None:
+    """How many more busy worlds the host's free cores can run (None: unknown, or the
+    deployment's worlds do not keep cores busy, as a model that waits on I/O)."""
+    if ctx.host_cores <= 0 or ctx.world_cpu < 0.5:
+        return None
+    free = max(0.0, ctx.host_cores - ctx.host_busy_cores)
+    return int((free + 0.25 * ctx.world_cpu) / ctx.world_cpu)
+
+
+def _advance_probe(ctx: Context, probe: Probe) -> Probe | None:
+    if ctx.desired != probe.to_worlds:
+        return None  # someone else moved the target: nothing left to judge
+    if probe.serving_since_s is None and ctx.serving >= probe.to_worlds and ctx.forming == 0:
+        return replace(probe, serving_since_s=ctx.now_s)
+    return probe
+
+
+def _judge_probe(ctx: Context, state: State) -> tuple[int, State, str] | None:
+    """Once the bigger fleet has served for ``probe_s``: keep it, or go back and hold."""
+    probe = state.probe
+    assert probe is not None
+    if (ctx.desired != probe.to_worlds or probe.serving_since_s is None
+            or ctx.now_s - probe.serving_since_s < ctx.probe_s):
+        return None
+    rate = ctx.recent_service_rps
+    if rate <= 0.0 or rate >= probe.rate_before * (1.0 + ctx.min_gain):
+        return ctx.desired, replace(state, probe=None), (
+            f"{probe.to_worlds} worlds serve {rate:.0f}/s against {probe.rate_before:.0f}/s "
+            f"with {probe.from_worlds}: kept")
+    back = max(ctx.min_worlds, probe.from_worlds)
+    why = (f"{probe.to_worlds} worlds served {rate:.0f}/s, no more than {probe.from_worlds} "
+           f"served ({probe.rate_before:.0f}/s): the host has no room for more")
+    held = replace(state, probe=None, breach_since_s=None, headroom_since_s=None, ceiling=back,
+                   ceiling_until_s=ctx.now_s + ctx.hold_s, ceiling_why=why)
+    return back, held, f"down: {why}; holding at {back} for {ctx.hold_s:.0f}s"
+
+
+def _decide(ctx: Context, state: State) -> tuple[int, State, str]:
+    lo, hi = ctx.min_worlds, ctx.max_worlds
+    current = ctx.desired
     # Worlds asked for but not yet forming count too: the manager acts on its next pass.
     if current == 0 and (ctx.queued > 0 or ctx.arrival_rps > 0) and hi > 0:
         # Scaled to zero and traffic came back: nothing can be measured without a world.

@@ -49,6 +49,8 @@ class Launcher(Protocol):
 
     def room(self) -> int: ...
 
+    def host(self) -> dict[str, int]: ...
+
     async def aclose(self, timeout_s: float) -> None: ...
 
 
@@ -149,6 +151,18 @@ class LocalLauncher:
         """How many more workers this launcher may start now."""
         return 0 if self._closing else self._max_workers - len(self._children)
 
+    def host(self) -> dict[str, int]:
+        """What this host can compute at once: its cores and GPUs, the torch threads each
+        worker uses, and so how many workers compute without taking turns (GPUs, or cores /
+        threads). More workers than that share hardware: the autoscaler measures whether one
+        more world still adds service rate."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        threads = self._threads if self._threads > 0 else cores  # torch's default: all cores
+        slots = self._gpus if self._gpus else max(1, cores // threads)
+        return {"cores": cores, "gpus": self._gpus, "threads_per_worker": threads,
+                "compute_slots": slots}
+
     def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> bool:
         child = self._children.get(worker_id)
         if child is None or child.proc.returncode is not None:
@@ -217,6 +231,9 @@ class NoLauncher:
 
     def room(self) -> int:
         return 0
+
+    def host(self) -> dict[str, int]:
+        return {}  # workers run elsewhere, on hosts this controller does not know
 
     async def aclose(self, timeout_s: float) -> None:
         return None

@@ -101,6 +101,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
                        # longest stall: silence in that time is never blamed on a worker.
                        "loop_stalled_s": round(loop_lag.total_s, 3) if loop_lag else 0.0,
                        "loop_stall_max_s": round(loop_lag.max_s, 3) if loop_lag else 0.0,
+                       # What the local launcher's host can compute at once ({}: no launcher).
+                       "host": wm.launcher.host(),
                        **endpoints},
         "deployments": deployments,
         "worlds": worlds,

@@ -71,6 +71,7 @@ class WorkerInfo:
     heartbeat_s: float = 0.0
     util: float = 0.0  # busy fraction of its compute, smoothed over recent heartbeats
     cost_ms: float = 0.0  # compute time per request, smoothed (which stage is the bottleneck)
+    cpu_cores: float = 0.0  # cores its process keeps busy, smoothed over recent heartbeats
 
 
 @dataclass
@@ -312,6 +313,8 @@ class WorldManager(Actor):
                 d_busy = hb.busy_s - previous.busy_s
                 busy = max(0.0, min(1.0, d_busy / (now - previous_s)))
                 worker.util = 0.7 * worker.util + 0.3 * busy
+                cores = max(0.0, (hb.cpu_s - previous.cpu_s) / (now - previous_s))
+                worker.cpu_cores = 0.7 * worker.cpu_cores + 0.3 * cores
                 d_req = hb.requests - previous.requests
                 if d_req > 0 and d_busy > 0:
                     cost = d_busy * 1000.0 / d_req

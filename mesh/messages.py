@@ -152,6 +152,8 @@ class Heartbeat(Message):
     # Stages loaded on this worker, and how many of them no world uses.
     stages: int = 0
     idle_stages: int = 0
+    # CPU seconds the worker process has used (all threads): how many cores it keeps busy.
+    cpu_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ def ctx(now: float, **kw: Any) -> Context:
                 queued=0, serving=2, forming=0, desired=2, min_worlds=1, max_worlds=8,
                 world_rps=100.0, upscale_delay_s=2.0, downscale_delay_s=30.0)
     base.update(kw)
+    base.setdefault("recent_world_rps", base["world_rps"])
     return Context(**base)  # type: ignore[arg-type]
 
 
@@ -164,3 +165,85 @@ def test_a_deployment_scaled_to_zero_comes_back_when_requests_arrive() -> None:
     target, _, _ = decide(ctx(5.0, desired=0, serving=0, min_worlds=0, queued=0,
                               arrival_rps=0.0, world_rps=0.0, samples=0), State())
     assert target == 0
+
+
+def host_bound(serving: int, *, per_host: float = 1000.0) -> float:
+    """A host with no room: however many worlds, together they serve ``per_host``/s."""
+    return per_host / max(1, serving)
+
+
+def run_host_bound(sim: Sim, seconds: float, arrival_rps: float) -> list[str]:
+    reasons = []
+    end = sim.now + seconds
+    while sim.now < end:
+        sim.now += sim.tick_s
+        ready = [t for t in sim.forming if t <= sim.now]
+        sim.forming = [t for t in sim.forming if t > sim.now]
+        sim.serving += len(ready)
+        c = ctx(sim.now, desired=sim.desired, serving=sim.serving, forming=len(sim.forming),
+                min_worlds=1, p99_ms=30.0, arrival_rps=arrival_rps,
+                world_rps=host_bound(sim.serving))
+        target, sim.state, why = decide(c, sim.state)
+        reasons.append(why)
+        if target > sim.desired:
+            sim.forming += [sim.now + sim.start_s] * (target - sim.desired)
+        elif target < sim.desired:
+            sim.serving -= sim.desired - target
+        if target != sim.desired:
+            sim.changes.append((sim.now, target))
+        sim.desired = target
+    return reasons
+
+
+def test_worlds_that_add_no_service_rate_are_given_back_and_not_tried_again_soon() -> None:
+    # One world serves 1000/s with the host to itself; arrivals of 900/s predict a need for
+    # two (at 75% target utilisation). The second world only halves the first's rate.
+    sim = Sim(desired=1)
+    reasons = run_host_bound(sim, 30.0, arrival_rps=900.0)
+    assert [w for _, w in sim.changes] == [2, 1], sim.changes
+    up_at, down_at = (t for t, _ in sim.changes)
+    # Back once the second world had served for the probe time (3 s) after forming (0.5 s).
+    assert 3.0 <= down_at - up_at <= 3.0 + 0.5 + 2 * sim.tick_s
+    down = next(r for r in reasons if r.startswith("down"))
+    assert "no more than 1 served (1000/s)" in down and "holding at 1" in down
+    assert reasons[-1].startswith("holding at 1: 2 worlds served 1000/s")
+    # The ceiling holds for hold_s (300 s), then one new probe is allowed.
+    run_host_bound(sim, 250.0, arrival_rps=900.0)
+    assert len(sim.changes) == 2
+    run_host_bound(sim, 60.0, arrival_rps=900.0)
+    assert [w for _, w in sim.changes] == [2, 1, 2, 1]
+
+
+def test_worlds_that_do_add_service_rate_are_kept() -> None:
+    sim = Sim(desired=1)
+    sim.run(30.0, p99_ms=30.0, arrival_rps=900.0, world_rps=1000.0)  # each world its own
+    assert [w for _, w in sim.changes] == [2]
+    assert sim.state.probe is None and sim.state.ceiling is None
+
+
+def test_an_operator_scale_during_a_probe_ends_it() -> None:
+    state = State()
+    target, state, _ = decide(ctx(1.0, desired=1, serving=1, arrival_rps=900.0,
+                                  world_rps=1000.0, p99_ms=30.0), state)
+    assert target == 2 and state.probe is not None
+    _, state, _ = decide(ctx(1.5, desired=3, serving=1, forming=2, arrival_rps=900.0,
+                             world_rps=1000.0, p99_ms=30.0), state)
+    assert state.probe is None
+
+
+def test_no_world_is_added_that_the_hosts_free_cores_cannot_run() -> None:
+    # 2 cores, both busy; a world of this deployment keeps 1.9 busy: not even tried.
+    busy = ctx(1.0, desired=1, serving=1, arrival_rps=900.0, world_rps=1000.0, p99_ms=30.0,
+               host_cores=2, host_busy_cores=1.95, world_cpu=1.9)
+    target, state, why = decide(busy, State())
+    assert target == 1 and state.probe is None
+    assert why.startswith("holding at 1: the host's CPU is busy (1.9 of 2 cores)")
+    # With 8 cores and 2 busy, three more such worlds fit (the arrival rate wants 6).
+    roomy = dataclasses.replace(busy, arrival_rps=4000.0, host_cores=8, host_busy_cores=2.0)
+    target, _, why = decide(roomy, State())
+    assert target == 4 and "capped at 4" in why
+    # A model that waits instead of computing (a fixed service time) is not held back.
+    waits = dataclasses.replace(busy, world_cpu=0.05)
+    assert decide(waits, State())[0] == 2
+    # An unknown host (remote workers) is not either: the probe judges.
+    assert decide(dataclasses.replace(busy, host_cores=0), State())[0] == 2

@@ -217,6 +217,7 @@ max_worlds = 4
 """
 
 
+@pytest.mark.timeout(900)  # MESH_TEST_STOPS rounds of about 10 s; each round bounds itself
 async def test_graceful_stops_under_load_end_every_worker_with_code_zero(
         cluster_factory: StartCluster) -> None:
     # MESH_TEST_STOPS=20 for the full run the worlds issue asks for; CI runs 3.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from controller.stats import LatencySummary, LatencyWindow, percentile
@@ -129,3 +131,33 @@ def test_the_window_keeps_at_most_max_samples_dropping_the_oldest() -> None:
     s = w.summary(now_s=4.0)
     assert s.count == 3
     assert s.max_ms == pytest.approx(300.0)
+
+
+def test_the_service_rate_per_world_is_answers_per_busy_second_of_the_slowest_stage() -> None:
+    from controller.service_rate import ServiceRate
+
+    rate = ServiceRate(smoothing=1.0)
+    rate.update(0.0, [[("a", 0.0), ("b", 0.0)]], answered=0)
+    # 100 answers while stage b (the slower) was busy 0.5 s: 200 answers per busy second.
+    assert rate.update(1.0, [[("a", 0.25), ("b", 0.5)]], answered=100) == 200.0
+    # A worker joining with counters from earlier work adds only what it did since.
+    assert rate.update(2.0, [[("a", 0.5), ("b", 1.0)], [("c", 50.0)]],
+                       answered=200) == 200.0
+    assert rate.update(3.0, [[("a", 0.75), ("b", 1.5)], [("c", 50.5)]],
+                       answered=400) == 200.0
+    # Too little busy time to judge: the rate stays as it was.
+    assert rate.update(4.0, [[("a", 0.76), ("b", 1.51)], [("c", 50.51)]],
+                       answered=402) == 200.0
+
+
+def test_host_cpu_reads_busy_cores_from_proc_stat(tmp_path: Any) -> None:
+    from controller.host_cpu import HostCpu
+
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq
+    stat.write_text("cpu  100 0 100 800 0 0 0\ncpu0 ...\n")
+    host = HostCpu(2, smoothing=1.0, path=stat)
+    assert host.sample() is None  # one sample is no rate yet
+    stat.write_text("cpu  250 0 150 900 0 0 0\n")  # +200 busy, +100 idle of +300
+    assert host.sample() == pytest.approx(2 * 200 / 300)
+    assert HostCpu(2, path=tmp_path / "absent").sample() is None

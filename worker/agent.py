@@ -361,7 +361,8 @@ class WorkerAgent(Actor):
         self._link.send(Heartbeat(seq=self._seq, queued=sum(r.queued for r in runners),
                                   busy=any(r.busy for r in runners), batches=st.batches,
                                   rows=st.rows, requests=st.requests, busy_s=st.busy_s,
-                                  stages=len(self._stages), idle_stages=self._stages.idle))
+                                  stages=len(self._stages), idle_stages=self._stages.idle,
+                                  cpu_s=time.process_time()))
 
     async def _watchdog(self) -> None:
         lag = LoopLag(0.25)
