@@ -296,3 +296,97 @@ async def test_a_world_drained_while_its_worker_still_loads_is_never_served_or_k
                                     what="the late join let go")
     assert [w["id"] for w in status["worlds"]] == [serving["id"]]
     assert "leaving before its join completed" in cluster.log_path.read_text(errors="replace")
+
+
+IDLE_PIPELINES = """
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 128 }
+stages = 2
+max_worlds = 3
+world_timeout_ms = 4000
+"""
+
+
+@pytest.mark.timeout(240)
+async def test_idle_pipeline_worlds_and_a_worker_shared_by_three_stay_up_for_a_minute(
+        cluster_factory: StartCluster) -> None:
+    # World timeout 4 s: a minute without traffic is 15 timeouts. Before the fix, an idle
+    # world broke about 2.5 s after each timeout ('a send has been pending...'), and every
+    # world of a shared worker broke together.
+    cluster = await cluster_factory(IDLE_PIPELINES, controller="warm_workers = 2")
+    status = await cluster.wait_for(
+        lambda s: sum(w["state"] == "idle" for w in s["workers"]) >= 2, what="2 idle workers")
+    (first,) = status["worlds"]
+    shared = first["workers"][0]
+    for spare in [w["id"] for w in status["workers"] if w["state"] == "idle"][:2]:
+        proc = await asyncio.to_thread(cluster.meshctl, "form", "mlp", shared, spare)
+        assert proc.returncode == 0, proc.stderr
+    status = await cluster.wait_for(
+        lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 3, what="3 worlds")
+    worlds = sorted(w["id"] for w in status["worlds"])
+    assert all(w["workers"][0] == shared for w in status["worlds"])
+    assert all(w["backend"] == "gloo" for w in status["worlds"])
+    await asyncio.sleep(60.0)
+    status = await cluster.status()
+    assert [e for e in status["events"] if e["event"] == "world_broken"] == []
+    assert sorted(w["id"] for w in status["worlds"]) == worlds
+    assert all(w["state"] == "serving" for w in status["worlds"])
+    # And they still serve: concurrent requests spread over all three.
+    async with Client(cluster.client) as client:
+        xs = [np.ones((1, 64), np.float32) * i for i in range(60)]
+        outs = await asyncio.gather(*(client.infer("mlp", {"x": x}, timeout_s=20) for x in xs))
+    assert all(o["y"].shape == (1, 10) for o in outs)
+    status = await cluster.status()
+    assert all(w["served"] > 0 for w in status["worlds"]), status["worlds"]
+
+
+STREAM_BESIDE = """
+[[deployments]]
+name = "tinygpt"
+model = "worker.models.tinygpt:build"
+stages = 2
+max_batch_size = 1
+
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 256 }
+worlds = 0
+min_worlds = 0
+"""
+
+
+async def test_a_long_stream_does_not_hold_up_another_world_on_the_same_worker(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(STREAM_BESIDE)
+    status = await cluster.status()
+    (gpt,) = status["worlds"]
+    stage0 = gpt["workers"][0]
+    proc = await asyncio.to_thread(cluster.meshctl, "form", "mlp", stage0)
+    assert proc.returncode == 0, proc.stderr
+    await cluster.wait_for(lambda s: any(w["deployment"] == "mlp" and w["state"] == "serving"
+                                         for w in s["worlds"]), what="mlp beside tinygpt")
+    latencies: list[float] = []
+    async with Client(cluster.client) as client:
+        async def stream() -> int:
+            n = 0
+            async for _ in client.stream("tinygpt", {"prompt": "x" * 200}, max_tokens=256,
+                                         timeout_s=120):
+                n += 1
+            return n
+
+        streaming = asyncio.create_task(stream())
+        await asyncio.sleep(0.5)  # the stream is decoding
+        x = np.ones((1, 64), np.float32)
+        while not streaming.done():
+            started = time.monotonic()
+            await client.infer("mlp", {"x": x}, timeout_s=30)
+            latencies.append(time.monotonic() - started)
+            await asyncio.sleep(0.01)
+        assert await streaming == 256
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    assert len(latencies) >= 20, latencies  # the stream took a while: many answers beside it
+    assert p99 < 0.25, (p99, latencies[-5:])
