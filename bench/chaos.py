@@ -1,7 +1,7 @@
 """Chaos: steady load while a random worker is SIGKILLed every few seconds.
 
     python -m bench.chaos [--duration-s 30] [--kill-every-s 5] [--scenario warm|cold|both]
-                          [--json out.json] [--plot timeline.png]
+                          [--runs N] [--json out.json] [--plot timeline.png]
 
 A real controller (subprocess) serves a 2-stage ``mlp`` in several worlds; a closed loop of
 clients keeps it busy while ``meshctl kill`` (the admin API) kills a random serving worker.
@@ -10,6 +10,8 @@ requests sent, answered, failed and duplicated; p50/p99 before the first kill, w
 recovering, and after. From the controller's events: crash detection (kill -> worker declared
 dead), and re-formation (world broken -> replacement world serving), with the warm pool on
 ("warm": an idle, started worker takes the place) or off ("cold": a new process is spawned).
+With ``--runs N`` each scenario runs N times (seeds seed..seed+N-1), a row per run, and the
+totals: errors a client saw, requests lost (sent, never answered) and duplicated.
 """
 
 from __future__ import annotations
@@ -29,27 +31,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import controller_section, free_port, start_controller, stop_process
+from bench.common import (
+    LedgerClient,
+    controller_section,
+    free_port,
+    start_controller,
+    stop_process,
+)
 from controller.admin_client import admin_call
 from controller.stats import percentile
-from mesh import codec
-from mesh.client import Client
 from mesh.errors import MeshError
 from mesh.loop import run as run_loop
-
-
-class LedgerClient(Client):
-    """Counts every final answer per request id, as received on the socket."""
-
-    def __init__(self, endpoint: str) -> None:
-        super().__init__(endpoint)
-        self.answers: Counter[Any] = Counter()
-
-    def _on_message(self, frames: list[Any]) -> None:
-        header = codec.unpack_header(codec.frame_buffer(frames[0]))
-        if header.get("kind") in ("result", "error", "end"):
-            self.answers[header.get("id")] += 1
-        super()._on_message(frames)
 
 
 def write_config(path: Path, ports: dict[str, int], warm: int, worlds: int, hidden: int) -> None:
@@ -82,7 +74,7 @@ async def wait_serving(admin: str, worlds: int, idle: int, timeout_s: float) -> 
     raise TimeoutError("the controller did not serve in time")
 
 
-async def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
+async def scenario(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     warm = 1 if name == "warm" else 0
     ports = {k: free_port() for k in ("client", "admin", "worker")}
     config = Path(tempfile.mkdtemp(prefix="meshserve-chaos-")) / "chaos.toml"
@@ -90,7 +82,7 @@ async def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     log = open(config.with_suffix(".log"), "wb")
     ctrl = start_controller(config, log=log, log_level="INFO")
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     samples: list[tuple[float, float]] = []  # (wall time done, latency ms)
     errors: list[tuple[float, str]] = []
     sent = 0
@@ -153,8 +145,10 @@ async def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
         stop.set()
         stop_process(ctrl, 30.0)
         log.close()
-    return summarize(name, started, args, samples, errors, sent, answered_ids, duplicated,
-                     kills, final["events"], worlds_timeline)
+    result = summarize(name, started, args, samples, errors, sent, answered_ids, duplicated,
+                       kills, final["events"], worlds_timeline)
+    result["seed"] = seed
+    return result
 
 
 def summarize(name: str, started: float, args: argparse.Namespace,
@@ -200,6 +194,7 @@ def summarize(name: str, started: float, args: argparse.Namespace,
         "scenario": name,
         "requests_sent": sent,
         "answered": answered_ids,
+        "lost": sent - answered_ids,
         "succeeded": len(samples),
         "failed": len(errors),
         "failed_codes": dict(Counter(code for _, code in errors)),
@@ -271,7 +266,33 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     names = ["warm", "cold"] if args.scenario == "both" else [args.scenario]
-    return [await scenario(name, args) for name in names]
+    results = []
+    for name in names:
+        for i in range(args.runs):
+            result = await scenario(name, args, args.seed + i)
+            if args.runs > 1:
+                print(f"[{name}] run {i + 1}/{args.runs} (seed {result['seed']}): sent "
+                      f"{result['requests_sent']}, failed {result['failed']} "
+                      f"{result['failed_codes'] or ''}, lost {result['lost']}, duplicated "
+                      f"{result['duplicated']}, kills {result['kills']}", file=sys.stderr,
+                      flush=True)
+            results.append(result)
+    return results
+
+
+def render_totals(results: list[dict[str, Any]]) -> str:
+    lines = ["", "| pool | runs | kills | sent | failed | lost | duplicated | failed codes |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name in dict.fromkeys(r["scenario"] for r in results):
+        rs = [r for r in results if r["scenario"] == name]
+        codes: Counter[str] = Counter()
+        for r in rs:
+            codes.update(r["failed_codes"])
+        lines.append(f"| {name} | {len(rs)} | {sum(r['kills'] for r in rs)} | "
+                     f"{sum(r['requests_sent'] for r in rs)} | {sum(r['failed'] for r in rs)} | "
+                     f"{sum(r['lost'] for r in rs)} | {sum(r['duplicated'] for r in rs)} | "
+                     f"{dict(codes) or '-'} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -286,11 +307,14 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--scenario", choices=["warm", "cold", "both"], default="both")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=1, help="repeat each scenario N times")
     parser.add_argument("--json", help="write results here")
     parser.add_argument("--plot", help="draw a PNG timeline here (needs matplotlib)")
     args = parser.parse_args()
     results = run_loop(run(args))
     print(render(results))
+    if args.runs > 1:
+        print(render_totals(results))
     if args.json:
         slim = [{k: v for k, v in r.items() if k != "timeline"} for r in results]
         Path(args.json).write_text(json.dumps(slim, indent=2))

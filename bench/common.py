@@ -1,4 +1,5 @@
-"""What every benchmark program needs: free ports, CPU readings, processes ended by PID."""
+"""What every benchmark program needs: free ports, CPU readings, processes ended by PID, a
+client that keeps a ledger of its answers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any
+
+from mesh import codec
+from mesh.client import Client
 
 
 def free_port() -> int:
@@ -72,3 +77,19 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 20.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+
+
+class LedgerClient(Client):
+    """A real client that also counts every final answer per request id, as received on the
+    socket: the benchmarks' figures for lost and duplicated answers come from here, not from
+    the controller's counters."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.answers: Counter[Any] = Counter()
+
+    def _on_message(self, frames: list[Any]) -> None:
+        header = codec.unpack_header(codec.frame_buffer(frames[0]))
+        if header.get("kind") in ("result", "error", "end"):
+            self.answers[header.get("id")] += 1
+        super()._on_message(frames)

@@ -59,10 +59,10 @@ MLP_BATCH = 32
 
 
 def write_config(path: Path, ports: dict[str, int], threads: int,
-                 mlp_delay_ms: float = 2.0) -> None:
+                 mlp_delay_ms: float = 2.0, device: str = "cpu") -> None:
     # One world per deployment, as measured: no autoscaling, no idle warm worker.
     controller = controller_section(ports, worker_threads=threads, autoscale=False,
-                                    warm_workers=0)
+                                    warm_workers=0, worker_device=device)
     path.write_text(controller + f"""
 [[deployments]]
 name = "echo"
@@ -106,8 +106,10 @@ def worker_counters(status: dict[str, Any], deployment: str) -> tuple[int, int]:
 _BARE_MODEL: Any = None
 
 
-def bare_forward(batch: int, threads: int, duration_s: float) -> dict[str, float]:
-    """Median time of the mlp's forward pass in a tight loop, and the rows/s it implies."""
+def bare_forward(batch: int, threads: int, duration_s: float,
+                 device: str = "cpu") -> dict[str, float]:
+    """Median time of the mlp's forward pass in a tight loop, and the rows/s it implies; on a
+    GPU, input copied in and output copied out each time, as a worker does."""
     global _BARE_MODEL
     import torch
 
@@ -115,17 +117,17 @@ def bare_forward(batch: int, threads: int, duration_s: float) -> dict[str, float
 
     torch.set_num_threads(threads)
     if _BARE_MODEL is None:
-        _BARE_MODEL = build()
+        _BARE_MODEL = build().to(device)
     model = _BARE_MODEL
     x = torch.zeros(batch, 64)
     times = []
     with torch.inference_mode():
         for _ in range(5):
-            model(x)
+            model(x.to(device)).cpu()
         end = time.perf_counter() + duration_s
         while time.perf_counter() < end:
             t0 = time.perf_counter()
-            model(x)
+            model(x.to(device)).cpu()
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     return {"batch": batch, "median_ms": med * 1000.0, "rows_per_s": batch / med,
@@ -191,7 +193,7 @@ async def mlp_round(client: Client, admin: str, floor: FloorChain, direct: Direc
         after = worker_counters(await admin_call(admin, "status"), "mlp")
         eff = (after[1] - before[1]) / max(1, after[0] - before[0])
         # The servers sit idle (no load offered) while the bare loop runs.
-        bare = bare_forward(max(1, round(eff)), args.threads, bare_s)
+        bare = bare_forward(max(1, round(eff)), args.threads, bare_s, args.device)
         entry: dict[str, Any] = {"served": r.to_dict(), "effective_batch": eff, "bare": bare,
                  "ratio_rows_per_s": r.rps / bare["rows_per_s"]}
         if c == 1:
@@ -244,7 +246,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = {k: free_port() for k in ("client", "admin", "worker", "direct", "direct_mlp")}
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     config = tmp / "bench.toml"
-    write_config(config, ports, args.threads, args.mlp_delay_ms)
+    write_config(config, ports, args.threads, args.mlp_delay_ms, args.device)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     ctrl = start_controller(config, log_level="WARNING")
     direct = DirectWorker(ports["direct"], {"name": "echo", "model": "worker.models.echo:build",
@@ -326,6 +328,8 @@ def main() -> int:
                              " each back to back; medians reported")
     parser.add_argument("--mlp-delay-ms", type=float, default=2.0,
                         help="max_batch_delay_ms of the mlp deployment (0: never wait)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the mlp worker and the bare loop run: cpu, cuda, cuda:N")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     results = run_loop(run(args))

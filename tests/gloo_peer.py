@@ -13,7 +13,7 @@ joins world 1/1 through the TCPStore on PORT, prints ``joined``, then plays SCEN
   world closes, then print each answer it sent as a JSON line (``reply {...}``).
 
 A comm failure prints ``error KIND`` and exits 3. The test owns the process and ends it by its
-PID. The environment variable MESH_PEER_DEVICE puts the peer on another device (cuda:0).
+PID. MESH_PEER_DEVICE puts the peer on another device (cuda:0), MESH_PEER_BACKEND on nccl.
 
 ``Peer`` is the test's side: it starts the process and holds rank 0's ``Comm``.
 """
@@ -38,7 +38,7 @@ class Peer:
     """Rank 1 in a process of its own, and this process's rank 0 of the same world."""
 
     def __init__(self, *scenario: str, timeout_s: float = 5.0, device: str = "cpu",
-                 peer_device: str = "cpu") -> None:
+                 peer_device: str = "cpu", backend: str = "gloo") -> None:
         import torch.distributed as dist
 
         from tests.cluster import free_port
@@ -47,7 +47,7 @@ class Peer:
         port = free_port()
         store = dist.TCPStore("127.0.0.1", port, 1, True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=30))
-        env = {**os.environ, "MESH_PEER_DEVICE": peer_device}
+        env = {**os.environ, "MESH_PEER_DEVICE": peer_device, "MESH_PEER_BACKEND": backend}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.gloo_peer", str(port), str(timeout_s), *scenario],
             stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
@@ -55,7 +55,7 @@ class Peer:
         threading.Thread(target=self._read, daemon=True).start()
         try:
             self.comm = Comm(world_id=1, epoch=1, rank=0, size=2, store=store, device=device,
-                             timeout_s=timeout_s, backend="gloo", connect_timeout_s=60.0)
+                             timeout_s=timeout_s, backend=backend, connect_timeout_s=60.0)
             assert self.line() == "joined"
         except BaseException:
             self.kill()
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
                           timeout=datetime.timedelta(seconds=30))
     comm = Comm(world_id=1, epoch=1, rank=1, size=2, store=store,
                 device=os.environ.get("MESH_PEER_DEVICE", "cpu"), timeout_s=timeout_s,
-                backend="gloo", connect_timeout_s=60.0)
+                backend=os.environ.get("MESH_PEER_BACKEND", "gloo"), connect_timeout_s=60.0)
     print("joined", flush=True)
     try:
         if scenario == "echo":

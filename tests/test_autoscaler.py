@@ -32,15 +32,21 @@ class Sim:
         self.forming: list[float] = []  # ready times
         self.kw = kw
         self.changes: list[tuple[float, int]] = []
+        self.reasons: list[str] = []
 
     def step(self, **load: Any) -> int:
+        """One tick; a load value may be a function of the serving worlds (a host-bound
+        rate)."""
         self.now += self.tick_s
         ready = [t for t in self.forming if t <= self.now]
         self.forming = [t for t in self.forming if t > self.now]
         self.serving += len(ready)
+        values = {k: v(self.serving) if callable(v) else v
+                  for k, v in {**self.kw, **load}.items()}
         c = ctx(self.now, desired=self.desired, serving=self.serving,
-                forming=len(self.forming), **{**self.kw, **load})
-        target, self.state, _ = decide(c, self.state)
+                forming=len(self.forming), **values)
+        target, self.state, why = decide(c, self.state)
+        self.reasons.append(why)
         if target > self.desired:
             self.forming += [self.now + self.start_s] * (target - self.desired)
         elif target < self.desired:
@@ -172,34 +178,12 @@ def host_bound(serving: int, *, per_host: float = 1000.0) -> float:
     return per_host / max(1, serving)
 
 
-def run_host_bound(sim: Sim, seconds: float, arrival_rps: float) -> list[str]:
-    reasons = []
-    end = sim.now + seconds
-    while sim.now < end:
-        sim.now += sim.tick_s
-        ready = [t for t in sim.forming if t <= sim.now]
-        sim.forming = [t for t in sim.forming if t > sim.now]
-        sim.serving += len(ready)
-        c = ctx(sim.now, desired=sim.desired, serving=sim.serving, forming=len(sim.forming),
-                min_worlds=1, p99_ms=30.0, arrival_rps=arrival_rps,
-                world_rps=host_bound(sim.serving))
-        target, sim.state, why = decide(c, sim.state)
-        reasons.append(why)
-        if target > sim.desired:
-            sim.forming += [sim.now + sim.start_s] * (target - sim.desired)
-        elif target < sim.desired:
-            sim.serving -= sim.desired - target
-        if target != sim.desired:
-            sim.changes.append((sim.now, target))
-        sim.desired = target
-    return reasons
-
-
 def test_worlds_that_add_no_service_rate_are_given_back_and_not_tried_again_soon() -> None:
     # One world serves 1000/s with the host to itself; arrivals of 900/s predict a need for
     # two (at 75% target utilisation). The second world only halves the first's rate.
-    sim = Sim(desired=1)
-    reasons = run_host_bound(sim, 30.0, arrival_rps=900.0)
+    sim = Sim(desired=1, min_worlds=1, p99_ms=30.0, arrival_rps=900.0, world_rps=host_bound)
+    sim.run(30.0)
+    reasons = sim.reasons
     assert [w for _, w in sim.changes] == [2, 1], sim.changes
     up_at, down_at = (t for t, _ in sim.changes)
     # Back once the second world had served for the probe time (3 s) after forming (0.5 s).
@@ -208,9 +192,9 @@ def test_worlds_that_add_no_service_rate_are_given_back_and_not_tried_again_soon
     assert "no more than 1 served (1000/s)" in down and "holding at 1" in down
     assert reasons[-1].startswith("holding at 1: 2 worlds served 1000/s")
     # The ceiling holds for hold_s (300 s), then one new probe is allowed.
-    run_host_bound(sim, 250.0, arrival_rps=900.0)
+    sim.run(250.0)
     assert len(sim.changes) == 2
-    run_host_bound(sim, 60.0, arrival_rps=900.0)
+    sim.run(60.0)
     assert [w for _, w in sim.changes] == [2, 1, 2, 1]
 
 

@@ -178,6 +178,21 @@ def test_two_ranks_on_one_gpu_exchange_cuda_tensors_over_gloo(peers: Any) -> Non
     torch.testing.assert_close(got, x)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ranks_on_two_gpus_exchange_messages_over_nccl(peers: Any) -> None:
+    peer = peers("echo", device="cuda:0", peer_device="cuda:1", backend="nccl")
+    comm = peer.comm
+    assert comm.backend == "nccl" and not comm.staged
+    for i in range(3):  # NCCL pairs operations in order: header, tensors, next header
+        x = torch.arange(6.0, device="cuda:0").reshape(2, 3) * i
+        comm.send(1, {"k": "b", "i": i}, [x, x[:1]])
+        header, (got, first) = comm.recv(1)
+        assert header == {"k": "b", "i": i}
+        torch.testing.assert_close(got, x)
+        torch.testing.assert_close(first, x[:1])
+    comm.send(1, {"k": "x"})
+
+
 # -- a peer that dies -----------------------------------------------------------------------
 
 

@@ -273,9 +273,13 @@ class Comm:
         work, buf = posted
         self._complete(work)
         raw = buf.cpu().numpy().tobytes() if buf.device.type != "cpu" else buf.numpy().tobytes()
-        # Ask for the next header now; a fresh buffer, since this one is still being read.
-        nxt = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.wire)
-        self._next_header[src] = (self._guard(pg.recv, [nxt], src, HEADER_TAG), nxt)
+        if self.backend == "gloo":
+            # Ask for the next header now (a fresh buffer: this one is still being read), so
+            # the peer's next header never waits for us to ask. Only gloo: it matches by tag,
+            # while NCCL matches a pair's operations in order and would pair this receive
+            # with the tensors that follow the current header.
+            nxt = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.wire)
+            self._next_header[src] = (self._guard(pg.recv, [nxt], src, HEADER_TAG), nxt)
         try:
             (length,) = _LEN.unpack_from(raw)
             header = msgpack.unpackb(raw[_LEN.size: _LEN.size + length], raw=False)

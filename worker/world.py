@@ -9,6 +9,7 @@ world; the last rank answers the controller. Each membership is served by a runn
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,8 +69,6 @@ class Compute:
     def turn(self) -> Iterator[None]:
         delay_s = self.delay_s
         if delay_s > 0.0:
-            import time
-
             time.sleep(delay_s)
         with self._lock:
             yield

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU check, in one go on a GPU host with no network (a few minutes in all):
+#
+#   1. installs what the host lacks from wheels in .whl/ (put there beforehand, on a machine
+#      with network: bash ../shared/tools/device-wheels.sh), into /tmp/site;
+#   2. runs the whole test suite with the GPU visible (the NCCL and two-ranks-on-one-GPU
+#      tests run only here; the rest must pass on a one-GPU host too);
+#   3. brings up the demo (meshctl up: mlp, and tinygpt in a 2-stage world whose ranks share
+#      the GPU), sends one mlp request and one tinygpt stream, prints each world's backend and
+#      each worker's device, and stops it gracefully (every worker must exit 0);
+#   4. runs a short served-vs-bare benchmark of the mlp on the GPU (bench.overhead).
+#
+# Usage, from the repository root:  bash bench/gpu_check.sh
+# Everything goes to stdout and to $OUT (or /tmp/gpu_check): tests.log, demo.log, bench.json.
+# It also runs on a CPU-only host (the GPU tests skip), which is how it is checked here.
+# Knobs: TESTS_TIMEOUT_S (default 480), BENCH_S (seconds per bench window, default 2).
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MESH_LOG_LEVEL=${MESH_LOG_LEVEL:-WARNING}
+py=${PYTHON:-python3}
+status=0
+
+echo "== host"
+nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+    .whl/*.whl || { echo "wheel install failed"; exit 2; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+"$py" - <<'EOF'
+import torch, zmq
+print(f"python {__import__('sys').version.split()[0]} torch {torch.__version__} "
+      f"pyzmq {zmq.__version__} cuda {torch.cuda.is_available()} "
+      f"gpus {torch.cuda.device_count()}")
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0))
+EOF
+device=cpu
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && device=cuda
+
+echo "== tests (timeout ${TESTS_TIMEOUT_S:-480}s)"
+timeout "${TESTS_TIMEOUT_S:-480}" "$py" -m pytest -q -p no:cacheprovider -rs tests \
+  2>&1 | tee "$out/tests.log" | grep -vE '^\.+ *\[' || true
+tail -n 1 "$out/tests.log" | grep -qE ' passed' && ! tail -n 1 "$out/tests.log" | grep -q failed \
+  || status=1
+
+echo "== demo (meshctl up)"
+"$py" -m controller.cli up >"$out/demo.log" 2>&1 &
+up=$!
+for _ in $(seq 120); do grep -q "meshserve ready" "$out/demo.log" && break; sleep 1; done
+grep -E "meshserve (ready|: NOT)" "$out/demo.log" || { echo "demo never ready"; status=1; }
+x=$("$py" -c 'print([[0.5] * 64])')
+timeout 60 "$py" -m controller.cli infer mlp "x=$x" | cut -c1-120 || status=1
+timeout 60 "$py" -m controller.cli infer tinygpt 'prompt="hello"' --stream --max-tokens 24 \
+  || status=1
+timeout 30 "$py" -m controller.cli status --json | "$py" -c '
+import json, sys
+s = json.load(sys.stdin)
+for w in s["worlds"]:
+    print("world", w["id"], w["deployment"], w["state"], "backend", w["backend"],
+          "workers", w["workers"])
+for w in s["workers"]:
+    print("worker", w["id"], w["device"], w["state"])
+errors = {d["name"]: d["errors"] for d in s["deployments"] if d["errors"]}
+print("errors", errors or "none")
+sys.exit(1 if errors or any(d["unavailable"] for d in s["deployments"]) else 0)
+' || status=1
+kill -INT "$up"
+wait "$up"; echo "meshctl up exited $?"
+grep -E "exited with|terminate called" "$out/demo.log" | sed 's/^.*controller.launcher: //'
+grep -qE "exited with -|terminate called" "$out/demo.log" && status=1
+
+echo "== served vs bare (mlp on $device)"
+timeout 300 "$py" -m bench.overhead --device "$device" --duration-s "${BENCH_S:-2}" \
+  --rounds 2 --concurrency 1 16 --json "$out/bench.json" || status=1
+
+echo "== gpu check: $([ $status = 0 ] && echo PASS || echo FAIL)"
+exit $status
