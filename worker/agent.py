@@ -249,8 +249,10 @@ class WorkerAgent(Actor):
                     connect_timeout_s=msg.form_timeout_ms / 1000.0)
 
     async def _join(self, msg: Join) -> None:
-        if msg.world_id in self._runners:
-            self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch))
+        held = self._runners.get(msg.world_id)
+        if held is not None:
+            self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch,
+                                   entry=held.identity if msg.rank == 0 else ""))
             return
         started = time.perf_counter()
         loop = asyncio.get_running_loop()

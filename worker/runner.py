@@ -69,6 +69,9 @@ class WorldRunner:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # Guards the pipe's closing against a wake from another thread: a descriptor number
+        # written to after it was closed may already name some other file.
+        self._wake_lock = threading.Lock()
         self._ready: Future[None] = Future()
         self.done: Future[None] = Future()
         self._leave_deadline_s: float | None = None  # set: drain until then, then close
@@ -115,10 +118,13 @@ class WorldRunner:
         return not self._thread.is_alive()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\x01")
-        except (BlockingIOError, OSError):
-            pass  # full (it wakes anyway) or closed (it ended)
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # the thread has ended
+            try:
+                os.write(self._wake_w, b"\x01")
+            except (BlockingIOError, OSError):
+                pass  # full: it wakes anyway
 
     # -- the runner's thread --------------------------------------------------------------
 
@@ -158,11 +164,10 @@ class WorldRunner:
             sock.close(linger=LINGER_MS)
             if world.comm is not None:
                 world.comm.close()
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            with self._wake_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
             self.done.set_result(None)
 
     def _handshake(self, sock: zmq.Socket[Any]) -> bool:
