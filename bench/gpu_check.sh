@@ -13,7 +13,8 @@
 # Usage, from the repository root:  bash bench/gpu_check.sh
 # Everything goes to stdout and to $OUT (or /tmp/gpu_check): tests.log, demo.log, bench.json.
 # It also runs on a CPU-only host (the GPU tests skip), which is how it is checked here.
-# Knobs: TESTS_TIMEOUT_S (default 480), BENCH_S (seconds per bench window, default 2).
+# Knobs: TESTS (default: tests, the whole suite), TESTS_TIMEOUT_S (default 480), BENCH_S
+# (seconds per bench window, default 2).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -43,13 +44,14 @@ device=cpu
 "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && device=cuda
 
 echo "== tests (timeout ${TESTS_TIMEOUT_S:-480}s)"
-timeout "${TESTS_TIMEOUT_S:-480}" "$py" -m pytest -q -p no:cacheprovider -rs tests \
+# shellcheck disable=SC2086  # TESTS may name several paths
+timeout "${TESTS_TIMEOUT_S:-480}" "$py" -m pytest -q -p no:cacheprovider -rs ${TESTS:-tests} \
   2>&1 | tee "$out/tests.log" | grep -vE '^\.+ *\[' || true
 tail -n 1 "$out/tests.log" | grep -qE ' passed' && ! tail -n 1 "$out/tests.log" | grep -q failed \
   || status=1
 
 echo "== demo (meshctl up)"
-"$py" -m controller.cli up >"$out/demo.log" 2>&1 &
+MESH_LOG_LEVEL=INFO "$py" -m controller.cli up >"$out/demo.log" 2>&1 &
 up=$!
 for _ in $(seq 120); do grep -q "meshserve ready" "$out/demo.log" && break; sleep 1; done
 grep -E "meshserve (ready|: NOT)" "$out/demo.log" || { echo "demo never ready"; status=1; }
