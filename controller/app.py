@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 
 from controller.admin import Admin
-from controller.autoscaler import RATE_WINDOW_S, Autoscaler, Context
+from controller.autoscaler import Autoscaler, Context
 from controller.backend import Backend
 from controller.config import Config
 from controller.frontend import Frontend
@@ -199,7 +199,7 @@ class Controller:
             arrival_rps=router.arrival_rate(now, window_s), queued=router.queued,
             serving=len(serving), forming=forming, desired=dep.desired,
             min_worlds=dep.min_worlds, max_worlds=dep.max_worlds,
-            world_rps=world_rps, recent_world_rps=rate.recent(now, RATE_WINDOW_S),
+            world_rps=world_rps, capacity_rps=capacity_rps(serving, wm.workers),
             host_cores=host_cores, host_busy_cores=host_busy, world_cpu=world_cpu,
             upscale_delay_s=dep.config.upscale_delay_s,
             downscale_delay_s=dep.config.downscale_delay_s)
@@ -299,6 +299,26 @@ class Controller:
 
 
 _PING = Ping()
+
+
+def capacity_rps(serving: list[Any], workers: dict[str, Any]) -> float:
+    """What these serving worlds can deliver together, from each worker's measured compute
+    time per request: per stage, the summed rates of the distinct workers serving it (a worker
+    shared by worlds counts once), and the slowest stage. 0 while any stage's costs are
+    unknown."""
+    stages: dict[int, set[str]] = {}
+    for world in serving:
+        for rank, wid in enumerate(world.workers):
+            stages.setdefault(rank, set()).add(wid)
+    if not stages:
+        return 0.0
+    rates = []
+    for members in stages.values():
+        costs = [workers[w].cost_ms for w in members if w in workers]
+        if not costs or min(costs) <= 0.0:
+            return 0.0
+        rates.append(sum(1000.0 / c for c in costs))
+    return min(rates)
 
 
 def _busy_s(worker: Any) -> float:

@@ -18,10 +18,11 @@ The policy:
 * the gap between the up and down thresholds is the hysteresis that keeps a steady load,
   noisy or not, from moving the count back and forth;
 * a world that adds no service rate is not capacity: after every scale-up the policy measures
-  the deployment's service rate (each world's answers per busy second, times the worlds)
-  once the new worlds have served for ``probe_s``. If it did not rise by ``min_gain`` (a host
-  with no free cores or GPU time: more worlds only take turns on the same hardware), it goes
-  back to the count it came from and holds that as a ceiling for ``hold_s``, saying so;
+  the deployment's capacity (per stage, the summed rates of the distinct workers serving it;
+  the slowest stage) once the new worlds have served for ``probe_s``. If it did not rise by
+  ``min_gain`` (a host with no free cores or GPU time: more worlds only take turns on the same
+  hardware), it goes back to the count it came from and holds that as a ceiling for
+  ``hold_s``, saying so;
 * and where the host is known (the local launcher's) and a world of the deployment keeps
   cores busy, no world is added that the host's free cores cannot run: that one is not even
   tried;
@@ -40,10 +41,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# The window of Context.recent_world_rps: shorter than probe_s, so that once a bigger fleet
-# has served for probe_s the window holds only its answers.
-RATE_WINDOW_S = 2.0
-
 
 @dataclass(frozen=True, slots=True)
 class Context:
@@ -61,9 +58,11 @@ class Context:
     min_worlds: int
     max_worlds: int
     world_rps: float  # answers per second one busy world delivers (0: unknown yet)
-    # The same over the last RATE_WINDOW_S only, unsmoothed (0: unknown): what worlds that
-    # just changed deliver. Judges a scale-up.
-    recent_world_rps: float = 0.0
+    # What the serving worlds can deliver together (0: unknown): for each stage, the summed
+    # rates (1 / compute time per request) of the distinct workers serving it, and the
+    # slowest stage of those. A worker shared by worlds counts once; workers that take turns
+    # on the same cores each get slower, so the sum does not grow. Judges a scale-up.
+    capacity_rps: float = 0.0
     # The host the worlds run on, where known (0 cores: unknown): its cores, how many are
     # busy (every process), and how many one busy world of this deployment keeps busy.
     host_cores: int = 0
@@ -75,21 +74,12 @@ class Context:
     down_util: float = 0.5
     down_fraction: float = 0.5
     min_samples: int = 20
-    # How long a bigger fleet serves before its service rate is judged: long enough for a
-    # rate window to hold only its answers, short because a probe that fails costs throughput.
+    # How long a bigger fleet serves before its capacity is judged: long enough for the
+    # workers' smoothed costs to settle, short because a probe that fails costs throughput.
     probe_s: float = 3.0
     min_gain: float = 0.1  # the rise in service rate that makes added worlds worth keeping
     hold_s: float = 300.0  # how long a ceiling found that way holds before a new probe
 
-    @property
-    def service_rps(self) -> float:
-        """What the serving worlds can deliver, measured (0: unknown)."""
-        return self.world_rps * self.serving
-
-    @property
-    def recent_service_rps(self) -> float:
-        """The same, from the recent unsmoothed rate (0: unknown)."""
-        return self.recent_world_rps * self.serving
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +144,8 @@ def decide(ctx: Context, state: State) -> tuple[int, State, str]:
             if target == current:
                 return current, state, f"holding at {current}: {state.ceiling_why}"
             why += f" (capped at {state.ceiling}: {state.ceiling_why})"
-        before = ctx.recent_service_rps or ctx.service_rps
-        if before > 0 and ctx.serving == current and ctx.forming == 0:
-            state = replace(state, probe=Probe(current, target, before))
+        if ctx.capacity_rps > 0 and ctx.serving == current and ctx.forming == 0:
+            state = replace(state, probe=Probe(current, target, ctx.capacity_rps))
     elif target < current:
         state = replace(state, probe=None)
     return target, state, why
@@ -186,7 +175,7 @@ def _judge_probe(ctx: Context, state: State) -> tuple[int, State, str] | None:
     if (ctx.desired != probe.to_worlds or probe.serving_since_s is None
             or ctx.now_s - probe.serving_since_s < ctx.probe_s):
         return None
-    rate = ctx.recent_service_rps
+    rate = ctx.capacity_rps
     if rate <= 0.0 or rate >= probe.rate_before * (1.0 + ctx.min_gain):
         return ctx.desired, replace(state, probe=None), (
             f"{probe.to_worlds} worlds serve {rate:.0f}/s against {probe.rate_before:.0f}/s "

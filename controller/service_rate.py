@@ -12,8 +12,6 @@ learns that a world it added brought no capacity.
 
 from __future__ import annotations
 
-from collections import deque
-
 
 class ServiceRate:
     def __init__(self, *, smoothing: float = 0.3, min_busy_fraction: float = 0.2) -> None:
@@ -24,8 +22,6 @@ class ServiceRate:
         self._answered: int | None = None
         self._last_s: float | None = None
         self.per_world = 0.0  # answers per second one busy world delivers (0: unknown)
-        # (time, answers, busy seconds) added by each tick: unsmoothed rates over a window.
-        self._ticks: deque[tuple[float, int, float]] = deque(maxlen=256)
 
     def update(self, now_s: float, worlds: list[list[tuple[str, float]]],
                answered: int) -> float:
@@ -43,23 +39,8 @@ class ServiceRate:
         if previous_answered is None or previous_s is None or now_s <= previous_s:
             return self.per_world
         answers = answered - previous_answered
-        self._ticks.append((now_s, answers, busy))
         if busy > self._min_busy_fraction * (now_s - previous_s) and answers > 0:
             rate = answers / busy
             self.per_world = rate if self.per_world == 0.0 else (
                 (1.0 - self._smoothing) * self.per_world + self._smoothing * rate)
         return self.per_world
-
-    def recent(self, now_s: float, window_s: float) -> float:
-        """The rate per world over the last ``window_s`` only, unsmoothed (0: unknown): what
-        worlds that just changed deliver, before the smoothed rate has caught up."""
-        answers = 0
-        busy = 0.0
-        for t, n, b in reversed(self._ticks):
-            if t <= now_s - window_s:
-                break
-            answers += n
-            busy += b
-        if busy <= self._min_busy_fraction * window_s or answers <= 0:
-            return 0.0
-        return answers / busy

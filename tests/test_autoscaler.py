@@ -15,7 +15,8 @@ def ctx(now: float, **kw: Any) -> Context:
                 queued=0, serving=2, forming=0, desired=2, min_worlds=1, max_worlds=8,
                 world_rps=100.0, upscale_delay_s=2.0, downscale_delay_s=30.0)
     base.update(kw)
-    base.setdefault("recent_world_rps", base["world_rps"])
+    rate = base["world_rps"]
+    base.setdefault("capacity_rps", rate * base["serving"] if rate else 0.0)  # type: ignore[operator]
     return Context(**base)  # type: ignore[arg-type]
 
 

@@ -161,3 +161,18 @@ def test_host_cpu_reads_busy_cores_from_proc_stat(tmp_path: Any) -> None:
     stat.write_text("cpu  250 0 150 900 0 0 0\n")  # +200 busy, +100 idle of +300
     assert host.sample() == pytest.approx(2 * 200 / 300)
     assert HostCpu(2, path=tmp_path / "absent").sample() is None
+
+
+def test_capacity_is_the_slowest_stage_of_the_summed_rates_of_distinct_workers() -> None:
+    from types import SimpleNamespace
+
+    from controller.app import capacity_rps
+
+    workers = {w: SimpleNamespace(cost_ms=c) for w, c in
+               {"a": 8.0, "b": 16.0, "c": 16.0, "d": 0.0}.items()}
+    worlds = [SimpleNamespace(workers=["a", "b"]), SimpleNamespace(workers=["a", "c"])]
+    # Stage 0: one shared worker at 125/s (counted once); stage 1: two at 62.5/s each.
+    assert capacity_rps(worlds, workers) == pytest.approx(125.0)
+    assert capacity_rps(worlds[:1], workers) == pytest.approx(62.5)
+    # A stage whose worker's cost is not known yet: unknown.
+    assert capacity_rps([SimpleNamespace(workers=["a", "d"])], workers) == 0.0
