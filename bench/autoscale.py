@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import controller_section, free_port, start_controller, stop_process
+from bench.common import controller_section, free_ports, start_controller, stop_process
 from controller.admin_client import admin_call
 from controller.bench import Second, plot_profile, run_profile
 from controller.stats import percentile
@@ -64,7 +64,7 @@ def recovery_s(seconds: list[Second], step_t: float, slo: float, hold_s: int = 3
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    ports = {k: free_port() for k in ("client", "admin", "worker")}
+    ports = free_ports("client", "admin", "worker")
     config = Path(tempfile.mkdtemp(prefix="meshserve-autoscale-")) / "autoscale.toml"
     write_config(config, ports, args)
     admin = f"tcp://127.0.0.1:{ports['admin']}"

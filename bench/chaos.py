@@ -34,7 +34,7 @@ import numpy as np
 from bench.common import (
     LedgerClient,
     controller_section,
-    free_port,
+    free_ports,
     start_controller,
     stop_process,
 )
@@ -76,7 +76,7 @@ async def wait_serving(admin: str, worlds: int, idle: int, timeout_s: float) -> 
 
 async def scenario(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     warm = 1 if name == "warm" else 0
-    ports = {k: free_port() for k in ("client", "admin", "worker")}
+    ports = free_ports("client", "admin", "worker")
     config = Path(tempfile.mkdtemp(prefix="meshserve-chaos-")) / "chaos.toml"
     write_config(config, ports, warm, args.worlds, args.hidden)
     admin = f"tcp://127.0.0.1:{ports['admin']}"

@@ -22,6 +22,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(*names: str) -> dict[str, int]:
+    """Distinct free ports, one per name: all held at once while picked, since the kernel may
+    hand out a port again as soon as the socket that had it is closed."""
+    socks = [socket.socket() for _ in names]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return {name: int(s.getsockname()[1]) for name, s in zip(names, socks, strict=True)}
+    finally:
+        for s in socks:
+            s.close()
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process, all its threads (Linux /proc); 0 if gone."""
     try:

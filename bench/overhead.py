@@ -43,7 +43,7 @@ import numpy as np
 from bench.common import (
     controller_section,
     cpu_seconds,
-    free_port,
+    free_ports,
     start_controller,
     stop_process,
 )
@@ -243,7 +243,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    ports = {k: free_port() for k in ("client", "admin", "worker", "direct", "direct_mlp")}
+    ports = free_ports("client", "admin", "worker", "direct", "direct_mlp")
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     config = tmp / "bench.toml"
     write_config(config, ports, args.threads, args.mlp_delay_ms, args.device)

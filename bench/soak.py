@@ -39,7 +39,7 @@ import numpy as np
 from bench.common import (
     LedgerClient,
     controller_section,
-    free_port,
+    free_ports,
     start_controller,
     stop_process,
 )
@@ -218,7 +218,7 @@ class Soak:
     # -- the run --------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
-        ports = {k: free_port() for k in ("client", "admin", "worker")}
+        ports = free_ports("client", "admin", "worker")
         workdir = Path(tempfile.mkdtemp(prefix="meshserve-soak-"))
         config = workdir / "soak.toml"
         config.write_text(config_text(ports))

@@ -24,6 +24,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(*names: str) -> dict[str, int]:
+    """Distinct free ports, one per name: all held at once while picked, since the kernel may
+    hand out a port again as soon as the socket that had it is closed."""
+    socks = [socket.socket() for _ in names]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return {name: int(s.getsockname()[1]) for name, s in zip(names, socks, strict=True)}
+    finally:
+        for s in socks:
+            s.close()
+
+
 def pids_with(marker: str) -> list[int]:
     """PIDs of live processes whose command line contains ``marker``."""
     found = []
@@ -76,8 +89,11 @@ class Cluster:
                 last = await self.status()
                 if predicate(last):
                     return last
+            if self.proc.poll() is not None:
+                break  # the controller is gone: nothing will change
             await asyncio.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; last status: {last}\n"
+        raise AssertionError(f"timed out waiting for {what} (controller exit code "
+                             f"{self.proc.poll()}); last status: {last}\n"
                              f"controller log tail:\n{self.log_tail()}")
 
     def worker_pids(self) -> list[int]:
@@ -124,7 +140,7 @@ def write_config(path: Path, ports: dict[str, int], deployments: str, controller
 
 async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "",
                         ready_timeout_s: float = 90.0, wait_serving: bool = True) -> Cluster:
-    ports = {k: free_port() for k in ("client", "admin", "worker")}
+    ports = free_ports("client", "admin", "worker")
     config = tmp_path / f"meshserve-{ports['admin']}.toml"
     write_config(config, ports, deployments, controller)
     log_path = tmp_path / f"controller-{ports['admin']}.log"

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, alive, free_port, write_config
+from tests.cluster import Cluster, alive, free_ports, write_config
 from tests.conftest import StartCluster
 from tests.load import LedgerClient, Load
 
@@ -228,7 +228,7 @@ factory_kwargs = { mode = "exit" }
 
 async def test_a_drained_worker_that_joined_by_itself_ends_dead(tmp_path: Path) -> None:
     # launcher = "none": no launcher sees this worker exit, so the heartbeat check must.
-    ports = {k: free_port() for k in ("client", "admin", "worker")}
+    ports = free_ports("client", "admin", "worker")
     config = tmp_path / "none.toml"
     write_config(config, ports, '[[deployments]]\nname = "echo"\n'
                  'model = "worker.models.echo:build"\n', 'launcher = "none"')
@@ -318,7 +318,7 @@ async def test_stage_one_workers_killed_while_rank_zero_posts_batches_cost_clien
     # such a batch could reach its clients: this test failed in 4 of 13 runs on that code (the
     # post races gloo noticing the closed connection); the unit tests in test_comm and
     # test_stage_loop pin the same path down deterministically.
-    ports = {k: free_port() for k in ("client", "admin", "worker")}
+    ports = free_ports("client", "admin", "worker")
     config = tmp_path / "none.toml"
     write_config(config, ports, POSTING, 'launcher = "none"')
     log = tmp_path / "controller.log"
