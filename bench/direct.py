@@ -18,12 +18,9 @@ from typing import Any
 
 import zmq
 
-from mesh import codec
+from mesh import codec, dataplane
 from mesh.errors import DeadlineExceeded, error_from_wire
 from mesh.messages import (
-    DISPATCH,
-    HELLO,
-    REPLY_ERROR,
     WORKER_MESSAGES,
     ClientKind,
     Join,
@@ -33,6 +30,7 @@ from mesh.messages import (
     parse_control,
     request_header,
 )
+from mesh.spec import DeploymentSpec
 from mesh.transport import Pump, make_socket
 
 
@@ -71,8 +69,9 @@ class DirectWorker:
             stdin=subprocess.DEVNULL)
         async with asyncio.timeout(timeout_s):
             await self._ready.wait()
+            spec = DeploymentSpec(**self.deployment)
             pump.send([self.worker_id.encode(), codec.pack(
-                Join(world_id=1, epoch=1, rank=0, size=1, deployment=self.deployment).to_wire())])
+                Join(world_id=1, epoch=1, rank=0, size=1, deployment=spec).to_wire())])
             await self._joined.wait()
 
     async def aclose(self) -> None:
@@ -91,25 +90,27 @@ class DirectWorker:
         self._context.term()
 
     def _on_message(self, frames: list[Any]) -> None:
-        head = codec.unpack_header(frames[1])
-        if isinstance(head, list) and head and head[0] == HELLO:
-            assert self._pump is not None
-            self._pump.send([frames[0], codec.pack([HELLO])])  # as the controller's Backend
-            return
-        if isinstance(head, list):
-            rid, status = head[1], head[4]
+        if dataplane.is_data(frames[1]):
+            data = dataplane.unpack(frames[1])
+            if type(data) is dataplane.Hello:
+                assert self._pump is not None
+                self._pump.send([frames[0], dataplane.HELLO_ECHO])  # as the controller's Backend
+                return
+            if type(data) is not dataplane.Reply:
+                return
+            rid, status = data.rid, data.status
             fut = self._calls.pop(rid, None)
             if fut is None or fut.done():
                 return
             header = codec.unpack_header(codec.frame_buffer(frames[2]))
-            if status == REPLY_ERROR:
+            if status == dataplane.ERROR:
                 err = error_from_wire(header.get("code", ""), header.get("message", ""))
                 fut.set_exception(err)
             else:
                 body = codec.decode_tensors(header, frames[2:], codec.to_numpy)
                 fut.set_result(body.get("outputs", {}))
             return
-        msg = parse_control(head, WORKER_MESSAGES)
+        msg = parse_control(codec.unpack_header(frames[1]), WORKER_MESSAGES)
         if isinstance(msg, Register):
             assert self._pump is not None  # messages only come after start()
             self._pump.send([frames[0], codec.pack(Welcome(
@@ -125,7 +126,7 @@ class DirectWorker:
         rid = next(self._ids)
         frames = codec.encode(request_header(ClientKind.INFER, rid, model, inputs,
                                              int(timeout_s * 1000), params))
-        head = codec.pack([DISPATCH, rid, 1, 1, int(timeout_s * 1000)])
+        head = dataplane.pack_dispatch(rid, 1, 1, int(timeout_s * 1000))
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._calls[rid] = fut
         if self._pump is None:

@@ -2,7 +2,7 @@
 # The GPU check, in one go on a GPU host with no network (a few minutes in all):
 #
 #   1. installs what the host lacks from wheels in .whl/ (put there beforehand, on a machine
-#      with network: bash ../shared/tools/device-wheels.sh), into /tmp/site;
+#      with network: bash ../shared/tools/device-wheels.sh 'msgspec>=0.18'), into /tmp/site;
 #   2. runs the whole test suite with the GPU visible (the NCCL and two-ranks-on-one-GPU
 #      tests run only here; the rest must pass on a one-GPU host too);
 #   3. brings up the demo (meshctl up: mlp, and tinygpt in a 2-stage world whose ranks share

@@ -1,20 +1,22 @@
-"""The controller process: wires the sockets, routers and actors together and runs them.
+"""The controller process: builds the sockets, routers and actors, runs them, releases them.
 
     Frontend (clients) --submit--> Router (per deployment) --dispatch--> Backend (workers)
     Backend --reply--> Router --answer--> Frontend
-    Backend --control--> WorldManager <--> Launcher;   Backend --heartbeat--> Health
+    Backend --worker messages--> WorldManager;  Backend --heartbeat--> Health, WorldManager
     Launcher --exit--> Health --lost--> WorldManager
-    Admin (meshctl) --ask--> WorldManager / Routers
+    Router --idle / unreachable / stalled--> WorldManager --add / drain / remove--> Router
+    Admin (meshctl), Autoscaler --scale / slo / form / drain--> WorldManager
 
+Everything is built in ``__init__`` (sockets bound); ``start`` starts it, pushing each part's
+release onto one ``AsyncExitStack``, so ``aclose`` undoes exactly what started, in reverse.
 The data path is synchronous callbacks on one event loop (see mesh.transport for why); the
-control path goes through actor mailboxes. ``start`` binds everything and asks for the initial
-worlds; ``drain`` stops admitting requests and waits for in-flight ones; ``aclose`` stops
-every worker and releases every socket.
+control path goes through the WorldManager's mailbox. Readiness and drain are awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -24,32 +26,34 @@ from typing import Any
 import zmq
 
 from controller.admin import Admin
-from controller.autoscaler import Autoscaler, Context
+from controller.autoscaler import Autoscaler
 from controller.backend import Backend
-from controller.config import Config
-from controller.frontend import Frontend
-from controller.health import Health
-from controller.host_cpu import HostCpu
-from controller.launcher import Launcher, LocalLauncher
-from controller.metrics import MetricsServer
-from controller.router import Router
-from controller.service_rate import ServiceRate
-from controller.status import build_status
-from controller.world_manager import (
+from controller.commands import (
     FromWorker,
     Scale,
     Tick,
     WorkerLost,
     WorldIdle,
-    WorldManager,
+    WorldStalled,
     WorldUnreachable,
 )
+from controller.config import Config
+from controller.frontend import Frontend
+from controller.health import Health
+from controller.launcher import Launcher, LocalLauncher
+from controller.metrics import MetricsServer
+from controller.router import Router
+from controller.scaling_inputs import ScalingInputs
+from controller.status import build_status
+from controller.world_manager import WorldManager
 from mesh.errors import Cancelled
+from mesh.logs import speaker
 from mesh.messages import Heartbeat, Message, Ping
 
-log = logging.getLogger(__name__)
+log = speaker(logging.getLogger(__name__), "controller")
 
 LauncherFactory = Callable[[Config, Callable[[str, int], None]], Launcher]
+_PING = Ping()
 
 
 def local_launcher(config: Config, on_exit: Callable[[str, int], None]) -> Launcher:
@@ -61,104 +65,162 @@ def local_launcher(config: Config, on_exit: Callable[[str, int], None]) -> Launc
 class Controller:
     def __init__(self, config: Config, *, launcher: LauncherFactory = local_launcher) -> None:
         self.config = config
-        self._context: zmq.Context[Any] = zmq.Context()
-        self._rids = itertools.count(1)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        c = config.controller
         self.started_s = time.monotonic()
-        self._launcher_factory = launcher
-        self.routers: dict[str, Router] = {}
-        self._world_owner: dict[int, Router] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = False
         self._closed = False
+        self._context: zmq.Context[Any] = zmq.Context()
+        built = contextlib.ExitStack()  # sockets bound so far, closed if a later one fails
+        built.callback(self._context.term)
+        try:
+            self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_lost=self._lost)
+            self.launcher = launcher(config, self._exited)
+            self.backend = Backend(self._context, c.worker_endpoint)
+            built.callback(self.backend.close)
+            rids = itertools.count(1).__next__
+            inflight_ids: dict[tuple[bytes, Any], int] = {}
+            routes: dict[int, Router] = {}
+            self.routers: dict[str, Router] = {
+                dep.name: Router(
+                    dep, send_client=self._send_client, send_worker=self.backend.send,
+                    next_rid=rids, on_world_idle=self._world_idle,
+                    on_world_unreachable=self._world_unreachable,
+                    on_world_stalled=self._world_stalled, inflight_ids=inflight_ids,
+                    routes=routes, max_attempts=c.max_attempts,
+                    listening_since=lambda: self.health.lag.last_end_s)
+                for dep in config.deployments}
+            self.world_manager = WorldManager(
+                config, self.routers, self.launcher, send_worker=self.backend.send_control,
+                on_watch=self.health.watch, on_forget=self.health.forget)
+            self.backend.routes = routes
+            self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
+                                     max_request_bytes=c.max_request_bytes)
+            built.callback(self.frontend.close)
+            self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
+                               launcher=self.launcher, snapshot=self.status,
+                               send_worker=self.backend.send_control)
+            self.metrics = (MetricsServer(c.metrics_host, c.metrics_port, self.status)
+                            if c.metrics_port else None)
+            self.scaling = ScalingInputs(self.world_manager, self.routers,
+                                         self.launcher.host().get("cores", 0))
+            self.autoscaler = Autoscaler(list(self.routers), context_of=self.scaling.context,
+                                         apply=self._autoscale_apply,
+                                         tick_s=c.autoscale_tick_ms / 1000.0)
+        except BaseException:
+            built.close()
+            raise
+        built.pop_all()
 
-    # -- wiring ---------------------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         c = self.config.controller
-        self.launcher = self._launcher_factory(self.config, self._on_worker_exit)
-        self.backend = Backend(self._context, c.worker_endpoint, route_of=self._route_of,
-                               on_heartbeat=self._on_heartbeat, on_control=self._on_control)
-        next_rid = self._rids.__next__
-        inflight_ids: dict[tuple[bytes, Any], int] = {}
-        for dep in self.config.deployments:
-            self.routers[dep.name] = Router(
-                dep, send_client=self._send_client, send_worker=self.backend.send,
-                next_rid=next_rid, on_world_idle=self._on_world_idle,
-                on_world_unreachable=self._on_world_unreachable, inflight_ids=inflight_ids,
-                max_attempts=c.max_attempts)
-        self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
-                                 max_request_bytes=c.max_request_bytes)
-        self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_lost=self._on_lost)
-        self.world_manager = WorldManager(
-            self.config, self.routers, self.launcher, send_worker=self.backend.send_control,
-            on_watch=self.health.watch, on_forget=self.health.forget,
-            deaf_until=lambda: self.health.lag.last_end_s)
-        self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
-                           routers=self.routers, launcher=self.launcher, snapshot=self.status,
-                           send_worker=self.backend.send_control)
-        self.metrics: MetricsServer | None = None
-        if c.metrics_port:
-            self.metrics = MetricsServer(c.metrics_host, c.metrics_port, self.status)
+        stack = self._stack
+        stack.callback(self._context.term)  # last: after every socket is closed
+        stack.callback(self.backend.close)
+        stack.callback(self.frontend.close)
+        # Answers already queued in ZeroMQ get a moment to leave before the sockets close.
+        stack.push_async_callback(asyncio.sleep, 0.05)
+        if self.metrics is not None:
             await self.metrics.start()
-        self.backend.start()
+            stack.push_async_callback(self.metrics.aclose)
+        self.backend.start(on_heartbeat=self._heartbeat, on_control=self._control)
         self.frontend.start()
-        await self.health.start()
-        await self.world_manager.start()
-        await self.admin.start()
-        self.autoscaler = Autoscaler(list(self.routers), context_of=self._autoscale_context,
-                                     apply=self._autoscale_apply,
-                                     tick_s=c.autoscale_tick_ms / 1000.0)
-        self._service_rates: dict[str, ServiceRate] = {}
-        cores = self.launcher.host().get("cores", 0)
-        self._host_load = HostCpu(cores) if cores else None
-        self._host_sampled_s = -1.0
+        for actor in (self.health, self.world_manager, self.admin):
+            await actor.start()
+            stack.push_async_callback(actor.aclose)
+        stack.push_async_callback(self._cancel_tasks)
         if c.autoscale:
             self._spawn(self.autoscaler.run(), "controller.autoscaler")
         self._spawn(self._sweep_loop(), "controller.sweep")
         self._spawn(self._tick_loop(), "controller.tick")
+        self._started = True
         self.world_manager.tell(Tick())
-        log.info("[controller] clients %s, admin %s, workers %s%s", c.client_endpoint,
-                 c.admin_endpoint, c.worker_endpoint,
-                 f", metrics http://{c.metrics_host}:{c.metrics_port}/metrics"
-                 if c.metrics_port else "")
+        log.info("clients %s, admin %s, workers %s%s", c.client_endpoint, c.admin_endpoint,
+                 c.worker_endpoint, f", metrics http://{c.metrics_host}:{c.metrics_port}"
+                 "/metrics" if c.metrics_port else "")
+
+    async def wait_serving(self, timeout_s: float) -> dict[str, str]:
+        """Wait until every deployment either has its desired number of serving worlds or
+        cannot have one; returns why for each of the latter (empty: all serve)."""
+        async with asyncio.timeout(timeout_s):
+            return await self.world_manager.settled()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting requests; wait for every accepted one to be answered."""
+        for router in self.routers.values():
+            router.accepting = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                for router in self.routers.values():
+                    await router.all_answered()
+            return True
+        except TimeoutError:
+            for router in self.routers.values():
+                router.fail_all(Cancelled("controller stopped before an answer came"))
+            return False
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            stop_s = self.config.controller.drain_timeout_ms / 1000.0
+            await self.world_manager.shutdown_workers(timeout_s=max(2.0, min(stop_s, 10.0)))
+        else:
+            await self.launcher.aclose(timeout_s=5.0)
+        await self._stack.aclose()
+        if not self._started:  # nothing was pushed: release what __init__ built
+            self.backend.close()
+            self.frontend.close()
+            self.admin.close()
+            self._context.term()
+        log.info("stopped")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- wiring: who tells whom -----------------------------------------------------------
+
     def _send_client(self, frames: list[Any]) -> bool:
         return self.frontend.send(frames)
 
-    def _route_of(self, world_id: int) -> Router | None:
-        router = self._world_owner.get(world_id)
-        if router is None:
-            for r in self.routers.values():
-                if world_id in r.worlds:
-                    self._world_owner[world_id] = r
-                    return r
-        return router
-
-    def _on_heartbeat(self, worker_id: str, hb: Heartbeat) -> None:
+    def _heartbeat(self, worker_id: str, hb: Heartbeat) -> None:
         self.health.beat(worker_id)
-        self.world_manager.note_heartbeat(worker_id, hb)
+        self.world_manager.tell(FromWorker(worker_id, hb))
 
-    def _on_control(self, worker_id: str, message: Message) -> None:
+    def _control(self, worker_id: str, message: Message) -> None:
         self.health.beat(worker_id)
         self.world_manager.tell(FromWorker(worker_id, message))
 
-    def _on_worker_exit(self, worker_id: str, returncode: int) -> None:
+    def _exited(self, worker_id: str, returncode: int) -> None:
         if not self._closed:
             self.health.exited(worker_id, returncode)
 
-    def _on_lost(self, worker_id: str, reason: str, kill: bool) -> None:
+    def _lost(self, worker_id: str, reason: str, kill: bool) -> None:
         self.world_manager.tell(WorkerLost(worker_id, reason, kill))
 
-    def _on_world_unreachable(self, world_id: int) -> None:
+    def _world_unreachable(self, world_id: int) -> None:
         self.world_manager.tell(WorldUnreachable(world_id))
 
-    def _on_world_idle(self, world_id: int) -> None:
-        self._world_owner.pop(world_id, None)
+    def _world_stalled(self, world_id: int, reason: str) -> None:
+        self.world_manager.tell(WorldStalled(world_id, reason))
+
+    def _world_idle(self, world_id: int) -> None:
         self.world_manager.tell(WorldIdle(world_id))
+
+    def _autoscale_apply(self, name: str, worlds: int, reason: str) -> None:
+        self.world_manager.tell(Scale(deployment=name, worlds=worlds, by_operator=False,
+                                      reason=reason))
 
     async def _sweep_loop(self) -> None:
         # Deadlines are checked every 5 ms while requests are open, every 50 ms when idle
@@ -173,61 +235,8 @@ class Controller:
         while True:
             await asyncio.sleep(1.0)
             self.world_manager.tell(Tick())
-            for worker in self.world_manager.workers.values():
-                if worker.state not in ("dead", "starting"):
-                    self.backend.send_control(worker.id, _PING)
-
-    # -- autoscaling ----------------------------------------------------------------------
-
-    def _autoscale_context(self, name: str, now: float) -> Context | None:
-        wm = self.world_manager
-        dep = wm.deployments[name]
-        if dep.quarantined:
-            return None
-        router = self.routers[name]
-        window_s = max(2.0, dep.config.upscale_delay_s)
-        samples, p99 = router.stats.recent(now, window_s)
-        serving = [w for w in wm.worlds.values() if w.deployment == name and w.state == "serving"]
-        forming = sum(1 for w in wm.worlds.values()
-                      if w.deployment == name and w.state == "forming")
-        host_cores, host_busy, world_cpu = self._host_cpu(now, serving)
-        rate = self._service_rates.setdefault(name, ServiceRate())
-        world_rps = rate.update(now, [[(wid, _busy_s(wm.workers.get(wid))) for wid in w.workers]
-                                      for w in serving], router.stats.total_ok)
-        return Context(
-            now_s=now, slo_p99_ms=router.slo_p99_ms, p99_ms=p99, samples=samples,
-            arrival_rps=router.arrival_rate(now, window_s), queued=router.queued,
-            serving=len(serving), forming=forming, desired=dep.desired,
-            min_worlds=dep.min_worlds, max_worlds=dep.max_worlds,
-            world_rps=world_rps, capacity_rps=capacity_rps(serving, wm.workers),
-            host_cores=host_cores, host_busy_cores=host_busy, world_cpu=world_cpu,
-            upscale_delay_s=dep.config.upscale_delay_s,
-            downscale_delay_s=dep.config.downscale_delay_s)
-
-    def _host_cpu(self, now: float, serving: list[Any]) -> tuple[int, float, float]:
-        """(cores, busy cores, cores one busy world keeps busy) of the local launcher's host;
-        (0, 0, 0) where unknown. A world's cores: its workers' CPU use over their busy
-        fraction (the busiest world, so a half-idle one does not look cheap)."""
-        if self._host_load is None:
-            return 0, 0.0, 0.0
-        if now != self._host_sampled_s:  # once per tick, for every deployment
-            self._host_sampled_s = now
-            self._host_load.sample()
-        busy = self._host_load.busy_cores
-        if busy is None:
-            return 0, 0.0, 0.0
-        workers = self.world_manager.workers
-        per_world = 0.0
-        for world in serving:
-            members = [workers[w] for w in world.workers if w in workers]
-            util = max((m.util for m in members), default=0.0)
-            if util >= 0.2:
-                per_world = max(per_world, sum(m.cpu_cores for m in members) / util)
-        return self._host_load.cores, busy, per_world
-
-    def _autoscale_apply(self, name: str, worlds: int, reason: str) -> None:
-        self.world_manager.tell(Scale(deployment=name, worlds=worlds, by_operator=False,
-                                      reason=reason))
+            for worker_id in self.world_manager.live_workers():
+                self.backend.send_control(worker_id, _PING)
 
     # -- queries --------------------------------------------------------------------------
 
@@ -235,92 +244,7 @@ class Controller:
         c = self.config.controller
         return build_status(self.world_manager, self.routers, started_s=self.started_s,
                             autoscaler=self.autoscaler, loop_lag=self.health.lag,
+                            backend=self.backend,
                             endpoints={"client_endpoint": c.client_endpoint,
                                        "admin_endpoint": c.admin_endpoint,
                                        "worker_endpoint": c.worker_endpoint})
-
-    async def wait_serving(self, timeout_s: float) -> dict[str, str]:
-        """Wait until every deployment either has its desired number of serving worlds or
-        cannot have one; returns why for each of the latter (empty: all serve)."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                down = {name: router.unavailable for name, router in self.routers.items()
-                        if router.unavailable}
-                status = self.status()
-                if all(d["worlds_current"] >= d["worlds_desired"] or d["name"] in down
-                       for d in status["deployments"]):
-                    return down
-                await asyncio.sleep(0.05)
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Stop admitting requests; wait for every accepted one to be answered."""
-        for router in self.routers.values():
-            router.accepting = False
-        deadline = time.monotonic() + timeout_s
-        while any(r.unanswered for r in self.routers.values()):
-            if time.monotonic() >= deadline:
-                for router in self.routers.values():
-                    router.fail_all(Cancelled("controller stopped before an answer came"))
-                return False
-            await asyncio.sleep(0.01)  # answers arrive on socket callbacks, not as events
-        return True
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        stop_s = self.config.controller.drain_timeout_ms / 1000.0
-        # start() may have failed halfway (a port in use): close only what exists.
-        world_manager = getattr(self, "world_manager", None)
-        if world_manager is not None:
-            await world_manager.shutdown_workers(timeout_s=max(2.0, min(stop_s, 10.0)))
-        elif getattr(self, "launcher", None) is not None:
-            await self.launcher.aclose(timeout_s=5.0)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for name in ("admin", "world_manager", "health"):
-            actor = getattr(self, name, None)
-            if actor is not None:
-                await actor.aclose()
-        metrics = getattr(self, "metrics", None)
-        if metrics is not None:
-            await metrics.aclose()
-        # Give answers already queued in ZeroMQ a moment to leave before closing sockets.
-        await asyncio.sleep(0.05)
-        for name in ("frontend", "backend"):
-            endpoint = getattr(self, name, None)
-            if endpoint is not None:
-                endpoint.close()
-        self._context.term()
-        log.info("[controller] stopped")
-
-
-_PING = Ping()
-
-
-def capacity_rps(serving: list[Any], workers: dict[str, Any]) -> float:
-    """What these serving worlds can deliver together, from each worker's measured compute
-    time per request: per stage, the summed rates of the distinct workers serving it (a worker
-    shared by worlds counts once), and the slowest stage. 0 while any stage's costs are
-    unknown."""
-    stages: dict[int, set[str]] = {}
-    for world in serving:
-        for rank, wid in enumerate(world.workers):
-            stages.setdefault(rank, set()).add(wid)
-    if not stages:
-        return 0.0
-    rates = []
-    for members in stages.values():
-        costs = [workers[w].cost_ms for w in members if w in workers]
-        if not costs or min(costs) <= 0.0:
-            return 0.0
-        rates.append(sum(1000.0 / c for c in costs))
-    return min(rates)
-
-
-def _busy_s(worker: Any) -> float:
-    hb = worker.heartbeat if worker is not None else None
-    return hb.busy_s if hb is not None else 0.0

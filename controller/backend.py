@@ -9,44 +9,49 @@ fail at once (the router then re-queues the request) instead of vanishing silent
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from controller.router import Router
-from mesh import codec
+from mesh import codec, dataplane
 from mesh.errors import BadRequest
-from mesh.messages import HELLO, REPLY, WORKER_MESSAGES, Heartbeat, Message, parse_control
+from mesh.logs import speaker
+from mesh.messages import WORKER_MESSAGES, Heartbeat, Message, parse_control
 from mesh.transport import Pump, bind_socket, make_socket
 
-log = logging.getLogger(__name__)
+log = speaker(logging.getLogger(__name__), "controller")
 
-_HELLO_ECHO = codec.pack([HELLO])
+
+def _ignore(worker_id: str, message: Any) -> None:
+    return None
 
 
 class Backend:
-    def __init__(
-        self,
-        context: zmq.Context[Any],
-        endpoint: str,
-        *,
-        route_of: Callable[[int], Router | None],
-        on_heartbeat: Callable[[str, Heartbeat], None],
-        on_control: Callable[[str, Message], None],
-    ) -> None:
+    def __init__(self, context: zmq.Context[Any], endpoint: str) -> None:
         self.endpoint = endpoint
-        self._route_of = route_of
-        self._on_heartbeat = on_heartbeat
-        self._on_control = on_control
+        # world id -> the router of its deployment: the routers add and remove their own
+        # worlds (controller.router); this socket only reads it, to route a reply.
+        self.routes: dict[int, Router] = {}
+        self._on_heartbeat: Callable[[str, Heartbeat], None] = _ignore
+        self._on_control: Callable[[str, Message], None] = _ignore
         sock = make_socket(context, zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         bind_socket(sock, endpoint)
         self.pump = Pump(sock, self._on_message, name="backend", copy_prefix=3)
-        self.unroutable = 0
+        self.unroutable = 0  # data-path frames for no known world, or malformed
+        self.rejected = 0  # control messages that did not decode or type-check
+        self._rejected_logged_s = 0.0
 
-    def start(self) -> None:
+    def start(self, *, on_heartbeat: Callable[[str, Heartbeat], None],
+              on_control: Callable[[str, Message], None]) -> None:
+        """Start delivering: heartbeats and other control messages to these callbacks,
+        replies to the router that owns their world."""
+        self._on_heartbeat = on_heartbeat
+        self._on_control = on_control
         self.pump.start()
 
     def close(self) -> None:
@@ -61,31 +66,38 @@ class Backend:
     def _on_message(self, frames: list[Any]) -> None:
         if len(frames) < 2:
             return
-        try:
-            head = codec.unpack_header(codec.frame_buffer(frames[1]))
-        except BadRequest:
-            log.warning("[controller] dropped a worker message with a garbage header")
-            return
-        if isinstance(head, list):
-            if len(head) >= 5 and head[0] == REPLY:
-                router = self._route_of(head[2])
+        first = codec.frame_buffer(frames[1])
+        if dataplane.is_data(first):
+            head = dataplane.unpack(first)
+            if type(head) is dataplane.Reply:
+                router = self.routes.get(head.world_id)
                 if router is not None:
                     router.on_reply(head, frames[2:])
                     return
-            elif head and head[0] == HELLO:
+            elif type(head) is dataplane.Hello:
                 # A world runner's socket announcing itself: echo, so it knows that its
                 # identity is routable from here before its world is called joined.
-                self.pump.send([frames[0], _HELLO_ECHO])
+                self.pump.send([frames[0], dataplane.HELLO_ECHO])
                 return
             self.unroutable += 1
             return
         worker_id = frames[0].decode(errors="replace")
         try:
-            message = parse_control(head, WORKER_MESSAGES)
+            message = parse_control(codec.unpack_header(first), WORKER_MESSAGES)
         except BadRequest as exc:
-            log.warning("[controller] dropped a message from worker %s: %s", worker_id, exc)
+            self._reject(worker_id, exc.message)
             return
         if isinstance(message, Heartbeat):
             self._on_heartbeat(worker_id, message)
         else:
             self._on_control(worker_id, message)
+
+    def _reject(self, worker_id: str, why: str) -> None:
+        """Drop a control message that does not fit its type; count it, and say so at most
+        once a second (a sender that keeps at it must not flood the log)."""
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._rejected_logged_s >= 1.0:
+            self._rejected_logged_s = now
+            log.warning("dropped a message from worker %s: %s (%d dropped so far)",
+                        worker_id[:64], why, self.rejected)

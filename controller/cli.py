@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except MeshError as exc:
         print(f"meshctl: {type(exc).__name__} [{exc.code}]: {exc.message}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a port in use, a config file that cannot be read
+        print(f"meshctl: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

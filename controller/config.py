@@ -10,52 +10,21 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mesh.errors import ConfigError
 from mesh.messages import DEFAULT_MAX_IDLE_STAGES
+from mesh.spec import DeploymentSpec
+from mesh.typed import DecodeError, decode
+
+# The deployment part of the config is exactly what workers receive (mesh/spec.py).
+DeploymentConfig = DeploymentSpec
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENDPOINT_RE = re.compile(r"^(tcp://[^:/\s]+:\d+|ipc://\S+|inproc://\S+)$")
-
-
-@dataclass(frozen=True, slots=True)
-class DeploymentConfig:
-    name: str
-    model: str
-    checkpoint: str = ""
-    stages: int = 1
-    worlds: int = 1
-    min_worlds: int = 1
-    max_worlds: int = 4
-    slo_p99_ms: float = 100.0
-    max_batch_size: int = 32
-    max_batch_delay_ms: float = 2.0
-    # Requests waiting at the controller when every world is full; beyond this: Overloaded.
-    max_queue: int = 4096
-    # Requests outstanding on one world before the router holds new ones back.
-    max_inflight_per_world: int = 64
-    # Deadline applied when a request names none, and the largest one accepted.
-    default_timeout_ms: int = 30000
-    max_timeout_ms: int = 600000
-    # Extra keyword arguments for the model factory (msgpack/TOML-native values only).
-    factory_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Pipeline: child indices of the nn.Sequential where stages 1.. begin (default: balanced
-    # by parameter count), micro-batches per batch (0: one per stage), and the timeout of
-    # every world operation (a stage silent this long breaks its world).
-    split_points: list[int] = field(default_factory=list)
-    micro_batches: int = 0
-    world_timeout_ms: int = 10000
-    # Autoscaling on the latency target: act on a breach after upscale_delay_s, give a world
-    # back after downscale_delay_s of sustained headroom (one at a time).
-    upscale_delay_s: float = 2.0
-    downscale_delay_s: float = 30.0
-
-    def to_wire(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,48 +152,14 @@ def parse_config(raw: dict[str, Any]) -> Config:
 
 
 def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
-        if key not in fields:
+        if key not in known:
             raise ConfigError(f"unknown key {where}.{key}")
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}.{name} is required")
-            continue
-        kwargs[name] = _coerce(raw[name], f.type, f"{where}.{name}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, type_name: Any, where: str) -> Any:
-    t = str(type_name)
-    if t == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if t == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if t == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if t == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    if t.startswith("list[int]"):
-        if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
-        return list(value)
-    if t.startswith("dict"):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a table, got {value!r}")
-        return dict(value)
-    raise ConfigError(f"{where}: unsupported type {t}")  # pragma: no cover
+    try:
+        return decode(raw, cls, where)
+    except DecodeError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_controller(c: ControllerConfig) -> None:

@@ -8,6 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from controller.fleet import WorkerState
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,15 @@ def render_metrics(status: dict[str, Any]) -> str:
         lines += [f"# HELP meshserve_{key} {help_text}", f"# TYPE meshserve_{key} gauge"]
         for d in status["deployments"]:
             lines.append(f'meshserve_{key}{{deployment="{d["name"]}"}} {d[key]}')
+    c = status["controller"]
+    lines += ["# HELP meshserve_worker_messages_rejected_total Control messages on the worker "
+              "port that did not decode or type-check (dropped).",
+              "# TYPE meshserve_worker_messages_rejected_total counter",
+              f"meshserve_worker_messages_rejected_total {c.get('worker_messages_rejected', 0)}",
+              "# HELP meshserve_unroutable_replies_total Data-path frames on the worker port "
+              "for no known world, or malformed (dropped).",
+              "# TYPE meshserve_unroutable_replies_total counter",
+              f"meshserve_unroutable_replies_total {c.get('unroutable_replies', 0)}"]
     lines += ["# HELP meshserve_workers Workers by state.", "# TYPE meshserve_workers gauge"]
     states: dict[str, int] = {}
     for w in status["workers"]:
@@ -48,7 +59,7 @@ def render_metrics(status: dict[str, Any]) -> str:
               "in use by its worlds or idle (kept for reuse, at most max_idle_stages).",
               "# TYPE meshserve_worker_stages gauge"]
     for w in status["workers"]:
-        if w["state"] == "dead":
+        if w["state"] == WorkerState.DEAD:
             continue
         idle = w["stages_idle"]
         used = w["stages_loaded"] - idle

@@ -16,6 +16,7 @@ deadline and retry budget allow, else answered with a typed error.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import time
@@ -24,8 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 from controller.config import DeploymentConfig
-from controller.stats import LatencyWindow
+from controller.inflight import Pending, WorldRoute, bad_duplicate, with_skip
+from controller.stats import Arrivals, LatencyWindow
 from mesh import codec
+from mesh.dataplane import CHUNK, ERROR, CancelWork, Reply, pack, pack_dispatch
 from mesh.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -34,51 +37,11 @@ from mesh.errors import (
     StreamInterrupted,
     Unavailable,
 )
-from mesh.messages import CANCEL_WORK, DISPATCH, REPLY_CHUNK, REPLY_ERROR, error_header
+from mesh.messages import ClientKind, error_header
 
 log = logging.getLogger(__name__)
 
 SendFn = Callable[[list[Any]], bool]
-
-
-class Pending:
-    """One accepted request until its final answer (and until its world lets go of it)."""
-
-    __slots__ = (
-        "answered", "arrived_s", "attempts", "chunks", "client", "client_id", "deadline_s",
-        "frames", "header", "kind", "original_header", "rid", "world",
-    )
-
-    def __init__(self, rid: int, client: bytes, client_id: Any, kind: str, header: Any,
-                 frames: list[Any], arrived_s: float, deadline_s: float) -> None:
-        self.rid = rid
-        self.client = client
-        self.client_id = client_id
-        self.kind = kind
-        self.header = header  # the client's header frame, forwarded untouched
-        self.original_header = header  # as the client sent it (re-sends of streams edit it)
-        self.frames = frames  # the client's tensor frames, kept for re-sends
-        self.arrived_s = arrived_s
-        self.deadline_s = deadline_s
-        self.world: WorldRoute | None = None
-        self.attempts = 0
-        self.answered = False
-        self.chunks = 0  # stream chunks forwarded to the client so far
-
-
-class WorldRoute:
-    """The router's view of one world: where stage 0 lives and how busy it is."""
-
-    __slots__ = ("entry", "epoch", "inflight", "last_progress_s", "served", "state", "world_id")
-
-    def __init__(self, world_id: int, epoch: int, entry: bytes) -> None:
-        self.world_id = world_id
-        self.epoch = epoch
-        self.entry = entry  # ZeroMQ identity of the stage-0 worker
-        self.inflight: dict[int, Pending] = {}
-        self.state = "serving"
-        self.served = 0
-        self.last_progress_s = 0.0  # last answer or chunk, or first dispatch after idle
 
 
 class Router:
@@ -91,8 +54,11 @@ class Router:
         next_rid: Callable[[], int],
         on_world_idle: Callable[[int], None],
         on_world_unreachable: Callable[[int], None] | None = None,
+        on_world_stalled: Callable[[int, str], None] | None = None,
         inflight_ids: dict[tuple[bytes, Any], int] | None = None,
+        routes: dict[int, Router] | None = None,
         max_attempts: int = 4,
+        listening_since: Callable[[], float] = lambda: float("-inf"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.deployment = deployment
@@ -102,7 +68,16 @@ class Router:
         self._next_rid = next_rid
         self._on_world_idle = on_world_idle
         self._on_world_unreachable = on_world_unreachable
+        self._on_world_stalled = on_world_stalled
+        # world id -> its router, shared by every router of a controller: each router adds and
+        # removes its own worlds, and the Backend reads it to route a worker's reply.
+        self._routes: dict[int, Router] = routes if routes is not None else {}
         self.max_attempts = max_attempts
+        # When the controller's loop last came back from a stall (Health measures it): no
+        # world is judged stalled on time the controller was not reading its answers.
+        self._listening_since = listening_since
+        self._stall_s = deployment.world_timeout_ms / 1000.0
+        self._next_stall_check_s = 0.0
         self._clock = clock
         self.worlds: dict[int, WorldRoute] = {}
         self._serving: list[WorldRoute] = []
@@ -116,12 +91,16 @@ class Router:
         self._deadlines: list[tuple[float, int]] = []
         # Kept long enough for the autoscaler's breach window (see Controller._autoscale_context).
         self.stats = LatencyWindow(keep_s=max(2.0, deployment.upscale_delay_s))
-        self.arrivals: deque[float] = deque(maxlen=100_000)  # accepted requests' arrival times
+        self.arrivals = Arrivals()  # accepted requests' arrival times
+        # Accepted requests without their final answer, and an event set whenever there is
+        # none: what a graceful stop awaits.
+        self.unanswered = 0
+        self._all_answered = asyncio.Event()
+        self._all_answered.set()
         self.late_replies = 0
         self.resent = 0
         self.accepting = True
         self.limit = deployment.max_inflight_per_world
-        self.slo_p99_ms = deployment.slo_p99_ms
         # Why no world of this deployment can form now (quarantined, no worker can start);
         # "" while one can. Set by the WorldManager; requests that find no serving world are
         # then answered at once instead of waiting out their deadline.
@@ -137,7 +116,7 @@ class Router:
             return
         key = (client, client_id)
         if key in self._by_client:
-            self._reject(client, client_id, _bad_duplicate(client_id))
+            self._reject(client, client_id, bad_duplicate(client_id))
             return
         world = self._pick()
         if world is None and self.unavailable and not self._serving:
@@ -149,9 +128,10 @@ class Router:
                 f"{self.name}: {self.queued} requests queued, limit {self.deployment.max_queue}"))
             return
         rid = self._next_rid()
-        self.arrivals.append(now)
+        self.arrivals.add(now)
         p = Pending(rid, client, client_id, kind, header, frames, now, now + timeout_ms / 1000.0)
         self.pending[rid] = p
+        self._opened()
         self._by_client[key] = rid
         heapq.heappush(self._deadlines, (p.deadline_s, rid))
         if world is not None:
@@ -175,15 +155,15 @@ class Router:
         p.attempts += 1
         world.inflight[p.rid] = p
         remaining_ms = max(1, int((p.deadline_s - now) * 1000.0))
-        head = codec.pack([DISPATCH, p.rid, world.world_id, world.epoch, remaining_ms])
+        head = pack_dispatch(p.rid, world.world_id, world.epoch, remaining_ms)
         if not self._send_worker([world.entry, head, p.header, *p.frames]):
             # The worker's socket is gone: route around the world until health breaks it.
             world.inflight.pop(p.rid, None)
             p.world = None
             p.attempts -= 1
             self.queue.appendleft(p)
-            if world.state == "serving":
-                world.state = "unreachable"
+            if not world.unreachable:
+                world.unreachable = True
                 self._refresh_serving()
                 if self._on_world_unreachable is not None:
                     self._on_world_unreachable(world.world_id)
@@ -205,17 +185,18 @@ class Router:
 
     # -- answers --------------------------------------------------------------------------
 
-    def on_reply(self, head: list[Any], frames: list[Any]) -> None:
-        """A worker's answer: ``head`` is [REPLY, rid, world_id, epoch, status]."""
-        rid = head[1]
-        status = head[4]
+    def on_reply(self, head: Reply, frames: list[Any]) -> None:
+        """A worker's answer (frame 0 decoded by mesh.dataplane; ``frames`` are the client's)."""
+        rid = head.rid
+        status = head.status
         p = self.pending.get(rid)
-        if p is None or p.world is None or p.world.world_id != head[2] or p.world.epoch != head[3]:
+        if p is None or p.world is None or p.world.world_id != head.world_id or \
+                p.world.epoch != head.epoch:
             self.late_replies += 1  # from a world that no longer owns this request
             return
-        if p.answered and status != REPLY_CHUNK:
+        if p.answered and status != CHUNK:
             self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
-        if status == REPLY_CHUNK:
+        if status == CHUNK:
             p.world.last_progress_s = self._clock()
             if not p.answered:
                 p.chunks += 1
@@ -227,15 +208,15 @@ class Router:
         world.served += 1
         del self.pending[rid]
         if not p.answered:
-            p.answered = True
+            self._answered(p)
             self._by_client.pop((p.client, p.client_id), None)
-            if status == REPLY_ERROR:
-                code = _error_code(frames[0])
+            if status == ERROR:
+                code = head.code or "internal"
                 if code == Unavailable.code and self._retry(p):
                     self._pump_queue()
                     self._after_world_progress(world)
                     return
-                if code == Unavailable.code and p.kind == "stream" and p.chunks:
+                if code == Unavailable.code and p.kind == ClientKind.STREAM and p.chunks:
                     err = StreamInterrupted(f"{self.name}: stream interrupted after {p.chunks} "
                                             "chunks; no world could resume it in time")
                     frames = [codec.pack(error_header(p.client_id, err.code, err.message, True))]
@@ -249,21 +230,22 @@ class Router:
         self._after_world_progress(world)
 
     def _after_world_progress(self, world: WorldRoute) -> None:
-        if world.state == "draining" and not world.inflight:
+        if world.draining and not world.inflight:
             self._on_world_idle(world.world_id)
 
     def _retry(self, p: Pending) -> bool:
         """Put an unanswered request back in line if its deadline and budget allow."""
         if p.attempts >= self.max_attempts or p.deadline_s <= self._clock():
             return False
-        if p.kind == "stream" and p.chunks:
+        if p.kind == ClientKind.STREAM and p.chunks:
             # Resume where the client is: the new world regenerates (greedy decoding is
             # deterministic) and sends only the chunks after the ones already delivered.
             try:
-                p.header = _with_skip(p.original_header, p.chunks)
+                p.header = with_skip(p.original_header, p.chunks)
             except Exception:
                 return False
         p.answered = False
+        self._opened()
         p.world = None
         self.pending[p.rid] = p
         self._by_client[(p.client, p.client_id)] = p.rid
@@ -289,12 +271,16 @@ class Router:
         so its slot is freed; the answer is dropped as late)."""
         world = p.world
         if world is not None:
-            self._send_worker([world.entry,
-                               codec.pack([CANCEL_WORK, p.rid, world.world_id, world.epoch])])
+            self._send_worker([world.entry, pack(CancelWork(p.rid, world.world_id,
+                                                            world.epoch))])
 
     def sweep(self) -> None:
-        """Answer every request whose deadline has passed."""
+        """Answer every request whose deadline has passed; once a second, report worlds that
+        hold requests but answered nothing for the world timeout."""
         now = self._clock()
+        if now >= self._next_stall_check_s:
+            self._next_stall_check_s = now + 1.0
+            self._report_stalls(now)
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             _, rid = heapq.heappop(heap)
@@ -310,12 +296,43 @@ class Router:
             else:
                 self._stop_on_worker(p)
 
-    def _answer_error(self, p: Pending, err: MeshError) -> None:
+    def stalled(self, now_s: float) -> list[tuple[int, str]]:
+        """Worlds that hold requests but sent no answer or chunk for the world timeout of
+        listening time: a stuck stage, or a rank 0 that heartbeats but no longer serves."""
+        listening_since = self._listening_since()
+        out = []
+        for world in self.worlds.values():
+            silent_s = world.silent_s(now_s, listening_since)
+            if silent_s > self._stall_s:
+                out.append((world.world_id, f"no progress for {silent_s:.1f}s with "
+                                            f"{len(world.inflight)} requests in flight"))
+        return out
+
+    def _report_stalls(self, now_s: float) -> None:
+        for world_id, reason in self.stalled(now_s):
+            world = self.worlds[world_id]
+            if not world.stall_reported and self._on_world_stalled is not None:
+                world.stall_reported = True
+                self._on_world_stalled(world_id, reason)
+
+    def _opened(self) -> None:
+        self.unanswered += 1
+        self._all_answered.clear()
+
+    def _answered(self, p: Pending) -> None:
         p.answered = True
+        self.unanswered -= 1
+        if self.unanswered == 0:
+            self._all_answered.set()
+
+    async def all_answered(self) -> None:
+        """Return once every accepted request has its final answer."""
+        await self._all_answered.wait()
+
+    def _answer_error(self, p: Pending, err: MeshError) -> None:
+        self._answered(p)
         self._by_client.pop((p.client, p.client_id), None)
-        self.stats.record_error(err.code)
-        header = codec.pack(error_header(p.client_id, err.code, err.message, err.retryable))
-        self._send_client([p.client, header])
+        self._reject(p.client, p.client_id, err)
 
     def _reject(self, client: bytes, client_id: Any, err: MeshError) -> None:
         self.stats.record_error(err.code)
@@ -343,6 +360,7 @@ class Router:
 
     def add_world(self, world_id: int, epoch: int, entry: bytes) -> None:
         self.worlds[world_id] = WorldRoute(world_id, epoch, entry)
+        self._routes[world_id] = self
         self._refresh_serving()
         self._pump_queue()
 
@@ -351,7 +369,7 @@ class Router:
         world = self.worlds.get(world_id)
         if world is None:
             return
-        world.state = "draining"
+        world.draining = True
         self._refresh_serving()
         if not world.inflight:
             self._on_world_idle(world_id)
@@ -361,41 +379,31 @@ class Router:
         world = self.worlds.pop(world_id, None)
         if world is None:
             return 0
+        self._routes.pop(world_id, None)
         self._refresh_serving()
         resent = 0
         for p in sorted(world.inflight.values(), key=lambda q: q.arrived_s, reverse=True):
             self.pending.pop(p.rid, None)
             if p.answered:
                 continue
-            p.answered = True  # a late reply from the old world must not count
+            self._answered(p)  # a late reply from the old world must not count
             if self._retry(p):
                 resent += 1
-            else:
-                self._by_client.pop((p.client, p.client_id), None)
-                message = (f"{self.name}: world {world_id} failed ({reason}); no retry left "
-                           "before the deadline")
-                err: MeshError = (StreamInterrupted(f"{message}; {p.chunks} chunks delivered")
-                                  if p.kind == "stream" and p.chunks else Unavailable(message))
-                self.stats.record_error(err.code)
-                header = codec.pack(error_header(p.client_id, err.code, err.message, True))
-                self._send_client([p.client, header])
+                continue
+            self._by_client.pop((p.client, p.client_id), None)
+            message = (f"{self.name}: world {world_id} failed ({reason}); no retry left "
+                       "before the deadline")
+            self._reject(p.client, p.client_id, StreamInterrupted(
+                f"{message}; {p.chunks} chunks delivered") if p.kind == ClientKind.STREAM
+                and p.chunks else Unavailable(message))
         world.inflight.clear()
         self._pump_queue()
         return resent
 
     def _refresh_serving(self) -> None:
-        self._serving = [w for w in self.worlds.values() if w.state == "serving"]
+        self._serving = [w for w in self.worlds.values() if w.routable]
 
     # -- figures --------------------------------------------------------------------------
-
-    def arrival_rate(self, now_s: float, window_s: float) -> float:
-        cutoff = now_s - window_s
-        n = 0
-        for t in reversed(self.arrivals):
-            if t < cutoff:
-                break
-            n += 1
-        return n / window_s
 
     @property
     def in_flight(self) -> int:
@@ -405,10 +413,6 @@ class Router:
     def queued(self) -> int:
         return len(self.queue) - self._queue_dead
 
-    @property
-    def unanswered(self) -> int:
-        return sum(1 for p in self.pending.values() if not p.answered)
-
     def fail_all(self, err: MeshError) -> None:
         """Answer everything still open (used at shutdown, after the drain timeout)."""
         for p in list(self.pending.values()):
@@ -417,28 +421,3 @@ class Router:
         self.pending.clear()
         self.queue.clear()
         self._queue_dead = 0
-
-
-def _bad_duplicate(client_id: Any) -> MeshError:
-    from mesh.errors import BadRequest
-
-    return BadRequest(f"request id {client_id!r} is already in flight on this connection")
-
-
-def _with_skip(header_frame: Any, skip: int) -> bytes:
-    """The client's header with ``params.skip`` set (the chunks it already has)."""
-    header = codec.unpack_header(codec.frame_buffer(header_frame))
-    params = dict(header.get("params") or {})
-    asked = params.get("skip", 0)
-    params["skip"] = skip + (asked if isinstance(asked, int) and not isinstance(asked, bool)
-                             else 0)
-    header["params"] = params
-    return codec.pack(header)
-
-
-def _error_code(frame: Any) -> str:
-    try:
-        header = codec.unpack_header(codec.frame_buffer(frame))
-        return str(header.get("code", "internal"))
-    except Exception:
-        return "internal"

@@ -89,3 +89,23 @@ class LatencyWindow:
             p99_ms=percentile(values, 99) * 1000.0,
             max_ms=values[-1] * 1000.0,
         )
+
+
+class Arrivals:
+    """Arrival times of accepted requests (the last 100,000), for the autoscaler's rate."""
+
+    def __init__(self, keep: int = 100_000) -> None:
+        self._times: deque[float] = deque(maxlen=keep)
+
+    def add(self, t: float) -> None:
+        self._times.append(t)
+
+    def rate(self, now_s: float, window_s: float) -> float:
+        """Arrivals per second over the last ``window_s`` seconds."""
+        cutoff = now_s - window_s
+        n = 0
+        for t in reversed(self._times):
+            if t < cutoff:
+                break
+            n += 1
+        return n / window_s

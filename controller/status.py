@@ -10,6 +10,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from controller.fleet import WorldState
+
 if TYPE_CHECKING:
     from controller.router import Router
     from controller.world_manager import WorldManager
@@ -17,14 +19,13 @@ if TYPE_CHECKING:
 
 def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: float,
                  endpoints: dict[str, str], autoscaler: Any = None,
-                 loop_lag: Any = None) -> dict[str, Any]:
+                 loop_lag: Any = None, backend: Any = None) -> dict[str, Any]:
     now = time.monotonic()
     deployments = []
     for name, dep in wm.deployments.items():
         router = routers[name]
         summary = router.stats.summary(now)
-        serving = sum(1 for w in wm.worlds.values()
-                      if w.deployment == name and w.state == "serving")
+        serving = wm.serving(name)
         deployments.append({
             "name": name,
             "model": dep.config.model,
@@ -33,7 +34,7 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "worlds_desired": dep.desired,
             "min_worlds": dep.min_worlds,
             "max_worlds": dep.max_worlds,
-            "slo_p99_ms": router.slo_p99_ms,
+            "slo_p99_ms": dep.slo_p99_ms,
             "p50_ms": round(summary.p50_ms, 3),
             "p95_ms": round(summary.p95_ms, 3),
             "p99_ms": round(summary.p99_ms, 3),
@@ -103,6 +104,10 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
                        "loop_stall_max_s": round(loop_lag.max_s, 3) if loop_lag else 0.0,
                        # What the local launcher's host can compute at once ({}: no launcher).
                        "host": wm.launcher.host(),
+                       # Worker-port messages dropped: control maps that did not decode or
+                       # type-check, and data-path frames for no known world.
+                       "worker_messages_rejected": backend.rejected if backend else 0,
+                       "unroutable_replies": backend.unroutable if backend else 0,
                        **endpoints},
         "deployments": deployments,
         "worlds": worlds,
@@ -115,7 +120,7 @@ def _stage_workers(wm: WorldManager, name: str, stages: int) -> list[int]:
     """Distinct workers serving each stage of a deployment (shared workers count once)."""
     per_stage: list[set[str]] = [set() for _ in range(stages)]
     for world in wm.worlds.values():
-        if world.deployment == name and world.state == "serving":
+        if world.deployment == name and world.state == WorldState.SERVING:
             for rank, wid in enumerate(world.workers[:stages]):
                 per_stage[rank].add(wid)
     return [len(s) for s in per_stage]

@@ -26,7 +26,7 @@ import zmq
 
 from mesh import codec
 from mesh.errors import BadRequest, Cancelled, DeadlineExceeded, MeshError, error_from_wire
-from mesh.messages import ClientKind, request_header
+from mesh.messages import PROTOCOL_VERSION, ClientKind, request_header
 from mesh.transport import Pump, make_socket
 
 _END = object()
@@ -156,7 +156,8 @@ class Client:
             self._streams.pop(req_id, None)
             if not finished and not self._closed:
                 # The caller stopped early: tell the server so the world stops decoding.
-                pump.send([codec.pack({"v": 1, "kind": ClientKind.CANCEL, "id": req_id})])
+                pump.send([codec.pack({"v": PROTOCOL_VERSION, "kind": ClientKind.CANCEL,
+                                       "id": req_id})])
 
     # -- internals ------------------------------------------------------------------------
 

@@ -5,21 +5,25 @@ Two protocols share these definitions (docs/protocol.md is the normative spec):
 * client <-> controller (the Frontend's ROUTER socket): frame 0 is a msgpack map with ``v``
   (protocol version), ``kind`` and ``id``; tensors follow as raw frames (see mesh.codec).
 * worker <-> controller (the worker ROUTER socket): control messages are msgpack maps with a
-  ``kind``; the two data-path messages (``req`` and ``res``) carry a short msgpack array as
-  frame 0 so the controller can route them without decoding the client's header, which
-  travels untouched as frame 1, followed by the tensor frames.
+  ``kind``; the data-path messages (``req`` and ``res``) carry a short msgpack array as frame 0
+  (mesh/dataplane.py) so the controller can route them without decoding the client's header,
+  which travels untouched as frame 1, followed by the tensor frames.
 
 Control messages are frozen, slotted dataclasses; ``to_wire`` and ``from_wire`` are the only
-places that turn them into maps and back.
+places that turn them into maps and back, and ``from_wire`` checks every field's type and range
+(mesh/typed.py): a message that does not fit is a BadRequest for its sender alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
+
+import msgspec
 
 from mesh.errors import BadRequest
+from mesh.spec import DeploymentSpec
+from mesh.typed import DecodeError, decode
 
 PROTOCOL_VERSION = 1
 # A string request id travels with its request through every pipeline stage: keep it short.
@@ -43,16 +47,7 @@ class ClientKind:
 REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCEL})
 
 
-# Data-path tags (frame 0 of worker-protocol data messages is [tag, rid, world_id, ...]).
-# A world runner's socket -> controller: [HELLO, world_id, epoch]; the controller echoes
-# [HELLO] back, after which it can route to that socket (a ROUTER reaches a peer that spoke).
-HELLO = "hello"
-DISPATCH = "req"  # controller -> worker: [DISPATCH, rid, world_id, epoch, deadline_ms]
-REPLY = "res"  # worker -> controller: [REPLY, rid, world_id, epoch, status]
-CANCEL_WORK = "cancel"  # controller -> worker: [CANCEL_WORK, rid, world_id, epoch]
-REPLY_OK = 0  # status: frame 1 is a client "result"/"chunk"/"end" header
-REPLY_ERROR = 1  # status: frame 1 is a client "error" header
-REPLY_CHUNK = 2  # status: a stream chunk, more to come
+# The data path's frame 0 (req, res, cancel, hello) is defined in mesh/dataplane.py.
 
 
 def result_header(req_id: Any, outputs: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +88,7 @@ def request_header(
 
 
 M = TypeVar("M", bound="Message")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,19 +99,23 @@ class Message:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.KIND}
-        for f in dataclasses.fields(self):
-            out[f.name] = getattr(self, f.name)
+        out.update(msgspec.to_builtins(self))
         return out
 
     @classmethod
-    def from_wire(cls: type[M], data: dict[str, Any]) -> M:
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in data:
-                kwargs[f.name] = data[f.name]
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise BadRequest(f"{cls.KIND} message lacks field {f.name!r}")
-        return cls(**kwargs)
+    def from_wire(cls: type[M], data: Any) -> M:
+        """Decode and type-check an unpacked map (mesh/typed.py); BadRequest names the field
+        that does not fit."""
+        try:
+            return decode(data, cls, cls.KIND or cls.__name__)
+        except DecodeError as exc:
+            raise BadRequest(str(exc)) from None
+
+
+# Field types with their ranges, checked by ``from_wire``: a count is a non-negative integer,
+# an amount of time or work a finite non-negative number (NaN and infinity are refused).
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Amount = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)]
 
 
 # -- worker -> controller -------------------------------------------------------------------
@@ -125,7 +125,7 @@ class Message:
 class Register(Message):
     KIND: ClassVar[str] = "register"
     worker_id: str
-    pid: int
+    pid: Count
     host: str
     device: str
     version: int = PROTOCOL_VERSION
@@ -141,28 +141,28 @@ class Register(Message):
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
     KIND: ClassVar[str] = "heartbeat"
-    seq: int
-    queued: int = 0
+    seq: Count
+    queued: Count = 0
     busy: bool = False
     # Cumulative batching counters over every world this worker serves.
-    batches: int = 0
-    rows: int = 0
-    requests: int = 0
-    busy_s: float = 0.0
+    batches: Count = 0
+    rows: Count = 0
+    requests: Count = 0
+    busy_s: Amount = 0.0
     # Stages loaded on this worker, and how many of them no world uses.
-    stages: int = 0
-    idle_stages: int = 0
+    stages: Count = 0
+    idle_stages: Count = 0
     # CPU seconds the worker process has used (all threads): how many cores it keeps busy.
-    cpu_s: float = 0.0
+    cpu_s: Amount = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Joined(Message):
     KIND: ClassVar[str] = "joined"
-    world_id: int
-    epoch: int
-    load_ms: float = 0.0
-    form_ms: float = 0.0
+    world_id: Count
+    epoch: Count
+    load_ms: Amount = 0.0
+    form_ms: Amount = 0.0
     # The handler's description of its inputs (for status and meshctl bench).
     inputs: dict[str, Any] = field(default_factory=dict)
     # Rank 0 only: the identity of the socket the world takes its requests on.
@@ -172,23 +172,23 @@ class Joined(Message):
 @dataclass(frozen=True, slots=True)
 class JoinFailed(Message):
     KIND: ClassVar[str] = "join_failed"
-    world_id: int
-    epoch: int
+    world_id: Count
+    epoch: Count
     error: str
 
 
 @dataclass(frozen=True, slots=True)
 class Left(Message):
     KIND: ClassVar[str] = "left"
-    world_id: int
-    epoch: int
+    world_id: Count
+    epoch: Count
 
 
 @dataclass(frozen=True, slots=True)
 class WorldBroken(Message):
     KIND: ClassVar[str] = "world_broken"
-    world_id: int
-    epoch: int
+    world_id: Count
+    epoch: Count
     reason: str
     peer_lost: bool = False
 
@@ -210,15 +210,15 @@ class Join(Message):
     """Become rank ``rank`` of world ``world_id``/``epoch`` serving ``deployment``."""
 
     KIND: ClassVar[str] = "join"
-    world_id: int
-    epoch: int
-    rank: int
-    size: int
-    deployment: dict[str, Any]
+    world_id: Count
+    epoch: Count
+    rank: Count
+    size: Count
+    deployment: DeploymentSpec
     rendezvous: str = ""
-    world_timeout_ms: int = 30000
+    world_timeout_ms: Count = 30000
     # How long the ranks may take to meet (a peer may still be loading its stage).
-    form_timeout_ms: int = 120000
+    form_timeout_ms: Count = 120000
     peers: list[str] = field(default_factory=list)
     # "gloo" or "nccl", chosen by the controller from where the ranks are ("": the device's
     # default, NCCL on CUDA).
@@ -228,8 +228,8 @@ class Join(Message):
 @dataclass(frozen=True, slots=True)
 class Leave(Message):
     KIND: ClassVar[str] = "leave"
-    world_id: int
-    epoch: int
+    world_id: Count
+    epoch: Count
     abort: bool = False
 
 
@@ -262,9 +262,9 @@ class Preload(Message):
     """Load (and cache) one stage of a deployment now, so a later join is fast (warm pool)."""
 
     KIND: ClassVar[str] = "preload"
-    deployment: dict[str, Any]
-    rank: int = 0
-    size: int = 1
+    deployment: DeploymentSpec
+    rank: Count = 0
+    size: Count = 1
 
 
 WORKER_MESSAGES: dict[str, type[Message]] = {
@@ -279,27 +279,90 @@ def parse_control(data: Any, table: dict[str, type[Message]]) -> Message:
     """Turn an unpacked control map into its dataclass, or raise BadRequest."""
     if not isinstance(data, dict):
         raise BadRequest("control message must be a map")
-    cls = table.get(data.get("kind", ""))
+    kind = data.get("kind")
+    cls = table.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise BadRequest(f"unknown control message kind {data.get('kind')!r}")
-    try:
-        return cls.from_wire(data)
-    except TypeError as exc:
-        raise BadRequest(f"bad {cls.KIND} message: {exc}") from None
+        raise BadRequest(f"unknown control message kind {excerpt(kind)}")
+    return cls.from_wire(data)
+
+
+def excerpt(value: Any, limit: int = 40) -> str:
+    """A short, escaped rendering of a value from the wire, for an error message."""
+    text = repr(value) if isinstance(value, str | int | float | bool | None) else \
+        f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- admin (meshctl <-> controller admin socket) --------------------------------------------
 
-ADMIN_COMMANDS = frozenset({"status", "scale", "slo", "drain", "kill", "ping", "form", "fault"})
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+# The arguments of each admin command, decoded and checked before the command runs.
+@dataclass(frozen=True, slots=True)
+class NoArgs:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleArgs:
+    deployment: Name
+    worlds: Count | None = None
+    min_worlds: Count | None = None
+    max_worlds: Count | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SloArgs:
+    deployment: Name
+    p99_ms: Annotated[float, msgspec.Meta(gt=0.0, le=3.6e6)]
+
+
+@dataclass(frozen=True, slots=True)
+class FormArgs:
+    deployment: Name
+    workers: list[Name]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainArgs:
+    target: Name
+
+
+@dataclass(frozen=True, slots=True)
+class KillArgs:
+    worker: Name
+
+
+@dataclass(frozen=True, slots=True)
+class FaultArgs:
+    worker: Name  # a worker id, or "controller" (then stall_ms)
+    delay_ms: Annotated[float, msgspec.Meta(ge=0.0, le=600_000.0)] = 0.0
+    stall_ms: Annotated[float, msgspec.Meta(gt=0.0, le=60_000.0)] | None = None
+
+
+ADMIN_ARGS: dict[str, type[Any]] = {
+    "status": NoArgs, "ping": NoArgs, "scale": ScaleArgs, "slo": SloArgs, "form": FormArgs,
+    "drain": DrainArgs, "kill": KillArgs, "fault": FaultArgs,
+}
+ADMIN_COMMANDS = frozenset(ADMIN_ARGS)
 
 
 @dataclass(frozen=True, slots=True)
 class AdminRequest(Message):
     KIND: ClassVar[str] = "admin"
     id: int
-    command: str
+    command: Name
     args: dict[str, Any] = field(default_factory=dict)
     v: int = PROTOCOL_VERSION
+
+    @staticmethod
+    def args_of(command: str, args: dict[str, Any], kind: type[T]) -> T:
+        """The command's arguments as their typed record, or BadRequest naming the field."""
+        try:
+            return decode(args, kind, command)
+        except DecodeError as exc:
+            raise BadRequest(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

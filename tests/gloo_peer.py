@@ -87,24 +87,27 @@ class Peer:
 
 
 def _inner(comm: Any, deployment: dict[str, Any]) -> None:
-    from mesh import codec
+    from mesh import codec, dataplane
+    from mesh.spec import DeploymentSpec
     from worker.loader import load_handler
     from worker.stage_loop import InnerStage
     from worker.world import Compute, World
 
-    handler = load_handler(deployment, "cpu", stage=1, stages=2)
-    world = World(world_id=1, epoch=1, rank=1, size=2, deployment=deployment, handler=handler,
+    spec = DeploymentSpec(**deployment)
+    handler = load_handler(spec, "cpu", stage=1, stages=2)
+    world = World(world_id=1, epoch=1, rank=1, size=2, deployment=spec, handler=handler,
                   comm=comm)
     sent: list[list[Any]] = []
     stage = InnerStage(world, send=sent.append, compute=Compute())
     while stage.serve_one():
         pass
     for frames in sent:
-        head = codec.unpack_header(frames[0])
+        head = dataplane.unpack(frames[0])
+        assert type(head) is dataplane.Reply
         header = codec.decode([bytes(f) for f in frames[1:]], codec.to_numpy)
         outputs = {k: (v.tolist() if hasattr(v, "tolist") else v)
                    for k, v in (header.get("outputs") or {}).items()}
-        print("reply " + json.dumps({"rid": head[1], "status": head[4],
+        print("reply " + json.dumps({"rid": head.rid, "status": head.status,
                                      "kind": header.get("kind"), "code": header.get("code"),
                                      "outputs": outputs}), flush=True)
 

@@ -12,15 +12,9 @@ from typing import Any
 
 from controller.config import DeploymentConfig
 from controller.router import Router
-from mesh import codec
+from mesh import codec, dataplane
 from mesh.errors import BadRequest, ModelError, Unavailable
 from mesh.messages import (
-    CANCEL_WORK,
-    DISPATCH,
-    REPLY,
-    REPLY_CHUNK,
-    REPLY_ERROR,
-    REPLY_OK,
     ClientKind,
     error_header,
     request_header,
@@ -94,11 +88,12 @@ class Harness:
     def dispatches(self, entry: bytes | None = None) -> list[Dispatch]:
         out = []
         for frames in self.to_worker:
-            head = codec.unpack_header(frames[1])
-            if head[0] == CANCEL_WORK:
+            head = dataplane.unpack(frames[1])
+            if type(head) is dataplane.CancelWork:
                 continue
-            assert head[0] == DISPATCH
-            d = Dispatch(frames[0], head[1], head[2], head[3], head[4], frames[2], frames[3:])
+            assert type(head) is dataplane.Dispatch
+            d = Dispatch(frames[0], head.rid, head.world_id, head.epoch, head.deadline_ms,
+                         frames[2], frames[3:])
             if entry is None or d.entry == entry:
                 out.append(d)
         return out
@@ -107,9 +102,9 @@ class Harness:
         """(entry, rid, world, epoch) of every stop-work message sent to a worker."""
         out = []
         for frames in self.to_worker:
-            head = codec.unpack_header(frames[1])
-            if head[0] == CANCEL_WORK:
-                out.append((frames[0], head[1], head[2], head[3]))
+            head = dataplane.unpack(frames[1])
+            if type(head) is dataplane.CancelWork:
+                out.append((frames[0], head.rid, head.world_id, head.epoch))
         return out
 
     def dispatch_of(self, client_id: Any) -> Dispatch:
@@ -119,17 +114,17 @@ class Harness:
         assert found, f"request {client_id!r} was never dispatched"
         return found[-1]
 
-    def reply(self, d: Dispatch, *, status: int = REPLY_OK,
-              frames: list[Any] | None = None) -> None:
+    def reply(self, d: Dispatch, *, status: int = dataplane.OK,
+              frames: list[Any] | None = None, code: str = "") -> None:
         client_id = codec.unpack_header(d.header)["id"]
         if frames is None:
             frames = [codec.pack(result_header(client_id, {"y": client_id})), b"y-bytes"]
-        self.router.on_reply([REPLY, d.rid, d.world_id, d.epoch, status], frames)
+        self.router.on_reply(dataplane.Reply(d.rid, d.world_id, d.epoch, status, code), frames)
 
     def reply_error(self, d: Dispatch, code: str, retryable: bool = False) -> None:
         client_id = codec.unpack_header(d.header)["id"]
         header = codec.pack(error_header(client_id, code, "from the worker", retryable))
-        self.reply(d, status=REPLY_ERROR, frames=[header])
+        self.reply(d, status=dataplane.ERROR, frames=[header], code=code)
 
     # -- reading what the client got ----------------------------------------------------
 
@@ -328,7 +323,7 @@ def test_stream_chunks_are_forwarded_in_order_and_the_request_stays_open_until_t
     d = h.dispatch_of("s")
     chunks = [codec.pack({"v": 1, "kind": ClientKind.CHUNK, "id": "s", "seq": i}) for i in range(3)]
     for chunk in chunks:
-        h.reply(d, status=REPLY_CHUNK, frames=[chunk])
+        h.reply(d, status=dataplane.CHUNK, frames=[chunk])
     assert h.router.in_flight == 1
     end = codec.pack({"v": 1, "kind": ClientKind.END, "id": "s"})
     h.reply(d, frames=[end])
@@ -340,7 +335,8 @@ def test_stream_chunks_are_forwarded_in_order_and_the_request_stays_open_until_t
 def test_a_reply_for_an_unknown_request_is_counted_late_and_dropped() -> None:
     h = Harness()
     h.router.add_world(1, 0, b"w1")
-    h.router.on_reply([REPLY, 999, 1, 0, REPLY_OK], [codec.pack(result_header("x", {}))])
+    h.router.on_reply(dataplane.Reply(999, 1, 0, dataplane.OK),
+                      [codec.pack(result_header("x", {}))])
     assert h.router.late_replies == 1
     assert h.to_client == []
 
@@ -564,7 +560,7 @@ def test_fail_all_answers_every_open_request_once() -> None:
 
 
 def test_a_resumed_stream_skips_the_chunks_already_delivered_on_top_of_its_own_skip() -> None:
-    from controller.router import _with_skip
+    from controller.inflight import with_skip as _with_skip
     from mesh import codec as _codec
     from mesh.messages import request_header as _rh
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from mesh import codec
+from mesh import codec, dataplane
 from mesh.errors import Unavailable
-from mesh.messages import DISPATCH, REPLY_ERROR, REPLY_OK, ClientKind, request_header
+from mesh.messages import ClientKind, request_header
+from mesh.spec import DeploymentSpec
 from tests.gloo_peer import Peer
 from worker.comm import PeerLost, WorldTimeout
 from worker.loader import load_handler
@@ -31,8 +32,9 @@ PeersFn = Callable[..., Peer]
 
 def entry_for(peer: Peer, deployment: dict[str, Any]) -> tuple[EntryStage, list[list[Any]],
                                                                  list[tuple[Any, ...]]]:
-    handler = load_handler(deployment, "cpu", stage=0, stages=2)
-    world = World(world_id=1, epoch=1, rank=0, size=2, deployment=deployment, handler=handler,
+    spec = DeploymentSpec(**deployment)
+    handler = load_handler(spec, "cpu", stage=0, stages=2)
+    world = World(world_id=1, epoch=1, rank=0, size=2, deployment=spec, handler=handler,
                   comm=peer.comm)
     sent: list[list[Any]] = []
     broken: list[tuple[Any, ...]] = []
@@ -44,7 +46,7 @@ def entry_for(peer: Peer, deployment: dict[str, Any]) -> tuple[EntryStage, list[
 def dispatch(rid: int, x: np.ndarray, timeout_ms: int = 10_000) -> list[Any]:
     frames = codec.encode(request_header(ClientKind.INFER, f"c{rid}", "mlp", {"x": x},
                                          timeout_ms))
-    return [codec.pack([DISPATCH, rid, 1, 1, timeout_ms]), *[bytes(f) for f in frames]]
+    return [dataplane.pack_dispatch(rid, 1, 1, timeout_ms), *[bytes(f) for f in frames]]
 
 
 def run_until(stage: EntryStage, done: Callable[[], bool], timeout_s: float) -> None:
@@ -84,7 +86,7 @@ def test_a_two_stage_world_computes_the_unsplit_model_and_closes_on_purpose(
     model = build(hidden=64)
     with torch.inference_mode():
         for reply in replies:
-            assert reply["status"] == REPLY_OK and reply["kind"] == "result"
+            assert reply["status"] == dataplane.OK and reply["kind"] == "result"
             want = model(torch.from_numpy(xs[reply["rid"]]))
             torch.testing.assert_close(torch.tensor(reply["outputs"]["y"]), want)
     assert sorted(r["rid"] for r in replies) == sorted(xs)
@@ -109,7 +111,7 @@ def test_an_idle_world_stays_up_through_many_timeouts_on_keepalives(peers: Peers
     run_until(stage, lambda: stage.idle, 10.0)
     stage.finish(Unavailable("closing"), graceful=True)
     (reply,) = read_replies(peer, 1)
-    assert reply["rid"] == 7 and reply["status"] == REPLY_OK
+    assert reply["rid"] == 7 and reply["status"] == dataplane.OK
     assert peer.proc.wait(10) == 0
 
 
@@ -146,9 +148,10 @@ def test_a_next_rank_killed_while_batches_are_posted_answers_unavailable_never_m
     assert broken and broken[0][3] is True  # reported as a lost peer
     answers = {}
     for frames in sent:
-        head = codec.unpack_header(frames[0])
+        head = dataplane.unpack(frames[0])
         header = codec.unpack_header(frames[1])
-        assert head[4] == REPLY_ERROR
-        answers[head[1]] = header["code"]
+        assert type(head) is dataplane.Reply and head.status == dataplane.ERROR
+        assert head.code == header["code"]  # the code travels in the fixed part too
+        answers[head.rid] = header["code"]
     assert set(answers) == set(rids)
     assert set(answers.values()) == {"unavailable"}, answers

@@ -133,23 +133,6 @@ def test_the_window_keeps_at_most_max_samples_dropping_the_oldest() -> None:
     assert s.max_ms == pytest.approx(300.0)
 
 
-def test_the_service_rate_per_world_is_answers_per_busy_second_of_the_slowest_stage() -> None:
-    from controller.service_rate import ServiceRate
-
-    rate = ServiceRate(smoothing=1.0)
-    rate.update(0.0, [[("a", 0.0), ("b", 0.0)]], answered=0)
-    # 100 answers while stage b (the slower) was busy 0.5 s: 200 answers per busy second.
-    assert rate.update(1.0, [[("a", 0.25), ("b", 0.5)]], answered=100) == 200.0
-    # A worker joining with counters from earlier work adds only what it did since.
-    assert rate.update(2.0, [[("a", 0.5), ("b", 1.0)], [("c", 50.0)]],
-                       answered=200) == 200.0
-    assert rate.update(3.0, [[("a", 0.75), ("b", 1.5)], [("c", 50.5)]],
-                       answered=400) == 200.0
-    # Too little busy time to judge: the rate stays as it was.
-    assert rate.update(4.0, [[("a", 0.76), ("b", 1.51)], [("c", 50.51)]],
-                       answered=402) == 200.0
-
-
 def test_host_cpu_reads_busy_cores_from_proc_stat(tmp_path: Any) -> None:
     from controller.host_cpu import HostCpu
 
@@ -161,18 +144,3 @@ def test_host_cpu_reads_busy_cores_from_proc_stat(tmp_path: Any) -> None:
     stat.write_text("cpu  250 0 150 900 0 0 0\n")  # +200 busy, +100 idle of +300
     assert host.sample() == pytest.approx(2 * 200 / 300)
     assert HostCpu(2, path=tmp_path / "absent").sample() is None
-
-
-def test_capacity_is_the_slowest_stage_of_the_summed_rates_of_distinct_workers() -> None:
-    from types import SimpleNamespace
-
-    from controller.app import capacity_rps
-
-    workers = {w: SimpleNamespace(cost_ms=c) for w, c in
-               {"a": 8.0, "b": 16.0, "c": 16.0, "d": 0.0}.items()}
-    worlds = [SimpleNamespace(workers=["a", "b"]), SimpleNamespace(workers=["a", "c"])]
-    # Stage 0: one shared worker at 125/s (counted once); stage 1: two at 62.5/s each.
-    assert capacity_rps(worlds, workers) == pytest.approx(125.0)
-    assert capacity_rps(worlds[:1], workers) == pytest.approx(62.5)
-    # A stage whose worker's cost is not known yet: unknown.
-    assert capacity_rps([SimpleNamespace(workers=["a", "d"])], workers) == 0.0

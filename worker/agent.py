@@ -38,6 +38,7 @@ from mesh.messages import (
     Welcome,
     WorldBroken,
 )
+from mesh.spec import DeploymentSpec
 from worker.comm import Comm, CommError, parse_addr
 from worker.link import Link
 from worker.loader import LoadError, load_handler
@@ -196,10 +197,10 @@ class WorkerAgent(Actor):
                                        msg.rank, msg.size)
         except LoadError as exc:
             log.warning("[worker %s] preload of %s stage %d failed: %s", self.worker_id,
-                        msg.deployment.get("name"), msg.rank, exc)
+                        msg.deployment.name, msg.rank, exc)
             return
         log.info("[worker %s] preloaded %s stage %d/%d in %.0f ms", self.worker_id,
-                 msg.deployment.get("name"), msg.rank, msg.size,
+                 msg.deployment.name, msg.rank, msg.size,
                  (time.perf_counter() - started) * 1000.0)
 
     def _broken_from_thread(self, world_id: int, epoch: int, reason: str, peer_lost: bool) -> None:
@@ -211,10 +212,10 @@ class WorkerAgent(Actor):
         self._link.send(WorldBroken(world_id=world_id, epoch=epoch, reason=reason,
                                     peer_lost=peer_lost))
 
-    def _handler_for(self, deployment: dict[str, Any], rank: int, size: int,
+    def _handler_for(self, deployment: DeploymentSpec, rank: int, size: int,
                      world: int | None = None) -> Any:
         """The stage's handler, loaded unless held; pinned while ``world`` uses it."""
-        key = (deployment.get("name", ""), rank, size, repr(sorted(deployment.items())))
+        key = (deployment.name, rank, size, repr(deployment))
         return self._stages.get(
             key, lambda: load_handler(deployment, self.device, stage=rank, stages=size),
             world=world)
@@ -297,7 +298,7 @@ class WorkerAgent(Actor):
         form_ms = (time.perf_counter() - started) * 1000.0 - load_ms
         log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, %s, load %.0f ms, form "
                  "%.0f ms)", self.worker_id, msg.world_id, msg.epoch, msg.rank, msg.size,
-                 msg.deployment.get("name"), comm.backend if comm is not None else "local",
+                 msg.deployment.name, comm.backend if comm is not None else "local",
                  load_ms, form_ms)
         self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
                                form_ms=form_ms, inputs=handler.input_spec(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from mesh.spec import DeploymentSpec
 from worker.handler import Handler, TensorHandler
 from worker.loader_errors import LoadError
 
@@ -33,29 +34,29 @@ def resolve_factory(spec: str) -> Any:
     return factory
 
 
-def load_handler(deployment: dict[str, Any], device: str, *, stage: int = 0,
+def load_handler(deployment: DeploymentSpec, device: str, *, stage: int = 0,
                  stages: int = 1) -> Handler:
     """Build the handler of one stage of a deployment and put it on ``device``."""
     import torch
 
-    factory = resolve_factory(deployment["model"])
+    factory = resolve_factory(deployment.model)
     try:
-        built = factory(**deployment.get("factory_kwargs", {}))
+        built = factory(**deployment.factory_kwargs)
     except Exception as exc:
         raise LoadError(
-            f"factory {deployment['model']!r} raised {type(exc).__name__}: {exc}") from exc
+            f"factory {deployment.model!r} raised {type(exc).__name__}: {exc}") from exc
     if isinstance(built, Handler):
         handler = built
     elif isinstance(built, torch.nn.Module):
         handler = TensorHandler(built)
     else:
         raise LoadError(
-            f"factory {deployment['model']!r} returned {type(built).__name__}; "
+            f"factory {deployment.model!r} returned {type(built).__name__}; "
             "expected a torch.nn.Module or a worker.handler.Handler"
         )
     try:
-        handler.setup(checkpoint=deployment.get("checkpoint", ""), device=device, stage=stage,
-                      stages=stages, split_points=list(deployment.get("split_points") or []))
+        handler.setup(checkpoint=deployment.checkpoint, device=device, stage=stage,
+                      stages=stages, split_points=list(deployment.split_points))
     except LoadError:
         raise
     except Exception as exc:

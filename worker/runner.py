@@ -32,9 +32,8 @@ from typing import Any
 
 import zmq
 
-from mesh import codec
+from mesh import dataplane
 from mesh.errors import Unavailable
-from mesh.messages import HELLO
 from mesh.transport import make_socket, recv_nowait, send_nowait
 from worker.comm import CommError
 from worker.stage_loop import EntryStage, InnerStage
@@ -173,7 +172,7 @@ class WorldRunner:
     def _handshake(self, sock: zmq.Socket[Any]) -> bool:
         """Announce this socket and wait for the controller's echo, so it can route here."""
         world = self.world
-        sock.send(codec.pack([HELLO, world.world_id, world.epoch]))
+        sock.send(dataplane.pack(dataplane.Hello(world.world_id, world.epoch)))
         deadline = self._clock() + HANDSHAKE_TIMEOUT_S
         while self._leave_deadline_s is None:
             left_ms = int((deadline - self._clock()) * 1000)
@@ -184,7 +183,7 @@ class WorldRunner:
                 return False
             if sock.poll(min(left_ms, 100), zmq.POLLIN):
                 frames = recv_nowait(sock, 1)
-                if frames and codec.unpack_header(frames[0]) == [HELLO]:
+                if frames and type(dataplane.unpack(frames[0])) is dataplane.Hello:
                     return True
         self._ready.set_exception(CommError("left before the controller answered"))
         return False

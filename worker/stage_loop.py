@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import codec
+from mesh.dataplane import ERROR, CancelWork, Dispatch, pack_reply, unpack
 from mesh.errors import (
     BadRequest,
     Cancelled,
@@ -32,7 +33,7 @@ from mesh.errors import (
     ModelError,
     Unavailable,
 )
-from mesh.messages import CANCEL_WORK, DISPATCH, REPLY, REPLY_ERROR, error_header
+from mesh.messages import error_header
 from worker import pipeline
 from worker.batcher import Batcher, Item
 from worker.comm import HEADER_BYTES, Comm, CommError
@@ -83,7 +84,7 @@ def micro_batches(batch: list[Item], parts: int, budget: int = ITEMS_BUDGET) -> 
 def error_reply(rid: Any, world_id: Any, epoch: Any, client_id: Any,
                 error: MeshError) -> list[Any]:
     header = codec.pack(error_header(client_id, error.code, error.message, error.retryable))
-    return [codec.pack([REPLY, rid, world_id, epoch, REPLY_ERROR]), header]
+    return [pack_reply(rid, world_id, epoch, ERROR, error.code), header]
 
 
 @dataclass(eq=False)
@@ -117,8 +118,8 @@ class EntryStage:
         self._clock = clock
         self.replier = Replier(world.world_id, world.epoch, send)
         dep = world.deployment
-        self.batcher = Batcher(max_batch_size=int(dep.get("max_batch_size", 32)),
-                               max_batch_delay_ms=float(dep.get("max_batch_delay_ms", 2.0)),
+        self.batcher = Batcher(max_batch_size=dep.max_batch_size,
+                               max_batch_delay_ms=dep.max_batch_delay_ms,
                                clock=clock)
         self.stats = RunnerStats()
         self.busy = False
@@ -140,14 +141,14 @@ class EntryStage:
 
     def accept(self, frames: list[Any]) -> None:
         """A message from the controller: a dispatch or a cancel."""
-        head = codec.unpack_header(frames[0])
-        if isinstance(head, list) and len(head) >= 4 and head[0] == CANCEL_WORK:
-            self._cancel(head[1])
+        head = unpack(frames[0])
+        if type(head) is CancelWork:
+            self._cancel(head.rid)
             return
-        if not isinstance(head, list) or len(head) < 5 or head[0] != DISPATCH:
+        if type(head) is not Dispatch:
             log.warning("[%s] dropped a malformed dispatch", self.world.label)
             return
-        _, rid, world_id, epoch, deadline_ms = head[:5]
+        rid, world_id, epoch, deadline_ms = head.rid, head.world_id, head.epoch, head.deadline_ms
         world = self.world
         client_id: Any = None
         try:

@@ -16,17 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh import codec
+from mesh.dataplane import CHUNK, ERROR, OK, pack_reply
 from mesh.errors import MeshError, ModelError
 from mesh.messages import (
     PROTOCOL_VERSION,
-    REPLY,
-    REPLY_CHUNK,
-    REPLY_ERROR,
-    REPLY_OK,
     ClientKind,
     error_header,
     result_header,
 )
+from mesh.spec import DeploymentSpec
 from worker.comm import Comm
 from worker.handler import Handler
 
@@ -39,7 +37,7 @@ class World:
     epoch: int
     rank: int
     size: int
-    deployment: dict[str, Any]
+    deployment: DeploymentSpec
     handler: Handler
     comm: Comm | None = None
 
@@ -49,7 +47,7 @@ class World:
 
     @property
     def micro_batches(self) -> int:
-        return max(1, int(self.deployment.get("micro_batches") or self.size))
+        return max(1, self.deployment.micro_batches or self.size)
 
     @property
     def label(self) -> str:
@@ -113,19 +111,20 @@ class Replier:
         except Exception as exc:
             self.error(rid, client_id, ModelError(f"output cannot be encoded: {exc}"))
             return
-        self._send([codec.pack([REPLY, rid, self.world_id, self.epoch, REPLY_OK]), *frames])
+        self._send([pack_reply(rid, self.world_id, self.epoch, OK), *frames])
 
     def chunk(self, rid: Any, client_id: Any, seq: int, outputs: dict[str, Any]) -> None:
         frames = codec.encode(chunk_header(client_id, seq, outputs))
-        self._send([codec.pack([REPLY, rid, self.world_id, self.epoch, REPLY_CHUNK]), *frames])
+        self._send([pack_reply(rid, self.world_id, self.epoch, CHUNK), *frames])
 
     def end(self, rid: Any, client_id: Any, seq: int) -> None:
-        self._send([codec.pack([REPLY, rid, self.world_id, self.epoch, REPLY_OK]),
+        self._send([pack_reply(rid, self.world_id, self.epoch, OK),
                     codec.pack(end_header(client_id, seq))])
 
     def error(self, rid: Any, client_id: Any, error: MeshError) -> None:
         header = codec.pack(error_header(client_id, error.code, error.message, error.retryable))
-        self._send([codec.pack([REPLY, rid, self.world_id, self.epoch, REPLY_ERROR]), header])
+        self._send([pack_reply(rid, self.world_id, self.epoch, ERROR,
+                                      error.code), header])
 
 
 def emit_stream_step(replier: Replier, handler: Handler, text: dict[Any, list[str]], rid: Any,

@@ -1,0 +1,205 @@
+"""What the WorldManager does with what it hears of workers: registrations, joins, leaves,
+broken-world reports, heartbeats and losses (a part of the WorldManager actor, in a module of
+its own; only the actor calls it, from its mailbox)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from controller.fleet import (
+    DeploymentState,
+    EventLog,
+    WorkerInfo,
+    WorkerState,
+    WorldInfo,
+    WorldState,
+)
+from mesh.logs import speaker
+from mesh.messages import (
+    Heartbeat,
+    Joined,
+    JoinFailed,
+    Left,
+    Message,
+    Ping,
+    Register,
+    Shutdown,
+    Welcome,
+    WorldBroken,
+)
+
+if TYPE_CHECKING:
+    from controller.config import Config
+    from controller.launcher import Launcher
+
+log = speaker(logging.getLogger(__name__), "controller")
+
+
+class WorkerEvents:
+    # The WorldManager's state and helpers this part uses (see controller/world_manager.py).
+    config: Config
+    launcher: Launcher
+    workers: dict[str, WorkerInfo]
+    worlds: dict[int, WorldInfo]
+    deployments: dict[str, DeploymentState]
+    events: EventLog
+    stopping: bool
+    spawn_quarantined: str
+    _spawn_failures: int
+    _spawn_retry_at_s: float
+    _fenced: set[tuple[str, int]]
+    _welcome: Welcome
+    _clock: Callable[[], float]
+    _send: Callable[[str, Message], bool]
+    _on_watch: Callable[[str], None]
+    _on_forget: Callable[[str], None]
+
+    def _world_serving(self, world: WorldInfo) -> None:
+        raise NotImplementedError  # the WorldManager's
+
+    def _break_world(self, world: WorldInfo, reason: str) -> None:
+        raise NotImplementedError  # the WorldManager's
+
+    def _settle_worker(self, worker: WorkerInfo) -> None:
+        raise NotImplementedError  # the WorldManager's
+
+    def _from_worker(self, worker_id: str, msg: Message) -> None:
+        if isinstance(msg, Register):
+            self._register(worker_id, msg)
+            return
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.state == WorkerState.DEAD:
+            if worker is not None and (worker_id, worker.pid) in self._fenced:
+                # A fenced process spoke again (it was stopped, now resumed): end it.
+                self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
+            return
+        if isinstance(msg, Joined):
+            world = self.worlds.get(msg.world_id)
+            if world is None or world.epoch != msg.epoch or world.state != WorldState.FORMING:
+                return
+            world.joined.add(worker_id)
+            if msg.entry and world.workers[0] == worker_id:
+                world.entry = msg.entry
+            worker.joined_once = True
+            world.load_ms = max(world.load_ms, msg.load_ms)
+            world.form_ms = max(world.form_ms, msg.form_ms)
+            if msg.inputs:
+                self.deployments[world.deployment].inputs = dict(msg.inputs)
+            if world.joined == set(world.workers):
+                self._world_serving(world)
+        elif isinstance(msg, JoinFailed):
+            world = self.worlds.get(msg.world_id)
+            if world is None or world.epoch != msg.epoch:
+                return
+            self._formation_failed(world, msg.error)
+            self._break_world(world, f"join failed: {msg.error}")
+        elif isinstance(msg, Left):
+            worker.worlds.discard(msg.world_id)
+            self._settle_worker(worker)
+        elif isinstance(msg, WorldBroken):
+            world = self.worlds.get(msg.world_id)
+            if world is not None and world.epoch == msg.epoch:
+                now = self._clock()
+                for wid in world.workers:
+                    peer = self.workers.get(wid)
+                    if wid != worker_id and peer is not None and peer.state != WorkerState.DEAD:
+                        peer.suspect_since_s = now
+                        self._send(wid, Ping(reply=True))  # alive? a heartbeat clears it
+                self._break_world(world, f"reported by {worker_id}: {msg.reason}")
+
+    def _register(self, worker_id: str, msg: Register) -> None:
+        if (worker_id, msg.pid) in self._fenced:
+            # A worker we declared dead came back (e.g. SIGCONT): it must not rejoin anything.
+            self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
+            return
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.state == WorkerState.DEAD:
+            worker = WorkerInfo(worker_id, since_s=self._clock())
+            self.workers[worker_id] = worker
+        if worker.state == WorkerState.STARTING:
+            worker.state = WorkerState.IDLE
+            worker.since_s = self._clock()
+            self._spawn_failures = 0
+        worker.pid, worker.host, worker.device = msg.pid, msg.host, msg.device
+        worker.device_uuid = msg.device_uuid
+        worker.store_addr = msg.store_addr
+        self._on_watch(worker_id)
+        self._send(worker_id, self._welcome)
+        log.info("worker %s registered (pid %d, %s)", worker_id, msg.pid, msg.device)
+
+    def _heartbeat(self, worker_id: str, hb: Heartbeat) -> bool:
+        """Note a heartbeat; True when it cleared a suspect (worth a plan)."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return False
+        was_suspect = worker.suspect
+        worker.heard(hb, self._clock())
+        return was_suspect and worker.state == WorkerState.IDLE
+
+    def _worker_died(self, worker_id: str, reason: str, *, kill: bool = False) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = WorkerInfo(worker_id, since_s=self._clock())
+            self.workers[worker_id] = worker
+        if worker.state == WorkerState.DEAD:
+            return
+        was_draining = worker.state == WorkerState.DRAINING
+        if worker.state == WorkerState.STARTING and worker.spawned_by_us and not self.stopping:
+            self._spawn_failed(worker_id, reason)
+        worker.state = WorkerState.DEAD
+        worker.reason = reason
+        worker.since_s = self._clock()
+        self._fenced.add((worker_id, worker.pid))
+        self._on_forget(worker_id)
+        if kill:
+            self.launcher.kill(worker_id)
+        (log.info if was_draining or self.stopping else log.warning)(
+            "worker %s is dead: %s", worker_id, reason)
+        self.events.add("worker_dead", worker=worker_id, reason=reason)
+        for world_id in sorted(worker.worlds):
+            world = self.worlds.get(world_id)
+            if world is not None:
+                if world.state == WorldState.FORMING and worker_id not in world.joined \
+                        and not worker.joined_once:
+                    self._formation_failed(world, f"worker {worker_id} {reason} while loading")
+                self._break_world(world, f"worker {worker_id} {reason}")
+        worker.worlds.clear()
+
+    def _spawn_failed(self, worker_id: str, reason: str) -> None:
+        self._spawn_failures += 1
+        limit = self.config.controller.max_load_failures
+        if self._spawn_failures >= limit:
+            self.spawn_quarantined = (f"{self._spawn_failures} workers in a row died before "
+                                      f"registering; last: {worker_id} {reason}")
+            log.error("no more workers will be started: %s", self.spawn_quarantined)
+            self.events.add("launcher_quarantined", reason=self.spawn_quarantined)
+            return
+        backoff_s = backoff(self._spawn_failures)
+        self._spawn_retry_at_s = self._clock() + backoff_s
+        log.error("worker %s died before registering (%s); next start in %.1fs", worker_id,
+                  reason, backoff_s)
+
+    def _formation_failed(self, world: WorldInfo, error: str) -> None:
+        """Back off exponentially; after ``max_load_failures`` in a row, stop trying."""
+        dep = self.deployments[world.deployment]
+        dep.failures += 1
+        dep.last_error = error
+        limit = self.config.controller.max_load_failures
+        if dep.failures >= limit:
+            dep.quarantined = (f"{dep.failures} formation failures in a row; last: {error}. "
+                               f"Fix the model, then 'meshctl scale {dep.config.name}' to retry")
+            log.error("%s quarantined: %s", dep.config.name, dep.quarantined)
+            self.events.add("deployment_quarantined", deployment=dep.config.name, reason=error,
+                            failures=dep.failures)
+            return
+        backoff_s = backoff(dep.failures)
+        dep.retry_at_s = self._clock() + backoff_s
+        log.error("world %d/%d of %s failed to form: %s (retry %d/%d in %.1fs)", world.id,
+                  world.epoch, world.deployment, error, dep.failures, limit - 1, backoff_s)
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` in a row: 0.5, 1, 2, ... up to 60."""
+    return float(min(60.0, 0.5 * 2 ** (failures - 1)))

@@ -1,0 +1,49 @@
+"""What a worker is told about the deployment it serves: one typed record, sent whole.
+
+The controller reads it from the TOML config (controller/config.py validates it there) and
+sends it in every ``join`` and ``preload`` (mesh/messages.py); the worker decodes it into this
+same type, so every default is defined here once and nobody repeats it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    name: str
+    model: str
+    checkpoint: str = ""
+    stages: int = 1
+    worlds: int = 1
+    min_worlds: int = 1
+    max_worlds: int = 4
+    slo_p99_ms: float = 100.0
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 2.0
+    # Requests waiting at the controller when every world is full; beyond this: Overloaded.
+    max_queue: int = 4096
+    # Requests outstanding on one world before the router holds new ones back.
+    max_inflight_per_world: int = 64
+    # Deadline applied when a request names none, and the largest one accepted.
+    default_timeout_ms: int = 30000
+    max_timeout_ms: int = 600000
+    # Extra keyword arguments for the model factory (msgpack/TOML-native values only).
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Pipeline: child indices of the nn.Sequential where stages 1.. begin (default: balanced
+    # by parameter count), micro-batches per batch (0: one per stage), and the timeout of
+    # every world operation (a stage silent this long breaks its world).
+    split_points: list[int] = field(default_factory=list)
+    micro_batches: int = 0
+    world_timeout_ms: int = 10000
+    # Autoscaling on the latency target: act on a breach after upscale_delay_s, give a world
+    # back after downscale_delay_s of sustained headroom (one at a time).
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 30.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return dict(msgspec.to_builtins(self))
