@@ -39,7 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-log = logging.getLogger(__name__)
+from mesh.logs import speaker
+
+log = speaker(logging.getLogger(__name__), "controller")
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,11 +282,11 @@ class Autoscaler:
                 if target != ctx.desired:
                     decision = Decision(time.time(), name, ctx.desired, target, why)
                     self.last[name] = decision
-                    log.info("[controller] autoscaler: %s %d -> %d worlds (%s)", name,
+                    log.info("autoscaler: %s %d -> %d worlds (%s)", name,
                              ctx.desired, target, why)
                     self._apply(name, target, why)
             except Exception:
-                log.exception("[controller] autoscaler tick for %s failed", name)
+                log.exception("autoscaler tick for %s failed", name)
 
     async def run(self) -> None:
         while True:

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-log = logging.getLogger(__name__)
+from mesh.logs import speaker
+
+log = speaker(logging.getLogger(__name__), "controller")
 
 OnExit = Callable[[str, int], None]  # (worker_id, returncode)
 # How long a worker told to stop gets to exit by itself before it is sent SIGTERM.
@@ -134,13 +136,13 @@ class LocalLauncher:
         self._children[worker_id] = child
         child.watcher = asyncio.get_running_loop().create_task(
             self._watch(child), name=f"launcher.watch.{worker_id}")
-        log.info("[controller] started worker %s pid %d on %s", worker_id, proc.pid, device)
+        log.info("started worker %s pid %d on %s", worker_id, proc.pid, device)
         return proc.pid
 
     async def _watch(self, child: _Child) -> None:
         rc = await child.proc.wait()
         self._children.pop(child.worker_id, None)
-        log.info("[controller] worker %s pid %d exited with %d", child.worker_id,
+        log.info("worker %s pid %d exited with %d", child.worker_id,
                  child.proc.pid, rc)
         self._on_exit(child.worker_id, rc)
 
@@ -196,7 +198,7 @@ class LocalLauncher:
                 async with asyncio.timeout(timeout_s):
                     await proc.wait()
             except TimeoutError:
-                log.warning("[controller] worker %s pid %d ignored SIGTERM; SIGKILL",
+                log.warning("worker %s pid %d ignored SIGTERM; SIGKILL",
                             child.worker_id, proc.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)

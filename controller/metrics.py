@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from controller.fleet import WorkerState
+from mesh.logs import speaker
 
-log = logging.getLogger(__name__)
+log = speaker(logging.getLogger(__name__), "controller")
 
 
 def render_metrics(status: dict[str, Any]) -> str:
@@ -103,6 +104,6 @@ class MetricsServer:
         except (TimeoutError, ConnectionError):
             pass
         except Exception:
-            log.exception("[controller] metrics request failed")
+            log.exception("metrics request failed")
         finally:
             writer.close()

@@ -172,7 +172,8 @@ def plan(view: View) -> list[Action]:
         elif missing < 0:
             # Forming worlds first (nothing to drain), then the newest: the reverse of the
             # order they were added in (shared-worker worlds came last).
-            ranked = sorted(live, key=lambda w: (w.state == WorldState.SERVING, -w.created_s))
+            ranked = sorted(live, key=lambda w: (w.state == WorldState.SERVING, -w.created_s,
+                                                 -w.id))
             actions += [Drain(w.id, f"scaled down to {dep.desired}") for w in ranked[:-missing]]
 
     # Start what is missing; retire idle workers nobody needs. Workers still starting count

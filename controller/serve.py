@@ -15,8 +15,9 @@ import sys
 from controller.app import Controller
 from controller.config import Config
 from controller.launcher import NoLauncher
+from mesh.logs import speaker
 
-log = logging.getLogger(__name__)
+log = speaker(logging.getLogger(__name__), "controller")
 
 
 async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
@@ -31,7 +32,7 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
         signals_seen += 1
-        log.info("[controller] %s: %s", sig.name,
+        log.info("%s: %s", sig.name,
                  "stopping gracefully" if signals_seen == 1 else "stopping now")
         stop.set()
         if signals_seen > 1:
@@ -53,7 +54,7 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
             for name, reason in down.items():
                 print(f"meshserve: NOT serving {name}: {reason}", file=sys.stderr, flush=True)
         elif ready in done:
-            log.warning("[controller] not every deployment is serving after %.0fs; carrying on",
+            log.warning("not every deployment is serving after %.0fs; carrying on",
                         wait_ready_s)
         await stopped
         ready.cancel()
@@ -67,7 +68,7 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
                 draining.cancel()
                 await controller.drain(0.0)  # answer what is left with Cancelled
             elif not draining.result():
-                log.warning("[controller] drain timed out after %.1fs", drain_s)
+                log.warning("drain timed out after %.1fs", drain_s)
     finally:
         await controller.aclose()
     return 0

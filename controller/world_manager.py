@@ -183,8 +183,14 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
     async def _act(self) -> None:
         if self.stopping:
             return
-        for action in plan(self.view()):
-            await self._apply(action)
+        # A break frees its workers: plan once more so their replacement forms now, not on
+        # the next message (a few passes at most; a plan without breaks settles it).
+        for _ in range(3):
+            actions = plan(self.view())
+            for action in actions:
+                await self._apply(action)
+            if not any(isinstance(a, Break) for a in actions):
+                break
         down = {}
         for name, dep in self.deployments.items():
             reason = self.unavailable_reason(dep)

@@ -226,3 +226,11 @@ def test_a_shared_world_needs_fewer_fresh_workers_so_fewer_are_started() -> None
     actions = plan(view(deployments=(dep("pipe", stages=2, desired=3),), workers=workers,
                         worlds=worlds, can_spawn=True, room=8))
     assert actions == [Spawn(2)]  # two new worlds, one fresh worker each
+
+
+def test_worlds_created_in_the_same_instant_drain_the_highest_id_first() -> None:
+    worlds = [WorldView(i, "mlp", WorldState.SERVING, (f"w{i}",), created_s=5.0)
+              for i in (3, 1, 2)]
+    workers = [worker(f"w{i}", SERVING, worlds=frozenset({i})) for i in (1, 2, 3)]
+    actions = plan(view(deployments=(dep(desired=1),), workers=workers, worlds=worlds))
+    assert actions == [Drain(3, "scaled down to 1"), Drain(2, "scaled down to 1")]

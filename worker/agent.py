@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from mesh.actor import Actor
+from mesh.logs import speaker
 from mesh.loop_lag import LoopLag
 from mesh.messages import (
     DEFAULT_MAX_IDLE_STAGES,
@@ -78,6 +79,7 @@ class WorkerAgent(Actor):
     ) -> None:
         super().__init__(f"worker {worker_id}")
         self.worker_id = worker_id
+        self._log = speaker(log, f"worker {worker_id}")
         self.device = device
         self.threads = threads
         self.labels = labels or {}
@@ -138,8 +140,8 @@ class WorkerAgent(Actor):
             # A runner still blocked in a world's receive (a peer that neither closes nor
             # answers) holds its socket: terminating ZeroMQ would wait for it. The process
             # exits without (worker.main ends it with os._exit).
-            log.warning("[worker %s] %d runner(s) still blocked at exit: %s", self.worker_id,
-                        len(self._stuck), ", ".join(r.world.label for r in self._stuck))
+            self._log.warning("%d runner(s) still blocked at exit: %s", len(self._stuck),
+                              ", ".join(r.world.label for r in self._stuck))
             return
         self._context.term()
 
@@ -152,7 +154,7 @@ class WorkerAgent(Actor):
     def stop(self, reason: str) -> None:
         if not self.stopped.is_set():
             self.exit_reason = reason
-            log.info("[worker %s] stopping: %s", self.worker_id, reason)
+            self._log.info("stopping: %s", reason)
             self.stopped.set()
 
     # -- control --------------------------------------------------------------------------
@@ -175,8 +177,7 @@ class WorkerAgent(Actor):
         if self.stopped.is_set() or not self.running:
             return  # stopping: nothing new starts
         if isinstance(message, Fault):
-            log.warning("[worker %s] fault injected: +%.0f ms per computation", self.worker_id,
-                        message.delay_ms)
+            self._log.warning("fault injected: +%.0f ms per computation", message.delay_ms)
             self._compute.delay_s = message.delay_ms / 1000.0
             return
         self.tell(message)
@@ -196,12 +197,11 @@ class WorkerAgent(Actor):
             await loop.run_in_executor(self._loader_pool, self._handler_for, msg.deployment,
                                        msg.rank, msg.size)
         except LoadError as exc:
-            log.warning("[worker %s] preload of %s stage %d failed: %s", self.worker_id,
-                        msg.deployment.name, msg.rank, exc)
+            self._log.warning("preload of %s stage %d failed: %s", msg.deployment.name,
+                              msg.rank, exc)
             return
-        log.info("[worker %s] preloaded %s stage %d/%d in %.0f ms", self.worker_id,
-                 msg.deployment.name, msg.rank, msg.size,
-                 (time.perf_counter() - started) * 1000.0)
+        self._log.info("preloaded %s stage %d/%d in %.0f ms", msg.deployment.name, msg.rank,
+                       msg.size, (time.perf_counter() - started) * 1000.0)
 
     def _broken_from_thread(self, world_id: int, epoch: int, reason: str, peer_lost: bool) -> None:
         loop = self._loop
@@ -222,9 +222,8 @@ class WorkerAgent(Actor):
 
     def _dropped_stage(self, key: Any) -> None:
         name, rank, size, _ = key
-        log.info("[worker %s] dropped %s stage %d/%d: no world uses it and %d newer idle "
-                 "stages are kept (max_idle_stages)", self.worker_id, name, rank, size,
-                 self._stages.max_idle)
+        self._log.info("dropped %s stage %d/%d: no world uses it and %d newer idle stages "
+                       "are kept (max_idle_stages)", name, rank, size, self._stages.max_idle)
         if self.device.startswith("cuda"):
             import torch
 

@@ -1,0 +1,175 @@
+"""The WorldManager actor applying its plans: messages in, records and worker messages out.
+
+No processes and no sockets: workers are the messages they would send, the launcher is the real
+``NoLauncher`` (workers join by themselves), the routers are real Routers whose sends are
+recorded, and the clock is a number the test moves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller.commands import FromWorker, Scale, Tick, WorkerLost
+from controller.config import Config, parse_config
+from controller.fleet import WorkerState, WorldState
+from controller.launcher import NoLauncher
+from controller.router import Router
+from controller.world_manager import WorldManager
+from mesh.messages import (
+    Heartbeat,
+    Join,
+    Joined,
+    Leave,
+    Message,
+    Ping,
+    Register,
+    Shutdown,
+    Welcome,
+    WorldBroken,
+)
+
+
+def config(stages: int = 1, worlds: int = 1) -> Config:
+    return parse_config({
+        "controller": {"warm_workers": 0, "preload_warm": False, "launcher": "none"},
+        "deployments": [{"name": "m", "model": "worker.models.mlp:build", "stages": stages,
+                         "worlds": worlds, "min_worlds": 0}],
+    })
+
+
+class Fleet:
+    """A WorldManager and what it sent to each worker."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.now = 100.0
+        self.sent: list[tuple[str, Message]] = []
+        self.watched: list[str] = []
+        self.router = Router(cfg.deployments[0], send_client=lambda f: True,
+                             send_worker=lambda f: True, next_rid=iter(range(1, 10**6)).__next__,
+                             on_world_idle=lambda w: None, clock=lambda: self.now)
+        self.wm = WorldManager(cfg, {"m": self.router}, NoLauncher(),
+                               send_worker=self._send, on_watch=self.watched.append,
+                               on_forget=lambda w: None, clock=lambda: self.now,
+                               wall_clock=lambda: 1e9 + self.now)
+
+    def _send(self, worker_id: str, message: Message) -> bool:
+        self.sent.append((worker_id, message))
+        return True
+
+    def take(self, kind: type) -> list[tuple[str, Any]]:
+        """Messages of ``kind`` sent since the last take (the others are kept)."""
+        taken = [(w, m) for w, m in self.sent if isinstance(m, kind)]
+        self.sent = [(w, m) for w, m in self.sent if not isinstance(m, kind)]
+        return taken
+
+    async def register(self, worker_id: str, pid: int) -> None:
+        await self.wm.handle(FromWorker(worker_id, Register(
+            worker_id=worker_id, pid=pid, host="h", device="cpu",
+            store_addr=f"127.0.0.1:{pid}")))
+
+    async def join_all(self) -> list[int]:
+        """Every worker answers its pending joins; returns the world ids."""
+        worlds = []
+        for worker_id, join in self.take(Join):
+            await self.wm.handle(FromWorker(worker_id, Joined(
+                world_id=join.world_id, epoch=join.epoch,
+                entry=f"{worker_id}/{join.world_id}" if join.rank == 0 else "")))
+            worlds.append(join.world_id)
+        return sorted(set(worlds))
+
+
+async def test_registered_workers_are_welcomed_and_formed_into_a_serving_world() -> None:
+    f = Fleet(config(stages=2))
+    await f.register("a", 11)
+    assert f.take(Welcome) == [("a", f.wm._welcome)] and f.take(Join) == []  # one is too few
+    await f.register("b", 12)
+    joins = f.take(Join)
+    assert [(w, j.rank, j.size, j.deployment.name) for w, j in joins] == [
+        ("a", 0, 2, "m"), ("b", 1, 2, "m")]
+    assert joins[1][1].rendezvous == "127.0.0.1:11"  # rank 0's store
+    f.sent += joins
+    [world_id] = await f.join_all()
+    assert f.wm.worlds[world_id].state == WorldState.SERVING
+    assert f.router.worlds[world_id].entry == b"a/" + str(world_id).encode()
+    assert {w.state for w in f.wm.workers.values()} == {WorkerState.SERVING}
+    assert await f.wm.settled() == {}
+    assert f.watched == ["a", "b"]
+
+
+async def test_a_dead_worker_is_fenced_its_world_broken_and_a_replacement_formed() -> None:
+    f = Fleet(config())
+    await f.register("a", 11)
+    [first] = await f.join_all()
+    await f.register("b", 12)  # a spare
+    await f.wm.handle(WorkerLost("a", "exited with -9"))
+    assert first not in f.wm.worlds
+    assert f.wm.workers["a"].state == WorkerState.DEAD
+    assert [e["event"] for e in f.wm.events] == ["world_serving", "worker_dead", "world_broken"]
+    [second] = await f.join_all()  # formed at once on the spare, under a new id
+    assert second > first and f.wm.worlds[second].workers == ["b"]
+    # The same process speaks again (it was stopped, then resumed): it is told to stop.
+    await f.register("a", 11)
+    assert f.take(Shutdown) == [("a", Shutdown(reason="fenced: declared dead earlier"))]
+    assert f.wm.workers["a"].state == WorkerState.DEAD
+    await f.wm.handle(FromWorker("a", Heartbeat(seq=5)))
+    await f.wm.handle(FromWorker("a", Joined(world_id=second, epoch=1)))
+    assert f.wm.worlds[second].workers == ["b"]
+    assert [w for w, _ in f.take(Shutdown)] == ["a"]  # told again
+    # A new process under the same id (restarted by its operator) is a new worker.
+    await f.register("a", 99)
+    assert f.wm.workers["a"].state == WorkerState.IDLE and f.take(Shutdown) == []
+
+
+async def test_a_broken_world_report_makes_the_peers_suspect_until_they_heartbeat() -> None:
+    f = Fleet(config(stages=2))
+    await f.register("a", 11)
+    await f.register("b", 12)
+    [world] = await f.join_all()
+    f.take(Ping)
+    await f.wm.handle(FromWorker("a", WorldBroken(world_id=world, epoch=1, reason="peer lost",
+                                                  peer_lost=True)))
+    assert world not in f.wm.worlds and world not in f.router.worlds
+    assert f.take(Ping) == [("b", Ping(reply=True))]  # alive?
+    assert sorted(w for w, m in f.take(Leave) if m.abort) == ["a", "b"]
+    assert f.take(Join) == []  # b may be the one that died: no world on it yet
+    f.now += 0.1
+    await f.wm.handle(FromWorker("b", Heartbeat(seq=1)))
+    assert [w for w, _ in f.take(Join)] == ["a", "b"]
+
+
+async def test_a_report_from_an_earlier_epoch_or_a_stranger_world_changes_nothing() -> None:
+    f = Fleet(config())
+    await f.register("a", 11)
+    [world] = await f.join_all()
+    await f.wm.handle(FromWorker("a", WorldBroken(world_id=world, epoch=2, reason="old")))
+    await f.wm.handle(FromWorker("a", WorldBroken(world_id=world + 7, epoch=1, reason="?")))
+    await f.wm.handle(FromWorker("zz", WorldBroken(world_id=world, epoch=1, reason="stranger")))
+    assert f.wm.worlds[world].state == WorldState.SERVING
+
+
+async def test_a_formation_that_times_out_breaks_and_forms_again_under_a_new_id() -> None:
+    f = Fleet(config())
+    await f.register("a", 11)
+    [(_, join)] = f.take(Join)
+    f.now += 121.0  # world_form_timeout_ms is 120 s
+    await f.wm.handle(Tick())
+    assert join.world_id not in f.wm.worlds
+    [(_, again)] = f.take(Join)
+    assert again.world_id > join.world_id
+    assert f.wm.events and list(f.wm.events)[-1]["reason"].startswith("not formed within")
+
+
+async def test_scaling_down_drains_the_newest_world_and_scaling_up_forms_on_idle_ones() -> None:
+    f = Fleet(config(worlds=2))
+    for i, w in enumerate("abc"):
+        await f.register(w, 10 + i)
+    worlds = await f.join_all()
+    assert len(worlds) == 2
+    result = await f.wm.handle(Scale("m", worlds=1))
+    assert result["worlds_desired"] == 1
+    newest = max(worlds)
+    assert f.wm.worlds[newest].state == WorldState.DRAINING
+    assert not f.router.worlds[newest].routable
+    await f.wm.handle(Scale("m", worlds=2))
+    [third] = await f.join_all()  # on the idle worker c, not the draining world's
+    assert f.wm.worlds[third].workers == ["c"]
