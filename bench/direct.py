@@ -90,7 +90,7 @@ class DirectWorker:
         self._context.term()
 
     def _on_message(self, frames: list[Any]) -> None:
-        if dataplane.is_data(frames[1]):
+        if dataplane.is_data(codec.frame_buffer(frames[1])):
             data = dataplane.unpack(frames[1])
             if type(data) is dataplane.Hello:
                 assert self._pump is not None

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from controller.fleet import WorkerState
 from controller.stats import percentile
 from mesh.client import Client
 from mesh.errors import MeshError
@@ -237,7 +238,7 @@ async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any
             status = await admin_call(admin, "status", timeout_s=2.0)
             dep = next(d for d in status["deployments"] if d["name"] == model)
             worlds = dep["worlds_current"]
-            workers = sum(1 for w in status["workers"] if w["state"] != "dead")
+            workers = sum(1 for w in status["workers"] if w["state"] != WorkerState.DEAD)
         except (MeshError, StopIteration):
             worlds = workers = -1
         row = Second(t=round(t, 2), target_rps=round(rate(t), 1),

@@ -128,7 +128,7 @@ class Router:
                 f"{self.name}: {self.queued} requests queued, limit {self.deployment.max_queue}"))
             return
         rid = self._next_rid()
-        self.arrivals.add(now)
+        self.arrivals.append(now)
         p = Pending(rid, client, client_id, kind, header, frames, now, now + timeout_ms / 1000.0)
         self.pending[rid] = p
         self._opened()

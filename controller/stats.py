@@ -91,20 +91,18 @@ class LatencyWindow:
         )
 
 
-class Arrivals:
-    """Arrival times of accepted requests (the last 100,000), for the autoscaler's rate."""
+class Arrivals(deque[float]):
+    """Arrival times of accepted requests (the last 100,000), for the autoscaler's rate.
+    A deque, so that recording one (``append``, per request) stays a C call."""
 
     def __init__(self, keep: int = 100_000) -> None:
-        self._times: deque[float] = deque(maxlen=keep)
-
-    def add(self, t: float) -> None:
-        self._times.append(t)
+        super().__init__(maxlen=keep)
 
     def rate(self, now_s: float, window_s: float) -> float:
         """Arrivals per second over the last ``window_s`` seconds."""
         cutoff = now_s - window_s
         n = 0
-        for t in reversed(self._times):
+        for t in reversed(self):
             if t < cutoff:
                 break
             n += 1

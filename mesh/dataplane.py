@@ -83,6 +83,10 @@ def unpack(frame: Any) -> DataHead | None:
 
 
 def is_data(frame: Any) -> bool:
-    """Whether frame 0 holds a data-path array (a control message is a map): one byte read."""
-    first = memoryview(frame)[:1].tobytes()
-    return bool(first) and (0x90 <= first[0] <= 0x9F or first[0] in (0xDC, 0xDD))
+    """Whether a frame (bytes or a memoryview) holds a data-path array rather than a control
+    map: its first byte, read in place (this runs per message; a slice or a copy doubled it)."""
+    try:
+        first = frame[0]
+    except (IndexError, TypeError):
+        return False
+    return 0x90 <= first <= 0x9F or first == 0xDC or first == 0xDD
