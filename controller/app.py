@@ -244,7 +244,7 @@ class Controller:
         c = self.config.controller
         return build_status(self.world_manager, self.routers, started_s=self.started_s,
                             autoscaler=self.autoscaler, loop_lag=self.health.lag,
-                            backend=self.backend,
+                            backend=self.backend, frontend=self.frontend,
                             endpoints={"client_endpoint": c.client_endpoint,
                                        "admin_endpoint": c.admin_endpoint,
                                        "worker_endpoint": c.worker_endpoint})

@@ -72,7 +72,7 @@ class Backend:
             if type(head) is dataplane.Reply:
                 router = self.routes.get(head.world_id)
                 if router is not None:
-                    router.on_reply(head, frames[2:])
+                    router.on_reply(head, frames[2:], frames[0])
                     return
             elif type(head) is dataplane.Hello:
                 # A world runner's socket announcing itself: echo, so it knows that its

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from controller.config import DeploymentConfig
-from mesh.messages import Heartbeat
+from mesh.messages import Heartbeat, runner_identity
 
 
 class WorkerState(StrEnum):
@@ -109,6 +109,12 @@ class WorldInfo:
     form_ms: float = 0.0
     backend: str = "local"  # gloo | nccl | local (one rank), see controller.placement
     entry: str = ""  # identity of rank 0's runner socket, from its Joined
+    token: str = ""  # the world's secret (see mesh.messages Join.token)
+
+    def member_sockets(self) -> frozenset[bytes]:
+        """Routing ids of its members' runner sockets: the only senders of its answers."""
+        return frozenset(runner_identity(w, self.id, self.epoch, self.token).encode()
+                         for w in self.workers)
 
 
 @dataclass

@@ -24,11 +24,14 @@ from mesh.errors import (
     PayloadTooLarge,
     UnknownModel,
     UnsupportedVersion,
+    excerpt,
 )
 from mesh.messages import MAX_ID_BYTES, PROTOCOL_VERSION, ClientKind, error_header
 from mesh.transport import Pump, bind_socket, make_socket
 
 log = logging.getLogger(__name__)
+
+CLIENT_SEND_HWM = 1000  # answers queued for one client connection before further ones drop
 
 
 
@@ -50,7 +53,12 @@ class Frontend:
         self._on_bad_request = on_bad_request
         # ZeroMQ drops the connection of a peer sending a frame over MAXMSGSIZE; keep that far
         # above our own limit so an oversized request normally gets a typed answer instead.
-        sock = make_socket(context, zmq.ROUTER, max_msg_bytes=max_request_bytes * 4 + (1 << 20))
+        # A client that does not read its answers: at most CLIENT_SEND_HWM of them wait in
+        # ZeroMQ for it; later ones are dropped and counted (``answers_dropped``), so one slow
+        # reader cannot grow the controller. ROUTER_MANDATORY makes the drop visible here.
+        sock = make_socket(context, zmq.ROUTER, max_msg_bytes=max_request_bytes * 4 + (1 << 20),
+                           sndhwm=CLIENT_SEND_HWM)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         bind_socket(sock, endpoint)
         self.pump = Pump(sock, self._on_message, name="frontend")
         self.rejected = 0
@@ -82,6 +90,8 @@ class Frontend:
             self._error(client, None, error)
             return
         req_id = header.get("id") if isinstance(header, dict) else None
+        if not _echoable(req_id):
+            req_id = None  # answered without an id rather than with the client's bulk
         try:
             if size > self.max_request_bytes:
                 raise PayloadTooLarge(f"request is {size} bytes; limit {self.max_request_bytes}")
@@ -90,25 +100,26 @@ class Frontend:
             version = header.get("v")
             if type(version) is not int or version != PROTOCOL_VERSION:
                 raise UnsupportedVersion(
-                    f"protocol version {version!r} is not supported; this controller speaks "
-                    f"{PROTOCOL_VERSION}")
-            if req_id is None or isinstance(req_id, bool) or not isinstance(req_id, int | str):
-                raise BadRequest("header 'id' must be an integer or a string")
-            if isinstance(req_id, str) and len(req_id.encode()) > MAX_ID_BYTES:
-                raise BadRequest(f"header 'id' is {len(req_id.encode())} bytes; a string id "
+                    f"protocol version {excerpt(version)} is not supported; this controller "
+                    f"speaks {PROTOCOL_VERSION}")
+            sent = header.get("id")
+            if isinstance(sent, str) and len(sent.encode()) > MAX_ID_BYTES:
+                raise BadRequest(f"header 'id' is {len(sent.encode())} bytes; a string id "
                                  f"may have at most {MAX_ID_BYTES}")
+            if req_id is None:
+                raise BadRequest("header 'id' must be a 64-bit integer or a string")
             kind = header.get("kind")
             if kind == ClientKind.CANCEL:
                 for router in self.routers.values():
                     router.cancel(client, req_id)
                 return
             if kind not in (ClientKind.INFER, ClientKind.STREAM):
-                raise BadRequest(f"unknown request kind {kind!r}")
+                raise BadRequest(f"unknown request kind {excerpt(kind)}")
             model = header.get("model")
             found = self.routers.get(model) if isinstance(model, str) else None
             if found is None:
-                raise UnknownModel(f"no deployment named {model!r}; "
-                                   f"serving {sorted(self.routers)}")
+                raise UnknownModel(f"no deployment named {excerpt(model)}; "
+                                   f"serving {sorted(self.routers)[:20]}")
             router = found
             inputs = header.get("inputs")
             if not isinstance(inputs, dict):
@@ -120,8 +131,9 @@ class Frontend:
             if timeout_ms is None:
                 timeout_ms = dep.default_timeout_ms
             elif isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float) \
-                    or timeout_ms <= 0:
-                raise BadRequest(f"'timeout_ms' must be a positive number, got {timeout_ms!r}")
+                    or not 0 < timeout_ms < math.inf:  # NaN fails this too
+                raise BadRequest(f"'timeout_ms' must be a positive number, got "
+                                 f"{excerpt(timeout_ms)}")
             elif timeout_ms > dep.max_timeout_ms:
                 raise BadRequest(
                     f"'timeout_ms' {timeout_ms} exceeds the limit {dep.max_timeout_ms}")
@@ -132,6 +144,9 @@ class Frontend:
         except MeshError as exc:
             self._error(client, req_id, exc)
             return
+        except RecursionError:  # a walk deeper than codec.MAX_DEPTH should make impossible
+            self._error(client, req_id, BadRequest("header is nested too deeply"))
+            return
         router.submit(client, req_id, kind, header_frame, tensor_frames,
                       max(1, math.ceil(timeout_ms)))
 
@@ -141,3 +156,12 @@ class Frontend:
             self._on_bad_request(exc.code)
         self.pump.send([client, codec.pack(error_header(req_id, exc.code, exc.message,
                                                         exc.retryable))])
+
+
+def _echoable(req_id: Any) -> bool:
+    """A request id fit to echo in an answer, valid or not: a 64-bit int, or a string of at
+    most 4 x MAX_ID_BYTES (a longer one is answered without an id, never copied back)."""
+    if type(req_id) is int:
+        return -(2**63) <= req_id < 2**64
+    return type(req_id) is str and len(req_id) <= 4 * MAX_ID_BYTES and \
+        len(req_id.encode()) <= 4 * MAX_ID_BYTES

@@ -39,13 +39,17 @@ class WorldRoute:
     """The router's view of one world: where its entry is, what it holds, whether new requests
     may go there. (The world's lifecycle state is the WorldManager's; this is routing.)"""
 
-    __slots__ = ("draining", "entry", "epoch", "inflight", "last_progress_s", "served",
-                 "stall_reported", "unreachable", "world_id")
+    __slots__ = ("draining", "entry", "epoch", "inflight", "last_progress_s", "members",
+                 "served", "stall_reported", "unreachable", "world_id")
 
-    def __init__(self, world_id: int, epoch: int, entry: bytes) -> None:
+    def __init__(self, world_id: int, epoch: int, entry: bytes,
+                 members: frozenset[bytes] = frozenset()) -> None:
         self.world_id = world_id
         self.epoch = epoch
         self.entry = entry  # ZeroMQ identity of rank 0's runner socket
+        # Identities of its members' runner sockets: answers from any other are dropped
+        # (empty: not checked, for tests that drive a router alone).
+        self.members = members
         self.inflight: dict[int, Pending] = {}
         self.draining = False  # told to drain: no new requests, released once idle
         self.unreachable = False  # a send to its entry failed: routed around until it breaks

@@ -49,7 +49,15 @@ def render_metrics(status: dict[str, Any]) -> str:
               "# HELP meshserve_unroutable_replies_total Data-path frames on the worker port "
               "for no known world, or malformed (dropped).",
               "# TYPE meshserve_unroutable_replies_total counter",
-              f"meshserve_unroutable_replies_total {c.get('unroutable_replies', 0)}"]
+              f"meshserve_unroutable_replies_total {c.get('unroutable_replies', 0)}",
+              "# HELP meshserve_foreign_replies_total Replies from a socket that is not a "
+              "member of the world they name (dropped).",
+              "# TYPE meshserve_foreign_replies_total counter",
+              f"meshserve_foreign_replies_total {c.get('foreign_replies', 0)}",
+              "# HELP meshserve_answers_dropped_total Answers not delivered: the client was "
+              "gone, or did not read and had CLIENT_SEND_HWM answers waiting.",
+              "# TYPE meshserve_answers_dropped_total counter",
+              f"meshserve_answers_dropped_total {c.get('answers_dropped', 0)}"]
     lines += ["# HELP meshserve_workers Workers by state.", "# TYPE meshserve_workers gauge"]
     states: dict[str, int] = {}
     for w in status["workers"]:

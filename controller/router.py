@@ -98,6 +98,7 @@ class Router:
         self._all_answered = asyncio.Event()
         self._all_answered.set()
         self.late_replies = 0
+        self.foreign_replies = 0
         self.resent = 0
         self.accepting = True
         self.limit = deployment.max_inflight_per_world
@@ -185,14 +186,18 @@ class Router:
 
     # -- answers --------------------------------------------------------------------------
 
-    def on_reply(self, head: Reply, frames: list[Any]) -> None:
-        """A worker's answer (frame 0 decoded by mesh.dataplane; ``frames`` are the client's)."""
+    def on_reply(self, head: Reply, frames: list[Any], sender: bytes = b"") -> None:
+        """A worker's answer (frame 0 decoded by mesh.dataplane; ``frames`` are the client's)
+        from the socket ``sender``, which must be a member of the world."""
         rid = head.rid
         status = head.status
         p = self.pending.get(rid)
         if p is None or p.world is None or p.world.world_id != head.world_id or \
                 p.world.epoch != head.epoch:
             self.late_replies += 1  # from a world that no longer owns this request
+            return
+        if p.world.members and sender not in p.world.members:
+            self.foreign_replies += 1  # a socket that is not a member answering for it
             return
         if p.answered and status != CHUNK:
             self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
@@ -358,8 +363,9 @@ class Router:
 
     # -- worlds ---------------------------------------------------------------------------
 
-    def add_world(self, world_id: int, epoch: int, entry: bytes) -> None:
-        self.worlds[world_id] = WorldRoute(world_id, epoch, entry)
+    def add_world(self, world_id: int, epoch: int, entry: bytes,
+                  members: frozenset[bytes] = frozenset()) -> None:
+        self.worlds[world_id] = WorldRoute(world_id, epoch, entry, members)
         self._routes[world_id] = self
         self._refresh_serving()
         self._pump_queue()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 
@@ -20,7 +21,25 @@ from mesh.logs import speaker
 log = speaker(logging.getLogger(__name__), "controller")
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's descriptor limit to its hard limit: every client, worker and
+    runner connection holds one, and at the soft limit (often 1,024) new clients, admin and
+    /metrics would get no answer at all. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
 async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
+    limit = raise_fd_limit()
+    log.info("descriptor limit %d", limit)
     launcher_kind = config.controller.launcher
     controller = (Controller(config) if launcher_kind == "local"
                   else Controller(config, launcher=lambda cfg, on_exit: NoLauncher()))

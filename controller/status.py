@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: float,
                  endpoints: dict[str, str], autoscaler: Any = None,
-                 loop_lag: Any = None, backend: Any = None) -> dict[str, Any]:
+                 loop_lag: Any = None, backend: Any = None,
+                 frontend: Any = None) -> dict[str, Any]:
     now = time.monotonic()
     deployments = []
     for name, dep in wm.deployments.items():
@@ -108,6 +109,12 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
                        # type-check, and data-path frames for no known world.
                        "worker_messages_rejected": backend.rejected if backend else 0,
                        "unroutable_replies": backend.unroutable if backend else 0,
+                       # Replies from a socket that is not a member of the world they name.
+                       "foreign_replies": sum(r.foreign_replies for r in routers.values()),
+                       # Control messages about a world from a worker not in it (dropped).
+                       "foreign_messages": wm.foreign_messages,
+                       # Answers dropped for clients gone, or not reading (a full send queue).
+                       "answers_dropped": frontend.pump.dropped if frontend else 0,
                        **endpoints},
         "deployments": deployments,
         "worlds": worlds,

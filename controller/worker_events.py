@@ -48,6 +48,7 @@ class WorkerEvents:
     stopping: bool
     spawn_quarantined: str
     _spawn_failures: int
+    foreign_messages: int
     _spawn_retry_at_s: float
     _fenced: set[tuple[str, int]]
     _welcome: Welcome
@@ -75,8 +76,13 @@ class WorkerEvents:
                 # A fenced process spoke again (it was stopped, now resumed): end it.
                 self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
             return
+        world = self.worlds.get(getattr(msg, "world_id", -1))
+        if world is not None and worker_id not in world.workers:
+            # A registered worker speaking of a world it is not in (a stranger, or a bug):
+            # it can neither join, fail nor break it.
+            self.foreign_messages += 1
+            return
         if isinstance(msg, Joined):
-            world = self.worlds.get(msg.world_id)
             if world is None or world.epoch != msg.epoch or world.state != WorldState.FORMING:
                 return
             world.joined.add(worker_id)
@@ -90,7 +96,6 @@ class WorkerEvents:
             if world.joined == set(world.workers):
                 self._world_serving(world)
         elif isinstance(msg, JoinFailed):
-            world = self.worlds.get(msg.world_id)
             if world is None or world.epoch != msg.epoch:
                 return
             self._formation_failed(world, msg.error)
@@ -99,7 +104,6 @@ class WorkerEvents:
             worker.worlds.discard(msg.world_id)
             self._settle_worker(worker)
         elif isinstance(msg, WorldBroken):
-            world = self.worlds.get(msg.world_id)
             if world is not None and world.epoch == msg.epoch:
                 now = self._clock()
                 for wid in world.workers:

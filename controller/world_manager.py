@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -108,6 +109,8 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         # (worker id, pid) of processes declared dead: the same process must never come back,
         # but a new process may reuse the id (a remote worker restarted by its operator).
         self._fenced: set[tuple[str, int]] = set()
+        # Messages from registered workers about worlds they are not members of (dropped).
+        self.foreign_messages = 0
         self.stopping = False
         self.events = EventLog(wall_clock)
         # Set once every deployment serves its desired worlds or cannot (the ready line).
@@ -265,7 +268,7 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
                                       for w in workers])
         world = WorldInfo(id=next(self._world_ids), deployment=dep.config.name, epoch=1,
                           workers=[w.id for w in workers], created_s=self._clock(),
-                          backend=backend)
+                          backend=backend, token=secrets.token_hex(8))
         self.worlds[world.id] = world
         spec = dep.config
         for rank, worker in enumerate(workers):
@@ -276,7 +279,8 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
                 deployment=spec, rendezvous=workers[0].store_addr,
                 world_timeout_ms=dep.config.world_timeout_ms,
                 form_timeout_ms=self.config.controller.world_form_timeout_ms,
-                peers=list(world.workers), backend="" if backend == "local" else backend))
+                peers=list(world.workers), backend="" if backend == "local" else backend,
+                token=world.token))
         log.info("forming world %d/%d of %s on %s (%s: %s)", world.id, world.epoch,
                  dep.config.name, world.workers, backend, why)
         return world
@@ -291,7 +295,8 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         dep = self.deployments[world.deployment]
         dep.failures = 0
         dep.last_error = ""
-        self.routers[world.deployment].add_world(world.id, world.epoch, world.entry.encode())
+        self.routers[world.deployment].add_world(world.id, world.epoch, world.entry.encode(),
+                                                 world.member_sockets())
         log.info("world %d/%d of %s serving (formed in %.0f ms)", world.id, world.epoch,
                  world.deployment, (world.ready_s - world.created_s) * 1000)
 

@@ -24,9 +24,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mesh.errors import BadRequest
+from mesh.errors import BadRequest, excerpt
 
 TENSOR_KEY = "$tensor"
+# Limits checked before anything walks a header from the wire: nesting (the walk recurses, and
+# msgpack itself allows 1,024 levels) and a tensor's dimensions.
+MAX_DEPTH = 32
+MAX_DIMS = 32
 
 # Wire dtype name -> (numpy dtype or None for bf16, itemsize).
 DTYPES: dict[str, tuple[Any, int]] = {
@@ -144,17 +148,23 @@ def frame_buffer(frame: Frame) -> Any:
 
 def _check_ref(ref: Any, nframes: int) -> tuple[str, tuple[int, ...], int]:
     if type(ref) is not list or len(ref) != 3:
-        raise BadRequest(f"{TENSOR_KEY} reference must be [dtype, shape, frame], got {ref!r}")
+        raise BadRequest(f"{TENSOR_KEY} reference must be [dtype, shape, frame], got "
+                         f"{excerpt(ref)}")
     dtype, shape, index = ref
     if type(dtype) is not str or dtype not in DTYPES:
-        raise BadRequest(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        raise BadRequest(f"unknown dtype {excerpt(dtype)}; expected one of {sorted(DTYPES)}")
     if type(shape) is not list:
-        raise BadRequest(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+        raise BadRequest(f"tensor shape must be a list of non-negative ints, got "
+                         f"{excerpt(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"tensor shape has {len(shape)} dimensions; at most {MAX_DIMS}")
     for d in shape:
         if type(d) is not int or d < 0:
-            raise BadRequest(f"tensor shape must be a list of non-negative ints, got {shape!r}")
+            raise BadRequest(f"tensor shape must be a list of non-negative ints, got "
+                             f"{excerpt(d)} in it")
     if type(index) is not int or not 1 <= index < nframes:
-        raise BadRequest(f"tensor frame index {index!r} is outside frames 1..{nframes - 1}")
+        raise BadRequest(f"tensor frame index {excerpt(index)} is outside frames "
+                         f"1..{nframes - 1}")
     return dtype, tuple(shape), index
 
 
@@ -163,7 +173,9 @@ def decode_tensors(obj: Any, frames: Sequence[Frame], decoder: TensorDecoder) ->
     nframes = len(frames)
     used: set[int] = set()
 
-    def walk(value: Any) -> Any:
+    def walk(value: Any, depth: int = 1) -> Any:
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"header is nested deeper than {MAX_DEPTH} levels")
         if type(value) is dict:
             if TENSOR_KEY in value:
                 if len(value) != 1:
@@ -182,12 +194,12 @@ def decode_tensors(obj: Any, frames: Sequence[Frame], decoder: TensorDecoder) ->
                 return decoder(dtype, shape, buf)
             for k, v in value.items():
                 if type(v) is dict or type(v) is list:
-                    value[k] = walk(v)
+                    value[k] = walk(v, depth + 1)
             return value
         if type(value) is list:
             for i, v in enumerate(value):
                 if type(v) is dict or type(v) is list:
-                    value[i] = walk(v)
+                    value[i] = walk(v, depth + 1)
         return value
 
     out = walk(obj)

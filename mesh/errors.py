@@ -8,7 +8,7 @@ can succeed (``retryable``).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class MeshError(Exception):
@@ -130,3 +130,16 @@ def error_from_wire(code: str, message: str) -> MeshError:
     if cls is None:
         return InternalError(f"[{code}] {message}")
     return cls(message)
+
+
+MAX_MESSAGE_CHARS = 512  # an error message's length on the wire, at most
+
+
+def excerpt(value: Any, limit: int = 40) -> str:
+    """A short, escaped rendering of a value from the wire, for an error message: a scalar's
+    repr cut to ``limit`` characters, a container only by its type (never walked)."""
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        text = repr(value[:limit + 1] if isinstance(value, str | bytes) else value)
+    else:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 
-from mesh.errors import BadRequest
+from mesh.errors import MAX_MESSAGE_CHARS, BadRequest, excerpt
 from mesh.spec import DeploymentSpec
 from mesh.typed import DecodeError, decode
 
@@ -60,7 +60,8 @@ def error_header(req_id: Any, code: str, message: str, retryable: bool) -> dict[
         "kind": ClientKind.ERROR,
         "id": req_id,
         "code": code,
-        "message": message,
+        "message": message if len(message) <= MAX_MESSAGE_CHARS else
+        message[:MAX_MESSAGE_CHARS] + "...",
         "retryable": retryable,
     }
 
@@ -223,6 +224,10 @@ class Join(Message):
     # "gloo" or "nccl", chosen by the controller from where the ranks are ("": the device's
     # default, NCCL on CUDA).
     backend: str = ""
+    # A fresh random token per world, known only to its members: it names the world's
+    # rendezvous keys and each member's runner socket, and the controller accepts a world's
+    # answers only from its members' sockets.
+    token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +272,11 @@ class Preload(Message):
     size: Count = 1
 
 
+def runner_identity(worker_id: str, world_id: int, epoch: int, token: str) -> str:
+    """The routing id of a worker's runner socket for one world membership."""
+    return f"{worker_id}/{world_id}.{epoch}" + (f".{token}" if token else "")
+
+
 WORKER_MESSAGES: dict[str, type[Message]] = {
     cls.KIND: cls for cls in (Register, Heartbeat, Joined, JoinFailed, Left, WorldBroken)
 }
@@ -284,13 +294,6 @@ def parse_control(data: Any, table: dict[str, type[Message]]) -> Message:
     if cls is None:
         raise BadRequest(f"unknown control message kind {excerpt(kind)}")
     return cls.from_wire(data)
-
-
-def excerpt(value: Any, limit: int = 40) -> str:
-    """A short, escaped rendering of a value from the wire, for an error message."""
-    text = repr(value) if isinstance(value, str | int | float | bool | None) else \
-        f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # -- admin (meshctl <-> controller admin socket) --------------------------------------------

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from mesh.client import Client
+from mesh.errors import MeshError
 from tests.cluster import Cluster, reap, start_cluster
 from tests.gloo_peer import Peer
 
 StartCluster = Callable[..., Awaitable[Cluster]]
+
+# The cluster of ``serving``: an mlp with a small request limit, for bad-input tests.
+GUARDED_LIMIT = 65536
+GUARDED_MLP = """
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 128 }
+"""
 
 
 @pytest.fixture
@@ -48,3 +61,33 @@ def peers() -> Iterator[Callable[..., Peer]]:
     yield start
     for peer in started:
         peer.close()
+
+
+@pytest.fixture
+async def serving(cluster_factory: StartCluster) -> AsyncIterator[tuple[Cluster, list[Any]]]:
+    """A cluster plus a good client under steady load; yields (cluster, good-client failures)."""
+    cluster = await cluster_factory(GUARDED_MLP, controller=f"max_request_bytes = {GUARDED_LIMIT}")
+    failures: list[Any] = []
+    answered = 0
+    stop = asyncio.Event()
+    x = np.ones((2, 64), dtype=np.float32)
+
+    async def good_caller(client: Client) -> None:
+        nonlocal answered
+        while not stop.is_set():
+            try:
+                out = await client.infer("mlp", {"x": x}, timeout_s=10)
+                assert out["y"].shape == (2, 10)
+                answered += 1
+            except (MeshError, AssertionError) as exc:
+                failures.append(exc)
+
+    async with Client(cluster.client) as client:
+        tasks = [asyncio.create_task(good_caller(client)) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        before = answered
+        yield cluster, failures
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert answered > before, "the good client stopped being served"

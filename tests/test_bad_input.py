@@ -8,61 +8,17 @@ client sees no failure at all.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
 import numpy as np
-import pytest
 import zmq
 import zmq.asyncio
 
 from mesh import codec
-from mesh.client import Client
-from mesh.errors import MeshError
 from mesh.messages import request_header
 from tests.cluster import Cluster
-from tests.conftest import StartCluster
-
-LIMIT = 65536
-
-DEPLOYMENT = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-factory_kwargs = { hidden = 128 }
-"""
-
-
-@pytest.fixture
-async def serving(cluster_factory: StartCluster) -> AsyncIterator[tuple[Cluster, list[Any]]]:
-    """A cluster plus a good client under steady load; yields (cluster, good-client failures)."""
-    cluster = await cluster_factory(DEPLOYMENT, controller=f"max_request_bytes = {LIMIT}")
-    failures: list[Any] = []
-    answered = 0
-    stop = asyncio.Event()
-    x = np.ones((2, 64), dtype=np.float32)
-
-    async def good_caller(client: Client) -> None:
-        nonlocal answered
-        while not stop.is_set():
-            try:
-                out = await client.infer("mlp", {"x": x}, timeout_s=10)
-                assert out["y"].shape == (2, 10)
-                answered += 1
-            except (MeshError, AssertionError) as exc:
-                failures.append(exc)
-
-    async with Client(cluster.client) as client:
-        tasks = [asyncio.create_task(good_caller(client)) for _ in range(4)]
-        await asyncio.sleep(0.2)
-        before = answered
-        yield cluster, failures
-        await asyncio.sleep(0.3)
-        stop.set()
-        await asyncio.gather(*tasks)
-    assert answered > before, "the good client stopped being served"
+from tests.conftest import GUARDED_LIMIT as LIMIT
 
 
 async def send_raw(cluster: Cluster, frames: list[Any], timeout_s: float = 10.0) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from mesh.messages import (
     Shutdown,
     Welcome,
     WorldBroken,
+    runner_identity,
 )
 from mesh.spec import DeploymentSpec
 from worker.comm import Comm, CommError, parse_addr
@@ -246,7 +247,7 @@ class WorkerAgent(Actor):
         return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
                     store=self._store_for(msg.rendezvous), device=self.device,
                     timeout_s=msg.world_timeout_ms / 1000.0, backend=msg.backend,
-                    connect_timeout_s=msg.form_timeout_ms / 1000.0)
+                    connect_timeout_s=msg.form_timeout_ms / 1000.0, token=msg.token)
 
     async def _join(self, msg: Join) -> None:
         held = self._runners.get(msg.world_id)
@@ -270,7 +271,8 @@ class WorkerAgent(Actor):
             world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
                           deployment=msg.deployment, handler=handler, comm=comm)
             runner = WorldRunner(world, context=self._context, endpoint=self._controller,
-                                 identity=f"{self.worker_id}/{msg.world_id}.{msg.epoch}",
+                                 identity=runner_identity(self.worker_id, msg.world_id,
+                                                          msg.epoch, msg.token),
                                  compute=self._compute, on_broken=self._broken_from_thread)
             # Returns once the controller can route to the runner's socket.
             await loop.run_in_executor(self._form_pool, runner.start)

@@ -133,6 +133,7 @@ class Comm:
         timeout_s: float,
         backend: str = "",
         connect_timeout_s: float = 0.0,
+        token: str = "",
     ) -> None:
         """``connect_timeout_s`` bounds the wait for every rank to arrive (a peer may still be
         loading its stage), ``timeout_s`` every operation after that."""
@@ -160,7 +161,10 @@ class Comm:
         self._outbox: deque[tuple[list[Any], list[Any]]] = deque()
         self._next_header: dict[int, tuple[Any, Any]] = {}
         self.pg: Any = None
-        prefix = dist.PrefixStore(f"world/{world_id}/{epoch}/", store)
+        # The world's token (from its Join) in the prefix: nobody who was not told it can meet
+        # this world's ranks at the store.
+        prefix = dist.PrefixStore(f"world/{world_id}/{epoch}/{token}/" if token else
+                                  f"world/{world_id}/{epoch}/", store)
         connect = datetime.timedelta(seconds=max(timeout_s, connect_timeout_s))
         if self.backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()

@@ -1,0 +1,228 @@
+"""Hostile values on the client port, and strangers on the worker port (issue 12, first part).
+
+Client port: each hostile value gets exactly one small typed answer (never the client's value
+beyond a short excerpt) while a good client beside it sees no error, and the controller's
+memory stays put. Worker port, with security off: a registered stranger cannot break or join
+a world it is not in, and a socket that is not a member cannot answer for a world.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from mesh import codec, dataplane
+from mesh.client import Client
+from mesh.messages import request_header, result_header
+from tests.cluster import Cluster
+from tests.conftest import GUARDED_LIMIT as LIMIT
+from tests.conftest import StartCluster
+from tests.test_typed_edges import beat, registered_fake_worker
+
+SMALL = 4096  # every answer to a hostile request is at most this many bytes
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise AssertionError("no VmRSS")
+
+
+async def one_answer(cluster: Cluster, frames: list[Any], timeout_s: float = 10.0
+                     ) -> tuple[dict[str, Any], int]:
+    """Send frames on a fresh DEALER; return the one answer's header and its size in bytes."""
+    context = zmq.asyncio.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(cluster.client)
+        await sock.send_multipart(frames)
+        assert await sock.poll(int(timeout_s * 1000)), "no answer to a hostile request"
+        reply = await sock.recv_multipart()
+        assert not await sock.poll(200), "more than one answer to one request"
+        return msgpack.unpackb(reply[0], raw=False), sum(len(f) for f in reply)
+    finally:
+        sock.close(0)
+        context.term()
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def header_with(**fields: Any) -> bytes:
+    header = request_header("infer", 9, "mlp", {"x": 1}, 5000)
+    header.update(fields)
+    return msgpack.packb(header, use_bin_type=True)
+
+
+async def test_each_hostile_value_gets_one_small_typed_answer(serving: Any) -> None:
+    cluster, failures = serving
+    rss_start = rss_mb(cluster.pid)
+    big = "x" * (LIMIT // 2)
+    cases: dict[str, list[Any]] = {
+        "timeout NaN": [header_with(timeout_ms=math.nan)],
+        "timeout inf": [header_with(timeout_ms=math.inf)],
+        "timeout -inf": [header_with(timeout_ms=-math.inf)],
+        "nested 1000 in inputs": [header_with(inputs={"x": nested(1000)})],
+        "nested 1020 in params": [header_with(params={"p": nested(1020)})],
+        "nested 40 maps": [header_with(inputs={"x": {"$tensor": nested(40)}})],
+        "big kind": [header_with(kind=big)],
+        "big model": [header_with(model=big)],
+        "big version": [header_with(v=big)],
+        "big id": [header_with(id=big)],
+        "big timeout string": [header_with(timeout_ms=big)],
+        "big dtype": [header_with(inputs={"x": {"$tensor": [big, [1], 1]}}), b"\0" * 4],
+        "long shape": [header_with(inputs={"x": {"$tensor": ["float32", [1] * 5000, 1]}}),
+                       b"\0" * 4],
+        "big ref": [header_with(inputs={"x": {"$tensor": [1] * 5000}}), b"\0" * 4],
+        "not msgpack": [b"\xc1" * 1000],
+        "array header": [msgpack.packb([big])],
+    }
+    for name, frames in cases.items():
+        reply, size = await one_answer(cluster, frames)
+        assert reply["kind"] == "error", (name, reply)
+        assert reply["code"] in ("bad_request", "unsupported_version", "unknown_model"), name
+        assert size < SMALL, (name, size)
+        if "big" in name:
+            assert big[:100] not in reply["message"], name
+    assert failures == []
+    assert rss_mb(cluster.pid) - rss_start < 100
+
+
+async def test_a_client_that_never_reads_cannot_grow_the_controller(serving: Any) -> None:
+    cluster, failures = serving
+    rss_start = rss_mb(cluster.pid)
+    context = zmq.asyncio.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)  # it reads nothing, and takes almost nothing in
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    try:
+        sock.connect(cluster.client)
+        # 100,000 one-byte requests, each answered bad_request (about 90 bytes): more than
+        # the 1,000 answers the controller queues for one connection plus what the kernel's
+        # socket buffers hold.
+        for i in range(100_000):
+            await sock.send(b"\xc1")
+            if i % 10_000 == 0:
+                await asyncio.sleep(0)
+        status = await cluster.wait_for(
+            lambda s: s["controller"]["answers_dropped"] > 0, 30.0,
+            "answers to the client that never reads to be dropped")
+        assert status["controller"]["answers_dropped"] <= 100_000
+    finally:
+        sock.close(0)
+        context.term()
+    assert rss_mb(cluster.pid) - rss_start < 100
+    assert failures == []
+
+
+MLP = """
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 32 }
+"""
+
+
+async def test_a_registered_stranger_cannot_break_or_join_a_world_it_is_not_in(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(MLP, controller="warm_workers = 0")
+    status = await cluster.wait_for(lambda s: s["deployments"][0]["worlds_current"] == 1)
+    [world] = status["worlds"]
+    context = zmq.asyncio.Context()
+    stop = asyncio.Event()
+    try:
+        evil = await registered_fake_worker(cluster, context, "w-evil")
+        beating = asyncio.create_task(beat(evil, stop))
+        for message in ({"kind": "world_broken", "world_id": world["id"],
+                         "epoch": world["epoch"], "reason": "I say so", "peer_lost": True},
+                        {"kind": "join_failed", "world_id": world["id"],
+                         "epoch": world["epoch"], "error": "no"},
+                        {"kind": "joined", "world_id": world["id"], "epoch": world["epoch"],
+                         "entry": "w-evil/x"},
+                        {"kind": "left", "world_id": world["id"], "epoch": world["epoch"]}):
+            await evil.send(codec.pack(message))
+        status = await cluster.wait_for(
+            lambda s: s["controller"]["foreign_messages"] >= 4, 10.0,
+            "the stranger's messages to be refused")
+        assert [(w["id"], w["state"]) for w in status["worlds"]] == [(world["id"], "serving")]
+        assert not any(e["event"] == "world_broken" for e in status["events"])
+        async with Client(cluster.client) as client:
+            out = await client.infer("mlp", {"x": np.ones((1, 64), np.float32)}, timeout_s=10)
+            assert out["y"].shape == (1, 10)
+        stop.set()
+        await beating
+        evil.close(0)
+    finally:
+        stop.set()
+        context.destroy(0)
+
+
+async def test_a_socket_that_is_not_a_member_cannot_answer_for_a_world(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(MLP, controller="warm_workers = 0")
+    status = await cluster.wait_for(lambda s: s["deployments"][0]["worlds_current"] == 1)
+    [world] = status["worlds"]
+    member = world["ranks"][0]["worker"]
+    context = zmq.asyncio.Context()
+    injected = 0
+    stop = asyncio.Event()
+
+    async def inject(identity: bytes) -> None:
+        # Answers for every request id the controller is likely to have in flight, from a
+        # socket that guesses a member's old-style runner identity.
+        nonlocal injected
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+        sock.connect(cluster.workers_endpoint)
+        rid = 1
+        try:
+            while not stop.is_set():
+                for _ in range(200):
+                    head = dataplane.pack_reply(rid, world["id"], world["epoch"], dataplane.OK)
+                    body = codec.encode(result_header(rid, {"y": np.full((1, 10), 777.0,
+                                                                          np.float32)}))
+                    await sock.send_multipart([head, *[bytes(f) for f in body]])
+                    injected += 1
+                    rid = rid % 3000 + 1
+                await asyncio.sleep(0.01)
+        finally:
+            sock.close(0)
+
+    injectors = [asyncio.create_task(inject(f"{member}/{world['id']}.{world['epoch']}"
+                                            .encode())),
+                 asyncio.create_task(inject(b"nobody"))]
+    try:
+        async with Client(cluster.client) as client:
+            for _ in range(300):
+                out = await client.infer("mlp", {"x": np.ones((1, 64), np.float32)},
+                                         timeout_s=10)
+                assert out["y"].shape == (1, 10)
+                assert not np.any(out["y"] == 777.0), "an injected answer reached the client"
+    finally:
+        stop.set()
+        for task in injectors:
+            with contextlib.suppress(Exception):
+                await task
+        context.destroy(0)
+    status = await cluster.status()
+    c = status["controller"]
+    assert injected > 1000
+    assert c["foreign_replies"] + c["unroutable_replies"] > 0
+    assert status["deployments"][0]["errors"] == {} or \
+        sum(status["deployments"][0]["errors"].values()) == 0
