@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from controller.admin_client import admin_call
 from controller.bench import BenchResult, closed_loop
 from mesh.client import Client
 from mesh.loop import run as run_loop
+from mesh.security import ClientKeys, generate
 
 ECHO_INPUTS = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
 MLP_BATCH = 32
@@ -79,11 +81,29 @@ max_inflight_per_world = 256
 """)
 
 
-async def wait_ready(admin: str, timeout_s: float) -> dict[str, Any]:
+def curve_keys(tmp: Path) -> tuple[str, dict[str, str], ClientKeys]:
+    """For --curve: keys for the controller, the bench client and its admin calls; returns
+    the config's [security] table, the client's key arguments and the admin's keys."""
+    own = tmp / "keys"
+    for name in ("controller", "bench", "ops"):
+        generate(name, own)
+    for folder, name in (("clients", "bench"), ("admins", "ops"), ("workers", "")):
+        (tmp / folder).mkdir()
+        if name:
+            shutil.copy(own / f"{name}.key", tmp / folder / f"{name}.key")
+    table = (f'\n[security]\ncurve = true\ncontroller_key = "{own / "controller.key_secret"}"\n'
+             f'client_keys = "{tmp / "clients"}"\nworker_keys = "{tmp / "workers"}"\n'
+             f'admin_keys = "{tmp / "admins"}"\n')
+    client = {"key": str(own / "bench.key_secret"), "controller_key": str(own / "controller.key")}
+    return table, client, ClientKeys.load(own / "ops.key_secret", own / "controller.key")
+
+
+async def wait_ready(admin: str, timeout_s: float, curve: ClientKeys | None = None
+                     ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            status = await admin_call(admin, "status", timeout_s=2.0)
+            status = await admin_call(admin, "status", timeout_s=2.0, curve=curve)
             if all(d["worlds_current"] >= 1 for d in status["deployments"]):
                 return status
         except Exception:
@@ -247,6 +267,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     config = tmp / "bench.toml"
     write_config(config, ports, args.threads, args.mlp_delay_ms, args.device)
+    client_args: dict[str, str] = {}
+    admin_curve: ClientKeys | None = None
+    if args.curve:
+        table, client_args, admin_curve = curve_keys(tmp)
+        config.write_text(config.read_text() + table)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     ctrl = start_controller(config, log_level="WARNING")
     direct = DirectWorker(ports["direct"], {"name": "echo", "model": "worker.models.echo:build",
@@ -259,13 +284,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"duration_s": args.duration_s, "threads": args.threads,
                                "rounds": args.rounds, "echo_rounds": [], "mlp_rounds": []}
     try:
-        await wait_ready(admin, 180.0)
+        await wait_ready(admin, 180.0, admin_curve)
         await direct.start()
-        async with Client(f"tcp://127.0.0.1:{ports['client']}") as client:
+        async with Client(f"tcp://127.0.0.1:{ports['client']}", **client_args) as client:
             for n in range(1, args.rounds + 1):
                 results["echo_rounds"].append(
                     await echo_round(client, direct, ctrl.pid, args, n))
             await direct.aclose()  # idle from here on: the mlp rounds need the machine
+            if args.echo_only:
+                return results | {"echo": summarize_echo(results["echo_rounds"]), "mlp": {}}
             floor.start()
             await direct_mlp.start()
             for n in range(1, args.rounds + 1):
@@ -331,6 +358,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu",
                         help="where the mlp worker and the bare loop run: cpu, cuda, cuda:N")
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--curve", action="store_true",
+                        help="run the controller with [security] curve = true (keys made for "
+                             "the run); the direct path has no CURVE")
+    parser.add_argument("--echo-only", action="store_true", help="skip the mlp rounds")
     args = parser.parse_args()
     results = run_loop(run(args))
     print(render(results))

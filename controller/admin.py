@@ -40,6 +40,7 @@ from mesh.messages import (
     SloArgs,
     excerpt,
 )
+from mesh.security import ServerKeys
 from mesh.transport import Pump, bind_socket, make_socket
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -62,6 +63,7 @@ class Admin(Actor):
         launcher: Launcher,
         snapshot: Callable[[], dict[str, Any]],
         send_worker: Callable[[str, Any], bool] | None = None,
+        curve: ServerKeys | None = None,
     ) -> None:
         super().__init__("admin")
         self.endpoint = endpoint
@@ -69,7 +71,7 @@ class Admin(Actor):
         self._launcher = launcher
         self._snapshot = snapshot
         self._send_worker = send_worker
-        sock = make_socket(context, zmq.ROUTER, max_msg_bytes=1 << 20)
+        sock = make_socket(context, zmq.ROUTER, max_msg_bytes=1 << 20, curve=curve)
         bind_socket(sock, endpoint)
         self._pump = Pump(sock, self._on_message, name="admin")
 

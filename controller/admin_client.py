@@ -11,16 +11,20 @@ import zmq.asyncio
 from mesh import codec
 from mesh.errors import DeadlineExceeded, error_from_wire
 from mesh.messages import AdminReply, AdminRequest
+from mesh.security import ClientKeys
 
 _ids = itertools.count(1)
 
 
 async def admin_call(endpoint: str, command: str, args: dict[str, Any] | None = None, *,
-                     timeout_s: float = 10.0) -> Any:
-    """Send one admin command and return its result; raise the typed error it answered."""
+                     timeout_s: float = 10.0, curve: ClientKeys | None = None) -> Any:
+    """Send one admin command and return its result; raise the typed error it answered.
+    ``curve``: this admin's keys, for a controller with CURVE on."""
     context = zmq.asyncio.Context()
     sock: zmq.asyncio.Socket = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
     try:
         sock.connect(endpoint)
         req = AdminRequest(id=next(_ids), command=command, args=args or {})

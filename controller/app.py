@@ -21,6 +21,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -37,7 +38,7 @@ from controller.commands import (
     WorldStalled,
     WorldUnreachable,
 )
-from controller.config import Config
+from controller.config import Config, SecurityConfig
 from controller.frontend import Frontend
 from controller.health import Health
 from controller.launcher import Launcher, LocalLauncher
@@ -49,6 +50,7 @@ from controller.world_manager import WorldManager
 from mesh.errors import Cancelled
 from mesh.logs import speaker
 from mesh.messages import Heartbeat, Message, Ping
+from mesh.security import DOMAINS, Guard, KeyRing, ServerKeys, read_key_pair
 
 log = speaker(logging.getLogger(__name__), "controller")
 
@@ -58,8 +60,12 @@ _PING = Ping()
 
 def local_launcher(config: Config, on_exit: Callable[[str, int], None]) -> Launcher:
     c = config.controller
+    s = config.security
+    # With CURVE, the controller's children hold its own key pair (allowed on the worker port).
+    keys = ["--key", s.controller_key, "--controller-key", s.controller_key] if s.curve else []
     return LocalLauncher(c.worker_endpoint, on_exit=on_exit, device=c.worker_device,
-                         threads=c.worker_threads, max_workers=c.max_local_workers)
+                         threads=c.worker_threads, max_workers=c.max_local_workers,
+                         extra_args=keys)
 
 
 class Controller:
@@ -75,9 +81,12 @@ class Controller:
         built = contextlib.ExitStack()  # sockets bound so far, closed if a later one fails
         built.callback(self._context.term)
         try:
+            self.guard, curve = self._security(config.security)
+            if self.guard is not None:
+                built.callback(self.guard.stop)
             self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_lost=self._lost)
             self.launcher = launcher(config, self._exited)
-            self.backend = Backend(self._context, c.worker_endpoint)
+            self.backend = Backend(self._context, c.worker_endpoint, curve=curve("worker"))
             built.callback(self.backend.close)
             rids = itertools.count(1).__next__
             inflight_ids: dict[tuple[bytes, Any], int] = {}
@@ -96,11 +105,13 @@ class Controller:
                 on_watch=self.health.watch, on_forget=self.health.forget)
             self.backend.routes = routes
             self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
-                                     max_request_bytes=c.max_request_bytes)
+                                     max_request_bytes=c.max_request_bytes,
+                                     curve=curve("client"))
             built.callback(self.frontend.close)
             self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
                                launcher=self.launcher, snapshot=self.status,
-                               send_worker=self.backend.send_control)
+                               send_worker=self.backend.send_control, curve=curve("admin"))
+            built.callback(self.admin.close)
             self.metrics = (MetricsServer(c.metrics_host, c.metrics_port, self.status)
                             if c.metrics_port else None)
             self.scaling = ScalingInputs(self.world_manager, self.routers,
@@ -113,12 +124,30 @@ class Controller:
             raise
         built.pop_all()
 
+    def _security(self, s: SecurityConfig) -> tuple[Guard | None,
+                                                   Callable[[str], ServerKeys | None]]:
+        """With CURVE: the running authenticator, and each socket's server keys by domain."""
+        if not s.curve:
+            return None, lambda domain: None
+        public, secret = read_key_pair(s.controller_key)
+        ring = KeyRing({"client": Path(s.client_keys), "worker": Path(s.worker_keys),
+                        "admin": Path(s.admin_keys)}, always={"worker": {public}})
+        guard = Guard(self._context, ring)
+        log.info("CURVE on: %s", ", ".join(f"{d} keys {ring.count(d)}" for d in DOMAINS))
+        return guard, lambda domain: ServerKeys(public, secret, domain)
+
+    def reload_keys(self) -> bool:
+        """Re-read the allowed keys (SIGHUP, or a key folder changed)."""
+        return self.guard.reload() if self.guard is not None else False
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         c = self.config.controller
         stack = self._stack
         stack.callback(self._context.term)  # last: after every socket is closed
+        if self.guard is not None:
+            stack.callback(self.guard.stop)  # its ZAP socket too, after the servers'
         stack.callback(self.backend.close)
         stack.callback(self.frontend.close)
         # Answers already queued in ZeroMQ get a moment to leave before the sockets close.
@@ -176,6 +205,8 @@ class Controller:
             self.backend.close()
             self.frontend.close()
             self.admin.close()
+            if self.guard is not None:
+                self.guard.stop()
             self._context.term()
         log.info("stopped")
 
@@ -237,6 +268,8 @@ class Controller:
             self.world_manager.tell(Tick())
             for worker_id in self.world_manager.live_workers():
                 self.backend.send_control(worker_id, _PING)
+            if self.guard is not None and self.guard.ring.stale():
+                self.reload_keys()
 
     # -- queries --------------------------------------------------------------------------
 

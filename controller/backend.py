@@ -20,6 +20,7 @@ from mesh import codec, dataplane
 from mesh.errors import BadRequest
 from mesh.logs import speaker
 from mesh.messages import WORKER_MESSAGES, Heartbeat, Message, parse_control
+from mesh.security import ServerKeys
 from mesh.transport import Pump, bind_socket, make_socket
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -30,14 +31,15 @@ def _ignore(worker_id: str, message: Any) -> None:
 
 
 class Backend:
-    def __init__(self, context: zmq.Context[Any], endpoint: str) -> None:
+    def __init__(self, context: zmq.Context[Any], endpoint: str, *,
+                 curve: ServerKeys | None = None) -> None:
         self.endpoint = endpoint
         # world id -> the router of its deployment: the routers add and remove their own
         # worlds (controller.router); this socket only reads it, to route a reply.
         self.routes: dict[int, Router] = {}
         self._on_heartbeat: Callable[[str, Heartbeat], None] = _ignore
         self._on_control: Callable[[str, Message], None] = _ignore
-        sock = make_socket(context, zmq.ROUTER)
+        sock = make_socket(context, zmq.ROUTER, curve=curve)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         bind_socket(sock, endpoint)

@@ -312,10 +312,12 @@ def _run_profile_cli(args: argparse.Namespace) -> int:
 
     async def go() -> tuple[list[Arrival], list[Second], float]:
         inputs = await _inputs_for(args)
-        status = await admin_call(args.admin, "status", {}, timeout_s=args.admin_timeout_s)
+        status = await admin_call(args.admin, "status", {}, timeout_s=args.admin_timeout_s,
+                                  curve=_curve_of(args))
         slo = next((d["slo_p99_ms"] for d in status["deployments"] if d["name"] == args.model),
                    0.0)
-        async with Client(args.endpoint) as client:
+        async with Client(args.endpoint, key=args.global_key or None,
+                          controller_key=args.global_controller_key or None) as client:
             await client.infer(args.model, inputs, timeout_s=args.request_timeout_s)
             arrivals, seconds = await run_profile(
                 client, args.admin, args.model, inputs, profile=args.profile,
@@ -360,7 +362,8 @@ async def _inputs_for(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.input:
         return parse_assignments(args.input)
-    status = await admin_call(args.admin, "status", {}, timeout_s=args.admin_timeout_s)
+    status = await admin_call(args.admin, "status", {}, timeout_s=args.admin_timeout_s,
+                                  curve=_curve_of(args))
     for dep in status["deployments"]:
         if dep["name"] == args.model:
             inputs = example_inputs(dep.get("inputs") or {})
@@ -384,7 +387,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
 
     async def go() -> BenchResult:
         inputs = await _inputs_for(args)
-        async with Client(args.endpoint) as client:
+        async with Client(args.endpoint, key=args.global_key or None,
+                          controller_key=args.global_controller_key or None) as client:
             # One request first: fail fast (unknown model, bad inputs) before the load starts.
             await client.infer(args.model, inputs, timeout_s=args.request_timeout_s)
             return await closed_loop(
@@ -395,3 +399,9 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     result = _run(go())
     print(json.dumps(result.to_dict()) if args.json else render_result(result))
     return 0
+
+
+def _curve_of(args: Any) -> Any:
+    from mesh.security import client_keys
+
+    return client_keys(args.global_key, args.global_controller_key)

@@ -61,13 +61,32 @@ def cmd_controller(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.main import run_from_args
 
+    # `meshctl --key F worker` and `meshctl worker --key F` both work.
+    args.key = args.key or args.global_key
+    args.controller_key = args.controller_key or args.global_controller_key
     return run_from_args(args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from mesh.security import generate
+
+    public, secret = generate(args.name, args.dir)
+    print(f"wrote {public} (public: give it to the controller's key folder) and {secret} "
+          "(secret: keep it, mode 600)")
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> Any:
+    from mesh.security import client_keys
+
+    return client_keys(args.global_key, args.global_controller_key)
 
 
 def _admin(args: argparse.Namespace, command: str, call_args: dict[str, Any]) -> Any:
     from controller.admin_client import admin_call
 
-    return _run(admin_call(args.admin, command, call_args, timeout_s=args.admin_timeout_s))
+    return _run(admin_call(args.admin, command, call_args, timeout_s=args.admin_timeout_s,
+                           curve=_curve(args)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -128,7 +147,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     params = {"max_tokens": args.max_tokens} if args.max_tokens is not None else None
 
     async def go() -> Any:
-        async with Client(args.endpoint) as client:
+        async with Client(args.endpoint, key=args.global_key or None,
+                          controller_key=args.global_controller_key or None) as client:
             if not args.stream:
                 return await client.infer(args.model, inputs, timeout_s=args.timeout_s,
                                           params=params)
@@ -164,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="controller admin endpoint (default %(default)s)")
     p.add_argument("--admin-timeout-s", type=float, default=10.0, help="admin call timeout")
     p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "INFO"))
+    p.add_argument("--key", dest="global_key", default=os.environ.get("MESH_KEY", ""),
+                   help="CURVE: this caller's key pair (NAME.key_secret), for a controller with "
+                        "[security] curve = true")
+    p.add_argument("--controller-key", dest="global_controller_key",
+                   default=os.environ.get("MESH_CONTROLLER_KEY", ""),
+                   help="CURVE: the controller's public key (NAME.key)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("up", help="controller plus a local worker pool (demo models by default)")
@@ -177,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("worker", help="one worker that joins a controller")
     add_worker_arguments(s)
     s.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("keys", help="CURVE keys: 'keys generate NAME [--dir DIR]'")
+    keys = s.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys.add_parser("generate", help="write NAME.key (public) and NAME.key_secret")
+    k.add_argument("name")
+    k.add_argument("--dir", default=".", help="folder to write to (default: here)")
+    k.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("status", help="deployments, worlds, workers, latency and load")
     s.add_argument("--json", action="store_true", help="machine-readable output")

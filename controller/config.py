@@ -71,9 +71,25 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """ZeroMQ CURVE on every socket (mesh/security.py). Relative paths are read from the config
+    file's folder."""
+
+    curve: bool = False
+    # The controller's key pair (NAME.key_secret from 'meshctl keys generate').
+    controller_key: str = ""
+    # Folders of the public keys (NAME.key) allowed on each port; re-read on SIGHUP and when
+    # a folder changes, so revoking a key is deleting its file.
+    client_keys: str = ""
+    worker_keys: str = ""
+    admin_keys: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     controller: ControllerConfig
     deployments: tuple[DeploymentConfig, ...]
+    security: SecurityConfig = SecurityConfig()
 
     def deployment(self, name: str) -> DeploymentConfig:
         for dep in self.deployments:
@@ -119,11 +135,13 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    return parse_config(raw)
+    return parse_config(raw, path.resolve().parent)
 
 
-def parse_config(raw: dict[str, Any]) -> Config:
-    unknown = set(raw) - {"controller", "deployments"}
+def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
+    """A validated Config from a parsed TOML document; ``base`` is the folder that relative
+    paths (the security keys) are read from (the config file's; default: the current one)."""
+    unknown = set(raw) - {"controller", "deployments", "security"}
     if unknown:
         raise ConfigError(f"unknown top-level key {sorted(unknown)[0]!r}")
     controller_raw = raw.get("controller", {})
@@ -148,7 +166,31 @@ def parse_config(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"{where}.name: deployment {dep.name!r} is configured twice")
         seen.add(dep.name)
         deployments.append(dep)
-    return Config(controller=controller, deployments=tuple(deployments))
+    security_raw = raw.get("security", {})
+    if not isinstance(security_raw, dict):
+        raise ConfigError("'security' must be a table")
+    security = _check_security(_build(SecurityConfig, security_raw, "security"),
+                               base or Path.cwd())
+    return Config(controller=controller, deployments=tuple(deployments), security=security)
+
+
+def _check_security(s: SecurityConfig, base: Path) -> SecurityConfig:
+    """With ``curve``: every path given, made absolute, and present."""
+    if not s.curve:
+        return s
+    paths: dict[str, Any] = {}
+    for name in ("controller_key", "client_keys", "worker_keys", "admin_keys"):
+        value = getattr(s, name)
+        if not value:
+            raise ConfigError(f"security.{name} is required when security.curve is true")
+        path = (base / value).resolve()
+        if name == "controller_key" and not path.is_file():
+            raise ConfigError(f"security.controller_key: no file {str(path)!r} (make one with "
+                              "'meshctl keys generate controller')")
+        if name != "controller_key" and not path.is_dir():
+            raise ConfigError(f"security.{name}: no folder {str(path)!r}")
+        paths[name] = str(path)
+    return dataclasses.replace(s, **paths)
 
 
 def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:

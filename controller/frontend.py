@@ -27,6 +27,7 @@ from mesh.errors import (
     excerpt,
 )
 from mesh.messages import MAX_ID_BYTES, PROTOCOL_VERSION, ClientKind, error_header
+from mesh.security import ServerKeys
 from mesh.transport import Pump, bind_socket, make_socket
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Frontend:
         *,
         max_request_bytes: int,
         on_bad_request: Callable[[str], None] | None = None,
+        curve: ServerKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.routers = routers
@@ -57,7 +59,7 @@ class Frontend:
         # ZeroMQ for it; later ones are dropped and counted (``answers_dropped``), so one slow
         # reader cannot grow the controller. ROUTER_MANDATORY makes the drop visible here.
         sock = make_socket(context, zmq.ROUTER, max_msg_bytes=max_request_bytes * 4 + (1 << 20),
-                           sndhwm=CLIENT_SEND_HWM)
+                           sndhwm=CLIENT_SEND_HWM, curve=curve)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         bind_socket(sock, endpoint)
         self.pump = Pump(sock, self._on_message, name="frontend")

@@ -89,6 +89,7 @@ class LocalLauncher:
         max_workers: int = 16,
         python: str = sys.executable,
         extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.controller_endpoint = controller_endpoint
         self._on_exit = on_exit
@@ -97,6 +98,7 @@ class LocalLauncher:
         self._max_workers = max_workers
         self._python = python
         self._extra_env = extra_env or {}
+        self._extra_args = extra_args or []  # e.g. the CURVE keys of the controller's children
         self._children: dict[str, _Child] = {}
         self._gpus = count_gpus() if device in ("auto", "cuda") else 0
         self._closing = False
@@ -123,6 +125,7 @@ class LocalLauncher:
             "--device", device,
             "--threads", str(self._threads),
             "--parent-pid", str(os.getpid()),
+            *self._extra_args,
         ]
         env = {**os.environ, **self._extra_env}
         if self._threads > 0:

@@ -59,6 +59,8 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    # SIGHUP: re-read the allowed CURVE keys now (they are also re-read when a folder changes).
+    loop.add_signal_handler(signal.SIGHUP, controller.reload_keys)
     try:
         await controller.start()
         ready = asyncio.ensure_future(controller.wait_serving(wait_ready_s))

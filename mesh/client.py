@@ -27,6 +27,7 @@ import zmq
 from mesh import codec
 from mesh.errors import BadRequest, Cancelled, DeadlineExceeded, MeshError, error_from_wire
 from mesh.messages import PROTOCOL_VERSION, ClientKind, request_header
+from mesh.security import client_keys
 from mesh.transport import Pump, make_socket
 
 _END = object()
@@ -49,8 +50,13 @@ class Client:
         default_timeout_s: float = 30.0,
         grace_s: float = 2.0,
         context: zmq.Context[Any] | None = None,
+        key: str | None = None,
+        controller_key: str | None = None,
     ) -> None:
+        """``key`` (this client's NAME.key_secret) and ``controller_key`` (the controller's
+        NAME.key) turn on CURVE, for a controller with ``[security] curve = true``."""
         self.endpoint = endpoint
+        self._curve = client_keys(key, controller_key)
         self.default_timeout_s = default_timeout_s
         self.grace_s = grace_s
         self._own_context = context is None
@@ -62,7 +68,7 @@ class Client:
         self._closed = False
 
     async def connect(self) -> None:
-        sock = make_socket(self._context, zmq.DEALER)
+        sock = make_socket(self._context, zmq.DEALER, curve=self._curve)
         sock.connect(self.endpoint)
         self._pump = Pump(sock, self._on_message, name="client", copy_prefix=1)
         self._pump.start()

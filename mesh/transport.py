@@ -52,9 +52,13 @@ def make_socket(
     sndhwm: int = 0,
     rcvhwm: int = 0,
     max_msg_bytes: int = -1,
+    curve: Any = None,
 ) -> zmq.Socket[Any]:
-    """A socket with the options every meshserve socket wants (no linger, bounded queues)."""
+    """A socket with the options every meshserve socket wants (no linger, bounded queues);
+    ``curve`` (mesh.security ServerKeys or ClientKeys) makes it a CURVE server or client."""
     sock = context.socket(kind)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)

@@ -70,13 +70,15 @@ class Cluster:
     config_path: Path
     log_path: Path
     seen_worker_pids: set[int] = field(default_factory=set)
+    admin_curve: Any = None  # mesh.security ClientKeys of an allowed admin, when CURVE is on
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     async def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        status = await admin_call(self.admin, "status", timeout_s=timeout_s)
+        status = await admin_call(self.admin, "status", timeout_s=timeout_s,
+                                  curve=self.admin_curve)
         self.seen_worker_pids.update(w["pid"] for w in status["workers"] if w["pid"])
         return status
 
@@ -139,7 +141,8 @@ def write_config(path: Path, ports: dict[str, int], deployments: str, controller
 
 
 async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "",
-                        ready_timeout_s: float = 90.0, wait_serving: bool = True) -> Cluster:
+                        ready_timeout_s: float = 90.0, wait_serving: bool = True,
+                        admin_curve: Any = None) -> Cluster:
     ports = free_ports("client", "admin", "worker")
     config = tmp_path / f"meshserve-{ports['admin']}.toml"
     write_config(config, ports, deployments, controller)
@@ -149,7 +152,7 @@ async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     cluster = Cluster(proc, f"tcp://127.0.0.1:{ports['client']}",
                       f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
-                      config, log_path)
+                      config, log_path, admin_curve=admin_curve)
     try:
         await cluster.wait_for(
             lambda s: not wait_serving or all(d["worlds_current"] >= d["worlds_desired"]

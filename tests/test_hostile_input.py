@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +227,66 @@ async def test_a_socket_that_is_not_a_member_cannot_answer_for_a_world(
     assert c["foreign_replies"] + c["unroutable_replies"] > 0
     assert status["deployments"][0]["errors"] == {} or \
         sum(status["deployments"][0]["errors"].values()) == 0
+
+
+# -- a seeded fuzz of client frames -------------------------------------------------------
+
+KINDS = ["infer", "stream", "result", "error", "", None, 1, "x" * 50]
+VALUES: list[Any] = [None, True, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, math.nan, math.inf,
+                     "", "mlp", "x" * 300, b"\x00\xff", [], [1, "a"], {}, {"$tensor": 1},
+                     {"$tensor": ["float32", [1, 64], 1]}, {"$tensor": ["float32", [-1], 1]},
+                     {"$tensor": ["nope", [1], 9]}, nested(40), {"a": nested(40)}]
+
+
+def fuzzed_request(rng: random.Random, i: int) -> list[bytes]:
+    """A request that may be anything: a mutated valid one mostly, sometimes pure noise."""
+    roll = rng.random()
+    if roll < 0.1:
+        return [rng.randbytes(rng.randint(0, 64))]
+    header: dict[Any, Any] = request_header("infer", i, "mlp", {"x": {
+        "$tensor": ["float32", [1, 64], 1]}}, 5000)
+    frames = [b"\x00" * 256]
+    for _ in range(rng.randint(1, 4)):
+        key = rng.choice(["v", "kind", "id", "model", "inputs", "timeout_ms", "params",
+                          rng.choice(["extra", 7, ""])])
+        header[key] = rng.choice(KINDS if key == "kind" else VALUES)
+    if header.get("kind") == "cancel":
+        header["kind"] = "infer"  # a cancel is answered by nothing: not this test's subject
+    if rng.random() < 0.3:
+        frames = [rng.randbytes(rng.randint(0, 300)) for _ in range(rng.randint(0, 3))]
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+async def test_a_fuzz_of_client_frames_gets_exactly_one_answer_each(serving: Any) -> None:
+    cluster, failures = serving
+    rng = random.Random(12)
+    context = zmq.asyncio.Context()
+    sent = answered = 0
+    codes: dict[str, int] = {}
+    deadline = asyncio.get_running_loop().time() + 15.0
+    try:
+        while asyncio.get_running_loop().time() < deadline:
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(cluster.client)
+            batch = [fuzzed_request(rng, sent + i) for i in range(50)]
+            for frames in batch:
+                await sock.send_multipart(frames)
+            sent += len(batch)
+            got = 0
+            while got < len(batch) and await sock.poll(10_000):
+                reply = await sock.recv_multipart()
+                header = msgpack.unpackb(reply[0], raw=False)
+                assert sum(len(f) for f in reply) < SMALL or header["kind"] == "result"
+                key = header["code"] if header["kind"] == "error" else header["kind"]
+                codes[key] = codes.get(key, 0) + 1
+                got += 1
+            assert got == len(batch), f"{len(batch) - got} of a batch got no answer"
+            assert not await sock.poll(100), "more answers than requests"
+            answered += got
+            sock.close(0)
+    finally:
+        context.destroy(0)
+    assert sent >= 500 and answered == sent, (sent, answered)
+    assert "internal" not in codes, codes
+    assert failures == []

@@ -40,6 +40,7 @@ from mesh.messages import (
     WorldBroken,
     runner_identity,
 )
+from mesh.security import ClientKeys
 from mesh.spec import DeploymentSpec
 from worker.comm import Comm, CommError, parse_addr
 from worker.link import Link
@@ -77,8 +78,10 @@ class WorkerAgent(Actor):
         labels: dict[str, str] | None = None,
         register_timeout_s: float = 30.0,
         advertise_host: str = "127.0.0.1",
+        curve: ClientKeys | None = None,
     ) -> None:
         super().__init__(f"worker {worker_id}")
+        self._curve = curve  # every socket to the controller is a CURVE client with these
         self.worker_id = worker_id
         self._log = speaker(log, f"worker {worker_id}")
         self.device = device
@@ -86,7 +89,8 @@ class WorkerAgent(Actor):
         self.labels = labels or {}
         self._context: zmq.Context[Any] = zmq.Context()
         self._controller = controller
-        self._link = Link(self._context, controller, worker_id, on_control=self._on_control)
+        self._link = Link(self._context, controller, worker_id, on_control=self._on_control,
+                          curve=curve)
         # The device, shared by every world's runner: one computation at a time.
         self._compute = Compute()
         # Counters of runners that ended, so the heartbeat's totals never go backwards.
@@ -273,7 +277,8 @@ class WorkerAgent(Actor):
             runner = WorldRunner(world, context=self._context, endpoint=self._controller,
                                  identity=runner_identity(self.worker_id, msg.world_id,
                                                           msg.epoch, msg.token),
-                                 compute=self._compute, on_broken=self._broken_from_thread)
+                                 compute=self._compute, on_broken=self._broken_from_thread,
+                                 curve=self._curve)
             # Returns once the controller can route to the runner's socket.
             await loop.run_in_executor(self._form_pool, runner.start)
         except (LoadError, CommError, TimeoutError) as exc:

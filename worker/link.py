@@ -15,6 +15,7 @@ import zmq
 from mesh import codec
 from mesh.errors import BadRequest
 from mesh.messages import CONTROLLER_MESSAGES, Message, parse_control
+from mesh.security import ClientKeys
 from mesh.transport import Pump, make_socket
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,12 @@ class Link:
         worker_id: str,
         *,
         on_control: Callable[[Message], None],
+        curve: ClientKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.worker_id = worker_id
         self._on_control = on_control
-        sock = make_socket(context, zmq.DEALER, identity=worker_id.encode())
+        sock = make_socket(context, zmq.DEALER, identity=worker_id.encode(), curve=curve)
         sock.connect(endpoint)
         self._pump = Pump(sock, self._on_message, name=f"link {worker_id}", copy_prefix=1)
 

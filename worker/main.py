@@ -12,6 +12,7 @@ import sys
 import uuid
 
 from mesh.loop import run as run_loop
+from mesh.security import ClientKeys, client_keys
 from worker.agent import WorkerAgent
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,11 @@ def default_worker_id() -> str:
 
 
 async def run_worker(controller: str, worker_id: str, device: str, threads: int,
-                     labels: dict[str, str], advertise_host: str = "127.0.0.1") -> int:
+                     labels: dict[str, str], advertise_host: str = "127.0.0.1",
+                     curve: ClientKeys | None = None) -> int:
     agent = WorkerAgent(controller=controller, worker_id=worker_id, device=pick_device(device),
-                        threads=threads, labels=labels, advertise_host=advertise_host)
+                        threads=threads, labels=labels, advertise_host=advertise_host,
+                        curve=curve)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop, f"signal {signal.Signals(sig).name}")
@@ -61,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labels reported to the controller")
     parser.add_argument("--advertise-host", default="127.0.0.1",
                         help="address other workers use to reach this one's rendezvous store")
+    parser.add_argument("--key", default="",
+                        help="this worker's CURVE key pair (NAME.key_secret), when the "
+                             "controller has [security] curve = true")
+    parser.add_argument("--controller-key", default="",
+                        help="the controller's public key (NAME.key)")
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="exit when this process (the launching controller) dies")
 
@@ -105,8 +113,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         level=os.environ.get("MESH_LOG_LEVEL", "INFO").upper(),
         format=f"%(asctime)s %(levelname)s [worker {worker_id}] %(name)s: %(message)s",
     )
+    curve = client_keys(args.key, args.controller_key)
     coro = run_worker(args.controller, worker_id, args.device, args.threads, labels,
-                      args.advertise_host)
+                      args.advertise_host, curve)
     try:
         code = run_loop(coro)
     except SystemExit as exc:

@@ -34,6 +34,7 @@ import zmq
 
 from mesh import dataplane
 from mesh.errors import Unavailable
+from mesh.security import ClientKeys
 from mesh.transport import make_socket, recv_nowait, send_nowait
 from worker.comm import CommError
 from worker.stage_loop import EntryStage, InnerStage
@@ -50,11 +51,13 @@ LINGER_MS = 1000
 class WorldRunner:
     def __init__(self, world: World, *, context: zmq.Context[Any], endpoint: str,
                  identity: str, compute: Compute, on_broken: OnBroken,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 curve: ClientKeys | None = None) -> None:
         self.world = world
         self.identity = identity
         self._context = context
         self._endpoint = endpoint
+        self._curve = curve
         self._on_broken_cb = on_broken
         self._clock = clock
         self._sock: zmq.Socket[Any] | None = None
@@ -142,7 +145,8 @@ class WorldRunner:
 
     def _run(self) -> None:
         world = self.world
-        sock = make_socket(self._context, zmq.DEALER, identity=self.identity.encode())
+        sock = make_socket(self._context, zmq.DEALER, identity=self.identity.encode(),
+                           curve=self._curve)
         sock.connect(self._endpoint)
         self._sock = sock
         try:

@@ -1,0 +1,154 @@
+"""ZeroMQ CURVE on every port: with ``[security] curve = true`` a client, admin or worker whose
+key is not in the right folder gets nothing, and revoking a key needs no restart."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from controller.admin_client import admin_call
+from mesh import codec
+from mesh.client import Client
+from mesh.errors import DeadlineExceeded
+from mesh.security import ClientKeys
+from tests.conftest import StartCluster
+
+X = {"x": np.ones((1, 64), np.float32)}
+
+
+def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    """controller, alice (client), ops (admin), mallory (nobody's); the allowed folders hold
+    copies of the public keys, as an operator would hand them over."""
+    root = tmp_path / "keys"
+    for name in ("controller", "alice", "ops", "mallory"):
+        result = meshctl("keys", "generate", name, "--dir", str(root / "own"))
+        assert result.returncode == 0, result.stderr
+        assert "mode 600" in result.stdout
+    assert (root / "own" / "alice.key_secret").stat().st_mode & 0o077 == 0
+    for folder, name in (("clients", "alice"), ("admins", "ops"), ("workers", None)):
+        (root / folder).mkdir()
+        if name:
+            shutil.copy(root / "own" / f"{name}.key", root / folder / f"{name}.key")
+    return root
+
+
+def security(keys: Path) -> str:
+    return f"""
+[security]
+curve = true
+controller_key = "{keys / 'own' / 'controller.key_secret'}"
+client_keys = "{keys / 'clients'}"
+worker_keys = "{keys / 'workers'}"
+admin_keys = "{keys / 'admins'}"
+"""
+
+
+MLP = """
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 32 }
+"""
+
+
+def client(cluster: Any, keys: Path, name: str | None) -> Client:
+    if name is None:
+        return Client(cluster.client)
+    return Client(cluster.client, key=str(keys / "own" / f"{name}.key_secret"),
+                  controller_key=str(keys / "own" / "controller.key"))
+
+
+async def served(cluster: Any, keys: Path, name: str | None) -> bool:
+    """Whether ``name``'s key gets an answer (a fresh connection each time)."""
+    async with client(cluster, keys, name) as c:
+        try:
+            out = await c.infer("mlp", X, timeout_s=1.5)
+        except DeadlineExceeded:
+            return False
+        assert out["y"].shape == (1, 10)
+        return True
+
+
+def admin_keys(keys: Path, name: str) -> ClientKeys:
+    return ClientKeys.load(keys / "own" / f"{name}.key_secret", keys / "own" / "controller.key")
+
+
+async def test_only_allowed_keys_are_served_and_a_revoked_key_is_refused_without_restart(
+        cluster_factory: StartCluster, keys: Path) -> None:
+    cluster = await cluster_factory(MLP + security(keys), admin_curve=admin_keys(keys, "ops"))
+    # The local launcher's workers hold the controller's own keys: the world formed.
+    assert (await cluster.status())["deployments"][0]["worlds_current"] == 1
+    assert await served(cluster, keys, "alice")
+    assert not await served(cluster, keys, None)  # no CURVE at all
+    assert not await served(cluster, keys, "mallory")  # CURVE, a key nobody allowed
+    assert not await served(cluster, keys, "ops")  # an admin key is not a client key
+
+    # Admin: only ops.
+    with pytest.raises(DeadlineExceeded):
+        await admin_call(cluster.admin, "status", timeout_s=1.0)
+    with pytest.raises(DeadlineExceeded):
+        await admin_call(cluster.admin, "scale", {"deployment": "mlp", "worlds": 0},
+                         timeout_s=1.0, curve=admin_keys(keys, "alice"))
+    own = keys / "own"
+    result = cluster.meshctl("--key", str(own / "ops.key_secret"),
+                             "--controller-key", str(own / "controller.key"), "status", "--json")
+    assert result.returncode == 0, result.stderr
+    result = cluster.meshctl("--admin-timeout-s", "1", "status")
+    assert result.returncode == 1 and "no answer" in result.stderr
+
+    # A stranger on the worker port without an allowed key cannot even register.
+    context = zmq.asyncio.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, b"w-stranger")
+        admin_keys(keys, "mallory").apply(sock)
+        sock.connect(cluster.workers_endpoint)
+        await sock.send(codec.pack({"kind": "register", "worker_id": "w-stranger", "pid": 0,
+                                    "host": "h", "device": "cpu"}))
+        assert not await sock.poll(1500), "a stranger got an answer on the worker port"
+        sock.close(0)
+    finally:
+        context.destroy(0)
+    status = await cluster.status()
+    assert [w["id"] for w in status["workers"]] == ["w1"]
+
+    # Revocation: delete alice's key; the folder is watched (and SIGHUP re-reads it at once).
+    (keys / "clients" / "alice.key").unlink()
+    cluster.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    assert not await served(cluster, keys, "alice")
+    # Allowing a key is copying it in: picked up without a signal, within a couple of seconds.
+    shutil.copy(keys / "own" / "mallory.key", keys / "clients" / "mallory.key")
+    for _ in range(30):
+        if await served(cluster, keys, "mallory"):
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("a key copied into the clients folder was never allowed")
+    assert "CURVE keys reloaded" in cluster.log_tail(100)
+
+
+def test_a_curve_config_without_its_keys_is_refused_by_name(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(MLP + "\n[security]\ncurve = true\ncontroller_key = \"nope.key_secret\"\n")
+    result = meshctl("up", "--config", str(config))
+    assert result.returncode == 2
+    assert "security.client_keys is required" in result.stderr or \
+        "security.controller_key" in result.stderr
