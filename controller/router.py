@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from controller.admission import Capacity
 from controller.config import DeploymentConfig
 from controller.inflight import Pending, WorldRoute, bad_duplicate, with_skip
 from controller.stats import Arrivals, LatencyWindow
@@ -92,6 +93,9 @@ class Router:
         # Kept long enough for the autoscaler's breach window (see Controller._autoscale_context).
         self.stats = LatencyWindow(keep_s=max(2.0, deployment.upscale_delay_s))
         self.arrivals = Arrivals()  # accepted requests' arrival times
+        # Service rate while saturated, for deadline-aware admission (controller/admission.py):
+        # saturated means at least a few requests waiting per world's batch.
+        self.capacity = Capacity(floor=4)
         # Accepted requests without their final answer, and an event set whenever there is
         # none: what a graceful stop awaits.
         self.unanswered = 0
@@ -126,8 +130,17 @@ class Router:
             return
         if world is None and len(self.queue) - self._queue_dead >= self.deployment.max_queue:
             self._reject(client, client_id, Overloaded(
-                f"{self.name}: {self.queued} requests queued, limit {self.deployment.max_queue}"))
+                f"{self.name}: {self.queued} requests queued, limit {self.deployment.max_queue}",
+                retry_after_ms=100))
             return
+        backlog = len(self.pending)
+        if backlog >= self.capacity.floor and self.deployment.admit_by_deadline:
+            retry_s = self.capacity.retry_after_s(now, backlog, timeout_ms / 1000.0)
+            if retry_s > 0.0:
+                self._reject(client, client_id, Overloaded(
+                    f"{self.name}: {backlog} requests ahead at {self.capacity.rps:.0f}/s would "
+                    f"not finish within the deadline", retry_after_ms=max(1, int(retry_s * 1e3))))
+                return
         rid = self._next_rid()
         self.arrivals.append(now)
         p = Pending(rid, client, client_id, kind, header, frames, now, now + timeout_ms / 1000.0)
@@ -208,10 +221,12 @@ class Router:
                 self._send_client([p.client, *frames])
             return
         world = p.world
-        world.last_progress_s = self._clock()
+        now = self._clock()
+        world.last_progress_s = now
         world.inflight.pop(rid, None)
         world.served += 1
         del self.pending[rid]
+        self.capacity.answered(now, len(self.pending))
         if not p.answered:
             self._answered(p)
             self._by_client.pop((p.client, p.client_id), None)
@@ -228,7 +243,6 @@ class Router:
                     code = err.code
                 self.stats.record_error(code)
             else:
-                now = self._clock()
                 self.stats.record(now, now - p.arrived_s)
             self._send_client([p.client, *frames])
         self._pump_queue()
@@ -341,7 +355,8 @@ class Router:
 
     def _reject(self, client: bytes, client_id: Any, err: MeshError) -> None:
         self.stats.record_error(err.code)
-        header = codec.pack(error_header(client_id, err.code, err.message, err.retryable))
+        header = codec.pack(error_header(client_id, err.code, err.message, err.retryable,
+                                         err.retry_after_ms))
         self._send_client([client, header])
 
     def set_unavailable(self, reason: str) -> None:
@@ -408,6 +423,10 @@ class Router:
 
     def _refresh_serving(self) -> None:
         self._serving = [w for w in self.worlds.values() if w.routable]
+        # Saturated: two full batches waiting per serving world, or more.
+        dep = self.deployment
+        self.capacity.floor = max(4, 2 * len(self._serving) *
+                                  min(dep.max_batch_size, dep.max_inflight_per_world))
 
     # -- figures --------------------------------------------------------------------------
 

@@ -19,13 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import AsyncIterator
 from typing import Any, Self
 
 import zmq
 
 from mesh import codec
-from mesh.errors import BadRequest, Cancelled, DeadlineExceeded, MeshError, error_from_wire
+from mesh.errors import (
+    BadRequest,
+    Cancelled,
+    DeadlineExceeded,
+    MeshError,
+    Overloaded,
+    Unavailable,
+    error_from_wire,
+)
 from mesh.messages import PROTOCOL_VERSION, ClientKind, request_header
 from mesh.security import client_keys
 from mesh.transport import Pump, make_socket
@@ -105,12 +114,33 @@ class Client:
         *,
         timeout_s: float | None = None,
         params: dict[str, Any] | None = None,
+        retries: int = 0,
     ) -> dict[str, Any]:
-        """One request, one answer: the model's named outputs (tensors as numpy arrays)."""
-        pump = self._ready()
+        """One request, one answer: the model's named outputs (tensors as numpy arrays).
+
+        ``retries``: how many times to send it again after an ``overloaded`` or
+        ``unavailable`` answer, within the same ``timeout_s``, each after the server's
+        retry-after hint (or 50 ms, doubling) with jitter, so that callers refused together
+        do not come back together."""
         timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
         if timeout_s <= 0:
             raise BadRequest("timeout_s must be positive")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await self._infer_once(model, inputs, deadline - loop.time(), params)
+            except (Overloaded, Unavailable) as exc:
+                attempt += 1
+                pause_s = backoff_s(exc.retry_after_ms, attempt)
+                if attempt > retries or loop.time() + pause_s >= deadline:
+                    raise
+                await asyncio.sleep(pause_s)
+
+    async def _infer_once(self, model: str, inputs: dict[str, Any], timeout_s: float,
+                          params: dict[str, Any] | None) -> dict[str, Any]:
+        pump = self._ready()
         req_id = next(self._ids)
         frames = _encode_request(ClientKind.INFER, req_id, model, inputs, timeout_s, params)
         loop = asyncio.get_running_loop()
@@ -187,7 +217,8 @@ class Client:
         except (MeshError, KeyError, TypeError):
             return  # not ours to understand; the protocol says answers are well formed
         if kind == ClientKind.ERROR:
-            err = error_from_wire(str(header.get("code")), str(header.get("message", "")))
+            err = error_from_wire(str(header.get("code")), str(header.get("message", "")),
+                                  header.get("retry_after_ms", 0))
             self._deliver(req_id, err)
             return
         try:
@@ -235,3 +266,10 @@ def _encode_request(
         return codec.encode(header)
     except codec.EncodeError as exc:
         raise BadRequest(str(exc)) from None
+
+
+def backoff_s(retry_after_ms: int, attempt: int) -> float:
+    """How long to wait before retry ``attempt`` (1, 2, ...): the server's hint, else 50 ms
+    doubling up to 2 s; times a random factor in [0.5, 1.5) so refused callers spread out."""
+    base = retry_after_ms / 1000.0 if retry_after_ms > 0 else min(2.0, 0.05 * 2 ** (attempt - 1))
+    return base * (0.5 + random.random())

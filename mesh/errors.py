@@ -17,9 +17,11 @@ class MeshError(Exception):
     code: ClassVar[str] = "internal"
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", *, retry_after_ms: int = 0) -> None:
         super().__init__(message or self.code)
         self.message = message or self.code
+        # A hint for retryable errors: when trying again may succeed (0: no hint).
+        self.retry_after_ms = retry_after_ms
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
@@ -124,12 +126,14 @@ ERROR_CLASSES: dict[str, type[MeshError]] = {
 }
 
 
-def error_from_wire(code: str, message: str) -> MeshError:
+def error_from_wire(code: str, message: str, retry_after_ms: Any = 0) -> MeshError:
     """Rebuild the typed exception for a wire error code; unknown codes become InternalError."""
     cls = ERROR_CLASSES.get(code)
     if cls is None:
         return InternalError(f"[{code}] {message}")
-    return cls(message)
+    hint = retry_after_ms if type(retry_after_ms) is int and 0 < retry_after_ms < 3_600_000 \
+        else 0
+    return cls(message, retry_after_ms=hint)
 
 
 MAX_MESSAGE_CHARS = 512  # an error message's length on the wire, at most

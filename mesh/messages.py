@@ -54,8 +54,9 @@ def result_header(req_id: Any, outputs: dict[str, Any]) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "kind": ClientKind.RESULT, "id": req_id, "outputs": outputs}
 
 
-def error_header(req_id: Any, code: str, message: str, retryable: bool) -> dict[str, Any]:
-    return {
+def error_header(req_id: Any, code: str, message: str, retryable: bool,
+                 retry_after_ms: int = 0) -> dict[str, Any]:
+    header = {
         "v": PROTOCOL_VERSION,
         "kind": ClientKind.ERROR,
         "id": req_id,
@@ -64,6 +65,9 @@ def error_header(req_id: Any, code: str, message: str, retryable: bool) -> dict[
         message[:MAX_MESSAGE_CHARS] + "...",
         "retryable": retryable,
     }
+    if retry_after_ms > 0:
+        header["retry_after_ms"] = retry_after_ms
+    return header
 
 
 def request_header(

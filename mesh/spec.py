@@ -27,6 +27,9 @@ class DeploymentSpec:
     max_batch_delay_ms: float = 2.0
     # Requests waiting at the controller when every world is full; beyond this: Overloaded.
     max_queue: int = 4096
+    # Admit a request only if the work ahead of it can plausibly be done before its deadline
+    # (controller/admission.py); else answer overloaded at once, with a retry-after hint.
+    admit_by_deadline: bool = True
     # Requests outstanding on one world before the router holds new ones back.
     max_inflight_per_world: int = 64
     # Deadline applied when a request names none, and the largest one accepted.
