@@ -78,6 +78,11 @@ class WorkerInfo:
     # one that died, so it is not reused until it heartbeats again after this time.
     suspect_since_s: float = 0.0
     reason: str = ""
+    # Times its worlds broke on a stall (a world holding requests that answered nothing), and
+    # why it was quarantined ("" while it is not): a worker that keeps stalling its worlds
+    # (a blackhole) is not given new ones.
+    stalls: list[float] = field(default_factory=list)
+    quarantined: str = ""
     heartbeat: Heartbeat | None = None
     heartbeat_s: float = 0.0
     load: WorkerLoad = field(default_factory=WorkerLoad)

@@ -18,6 +18,8 @@ The rules, in the order they run:
   workers count as supply; the launcher starts the rest if it has room, or says it is full;
   idle workers beyond what is wanted are retired, least valuable first (never loaded, then the
   most recently idle);
+* a worker whose worlds stalled too often is quarantined: never given a world, not counted
+  as supply, and stopped if the launcher started it;
 * idle workers preload the deployments' stages once (``preload_warm``);
 * dead workers are forgotten after ``forget_dead_s``.
 """
@@ -38,6 +40,7 @@ class WorkerView:
     since_s: float
     worlds: frozenset[int] = frozenset()
     suspect: bool = False
+    quarantined: bool = False  # its worlds stalled too often: never given a world again
     spawned_by_us: bool = False
     valued: bool = False  # it holds a model (served or preloaded): worth keeping when idle
     preloaded: bool = False
@@ -149,7 +152,8 @@ def plan(view: View) -> list[Action]:
     worlds = [w for w in worlds if w.id not in broken]
 
     workers = view.workers
-    pool = _Pool([w for w in workers.values() if w.state == WorkerState.IDLE and not w.suspect])
+    pool = _Pool([w for w in workers.values()
+                  if w.state == WorkerState.IDLE and not w.suspect and not w.quarantined])
     suspects = sum(1 for w in workers.values() if w.state == WorkerState.IDLE and w.suspect)
     starting = sum(1 for w in workers.values() if w.state == WorkerState.STARTING) + suspects
     needed = 0
@@ -189,6 +193,10 @@ def plan(view: View) -> list[Action]:
     # Keep the idle workers worth most (a model loaded, longest warm); retire the others.
     by_value = sorted(pool.idle, key=lambda w: (w.valued, -w.since_s))
     retired = {w.id for w in by_value[:max(0, surplus)] if w.spawned_by_us}
+    # A quarantined worker of ours is stopped (a fresh one replaces it); one that joined by
+    # itself stays, unused, for its operator to look at.
+    retired |= {w.id for w in workers.values() if w.quarantined and w.spawned_by_us
+                and w.state == WorkerState.IDLE}
     actions += [Retire(w) for w in sorted(retired)]
     if view.preload_warm:
         actions += [Preload(w.id) for w in pool.idle if w.id not in retired and not w.preloaded]

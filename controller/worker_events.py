@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = speaker(logging.getLogger(__name__), "controller")
 
+MAX_STALLS = 3  # stalled worlds within STALL_WINDOW_S that quarantine a worker
+STALL_WINDOW_S = 600.0
+
 
 class WorkerEvents:
     # The WorldManager's state and helpers this part uses (see controller/world_manager.py).
@@ -170,6 +173,23 @@ class WorkerEvents:
                     self._formation_failed(world, f"worker {worker_id} {reason} while loading")
                 self._break_world(world, f"worker {worker_id} {reason}")
         worker.worlds.clear()
+
+    def _count_stall(self, world: WorldInfo) -> None:
+        """Each member of a stalled world is charged with it; one charged MAX_STALLS times in
+        STALL_WINDOW_S is quarantined (a worker that takes requests and never answers would
+        otherwise be picked again after every break)."""
+        now = self._clock()
+        for wid in world.workers:
+            worker = self.workers.get(wid)
+            if worker is None or worker.quarantined:
+                continue
+            worker.stalls = [t for t in worker.stalls if now - t < STALL_WINDOW_S] + [now]
+            if len(worker.stalls) >= MAX_STALLS:
+                worker.quarantined = (f"{len(worker.stalls)} of its worlds stalled within "
+                                      f"{STALL_WINDOW_S:.0f}s")
+                worker.reason = f"quarantined: {worker.quarantined}"
+                log.warning("worker %s quarantined: %s", wid, worker.quarantined)
+                self.events.add("worker_quarantined", worker=wid, reason=worker.quarantined)
 
     def _spawn_failed(self, worker_id: str, reason: str) -> None:
         self._spawn_failures += 1

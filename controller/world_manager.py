@@ -141,6 +141,8 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         elif isinstance(message, WorldUnreachable | WorldStalled):
             world = self.worlds.get(message.world_id)
             if world is not None and world.state in (WorldState.SERVING, WorldState.DRAINING):
+                if isinstance(message, WorldStalled):
+                    self._count_stall(world)
                 self._break_world(world, message.reason if isinstance(message, WorldStalled)
                                   else "its stage-0 worker's data socket is unreachable")
         elif isinstance(message, Scale):
@@ -172,8 +174,10 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
                 DeploymentView(name, d.config.stages, d.desired, bool(d.quarantined),
                                d.retry_at_s) for name, d in self.deployments.items()),
             workers={w.id: WorkerView(
-                w.id, w.state, w.since_s, frozenset(w.worlds), w.suspect, w.spawned_by_us,
-                w.joined_once or w.preloaded, w.preloaded, w.load.util, w.load.cost_ms)
+                w.id, w.state, w.since_s, frozenset(w.worlds), suspect=w.suspect,
+                quarantined=bool(w.quarantined), spawned_by_us=w.spawned_by_us,
+                valued=w.joined_once or w.preloaded, preloaded=w.preloaded,
+                util=w.load.util, cost_ms=w.load.cost_ms)
                 for w in self.workers.values()},
             worlds=tuple(WorldView(w.id, w.deployment, w.state, tuple(w.workers), w.created_s)
                          for w in self.worlds.values()),

@@ -234,3 +234,12 @@ def test_worlds_created_in_the_same_instant_drain_the_highest_id_first() -> None
     workers = [worker(f"w{i}", SERVING, worlds=frozenset({i})) for i in (1, 2, 3)]
     actions = plan(view(deployments=(dep(desired=1),), workers=workers, worlds=worlds))
     assert actions == [Drain(3, "scaled down to 1"), Drain(2, "scaled down to 1")]
+
+
+def test_a_quarantined_worker_gets_no_world_is_stopped_if_ours_and_is_replaced() -> None:
+    workers = [worker("w1", quarantined=True, spawned_by_us=True),
+               worker("w2", quarantined=True, spawned_by_us=False)]
+    actions = plan(view(deployments=(dep(),), workers=workers, can_spawn=True, room=4))
+    assert of(actions, Form) == []
+    assert of(actions, Retire) == [Retire("w1")]  # w2 joined by itself: left to its operator
+    assert of(actions, Spawn) == [Spawn(1)]  # neither counts as supply

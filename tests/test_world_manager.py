@@ -173,3 +173,22 @@ async def test_scaling_down_drains_the_newest_world_and_scaling_up_forms_on_idle
     await f.wm.handle(Scale("m", worlds=2))
     [third] = await f.join_all()  # on the idle worker c, not the draining world's
     assert f.wm.worlds[third].workers == ["c"]
+
+
+async def test_a_worker_whose_worlds_keep_stalling_is_quarantined_and_not_picked_again() -> None:
+    from controller.commands import WorldStalled
+
+    f = Fleet(config())
+    await f.register("a", 11)
+    for _ in range(3):
+        [world] = await f.join_all()
+        assert f.wm.worlds[world].workers == ["a"]
+        f.now += 30.0
+        await f.wm.handle(WorldStalled(world, "no progress for 10.0s with 5 requests in flight"))
+        f.take(Leave)
+    assert f.wm.workers["a"].quarantined.startswith("3 of its worlds stalled")
+    assert f.take(Join) == []  # not picked again
+    await f.register("b", 12)
+    [world] = await f.join_all()
+    assert f.wm.worlds[world].workers == ["b"]
+    assert [e["event"] for e in f.wm.events].count("worker_quarantined") == 1
