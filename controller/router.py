@@ -103,6 +103,7 @@ class Router:
         self._all_answered.set()
         self.late_replies = 0
         self.foreign_replies = 0
+        self.bad_replies = 0
         self.resent = 0
         self.accepting = True
         self.limit = deployment.max_inflight_per_world
@@ -211,6 +212,17 @@ class Router:
             return
         if p.world.members and sender not in p.world.members:
             self.foreign_replies += 1  # a socket that is not a member answering for it
+            return
+        if not frames or not _is_map(frames[0]):
+            # A member answering with something no client could read: a worker fault. The
+            # world is reported (it breaks, its requests are re-sent, and its workers are
+            # charged as for a stall); the client never sees the garbage.
+            self.bad_replies += 1
+            world = p.world
+            if not world.stall_reported and self._on_world_stalled is not None:
+                world.stall_reported = True
+                self._on_world_stalled(world.world_id, "answered with a reply header that is "
+                                                       "not a msgpack map")
             return
         if p.answered and status != CHUNK:
             self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
@@ -446,3 +458,13 @@ class Router:
         self.pending.clear()
         self.queue.clear()
         self._queue_dead = 0
+
+
+def _is_map(frame: Any) -> bool:
+    """Whether a reply header frame starts as a msgpack map (its first byte, read in place: the
+    controller does not decode the worker's header, which it forwards to the client as is)."""
+    try:
+        first = frame[0]
+    except (IndexError, TypeError):
+        return False
+    return 0x80 <= first <= 0x8F or first == 0xDE or first == 0xDF

@@ -47,6 +47,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "errors": dict(router.stats.errors),
             "resent": router.resent,
             "late_replies": router.late_replies,
+            # Replies a world sent that no client could read (the world was broken for it).
+            "bad_replies": router.bad_replies,
             # The service rate measured while saturated (deadline-aware admission; 0: none).
             "service_rps": round(router.capacity.rps, 1),
             "max_batch_size": dep.config.max_batch_size,

@@ -54,6 +54,7 @@ class Harness:
         self.to_client: list[list[Any]] = []
         self.to_worker: list[list[Any]] = []
         self.idle: list[int] = []
+        self.stalled: list[tuple[int, str]] = []
         self.vanished: set[bytes] = set()  # worker identities the socket no longer knows
         self.submitted: list[tuple[bytes, Any]] = []
         self.router = Router(
@@ -62,6 +63,7 @@ class Harness:
             send_worker=self._send_worker,
             next_rid=itertools.count(1).__next__,
             on_world_idle=self.idle.append,
+            on_world_stalled=lambda world_id, why: self.stalled.append((world_id, why)),
             max_attempts=max_attempts,
             clock=self.clock,
         )
@@ -569,3 +571,23 @@ def test_a_resumed_stream_skips_the_chunks_already_delivered_on_top_of_its_own_s
     edited = _codec.unpack_header(_with_skip(original, 5))
     assert edited["params"] == {"max_tokens": 20, "skip": 8}
     assert edited["inputs"] == {"prompt": "hi"} and edited["id"] == 9
+
+
+def test_a_reply_no_client_could_read_reports_the_world_and_the_request_is_re_sent() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.router.add_world(2, 0, b"w2")
+    h.submit("a")
+    d = h.dispatch_of("a")
+    h.reply(d, frames=[b"\xc1 garbage", b"y"])
+    assert h.to_client == [] and h.router.bad_replies == 1
+    assert [w for w, _ in h.stalled] == [d.world_id]  # reported once
+    h.reply(d, frames=[b"more garbage"])
+    assert len(h.stalled) == 1
+    # The WorldManager breaks the world: the request goes to the other one and is answered.
+    assert h.router.remove_world(d.world_id, "answered garbage") == 1
+    again = h.dispatch_of("a")
+    assert again.world_id != d.world_id
+    h.reply(again)
+    assert h.code_of("a") == "ok"
+    h.assert_each_answered_once()
