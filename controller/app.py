@@ -106,7 +106,8 @@ class Controller:
             self.backend.routes = routes
             self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
                                      max_request_bytes=c.max_request_bytes,
-                                     curve=curve("client"))
+                                     curve=curve("client"),
+                                     max_connections=c.max_client_connections)
             built.callback(self.frontend.close)
             self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
                                launcher=self.launcher, snapshot=self.status,

@@ -35,6 +35,9 @@ class ControllerConfig:
     metrics_port: int = 9464  # 0 disables the metrics endpoint
     metrics_host: str = "127.0.0.1"
     max_request_bytes: int = 64 * 1024 * 1024
+    # Client connections held at once; one accepted beyond this is closed at once (logged,
+    # counted). Each holds a descriptor: keep it well under the process's descriptor limit.
+    max_client_connections: int = 10_000
     heartbeat_interval_ms: int = 200
     # A worker silent this long is declared hung: its worlds break and it is killed.
     heartbeat_timeout_ms: int = 1500
@@ -214,6 +217,7 @@ def _check_controller(c: ControllerConfig) -> None:
         raise ConfigError("controller endpoints must be three different addresses")
     _range("controller.metrics_port", c.metrics_port, 0, 65535)
     _range("controller.max_request_bytes", c.max_request_bytes, 1024, 2**40)
+    _range("controller.max_client_connections", c.max_client_connections, 1, 1_000_000)
     _range("controller.heartbeat_interval_ms", c.heartbeat_interval_ms, 10, 60000)
     _range("controller.heartbeat_timeout_ms", c.heartbeat_timeout_ms, 50, 600000)
     if c.heartbeat_timeout_ms < 2 * c.heartbeat_interval_ms:

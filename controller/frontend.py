@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from controller.connections import ConnectionWatch
 from controller.router import Router
 from mesh import codec
 from mesh.errors import (
@@ -48,6 +49,7 @@ class Frontend:
         max_request_bytes: int,
         on_bad_request: Callable[[str], None] | None = None,
         curve: ServerKeys | None = None,
+        max_connections: int = 10_000,
     ) -> None:
         self.endpoint = endpoint
         self.routers = routers
@@ -63,12 +65,15 @@ class Frontend:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         bind_socket(sock, endpoint)
         self.pump = Pump(sock, self._on_message, name="frontend")
+        self.connections = ConnectionWatch(sock, max_connections)
         self.rejected = 0
 
     def start(self) -> None:
+        self.connections.start()
         self.pump.start()
 
     def close(self) -> None:
+        self.connections.close()
         self.pump.close()
 
     def send(self, frames: list[Any]) -> bool:

@@ -57,7 +57,15 @@ def render_metrics(status: dict[str, Any]) -> str:
               "# HELP meshserve_answers_dropped_total Answers not delivered: the client was "
               "gone, or did not read and had CLIENT_SEND_HWM answers waiting.",
               "# TYPE meshserve_answers_dropped_total counter",
-              f"meshserve_answers_dropped_total {c.get('answers_dropped', 0)}"]
+              f"meshserve_answers_dropped_total {c.get('answers_dropped', 0)}",
+              "# HELP meshserve_client_connections Client connections open.",
+              "# TYPE meshserve_client_connections gauge",
+              f"meshserve_client_connections {c.get('client_connections', 0)}",
+              "# HELP meshserve_client_connections_refused_total Client connections closed "
+              "at once because max_client_connections were open.",
+              "# TYPE meshserve_client_connections_refused_total counter",
+              f"meshserve_client_connections_refused_total "
+              f"{c.get('client_connections_refused', 0)}"]
     lines += ["# HELP meshserve_workers Workers by state.", "# TYPE meshserve_workers gauge"]
     states: dict[str, int] = {}
     for w in status["workers"]:

@@ -119,6 +119,10 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
                        "foreign_messages": wm.foreign_messages,
                        # Answers dropped for clients gone, or not reading (a full send queue).
                        "answers_dropped": frontend.pump.dropped if frontend else 0,
+                       # Client connections open now, and the ones closed over the cap.
+                       "client_connections": frontend.connections.open if frontend else 0,
+                       "client_connections_refused":
+                           frontend.connections.refused if frontend else 0,
                        **endpoints},
         "deployments": deployments,
         "worlds": worlds,

@@ -290,3 +290,32 @@ async def test_a_fuzz_of_client_frames_gets_exactly_one_answer_each(serving: Any
     assert sent >= 500 and answered == sent, (sent, answered)
     assert "internal" not in codes, codes
     assert failures == []
+
+
+async def test_connections_over_the_cap_are_closed_at_once_and_counted(
+        cluster_factory: StartCluster) -> None:
+    cluster = await cluster_factory(MLP, controller="max_client_connections = 10")
+    context = zmq.asyncio.Context()
+    socks = []
+    try:
+        for _ in range(30):  # connect only: strangers that never send anything
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # a closed one stays away a while
+            sock.connect(cluster.client)
+            socks.append(sock)
+        await cluster.wait_for(
+            lambda s: s["controller"]["client_connections_refused"] >= 20
+            and s["controller"]["client_connections"] <= 10, 20.0,
+            "connections over the cap to be closed")
+        assert "over max_client_connections = 10" in cluster.log_tail(100)
+    finally:
+        for sock in socks:
+            sock.close(0)
+        context.destroy(0)
+    # Once they are gone, a client gets in and is served.
+    await cluster.wait_for(lambda s: s["controller"]["client_connections"] == 0, 20.0,
+                           "the strangers' connections to close")
+    async with Client(cluster.client) as client:
+        out = await client.infer("mlp", {"x": np.ones((1, 64), np.float32)}, timeout_s=10)
+        assert out["y"].shape == (1, 10)
