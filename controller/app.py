@@ -228,7 +228,7 @@ class Controller:
 
     def _heartbeat(self, worker_id: str, hb: Heartbeat) -> None:
         self.health.beat(worker_id)
-        self.world_manager.tell(FromWorker(worker_id, hb))
+        self.world_manager.tell(FromWorker(worker_id, hb, time.monotonic()))
 
     def _control(self, worker_id: str, message: Message) -> None:
         self.health.beat(worker_id)

@@ -17,6 +17,10 @@ from mesh.messages import Message
 class FromWorker:
     worker_id: str
     message: Message
+    # When the Backend received it (the controller's monotonic clock; 0: when handled). A
+    # heartbeat's load figures are rates over the time between two heartbeats: measured at
+    # arrival, not after a wait in the mailbox, whose jitter would read as load.
+    received_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ view of each world it routes to (``WorldRoute``), with the stream-resume header 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from mesh import codec
@@ -82,3 +83,15 @@ def with_skip(header_frame: Any, skip: int) -> bytes:
                              else 0)
     header["params"] = params
     return codec.pack(header)
+
+
+def stalled_worlds(worlds: Iterable[WorldRoute], now_s: float, listening_since_s: float,
+                   stall_s: float) -> list[tuple[int, str]]:
+    """(world id, why) of the worlds silent for over ``stall_s`` while holding requests."""
+    out = []
+    for world in worlds:
+        silent_s = world.silent_s(now_s, listening_since_s)
+        if silent_s > stall_s:
+            out.append((world.world_id, f"no progress for {silent_s:.1f}s with "
+                                        f"{len(world.inflight)} requests in flight"))
+    return out

@@ -26,10 +26,10 @@ from typing import Any
 
 from controller.admission import Capacity
 from controller.config import DeploymentConfig
-from controller.inflight import Pending, WorldRoute, bad_duplicate, with_skip
+from controller.inflight import Pending, WorldRoute, bad_duplicate, stalled_worlds, with_skip
 from controller.stats import Arrivals, LatencyWindow
 from mesh import codec
-from mesh.dataplane import CHUNK, ERROR, CancelWork, Reply, pack, pack_dispatch
+from mesh.dataplane import CHUNK, ERROR, CancelWork, Reply, is_map, pack, pack_dispatch
 from mesh.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -213,7 +213,7 @@ class Router:
         if p.world.members and sender not in p.world.members:
             self.foreign_replies += 1  # a socket that is not a member answering for it
             return
-        if not frames or not _is_map(frames[0]):
+        if not frames or not is_map(frames[0]):
             # A member answering with something no client could read: a worker fault. The
             # world is reported (it breaks, its requests are re-sent, and its workers are
             # charged as for a stall); the client never sees the garbage.
@@ -330,14 +330,8 @@ class Router:
     def stalled(self, now_s: float) -> list[tuple[int, str]]:
         """Worlds that hold requests but sent no answer or chunk for the world timeout of
         listening time: a stuck stage, or a rank 0 that heartbeats but no longer serves."""
-        listening_since = self._listening_since()
-        out = []
-        for world in self.worlds.values():
-            silent_s = world.silent_s(now_s, listening_since)
-            if silent_s > self._stall_s:
-                out.append((world.world_id, f"no progress for {silent_s:.1f}s with "
-                                            f"{len(world.inflight)} requests in flight"))
-        return out
+        return stalled_worlds(self.worlds.values(), now_s, self._listening_since(),
+                              self._stall_s)
 
     def _report_stalls(self, now_s: float) -> None:
         for world_id, reason in self.stalled(now_s):
@@ -458,13 +452,3 @@ class Router:
         self.pending.clear()
         self.queue.clear()
         self._queue_dead = 0
-
-
-def _is_map(frame: Any) -> bool:
-    """Whether a reply header frame starts as a msgpack map (its first byte, read in place: the
-    controller does not decode the worker's header, which it forwards to the client as is)."""
-    try:
-        first = frame[0]
-    except (IndexError, TypeError):
-        return False
-    return 0x80 <= first <= 0x8F or first == 0xDE or first == 0xDF

@@ -136,13 +136,14 @@ class WorkerEvents:
         self._send(worker_id, self._welcome)
         log.info("worker %s registered (pid %d, %s)", worker_id, msg.pid, msg.device)
 
-    def _heartbeat(self, worker_id: str, hb: Heartbeat) -> bool:
-        """Note a heartbeat; True when it cleared a suspect (worth a plan)."""
+    def _heartbeat(self, worker_id: str, hb: Heartbeat, received_s: float) -> bool:
+        """Note a heartbeat received at ``received_s``; True when it cleared a suspect (worth
+        a plan)."""
         worker = self.workers.get(worker_id)
         if worker is None:
             return False
         was_suspect = worker.suspect
-        worker.heard(hb, self._clock())
+        worker.heard(hb, received_s)
         return was_suspect and worker.state == WorkerState.IDLE
 
     def _worker_died(self, worker_id: str, reason: str, *, kill: bool = False) -> None:

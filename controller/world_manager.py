@@ -131,7 +131,8 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         act = True
         if isinstance(message, FromWorker):
             if isinstance(message.message, Heartbeat):
-                act = self._heartbeat(message.worker_id, message.message)
+                act = self._heartbeat(message.worker_id, message.message,
+                                      message.received_s or self._clock())
             else:
                 self._from_worker(message.worker_id, message.message)
         elif isinstance(message, WorkerLost):

@@ -90,3 +90,13 @@ def is_data(frame: Any) -> bool:
     except (IndexError, TypeError):
         return False
     return 0x90 <= first <= 0x9F or first == 0xDC or first == 0xDD
+
+
+def is_map(frame: Any) -> bool:
+    """Whether a frame starts as a msgpack map (a client header), its first byte read in place:
+    the controller checks a worker's reply header this way without decoding it."""
+    try:
+        first = frame[0]
+    except (IndexError, TypeError):
+        return False
+    return 0x80 <= first <= 0x8F or first == 0xDE or first == 0xDF
