@@ -391,6 +391,13 @@ class Router:
         self._refresh_serving()
         self._pump_queue()
 
+    def hold_world(self, world_id: int) -> None:
+        """Send it nothing more (it is about to be removed, with others of a dead worker)."""
+        world = self.worlds.get(world_id)
+        if world is not None and not world.unreachable:
+            world.unreachable = True
+            self._refresh_serving()
+
     def drain_world(self, world_id: int) -> None:
         """Stop routing to a world; ``on_world_idle`` fires once its in-flight work is done."""
         world = self.worlds.get(world_id)

@@ -33,6 +33,7 @@ from mesh.messages import (
 if TYPE_CHECKING:
     from controller.config import Config
     from controller.launcher import Launcher
+    from controller.router import Router
 
 log = speaker(logging.getLogger(__name__), "controller")
 
@@ -48,6 +49,7 @@ class WorkerEvents:
     worlds: dict[int, WorldInfo]
     deployments: dict[str, DeploymentState]
     events: EventLog
+    routers: dict[str, Router]
     stopping: bool
     spawn_quarantined: str
     _spawn_failures: int
@@ -166,6 +168,13 @@ class WorkerEvents:
         (log.info if was_draining or self.stopping else log.warning)(
             "worker %s is dead: %s", worker_id, reason)
         self.events.add("worker_dead", worker=worker_id, reason=reason)
+        # A worker shared between worlds takes all of them down: stop routing to every one
+        # first, so the requests re-sent from the first are not sent into the next (each such
+        # send would spend one of their max_attempts on a world already known dead).
+        for world_id in worker.worlds:
+            world = self.worlds.get(world_id)
+            if world is not None:
+                self.routers[world.deployment].hold_world(world_id)
         for world_id in sorted(worker.worlds):
             world = self.worlds.get(world_id)
             if world is not None:

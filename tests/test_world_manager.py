@@ -192,3 +192,27 @@ async def test_a_worker_whose_worlds_keep_stalling_is_quarantined_and_not_picked
     [world] = await f.join_all()
     assert f.wm.worlds[world].workers == ["b"]
     assert [e["event"] for e in f.wm.events].count("worker_quarantined") == 1
+
+
+async def test_requests_of_a_dead_shared_worker_are_not_re_sent_into_its_other_world() -> None:
+    from controller.commands import FormWorld
+
+    f = Fleet(config(worlds=1))
+    await f.register("a", 11)
+    [first] = await f.join_all()
+    await f.register("b", 12)  # idle spare
+    result = await f.wm.handle(FormWorld("m", ("a",)))  # a now serves two worlds
+    [second] = await f.join_all()
+    assert result["world"] == second and f.wm.workers["a"].worlds == {first, second}
+    await f.wm.handle(FormWorld("m", ("b",)))
+    [third] = await f.join_all()
+    f.router._send_worker = lambda frames: True
+    for i in range(9):
+        f.router.submit(b"c", i, "infer", b"h", [], 10_000)
+    held = {p.world.world_id for p in f.router.pending.values() if p.world is not None}
+    assert held == {first, second, third}
+    await f.wm.handle(WorkerLost("a", "exited with -9"))
+    # Every request of a's two worlds went straight to b's world: one attempt each on the way.
+    for p in f.router.pending.values():
+        assert p.world is not None and p.world.world_id == third
+        assert p.attempts <= 2, "a re-send was spent on a world of the dead worker"
