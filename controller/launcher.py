@@ -125,6 +125,7 @@ class LocalLauncher:
             "--device", device,
             "--threads", str(self._threads),
             "--parent-pid", str(os.getpid()),
+            "--exit-on-controller-loss",  # a child must not outlive its controller
             *self._extra_args,
         ]
         env = {**os.environ, **self._extra_env}

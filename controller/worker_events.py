@@ -56,6 +56,7 @@ class WorkerEvents:
     foreign_messages: int
     _spawn_retry_at_s: float
     _fenced: set[tuple[str, int]]
+    _asked: dict[str, float]
     _welcome: Welcome
     _clock: Callable[[], float]
     _send: Callable[[str, Message], bool]
@@ -76,8 +77,11 @@ class WorkerEvents:
             self._register(worker_id, msg)
             return
         worker = self.workers.get(worker_id)
-        if worker is None or worker.state == WorkerState.DEAD:
-            if worker is not None and (worker_id, worker.pid) in self._fenced:
+        if worker is None:
+            self._ask_to_register(worker_id)
+            return
+        if worker.state == WorkerState.DEAD:
+            if (worker_id, worker.pid) in self._fenced:
                 # A fenced process spoke again (it was stopped, now resumed): end it.
                 self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
             return
@@ -143,10 +147,23 @@ class WorkerEvents:
         a plan)."""
         worker = self.workers.get(worker_id)
         if worker is None:
+            self._ask_to_register(worker_id)
             return False
         was_suspect = worker.suspect
         worker.heard(hb, received_s)
         return was_suspect and worker.state == WorkerState.IDLE
+
+    def _ask_to_register(self, worker_id: str) -> None:
+        """A worker this controller never registered speaks (it was a previous controller's,
+        before a restart): ask it, at most once a second, to leave its old worlds and
+        register, so the fleet is adopted rather than left to time out."""
+        now = self._clock()
+        if self.stopping or now - self._asked.get(worker_id, -1e9) < 1.0:
+            return
+        if len(self._asked) > 10_000:
+            self._asked.clear()
+        self._asked[worker_id] = now
+        self._send(worker_id, Ping(register=True))
 
     def _worker_died(self, worker_id: str, reason: str, *, kill: bool = False) -> None:
         worker = self.workers.get(worker_id)

@@ -111,6 +111,8 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         self._fenced: set[tuple[str, int]] = set()
         # Messages from registered workers about worlds they are not members of (dropped).
         self.foreign_messages = 0
+        # Unknown workers asked to register (a previous controller's fleet), and when.
+        self._asked: dict[str, float] = {}
         self.stopping = False
         self.events = EventLog(wall_clock)
         # Set once every deployment serves its desired worlds or cannot (the ready line).

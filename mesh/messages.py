@@ -264,6 +264,9 @@ class Ping(Message):
     seq: int = 0
     # Answer with a heartbeat at once (the controller checks a suspect worker is alive).
     reply: bool = False
+    # This controller does not know the worker (it restarted): leave every world and
+    # register again.
+    register: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,7 @@ class WorkerAgent(Actor):
         labels: dict[str, str] | None = None,
         register_timeout_s: float = 30.0,
         advertise_host: str = "127.0.0.1",
+        exit_on_controller_loss: bool = False,
         curve: ClientKeys | None = None,
     ) -> None:
         super().__init__(f"worker {worker_id}")
@@ -111,6 +112,10 @@ class WorkerAgent(Actor):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat_interval_s = 0.2
         self._controller_timeout_s = register_timeout_s
+        # Exit when the controller goes silent (the local launcher's children: they must not
+        # outlive their parent); otherwise stop serving and keep registering until one answers.
+        self._exit_on_loss = exit_on_controller_loss
+        self._rejoining = False
         self._last_heard = time.monotonic()
         self._welcomed = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -167,7 +172,9 @@ class WorkerAgent(Actor):
     def _on_control(self, message: Message) -> None:
         self._last_heard = time.monotonic()
         if isinstance(message, Ping):
-            if message.reply:
+            if message.register:
+                self._lost_controller("the controller does not know this worker (restarted?)")
+            elif message.reply:
                 self._send_heartbeat()
             return
         if isinstance(message, Welcome):
@@ -338,6 +345,25 @@ class WorkerAgent(Actor):
         self._retired.add(runner.stats)
         self._stages.release(runner.world.world_id)
 
+    def _lost_controller(self, why: str) -> None:
+        """Stop serving and register again (once at a time): the worlds were the lost
+        controller's, and a new one forms its own; the loaded stages are kept for them."""
+        if self._rejoining or self.stopped.is_set():
+            return
+        self._rejoining = True
+        self._log.warning("%s: leaving %d world(s), registering again", why, len(self._runners))
+        self._welcomed.clear()
+
+        async def rejoin() -> None:
+            try:
+                await self._stop_runners(timeout_s=2.0)
+            finally:
+                self._rejoining = False
+                self._last_heard = time.monotonic()
+                self._register()
+
+        self.spawn(rejoin(), name=f"{self.name}.rejoin")
+
     async def _stop_runners(self, timeout_s: float) -> None:
         """Worker stop: every world closes at once; queued requests get Unavailable (the
         controller, which drained before stopping us, re-sends anything left elsewhere)."""
@@ -381,5 +407,7 @@ class WorkerAgent(Actor):
             self._last_heard += lag.tick()
             silent_s = time.monotonic() - self._last_heard
             if silent_s > self._controller_timeout_s:
-                self.stop(f"no word from the controller for {silent_s:.1f}s")
-                return
+                if self._exit_on_loss:
+                    self.stop(f"no word from the controller for {silent_s:.1f}s")
+                    return
+                self._lost_controller(f"no word from the controller for {silent_s:.1f}s")

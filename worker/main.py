@@ -35,10 +35,11 @@ def default_worker_id() -> str:
 
 async def run_worker(controller: str, worker_id: str, device: str, threads: int,
                      labels: dict[str, str], advertise_host: str = "127.0.0.1",
-                     curve: ClientKeys | None = None) -> int:
+                     curve: ClientKeys | None = None, exit_on_controller_loss: bool = False
+                     ) -> int:
     agent = WorkerAgent(controller=controller, worker_id=worker_id, device=pick_device(device),
                         threads=threads, labels=labels, advertise_host=advertise_host,
-                        curve=curve)
+                        curve=curve, exit_on_controller_loss=exit_on_controller_loss)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop, f"signal {signal.Signals(sig).name}")
@@ -69,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "controller has [security] curve = true")
     parser.add_argument("--controller-key", default="",
                         help="the controller's public key (NAME.key)")
+    parser.add_argument("--exit-on-controller-loss", action="store_true",
+                        help="exit when the controller is silent for controller_timeout_ms "
+                             "(default: stop serving and keep registering until one answers)")
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="exit when this process (the launching controller) dies")
 
@@ -115,7 +119,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     curve = client_keys(args.key, args.controller_key)
     coro = run_worker(args.controller, worker_id, args.device, args.threads, labels,
-                      args.advertise_host, curve)
+                      args.advertise_host, curve,
+                      exit_on_controller_loss=args.exit_on_controller_loss)
     try:
         code = run_loop(coro)
     except SystemExit as exc:
