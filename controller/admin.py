@@ -23,7 +23,7 @@ from controller.launcher import Launcher
 from controller.world_manager import WorldManager
 from mesh import codec
 from mesh.actor import Actor
-from mesh.errors import BadRequest, MeshError
+from mesh.errors import BadRequest, MeshError, excerpt
 from mesh.logs import speaker
 from mesh.messages import (
     ADMIN_ARGS,
@@ -38,7 +38,6 @@ from mesh.messages import (
     NoArgs,
     ScaleArgs,
     SloArgs,
-    excerpt,
 )
 from mesh.security import ServerKeys
 from mesh.transport import Pump, bind_socket, make_socket

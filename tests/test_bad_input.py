@@ -23,6 +23,13 @@ from tests.conftest import GUARDED_LIMIT as LIMIT
 
 async def send_raw(cluster: Cluster, frames: list[Any], timeout_s: float = 10.0) -> dict[str, Any]:
     """Send frames on a fresh DEALER; return the one answer's header."""
+    header, _ = await send_raw_sized(cluster, frames, timeout_s)
+    return header
+
+
+async def send_raw_sized(cluster: Cluster, frames: list[Any], timeout_s: float = 10.0
+                         ) -> tuple[dict[str, Any], int]:
+    """Send frames on a fresh DEALER; return the one answer's header and its size in bytes."""
     context = zmq.asyncio.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -33,7 +40,7 @@ async def send_raw(cluster: Cluster, frames: list[Any], timeout_s: float = 10.0)
         reply = await sock.recv_multipart()
         assert not await sock.poll(200), "more than one answer to one request"
         header: dict[str, Any] = msgpack.unpackb(reply[0], raw=False)
-        return header
+        return header, sum(len(f) for f in reply)
     finally:
         sock.close(0)
         context.term()

@@ -23,10 +23,10 @@ import zmq.asyncio
 from mesh import codec, dataplane
 from mesh.client import Client
 from mesh.messages import request_header, result_header
-from tests.cluster import Cluster
 from tests.conftest import GUARDED_LIMIT as LIMIT
 from tests.conftest import StartCluster
-from tests.test_typed_edges import beat, registered_fake_worker
+from tests.test_bad_input import send_raw_sized
+from tests.test_typed_edges import MLP, beat, registered_fake_worker
 
 SMALL = 4096  # every answer to a hostile request is at most this many bytes
 
@@ -36,24 +36,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     raise AssertionError("no VmRSS")
-
-
-async def one_answer(cluster: Cluster, frames: list[Any], timeout_s: float = 10.0
-                     ) -> tuple[dict[str, Any], int]:
-    """Send frames on a fresh DEALER; return the one answer's header and its size in bytes."""
-    context = zmq.asyncio.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(cluster.client)
-        await sock.send_multipart(frames)
-        assert await sock.poll(int(timeout_s * 1000)), "no answer to a hostile request"
-        reply = await sock.recv_multipart()
-        assert not await sock.poll(200), "more than one answer to one request"
-        return msgpack.unpackb(reply[0], raw=False), sum(len(f) for f in reply)
-    finally:
-        sock.close(0)
-        context.term()
 
 
 def nested(depth: int) -> Any:
@@ -93,7 +75,7 @@ async def test_each_hostile_value_gets_one_small_typed_answer(serving: Any) -> N
         "array header": [msgpack.packb([big])],
     }
     for name, frames in cases.items():
-        reply, size = await one_answer(cluster, frames)
+        reply, size = await send_raw_sized(cluster, frames)
         assert reply["kind"] == "error", (name, reply)
         assert reply["code"] in ("bad_request", "unsupported_version", "unknown_model"), name
         assert size < SMALL, (name, size)
@@ -129,14 +111,6 @@ async def test_a_client_that_never_reads_cannot_grow_the_controller(serving: Any
         context.term()
     assert rss_mb(cluster.pid) - rss_start < 100
     assert failures == []
-
-
-MLP = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-factory_kwargs = { hidden = 32 }
-"""
 
 
 async def test_a_registered_stranger_cannot_break_or_join_a_world_it_is_not_in(

@@ -11,10 +11,10 @@ from collections import Counter
 
 import numpy as np
 
-from bench.common import LedgerClient
 from mesh.client import Client, backoff_s
 from mesh.errors import MeshError, Overloaded
 from tests.conftest import StartCluster
+from tests.load import LedgerClient
 
 SLOW = """
 [[deployments]]
