@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -36,9 +37,6 @@ log = logging.getLogger(__name__)
 CLIENT_SEND_HWM = 1000  # answers queued for one client connection before further ones drop
 
 
-
-
-
 class Frontend:
     def __init__(
         self,
@@ -50,8 +48,12 @@ class Frontend:
         on_bad_request: Callable[[str], None] | None = None,
         curve: ServerKeys | None = None,
         max_connections: int = 10_000,
+        incarnation: str = "",
     ) -> None:
         self.endpoint = endpoint
+        # Which start of the controller this is: a client that sees it change in a pong knows
+        # that the requests it sent before were lost with the previous one.
+        self.incarnation = incarnation or os.urandom(8).hex()
         self.routers = routers
         self.max_request_bytes = max_request_bytes
         self._on_bad_request = on_bad_request
@@ -119,6 +121,11 @@ class Frontend:
             if kind == ClientKind.CANCEL:
                 for router in self.routers.values():
                     router.cancel(client, req_id)
+                return
+            if kind == ClientKind.PING:
+                self.pump.send([client, codec.pack({"v": PROTOCOL_VERSION,
+                                                    "kind": ClientKind.PONG, "id": req_id,
+                                                    "incarnation": self.incarnation})])
                 return
             if kind not in (ClientKind.INFER, ClientKind.STREAM):
                 raise BadRequest(f"unknown request kind {excerpt(kind)}")

@@ -102,6 +102,7 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
         })
     return {
         "controller": {"pid": os.getpid(), "uptime_s": round(now - started_s, 3),
+                       "incarnation": frontend.incarnation if frontend is not None else "",
                        "launcher_quarantined": wm.spawn_quarantined,
                        # Time the controller's loop was stalled (not listening) and its
                        # longest stall: silence in that time is never blamed on a worker.

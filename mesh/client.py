@@ -13,14 +13,26 @@ numpy arrays, so a client process never needs to import torch.
 Every call has a deadline. The server enforces ``timeout_s`` and answers DeadlineExceeded
 itself; the client waits ``grace_s`` longer and then raises DeadlineExceeded locally, so a
 dead controller can never hang a caller.
+
+A lost controller is noticed sooner than that. While anything is in flight the client pings
+the controller every ``heartbeat_s``; when no message at all arrives for
+``controller_timeout_s`` it declares the controller lost, fails everything in flight with
+``ControllerLost`` (retryable) and reconnects on a fresh socket, so that nothing it had queued
+for the lost controller is delivered later. A pong from a *restarted* controller (another
+``incarnation``) fails what was sent before that ping the same way: those requests died with
+the previous controller. ``infer(retries=N)`` sends such a request again within its deadline;
+a stream resumes from its last chunk (``params.skip``), as it does after a world failure.
+A failed request may have been computed, but it is never answered twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any, Self
 
 import zmq
@@ -29,6 +41,7 @@ from mesh import codec
 from mesh.errors import (
     BadRequest,
     Cancelled,
+    ControllerLost,
     DeadlineExceeded,
     MeshError,
     Overloaded,
@@ -61,10 +74,20 @@ class Client:
         context: zmq.Context[Any] | None = None,
         key: str | None = None,
         controller_key: str | None = None,
+        heartbeat_s: float = 0.5,
+        controller_timeout_s: float = 2.0,
     ) -> None:
         """``key`` (this client's NAME.key_secret) and ``controller_key`` (the controller's
-        NAME.key) turn on CURVE, for a controller with ``[security] curve = true``."""
+        NAME.key) turn on CURVE, for a controller with ``[security] curve = true``.
+        ``heartbeat_s`` (0: never ping) and ``controller_timeout_s``: how the client notices a
+        lost controller (module docstring)."""
+        if not 0 <= heartbeat_s < math.inf or not 0 < controller_timeout_s < math.inf:
+            raise ValueError("heartbeat_s must be >= 0 and controller_timeout_s > 0")
+        if heartbeat_s and controller_timeout_s < 2 * heartbeat_s:
+            raise ValueError("controller_timeout_s must be at least twice heartbeat_s")
         self.endpoint = endpoint
+        self.heartbeat_s = heartbeat_s
+        self.controller_timeout_s = controller_timeout_s
         self._curve = client_keys(key, controller_key)
         self.default_timeout_s = default_timeout_s
         self.grace_s = grace_s
@@ -75,12 +98,34 @@ class Client:
         self._calls: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._streams: dict[int, _Stream] = {}
         self._closed = False
+        # Liveness: the ping ids not yet answered, when the oldest unanswered ping was sent
+        # (None: the controller has been heard since), the controller's incarnation as its
+        # pongs say, and whether it is lost now.
+        self._pings: set[int] = set()
+        self._silent_since: float | None = None
+        self._incarnation = ""
+        self._lost = False
+        self._ticker: asyncio.TimerHandle | None = None
+        self.controller_losses = 0  # times the client declared its controller lost
 
     async def connect(self) -> None:
+        self._open()
+        if self.heartbeat_s:
+            # A first ping learns the controller's incarnation, so a restart is noticed even
+            # if it happens before the client's first heartbeat.
+            self._ping(asyncio.get_running_loop().time())
+            self._ticker = asyncio.get_running_loop().call_later(self.heartbeat_s, self._tick)
+
+    def _open(self) -> None:
         sock = make_socket(self._context, zmq.DEALER, curve=self._curve)
         sock.connect(self.endpoint)
         self._pump = Pump(sock, self._on_message, name="client", copy_prefix=1)
         self._pump.start()
+
+    @property
+    def controller_lost(self) -> bool:
+        """True from the moment the controller is declared lost until it is heard again."""
+        return self._lost
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -93,6 +138,8 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
         for fut in self._calls.values():
             if not fut.done():
                 fut.set_exception(Cancelled("client closed"))
@@ -119,9 +166,9 @@ class Client:
         """One request, one answer: the model's named outputs (tensors as numpy arrays).
 
         ``retries``: how many times to send it again after an ``overloaded`` or
-        ``unavailable`` answer, within the same ``timeout_s``, each after the server's
-        retry-after hint (or 50 ms, doubling) with jitter, so that callers refused together
-        do not come back together."""
+        ``unavailable`` answer or a lost controller (``ControllerLost``), within the same
+        ``timeout_s``, each after the server's retry-after hint (or 50 ms, doubling) with
+        jitter, so that callers refused together do not come back together."""
         timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
         if timeout_s <= 0:
             raise BadRequest("timeout_s must be positive")
@@ -162,13 +209,48 @@ class Client:
         max_tokens: int | None = None,
         timeout_s: float | None = None,
         params: dict[str, Any] | None = None,
+        resume: bool = True,
     ) -> AsyncIterator[dict[str, Any]]:
-        """One request, a sequence of chunks; ends cleanly on the server's end marker."""
-        pump = self._ready()
+        """One request, a sequence of chunks; ends cleanly on the server's end marker.
+
+        ``resume``: after a lost controller (``ControllerLost``), send the request again with
+        ``params.skip`` raised by the chunks already received, within the same deadline, so
+        the caller sees one stream with every chunk once. Like the controller's own resume
+        after a world failure, this assumes the model is deterministic."""
+        self._ready()
         timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
+        if timeout_s <= 0:
+            raise BadRequest("timeout_s must be positive")
         params = dict(params or {})
         if max_tokens is not None:
             params["max_tokens"] = max_tokens
+        asked = params.get("skip", 0)
+        asked = asked if type(asked) is int else 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        received = 0
+        attempt = 0
+        while True:
+            if received:
+                params["skip"] = asked + received
+            try:
+                async with aclosing(self._stream_once(model, inputs, deadline - loop.time(),
+                                                      params, timeout_s)) as chunks:
+                    async for chunk in chunks:
+                        received += 1
+                        yield chunk
+                return
+            except ControllerLost as exc:
+                attempt += 1
+                pause_s = backoff_s(exc.retry_after_ms, attempt)
+                if not resume or loop.time() + pause_s >= deadline:
+                    raise
+                await asyncio.sleep(pause_s)
+
+    async def _stream_once(self, model: str, inputs: dict[str, Any], timeout_s: float,
+                           params: dict[str, Any],
+                           asked_s: float) -> AsyncGenerator[dict[str, Any], None]:
+        pump = self._ready()
         req_id = next(self._ids)
         frames = _encode_request(ClientKind.STREAM, req_id, model, inputs, timeout_s, params)
         stream = _Stream()
@@ -187,13 +269,76 @@ class Client:
                         raise item
                     yield item
         except TimeoutError:
-            raise DeadlineExceeded(f"no end of stream within {timeout_s}s") from None
+            raise DeadlineExceeded(f"no end of stream within {asked_s}s") from None
         finally:
             self._streams.pop(req_id, None)
-            if not finished and not self._closed:
+            if not finished and not self._closed and self._pump is not None:
                 # The caller stopped early: tell the server so the world stops decoding.
-                pump.send([codec.pack({"v": PROTOCOL_VERSION, "kind": ClientKind.CANCEL,
-                                       "id": req_id})])
+                self._pump.send([codec.pack({"v": PROTOCOL_VERSION, "kind": ClientKind.CANCEL,
+                                             "id": req_id})])
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._calls or self._streams or self._lost:
+            silent = self._silent_since
+            if silent is not None and now - silent >= self.controller_timeout_s:
+                self._lose(f"no answer from the controller at {self.endpoint} for "
+                           f"{now - silent:.1f}s")
+            self._ping(now)
+        else:
+            self._pings.clear()  # nothing to protect: an idle client does not ping
+            self._silent_since = None
+        self._ticker = loop.call_later(self.heartbeat_s, self._tick)
+
+    def _ping(self, now: float) -> None:
+        if self._pump is None:
+            return
+        ping_id = next(self._ids)
+        self._pings.add(ping_id)
+        if self._silent_since is None:
+            self._silent_since = now
+        self._pump.send([codec.pack({"v": PROTOCOL_VERSION, "kind": ClientKind.PING,
+                                     "id": ping_id})])
+
+    def _on_pong(self, ping_id: int, header: dict[str, Any]) -> None:
+        self._pings = {p for p in self._pings if p > ping_id}
+        incarnation = header.get("incarnation")
+        if not isinstance(incarnation, str) or not incarnation:
+            return
+        if self._incarnation and incarnation != self._incarnation:
+            # The controller restarted: whatever was sent before this ping went to the
+            # previous one (or may have; it cannot be told apart) and will not be answered.
+            self._fail(ControllerLost("the controller restarted",
+                                      retry_after_ms=int(self.heartbeat_s * 1000)),
+                       before=ping_id)
+        self._incarnation = incarnation
+
+    def _lose(self, why: str) -> None:
+        """Declare the controller lost: fail everything in flight, reconnect afresh."""
+        if not self._lost:
+            self.controller_losses += 1
+        self._lost = True
+        self._silent_since = None
+        self._pings.clear()
+        self._fail(ControllerLost(why, retry_after_ms=int(self.heartbeat_s * 1000)))
+        # A fresh socket: what the old one still queued for the lost controller is dropped
+        # rather than delivered (and computed) whenever it comes back.
+        if self._pump is not None:
+            self._pump.close()
+        self._open()
+
+    def _fail(self, error: MeshError, before: int | None = None) -> None:
+        for req_id, fut in list(self._calls.items()):
+            if (before is None or req_id < before) and not fut.done():
+                fut.set_exception(error)
+        for req_id, stream in list(self._streams.items()):
+            if before is None or req_id < before:
+                stream.queue.put_nowait(error)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -210,13 +355,20 @@ class Client:
             fut.set_exception(DeadlineExceeded("no answer from the controller in time"))
 
     def _on_message(self, frames: list[Any]) -> None:
+        self._silent_since = None  # any message at all: the controller is there
+        self._lost = False
         try:
             header = codec.unpack_header(codec.frame_buffer(frames[0]))
             req_id = header["id"]
             kind = header["kind"]
         except (MeshError, KeyError, TypeError):
             return  # not ours to understand; the protocol says answers are well formed
+        if kind == ClientKind.PONG:
+            if req_id in self._pings:
+                self._on_pong(req_id, header)
+            return
         if kind == ClientKind.ERROR:
+            self._pings.discard(req_id)  # a controller too old to know pings says so
             err = error_from_wire(str(header.get("code")), str(header.get("message", "")),
                                   header.get("retry_after_ms", 0))
             self._deliver(req_id, err)

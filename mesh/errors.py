@@ -72,6 +72,15 @@ class Unavailable(MeshError):
     retryable = True
 
 
+class ControllerLost(Unavailable):
+    """The client lost its controller (no answer to its pings, or a pong from a restarted
+    controller) while this request was in flight. Raised by the client itself, never sent over
+    the wire: the request may or may not have been computed, but it will not be answered.
+    Retrying is safe (inference is idempotent) and, with ``retries``, automatic."""
+
+    code = "controller_lost"
+
+
 class Cancelled(MeshError):
     """The request was cancelled, by its caller or because the server is shutting down."""
 

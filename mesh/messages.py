@@ -42,9 +42,12 @@ class ClientKind:
     CHUNK = "chunk"
     END = "end"
     ERROR = "error"
+    PING = "ping"  # client to controller: are you there? (answered at once, by the controller)
+    PONG = "pong"  # the answer, with the controller's ``incarnation``
 
 
-REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCEL})
+REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCEL,
+                           ClientKind.PING})
 
 
 # The data path's frame 0 (req, res, cancel, hello) is defined in mesh/dataplane.py.

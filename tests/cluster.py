@@ -83,7 +83,7 @@ class Cluster:
         return status
 
     async def wait_for(self, predicate: Any, timeout_s: float = 60.0,
-                       what: str = "condition") -> dict[str, Any]:
+                       what: str = "condition", interval_s: float = 0.1) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -93,7 +93,7 @@ class Cluster:
                     return last
             if self.proc.poll() is not None:
                 break  # the controller is gone: nothing will change
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(interval_s)
         raise AssertionError(f"timed out waiting for {what} (controller exit code "
                              f"{self.proc.poll()}); last status: {last}\n"
                              f"controller log tail:\n{self.log_tail()}")

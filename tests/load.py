@@ -23,9 +23,10 @@ class LedgerClient(Client):
 
     def _on_message(self, frames: list[Any]) -> None:
         header = codec.unpack_header(codec.frame_buffer(frames[0]))
-        if header.get("kind") == "chunk":
+        kind = header.get("kind")
+        if kind == "chunk":
             self.chunks[header.get("id")] += 1
-        else:
+        elif kind != "pong" and header.get("id") not in self._pings:
             self.answers[header.get("id")] += 1
         super()._on_message(frames)
 
