@@ -82,6 +82,7 @@ class WorkerInfo:
     # why it was quarantined ("" while it is not): a worker that keeps stalling its worlds
     # (a blackhole) is not given new ones.
     stalls: list[float] = field(default_factory=list)
+    deaths: list[float] = field(default_factory=list)  # when it was declared dead, recently
     quarantined: str = ""
     heartbeat: Heartbeat | None = None
     heartbeat_s: float = 0.0

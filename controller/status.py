@@ -87,6 +87,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "id": worker.id,
             "pid": worker.pid,
             "host": worker.host,
+            # The address it advertises (its rendezvous store and gloo listen there).
+            "address": worker.store_addr.rpartition(":")[0],
             "device": worker.device,
             "state": worker.state,
             "worlds": sorted(worker.worlds),

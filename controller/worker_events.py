@@ -39,6 +39,7 @@ log = speaker(logging.getLogger(__name__), "controller")
 
 MAX_STALLS = 3  # stalled worlds within STALL_WINDOW_S that quarantine a worker
 STALL_WINDOW_S = 600.0
+MAX_DEATHS = 3  # deaths within STALL_WINDOW_S after which a rejoining worker is quarantined
 
 
 class WorkerEvents:
@@ -82,8 +83,14 @@ class WorkerEvents:
             return
         if worker.state == WorkerState.DEAD:
             if (worker_id, worker.pid) in self._fenced:
-                # A fenced process spoke again (it was stopped, now resumed): end it.
-                self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
+                if worker.spawned_by_us:
+                    # Our own process, declared dead and replaced, spoke again (it was
+                    # stopped, now resumed): end it.
+                    self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
+                else:
+                    # A worker that joined by itself, silent for a while (a partition, a
+                    # long pause): its worlds are gone; it leaves them and registers again.
+                    self._ask_to_register(worker_id)
             return
         world = self.worlds.get(getattr(msg, "world_id", -1))
         if world is not None and worker_id not in world.workers:
@@ -123,13 +130,29 @@ class WorkerEvents:
                 self._break_world(world, f"reported by {worker_id}: {msg.reason}")
 
     def _register(self, worker_id: str, msg: Register) -> None:
-        if (worker_id, msg.pid) in self._fenced:
-            # A worker we declared dead came back (e.g. SIGCONT): it must not rejoin anything.
-            self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
-            return
         worker = self.workers.get(worker_id)
+        if (worker_id, msg.pid) in self._fenced:
+            if worker is None or worker.spawned_by_us:
+                # One of ours we declared dead came back (e.g. SIGCONT): it was replaced.
+                self._send(worker_id, Shutdown(reason="fenced: declared dead earlier"))
+                return
+            # A worker that joined by itself comes back after it was declared dead (its host
+            # was cut off, or it paused): registering means it left every world, so it is
+            # the same worker again. Its old worlds' traffic is fenced by world and epoch.
+            self._fenced.discard((worker_id, msg.pid))
+            log.warning("worker %s is back after it was declared dead (%s): rejoining",
+                        worker_id, worker.reason)
+            self.events.add("worker_rejoined", worker=worker_id, was=worker.reason)
         if worker is None or worker.state == WorkerState.DEAD:
+            previous = worker
             worker = WorkerInfo(worker_id, since_s=self._clock())
+            if previous is not None:
+                # Its record outlives a death: a worker that keeps dying or stalling its
+                # worlds stays quarantined however often it comes back.
+                worker.stalls, worker.deaths = previous.stalls, previous.deaths
+                worker.quarantined = previous.quarantined
+                worker.reason = f"quarantined: {worker.quarantined}" if worker.quarantined \
+                    else ""
             self.workers[worker_id] = worker
         if worker.state == WorkerState.STARTING:
             worker.state = WorkerState.IDLE
@@ -179,6 +202,7 @@ class WorkerEvents:
         worker.reason = reason
         worker.since_s = self._clock()
         self._fenced.add((worker_id, worker.pid))
+        self._count_death(worker)
         self._on_forget(worker_id)
         if kill:
             self.launcher.kill(worker_id)
@@ -217,6 +241,19 @@ class WorkerEvents:
                 worker.reason = f"quarantined: {worker.quarantined}"
                 log.warning("worker %s quarantined: %s", wid, worker.quarantined)
                 self.events.add("worker_quarantined", worker=wid, reason=worker.quarantined)
+
+    def _count_death(self, worker: WorkerInfo) -> None:
+        """A worker declared dead MAX_DEATHS times in STALL_WINDOW_S (one that keeps dropping
+        off its network, say) is quarantined if it comes back: each of its deaths broke
+        worlds and cost re-sends."""
+        now = self._clock()
+        worker.deaths = [t for t in worker.deaths if now - t < STALL_WINDOW_S] + [now]
+        if len(worker.deaths) >= MAX_DEATHS and not worker.quarantined \
+                and not worker.spawned_by_us and not self.stopping:
+            worker.quarantined = (f"declared dead {len(worker.deaths)} times within "
+                                  f"{STALL_WINDOW_S:.0f}s")
+            log.warning("worker %s quarantined: %s", worker.id, worker.quarantined)
+            self.events.add("worker_quarantined", worker=worker.id, reason=worker.quarantined)
 
     def _spawn_failed(self, worker_id: str, reason: str) -> None:
         self._spawn_failures += 1

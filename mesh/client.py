@@ -16,7 +16,8 @@ dead controller can never hang a caller.
 
 A lost controller is noticed sooner than that. While anything is in flight the client pings
 the controller every ``heartbeat_s``; when no message at all arrives for
-``controller_timeout_s`` it declares the controller lost, fails everything in flight with
+``controller_timeout_s`` (5 s: longer than a controller's loop should ever stall, GC and load
+included) it declares the controller lost, fails everything in flight with
 ``ControllerLost`` (retryable) and reconnects on a fresh socket, so that nothing it had queued
 for the lost controller is delivered later. A pong from a *restarted* controller (another
 ``incarnation``) fails what was sent before that ping the same way: those requests died with
@@ -75,7 +76,7 @@ class Client:
         key: str | None = None,
         controller_key: str | None = None,
         heartbeat_s: float = 0.5,
-        controller_timeout_s: float = 2.0,
+        controller_timeout_s: float = 5.0,
     ) -> None:
         """``key`` (this client's NAME.key_secret) and ``controller_key`` (the controller's
         NAME.key) turn on CURVE, for a controller with ``[security] curve = true``.

@@ -16,8 +16,8 @@ from mesh.errors import MeshError
 class LedgerClient(Client):
     """A real client that also counts every answer frame it receives, per request id."""
 
-    def __init__(self, endpoint: str) -> None:
-        super().__init__(endpoint)
+    def __init__(self, endpoint: str, **options: Any) -> None:
+        super().__init__(endpoint, **options)
         self.answers: Counter[Any] = Counter()
         self.chunks: Counter[Any] = Counter()
 

@@ -62,7 +62,9 @@ async def test_a_restarted_controller_adopts_its_workers_and_serves_the_same_cli
         before = await cluster.wait_for(serving, what="2 worlds")
         pids = sorted(w["pid"] for w in before["workers"])
         assert pids == sorted(p.pid for p in workers)
-        async with LedgerClient(cluster.client) as client:
+        # Its controller timeout is 2 s (5 s by default): the loss is noticed by silence
+        # while the controller is down, before it comes back.
+        async with LedgerClient(cluster.client, controller_timeout_s=2.0) as client:
             async with Load(client, callers=4, timeout_s=20.0) as load:
                 await asyncio.sleep(1.0)
                 ctrl.send_signal(signal.SIGKILL)

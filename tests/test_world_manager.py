@@ -14,6 +14,7 @@ from controller.config import Config, parse_config
 from controller.fleet import WorkerState, WorldState
 from controller.launcher import NoLauncher
 from controller.router import Router
+from controller.worker_events import MAX_DEATHS
 from controller.world_manager import WorldManager
 from mesh.messages import (
     Heartbeat,
@@ -107,17 +108,48 @@ async def test_a_dead_worker_is_fenced_its_world_broken_and_a_replacement_formed
     assert [e["event"] for e in f.wm.events] == ["world_serving", "worker_dead", "world_broken"]
     [second] = await f.join_all()  # formed at once on the spare, under a new id
     assert second > first and f.wm.worlds[second].workers == ["b"]
-    # The same process speaks again (it was stopped, then resumed): it is told to stop.
-    await f.register("a", 11)
-    assert f.take(Shutdown) == [("a", Shutdown(reason="fenced: declared dead earlier"))]
-    assert f.wm.workers["a"].state == WorkerState.DEAD
+    # The same process speaks again (its host was cut off, or it paused): it can join no
+    # world of its old life, and is asked to leave them all and register again.
     await f.wm.handle(FromWorker("a", Heartbeat(seq=5)))
     await f.wm.handle(FromWorker("a", Joined(world_id=second, epoch=1)))
     assert f.wm.worlds[second].workers == ["b"]
-    assert [w for w, _ in f.take(Shutdown)] == ["a"]  # told again
-    # A new process under the same id (restarted by its operator) is a new worker.
+    assert f.wm.workers["a"].state == WorkerState.DEAD
+    assert f.take(Ping) == [("a", Ping(register=True))] and f.take(Shutdown) == []
+    # Registering means it left them: it is the same worker again, not a conflict.
+    await f.register("a", 11)
+    assert f.wm.workers["a"].state == WorkerState.IDLE and f.take(Shutdown) == []
+    assert [e["event"] for e in f.wm.events][-1] == "worker_rejoined"
+    # A new process under the same id (restarted by its operator) is a new worker too.
+    await f.wm.handle(WorkerLost("a", "no heartbeat for 1500 ms"))
     await f.register("a", 99)
     assert f.wm.workers["a"].state == WorkerState.IDLE and f.take(Shutdown) == []
+
+
+async def test_a_worker_that_keeps_dropping_off_is_quarantined_when_it_comes_back() -> None:
+    f = Fleet(config())
+    for _ in range(MAX_DEATHS):
+        await f.register("a", 11)
+        await f.join_all()
+        assert not f.wm.workers["a"].quarantined
+        await f.wm.handle(WorkerLost("a", "no heartbeat for 1500 ms"))
+    await f.register("a", 11)
+    a = f.wm.workers["a"]
+    assert a.state == WorkerState.IDLE and a.quarantined.startswith("declared dead 3 times")
+    assert f.take(Join) == []  # never given a world again
+    assert "worker_quarantined" in [e["event"] for e in f.wm.events]
+
+
+async def test_our_own_worker_declared_dead_is_told_to_stop_if_it_speaks_again() -> None:
+    f = Fleet(config())
+    await f.register("a", 11)
+    f.wm.workers["a"].spawned_by_us = True  # started by this controller's launcher
+    await f.join_all()
+    await f.wm.handle(WorkerLost("a", "no heartbeat for 1500 ms"))
+    # Resumed after a pause, it registers again (directly, or asked to by a heartbeat
+    # the controller no longer places): it was replaced, so it is told to stop.
+    await f.register("a", 11)
+    assert f.take(Shutdown) == [("a", Shutdown(reason="fenced: declared dead earlier"))]
+    assert f.wm.workers.get("a") is None or f.wm.workers["a"].state == WorkerState.DEAD
 
 
 async def test_a_broken_world_report_makes_the_peers_suspect_until_they_heartbeat() -> None:

@@ -1,9 +1,11 @@
 """The worker process's actor: registration, heartbeats, world memberships, the data path.
 
 Stateless by design: everything a worker holds (weights, memberships) can be rebuilt from the
-controller's commands, so the controller may kill and replace it at any time. The worker
-exits on its own when it hears nothing from the controller for ``controller_timeout_ms``, so a
-lost controller never leaves orphans burning a device.
+controller's commands, so the controller may kill and replace it at any time. When it hears
+nothing from the controller for ``controller_timeout_ms`` it leaves its worlds and keeps
+registering, stages still loaded, until a controller (the same one after a partition heals, or
+a restarted one) welcomes it; with ``--exit-on-controller-loss`` (the local launcher's
+children, which must not outlive their parent) it exits instead.
 """
 
 from __future__ import annotations
@@ -258,7 +260,8 @@ class WorkerAgent(Actor):
         return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
                     store=self._store_for(msg.rendezvous), device=self.device,
                     timeout_s=msg.world_timeout_ms / 1000.0, backend=msg.backend,
-                    connect_timeout_s=msg.form_timeout_ms / 1000.0, token=msg.token)
+                    connect_timeout_s=msg.form_timeout_ms / 1000.0, token=msg.token,
+                    bind_host=self._advertise_host)
 
     async def _join(self, msg: Join) -> None:
         held = self._runners.get(msg.world_id)
@@ -375,6 +378,11 @@ class WorkerAgent(Actor):
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            if self._rejoining:
+                # Leaving the lost controller's worlds: register once they are all left (a
+                # registration promises the controller that this worker holds no world).
+                await asyncio.sleep(0.05)
+                continue
             if not self._welcomed.is_set():
                 # Registration may race the controller's start; say it again until welcomed.
                 try:

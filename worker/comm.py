@@ -134,9 +134,13 @@ class Comm:
         backend: str = "",
         connect_timeout_s: float = 0.0,
         token: str = "",
+        bind_host: str = "",
     ) -> None:
         """``connect_timeout_s`` bounds the wait for every rank to arrive (a peer may still be
-        loading its stage), ``timeout_s`` every operation after that."""
+        loading its stage), ``timeout_s`` every operation after that. ``bind_host``: the
+        address gloo listens on and tells its peers (the worker's advertised address); empty
+        means gloo's own choice, the address the host name resolves to, which on a host with
+        several interfaces (or in a network namespace) may be one the peers cannot reach."""
         import torch
         import torch.distributed as dist
 
@@ -173,6 +177,12 @@ class Comm:
             opts.config.blocking = False
             opts._timeout = self.timeout
             self.pg = self._guard(dist.ProcessGroupNCCL, prefix, rank, size, opts)
+        elif bind_host:
+            gloo = dist.ProcessGroupGloo
+            options = gloo._Options()  # type: ignore[attr-defined]
+            options._devices = [gloo.create_device(hostname=bind_host)]
+            options._timeout = connect
+            self.pg = self._guard(gloo, prefix, rank, size, options)
         else:
             self.pg = self._guard(dist.ProcessGroupGloo, prefix, rank, size, connect)
             set_timeout = getattr(self.pg, "_set_default_timeout", None)

@@ -64,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                         help="labels reported to the controller")
     parser.add_argument("--advertise-host", default="127.0.0.1",
-                        help="address other workers use to reach this one's rendezvous store")
+                        help="this host's address as other workers reach it: its rendezvous "
+                             "store and its gloo connections listen there (default "
+                             "%(default)s: one host only)")
     parser.add_argument("--key", default="",
                         help="this worker's CURVE key pair (NAME.key_secret), when the "
                              "controller has [security] curve = true")
