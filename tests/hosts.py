@@ -22,9 +22,12 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import IO, Any, Self
+
+from tests.cluster import Cluster
 
 PREFIX = "meshns"
 SUBNET = "10.77.0"
@@ -166,3 +169,47 @@ class Hosts:
             _kill_inside(ns)
             _ip("netns", "del", ns, check=False)
         self._made.clear()
+
+
+WORKER_PORT = 5557  # a host of its own: no other process can hold it
+
+
+class Site:
+    """A controller on host ``ctl`` (launcher "none") and workers that join it from the
+    other hosts; the Hosts end them all. The controller's client and admin ports are
+    ``ipc://`` sockets in ``folder`` (files cross network namespaces), so a test or benchmark
+    in its own namespace reaches them without an address of its own."""
+
+    def __init__(self, hosts: Hosts, folder: Path, deployments: str) -> None:
+        self.hosts = hosts
+        self.folder = folder
+        self.config = folder / "site.toml"
+        self.log = folder / "controller.log"
+        ctl = hosts.address("ctl")
+        self.worker_endpoint = f"tcp://{ctl}:{WORKER_PORT}"
+        self.config.write_text(
+            "[controller]\n"
+            f'client_endpoint = "ipc://{folder}/client"\n'
+            f'admin_endpoint = "ipc://{folder}/admin"\n'
+            f'worker_endpoint = "{self.worker_endpoint}"\n'
+            'launcher = "none"\nmetrics_port = 0\nwarm_workers = 0\nautoscale = false\n'
+            "controller_timeout_ms = 3000\n" + deployments)
+        self.cluster = Cluster(self.start_controller(), f"ipc://{folder}/client",
+                               f"ipc://{folder}/admin", self.worker_endpoint, self.config,
+                               self.log)
+        self.workers: dict[str, Any] = {}
+
+    def start_controller(self) -> subprocess.Popen[bytes]:
+        return self.hosts.popen("ctl", [sys.executable, "-m", "controller.cli", "controller",
+                                        "--config", str(self.config)], self.log)
+
+    def restart_controller(self) -> None:
+        self.cluster.proc.send_signal(signal.SIGKILL)
+        self.cluster.proc.wait(10)
+        self.cluster.proc = self.start_controller()
+
+    def worker(self, host: str, worker_id: str) -> None:
+        self.workers[worker_id] = self.hosts.popen(host, [
+            sys.executable, "-m", "controller.cli", "worker",
+            "--controller", self.worker_endpoint, "--advertise-host", self.hosts.address(host),
+            "--worker-id", worker_id, "--threads", "1"], self.folder / f"{worker_id}.log")

@@ -10,8 +10,6 @@ Skipped, with the reason, where namespaces cannot be made (not root, no iproute2
 from __future__ import annotations
 
 import asyncio
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,53 +20,12 @@ import numpy as np
 import pytest
 
 from tests import hosts as netns
-from tests.cluster import Cluster
+from tests.hosts import Site
 from tests.load import LedgerClient, Load
 
 WHY_NOT = netns.unavailable()
 pytestmark = [pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "-"),
               pytest.mark.timeout(150)]
-
-WORKER_PORT = 5557  # a host of its own: no other process can hold it
-
-
-class Site:
-    """A controller on ``ctl`` and workers on the other hosts, all ended on exit."""
-
-    def __init__(self, hosts: netns.Hosts, folder: Path, deployments: str) -> None:
-        self.hosts = hosts
-        self.folder = folder
-        self.config = folder / "site.toml"
-        self.log = folder / "controller.log"
-        ctl = hosts.address("ctl")
-        self.worker_endpoint = f"tcp://{ctl}:{WORKER_PORT}"
-        self.config.write_text(
-            "[controller]\n"
-            f'client_endpoint = "ipc://{folder}/client"\n'
-            f'admin_endpoint = "ipc://{folder}/admin"\n'
-            f'worker_endpoint = "{self.worker_endpoint}"\n'
-            'launcher = "none"\nmetrics_port = 0\nwarm_workers = 0\nautoscale = false\n'
-            "controller_timeout_ms = 3000\n" + deployments)
-        self.cluster = Cluster(self.start_controller(), f"ipc://{folder}/client",
-                               f"ipc://{folder}/admin", self.worker_endpoint, self.config,
-                               self.log)
-        self.workers: dict[str, Any] = {}
-
-    def start_controller(self) -> Any:
-        return self.hosts.popen("ctl", [sys.executable, "-m", "controller.cli", "controller",
-                                        "--config", str(self.config)], self.log)
-
-    def restart_controller(self) -> None:
-        self.cluster.proc.send_signal(signal.SIGKILL)
-        self.cluster.proc.wait(10)
-        self.cluster.proc = self.start_controller()
-
-    def worker(self, host: str, worker_id: str) -> None:
-        self.workers[worker_id] = self.hosts.popen(host, [
-            sys.executable, "-m", "controller.cli", "worker",
-            "--controller", self.worker_endpoint, "--advertise-host", self.hosts.address(host),
-            "--worker-id", worker_id, "--threads", "1"], self.folder / f"{worker_id}.log")
-
 
 @pytest.fixture
 def folder() -> Iterator[Path]:
