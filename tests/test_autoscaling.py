@@ -68,13 +68,13 @@ async def test_a_load_step_adds_worlds_until_p99_is_back_under_target_and_a_drop
     assert dep["errors"] == {}
 
 
-async def test_a_pipeline_whose_second_stage_is_twice_as_slow_scales_that_stage_only(
+async def test_a_pipeline_whose_second_stage_is_three_times_as_slow_scales_that_stage_only(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory("""
 [[deployments]]
 name = "pipe"
 model = "worker.models.fixed:build_pipeline"
-factory_kwargs = { stage_ms = [8.0, 16.0] }
+factory_kwargs = { stage_ms = [5.0, 16.0] }
 stages = 2
 max_batch_size = 1
 worlds = 1
@@ -91,7 +91,9 @@ downscale_delay_s = 600.0
         seen.append((round(t), dep["stage_workers"], dep["worlds_current"]))
 
     # Stage 1 serves at most 1000/16 = 62/s; 90/s needs a second stage-1 worker, while one
-    # stage-0 worker (125/s) still has room.
+    # stage-0 worker (200/s) still has room: 45% busy, far enough below sharing's 85% limit
+    # that CPU contention on a 2-core CI host does not push it over (at 8 ms, 72% busy, it
+    # sometimes did, and the new world got a stage-0 worker of its own).
     async with Client(cluster.client) as client:
         arrivals = await open_loop(client, "pipe", {"x": x}, lambda t: 90.0, duration_s=20.0,
                                    timeout_s=20.0, on_second=watch)
