@@ -43,6 +43,7 @@ from controller.frontend import Frontend
 from controller.health import Health
 from controller.launcher import Launcher, LocalLauncher
 from controller.metrics import MetricsServer
+from controller.probes import liveness, readiness
 from controller.router import Router
 from controller.scaling_inputs import ScalingInputs
 from controller.status import build_status
@@ -75,6 +76,7 @@ class Controller:
         self.started_s = time.monotonic()
         self._stack = contextlib.AsyncExitStack()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: dict[str, asyncio.Task[Any]] = {}
         self._started = False
         self._closed = False
         self._context: zmq.Context[Any] = zmq.Context()
@@ -113,7 +115,8 @@ class Controller:
                                launcher=self.launcher, snapshot=self.status,
                                send_worker=self.backend.send_control, curve=curve("admin"))
             built.callback(self.admin.close)
-            self.metrics = (MetricsServer(c.metrics_host, c.metrics_port, self.status)
+            self.metrics = (MetricsServer(c.metrics_host, c.metrics_port, self.status,
+                                          live=self.live, ready=self.ready)
                             if c.metrics_port else None)
             self.scaling = ScalingInputs(self.world_manager, self.routers,
                                          self.launcher.host().get("cores", 0))
@@ -214,7 +217,18 @@ class Controller:
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
+        self._loops[name] = task  # for liveness: these run until the controller stops
         task.add_done_callback(self._tasks.discard)
+
+    def live(self) -> tuple[bool, str]:
+        """/healthz: controller/probes.py."""
+        return liveness((self.health, self.world_manager, self.admin), self._loops,
+                        stopping=self._closed)
+
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: controller/probes.py."""
+        stopping = self._closed or not all(r.accepting for r in self.routers.values())
+        return readiness(self.status(), self.config.controller.readiness, stopping)
 
     async def _cancel_tasks(self) -> None:
         for task in list(self._tasks):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controller.probes import READINESS_RULES
 from mesh.errors import ConfigError
 from mesh.messages import DEFAULT_MAX_IDLE_STAGES
 from mesh.spec import DeploymentSpec
@@ -34,6 +35,9 @@ class ControllerConfig:
     worker_endpoint: str = "tcp://127.0.0.1:5557"
     metrics_port: int = 9464  # 0 disables the metrics endpoint
     metrics_host: str = "127.0.0.1"
+    # When /readyz says ready: "all" deployments have a serving world, "any" has, or as
+    # soon as the controller is "listening".
+    readiness: str = "all"
     max_request_bytes: int = 64 * 1024 * 1024
     # Client connections held at once; one accepted beyond this is closed at once (logged,
     # counted). Each holds a descriptor: keep it well under the process's descriptor limit.
@@ -240,6 +244,9 @@ def _check_controller(c: ControllerConfig) -> None:
     _range("controller.max_load_failures", c.max_load_failures, 1, 1000)
     _range("controller.max_attempts", c.max_attempts, 1, 100)
     _range("controller.autoscale_tick_ms", c.autoscale_tick_ms, 50, 60000)
+    if c.readiness not in READINESS_RULES:
+        raise ConfigError(f"controller.readiness must be one of {list(READINESS_RULES)}, got "
+                          f"{c.readiness!r}")
     if c.launcher not in ("local", "none"):
         raise ConfigError(f"controller.launcher must be 'local' or 'none', got {c.launcher!r}")
 

@@ -85,11 +85,23 @@ def render_metrics(status: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+Probe = Callable[[], tuple[bool, str]]
+
+
 class MetricsServer:
-    def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+    """HTTP/1.0 on ``metrics_port``: ``/metrics`` (Prometheus text), ``/healthz`` and
+    ``/readyz`` (200 or 503, the reason in the body: controller/probes.py)."""
+
+    def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]], *,
+                 live: Probe | None = None, ready: Probe | None = None) -> None:
         self.host = host
         self.port = port
         self._snapshot = snapshot
+        self._probes: dict[str, Probe] = {}
+        if live is not None:
+            self._probes["/healthz"] = live
+        if ready is not None:
+            self._probes["/readyz"] = ready
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -101,6 +113,18 @@ class MetricsServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
+    def _answer(self, path: str) -> tuple[bytes, bytes, bytes]:
+        """(status line, content type, body) for ``path``."""
+        if path == "/metrics":
+            return (b"200 OK", b"text/plain; version=0.0.4",
+                    render_metrics(self._snapshot()).encode())
+        probe = self._probes.get(path)
+        if probe is not None:
+            ok, why = probe()
+            return (b"200 OK" if ok else b"503 Service Unavailable", b"text/plain",
+                    why.encode() + b"\n")
+        return b"404 Not Found", b"text/plain", b"not found\n"
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(5.0):
@@ -108,14 +132,13 @@ class MetricsServer:
                 while (await reader.readline()) not in (b"\r\n", b"\n", b""):
                     pass
             parts = request.decode(errors="replace").split()
-            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body = render_metrics(self._snapshot()).encode()
-                head = (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            if len(parts) >= 2 and parts[0] in ("GET", "HEAD"):
+                line, kind, body = self._answer(parts[1].split("?")[0])
             else:
-                body = b"not found\n"
-                head = b"HTTP/1.0 404 Not Found\r\nContent-Length: 10\r\n\r\n"
-            writer.write(head + body)
+                line, kind, body = b"405 Method Not Allowed", b"text/plain", b"GET only\n"
+            head = (b"HTTP/1.0 " + line + b"\r\nContent-Type: " + kind +
+                    b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            writer.write(head if parts and parts[0] == "HEAD" else head + body)
             await writer.drain()
         except (TimeoutError, ConnectionError):
             pass

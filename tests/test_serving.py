@@ -149,6 +149,17 @@ async def test_metrics_serve_live_figures_in_prometheus_text(
         assert f"# TYPE {name} " in body, name
     line, _ = await http_get(port, "/elsewhere")
     assert "404" in line
+    # The probes an orchestrator asks, on the same port.
+    line, body = await http_get(port, "/healthz")
+    assert line.endswith("200 OK") and body.startswith("ok")
+    line, body = await http_get(port, "/readyz")
+    assert line.endswith("200 OK") and body == "ok: every deployment serves (mlp)\n"
+    await asyncio.to_thread(cluster.meshctl, "scale", "mlp", "--worlds", "0", "--min", "0")
+    await cluster.wait_for(lambda s: s["deployments"][0]["worlds_current"] == 0,
+                           what="no world left")
+    line, body = await http_get(port, "/readyz")
+    assert line.endswith("503 Service Unavailable")
+    assert body.startswith("1 of 1 deployments have no serving world: mlp"), body
 
 
 async def test_scaling_to_three_worlds_and_back_to_one_fails_no_request_under_load(
