@@ -116,6 +116,8 @@ class Controller:
                                send_worker=self.backend.send_control, curve=curve("admin"))
             built.callback(self.admin.close)
             self.metrics = (MetricsServer(c.metrics_host, c.metrics_port, self.status,
+                                          stats=lambda: {name: r.stats for name, r
+                                                         in self.routers.items()},
                                           live=self.live, ready=self.ready)
                             if c.metrics_port else None)
             self.scaling = ScalingInputs(self.world_manager, self.routers,

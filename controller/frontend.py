@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,7 @@ class Frontend:
         self.pump = Pump(sock, self._on_message, name="frontend")
         self.connections = ConnectionWatch(sock, max_connections)
         self.rejected = 0
+        self.rejected_by_code: Counter[str] = Counter()
 
     def start(self) -> None:
         self.connections.start()
@@ -166,6 +168,7 @@ class Frontend:
 
     def _error(self, client: bytes, req_id: Any, exc: MeshError) -> None:
         self.rejected += 1
+        self.rejected_by_code[exc.code] += 1
         if self._on_bad_request is not None:
             self._on_bad_request(exc.code)
         self.pump.send([client, codec.pack(error_header(req_id, exc.code, exc.message,

@@ -16,7 +16,7 @@ class Pending:
 
     __slots__ = (
         "answered", "arrived_s", "attempts", "chunks", "client", "client_id", "deadline_s",
-        "frames", "header", "kind", "original_header", "rid", "world",
+        "dispatched_s", "frames", "header", "kind", "original_header", "rid", "world",
     )
 
     def __init__(self, rid: int, client: bytes, client_id: Any, kind: str, header: Any,
@@ -29,6 +29,7 @@ class Pending:
         self.original_header = header  # as the client sent it (re-sends of streams edit it)
         self.frames = frames  # the client's tensor frames, kept for re-sends
         self.arrived_s = arrived_s
+        self.dispatched_s = arrived_s  # when it was last sent to a world
         self.deadline_s = deadline_s
         self.world: WorldRoute | None = None
         self.attempts = 0

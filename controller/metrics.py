@@ -1,88 +1,173 @@
-"""Prometheus metrics over plain HTTP (``GET /metrics``), served from the controller's loop."""
+"""Prometheus metrics over plain HTTP (``GET /metrics``), served from the controller's loop.
+
+The families are built at each scrape from the status snapshot (one owner per figure: the
+routers, the WorldManager, the frontend) and the routers' latency histograms, and written out
+by prometheus_client, which owns the text format and the escaping of label values. The
+latency histograms are counted by controller/stats.py on the hot path, without
+prometheus_client's locks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
 from controller.fleet import WorkerState
+from controller.stats import LatencyWindow
 from mesh.logs import speaker
 
 log = speaker(logging.getLogger(__name__), "controller")
 
 
-def render_metrics(status: dict[str, Any]) -> str:
-    lines = [
-        "# HELP meshserve_requests_total Requests answered, by deployment and outcome.",
-        "# TYPE meshserve_requests_total counter",
-    ]
-    for d in status["deployments"]:
-        lines.append(f'meshserve_requests_total{{deployment="{d["name"]}",outcome="ok"}} '
-                     f'{d["answered_ok"]}')
+# Counters taken from the status snapshot's controller block: (key, name, help).
+_CONTROLLER_COUNTERS = (
+    ("worker_messages_rejected", "meshserve_worker_messages_rejected",
+     "Control messages on the worker port that did not decode or type-check (dropped)."),
+    ("unroutable_replies", "meshserve_unroutable_replies",
+     "Data-path frames on the worker port for no known world, or malformed (dropped)."),
+    ("foreign_replies", "meshserve_foreign_replies",
+     "Replies from a socket that is not a member of the world they name (dropped)."),
+    ("answers_dropped", "meshserve_answers_dropped",
+     "Answers not delivered: the client was gone, or did not read and had CLIENT_SEND_HWM "
+     "answers waiting."),
+    ("client_connections_refused", "meshserve_client_connections_refused",
+     "Client connections closed at once because max_client_connections were open."),
+    ("workers_died", "meshserve_worker_deaths",
+     "Workers declared dead (exited, or silent) other than those retired."),
+    ("worlds_broken", "meshserve_world_breaks", "Worlds broken by a failure."),
+)
+
+# Per-deployment gauges from the status snapshot: (key, help).
+_DEPLOYMENT_GAUGES = (
+    ("rps", "Requests per second over the last 10 s."),
+    ("queued", "Requests waiting for a world."),
+    ("in_flight", "Requests on a world."),
+    ("worlds_current", "Serving worlds."),
+    ("worlds_desired", "Target number of worlds."),
+    ("slo_p99_ms", "Latency target."),
+)
+
+_HISTOGRAMS = (
+    ("request", "meshserve_request_duration_seconds",
+     "Time at the controller of requests answered ok, arrival to answer."),
+    ("queue", "meshserve_queue_duration_seconds",
+     "Of that, the wait before a request's last dispatch to a world."),
+    ("compute", "meshserve_compute_duration_seconds",
+     "Of that, from the last dispatch to the answer: the world's queue, compute and transit."),
+)
+
+
+def families(status: dict[str, Any], stats: Mapping[str, LatencyWindow]) -> list[Metric]:
+    """Every metric family, from a status snapshot and each deployment's latency figures."""
+    out: list[Metric] = []
+    deps = status["deployments"]
+    requests = CounterMetricFamily("meshserve_requests",
+                                   "Requests answered by a deployment, by outcome (ok or an "
+                                   "error code).", labels=["deployment", "outcome"])
+    for d in deps:
+        requests.add_metric([d["name"], "ok"], d["answered_ok"])
         for code, n in sorted(d["errors"].items()):
-            lines.append(
-                f'meshserve_requests_total{{deployment="{d["name"]}",outcome="{code}"}} {n}')
-    lines += ["# HELP meshserve_latency_ms End-to-end latency over the last 10 s.",
-              "# TYPE meshserve_latency_ms gauge"]
-    for d in status["deployments"]:
-        for q in ("p50", "p95", "p99"):
-            lines.append(f'meshserve_latency_ms{{deployment="{d["name"]}",quantile="{q}"}} '
-                         f'{d[q + "_ms"]}')
-    gauges = [("rps", "Requests per second over the last 10 s."),
-              ("queued", "Requests waiting for a world."),
-              ("in_flight", "Requests on a world."),
-              ("worlds_current", "Serving worlds."),
-              ("worlds_desired", "Target number of worlds."),
-              ("slo_p99_ms", "Latency target.")]
-    for key, help_text in gauges:
-        lines += [f"# HELP meshserve_{key} {help_text}", f"# TYPE meshserve_{key} gauge"]
-        for d in status["deployments"]:
-            lines.append(f'meshserve_{key}{{deployment="{d["name"]}"}} {d[key]}')
+            requests.add_metric([d["name"], code], n)
+    out.append(requests)
     c = status["controller"]
-    lines += ["# HELP meshserve_worker_messages_rejected_total Control messages on the worker "
-              "port that did not decode or type-check (dropped).",
-              "# TYPE meshserve_worker_messages_rejected_total counter",
-              f"meshserve_worker_messages_rejected_total {c.get('worker_messages_rejected', 0)}",
-              "# HELP meshserve_unroutable_replies_total Data-path frames on the worker port "
-              "for no known world, or malformed (dropped).",
-              "# TYPE meshserve_unroutable_replies_total counter",
-              f"meshserve_unroutable_replies_total {c.get('unroutable_replies', 0)}",
-              "# HELP meshserve_foreign_replies_total Replies from a socket that is not a "
-              "member of the world they name (dropped).",
-              "# TYPE meshserve_foreign_replies_total counter",
-              f"meshserve_foreign_replies_total {c.get('foreign_replies', 0)}",
-              "# HELP meshserve_answers_dropped_total Answers not delivered: the client was "
-              "gone, or did not read and had CLIENT_SEND_HWM answers waiting.",
-              "# TYPE meshserve_answers_dropped_total counter",
-              f"meshserve_answers_dropped_total {c.get('answers_dropped', 0)}",
-              "# HELP meshserve_client_connections Client connections open.",
-              "# TYPE meshserve_client_connections gauge",
-              f"meshserve_client_connections {c.get('client_connections', 0)}",
-              "# HELP meshserve_client_connections_refused_total Client connections closed "
-              "at once because max_client_connections were open.",
-              "# TYPE meshserve_client_connections_refused_total counter",
-              f"meshserve_client_connections_refused_total "
-              f"{c.get('client_connections_refused', 0)}"]
-    lines += ["# HELP meshserve_workers Workers by state.", "# TYPE meshserve_workers gauge"]
+    rejected = CounterMetricFamily("meshserve_requests_rejected",
+                                   "Requests the frontend refused before a deployment saw "
+                                   "them (malformed, unknown model, too large, ...), by "
+                                   "error code.", labels=["code"])
+    for code, n in sorted(c.get("requests_rejected", {}).items()):
+        rejected.add_metric([code], n)
+    out.append(rejected)
+    for key, name, help_text in _HISTOGRAMS:
+        hist = HistogramMetricFamily(name, help_text, labels=["deployment"])
+        for dep_name, window in sorted(stats.items()):
+            h = getattr(window, key)
+            hist.add_metric([dep_name], [(_le(b), n) for b, n in h.cumulative()], h.sum)
+        out.append(hist)
+    latency = GaugeMetricFamily("meshserve_latency_ms", "End-to-end latency over the last "
+                                "10 s.", labels=["deployment", "quantile"])
+    for d in deps:
+        for q in ("p50", "p95", "p99"):
+            latency.add_metric([d["name"], q], d[q + "_ms"])
+    out.append(latency)
+    for key, help_text in _DEPLOYMENT_GAUGES:
+        gauge = GaugeMetricFamily(f"meshserve_{key}", help_text, labels=["deployment"])
+        for d in deps:
+            gauge.add_metric([d["name"]], d[key])
+        out.append(gauge)
+    quarantined = GaugeMetricFamily("meshserve_deployment_quarantined",
+                                    "1 while a deployment is quarantined (no formation "
+                                    "attempts until meshctl scale).", labels=["deployment"])
+    for d in deps:
+        quarantined.add_metric([d["name"]], 1 if d.get("quarantined") else 0)
+    out.append(quarantined)
+    worlds = GaugeMetricFamily("meshserve_worlds", "Worlds by deployment and state (serving "
+                               "is always present, 0 included).", labels=["deployment", "state"])
+    counts: dict[tuple[str, str], int] = {(d["name"], "serving"): 0 for d in deps}
+    for w in status["worlds"]:
+        counts[w["deployment"], w["state"]] = counts.get((w["deployment"], w["state"]), 0) + 1
+    for (dep_name, state), n in sorted(counts.items()):
+        worlds.add_metric([dep_name, state], n)
+    out.append(worlds)
+    for key, name, help_text in _CONTROLLER_COUNTERS:
+        out.append(CounterMetricFamily(name, help_text, value=c.get(key, 0)))
+    out.append(GaugeMetricFamily("meshserve_client_connections", "Client connections open.",
+                                 value=c.get("client_connections", 0)))
+    workers = GaugeMetricFamily("meshserve_workers", "Workers by state.", labels=["state"])
     states: dict[str, int] = {}
     for w in status["workers"]:
         states[w["state"]] = states.get(w["state"], 0) + 1
     for state, n in sorted(states.items()):
-        lines.append(f'meshserve_workers{{state="{state}"}} {n}')
-    lines += ["# HELP meshserve_worker_stages Model stages a live worker holds in memory, "
-              "in use by its worlds or idle (kept for reuse, at most max_idle_stages).",
-              "# TYPE meshserve_worker_stages gauge"]
+        workers.add_metric([state], n)
+    out.append(workers)
+    out.append(GaugeMetricFamily(
+        "meshserve_workers_quarantined", "Live workers given no world because they kept "
+        "stalling their worlds or dropping off.",
+        value=sum(1 for w in status["workers"]
+                  if w.get("quarantined") and w["state"] != WorkerState.DEAD)))
+    stages = GaugeMetricFamily("meshserve_worker_stages", "Model stages a live worker holds "
+                               "in memory, in use by its worlds or idle (kept for reuse, at "
+                               "most max_idle_stages).", labels=["worker", "use"])
     for w in status["workers"]:
         if w["state"] == WorkerState.DEAD:
             continue
         idle = w["stages_idle"]
-        used = w["stages_loaded"] - idle
-        lines.append(f'meshserve_worker_stages{{worker="{w["id"]}",use="in_use"}} {used}')
-        lines.append(f'meshserve_worker_stages{{worker="{w["id"]}",use="idle"}} {idle}')
-    return "\n".join(lines) + "\n"
+        stages.add_metric([w["id"], "in_use"], w["stages_loaded"] - idle)
+        stages.add_metric([w["id"], "idle"], idle)
+    out.append(stages)
+    return out
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == math.inf else repr(bound)
+
+
+class _Fixed(Collector):
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics
+
+
+def render_metrics(status: dict[str, Any], stats: Mapping[str, LatencyWindow] | None = None
+                   ) -> str:
+    """The Prometheus text exposition (prometheus_client escapes the label values)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families(status, stats or {})))
+    return generate_latest(registry).decode()
 
 
 Probe = Callable[[], tuple[bool, str]]
@@ -93,10 +178,12 @@ class MetricsServer:
     ``/readyz`` (200 or 503, the reason in the body: controller/probes.py)."""
 
     def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]], *,
+                 stats: Callable[[], Mapping[str, LatencyWindow]] | None = None,
                  live: Probe | None = None, ready: Probe | None = None) -> None:
         self.host = host
         self.port = port
         self._snapshot = snapshot
+        self._stats = stats or dict
         self._probes: dict[str, Probe] = {}
         if live is not None:
             self._probes["/healthz"] = live
@@ -116,8 +203,8 @@ class MetricsServer:
     def _answer(self, path: str) -> tuple[bytes, bytes, bytes]:
         """(status line, content type, body) for ``path``."""
         if path == "/metrics":
-            return (b"200 OK", b"text/plain; version=0.0.4",
-                    render_metrics(self._snapshot()).encode())
+            return (b"200 OK", CONTENT_TYPE_LATEST.encode(),
+                    render_metrics(self._snapshot(), self._stats()).encode())
         probe = self._probes.get(path)
         if probe is not None:
             ok, why = probe()

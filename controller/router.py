@@ -168,6 +168,7 @@ class Router:
             world.last_progress_s = now
         p.world = world
         p.attempts += 1
+        p.dispatched_s = now
         world.inflight[p.rid] = p
         remaining_ms = max(1, int((p.deadline_s - now) * 1000.0))
         head = pack_dispatch(p.rid, world.world_id, world.epoch, remaining_ms)
@@ -255,7 +256,7 @@ class Router:
                     code = err.code
                 self.stats.record_error(code)
             else:
-                self.stats.record(now, now - p.arrived_s)
+                self.stats.record(now, now - p.arrived_s, p.dispatched_s - p.arrived_s)
             self._send_client([p.client, *frames])
         self._pump_queue()
         self._after_world_progress(world)

@@ -7,8 +7,38 @@ or metrics ask, over the samples of the last ``window_s`` seconds.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import Counter, deque
 from dataclasses import dataclass
+
+# Bucket bounds in seconds for the latency histograms (request, queue, compute): from 1 ms (a
+# small model on one core) to 30 s (the default deadline), about 2.5x apart.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0, 30.0)
+
+
+class Histogram:
+    """Fixed buckets for Prometheus, counted here so the hot path pays a bisect and two adds
+    (no lock, no label lookup); controller/metrics.py reads them when scraped."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: bound >= value
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations at or below it), ending with (inf, the count)."""
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +73,21 @@ class LatencyWindow:
         self.total_ok = 0
         self.errors: Counter[str] = Counter()
         self.latency_sum_s = 0.0
+        # Of the requests answered ok, since the start: the whole time at the controller,
+        # the wait before the last dispatch, and from that dispatch to the answer.
+        self.request = Histogram()
+        self.queue = Histogram()
+        self.compute = Histogram()
 
-    def record(self, now_s: float, latency_s: float) -> None:
+    def record(self, now_s: float, latency_s: float, queue_s: float = 0.0) -> None:
+        """One request answered ok, ``latency_s`` after it arrived, ``queue_s`` of it before
+        its last dispatch to a world."""
         self._samples.append((now_s, latency_s))
         self.total_ok += 1
         self.latency_sum_s += latency_s
+        self.request.observe(latency_s)
+        self.queue.observe(queue_s)
+        self.compute.observe(latency_s - queue_s)
 
     def recent(self, now_s: float, window_s: float) -> tuple[int, float]:
         """(samples, p99 ms) over the last ``window_s`` seconds (for the autoscaler)."""

@@ -93,6 +93,7 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "state": worker.state,
             "worlds": sorted(worker.worlds),
             "reason": worker.reason,
+            "quarantined": worker.quarantined,  # why it is given no world ("" if it is)
             "batches": hb.batches if hb else 0,
             "rows": hb.rows if hb else 0,
             "requests": hb.requests if hb else 0,
@@ -120,6 +121,13 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
                        "foreign_replies": sum(r.foreign_replies for r in routers.values()),
                        # Control messages about a world from a worker not in it (dropped).
                        "foreign_messages": wm.foreign_messages,
+                       # Since the start: deaths of workers that were not retiring, and
+                       # world breaks (both drive the churn alert).
+                       "workers_died": wm.workers_died,
+                       "worlds_broken": wm.worlds_broken,
+                       # Requests the frontend refused before any deployment saw them.
+                       "requests_rejected": dict(frontend.rejected_by_code)
+                       if frontend is not None else {},
                        # Answers dropped for clients gone, or not reading (a full send queue).
                        "answers_dropped": frontend.pump.dropped if frontend else 0,
                        # Client connections open now, and the ones closed over the cap.

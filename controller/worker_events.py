@@ -55,6 +55,7 @@ class WorkerEvents:
     spawn_quarantined: str
     _spawn_failures: int
     foreign_messages: int
+    workers_died: int
     _spawn_retry_at_s: float
     _fenced: set[tuple[str, int]]
     _asked: dict[str, float]
@@ -201,6 +202,8 @@ class WorkerEvents:
         worker.state = WorkerState.DEAD
         worker.reason = reason
         worker.since_s = self._clock()
+        if not was_draining and not self.stopping:
+            self.workers_died += 1
         self._fenced.add((worker_id, worker.pid))
         self._count_death(worker)
         self._on_forget(worker_id)

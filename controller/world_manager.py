@@ -111,6 +111,8 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         self._fenced: set[tuple[str, int]] = set()
         # Messages from registered workers about worlds they are not members of (dropped).
         self.foreign_messages = 0
+        self.workers_died = 0  # since the start: worker churn, for metrics
+        self.worlds_broken = 0
         # Unknown workers asked to register (a previous controller's fleet), and when.
         self._asked: dict[str, float] = {}
         self.stopping = False
@@ -331,6 +333,7 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         if self.worlds.pop(world.id, None) is None:
             return
         world.state = WorldState.BROKEN
+        self.worlds_broken += 1
         resent = self.routers[world.deployment].remove_world(world.id, reason)
         self.events.add("world_broken", world=world.id, epoch=world.epoch,
                         deployment=world.deployment, reason=reason, resent=resent)

@@ -123,6 +123,8 @@ async def test_metrics_serve_live_figures_in_prometheus_text(
         await asyncio.gather(*(client.infer("mlp", {"x": x}) for _ in range(30)))
         with pytest.raises(BadRequest):
             await client.infer("mlp", {"x": np.zeros((1, 3), dtype=np.float32)})
+        with pytest.raises(UnknownModel):
+            await client.infer("nosuch", {"x": x})
     # Worker figures come with heartbeats: wait for one sent after the requests.
     status = await cluster.wait_for(lambda s: s["workers"][0]["requests"] >= 30,
                                     what="a heartbeat counting the requests")
@@ -142,11 +144,18 @@ async def test_metrics_serve_live_figures_in_prometheus_text(
         series['meshserve_latency_ms{deployment="mlp",quantile="p99"}']
     assert series['meshserve_workers{state="serving"}'] == 1
     wid = worker["id"]
-    assert series[f'meshserve_worker_stages{{worker="{wid}",use="in_use"}}'] == 1
-    assert series[f'meshserve_worker_stages{{worker="{wid}",use="idle"}}'] == 0
+    assert series[f'meshserve_worker_stages{{use="in_use",worker="{wid}"}}'] == 1
+    assert series[f'meshserve_worker_stages{{use="idle",worker="{wid}"}}'] == 0
+    # The latency histograms count the 30 answered ok; the frontend's refusals are counted.
+    assert series['meshserve_request_duration_seconds_count{deployment="mlp"}'] == 30
+    assert series['meshserve_request_duration_seconds_bucket{deployment="mlp",le="+Inf"}'] == 30
+    assert series['meshserve_compute_duration_seconds_count{deployment="mlp"}'] == 30
+    assert series['meshserve_worlds{deployment="mlp",state="serving"}'] == 1
+    assert series['meshserve_requests_rejected_total{code="unknown_model"}'] == 1
     # Every series is declared with its type, as Prometheus expects.
     for name in {n.split("{")[0] for n in series}:
-        assert f"# TYPE {name} " in body, name
+        family = name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+        assert f"# TYPE {name} " in body or f"# TYPE {family} histogram" in body, name
     line, _ = await http_get(port, "/elsewhere")
     assert "404" in line
     # The probes an orchestrator asks, on the same port.
