@@ -93,10 +93,42 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    """``launcher = "kubernetes"``: one pod per worker (controller/kube_launcher.py)."""
+
+    # The API server: "" for the in-cluster service account (the controller runs in a pod),
+    # else a URL (`kubectl proxy`'s http://127.0.0.1:8001, or a test's fake).
+    api_server: str = ""
+    # Where worker pods are created; "" for the controller pod's own namespace.
+    namespace: str = ""
+    # The controller's worker endpoint as pods reach it (its Service).
+    controller_address: str = "tcp://meshserve-controller:5557"
+    max_workers: int = 16
+    # The worker pods: image and command, and whatever Kubernetes needs to place them.
+    image: str = "meshserve:cpu"
+    image_pull_policy: str = "IfNotPresent"
+    command: tuple[str, ...] = ("meshctl",)
+    device: str = "cpu"  # the workers' --device: cpu, cuda (one GPU per pod) or auto
+    threads: int = 1
+    # Container resources, as in a pod spec:
+    # {requests = {cpu = "1"}, limits = {"nvidia.com/gpu" = 1}}
+    resources: dict[str, dict[str, str | int]] = dataclasses.field(default_factory=dict)
+    node_selector: dict[str, str] = dataclasses.field(default_factory=dict)
+    tolerations: tuple[dict[str, str | int], ...] = ()
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    annotations: dict[str, str] = dataclasses.field(default_factory=dict)
+    service_account: str = ""
+    # Seconds a worker pod gets to stop when it is released (scale-down, shutdown).
+    termination_grace_s: int = 15
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     controller: ControllerConfig
     deployments: tuple[DeploymentConfig, ...]
     security: SecurityConfig = SecurityConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     def deployment(self, name: str) -> DeploymentConfig:
         for dep in self.deployments:
@@ -148,7 +180,7 @@ def load_config(path: str | Path) -> Config:
 def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
     """A validated Config from a parsed TOML document; ``base`` is the folder that relative
     paths (the security keys) are read from (the config file's; default: the current one)."""
-    unknown = set(raw) - {"controller", "deployments", "security"}
+    unknown = set(raw) - {"controller", "deployments", "security", "kubernetes"}
     if unknown:
         raise ConfigError(f"unknown top-level key {sorted(unknown)[0]!r}")
     controller_raw = raw.get("controller", {})
@@ -178,7 +210,32 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
         raise ConfigError("'security' must be a table")
     security = _check_security(_build(SecurityConfig, security_raw, "security"),
                                base or Path.cwd())
-    return Config(controller=controller, deployments=tuple(deployments), security=security)
+    kube_raw = raw.get("kubernetes", {})
+    if not isinstance(kube_raw, dict):
+        raise ConfigError("'kubernetes' must be a table")
+    kubernetes = _build(KubernetesConfig, kube_raw, "kubernetes")
+    _check_kubernetes(kubernetes, controller.launcher == "kubernetes")
+    if controller.launcher == "kubernetes" and security.curve:
+        raise ConfigError("security.curve with launcher = 'kubernetes' is not supported yet: "
+                          "worker pods would need the keys mounted; use launcher = 'none' "
+                          "with a worker StatefulSet that mounts them")
+    return Config(controller=controller, deployments=tuple(deployments), security=security,
+                  kubernetes=kubernetes)
+
+
+def _check_kubernetes(k: KubernetesConfig, used: bool) -> None:
+    _range("kubernetes.max_workers", k.max_workers, 1, 100_000)
+    _range("kubernetes.threads", k.threads, 0, 1024)
+    _range("kubernetes.termination_grace_s", k.termination_grace_s, 0, 3600)
+    if k.device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"kubernetes.device must be cpu, cuda or auto, got {k.device!r}")
+    if k.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+        raise ConfigError("kubernetes.image_pull_policy must be Always, IfNotPresent or Never")
+    if used and not k.command:
+        raise ConfigError("kubernetes.command must name the worker image's meshctl")
+    if used and not _ENDPOINT_RE.match(k.controller_address):
+        raise ConfigError("kubernetes.controller_address must look like tcp://HOST:PORT, got "
+                          f"{k.controller_address!r}")
 
 
 def _check_security(s: SecurityConfig, base: Path) -> SecurityConfig:
@@ -247,8 +304,9 @@ def _check_controller(c: ControllerConfig) -> None:
     if c.readiness not in READINESS_RULES:
         raise ConfigError(f"controller.readiness must be one of {list(READINESS_RULES)}, got "
                           f"{c.readiness!r}")
-    if c.launcher not in ("local", "none"):
-        raise ConfigError(f"controller.launcher must be 'local' or 'none', got {c.launcher!r}")
+    if c.launcher not in ("local", "none", "kubernetes"):
+        raise ConfigError("controller.launcher must be 'local', 'none' or 'kubernetes', got "
+                          f"{c.launcher!r}")
 
 
 def check_deployment(d: DeploymentConfig, where: str) -> None:

@@ -41,8 +41,15 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
     limit = raise_fd_limit()
     log.info("descriptor limit %d", limit)
     launcher_kind = config.controller.launcher
-    controller = (Controller(config) if launcher_kind == "local"
-                  else Controller(config, launcher=lambda cfg, on_exit: NoLauncher()))
+    if launcher_kind == "local":
+        controller = Controller(config)
+    elif launcher_kind == "kubernetes":
+        from controller.kube_launcher import KubernetesLauncher
+
+        controller = Controller(config, launcher=lambda cfg, on_exit: KubernetesLauncher(
+            cfg.kubernetes, on_exit=on_exit))
+    else:
+        controller = Controller(config, launcher=lambda cfg, on_exit: NoLauncher())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hurry = asyncio.Event()

@@ -26,69 +26,104 @@ K8S_VERSION = "1.31"
 pytestmark = pytest.mark.timeout(60)
 
 
-def manifests() -> list[dict[str, Any]]:
-    """The kustomization's resources, as `kubectl kustomize` would emit them (the generated
-    ConfigMap included), read without kubectl."""
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+OVERLAYS = ("joined", "launcher")
+
+
+def manifests(overlay: str) -> list[dict[str, Any]]:
+    """An overlay's objects, as `kubectl kustomize` would emit them (the generated ConfigMap
+    included, namespaces and labels left to kustomize), read without kubectl."""
+    return _read(K8S / overlay)
+
+
+def _read(folder: Path) -> list[dict[str, Any]]:
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
     docs: list[dict[str, Any]] = []
     for name in kust["resources"]:
-        docs += [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
-    for gen in kust["configMapGenerator"]:
+        path = (folder / name).resolve()
+        docs += _read(path) if path.is_dir() else \
+            [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for gen in kust.get("configMapGenerator", []):
         docs.append({"apiVersion": "v1", "kind": "ConfigMap",
                      "metadata": {"name": gen["name"]},
-                     "data": {Path(f).name: (K8S / f).read_text() for f in gen["files"]}})
+                     "data": {Path(f).name: (folder / f).read_text() for f in gen["files"]}})
     return docs
 
 
-def by_kind(kind: str, name: str) -> dict[str, Any]:
-    return next(d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name)
+def by_kind(overlay: str, kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in manifests(overlay)
+                if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
-def test_every_manifest_validates_against_the_kubernetes_schemas() -> None:
-    docs = manifests()
-    assert {d["kind"] for d in docs} >= {"Namespace", "ServiceAccount", "ConfigMap",
-                                         "Deployment", "Service", "StatefulSet",
-                                         "PodDisruptionBudget"}
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -> None:
+    docs = manifests(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert kinds >= {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
+                     "PodDisruptionBudget"}
+    assert ("StatefulSet" in kinds) == (overlay == "joined")  # workers: joined, or launched
+    assert ({"Role", "RoleBinding"} <= kinds) == (overlay == "launcher")
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kustomize_renders_the_same_objects() -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_renders_the_same_objects(overlay: str) -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(K8S / overlay)], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
     rendered = list(yaml.safe_load_all(out))
     for doc in rendered:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         assert doc["metadata"].get("namespace", "meshserve") == "meshserve"
     assert sorted((d["kind"], d["metadata"]["name"].split("-")[0]) for d in rendered) == \
-        sorted((d["kind"], d["metadata"]["name"].split("-")[0]) for d in manifests())
+        sorted((d["kind"], d["metadata"]["name"].split("-")[0]) for d in manifests(overlay))
 
 
-def test_the_manifests_agree_with_the_controller_they_run() -> None:
-    toml = by_kind("ConfigMap", "meshserve-config")["data"]["meshserve.toml"]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_manifests_agree_with_the_controller_they_run(overlay: str) -> None:
+    toml = by_kind(overlay, "ConfigMap", "meshserve-config")["data"]["meshserve.toml"]
     config = parse_config(tomllib.loads(toml))  # the controller accepts it as it is
     c = config.controller
-    assert c.launcher == "none" and c.metrics_host == "0.0.0.0"
-    ports = {p["name"]: p["containerPort"] for p in by_kind(
-        "Deployment", "meshserve-controller")["spec"]["template"]["spec"]["containers"][0]
-        ["ports"]}
+    assert c.launcher == ("none" if overlay == "joined" else "kubernetes")
+    assert c.metrics_host == "0.0.0.0"
+    deployment = by_kind(overlay, "Deployment", "meshserve-controller")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for name, endpoint in (("client", c.client_endpoint), ("admin", c.admin_endpoint),
                            ("worker", c.worker_endpoint)):
         assert endpoint == f"tcp://0.0.0.0:{ports[name]}", name
     assert ports["metrics"] == c.metrics_port
-    pod = by_kind("Deployment", "meshserve-controller")["spec"]["template"]["spec"]
-    container = pod["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     mount = container["volumeMounts"][0]["mountPath"]
     assert container["args"] == ["controller", "--config", f"{mount}/meshserve.toml"]
-    service = by_kind("Service", "meshserve-controller")
+    service = by_kind(overlay, "Service", "meshserve-controller")
     assert {p["port"] for p in service["spec"]["ports"]} == set(ports.values())
-    args = by_kind("StatefulSet", "meshserve-worker")["spec"]["template"]["spec"][
-        "containers"][0]["args"]
-    assert args[args.index("--controller") + 1] == f"tcp://meshserve-controller:{ports['worker']}"
-    assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"
+    account = by_kind(overlay, "ServiceAccount", pod["serviceAccountName"])
+    if overlay == "joined":
+        args = by_kind(overlay, "StatefulSet", "meshserve-worker")["spec"]["template"][
+            "spec"]["containers"][0]["args"]
+        assert args[args.index("--controller") + 1] == \
+            f"tcp://meshserve-controller:{ports['worker']}"
+        assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"
+        assert account["automountServiceAccountToken"] is False  # no API access at all
+    else:
+        k = config.kubernetes
+        assert k.controller_address == f"tcp://meshserve-controller:{ports['worker']}"
+        assert account["automountServiceAccountToken"] is True
+        role = by_kind(overlay, "Role", "meshserve-launcher")
+        # Pods only, and only what the launcher calls.
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"],
+                                  "verbs": ["create", "get", "list", "watch", "delete"]}]
+        env = {e["name"] for e in container["env"]}
+        assert {"MESHSERVE_POD_NAME", "MESHSERVE_POD_UID"} <= env  # owner references
+        # The budget selects the pods the launcher makes.
+        from controller.kube_launcher import worker_pod
+
+        labels = worker_pod(k, "w1", instance="x", owner=None)["metadata"]["labels"]
+        budget = by_kind(overlay, "PodDisruptionBudget", "meshserve-worker")
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_the_dockerfile_lints_clean() -> None:

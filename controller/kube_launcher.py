@@ -1,0 +1,303 @@
+"""``launcher = "kubernetes"``: one pod per worker, through the Kubernetes API.
+
+The WorldManager asks for workers exactly as it asks the local launcher; this one answers with
+pods. Each pod runs ``meshctl worker`` with the worker's id, the controller's address as pods
+reach it, and its own pod IP as the address its peers use. Pods are labelled with the
+controller that owns them and the worker id, and, when the controller runs in a pod itself
+(``MESHSERVE_POD_NAME`` and ``MESHSERVE_POD_UID`` from the downward API), owned by that pod,
+so that Kubernetes deletes them with it. ``restartPolicy: Never``: a worker that dies is
+replaced by the controller under a new id, never restarted in place.
+
+One watch on the owned pods reports every end of a worker once, as the local launcher reports
+a process exit: a container that terminated (its exit code; 137 reads as SIGKILL), a pod that
+failed or was deleted by someone else (a node drained, ``kubectl delete``). ``kill`` (``meshctl
+kill``) deletes a pod with no grace; ``stop`` (scale-down, shutdown) with the configured grace.
+A controller restarted in the same pod finds its pods by label and adopts them; their workers
+register again by themselves.
+
+The client library is lightkube (async, small, typed), an optional extra:
+``pip install meshserve[kubernetes]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from controller.launcher import LaunchError, OnExit
+from mesh.logs import speaker
+
+if TYPE_CHECKING:
+    from controller.config import KubernetesConfig
+
+log = speaker(logging.getLogger(__name__), "controller")
+
+LABEL_APP = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_CONTROLLER = "meshserve.io/controller"
+LABEL_WORKER = "meshserve.io/worker-id"
+# How long a watch that broke waits before it is opened again (the API server restarted, a
+# network blip): the pods keep running meanwhile; only their exits are learned late.
+WATCH_RETRY_S = 1.0
+MAX_REPORTED = 10_000
+
+
+def pod_name(worker_id: str) -> str:
+    """A DNS-1123 name for a worker's pod."""
+    safe = "".join(ch if ch.isalnum() else "-" for ch in worker_id.lower()).strip("-")
+    return f"meshserve-worker-{safe}"[:63].rstrip("-")
+
+
+def exit_code(pod: dict[str, Any]) -> int | None:
+    """The worker's exit as the local launcher gives it (a negative signal number, or the
+    code), once its pod's container has terminated or the pod has failed; else None."""
+    status = pod.get("status") or {}
+    for cs in status.get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated")
+        if terminated is not None:
+            code = int(terminated.get("exitCode", 0))
+            return -(code - 128) if 128 < code < 160 else code  # 137: SIGKILL, -9
+    if status.get("phase") in ("Failed", "Succeeded"):
+        return 1 if status["phase"] == "Failed" else 0
+    return None
+
+
+def worker_pod(k: KubernetesConfig, worker_id: str, *, instance: str,
+               owner: tuple[str, str] | None, extra_args: list[str] | None = None
+               ) -> dict[str, Any]:
+    """The pod that runs ``worker_id`` (pure: everything comes from the arguments)."""
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+           {"name": "MESH_WORKER_ID", "value": worker_id}]
+    if k.threads > 0:
+        env += [{"name": var, "value": str(k.threads)}
+                for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")]
+    env += [{"name": name, "value": value} for name, value in sorted(k.env.items())]
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": k.image,
+        "imagePullPolicy": k.image_pull_policy,
+        "command": list(k.command),
+        "args": ["worker", "--controller", k.controller_address, "--worker-id", worker_id,
+                 "--advertise-host", "$(POD_IP)", "--device", k.device,
+                 "--threads", str(k.threads), *(extra_args or [])],
+        "env": env,
+    }
+    if k.resources:
+        container["resources"] = {kind: dict(amounts) for kind, amounts in k.resources.items()}
+    metadata: dict[str, Any] = {
+        "name": pod_name(worker_id),
+        "labels": {**k.labels, LABEL_APP: "meshserve", LABEL_COMPONENT: "worker",
+                   LABEL_CONTROLLER: instance, LABEL_WORKER: _label_value(worker_id)},
+        "annotations": {**k.annotations, "meshserve.io/worker-id": worker_id},
+    }
+    if owner is not None:
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": owner[0],
+                                        "uid": owner[1], "controller": True}]
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": k.termination_grace_s,
+        "containers": [container],
+    }
+    if k.node_selector:
+        spec["nodeSelector"] = dict(k.node_selector)
+    if k.tolerations:
+        spec["tolerations"] = [dict(t) for t in k.tolerations]
+    if k.service_account:
+        spec["serviceAccountName"] = k.service_account
+    else:
+        spec["automountServiceAccountToken"] = False
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def _label_value(value: str) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in value)[:63]
+    return safe.strip("-_.") or "worker"
+
+
+@dataclass
+class _Pod:
+    worker_id: str
+    name: str
+    ended: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
+                                       .create_future())
+
+
+class KubernetesLauncher:
+    """Workers as pods (module docstring)."""
+
+    can_spawn = True
+
+    def __init__(self, k: KubernetesConfig, *, on_exit: OnExit, client: Any = None,
+                 extra_args: list[str] | None = None) -> None:
+        from lightkube import AsyncClient, KubeConfig  # the optional extra
+
+        self._k = k
+        self._on_exit = on_exit
+        self._extra_args = extra_args or []
+        name, uid = os.environ.get("MESHSERVE_POD_NAME", ""), os.environ.get(
+            "MESHSERVE_POD_UID", "")
+        self._owner = (name, uid) if name and uid else None
+        self.instance = _label_value(name or "meshserve")
+        if client is None:
+            config = None  # in-cluster (the pod's service account), else ~/.kube/config
+            if k.api_server:
+                from lightkube.config.models import Cluster, User
+
+                config = KubeConfig.from_one(cluster=Cluster(server=k.api_server),
+                                             user=User(), namespace=k.namespace or None)
+            client = AsyncClient(config, namespace=k.namespace or None,
+                                 field_manager="meshserve")
+        self._client = client
+        self._pods: dict[str, _Pod] = {}  # by worker id: the pods this launcher owns
+        # Pod names whose end was reported (the last MAX_REPORTED: a watch re-opened after a
+        # break repeats recent events, never old ones).
+        self._reported: dict[str, None] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.api_errors = 0
+
+    # -- the Launcher interface ----------------------------------------------------------
+
+    async def spawn(self, worker_id: str) -> int:
+        if self._closing:
+            raise LaunchError("launcher is shutting down")
+        if len(self._pods) >= self._k.max_workers:
+            raise LaunchError(f"kubernetes worker limit reached ({self._k.max_workers})")
+        from lightkube import codecs
+        from lightkube.core.exceptions import ApiError
+
+        self._ensure_watch()
+        manifest = worker_pod(self._k, worker_id, instance=self.instance, owner=self._owner,
+                              extra_args=self._extra_args)
+        pod = _Pod(worker_id, manifest["metadata"]["name"])
+        self._pods[worker_id] = pod
+        try:
+            await self._client.create(codecs.from_dict(manifest))
+        except ApiError as exc:
+            self._pods.pop(worker_id, None)
+            self.api_errors += 1
+            raise LaunchError(f"cannot create pod {pod.name}: {exc.status.message}") from None
+        except Exception as exc:  # the API server unreachable, refused, ...
+            self._pods.pop(worker_id, None)
+            self.api_errors += 1
+            raise LaunchError(f"cannot create pod {pod.name}: {exc}") from None
+        log.info("created pod %s for worker %s", pod.name, worker_id)
+        return 0
+
+    async def stop(self, worker_id: str, timeout_s: float) -> None:
+        pod = self._pods.get(worker_id)
+        if pod is None:
+            return
+        grace = min(self._k.termination_grace_s, max(0, math.ceil(timeout_s)))
+        await self._delete(pod, grace)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(pod.ended), timeout_s + 2.0)
+
+    def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> bool:
+        """Delete the pod with no grace (``meshctl kill``, a hung worker)."""
+        pod = self._pods.get(worker_id)
+        if pod is None:
+            return False
+        asyncio.get_running_loop().create_task(self._delete(pod, 0),
+                                               name=f"launcher.kill.{worker_id}")
+        return True
+
+    def pids(self) -> dict[str, int]:
+        return {wid: 0 for wid in self._pods}  # a pod has no PID the controller can use
+
+    def room(self) -> int:
+        return 0 if self._closing else self._k.max_workers - len(self._pods)
+
+    def host(self) -> dict[str, int]:
+        return {}  # no local host: the scheduler places pods
+
+    async def aclose(self, timeout_s: float) -> None:
+        self._closing = True
+        pods = list(self._pods.values())
+        await asyncio.gather(*(self._delete(p, self._k.termination_grace_s) for p in pods))
+        if pods:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(asyncio.shield(p.ended)
+                                                        for p in pods)), timeout_s)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+        with contextlib.suppress(Exception):
+            await self._client.close()
+
+    # -- the API --------------------------------------------------------------------------
+
+    async def _delete(self, pod: _Pod, grace_s: int) -> None:
+        from lightkube.core.exceptions import ApiError
+        from lightkube.resources.core_v1 import Pod
+
+        try:
+            await self._client.delete(Pod, pod.name, grace_period=grace_s)
+            log.info("deleted pod %s (worker %s, grace %d s)", pod.name, pod.worker_id, grace_s)
+        except ApiError as exc:
+            if exc.status.code != 404:
+                self.api_errors += 1
+                log.warning("cannot delete pod %s: %s", pod.name, exc.status.message)
+        except Exception as exc:
+            self.api_errors += 1
+            log.warning("cannot delete pod %s: %s", pod.name, exc)
+
+    def _ensure_watch(self) -> None:
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.get_running_loop().create_task(
+                self._watch(), name="launcher.kubernetes.watch")
+
+    async def _watch(self) -> None:
+        from lightkube.resources.core_v1 import Pod
+
+        while not self._closing:
+            try:
+                async for kind, obj in self._client.watch(
+                        Pod, labels={LABEL_CONTROLLER: self.instance}):
+                    self._on_event(kind, obj.to_dict() if hasattr(obj, "to_dict") else obj)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.api_errors += 1
+                log.warning("pod watch failed, reopening in %.0f s: %s", WATCH_RETRY_S, exc)
+            await asyncio.sleep(WATCH_RETRY_S)
+
+    def _on_event(self, kind: str, pod: dict[str, Any]) -> None:
+        meta = pod.get("metadata") or {}
+        name = meta.get("name", "")
+        worker_id = (meta.get("annotations") or {}).get("meshserve.io/worker-id", "")
+        if not worker_id or name in self._reported:
+            return
+        known = self._pods.get(worker_id)
+        if known is None:
+            if kind == "DELETED" or exit_code(pod) is not None or self._closing:
+                return
+            # A pod of this controller from before its restart: adopt it (its worker
+            # registers again by itself).
+            known = self._pods[worker_id] = _Pod(worker_id, name)
+            log.info("adopted pod %s (worker %s)", name, worker_id)
+        code = exit_code(pod)
+        if code is None and kind == "DELETED":
+            code = -signal.SIGKILL  # gone before its container reported an end
+        if code is None:
+            return
+        self._reported[name] = None
+        if len(self._reported) > MAX_REPORTED:
+            del self._reported[next(iter(self._reported))]
+        self._pods.pop(worker_id, None)
+        if not known.ended.done():
+            known.ended.set_result(code)
+        log.info("worker %s (pod %s) ended: %d%s", worker_id, name, code,
+                 " (deleted)" if kind == "DELETED" else "")
+        self._on_exit(worker_id, code)
+        if kind != "DELETED" and not self._closing:
+            # A terminated pod stays until deleted (restartPolicy Never): clean it up.
+            asyncio.get_running_loop().create_task(self._delete(known, 0),
+                                                   name=f"launcher.cleanup.{worker_id}")

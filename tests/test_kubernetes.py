@@ -1,0 +1,188 @@
+"""launcher = "kubernetes" against a fake API server over real HTTP (tests/fake_kube.py), with
+the real client library (lightkube): pods created, watched, deleted; their ends reported as
+worker exits; and a controller that serves through workers launched this way."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.config import KubernetesConfig
+from controller.kube_launcher import LABEL_CONTROLLER, KubernetesLauncher, pod_name, worker_pod
+from tests.fake_kube import FakeKube
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def kube(tmp_path: Path) -> AsyncIterator[FakeKube]:
+    fake = FakeKube(tmp_path)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+async def wait_until(predicate: Any, timeout_s: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    for _ in itertools.count():
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def test_a_worker_pod_carries_its_id_owner_resources_and_placement() -> None:
+    k = KubernetesConfig(image="meshserve:cuda", device="cuda", threads=4,
+                         resources={"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}},
+                         node_selector={"gpu": "h200"},
+                         tolerations=({"key": "gpu", "operator": "Exists"},),
+                         env={"HF_HOME": "/cache"})
+    pod = worker_pod(k, "W_7", instance="meshserve-ctl-0", owner=("meshserve-ctl-0", "u-1"))
+    assert pod["metadata"]["name"] == "meshserve-worker-w-7" == pod_name("W_7")
+    assert pod["metadata"]["labels"][LABEL_CONTROLLER] == "meshserve-ctl-0"
+    assert pod["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "meshserve-ctl-0", "uid": "u-1",
+         "controller": True}]
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["nodeSelector"] == {"gpu": "h200"}
+    assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    container = spec["containers"][0]
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": "8Gi"}}
+    args = container["args"]
+    assert args[:5] == ["worker", "--controller", "tcp://meshserve-controller:5557",
+                        "--worker-id", "W_7"]
+    assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"
+    assert args[args.index("--device") + 1] == "cuda"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["OMP_NUM_THREADS"]["value"] == "4" and env["HF_HOME"]["value"] == "/cache"
+    import kubernetes_validate
+
+    kubernetes_validate.validate(pod, "1.31", strict=True)
+
+
+async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKube) -> None:
+    exits: list[tuple[str, int]] = []
+    # A stand-in worker: the pod's command, run by the fake kubelet.
+    k = KubernetesConfig(api_server=kube.url, namespace="meshserve",
+                         command=(sys.executable, "-c", "import time, sys; time.sleep(600)"),
+                         max_workers=3, termination_grace_s=5)
+    launcher = KubernetesLauncher(k, on_exit=lambda w, rc: exits.append((w, rc)))
+    try:
+        for wid in ("w1", "w2", "w3"):
+            assert await launcher.spawn(wid) == 0
+        assert launcher.room() == 0 and sorted(launcher.pids()) == ["w1", "w2", "w3"]
+        await wait_until(lambda: len(kube.pids()) == 3, what="3 pods running")
+        from controller.launcher import LaunchError
+
+        with pytest.raises(LaunchError, match="limit reached"):
+            await launcher.spawn("w4")
+        # The node kills w1's container: reported once, as SIGKILL; the pod is cleaned up.
+        kube.node_kill(pod_name("w1"))
+        await wait_until(lambda: exits == [("w1", -signal.SIGKILL)], what="w1's exit")
+        await wait_until(lambda: pod_name("w1") not in kube.pods, what="w1's pod deleted")
+        # meshctl kill: a delete with no grace.
+        assert launcher.kill("w2") and not launcher.kill("nobody")
+        await wait_until(lambda: ("w2", -signal.SIGKILL) in exits, what="w2's exit")
+        # Scale-down: a delete with grace; the worker stops on SIGTERM.
+        await launcher.stop("w3", timeout_s=5.0)
+        assert [w for w, _ in exits] == ["w1", "w2", "w3"]
+        assert launcher.room() == 3 and kube.live() == []
+        deletes = [name for method, name in kube.calls if method == "DELETE"]
+        assert set(deletes) == {pod_name(w) for w in ("w1", "w2", "w3")}
+    finally:
+        await launcher.aclose(timeout_s=5.0)
+    assert kube.pids() == {}
+
+
+MLP = """
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 64 }
+worlds = 1
+max_worlds = 3
+"""
+
+
+def serving(n: int) -> Any:
+    return lambda s: s["deployments"][0]["worlds_current"] == n and \
+        sum(w["state"] == "serving" for w in s["worlds"]) == n
+
+
+async def test_a_controller_scales_through_pods_and_replaces_a_killed_one(
+        kube: FakeKube, tmp_path: Path) -> None:
+    from tests.cluster import Cluster, alive, free_ports, write_config
+    from tests.load import LedgerClient, Load
+    from tests.test_restart import start_controller
+
+    ports = free_ports("client", "admin", "worker")
+    config = tmp_path / "kube.toml"
+    write_config(config, ports, MLP + f"""
+[kubernetes]
+api_server = "{kube.url}"
+namespace = "meshserve"
+controller_address = "tcp://127.0.0.1:{ports['worker']}"
+command = ["{sys.executable}", "-m", "controller.cli"]
+threads = 1
+resources = {{ requests = {{ cpu = "1" }} }}
+termination_grace_s = 5
+""", 'launcher = "kubernetes"')
+    log = tmp_path / "controller.log"
+    ctrl = start_controller(config, log)
+    cluster = Cluster(ctrl, f"tcp://127.0.0.1:{ports['client']}",
+                      f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
+                      config, log)
+    try:
+        await cluster.wait_for(serving(1), timeout_s=60, what="a world on a pod")
+        assert len(kube.live()) == 1
+        async with LedgerClient(cluster.client) as client:
+            async with Load(client, callers=4, timeout_s=20.0) as load:
+                # 1 -> 3 -> 1 under load: pods created, then deleted, through the API.
+                proc = await asyncio.to_thread(cluster.meshctl, "scale", "mlp", "--worlds", "3")
+                assert proc.returncode == 0, proc.stderr
+                await cluster.wait_for(serving(3), timeout_s=60, what="3 worlds")
+                assert len(kube.live()) == 3
+                proc = await asyncio.to_thread(cluster.meshctl, "scale", "mlp", "--worlds", "1")
+                assert proc.returncode == 0, proc.stderr
+                await cluster.wait_for(serving(1), timeout_s=60, what="back to 1 world")
+                await wait_until(lambda: len(kube.live()) == 1, timeout_s=30,
+                                 what="the released pods deleted")
+                # The node kills the serving worker's container: a worker crash.
+                status = await cluster.status()
+                [victim] = status["worlds"][0]["workers"]
+                created = sum(1 for m, _ in kube.calls if m == "POST")
+                kube.node_kill(pod_name(victim))
+                after = await cluster.wait_for(
+                    lambda s: serving(1)(s) and victim not in s["worlds"][0]["workers"],
+                    timeout_s=60, what="a replacement world on a new pod")
+                assert sum(1 for m, _ in kube.calls if m == "POST") == created + 1
+                await asyncio.sleep(0.5)
+        assert load.errors == []
+        load.assert_exactly_once()
+        dead = next(w for w in after["workers"] if w["id"] == victim)
+        assert dead["state"] == "dead" and "SIGKILL" in dead["reason"]
+        assert [e for e in after["events"] if e["event"] == "world_broken"]
+        assert sum(1 for m, _ in kube.calls if m == "DELETE") >= 3  # 2 released, 1 cleaned
+    finally:
+        if ctrl.poll() is None:
+            ctrl.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(ctrl.wait, 30)
+        except Exception:
+            ctrl.kill()
+            ctrl.wait()
+    # The controller deleted its pods on the way out; nothing outlives the test.
+    await wait_until(lambda: kube.pids() == {}, timeout_s=15, what="every pod's process ended")
+    assert not alive(ctrl.pid)
