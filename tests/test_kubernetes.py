@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,16 @@ max_worlds = 3
 """
 
 
+def delete_pod(kube: FakeKube, name: str) -> None:
+    """What `kubectl delete pod NAME` sends."""
+    request = urllib.request.Request(
+        f"{kube.url}/api/v1/namespaces/{kube.namespace}/pods/{name}", method="DELETE",
+        data=json.dumps({"kind": "DeleteOptions", "apiVersion": "v1"}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
 def serving(n: int) -> Any:
     return lambda s: s["deployments"][0]["worlds_current"] == n and \
         sum(w["state"] == "serving" for w in s["worlds"]) == n
@@ -168,11 +180,23 @@ termination_grace_s = 5
                     lambda s: serving(1)(s) and victim not in s["worlds"][0]["workers"],
                     timeout_s=60, what="a replacement world on a new pod")
                 assert sum(1 for m, _ in kube.calls if m == "POST") == created + 1
+                # Someone deletes the replacement's pod (kubectl delete pod, a node drain):
+                # the same, a crash.
+                [second] = after["worlds"][0]["workers"]
+                await asyncio.to_thread(delete_pod, kube, pod_name(second))
+                after = await cluster.wait_for(
+                    lambda s: serving(1)(s) and second not in s["worlds"][0]["workers"],
+                    timeout_s=60, what="a replacement for the deleted pod")
+                assert sum(1 for m, _ in kube.calls if m == "POST") == created + 2
                 await asyncio.sleep(0.5)
         assert load.errors == []
         load.assert_exactly_once()
-        dead = next(w for w in after["workers"] if w["id"] == victim)
-        assert dead["state"] == "dead" and "SIGKILL" in dead["reason"]
+        killed = next(w for w in after["workers"] if w["id"] == victim)
+        assert killed["state"] == "dead" and "SIGKILL" in killed["reason"], killed
+        deleted = next(w for w in after["workers"] if w["id"] == second)
+        # SIGTERM in the pod's grace period: the worker stopped by itself, and still its
+        # pod's end was a crash to the controller.
+        assert deleted["state"] == "dead" and deleted["reason"].startswith("exited"), deleted
         assert [e for e in after["events"] if e["event"] == "world_broken"]
         assert sum(1 for m, _ in kube.calls if m == "DELETE") >= 3  # 2 released, 1 cleaned
     finally:
