@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,54 @@ def reap(cluster: Cluster) -> list[int]:
             os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGKILL)
     return leaked
+
+
+def start_controller(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``meshctl controller --config`` (the config's launcher decides who starts workers)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "controller.cli", "controller",
+                                 "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def end_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float = 15.0) -> None:
+    """SIGTERM each by its PID, then SIGKILL whatever has not exited in ``timeout_s``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def joined_cluster(tmp_path: Path, deployments: str, worker_ids: list[str],
+                   controller: str = "") -> Iterator[tuple[Cluster, list[subprocess.Popen[bytes]]]]:
+    """A controller with ``launcher = "none"`` and workers that join it by themselves
+    (``meshctl worker``), all ended by PID on exit."""
+    ports = free_ports("client", "admin", "worker")
+    config = tmp_path / "joined.toml"
+    write_config(config, ports, deployments, f'launcher = "none"\n{controller}')
+    log = tmp_path / "controller.log"
+    cluster = Cluster(start_controller(config, log), f"tcp://127.0.0.1:{ports['client']}",
+                      f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
+                      config, log)
+    workers = [subprocess.Popen([sys.executable, "-m", "controller.cli", "worker",
+                                 "--controller", cluster.workers_endpoint, "--worker-id", wid,
+                                 "--threads", "1"], stdin=subprocess.DEVNULL)
+               for wid in worker_ids]
+    try:
+        yield cluster, workers
+    finally:
+        end_processes([cluster.proc, *workers])
+        assert not any(alive(p.pid) for p in workers)
+
+
+def restart_controller(cluster: Cluster) -> None:
+    """SIGKILL the controller and start it again on the same config, at once."""
+    cluster.proc.send_signal(signal.SIGKILL)
+    cluster.proc.wait(10)
+    cluster.proc = start_controller(cluster.config_path, cluster.log_path)

@@ -135,9 +135,8 @@ def serving(n: int) -> Any:
 
 async def test_a_controller_scales_through_pods_and_replaces_a_killed_one(
         kube: FakeKube, tmp_path: Path) -> None:
-    from tests.cluster import Cluster, alive, free_ports, write_config
+    from tests.cluster import Cluster, alive, free_ports, start_controller, write_config
     from tests.load import LedgerClient, Load
-    from tests.test_restart import start_controller
 
     ports = free_ports("client", "admin", "worker")
     config = tmp_path / "kube.toml"
