@@ -84,7 +84,9 @@ def _curve(args: argparse.Namespace) -> Any:
 
 def _admin(args: argparse.Namespace, command: str, call_args: dict[str, Any]) -> Any:
     from controller.admin_client import admin_call
+    from mesh.ports import require_listening
 
+    require_listening(args.admin, "--admin or MESH_ADMIN")
     return _run(admin_call(args.admin, command, call_args, timeout_s=args.admin_timeout_s,
                            curve=_curve(args)))
 
@@ -142,13 +144,17 @@ def cmd_kill(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from controller.inputs import outputs_to_json, parse_assignments
     from mesh.client import Client
+    from mesh.ports import require_listening
 
     inputs = parse_assignments(args.inputs)
     params = {"max_tokens": args.max_tokens} if args.max_tokens is not None else None
+    require_listening(args.endpoint, "--endpoint or MESH_ENDPOINT")
 
     async def go() -> Any:
+        # A controller that stops answering fails the call in about 2 s, not at its timeout.
         async with Client(args.endpoint, key=args.global_key or None,
-                          controller_key=args.global_controller_key or None) as client:
+                          controller_key=args.global_controller_key or None,
+                          heartbeat_s=0.5, controller_timeout_s=2.0) as client:
             if not args.stream:
                 return await client.infer(args.model, inputs, timeout_s=args.timeout_s,
                                           params=params)
@@ -175,22 +181,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_cli(args)
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's default in --help; options without one (None, off) say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, "", [], argparse.SUPPRESS) \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--admin", default=default(os.environ.get("MESH_ADMIN", DEFAULT_ADMIN)),
+                   help="the controller's admin endpoint (env MESH_ADMIN)")
+    p.add_argument("--admin-timeout-s", type=float, default=default(10.0),
+                   help="how long an admin command waits for the controller's answer")
+    p.add_argument("--log-level", default=default(os.environ.get("MESH_LOG_LEVEL", "INFO")),
+                   help="DEBUG, INFO, WARNING or ERROR (env MESH_LOG_LEVEL)")
+    p.add_argument("--key", dest="global_key", metavar="FILE",
+                   default=default(os.environ.get("MESH_KEY", "")),
+                   help="CURVE: this caller's key pair (NAME.key_secret), for a controller with "
+                        "[security] curve = true (env MESH_KEY)")
+    p.add_argument("--controller-key", dest="global_controller_key", metavar="FILE",
+                   default=default(os.environ.get("MESH_CONTROLLER_KEY", "")),
+                   help="CURVE: the controller's public key (NAME.key) "
+                        "(env MESH_CONTROLLER_KEY)")
+
+
+def _subparser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    class Sub(argparse.ArgumentParser):
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.setdefault("formatter_class", _Help)
+            words = kwargs.get("prog", "").split()
+            # Not for 'worker' (it has its own --key), nor for 'keys' (no controller).
+            if not {"worker", "keys"} & set(words[1:]):
+                kwargs["parents"] = [*kwargs.get("parents", []), common]
+            super().__init__(**kwargs)
+    return Sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     from worker.main import add_arguments as add_worker_arguments
 
     p = argparse.ArgumentParser(prog="meshctl", description="meshserve: serve PyTorch models "
-                                "over ZeroMQ in elastic, fault-tolerant worlds")
-    p.add_argument("--admin", default=os.environ.get("MESH_ADMIN", DEFAULT_ADMIN),
-                   help="controller admin endpoint (default %(default)s)")
-    p.add_argument("--admin-timeout-s", type=float, default=10.0, help="admin call timeout")
-    p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "INFO"))
-    p.add_argument("--key", dest="global_key", default=os.environ.get("MESH_KEY", ""),
-                   help="CURVE: this caller's key pair (NAME.key_secret), for a controller with "
-                        "[security] curve = true")
-    p.add_argument("--controller-key", dest="global_controller_key",
-                   default=os.environ.get("MESH_CONTROLLER_KEY", ""),
-                   help="CURVE: the controller's public key (NAME.key)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+                                "over ZeroMQ in elastic, fault-tolerant worlds",
+                                formatter_class=_Help)
+    _global_options(p, defaults=True)
+    # The same options after the command too ('meshctl status --admin ...'): they only set
+    # what is given there, the defaults stay the top level's.
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_subparser(common))
 
     s = sub.add_parser("up", help="controller plus a local worker pool (demo models by default)")
     s.add_argument("--config", help="TOML config file (default: the built-in demo deployments)")
@@ -207,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keys", help="CURVE keys: 'keys generate NAME [--dir DIR]'")
     keys = s.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = keys.add_parser("generate", help="write NAME.key (public) and NAME.key_secret")
-    k.add_argument("name")
+    k.add_argument("name", help="the key's name: NAME.key and NAME.key_secret")
     k.add_argument("--dir", default=".", help="folder to write to (default: here)")
     k.set_defaults(func=cmd_keys)
 
@@ -216,21 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("scale", help="set a deployment's world count or its bounds")
-    s.add_argument("model")
-    s.add_argument("--worlds", type=int)
-    s.add_argument("--min", type=int)
-    s.add_argument("--max", type=int)
+    s.add_argument("model", help="the deployment")
+    s.add_argument("--worlds", type=int, help="the desired number of worlds")
+    s.add_argument("--min", type=int, help="the autoscaler's lower bound (min_worlds)")
+    s.add_argument("--max", type=int, help="the autoscaler's upper bound (max_worlds)")
     s.set_defaults(func=cmd_scale)
 
     s = sub.add_parser("slo", help="set a deployment's latency target")
-    s.add_argument("model")
-    s.add_argument("--p99-ms", type=float, required=True)
+    s.add_argument("model", help="the deployment")
+    s.add_argument("--p99-ms", type=float, required=True,
+                   help="the p99 latency target in milliseconds")
     s.set_defaults(func=cmd_slo)
 
     s = sub.add_parser("form", help="form a world on chosen workers, in rank order (a worker "
                        "may already serve other worlds)")
-    s.add_argument("model")
-    s.add_argument("workers", nargs="+", metavar="WORKER")
+    s.add_argument("model", help="the deployment")
+    s.add_argument("workers", nargs="+", metavar="WORKER", help="worker ids, rank 0 first")
     s.set_defaults(func=cmd_form)
 
     s = sub.add_parser("drain", help="stop routing to a worker or world, finish, release it")
@@ -238,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_drain)
 
     s = sub.add_parser("kill", help="SIGKILL a worker through its launcher (fault injection)")
-    s.add_argument("worker")
+    s.add_argument("worker", help="the worker id (meshctl status lists them)")
     s.set_defaults(func=cmd_kill)
 
     s = sub.add_parser("fault", help="fault injection: slow a worker's computations down, or "
@@ -250,26 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_fault)
 
     s = sub.add_parser("infer", help="one request from the shell: KEY=JSON ...")
-    s.add_argument("model")
+    s.add_argument("model", help="the deployment")
     s.add_argument("inputs", nargs="*", metavar="KEY[:DTYPE]=JSON",
                    help="numeric lists become float32 tensors unless a dtype is given")
-    s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT))
-    s.add_argument("--timeout-s", dest="timeout_s", type=float, default=30.0)
+    s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT),
+                   help="the controller's client endpoint (env MESH_ENDPOINT)")
+    s.add_argument("--timeout-s", dest="timeout_s", type=float, default=30.0,
+                   help="the request's deadline")
     s.add_argument("--stream", action="store_true",
                    help="stream the answer chunk by chunk (text chunks print as they come)")
     s.add_argument("--max-tokens", type=int, help="tokens to generate (streaming models)")
     s.set_defaults(func=cmd_infer)
 
     s = sub.add_parser("bench", help="closed-loop load with latency percentiles")
-    s.add_argument("model")
-    s.add_argument("--concurrency", type=int, default=16)
-    s.add_argument("--duration-s", type=float, default=10.0)
-    s.add_argument("--warmup-s", type=float, default=1.0)
+    s.add_argument("model", help="the deployment")
+    s.add_argument("--concurrency", type=int, default=16, help="closed-loop callers")
+    s.add_argument("--duration-s", type=float, default=10.0, help="how long to measure")
+    s.add_argument("--warmup-s", type=float, default=1.0,
+                   help="load before the measurement starts (not counted)")
     s.add_argument("--input", action="append", default=[], metavar="KEY[:DTYPE]=JSON",
                    help="request inputs (default: zeros shaped as the deployment's inputs)")
-    s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT))
+    s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT),
+                   help="the controller's client endpoint (env MESH_ENDPOINT)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
-    s.add_argument("--request-timeout-s", type=float, default=30.0)
+    s.add_argument("--request-timeout-s", type=float, default=30.0,
+                   help="each request's deadline")
     s.add_argument("--profile", choices=["step", "ramp", "spike", "diurnal"],
                    help="open-loop Poisson load following a profile instead of a closed loop")
     s.add_argument("--base-rps", type=float, default=20.0, help="profile: the 1x rate")
@@ -279,9 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags anywhere: the global ones after the command too, and infer's inputs after its
+    flags ('meshctl infer mlp --stream x=...')."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "infer" and all("=" in a and not a.startswith("-")
+                                                  for a in extra):
+        args.inputs += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.command != "worker":
         _setup_logging(args.log_level)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -192,7 +193,15 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as exc:
+            from mesh.ports import holder
+
+            held = holder(self.port) if exc.errno == errno.EADDRINUSE else ""
+            raise OSError(f"cannot serve metrics on {self.host}:{self.port}: "
+                          f"{'the port is in use by ' + held if held else exc.strerror}"
+                          ) from exc
 
     async def aclose(self) -> None:
         if self._server is not None:

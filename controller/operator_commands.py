@@ -17,7 +17,7 @@ from controller.fleet import (
     WorkerState,
     WorldInfo,
 )
-from mesh.errors import BadRequest
+from mesh.errors import BadRequest, UnknownModel, excerpt
 from mesh.logs import speaker
 
 if TYPE_CHECKING:
@@ -48,7 +48,9 @@ class OperatorCommands:
     def _deployment(self, name: str) -> DeploymentState:
         dep = self.deployments.get(name)
         if dep is None:
-            raise BadRequest(f"no deployment named {name!r}")
+            # The same answer as a request for it gets (the frontend's), with the names.
+            raise UnknownModel(f"no deployment named {excerpt(name)}; serving "
+                               f"{sorted(self.deployments)[:20]}")
         return dep
 
     def _scale(self, cmd: Scale) -> dict[str, Any]:
@@ -105,6 +107,12 @@ class OperatorCommands:
             if worker is None or worker.state not in (WorkerState.IDLE, WorkerState.SERVING):
                 raise BadRequest(f"worker {wid!r} is not a live, idle or serving worker")
             workers.append(worker)
+        same = next((w for w in self.worlds.values() if w.deployment == cmd.deployment
+                     and w.state in LIVE_WORLD and w.workers == list(cmd.workers)), None)
+        if same is not None:
+            # Two identical worlds would only share every process: no capacity added.
+            raise BadRequest(f"world {same.id} of {cmd.deployment} already runs on "
+                             f"{list(cmd.workers)} ({same.state})")
         live = sum(1 for w in self.worlds.values()
                    if w.deployment == cmd.deployment and w.state in LIVE_WORLD)
         if live + 1 > dep.max_worlds:

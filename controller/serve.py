@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import sys
@@ -35,6 +36,21 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, exc)
     return soft
+
+
+def next_steps(config: Config, serving: list[str]) -> str:
+    """What to try now and how to stop, printed under the ready line."""
+    c = config.controller
+    admin = "" if c.admin_endpoint == "tcp://127.0.0.1:5556" else f" --admin {c.admin_endpoint}"
+    endpoint = "" if c.client_endpoint == "tcp://127.0.0.1:5555" else \
+        f" --endpoint {c.client_endpoint}"
+    lines = [f"  next: meshctl status{admin}"]
+    if serving:
+        lines.append(f"        meshctl bench {serving[0]} --duration-s 5{endpoint}{admin}"
+                     "   (requests shaped as its inputs)")
+    lines.append(f"  stop: Ctrl-C here, or kill -TERM {os.getpid()}: what is in flight is "
+                 "answered first, then the workers stop")
+    return "\n".join(lines)
 
 
 async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
@@ -81,6 +97,8 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
                   f"{config.controller.admin_endpoint})", file=sys.stderr, flush=True)
             for name, reason in down.items():
                 print(f"meshserve: NOT serving {name}: {reason}", file=sys.stderr, flush=True)
+            print(next_steps(config, [d.name for d in config.deployments if d.name not in down]),
+                  file=sys.stderr, flush=True)
         elif ready in done:
             log.warning("not every deployment is serving after %.0fs; carrying on",
                         wait_ready_s)

@@ -22,6 +22,7 @@ zmq.Frame objects, so a large tensor is never copied on its way through the cont
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -94,7 +95,13 @@ def bind_socket(sock: zmq.Socket[Any], endpoint: str) -> None:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
-        raise OSError(f"cannot bind {endpoint}: {exc}") from exc
+        why = str(exc)
+        if exc.errno == errno.EADDRINUSE and endpoint.startswith("tcp://"):
+            from mesh.ports import holder
+
+            held = holder(int(endpoint.rsplit(":", 1)[1]))
+            why = f"the port is in use{f' by {held}' if held else ''}"
+        raise OSError(f"cannot bind {endpoint}: {why}") from exc
 
 
 class Pump:

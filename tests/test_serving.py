@@ -322,6 +322,7 @@ async def test_a_deployment_that_cannot_come_up_says_why_and_answers_unavailable
     log = cluster.log_path.read_text(errors="replace")
     assert "meshserve ready: serving echo on" in log
     assert "meshserve: NOT serving broken: quarantined after 3 formation failures" in log
+    assert "  next: meshctl status" in log and "  stop: Ctrl-C here" in log
     async with Client(cluster.client) as client:
         started = asyncio.get_running_loop().time()
         with pytest.raises(Unavailable) as raised:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from controller.commands import FromWorker, Scale, Tick, WorkerLost
 from controller.config import Config, parse_config
 from controller.fleet import WorkerState, WorldState
@@ -125,6 +127,20 @@ async def test_a_dead_worker_is_fenced_its_world_broken_and_a_replacement_formed
     assert f.wm.workers["a"].state == WorkerState.IDLE and f.take(Shutdown) == []
 
 
+async def test_operator_commands_name_unknown_deployments_and_refuse_an_identical_world(
+        ) -> None:
+    from controller.commands import FormWorld
+    from mesh.errors import BadRequest, UnknownModel
+
+    f = Fleet(config())
+    await f.register("a", 11)
+    [first] = await f.join_all()
+    with pytest.raises(UnknownModel, match=r"no deployment named 'nope'; serving \['m'\]"):
+        await f.wm.handle(Scale("nope", worlds=1))
+    with pytest.raises(BadRequest, match=f"world {first} of m already runs on \\['a'\\]"):
+        await f.wm.handle(FormWorld("m", ("a",)))
+
+
 async def test_a_worker_that_keeps_dropping_off_is_quarantined_when_it_comes_back() -> None:
     f = Fleet(config())
     for _ in range(MAX_DEATHS):
@@ -229,14 +245,16 @@ async def test_a_worker_whose_worlds_keep_stalling_is_quarantined_and_not_picked
 async def test_requests_of_a_dead_shared_worker_are_not_re_sent_into_its_other_world() -> None:
     from controller.commands import FormWorld
 
-    f = Fleet(config(worlds=1))
+    f = Fleet(config(stages=2, worlds=1))
     await f.register("a", 11)
-    [first] = await f.join_all()
-    await f.register("b", 12)  # idle spare
-    result = await f.wm.handle(FormWorld("m", ("a",)))  # a now serves two worlds
+    await f.register("c", 13)
+    [first] = await f.join_all()  # [a, c]
+    for wid, pid in (("b", 12), ("d", 14), ("e", 15)):
+        await f.register(wid, pid)  # idle spares
+    result = await f.wm.handle(FormWorld("m", ("a", "d")))  # a now serves two worlds
     [second] = await f.join_all()
     assert result["world"] == second and f.wm.workers["a"].worlds == {first, second}
-    await f.wm.handle(FormWorld("m", ("b",)))
+    await f.wm.handle(FormWorld("m", ("b", "e")))
     [third] = await f.join_all()
     f.router._send_worker = lambda frames: True
     for i in range(9):

@@ -58,7 +58,7 @@ async def run_worker(controller: str, worker_id: str, device: str, threads: int,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controller", default="tcp://127.0.0.1:5557",
                         help="the controller's worker endpoint (default %(default)s)")
-    parser.add_argument("--worker-id", default="", help="unique id (default host-pid-random)")
+    parser.add_argument("--worker-id", default="", help="unique id (default: HOST-PID-RANDOM)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
