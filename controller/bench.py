@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from controller.fleet import WorkerState
 from controller.stats import percentile
-from mesh.client import Client
+from mesh.client import Client, backoff_s
 from mesh.errors import MeshError
 
 
@@ -88,6 +88,7 @@ async def closed_loop(
     stop = False
 
     async def caller() -> None:
+        failures = 0  # in a row: a refused caller backs off instead of spinning
         while not stop:
             t0 = time.perf_counter()
             try:
@@ -95,7 +96,11 @@ async def closed_loop(
             except MeshError as exc:
                 if measuring:
                     errors[exc.code] = errors.get(exc.code, 0) + 1
+                failures += 1
+                if exc.retryable:  # overloaded, a controller shutting down (cancelled), ...
+                    await asyncio.sleep(backoff_s(exc.retry_after_ms, failures))
                 continue
+            failures = 0
             if measuring:
                 ms = (time.perf_counter() - t0) * 1000.0
                 latencies.append(ms)
@@ -378,10 +383,25 @@ async def _inputs_for(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     from controller.cli import _run
+    from mesh.ports import require_listening
 
     if args.concurrency < 1 or args.duration_s <= 0:
         print("meshctl bench: --concurrency must be >= 1 and --duration-s > 0", file=sys.stderr)
         return 2
+    if args.plot and not args.profile:
+        print("meshctl bench: --plot draws an open-loop run: add --profile step|ramp|spike|"
+              "diurnal", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("meshctl bench: --plot needs matplotlib, which meshserve does not install by "
+                  "default: pip install 'meshserve[plot]' (or pip install matplotlib)",
+                  file=sys.stderr)
+            return 2
+    require_listening(args.admin if not args.input else args.endpoint,
+                      "--admin or MESH_ADMIN" if not args.input else "--endpoint")
     if args.profile:
         return _run_profile_cli(args)
 

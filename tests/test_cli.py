@@ -80,3 +80,66 @@ def test_a_port_in_use_names_the_process_that_holds_it() -> None:
     finally:
         holder.close()
         context.term()
+
+
+def test_bench_plot_is_checked_before_anything_runs() -> None:
+    env = {**os.environ, "MESH_ADMIN": f"tcp://127.0.0.1:{free_port()}"}
+    result = subprocess.run([sys.executable, "-m", "controller.cli", "bench", "mlp", "--plot",
+                             "x.png"], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--plot draws an open-loop run" in result.stderr
+    # Without matplotlib (hidden from the import system), the error says how to get it.
+    hide = ("import sys, importlib.abc\n"
+            "class No(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'matplotlib': raise ImportError(name)\n"
+            "sys.meta_path.insert(0, No())\n"
+            "from controller.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", hide, "bench", "mlp", "--profile", "step",
+                             "--plot", "x.png"], env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'meshserve[plot]'" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_bench_callers_back_off_from_a_controller_that_refuses_everything() -> None:
+    """A controller shutting down answers every request 'cancelled' at once: the callers must
+    back off (they used to resend in a tight loop)."""
+    import asyncio
+
+    import zmq.asyncio
+
+    from controller.bench import closed_loop
+    from mesh import codec
+    from mesh.client import Client
+    from mesh.messages import error_header
+
+    port = free_port()
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    seen = {"infer": 0}
+
+    async def refuse() -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            header = codec.unpack_header(frames[1])
+            if header["kind"] == "infer":
+                seen["infer"] += 1
+            await sock.send_multipart([frames[0], codec.pack(error_header(
+                header["id"], "cancelled", "controller is stopping", True))])
+
+    task = asyncio.create_task(refuse())
+    try:
+        async with Client(f"tcp://127.0.0.1:{port}") as client:
+            result = await closed_loop(client, "m", {}, concurrency=4, duration_s=1.5,
+                                       warmup_s=0.0)
+        assert result.errors.get("cancelled", 0) > 0
+        # 4 callers backing off from 50 ms (doubling, with jitter): tens of requests, where
+        # a tight loop sent thousands.
+        assert seen["infer"] < 200, seen
+    finally:
+        task.cancel()
+        sock.close()
+        ctx.term()
