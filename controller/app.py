@@ -39,6 +39,8 @@ from controller.commands import (
     WorldUnreachable,
 )
 from controller.config import Config, SecurityConfig
+from controller.describe import model_metadata
+from controller.fleet import WorldState
 from controller.frontend import Frontend
 from controller.health import Health
 from controller.launcher import Launcher, LocalLauncher
@@ -109,7 +111,8 @@ class Controller:
             self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
                                      max_request_bytes=c.max_request_bytes,
                                      curve=curve("client"),
-                                     max_connections=c.max_client_connections)
+                                     max_connections=c.max_client_connections,
+                                     describe=self.describe)
             built.callback(self.frontend.close)
             self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
                                launcher=self.launcher, snapshot=self.status,
@@ -221,6 +224,14 @@ class Controller:
         self._tasks.add(task)
         self._loops[name] = task  # for liveness: these run until the controller stops
         task.add_done_callback(self._tasks.discard)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every deployment's metadata, for a client's ``describe`` (controller/describe.py)."""
+        wm = self.world_manager
+        serving = {w.deployment for w in wm.worlds.values() if w.state == WorldState.SERVING}
+        return [model_metadata(name, dep.description, stages=dep.config.stages,
+                               ready=name in serving)
+                for name, dep in wm.deployments.items()]
 
     def live(self) -> tuple[bool, str]:
         """/healthz: controller/probes.py."""

@@ -175,6 +175,42 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_describe(args: argparse.Namespace) -> int:
+    from mesh.client import Client
+    from mesh.ports import require_listening
+
+    require_listening(args.endpoint, "--endpoint or MESH_ENDPOINT")
+
+    async def go() -> Any:
+        async with Client(args.endpoint, key=args.global_key or None,
+                          controller_key=args.global_controller_key or None,
+                          heartbeat_s=0.5, controller_timeout_s=2.0) as client:
+            return await client.describe(args.model)
+
+    result = _run(go())
+    print(json.dumps(result, indent=2) if args.json else render_description(result))
+    return 0
+
+
+def render_description(d: dict[str, Any]) -> str:
+    lines = [f"protocol version {d.get('protocol_version')}"]
+    for m in d.get("models", []):
+        state = "ready" if m.get("ready") else "not serving"
+        kind = "streams" if m.get("streaming") else "answers once"
+        lines.append(f"\n{m['name']} ({state}; {m.get('stages', 1)} stage(s); {kind})")
+        if not m.get("described"):
+            lines.append("  inputs and outputs: not known until a world has formed")
+            continue
+        for side in ("inputs", "outputs"):
+            for t in m.get(side, []):
+                extra = {k: v for k, v in t.items() if k not in ("name", "datatype", "shape")}
+                lines.append(f"  {side[:-1]:6} {t['name']}: {t['datatype']} {t['shape']}"
+                             + (f"  {json.dumps(extra)}" if extra else ""))
+        for name, p in (m.get("parameters") or {}).items():
+            lines.append(f"  param  {name}: {json.dumps(p)}")
+    return "\n".join(lines)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from controller.bench import run_bench_cli
 
@@ -309,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream the answer chunk by chunk (text chunks print as they come)")
     s.add_argument("--max-tokens", type=int, help="tokens to generate (streaming models)")
     s.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("describe", help="what each deployment takes and gives: inputs, "
+                       "outputs, parameters, streaming (protocol section 3.8)")
+    s.add_argument("model", nargs="?", help="one deployment (default: all)")
+    s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT),
+                   help="the controller's client endpoint (env MESH_ENDPOINT)")
+    s.add_argument("--json", action="store_true", help="print the answer as JSON")
+    s.set_defaults(func=cmd_describe)
 
     s = sub.add_parser("bench", help="closed-loop load with latency percentiles")
     s.add_argument("model", help="the deployment")

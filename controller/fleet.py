@@ -138,6 +138,9 @@ class DeploymentState:
     last_error: str = ""
     quarantined: str = ""  # why formation stopped being retried ("" = it is not)
     inputs: dict[str, Any] = field(default_factory=dict)
+    # What clients are told by 'describe': rank 0's inputs, parameters and streaming, the
+    # last rank's outputs (from their handlers, sent with their joins).
+    description: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: DeploymentConfig) -> DeploymentState:

@@ -50,11 +50,13 @@ class Frontend:
         curve: ServerKeys | None = None,
         max_connections: int = 10_000,
         incarnation: str = "",
+        describe: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.endpoint = endpoint
         # Which start of the controller this is: a client that sees it change in a pong knows
         # that the requests it sent before were lost with the previous one.
         self.incarnation = incarnation or os.urandom(8).hex()
+        self._describe = describe or list
         self.routers = routers
         self.max_request_bytes = max_request_bytes
         self._on_bad_request = on_bad_request
@@ -124,6 +126,9 @@ class Frontend:
                 for router in self.routers.values():
                     router.cancel(client, req_id)
                 return
+            if kind == ClientKind.DESCRIBE:
+                self._description(client, req_id, header.get("model"))
+                return
             if kind == ClientKind.PING:
                 self.pump.send([client, codec.pack({"v": PROTOCOL_VERSION,
                                                     "kind": ClientKind.PONG, "id": req_id,
@@ -165,6 +170,18 @@ class Frontend:
             return
         router.submit(client, req_id, kind, header_frame, tensor_frames,
                       max(1, math.ceil(timeout_ms)))
+
+    def _description(self, client: bytes, req_id: Any, model: Any) -> None:
+        models = self._describe()
+        if model is not None:
+            models = [m for m in models if m["name"] == model]
+            if not models:
+                raise UnknownModel(f"no deployment named {excerpt(model)}; "
+                                   f"serving {sorted(self.routers)[:20]}")
+        self.pump.send([client, codec.pack({"v": PROTOCOL_VERSION,
+                                            "kind": ClientKind.DESCRIPTION, "id": req_id,
+                                            "protocol_version": PROTOCOL_VERSION,
+                                            "models": models})])
 
     def _error(self, client: bytes, req_id: Any, exc: MeshError) -> None:
         self.rejected += 1

@@ -47,11 +47,11 @@ def example_inputs(spec: dict[str, Any]) -> dict[str, Any]:
     """Zero inputs shaped as a deployment's input spec (from status ``inputs``)."""
     out: dict[str, Any] = {}
     for name, desc in spec.items():
-        if isinstance(desc, dict) and "dtype" in desc:
+        if isinstance(desc, dict) and "example" in desc:
+            out[name] = desc["example"]
+        elif isinstance(desc, dict) and "dtype" in desc:
             np_dtype = DTYPES.get(desc["dtype"], (np.float32, 4))[0] or np.float32
             out[name] = np.zeros(desc.get("shape", [1]), dtype=np_dtype)
-        elif isinstance(desc, dict) and "example" in desc:
-            out[name] = desc["example"]
     return out
 
 

@@ -108,8 +108,16 @@ class WorkerEvents:
             worker.joined_once = True
             world.load_ms = max(world.load_ms, msg.load_ms)
             world.form_ms = max(world.form_ms, msg.form_ms)
-            if msg.inputs:
-                self.deployments[world.deployment].inputs = dict(msg.inputs)
+            dep = self.deployments[world.deployment]
+            rank = world.workers.index(worker_id)
+            if rank == 0:  # what the model takes: rank 0's (a later stage takes activations)
+                if msg.inputs:
+                    dep.inputs = dict(msg.inputs)
+                for key in ("inputs", "parameters", "streaming"):
+                    if key in msg.describe:
+                        dep.description[key] = msg.describe[key]
+            if rank == len(world.workers) - 1 and "outputs" in msg.describe:
+                dep.description["outputs"] = msg.describe["outputs"]  # the last stage's
             if world.joined == set(world.workers):
                 self._world_serving(world)
         elif isinstance(msg, JoinFailed):

@@ -202,6 +202,29 @@ class Client:
             timer.cancel()
             self._calls.pop(req_id, None)
 
+    async def describe(self, model: str | None = None, *, timeout_s: float = 5.0
+                       ) -> dict[str, Any]:
+        """What the controller serves: ``{"protocol_version", "models": [...]}``, each model
+        with its ``inputs`` and ``outputs`` (``{name, datatype, shape}``, -1 for the batch),
+        ``parameters``, ``streaming``, ``stages`` and ``ready`` (protocol section 3.8).
+        ``model``: that deployment only (``UnknownModel`` if there is none)."""
+        pump = self._ready()
+        req_id = next(self._ids)
+        header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": ClientKind.DESCRIBE,
+                                  "id": req_id}
+        if model is not None:
+            header["model"] = model
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._calls[req_id] = fut
+        timer = loop.call_later(timeout_s, self._expire, req_id)
+        pump.send([codec.pack(header)])
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._calls.pop(req_id, None)
+
     async def stream(
         self,
         model: str,
@@ -367,6 +390,10 @@ class Client:
         if kind == ClientKind.PONG:
             if req_id in self._pings:
                 self._on_pong(req_id, header)
+            return
+        if kind == ClientKind.DESCRIPTION:
+            self._deliver(req_id, {"protocol_version": header.get("protocol_version"),
+                                   "models": header.get("models", [])})
             return
         if kind == ClientKind.ERROR:
             self._pings.discard(req_id)  # a controller too old to know pings says so

@@ -44,10 +44,12 @@ class ClientKind:
     ERROR = "error"
     PING = "ping"  # client to controller: are you there? (answered at once, by the controller)
     PONG = "pong"  # the answer, with the controller's ``incarnation``
+    DESCRIBE = "describe"  # client to controller: what do the deployments take and give?
+    DESCRIPTION = "description"  # the answer: ``models``, ``protocol_version``
 
 
 REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCEL,
-                           ClientKind.PING})
+                           ClientKind.PING, ClientKind.DESCRIBE})
 
 
 # The data path's frame 0 (req, res, cancel, hello) is defined in mesh/dataplane.py.
@@ -173,6 +175,8 @@ class Joined(Message):
     form_ms: Amount = 0.0
     # The handler's description of its inputs (for status and meshctl bench).
     inputs: dict[str, Any] = field(default_factory=dict)
+    # Its whole description (inputs, outputs, parameters, streaming: Handler.describe).
+    describe: dict[str, Any] = field(default_factory=dict)
     # Rank 0 only: the identity of the socket the world takes its requests on.
     entry: str = ""
 

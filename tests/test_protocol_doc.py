@@ -46,7 +46,7 @@ EXAMPLES = ("request", "result", "error")
 # How the examples are built with the code's own header builders.
 BUILDERS = {
     "request": lambda: request_header(
-        ClientKind.INFER, 7, "mlp", {"x": np.array([[1, 2, 3, 4]], dtype=np.float32)}, 5000
+        ClientKind.INFER, 7, "toy", {"x": np.array([[1, 2, 3, 4]], dtype=np.float32)}, 5000
     ),
     "result": lambda: result_header(7, {"y": np.array([[0.5, -1.0]], dtype=np.float32)}),
     "error": lambda: error_header(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mesh.client import Client
+from mesh.errors import UnknownModel
 from tests.conftest import StartCluster
 from tests.load import Load
 
@@ -47,6 +48,14 @@ async def test_a_two_stage_mlp_world_computes_the_unsplit_model(
     xs = [rng.standard_normal((n, 64)).astype(np.float32) for n in (1, 3, 5, 2, 7, 4)]
     async with Client(cluster.client) as client:
         outs = await asyncio.gather(*(client.infer("mlp", {"x": x}, timeout_s=30) for x in xs))
+        # 'describe': the model's input is rank 0's, its output the last rank's (stage 1's
+        # input, the hidden activations, used to overwrite the deployment's inputs).
+        [meta] = (await client.describe("mlp"))["models"]
+    assert meta["stages"] == 2 and meta["ready"] and not meta["streaming"]
+    assert meta["inputs"] == [{"name": "x", "datatype": "float32", "shape": [-1, 64]}]
+    assert meta["outputs"] == [{"name": "y", "datatype": "float32", "shape": [-1, 10]}]
+    assert (await cluster.status())["deployments"][0]["inputs"] == {
+        "x": {"dtype": "float32", "shape": [1, 64]}}
     with torch.inference_mode():
         for x, out in zip(xs, outs, strict=True):
             torch.testing.assert_close(torch.from_numpy(out["y"]), model(torch.from_numpy(x)))
@@ -74,6 +83,17 @@ async def test_a_two_stage_tinygpt_world_streams_exactly_the_reference_tokens(
         whole = await client.infer("tinygpt", {"prompt": prompts[0]},
                                    params={"max_tokens": 10}, timeout_s=30)
         assert whole == {"text": generate(prompts[0], 10)}
+        described = await client.describe()
+        with pytest.raises(UnknownModel, match="serving \\['tinygpt'\\]"):
+            await client.describe("nope")
+    assert described["protocol_version"] == 1
+    [meta] = described["models"]
+    assert meta["name"] == "tinygpt" and meta["streaming"] and meta["stages"] == 2
+    assert meta["inputs"] == [{"name": "prompt", "datatype": "str", "shape": [],
+                               "example": "hello", "max_chars": 512}]
+    assert meta["outputs"] == [{"name": "text", "datatype": "str", "shape": []}]
+    assert meta["parameters"]["max_tokens"] == {"type": "int", "min": 1, "max": 256,
+                                                "default": 16}
 
     proc = await asyncio.to_thread(cluster.meshctl, "infer", "tinygpt", 'prompt="hello world"',
                                    "--stream", "--max-tokens", "12", "--endpoint",

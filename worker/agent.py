@@ -318,6 +318,7 @@ class WorkerAgent(Actor):
                  load_ms, form_ms)
         self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
                                form_ms=form_ms, inputs=handler.input_spec(),
+                               describe=handler.describe(),
                                entry=runner.identity if msg.rank == 0 else ""))
 
     async def _leave(self, msg: Leave) -> None:

@@ -96,8 +96,24 @@ class Handler(abc.ABC):
         return int(request.params.get("max_tokens", 16))
 
     def input_spec(self) -> dict[str, Any]:
-        """Describe the inputs, e.g. {"x": {"dtype": "float32", "shape": [1, 64]}}."""
+        """Describe the inputs, e.g. {"x": {"dtype": "float32", "shape": [1, 64]}} (a tensor,
+        one row), or {"prompt": {"dtype": "str", "shape": [], "example": "hello"}}."""
         return {}
+
+    def output_spec(self) -> dict[str, Any]:
+        """Describe the outputs (of one request), in the form of ``input_spec``."""
+        return {}
+
+    def param_spec(self) -> dict[str, Any]:
+        """Describe ``params``: name -> {"type", "min", "max", "default", ...}."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What this stage takes and gives, sent with every join: the controller answers a
+        client's ``describe`` with rank 0's inputs, parameters and streaming and the last
+        rank's outputs."""
+        return {"inputs": self.input_spec(), "outputs": self.output_spec(),
+                "parameters": self.param_spec(), "streaming": self.streaming}
 
 
 def _torch_dtype_name(dtype: Any) -> str:
@@ -141,6 +157,11 @@ class TensorHandler(Handler):
         shape = [1, *self.feature_shape] if self.feature_shape is not None else [1]
         return {"x": {"dtype": _torch_dtype_name(self.dtype), "shape": shape}}
 
+    def output_spec(self) -> dict[str, Any]:
+        out = _out_features(self.module)
+        return {"y": {"dtype": _torch_dtype_name(self.dtype),
+                      "shape": [1, out] if out is not None else [1, -1]}}
+
     def validate(self, inputs: dict[str, Any], params: dict[str, Any], kind: str = "infer") -> int:
         torch = self._torch
         if kind != "infer":
@@ -183,6 +204,17 @@ class TensorHandler(Handler):
             out.append({"y": y[start: start + r.rows]})
             start += r.rows
         return out
+
+
+def _out_features(module: Any) -> int | None:
+    """The width of the last Linear layer's output (a module's output row), if any."""
+    import torch
+
+    last = None
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            last = m.out_features
+    return last
 
 
 def _infer_features(module: Any) -> tuple[int, ...] | None:

@@ -115,7 +115,15 @@ class TinyGPTHandler(Handler):
         self.model.to(device).eval()
 
     def input_spec(self) -> dict[str, Any]:
-        return {"prompt": {"example": "hello"}}
+        return {"prompt": {"dtype": "str", "shape": [], "example": "hello",
+                           "max_chars": MAX_PROMPT_CHARS}}
+
+    def output_spec(self) -> dict[str, Any]:
+        return {"text": {"dtype": "str", "shape": []}}  # one character a chunk; all, in infer
+
+    def param_spec(self) -> dict[str, Any]:
+        return {"max_tokens": {"type": "int", "min": 1, "max": MAX_TOKENS_LIMIT, "default": 16},
+                "skip": {"type": "int", "min": 0, "max": "max_tokens", "default": 0}}
 
     def validate(self, inputs: dict[str, Any], params: dict[str, Any], kind: str = "infer") -> int:
         if set(inputs) != {"prompt"} or not isinstance(inputs["prompt"], str):

@@ -1,0 +1,38 @@
+"""What a client is told by ``describe``: each deployment's inputs, outputs, parameters and
+whether it streams, in the shape of KServe v2's model metadata (``name``, ``inputs`` and
+``outputs`` as ``{name, datatype, shape}`` with -1 for the batch dimension), plus
+``parameters``, ``streaming``, ``stages`` and ``ready``. Pure: from what the handlers sent with
+their joins (controller/fleet.py ``DeploymentState.description``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tensor_list(spec: dict[str, Any], *, batched: bool) -> list[dict[str, Any]]:
+    """A handler's spec ({name: {"dtype", "shape", ...}}) as a sorted list of
+    {"name", "datatype", "shape", ...}; a batched tensor's first dimension becomes -1."""
+    out = []
+    for name, desc in sorted(spec.items()):
+        desc = dict(desc) if isinstance(desc, dict) else {}
+        shape = list(desc.pop("shape", []) or [])
+        if batched and shape and desc.get("dtype", "") != "str":
+            shape[0] = -1
+        out.append({"name": name, "datatype": desc.pop("dtype", "any"), "shape": shape,
+                    **desc})
+    return out
+
+
+def model_metadata(name: str, description: dict[str, Any], *, stages: int,
+                   ready: bool) -> dict[str, Any]:
+    return {
+        "name": name,
+        "ready": ready,
+        "stages": stages,
+        "streaming": bool(description.get("streaming", False)),
+        "inputs": tensor_list(description.get("inputs") or {}, batched=True),
+        "outputs": tensor_list(description.get("outputs") or {}, batched=True),
+        "parameters": dict(description.get("parameters") or {}),
+        # Known once a world has formed (its handlers say); empty before.
+        "described": bool(description),
+    }
