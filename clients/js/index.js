@@ -1,0 +1,231 @@
+// meshserve's Node.js client: the wire protocol of docs/protocol.md on zeromq (v6) and
+// @msgpack/msgpack. One DEALER socket per client; many requests may be in flight at once.
+import * as zmq from "zeromq";
+import { encode, decode } from "@msgpack/msgpack";
+
+export const PROTOCOL_VERSION = 1;
+const TENSOR = "$tensor";
+
+// -- errors: one class per wire code (protocol section 7) --------------------------------
+export class MeshError extends Error {
+  constructor(code, message, retryable = false, retryAfterMs = 0) {
+    super(`[${code}] ${message}`);
+    this.name = "MeshError";
+    this.code = code;
+    this.retryable = retryable;
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+const CODES = {
+  bad_request: "BadRequest", unknown_model: "UnknownModel", payload_too_large:
+  "PayloadTooLarge", unsupported_version: "UnsupportedVersion", deadline_exceeded:
+  "DeadlineExceeded", overloaded: "Overloaded", unavailable: "Unavailable", cancelled:
+  "Cancelled", stream_interrupted: "StreamInterrupted", model_error: "ModelError",
+  internal: "InternalError",
+};
+export const errors = {};
+for (const [code, name] of Object.entries(CODES)) {
+  errors[name] = class extends MeshError {
+    constructor(message, retryable, retryAfterMs) {
+      super(code, message, retryable, retryAfterMs);
+      this.name = name;
+    }
+  };
+}
+function errorFrom(header) {
+  const cls = errors[CODES[header.code]];
+  const message = String(header.message ?? header.code);
+  return cls ? new cls(message, Boolean(header.retryable), header.retry_after_ms ?? 0)
+    : new MeshError(String(header.code), message, Boolean(header.retryable));
+}
+
+// -- tensors (protocol section 4): {dtype, shape, data: a typed array} -------------------
+const ARRAYS = {
+  float32: Float32Array, float64: Float64Array, int64: BigInt64Array, int32: Int32Array,
+  int16: Int16Array, int8: Int8Array, uint8: Uint8Array, bool: Uint8Array,
+  float16: Uint16Array, bfloat16: Uint16Array, // raw 16-bit patterns
+};
+export function tensor(dtype, shape, data) {
+  const Arr = ARRAYS[dtype];
+  if (!Arr) throw new errors.BadRequest(`unsupported dtype ${dtype}`, false, 0);
+  const values = data instanceof Arr ? data : Arr.from(data);
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (values.length !== count) {
+    throw new errors.BadRequest(`${values.length} values for shape [${shape}]`, false, 0);
+  }
+  return { dtype, shape: [...shape], data: values };
+}
+const isTensor = (v) => v && typeof v === "object" && "dtype" in v && "shape" in v &&
+  ArrayBuffer.isView(v.data);
+
+function encodeValue(value, frames) {
+  if (isTensor(value)) {
+    const d = value.data;
+    // Little-endian raw bytes (typed arrays are in host order: every supported host is LE).
+    frames.push(Buffer.from(d.buffer, d.byteOffset, d.byteLength));
+    return { [TENSOR]: [value.dtype, value.shape, frames.length] }; // frame 0 is the header
+  }
+  if (Array.isArray(value)) return value.map((v) => encodeValue(v, frames));
+  if (value && typeof value === "object" && !(value instanceof Uint8Array)) {
+    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, encodeValue(v, frames)]));
+  }
+  return value;
+}
+function decodeValue(value, frames) {
+  if (value && typeof value === "object" && !Array.isArray(value) && TENSOR in value &&
+      Object.keys(value).length === 1) {
+    const [dtype, shape, index] = value[TENSOR];
+    const Arr = ARRAYS[dtype];
+    const frame = frames[index];
+    if (!Arr || !frame) throw new errors.BadRequest(`bad tensor reference ${value[TENSOR]}`);
+    const copy = Uint8Array.from(frame); // aligned, owned
+    return { dtype, shape, data: new Arr(copy.buffer, 0, copy.byteLength / Arr.BYTES_PER_ELEMENT) };
+  }
+  if (Array.isArray(value)) return value.map((v) => decodeValue(v, frames));
+  if (value && typeof value === "object" && !(value instanceof Uint8Array)) {
+    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, decodeValue(v, frames)]));
+  }
+  return value;
+}
+
+// -- the client ----------------------------------------------------------------------------
+export class Client {
+  /**
+   * @param {string} endpoint  the controller's client endpoint, e.g. tcp://127.0.0.1:5555
+   * @param {{defaultTimeoutMs?: number, graceMs?: number, curve?: {publicKey: string,
+   *          secretKey: string, serverKey: string}}} [options]  curve: Z85 keys
+   */
+  constructor(endpoint = "tcp://127.0.0.1:5555", options = {}) {
+    this.endpoint = endpoint;
+    this.defaultTimeoutMs = options.defaultTimeoutMs ?? 30000;
+    this.graceMs = options.graceMs ?? 2000;
+    const socketOptions = { linger: 0 };
+    if (options.curve) {
+      socketOptions.curveServerKey = options.curve.serverKey;
+      socketOptions.curvePublicKey = options.curve.publicKey;
+      socketOptions.curveSecretKey = options.curve.secretKey;
+    }
+    this.socket = new zmq.Dealer(socketOptions);
+    this.socket.connect(endpoint);
+    this.nextId = 1; // ids stay far below 2^53: exact as JavaScript numbers
+    this.waiting = new Map(); // id -> {onMessage(header, frames)}
+    this.closed = false;
+    this.receiving = this.receive();
+  }
+
+  async receive() {
+    try {
+      for await (const frames of this.socket) {
+        let header;
+        try { header = decode(frames[0]); } catch { continue; }
+        const entry = this.waiting.get(header.id);
+        if (entry) entry.onMessage(header, frames);
+      }
+    } catch (err) {
+      if (!this.closed) throw err;
+    }
+  }
+
+  send(header, frames = []) {
+    if (this.closed) throw new errors.Cancelled("client is closed", true, 0);
+    const extra = [];
+    const full = encodeValue(header, extra);
+    return this.socket.send([Buffer.from(encode(full)), ...extra, ...frames]);
+  }
+
+  request(kind, model, inputs, timeoutMs, params) {
+    const header = { v: PROTOCOL_VERSION, kind, id: this.nextId++, model, inputs,
+      timeout_ms: Math.max(1, Math.round(timeoutMs)) };
+    if (params && Object.keys(params).length) header.params = params;
+    return header;
+  }
+
+  /** One request, one answer: the named outputs (tensors as {dtype, shape, data}). */
+  async infer(model, inputs, { timeoutMs, params } = {}) {
+    const t = timeoutMs ?? this.defaultTimeoutMs;
+    const header = this.request("infer", model, inputs, t, params);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiting.delete(header.id);
+        reject(new errors.DeadlineExceeded("no answer from the controller in time", true, 0));
+      }, t + this.graceMs);
+      this.waiting.set(header.id, { onMessage: (h, frames) => {
+        if (h.kind !== "result" && h.kind !== "error") return;
+        clearTimeout(timer);
+        this.waiting.delete(header.id);
+        if (h.kind === "error") reject(errorFrom(h));
+        else {
+          try { resolve(decodeValue(h.outputs ?? {}, frames)); } catch (e) { reject(e); }
+        }
+      } });
+      this.send(header).catch((e) => { clearTimeout(timer); this.waiting.delete(header.id); reject(e); });
+    });
+  }
+
+  /**
+   * One request, a sequence of chunks: an async iterator. Leaving it early (break, an
+   * exception) sends `cancel`, so the world stops decoding.
+   */
+  async *stream(model, inputs, { timeoutMs, params, maxTokens } = {}) {
+    const t = timeoutMs ?? this.defaultTimeoutMs;
+    const p = { ...(params ?? {}) };
+    if (maxTokens !== undefined) p.max_tokens = maxTokens;
+    const header = this.request("stream", model, inputs, t, p);
+    const queue = [];
+    let wake = null;
+    const push = (item) => { queue.push(item); if (wake) { wake(); wake = null; } };
+    this.waiting.set(header.id, { onMessage: (h, frames) => {
+      if (h.kind === "chunk") {
+        try { push({ chunk: decodeValue(h.outputs ?? {}, frames) }); } catch (e) { push({ error: e }); }
+      } else if (h.kind === "end") push({ end: true });
+      else if (h.kind === "error") push({ error: errorFrom(h) });
+    } });
+    const timer = setTimeout(() => push({ error: new errors.DeadlineExceeded(
+      `no end of stream within ${t} ms`, true, 0) }), t + this.graceMs);
+    let finished = false;
+    try {
+      await this.send(header);
+      while (true) {
+        if (!queue.length) await new Promise((r) => { wake = r; });
+        const item = queue.shift();
+        if (item.end) { finished = true; return; }
+        if (item.error) { finished = true; throw item.error; }
+        yield item.chunk;
+      }
+    } finally {
+      clearTimeout(timer);
+      this.waiting.delete(header.id);
+      if (!finished && !this.closed) {
+        await this.send({ v: PROTOCOL_VERSION, kind: "cancel", id: header.id }).catch(() => {});
+      }
+    }
+  }
+
+  /** What the controller serves (protocol section 3.8). */
+  async describe(model, { timeoutMs = 5000 } = {}) {
+    const header = { v: PROTOCOL_VERSION, kind: "describe", id: this.nextId++ };
+    if (model !== undefined) header.model = model;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiting.delete(header.id);
+        reject(new errors.DeadlineExceeded("no description from the controller in time", true, 0));
+      }, timeoutMs);
+      this.waiting.set(header.id, { onMessage: (h) => {
+        clearTimeout(timer);
+        this.waiting.delete(header.id);
+        if (h.kind === "error") reject(errorFrom(h));
+        else resolve({ protocolVersion: h.protocol_version, models: h.models });
+      } });
+      this.send(header).catch(reject);
+    });
+  }
+
+  close() {
+    this.closed = true;
+    for (const entry of this.waiting.values()) {
+      entry.onMessage({ kind: "error", code: "cancelled", message: "client closed", retryable: true }, []);
+    }
+    this.waiting.clear();
+    this.socket.close();
+  }
+}

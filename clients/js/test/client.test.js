@@ -1,0 +1,159 @@
+// The Node.js client against a live controller started here, and against the protocol's
+// conformance vectors offline. Run: npm test (MESHSERVE_PYTHON names the Python that has
+// meshserve installed; default python3).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, writeFileSync, readFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { encode, decode } from "@msgpack/msgpack";
+import { Client, errors, tensor } from "../index.js";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const repo = join(here, "..", "..", "..");
+const python = process.env.MESHSERVE_PYTHON || "python3";
+let controller;
+let endpoint;
+let client;
+
+function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => resolve(port)); });
+  });
+}
+
+before(async () => {
+  const [clientPort, adminPort, workerPort] = [await freePort(), await freePort(), await freePort()];
+  const dir = mkdtempSync(join(tmpdir(), "meshjs-"));
+  const config = join(dir, "js.toml");
+  writeFileSync(config, `[controller]
+client_endpoint = "tcp://127.0.0.1:${clientPort}"
+admin_endpoint = "tcp://127.0.0.1:${adminPort}"
+worker_endpoint = "tcp://127.0.0.1:${workerPort}"
+metrics_port = 0
+warm_workers = 0
+autoscale = false
+
+[[deployments]]
+name = "echo"
+model = "worker.models.echo:build"
+
+[[deployments]]
+name = "tinygpt"
+model = "worker.models.tinygpt:build"
+max_batch_size = 1
+`);
+  controller = spawn(python, ["-m", "controller.cli", "up", "--config", config],
+    { cwd: repo, stdio: ["ignore", "ignore", "pipe"] });
+  let log = "";
+  controller.stderr.on("data", (d) => { log += d; });
+  endpoint = `tcp://127.0.0.1:${clientPort}`;
+  client = new Client(endpoint);
+  const deadline = Date.now() + 90000;
+  for (;;) {
+    try {
+      const { models } = await client.describe(undefined, { timeoutMs: 1000 });
+      if (models.every((m) => m.ready)) break;
+    } catch (e) { /* not up yet */ }
+    if (Date.now() > deadline) throw new Error(`controller not ready:\n${log}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+});
+
+after(async () => {
+  client?.close();
+  if (controller && controller.exitCode === null) {
+    controller.kill("SIGTERM");
+    await new Promise((r) => controller.on("exit", r));
+  }
+});
+
+test("infer sends a tensor and gets it back bit for bit", async () => {
+  const x = tensor("float32", [2, 3], [1.5, -2, 3.25, 0, 1e-7, -0]);
+  const out = await client.infer("echo", { x }, { timeoutMs: 5000 });
+  assert.equal(out.x.dtype, "float32");
+  assert.deepEqual(out.x.shape, [2, 3]);
+  assert.deepEqual(Buffer.from(out.x.data.buffer), Buffer.from(x.data.buffer));
+  // Every dtype of the spec, and plain msgpack values beside tensors.
+  const all = {
+    f64: tensor("float64", [2], [Math.PI, -1]), i64: tensor("int64", [2], [2n ** 62n, -5n]),
+    i32: tensor("int32", [1], [-7]), i16: tensor("int16", [1], [300]),
+    i8: tensor("int8", [1], [-8]), u8: tensor("uint8", [3], [0, 1, 255]),
+    b: tensor("bool", [2], [1, 0]), f16: tensor("float16", [1], [0x3c00]),
+    bf16: tensor("bfloat16", [1], [0x3f80]), e: tensor("float32", [0, 4], []),
+    s: "text", n: 42, nested: { list: [1, "two", null] },
+  };
+  const back = await client.infer("echo", all, { timeoutMs: 5000 });
+  for (const [k, v] of Object.entries(all)) {
+    if (v && v.data) {
+      assert.equal(back[k].dtype, v.dtype, k);
+      assert.deepEqual(back[k].shape, v.shape, k);
+      assert.deepEqual(Buffer.from(back[k].data.buffer, back[k].data.byteOffset,
+        back[k].data.byteLength), Buffer.from(v.data.buffer, v.data.byteOffset,
+        v.data.byteLength), k);
+    } else assert.deepEqual(back[k], v, k);
+  }
+});
+
+test("a stream yields the same text as one infer, and leaving it early cancels it", async () => {
+  let text = "";
+  for await (const chunk of client.stream("tinygpt", { prompt: "hello" }, { maxTokens: 24 })) {
+    text += chunk.text;
+  }
+  const whole = await client.infer("tinygpt", { prompt: "hello" }, { params: { max_tokens: 24 } });
+  assert.equal(text, whole.text);
+  assert.equal(text.length, 24);
+  let seen = 0;
+  for await (const chunk of client.stream("tinygpt", { prompt: "hello" }, { maxTokens: 200 })) {
+    assert.equal(typeof chunk.text, "string");
+    if (++seen === 3) break; // sends cancel
+  }
+  // The connection is still good, and answers come in order of their own ids.
+  const again = await client.infer("echo", { n: 1 });
+  assert.deepEqual(again, { n: 1 });
+});
+
+test("errors come back typed, and deadlines hold", async () => {
+  await assert.rejects(client.infer("nope", {}), (e) => e instanceof errors.UnknownModel &&
+    e.code === "unknown_model" && !e.retryable && /serving/.test(e.message));
+  await assert.rejects(client.infer("tinygpt", { prompt: 5 }), errors.BadRequest);
+  await assert.rejects(client.infer("tinygpt", { prompt: "hi" }, { params: { max_tokens: 1.5 } }),
+    errors.BadRequest);
+  const started = Date.now();
+  await assert.rejects(client.infer("tinygpt", { prompt: "hi" },
+    { params: { max_tokens: 256 }, timeoutMs: 50 }), (e) => e instanceof errors.DeadlineExceeded &&
+    e.retryable);
+  assert.ok(Date.now() - started < 3000);
+});
+
+test("describe says what each deployment takes and gives", async () => {
+  const { protocolVersion, models } = await client.describe();
+  assert.equal(protocolVersion, 1);
+  const gpt = models.find((m) => m.name === "tinygpt");
+  assert.equal(gpt.streaming, true);
+  assert.deepEqual(gpt.parameters.max_tokens, { type: "int", min: 1, max: 256, default: 16 });
+  await assert.rejects(client.describe("nope"), errors.UnknownModel);
+});
+
+test("the conformance vectors encode and decode as recorded", () => {
+  const vectors = JSON.parse(readFileSync(join(repo, "docs", "protocol-vectors", "vectors.json")));
+  let checked = 0;
+  for (const c of vectors.cases) {
+    if (c.value) {
+      assert.equal(Buffer.from(encode(c.value)).toString("hex"), c.frames[0], c.name);
+      checked++;
+    }
+    if (c.answer) {
+      const h = decode(Buffer.from(c.answer.frames[0], "hex"));
+      for (const key of ["kind", "id", "code", "retryable"]) {
+        if (key in c.answer.fields) assert.deepEqual(h[key] ?? null, c.answer.fields[key], `${c.name}.${key}`);
+      }
+      checked++;
+    }
+  }
+  assert.ok(checked >= 20);
+});
