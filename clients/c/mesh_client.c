@@ -1,0 +1,380 @@
+/* meshserve C client (mesh_client.h). */
+#include "mesh_client.h"
+
+#include <msgpack.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <zmq.h>
+
+#define PROTOCOL_VERSION 1
+#define GRACE_MS 2000
+#define MAX_FRAMES 64
+
+static const char *DTYPE_NAMES[MESH_DTYPE_COUNT] = {
+    "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+    "bool"};
+static const size_t DTYPE_SIZES[MESH_DTYPE_COUNT] = {4, 8, 2, 2, 8, 4, 2, 1, 1, 1};
+
+const char *mesh_dtype_name(mesh_dtype d) { return d < MESH_DTYPE_COUNT ? DTYPE_NAMES[d] : "?"; }
+size_t mesh_dtype_size(mesh_dtype d) { return d < MESH_DTYPE_COUNT ? DTYPE_SIZES[d] : 0; }
+
+static int dtype_of(const char *s, size_t n) {
+    for (int d = 0; d < MESH_DTYPE_COUNT; d++)
+        if (strlen(DTYPE_NAMES[d]) == n && memcmp(DTYPE_NAMES[d], s, n) == 0) return d;
+    return -1;
+}
+
+struct mesh_client {
+    void *ctx;
+    void *sock;
+    uint64_t next_id;
+};
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void set_error(mesh_error *err, const char *code, const char *message, int retryable) {
+    if (!err) return;
+    snprintf(err->code, sizeof err->code, "%s", code);
+    snprintf(err->message, sizeof err->message, "%s", message);
+    err->retryable = retryable;
+    err->retry_after_ms = 0;
+}
+
+mesh_value mesh_tensor_value(const char *name, mesh_dtype dtype, const int64_t *shape, int ndim,
+                             const void *data) {
+    mesh_value v;
+    memset(&v, 0, sizeof v);
+    v.name = (char *)name;
+    v.kind = MESH_VALUE_TENSOR;
+    v.dtype = dtype;
+    v.ndim = ndim < MESH_MAX_DIMS ? ndim : MESH_MAX_DIMS;
+    size_t count = 1;
+    for (int i = 0; i < v.ndim; i++) { v.shape[i] = shape[i]; count *= (size_t)shape[i]; }
+    v.data = (void *)data;
+    v.nbytes = count * mesh_dtype_size(dtype);
+    return v;
+}
+
+mesh_value mesh_string_value(const char *name, const char *s) {
+    mesh_value v;
+    memset(&v, 0, sizeof v);
+    v.name = (char *)name;
+    v.kind = MESH_VALUE_STRING;
+    v.str = (char *)s;
+    return v;
+}
+
+mesh_value mesh_int_value(const char *name, int64_t i) {
+    mesh_value v;
+    memset(&v, 0, sizeof v);
+    v.name = (char *)name;
+    v.kind = MESH_VALUE_INT;
+    v.i = i;
+    return v;
+}
+
+mesh_client *mesh_connect(const char *endpoint, const mesh_curve *curve) {
+    mesh_client *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->ctx = zmq_ctx_new();
+    c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
+    int linger = 0;
+    zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
+    if (curve) {
+        zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, curve->server_key, 40);
+        zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, curve->public_key, 40);
+        zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, curve->secret_key, 40);
+    }
+    if (zmq_connect(c->sock, endpoint) != 0) { mesh_close(c); return NULL; }
+    c->next_id = 1;
+    return c;
+}
+
+void mesh_close(mesh_client *c) {
+    if (!c) return;
+    if (c->sock) zmq_close(c->sock);
+    if (c->ctx) zmq_ctx_term(c->ctx);
+    free(c);
+}
+
+/* -- encoding -------------------------------------------------------------------------------- */
+
+static void pack_str(msgpack_packer *pk, const char *s) {
+    size_t n = strlen(s);
+    msgpack_pack_str(pk, n);
+    msgpack_pack_str_body(pk, s, n);
+}
+
+/* Packs a map of values; tensors get a reference to frame *next (then incremented). */
+static void pack_values(msgpack_packer *pk, const mesh_value *vs, size_t n, int *next) {
+    msgpack_pack_map(pk, n);
+    for (size_t i = 0; i < n; i++) {
+        pack_str(pk, vs[i].name);
+        if (vs[i].kind == MESH_VALUE_TENSOR) {
+            msgpack_pack_map(pk, 1);
+            pack_str(pk, "$tensor");
+            msgpack_pack_array(pk, 3);
+            pack_str(pk, mesh_dtype_name(vs[i].dtype));
+            msgpack_pack_array(pk, vs[i].ndim);
+            for (int d = 0; d < vs[i].ndim; d++) msgpack_pack_int64(pk, vs[i].shape[d]);
+            msgpack_pack_int(pk, (*next)++);
+        } else if (vs[i].kind == MESH_VALUE_STRING) {
+            pack_str(pk, vs[i].str);
+        } else {
+            msgpack_pack_int64(pk, vs[i].i);
+        }
+    }
+}
+
+static int send_request(mesh_client *c, const char *kind, uint64_t id, const char *model,
+                        const mesh_value *inputs, size_t n_inputs, const mesh_value *params,
+                        size_t n_params, int timeout_ms) {
+    msgpack_sbuffer buf;
+    msgpack_sbuffer_init(&buf);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &buf, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 6 + (n_params ? 1 : 0));
+    pack_str(&pk, "v"); msgpack_pack_int(&pk, PROTOCOL_VERSION);
+    pack_str(&pk, "kind"); pack_str(&pk, kind);
+    pack_str(&pk, "id"); msgpack_pack_uint64(&pk, id);
+    pack_str(&pk, "model"); pack_str(&pk, model);
+    int next = 1;
+    pack_str(&pk, "inputs"); pack_values(&pk, inputs, n_inputs, &next);
+    pack_str(&pk, "timeout_ms"); msgpack_pack_int(&pk, timeout_ms);
+    if (n_params) { pack_str(&pk, "params"); pack_values(&pk, params, n_params, &next); }
+    size_t tensors = 0;
+    for (size_t i = 0; i < n_inputs; i++) tensors += inputs[i].kind == MESH_VALUE_TENSOR;
+    int rc = zmq_send(c->sock, buf.data, buf.size, tensors ? ZMQ_SNDMORE : 0);
+    msgpack_sbuffer_destroy(&buf);
+    for (size_t i = 0, sent = 0; rc >= 0 && i < n_inputs; i++) {
+        if (inputs[i].kind != MESH_VALUE_TENSOR) continue;
+        sent++;
+        rc = zmq_send(c->sock, inputs[i].data, inputs[i].nbytes, sent < tensors ? ZMQ_SNDMORE : 0);
+    }
+    return rc < 0 ? -1 : 0;
+}
+
+static void send_cancel(mesh_client *c, uint64_t id) {
+    char buf[32];
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 3);
+    pack_str(&pk, "v"); msgpack_pack_int(&pk, PROTOCOL_VERSION);
+    pack_str(&pk, "kind"); pack_str(&pk, "cancel");
+    pack_str(&pk, "id"); msgpack_pack_uint64(&pk, id);
+    (void)buf;
+    zmq_send(c->sock, sb.data, sb.size, 0);
+    msgpack_sbuffer_destroy(&sb);
+}
+
+/* -- decoding -------------------------------------------------------------------------------- */
+
+typedef struct { zmq_msg_t msgs[MAX_FRAMES]; int n; } frames_t;
+
+static void frames_close(frames_t *f) { for (int i = 0; i < f->n; i++) zmq_msg_close(&f->msgs[i]); f->n = 0; }
+
+/* One whole message, waiting up to wait_ms: 1, 0 on timeout, -1 on error. */
+static int recv_frames(mesh_client *c, frames_t *f, int wait_ms) {
+    zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
+    int rc = zmq_poll(&item, 1, wait_ms < 0 ? 0 : wait_ms);
+    if (rc <= 0) return rc;
+    f->n = 0;
+    int more = 1;
+    while (more) {
+        zmq_msg_t scratch;
+        zmq_msg_t *m = f->n < MAX_FRAMES ? &f->msgs[f->n] : &scratch;
+        zmq_msg_init(m);
+        if (zmq_msg_recv(m, c->sock, 0) < 0) { zmq_msg_close(m); frames_close(f); return -1; }
+        more = zmq_msg_more(m);
+        if (m == &scratch) zmq_msg_close(m); else f->n++;
+    }
+    return 1;
+}
+
+static const msgpack_object *map_get(const msgpack_object *map, const char *key) {
+    if (map->type != MSGPACK_OBJECT_MAP) return NULL;
+    size_t n = strlen(key);
+    for (uint32_t i = 0; i < map->via.map.size; i++) {
+        const msgpack_object *k = &map->via.map.ptr[i].key;
+        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == n &&
+            memcmp(k->via.str.ptr, key, n) == 0)
+            return &map->via.map.ptr[i].val;
+    }
+    return NULL;
+}
+
+static char *dup_str(const msgpack_object *o) {
+    char *s = malloc(o->via.str.size + 1);
+    memcpy(s, o->via.str.ptr, o->via.str.size);
+    s[o->via.str.size] = 0;
+    return s;
+}
+
+static int decode_outputs(const msgpack_object *outputs, frames_t *f, mesh_answer *out,
+                          mesh_error *err) {
+    memset(out, 0, sizeof *out);
+    if (!outputs || outputs->type != MSGPACK_OBJECT_MAP) return 0;
+    out->values = calloc(outputs->via.map.size ? outputs->via.map.size : 1, sizeof(mesh_value));
+    for (uint32_t i = 0; i < outputs->via.map.size; i++) {
+        const msgpack_object *k = &outputs->via.map.ptr[i].key;
+        const msgpack_object *v = &outputs->via.map.ptr[i].val;
+        if (k->type != MSGPACK_OBJECT_STR) continue;
+        mesh_value *mv = &out->values[out->count++];
+        mv->name = dup_str(k);
+        const msgpack_object *ref = map_get(v, "$tensor");
+        if (ref && ref->type == MSGPACK_OBJECT_ARRAY && ref->via.array.size == 3) {
+            const msgpack_object *dt = &ref->via.array.ptr[0], *sh = &ref->via.array.ptr[1],
+                                 *ix = &ref->via.array.ptr[2];
+            int d = dt->type == MSGPACK_OBJECT_STR ? dtype_of(dt->via.str.ptr, dt->via.str.size) : -1;
+            if (d < 0 || sh->type != MSGPACK_OBJECT_ARRAY || sh->via.array.size > MESH_MAX_DIMS ||
+                ix->type != MSGPACK_OBJECT_POSITIVE_INTEGER || ix->via.u64 >= (uint64_t)f->n) {
+                set_error(err, "client", "a tensor reference the client cannot read", 0);
+                return -1;
+            }
+            mv->kind = MESH_VALUE_TENSOR;
+            mv->dtype = (mesh_dtype)d;
+            mv->ndim = (int)sh->via.array.size;
+            for (int j = 0; j < mv->ndim; j++) mv->shape[j] = sh->via.array.ptr[j].via.i64;
+            zmq_msg_t *m = &f->msgs[ix->via.u64];
+            mv->nbytes = zmq_msg_size(m);
+            mv->data = malloc(mv->nbytes ? mv->nbytes : 1);
+            memcpy(mv->data, zmq_msg_data(m), mv->nbytes);
+        } else if (v->type == MSGPACK_OBJECT_STR) {
+            mv->kind = MESH_VALUE_STRING;
+            mv->str = dup_str(v);
+        } else if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER || v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
+            mv->kind = MESH_VALUE_INT;
+            mv->i = v->via.i64;
+        } else {
+            mv->kind = MESH_VALUE_STRING;
+            mv->str = strdup("(a msgpack value this client does not decode)");
+        }
+    }
+    return 0;
+}
+
+void mesh_answer_free(mesh_answer *a) {
+    for (size_t i = 0; i < a->count; i++) {
+        free(a->values[i].name);
+        free(a->values[i].data);
+        free(a->values[i].str);
+    }
+    free(a->values);
+    memset(a, 0, sizeof *a);
+}
+
+const mesh_value *mesh_answer_get(const mesh_answer *a, const char *name) {
+    for (size_t i = 0; i < a->count; i++)
+        if (strcmp(a->values[i].name, name) == 0) return &a->values[i];
+    return NULL;
+}
+
+/* The next message for id: 1 (kind in *kind, header in *obj with zone), 0 timeout, -1 error. */
+enum { ANSWER_RESULT, ANSWER_CHUNK, ANSWER_END, ANSWER_ERROR, ANSWER_OTHER };
+
+static int await_answer(mesh_client *c, uint64_t id, int64_t deadline, frames_t *f,
+                        msgpack_unpacked *up, int *kind, mesh_error *err) {
+    for (;;) {
+        int rc = recv_frames(c, f, (int)(deadline - now_ms()));
+        if (rc == 0) { set_error(err, "deadline_exceeded", "no answer from the controller in time", 1); return -1; }
+        if (rc < 0) { set_error(err, "client", zmq_strerror(zmq_errno()), 0); return -1; }
+        msgpack_unpacked_init(up);
+        if (msgpack_unpack_next(up, zmq_msg_data(&f->msgs[0]), zmq_msg_size(&f->msgs[0]), NULL)
+                != MSGPACK_UNPACK_SUCCESS) {
+            msgpack_unpacked_destroy(up); frames_close(f); continue;
+        }
+        const msgpack_object *h = &up->data;
+        const msgpack_object *hid = map_get(h, "id"), *hk = map_get(h, "kind");
+        if (!hid || hid->type != MSGPACK_OBJECT_POSITIVE_INTEGER || hid->via.u64 != id || !hk ||
+                hk->type != MSGPACK_OBJECT_STR) {
+            msgpack_unpacked_destroy(up); frames_close(f); continue;  /* not ours: ignored */
+        }
+        const char *k = hk->via.str.ptr;
+        size_t n = hk->via.str.size;
+        *kind = (n == 6 && !memcmp(k, "result", 6)) ? ANSWER_RESULT
+              : (n == 5 && !memcmp(k, "chunk", 5)) ? ANSWER_CHUNK
+              : (n == 3 && !memcmp(k, "end", 3)) ? ANSWER_END
+              : (n == 5 && !memcmp(k, "error", 5)) ? ANSWER_ERROR : ANSWER_OTHER;
+        if (*kind == ANSWER_ERROR && err) {
+            const msgpack_object *code = map_get(h, "code"), *msg = map_get(h, "message"),
+                                 *retry = map_get(h, "retryable"), *after = map_get(h, "retry_after_ms");
+            snprintf(err->code, sizeof err->code, "%.*s", code && code->type == MSGPACK_OBJECT_STR
+                     ? (int)code->via.str.size : 8, code && code->type == MSGPACK_OBJECT_STR
+                     ? code->via.str.ptr : "internal");
+            snprintf(err->message, sizeof err->message, "%.*s", msg && msg->type == MSGPACK_OBJECT_STR
+                     ? (int)msg->via.str.size : 0, msg ? msg->via.str.ptr : "");
+            err->retryable = retry && retry->type == MSGPACK_OBJECT_BOOLEAN && retry->via.boolean;
+            err->retry_after_ms = after && after->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? (int)after->via.u64 : 0;
+        }
+        return 1;
+    }
+}
+
+int mesh_infer(mesh_client *c, const char *model, const mesh_value *inputs, size_t n_inputs,
+               const mesh_value *params, size_t n_params, int timeout_ms, mesh_answer *out,
+               mesh_error *err) {
+    uint64_t id = c->next_id++;
+    if (send_request(c, "infer", id, model, inputs, n_inputs, params, n_params, timeout_ms) < 0) {
+        set_error(err, "client", zmq_strerror(zmq_errno()), 0);
+        return -1;
+    }
+    int64_t deadline = now_ms() + timeout_ms + GRACE_MS;
+    for (;;) {
+        frames_t f = {.n = 0};
+        msgpack_unpacked up;
+        int kind;
+        if (await_answer(c, id, deadline, &f, &up, &kind, err) < 0) return -1;
+        int rc = -2;
+        if (kind == ANSWER_ERROR) rc = -1;
+        else if (kind == ANSWER_RESULT) rc = decode_outputs(map_get(&up.data, "outputs"), &f, out, err);
+        msgpack_unpacked_destroy(&up);
+        frames_close(&f);
+        if (rc != -2) return rc;
+    }
+}
+
+int mesh_stream_start(mesh_client *c, const char *model, const mesh_value *inputs,
+                      size_t n_inputs, const mesh_value *params, size_t n_params,
+                      int timeout_ms, mesh_stream *s, mesh_error *err) {
+    s->id = c->next_id++;
+    s->deadline_ms = timeout_ms;
+    s->started_ms = now_ms();
+    s->done = 0;
+    if (send_request(c, "stream", s->id, model, inputs, n_inputs, params, n_params, timeout_ms) < 0) {
+        set_error(err, "client", zmq_strerror(zmq_errno()), 0);
+        return -1;
+    }
+    return 0;
+}
+
+int mesh_stream_next(mesh_client *c, mesh_stream *s, mesh_answer *chunk, mesh_error *err) {
+    if (s->done) return 1;
+    int64_t deadline = s->started_ms + s->deadline_ms + GRACE_MS;
+    for (;;) {
+        frames_t f = {.n = 0};
+        msgpack_unpacked up;
+        int kind;
+        if (await_answer(c, s->id, deadline, &f, &up, &kind, err) < 0) { s->done = 1; return -1; }
+        int rc = -2;
+        if (kind == ANSWER_ERROR) rc = -1;
+        else if (kind == ANSWER_END) rc = 1;
+        else if (kind == ANSWER_CHUNK) rc = decode_outputs(map_get(&up.data, "outputs"), &f, chunk, err);
+        msgpack_unpacked_destroy(&up);
+        frames_close(&f);
+        if (rc == -1 || rc == 1) s->done = 1;
+        if (rc != -2) return rc;
+    }
+}
+
+void mesh_stream_cancel(mesh_client *c, mesh_stream *s) {
+    if (!s->done) send_cancel(c, s->id);
+    s->done = 1;
+}
