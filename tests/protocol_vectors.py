@@ -114,6 +114,34 @@ def cases() -> list[dict[str, Any]]:
     return out
 
 
+def replies() -> list[dict[str, Any]]:
+    """Answers as a controller sends them, one per error code of protocol section 7 (their
+    retryable flags as the taxonomy says), and a result, a chunk and an end: for decoders."""
+    from mesh.errors import ERROR_CLASSES
+    from mesh.messages import error_header, result_header
+
+    out = []
+    for n, (code, cls) in enumerate(sorted(ERROR_CLASSES.items())):
+        header = error_header(100 + n, code, f"an example {code} error", cls.retryable,
+                              100 if code == "overloaded" else 0)
+        out.append({"name": f"error_{code}", "meaning": f"a final {code} error "
+                    f"(retryable: {cls.retryable})",
+                    "frames": [msgpack.packb(header).hex()],
+                    "fields": {"kind": "error", "id": 100 + n, "code": code,
+                               "retryable": cls.retryable}})
+    y = codec.encode(result_header(200, {"y": np.array([[0.5, -1.0]], dtype=np.float32)}))
+    out.append({"name": "result", "meaning": "a result: y float32 [1, 2] = 0.5, -1.0",
+                "frames": [bytes(f).hex() for f in y],
+                "fields": {"kind": "result", "id": 200, "outputs": {"y": [[0.5, -1.0]]}}})
+    chunk = {"v": 1, "kind": "chunk", "id": 201, "seq": 0, "outputs": {"text": "a"}}
+    end = {"v": 1, "kind": "end", "id": 201, "seq": 1}
+    out.append({"name": "chunk", "meaning": "a stream's first chunk", "frames":
+                [msgpack.packb(chunk).hex()], "fields": {"kind": "chunk", "id": 201}})
+    out.append({"name": "end", "meaning": "the stream's end after 1 chunk", "frames":
+                [msgpack.packb(end).hex()], "fields": {"kind": "end", "id": 201}})
+    return out
+
+
 def answer_fields(frames: list[bytes]) -> dict[str, Any]:
     header = msgpack.unpackb(frames[0], strict_map_key=False)
     keep = ("kind", "id", "code", "retryable")
@@ -192,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = asyncio.run(go())
     text = json.dumps({"protocol_version": 1, "max_request_bytes": MAX_REQUEST_BYTES,
-                       "cases": result}, indent=1) + "\n"
+                       "cases": result, "replies": replies()}, indent=1) + "\n"
     if args.write:
         VECTORS.parent.mkdir(parents=True, exist_ok=True)
         VECTORS.write_text(text)

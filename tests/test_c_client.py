@@ -41,11 +41,13 @@ def build() -> None:
 async def test_the_c_client_passes_its_tests_and_mesh_infer_answers(tmp_path: Path) -> None:
     build()
     lines = []
-    for case in json.loads(VECTORS.read_text())["cases"]:
-        if case["answer"] is not None:
-            fields = case["answer"]["fields"]
-            lines.append(f"{fields['kind']} {fields.get('code', '-')} "
-                         f"{case['answer']['frames'][0]}")
+    vectors_doc = json.loads(VECTORS.read_text())
+    answers = [(c["answer"]["fields"], c["answer"]["frames"][0])
+               for c in vectors_doc["cases"] if c["answer"] is not None]
+    answers += [(r["fields"], r["frames"][0]) for r in vectors_doc["replies"]]
+    for fields, frame in answers:
+        retry = "-" if "retryable" not in fields else str(int(fields["retryable"]))
+        lines.append(f"{fields['kind']} {fields.get('code', '-')} {retry} {frame}")
     vectors = tmp_path / "vectors.txt"
     vectors.write_text("\n".join(lines) + "\n")
     cluster = await start_cluster(tmp_path, DEPLOYMENTS, controller="warm_workers = 0")

@@ -18,6 +18,7 @@ from tests.protocol_vectors import (
     VECTORS,
     answer_fields,
     cases,
+    replies,
     run_against,
     stable,
 )
@@ -43,6 +44,14 @@ def test_the_file_is_what_the_generator_makes_and_reads_back() -> None:
             answer = [bytes.fromhex(f) for f in case["answer"]["frames"]]
             assert answer_fields(answer) == case["answer"]["fields"], case["name"]
             errors.add(case["answer"]["fields"].get("code"))
+    # The reply vectors: every error code of the taxonomy, a result, a chunk, an end.
+    recorded_replies = json.loads(VECTORS.read_text())["replies"]
+    assert recorded_replies == replies(), "regenerate: python -m tests.protocol_vectors --write"
+    from mesh.errors import ERROR_CLASSES
+
+    assert {r["fields"].get("code") for r in recorded_replies} - {None} == set(ERROR_CLASSES)
+    for r in recorded_replies:
+        assert answer_fields([bytes.fromhex(f) for f in r["frames"]]) == r["fields"], r["name"]
     # Every error a request can get from the frontend without load is covered.
     assert errors >= {"bad_request", "unknown_model", "payload_too_large",
                       "unsupported_version"}

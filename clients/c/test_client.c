@@ -98,10 +98,10 @@ static void the_vectors_decode_as_recorded(const char *path) {
     FILE *f = fopen(path, "r");
     CHECK(f != NULL, "no vectors file %s", path);
     if (!f) return;
-    char kind[32], code[32], hex[20000];
+    char kind[32], code[32], retry[8], hex[20000];
     unsigned char buf[10000];
     int checked = 0;
-    while (fscanf(f, "%31s %31s %19999s", kind, code, hex) == 3) {
+    while (fscanf(f, "%31s %31s %7s %19999s", kind, code, retry, hex) == 4) {
         int n = unhex(hex, buf, sizeof buf);
         msgpack_unpacked up;
         msgpack_unpacked_init(&up);
@@ -120,6 +120,16 @@ static void the_vectors_decode_as_recorded(const char *path) {
                     !memcmp(val.via.str.ptr, want[k], val.via.str.size)) found = 1;
             }
             CHECK(found, "%s is not %s in %s", keys[k], want[k], hex);
+        }
+        if (strcmp(retry, "-") != 0) {
+            int is = -1;
+            for (uint32_t i = 0; i < up.data.via.map.size; i++) {
+                msgpack_object key = up.data.via.map.ptr[i].key, val = up.data.via.map.ptr[i].val;
+                if (key.type == MSGPACK_OBJECT_STR && key.via.str.size == 9 &&
+                    !memcmp(key.via.str.ptr, "retryable", 9) && val.type == MSGPACK_OBJECT_BOOLEAN)
+                    is = val.via.boolean;
+            }
+            CHECK(is == atoi(retry), "retryable is %d, not %s, in %s", is, retry, hex);
         }
         msgpack_unpacked_destroy(&up);
         checked++;

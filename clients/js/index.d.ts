@@ -29,6 +29,10 @@ export const errors: {
   InternalError: typeof MeshError;
 };
 
+export function decodeAnswer(frames: Uint8Array[]): {
+  kind: string; id: number | string | null; error?: MeshError; outputs?: Outputs;
+};
+
 export interface ModelMetadata {
   name: string; ready: boolean; stages: number; streaming: boolean; described: boolean;
   inputs: { name: string; datatype: string; shape: number[] }[];

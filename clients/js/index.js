@@ -88,6 +88,15 @@ function decodeValue(value, frames) {
   return value;
 }
 
+/** One answer as frames (Buffers): {kind, id, error?: MeshError, outputs?}. */
+export function decodeAnswer(frames) {
+  const h = decode(frames[0]);
+  const out = { kind: h.kind, id: h.id };
+  if (h.kind === "error") out.error = errorFrom(h);
+  if (h.kind === "result" || h.kind === "chunk") out.outputs = decodeValue(h.outputs ?? {}, frames);
+  return out;
+}
+
 // -- the client ----------------------------------------------------------------------------
 export class Client {
   /**

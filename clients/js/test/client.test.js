@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { encode, decode } from "@msgpack/msgpack";
-import { Client, errors, tensor } from "../index.js";
+import { Client, decodeAnswer, errors, tensor } from "../index.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const repo = join(here, "..", "..", "..");
@@ -41,6 +41,11 @@ autoscale = false
 [[deployments]]
 name = "echo"
 model = "worker.models.echo:build"
+
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 64 }
 
 [[deployments]]
 name = "tinygpt"
@@ -139,6 +144,21 @@ test("describe says what each deployment takes and gives", async () => {
   await assert.rejects(client.describe("nope"), errors.UnknownModel);
 });
 
+test("a request built from describe alone is valid", async () => {
+  const [mlp] = (await client.describe("mlp")).models;
+  const inputs = {};
+  for (const spec of mlp.inputs) {
+    const shape = spec.shape.map((d) => (d === -1 ? 1 : d)); // one row
+    const count = shape.reduce((a, b) => a * b, 1);
+    inputs[spec.name] = tensor(spec.datatype, shape, new Array(count).fill(0.25));
+  }
+  const out = await client.infer("mlp", inputs);
+  for (const spec of mlp.outputs) {
+    assert.equal(out[spec.name].dtype, spec.datatype);
+    assert.deepEqual(out[spec.name].shape, spec.shape.map((d) => (d === -1 ? 1 : d)));
+  }
+});
+
 test("the conformance vectors encode and decode as recorded", () => {
   const vectors = JSON.parse(readFileSync(join(repo, "docs", "protocol-vectors", "vectors.json")));
   let checked = 0;
@@ -156,4 +176,19 @@ test("the conformance vectors encode and decode as recorded", () => {
     }
   }
   assert.ok(checked >= 20);
+  // Every error code of the taxonomy decodes to its typed error, retryable as recorded.
+  const names = new Set();
+  for (const r of vectors.replies) {
+    const a = decodeAnswer(r.frames.map((f) => Buffer.from(f, "hex")));
+    assert.equal(a.kind, r.fields.kind, r.name);
+    assert.equal(a.id, r.fields.id, r.name);
+    if (a.kind === "error") {
+      assert.ok(a.error instanceof errors[a.error.name], r.name);
+      assert.equal(a.error.code, r.fields.code);
+      assert.equal(a.error.retryable, r.fields.retryable, r.name);
+      names.add(a.error.name);
+    }
+    if (a.kind === "result") assert.deepEqual(Array.from(a.outputs.y.data), r.fields.outputs.y.flat());
+  }
+  assert.equal(names.size, Object.keys(errors).length);
 });
