@@ -56,6 +56,12 @@ async def test_a_two_stage_mlp_world_computes_the_unsplit_model(
     assert meta["outputs"] == [{"name": "y", "datatype": "float32", "shape": [-1, 10]}]
     assert (await cluster.status())["deployments"][0]["inputs"] == {
         "x": {"dtype": "float32", "shape": [1, 64]}}
+    shown = await asyncio.to_thread(cluster.meshctl, "describe", "mlp", "--endpoint",
+                                    cluster.client)
+    assert shown.returncode == 0, shown.stderr
+    assert "mlp (ready; 2 stage(s); answers once)" in shown.stdout
+    assert "input  x: float32 [-1, 64]" in shown.stdout
+    assert "output y: float32 [-1, 10]" in shown.stdout
     with torch.inference_mode():
         for x, out in zip(xs, outs, strict=True):
             torch.testing.assert_close(torch.from_numpy(out["y"]), model(torch.from_numpy(x)))
