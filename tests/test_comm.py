@@ -220,3 +220,53 @@ def test_a_peer_killed_while_we_wait_to_receive_is_peer_lost_at_once(peers: Any)
     with pytest.raises(PeerLost):
         peer.comm.recv(1)
     assert time.monotonic() - started < 5.0
+
+
+def test_a_rendezvous_stuck_on_a_dead_peer_does_not_hold_up_the_next_world() -> None:
+    """Rank 0 of world 5 waits for a peer that died; world 6, on the same rank-0 worker and
+    its store, must still form at once. With one store client per worker it waited the stuck
+    rendezvous's whole timeout (the soak saw 120 s): each world now gets a client of its own
+    (WorkerAgent._store_for)."""
+    import threading
+    from types import SimpleNamespace
+
+    from worker.agent import WorkerAgent
+
+    master = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False,
+                           timeout=datetime.timedelta(seconds=30))
+    worker = SimpleNamespace(store_addr=f"127.0.0.1:{master.port}")
+
+    def store() -> Any:
+        return WorkerAgent._store_for(worker, "")  # type: ignore[arg-type]
+
+    stuck_failed = threading.Event()
+
+    def stuck() -> None:
+        try:
+            Comm(world_id=5, epoch=1, rank=0, size=2, store=store(), device="cpu",
+                 timeout_s=5.0, connect_timeout_s=6.0, bind_host="127.0.0.1")
+        except CommError:
+            stuck_failed.set()
+
+    formed: list[Comm] = []
+
+    def rank(r: int) -> None:
+        formed.append(Comm(world_id=6, epoch=1, rank=r, size=2, store=store(), device="cpu",
+                           timeout_s=5.0, connect_timeout_s=6.0, bind_host="127.0.0.1"))
+
+    waiting = threading.Thread(target=stuck, daemon=True)
+    waiting.start()
+    time.sleep(0.5)  # world 5's rank 0 is waiting for its rank 1 now
+    started = time.monotonic()
+    ranks = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join(10)
+    assert len(formed) == 2, "world 6 did not form beside the stuck world 5"
+    assert time.monotonic() - started < 4.0  # not after world 5's 6 s wait
+    assert not stuck_failed.is_set()  # world 5 was still waiting all the while
+    for comm in formed:
+        comm.close()
+    waiting.join(15)
+    assert stuck_failed.is_set()

@@ -109,7 +109,6 @@ class WorkerAgent(Actor):
         self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
         self._advertise_host = advertise_host
         self._store: Any = None
-        self._store_clients: dict[str, Any] = {}
         self.store_addr = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat_interval_s = 0.2
@@ -244,17 +243,15 @@ class WorkerAgent(Actor):
             torch.cuda.empty_cache()  # give the freed weights back to other processes
 
     def _store_for(self, addr: str) -> Any:
+        """A store client of its own for one world's rendezvous. A TCPStore client is one
+        socket, and a blocking wait on it (a rendezvous whose peer died) holds every other
+        operation on it: a shared client made this worker's next world wait out the stuck
+        one's whole formation timeout (120 s) before its rank 0 could even publish itself."""
         import torch.distributed as dist
 
-        if not addr or addr == self.store_addr:
-            return self._store
-        client = self._store_clients.get(addr)
-        if client is None:
-            host, port = parse_addr(addr)
-            client = dist.TCPStore(host, port, 1, False, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=30))
-            self._store_clients[addr] = client
-        return client
+        host, port = parse_addr(addr or self.store_addr)
+        return dist.TCPStore(host, port, 1, False, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=30))
 
     def _form(self, msg: Join) -> Comm:
         return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
