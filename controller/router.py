@@ -255,6 +255,16 @@ class Router:
                     frames = [codec.pack(error_header(p.client_id, err.code, err.message, True))]
                     code = err.code
                 self.stats.record_error(code)
+            elif now > p.deadline_s:
+                # The answer came after the deadline (its timer had not run yet: the loop was
+                # busy, or the reply waited in the socket): the caller was promised an answer
+                # within the deadline, so it gets the deadline's error, not a late success.
+                late = DeadlineExceeded(f"{self.name}: answered "
+                                        f"{int((now - p.arrived_s) * 1000)} ms after arrival, "
+                                        f"past its {int((p.deadline_s - p.arrived_s) * 1000)} "
+                                        "ms deadline")
+                frames = [codec.pack(error_header(p.client_id, late.code, late.message, True))]
+                self.stats.record_error(late.code)
             else:
                 self.stats.record(now, now - p.arrived_s, p.dispatched_s - p.arrived_s)
             self._send_client([p.client, *frames])

@@ -282,6 +282,20 @@ def test_a_reply_after_the_deadline_answer_is_dropped_and_frees_the_world_slot()
     h.assert_each_answered_once()
 
 
+def test_a_result_that_arrives_past_the_deadline_before_the_sweep_is_a_deadline_error() -> None:
+    # The controller's loop was busy past the deadline: the worker's result is read before
+    # the deadline timer runs. The caller must not get a success after its deadline.
+    h = Harness()
+    h.router.add_world(1, 0, b"w1")
+    h.submit("slow", timeout_ms=100)
+    h.clock.advance(0.3)
+    h.reply(h.dispatch_of("slow"))  # no sweep in between
+    assert h.code_of("slow") == "deadline_exceeded"
+    h.router.sweep()
+    h.assert_each_answered_once()
+    assert h.router.stats.errors["deadline_exceeded"] == 1 and h.router.stats.total_ok == 0
+
+
 def test_a_reply_after_the_deadline_answer_is_counted_as_late() -> None:
     h = Harness()
     h.router.add_world(1, 0, b"w1")
