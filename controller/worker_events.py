@@ -210,10 +210,11 @@ class WorkerEvents:
         worker.state = WorkerState.DEAD
         worker.reason = reason
         worker.since_s = self._clock()
-        if not was_draining and not self.stopping:
-            self.workers_died += 1
         self._fenced.add((worker_id, worker.pid))
-        self._count_death(worker)
+        if not was_draining and not worker.retiring and not self.stopping:
+            # A failure, not a release: it counts towards churn and a flapping quarantine.
+            self.workers_died += 1
+            self._count_death(worker)
         self._on_forget(worker_id)
         if kill:
             self.launcher.kill(worker_id)
@@ -260,7 +261,7 @@ class WorkerEvents:
         now = self._clock()
         worker.deaths = [t for t in worker.deaths if now - t < STALL_WINDOW_S] + [now]
         if len(worker.deaths) >= MAX_DEATHS and not worker.quarantined \
-                and not worker.spawned_by_us and not self.stopping:
+                and not worker.spawned_by_us:
             worker.quarantined = (f"declared dead {len(worker.deaths)} times within "
                                   f"{STALL_WINDOW_S:.0f}s")
             log.warning("worker %s quarantined: %s", worker.id, worker.quarantined)

@@ -155,6 +155,17 @@ async def test_a_worker_that_keeps_dropping_off_is_quarantined_when_it_comes_bac
     assert "worker_quarantined" in [e["event"] for e in f.wm.events]
 
 
+async def test_a_released_worker_ending_is_not_a_death_that_counts() -> None:
+    f = Fleet(config())
+    for _ in range(MAX_DEATHS):
+        await f.register("a", 11)
+        f.wm.workers["a"].retiring = True  # drained and released, then it went away
+        await f.wm.handle(WorkerLost("a", "no heartbeat for 1500 ms"))
+    await f.register("a", 11)
+    assert not f.wm.workers["a"].quarantined and f.wm.workers["a"].deaths == []
+    assert f.wm.workers_died == 0
+
+
 async def test_our_own_worker_declared_dead_is_told_to_stop_if_it_speaks_again() -> None:
     f = Fleet(config())
     await f.register("a", 11)
