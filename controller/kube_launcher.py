@@ -257,10 +257,14 @@ class KubernetesLauncher:
     async def _watch(self) -> None:
         from lightkube.resources.core_v1 import Pod
 
+        labels = {LABEL_CONTROLLER: self.instance}
+        first = True
         while not self._closing:
             try:
-                async for kind, obj in self._client.watch(
-                        Pod, labels={LABEL_CONTROLLER: self.instance}):
+                if not first:
+                    await self._reconcile(Pod, labels)
+                first = False
+                async for kind, obj in self._client.watch(Pod, labels=labels):
                     self._on_event(kind, obj.to_dict() if hasattr(obj, "to_dict") else obj)
             except asyncio.CancelledError:
                 raise
@@ -268,6 +272,18 @@ class KubernetesLauncher:
                 self.api_errors += 1
                 log.warning("pod watch failed, reopening in %.0f s: %s", WATCH_RETRY_S, exc)
             await asyncio.sleep(WATCH_RETRY_S)
+
+    async def _reconcile(self, pod_kind: Any, labels: dict[str, str]) -> None:
+        """After a broken watch: a pod deleted meanwhile sent its DELETED event to nobody, so
+        every tracked pod the API no longer lists is reported ended now (else its slot, and
+        its exit, would be lost for good)."""
+        listed = set()
+        async for pod in self._client.list(pod_kind, labels=labels):
+            listed.add(pod.metadata.name)
+        for wid, pod in list(self._pods.items()):
+            if pod.name not in listed:
+                self._on_event("DELETED", {"metadata": {
+                    "name": pod.name, "annotations": {"meshserve.io/worker-id": wid}}})
 
     def _on_event(self, kind: str, pod: dict[str, Any]) -> None:
         meta = pod.get("metadata") or {}

@@ -39,6 +39,8 @@ class FakeKube:
         self.calls: list[tuple[str, str]] = []  # (method, pod name or "" for the collection)
         self._rv = 0
         self._history: list[tuple[int, str, dict[str, Any]]] = []
+        self._compacted_rv = 0
+        self._deaf = False
         self._watchers: list[tuple[dict[str, str], asyncio.Queue[Any]]] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -81,6 +83,27 @@ class FakeKube:
         """The node kills the pod's container (SIGKILL)."""
         self.procs[name].kill()
 
+    def deafen_watches(self) -> None:
+        """Open watches stop receiving events (a connection that died silently)."""
+        self._deaf = True
+
+    def break_watches(self) -> None:
+        """End every open watch stream and forget the event history (an API server restart):
+        a watch resumed from an older version is answered 410 Gone, as Kubernetes does once
+        it has compacted the history."""
+        self._history.clear()
+        self._compacted_rv = self._rv
+        self._deaf = False
+        for _, queue in self._watchers:
+            queue.put_nowait(None)
+
+    def delete_now(self, name: str) -> None:
+        """Remove a pod at once (a force delete), its process killed."""
+        proc = self.procs.get(name)
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+        self._remove(name)
+
     def live(self) -> list[str]:
         return sorted(n for n, p in self.pods.items()
                       if p["status"]["phase"] in ("Pending", "Running")
@@ -94,7 +117,7 @@ class FakeKube:
         snapshot = json.loads(json.dumps(pod))
         self._history.append((self._rv, kind, snapshot))
         for selector, queue in self._watchers:
-            if _matches(snapshot, selector):
+            if _matches(snapshot, selector) and not self._deaf:
                 queue.put_nowait({"type": kind, "object": snapshot})
 
     def _spawn(self, coro: Any) -> None:
@@ -186,6 +209,11 @@ class FakeKube:
             return False
         name = unquote(m.group(2) or "")
         self.calls.append((method, name))
+        if method == "GET" and not name and query.get("watch") in ("true", "1") \
+                and query.get("resourceVersion") and \
+                int(query["resourceVersion"]) < self._compacted_rv:
+            self._reply(writer, 410, _status(410, "too old resource version"))
+            return False
         if method == "GET" and not name and query.get("watch") in ("true", "1"):
             await self._watch(writer, _selector(query.get("labelSelector", "")),
                               query.get("resourceVersion"))
@@ -257,7 +285,7 @@ class FakeKube:
     def _reply(writer: asyncio.StreamWriter, code: int, obj: dict[str, Any]) -> None:
         data = json.dumps(obj).encode()
         reason = {200: "OK", 201: "Created", 404: "Not Found", 405: "Method Not Allowed",
-                  409: "Conflict"}[code]
+                  409: "Conflict", 410: "Gone"}[code]
         writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
 
@@ -282,7 +310,8 @@ def _expand(arg: str, env: dict[str, str]) -> str:
 
 def _status(code: int, message: str) -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-            "reason": {404: "NotFound", 409: "AlreadyExists"}.get(code, "BadRequest"),
+            "reason": {404: "NotFound", 409: "AlreadyExists", 410: "Expired"}.get(
+                code, "BadRequest"),
             "code": code}
 
 

@@ -97,12 +97,24 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
         # meshctl kill: a delete with no grace.
         assert launcher.kill("w2") and not launcher.kill("nobody")
         await wait_until(lambda: ("w2", -signal.SIGKILL) in exits, what="w2's exit")
+        # The watch's connection dies silently, a pod is force-deleted meanwhile, and the
+        # API server's history no longer reaches back (410 Gone on resuming): the DELETED
+        # event went to nobody, and still its end is reported (from a list on reopening).
+        kube.deafen_watches()
+        kube.delete_now(pod_name("w3"))
+        await asyncio.sleep(0.2)
+        assert ("w3", -signal.SIGKILL) not in exits
+        kube.break_watches()
+        await wait_until(lambda: ("w3", -signal.SIGKILL) in exits, timeout_s=5,
+                         what="w3's end found by the reopened watch")
+        await launcher.spawn("w3b")
+        await wait_until(lambda: len(kube.pids()) == 1, what="w3b running")
         # Scale-down: a delete with grace; the worker stops on SIGTERM.
-        await launcher.stop("w3", timeout_s=5.0)
-        assert [w for w, _ in exits] == ["w1", "w2", "w3"]
+        await launcher.stop("w3b", timeout_s=5.0)
+        assert [w for w, _ in exits] == ["w1", "w2", "w3", "w3b"]
         assert launcher.room() == 3 and kube.live() == []
         deletes = [name for method, name in kube.calls if method == "DELETE"]
-        assert set(deletes) == {pod_name(w) for w in ("w1", "w2", "w3")}
+        assert set(deletes) == {pod_name(w) for w in ("w1", "w2", "w3b")}
     finally:
         await launcher.aclose(timeout_s=5.0)
     assert kube.pids() == {}
