@@ -223,8 +223,9 @@ class _Help(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        if "%(default)" in text or default in (None, False, "", [], argparse.SUPPRESS) \
-                or not action.option_strings:
+        if "%(default)" in text or not action.option_strings or default is None \
+                or default is False or default == "" or default == [] \
+                or default == argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"
 

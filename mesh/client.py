@@ -188,19 +188,9 @@ class Client:
 
     async def _infer_once(self, model: str, inputs: dict[str, Any], timeout_s: float,
                           params: dict[str, Any] | None) -> dict[str, Any]:
-        pump = self._ready()
         req_id = next(self._ids)
         frames = _encode_request(ClientKind.INFER, req_id, model, inputs, timeout_s, params)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._calls[req_id] = fut
-        timer = loop.call_later(timeout_s + self.grace_s, self._expire, req_id)
-        pump.send(frames)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            self._calls.pop(req_id, None)
+        return await self._call(req_id, frames, timeout_s + self.grace_s)
 
     async def describe(self, model: str | None = None, *, timeout_s: float = 5.0
                        ) -> dict[str, Any]:
@@ -208,17 +198,21 @@ class Client:
         with its ``inputs`` and ``outputs`` (``{name, datatype, shape}``, -1 for the batch),
         ``parameters``, ``streaming``, ``stages`` and ``ready`` (protocol section 3.8).
         ``model``: that deployment only (``UnknownModel`` if there is none)."""
-        pump = self._ready()
         req_id = next(self._ids)
         header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": ClientKind.DESCRIBE,
                                   "id": req_id}
         if model is not None:
             header["model"] = model
+        return await self._call(req_id, [codec.pack(header)], timeout_s)
+
+    async def _call(self, req_id: int, frames: list[Any], wait_s: float) -> dict[str, Any]:
+        """Send one request and await its one answer, for at most ``wait_s``."""
+        pump = self._ready()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._calls[req_id] = fut
-        timer = loop.call_later(timeout_s, self._expire, req_id)
-        pump.send([codec.pack(header)])
+        timer = loop.call_later(wait_s, self._expire, req_id)
+        pump.send(frames)
         try:
             return await fut
         finally:

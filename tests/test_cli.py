@@ -143,3 +143,10 @@ async def test_bench_callers_back_off_from_a_controller_that_refuses_everything(
         task.cancel()
         sock.close()
         ctx.term()
+
+
+def test_a_zero_default_is_shown_and_a_flag_default_is_not() -> None:
+    sub = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    worker = sub["worker"].format_help()
+    assert "(default: 0)" in " ".join(worker.split())  # --threads, --parent-pid
+    assert "(default: False)" not in worker

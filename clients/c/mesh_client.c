@@ -161,7 +161,6 @@ static int send_request(mesh_client *c, const char *kind, uint64_t id, const cha
 }
 
 static void send_cancel(mesh_client *c, uint64_t id) {
-    char buf[32];
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
@@ -170,7 +169,6 @@ static void send_cancel(mesh_client *c, uint64_t id) {
     pack_str(&pk, "v"); msgpack_pack_int(&pk, PROTOCOL_VERSION);
     pack_str(&pk, "kind"); pack_str(&pk, "cancel");
     pack_str(&pk, "id"); msgpack_pack_uint64(&pk, id);
-    (void)buf;
     zmq_send(c->sock, sb.data, sb.size, 0);
     msgpack_sbuffer_destroy(&sb);
 }
