@@ -37,7 +37,6 @@ _send = _BackendSocket.send
 _getsockopt = _BackendSocket.get
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 ZERO_COPY_MIN_BYTES = 64 * 1024
@@ -73,11 +72,20 @@ def make_socket(
 def recv_nowait(sock: zmq.Socket[Any], copy_prefix: int) -> list[Any] | None:
     """One whole multipart message, or None when nothing is waiting (never blocks)."""
     try:
-        frames: list[Any] = [_recv(sock, _NOBLOCK, True)]
+        return _recv_message(sock, copy_prefix)
     except zmq.Again:
         return None
-    while _getsockopt(sock, _RCVMORE):
-        frames.append(_recv(sock, _NOBLOCK, len(frames) < copy_prefix))
+
+
+def _recv_message(sock: zmq.Socket[Any], copy_prefix: int) -> list[Any]:
+    """The frames of one message (raises zmq.Again when none waits). Each frame is taken as a
+    ``zmq.Frame`` and its ``more`` flag read from it: asking the socket for RCVMORE instead
+    builds a SocketOption enum per call in pyzmq (about 2.8 us a frame, measured)."""
+    frame = _recv(sock, _NOBLOCK, False)
+    frames: list[Any] = [frame.bytes if copy_prefix > 0 else frame]
+    while frame.more:
+        frame = _recv(sock, _NOBLOCK, False)
+        frames.append(frame.bytes if len(frames) < copy_prefix else frame)
     return frames
 
 
@@ -158,9 +166,7 @@ class Pump:
         try:
             while n < self._max_burst:
                 try:
-                    frames: list[Any] = [_recv(sock, _NOBLOCK, True)]
-                    while _getsockopt(sock, _RCVMORE):
-                        frames.append(_recv(sock, _NOBLOCK, len(frames) < prefix))
+                    frames = _recv_message(sock, prefix)
                 except zmq.Again:
                     return
                 except zmq.ZMQError:
