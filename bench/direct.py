@@ -4,7 +4,8 @@ It binds the ROUTER socket a worker connects to, answers the worker's registrati
 join a one-rank world of the given deployment, and then sends requests exactly as the
 controller would (the same dispatch header, the client's own header and tensor frames). It
 exposes the same ``infer`` as ``mesh.client.Client``, so one load loop drives both paths and
-the difference between them is what the controller costs.
+the difference between them is what the controller costs. Like the controller, it sends what
+one loop iteration dispatched as one message: the worker's side of both paths is the same.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class DirectWorker:
         self._pump: Pump | None = None
         self.inputs_spec: dict[str, Any] = {}
         self._entry = b""  # the world runner's socket, from Joined
+        self._outbox: list[tuple[int, int, list[Any]]] = []  # (rid, deadline ms, frames)
         self._closed = False
 
     @property
@@ -96,19 +98,8 @@ class DirectWorker:
                 assert self._pump is not None
                 self._pump.send([frames[0], dataplane.HELLO_ECHO])  # as the controller's Backend
                 return
-            if type(data) is not dataplane.Reply:
-                return
-            rid, status = data.rid, data.status
-            fut = self._calls.pop(rid, None)
-            if fut is None or fut.done():
-                return
-            header = codec.unpack_header(codec.frame_buffer(frames[2]))
-            if status == dataplane.ERROR:
-                err = error_from_wire(header.get("code", ""), header.get("message", ""))
-                fut.set_exception(err)
-            else:
-                body = codec.decode_tensors(header, frames[2:], codec.to_numpy)
-                fut.set_result(body.get("outputs", {}))
+            for reply, part in dataplane.replies(data, frames[2:]):
+                self._answer(reply, part)
             return
         msg = parse_control(codec.unpack_header(frames[1]), WORKER_MESSAGES)
         if isinstance(msg, Register):
@@ -121,17 +112,43 @@ class DirectWorker:
             self.inputs_spec = msg.inputs
             self._joined.set()
 
+    def _answer(self, reply: dataplane.Reply, frames: list[Any]) -> None:
+        fut = self._calls.pop(reply.rid, None)
+        if fut is None or fut.done():
+            return
+        header = codec.unpack_header(codec.frame_buffer(frames[0]))
+        if reply.status == dataplane.ERROR:
+            fut.set_exception(error_from_wire(header.get("code", ""), header.get("message", "")))
+        else:
+            body = codec.decode_tensors(header, frames, codec.to_numpy)
+            fut.set_result(body.get("outputs", {}))
+
+    def _flush(self) -> None:
+        """Send what this loop iteration dispatched as one message, as the controller does."""
+        held, self._outbox = self._outbox, []
+        assert self._pump is not None
+        if len(held) == 1:
+            rid, deadline_ms, frames = held[0]
+            self._pump.send([self._entry, dataplane.pack_dispatch(rid, 1, 1, deadline_ms),
+                             *frames])
+            return
+        items = [(rid, deadline_ms, len(frames)) for rid, deadline_ms, frames in held]
+        self._pump.send([self._entry, dataplane.pack_dispatch_batch(1, 1, items),
+                         *[f for _, _, frames in held for f in frames]])
+
     async def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float = 30.0,
                     params: dict[str, Any] | None = None) -> dict[str, Any]:
         rid = next(self._ids)
         frames = codec.encode(request_header(ClientKind.INFER, rid, model, inputs,
                                              int(timeout_s * 1000), params))
-        head = dataplane.pack_dispatch(rid, 1, 1, int(timeout_s * 1000))
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._calls[rid] = fut
         if self._pump is None:
             raise RuntimeError("DirectWorker is not started")
-        self._pump.send([self._entry, head, *frames])
+        if not self._outbox:
+            loop.call_soon(self._flush)
+        self._outbox.append((rid, int(timeout_s * 1000), frames))
         try:
             async with asyncio.timeout(timeout_s + 2.0):
                 return await fut

@@ -61,6 +61,12 @@ LauncherFactory = Callable[[Config, Callable[[str, int], None]], Launcher]
 _PING = Ping()
 
 
+def _call_soon(fn: Callable[[], None]) -> object:
+    """Run ``fn`` once the current loop iteration's callbacks are done: how a router sends
+    what one wake-up dispatched as one message per world."""
+    return asyncio.get_running_loop().call_soon(fn)
+
+
 def local_launcher(config: Config, on_exit: Callable[[str, int], None]) -> Launcher:
     c = config.controller
     s = config.security
@@ -101,7 +107,7 @@ class Controller:
                     next_rid=rids, on_world_idle=self._world_idle,
                     on_world_unreachable=self._world_unreachable,
                     on_world_stalled=self._world_stalled, inflight_ids=inflight_ids,
-                    routes=routes, max_attempts=c.max_attempts,
+                    routes=routes, max_attempts=c.max_attempts, defer=_call_soon,
                     listening_since=lambda: self.health.lag.last_end_s)
                 for dep in config.deployments}
             self.world_manager = WorldManager(

@@ -1,9 +1,10 @@
 """The Backend: the worker-facing ROUTER socket.
 
-Sorts what workers send: data-path replies (frame 0 a msgpack array) go straight to the
-router of the world they answer for; heartbeats go to Health; every other control message
-goes to the WorldManager's mailbox. ROUTER_MANDATORY makes a send to a worker that is gone
-fail at once (the router then re-queues the request) instead of vanishing silently.
+Sorts what workers send: data-path replies (frame 0 a msgpack array; one answer, or a batch
+of them) go straight to the router of the world they answer for; heartbeats go to Health;
+every other control message goes to the WorldManager's mailbox. ROUTER_MANDATORY makes a
+send to a worker that is gone fail at once (the router then re-queues the request) instead
+of vanishing silently.
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ class Backend:
         first = codec.frame_buffer(frames[1])
         if dataplane.is_data(first):
             head = dataplane.unpack(first)
-            if type(head) is dataplane.Reply:
+            if type(head) is dataplane.Reply or type(head) is dataplane.ReplyBatch:
                 router = self.routes.get(head.world_id)
-                if router is not None:
-                    router.on_reply(head, frames[2:], frames[0])
+                answers = dataplane.replies(head, frames[2:]) if router is not None else []
+                if answers:
+                    sender = frames[0]
+                    for reply, part in answers:
+                        router.on_reply(reply, part, sender)  # type: ignore[union-attr]
                     return
             elif type(head) is dataplane.Hello:
                 # A world runner's socket announcing itself: echo, so it knows that its

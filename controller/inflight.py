@@ -42,7 +42,7 @@ class WorldRoute:
     may go there. (The world's lifecycle state is the WorldManager's; this is routing.)"""
 
     __slots__ = ("draining", "entry", "epoch", "inflight", "last_progress_s", "members",
-                 "served", "stall_reported", "unreachable", "world_id")
+                 "outbox", "served", "stall_reported", "unreachable", "world_id")
 
     def __init__(self, world_id: int, epoch: int, entry: bytes,
                  members: frozenset[bytes] = frozenset()) -> None:
@@ -53,6 +53,7 @@ class WorldRoute:
         # (empty: not checked, for tests that drive a router alone).
         self.members = members
         self.inflight: dict[int, Pending] = {}
+        self.outbox: list[Pending] = []  # dispatched, to be sent at the router's next flush
         self.draining = False  # told to drain: no new requests, released once idle
         self.unreachable = False  # a send to its entry failed: routed around until it breaks
         self.stall_reported = False

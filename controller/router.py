@@ -4,6 +4,9 @@ Hot path, called synchronously from the socket pumps (no task, no future per req
 
     submit()   a validated client request: dispatch to the serving world with the fewest
                outstanding requests, or queue it while every world is full
+    flush()    once per loop iteration (``defer``): send each world what was dispatched to
+               it since the last flush, as one message (one ZeroMQ message per world and
+               wake-up instead of one per request: docs/benchmarks.md)
     on_reply() a worker's answer: forward it to the client, free the world's slot, pull the
                next queued request
     sweep()    on a timer: answer requests whose deadline passed
@@ -29,7 +32,16 @@ from controller.config import DeploymentConfig
 from controller.inflight import Pending, WorldRoute, bad_duplicate, stalled_worlds, with_skip
 from controller.stats import Arrivals, LatencyWindow
 from mesh import codec
-from mesh.dataplane import CHUNK, ERROR, CancelWork, Reply, is_map, pack, pack_dispatch
+from mesh.dataplane import (
+    CHUNK,
+    ERROR,
+    CancelWork,
+    Reply,
+    is_map,
+    pack,
+    pack_dispatch,
+    pack_dispatch_batch,
+)
 from mesh.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -43,6 +55,9 @@ from mesh.messages import ClientKind, error_header
 log = logging.getLogger(__name__)
 
 SendFn = Callable[[list[Any]], bool]
+
+# Requests sent to a world in one message at most (bounds a message; more go in several).
+MAX_DISPATCH_BATCH = 256
 
 
 class Router:
@@ -59,6 +74,7 @@ class Router:
         inflight_ids: dict[tuple[bytes, Any], int] | None = None,
         routes: dict[int, Router] | None = None,
         max_attempts: int = 4,
+        defer: Callable[[Callable[[], None]], object] | None = None,
         listening_since: Callable[[], float] = lambda: float("-inf"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -74,6 +90,12 @@ class Router:
         # removes its own worlds, and the Backend reads it to route a worker's reply.
         self._routes: dict[int, Router] = routes if routes is not None else {}
         self.max_attempts = max_attempts
+        # Runs the flush once the current wake-up's work is done (the controller: the event
+        # loop's call_soon); None: at once, one message per dispatch (tests that drive a
+        # router alone).
+        self._defer = defer
+        self._flush_scheduled = False
+        self._outboxes: list[WorldRoute] = []  # worlds with dispatches not yet sent
         # When the controller's loop last came back from a stall (Health measures it): no
         # world is judged stalled on time the controller was not reading its answers.
         self._listening_since = listening_since
@@ -170,19 +192,69 @@ class Router:
         p.attempts += 1
         p.dispatched_s = now
         world.inflight[p.rid] = p
-        remaining_ms = max(1, int((p.deadline_s - now) * 1000.0))
-        head = pack_dispatch(p.rid, world.world_id, world.epoch, remaining_ms)
-        if not self._send_worker([world.entry, head, p.header, *p.frames]):
-            # The worker's socket is gone: route around the world until health breaks it.
+        if not world.outbox:
+            self._outboxes.append(world)
+        world.outbox.append(p)
+        if self._defer is None:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._defer(self.flush)
+
+    def flush(self) -> None:
+        """Send every world the requests dispatched to it since the last flush, as one
+        message (``MAX_DISPATCH_BATCH`` at most); a world whose entry cannot be reached is
+        routed around, and what it was to get goes back to the head of the queue."""
+        self._flush_scheduled = False
+        worlds, self._outboxes = self._outboxes, []
+        if not worlds:
+            return
+        now = self._clock()
+        unsent = False
+        for world in worlds:
+            batch, world.outbox = world.outbox, []
+            if self.worlds.get(world.world_id) is not world:
+                continue  # removed meanwhile: its requests were re-sent from its in-flight
+            batch = [p for p in batch if p.world is world]
+            for at in range(0, len(batch), MAX_DISPATCH_BATCH):
+                if not self._send_batch(world, batch[at:at + MAX_DISPATCH_BATCH], now):
+                    self._unsent(world, batch[at:])
+                    unsent = True
+                    break
+        if unsent:
+            self._pump_queue()
+
+    def _send_batch(self, world: WorldRoute, batch: list[Pending], now: float) -> bool:
+        if len(batch) == 1:
+            p = batch[0]
+            head = pack_dispatch(p.rid, world.world_id, world.epoch,
+                                 max(1, int((p.deadline_s - now) * 1000.0)))
+            return self._send_worker([world.entry, head, p.header, *p.frames])
+        items = []
+        frames: list[Any] = [world.entry, b""]
+        for p in batch:
+            items.append((p.rid, max(1, int((p.deadline_s - now) * 1000.0)), 1 + len(p.frames)))
+            frames.append(p.header)
+            frames += p.frames
+        frames[1] = pack_dispatch_batch(world.world_id, world.epoch, items)
+        return self._send_worker(frames)
+
+    def _unsent(self, world: WorldRoute, batch: list[Pending]) -> None:
+        """The world's socket is gone: take these back and route around the world until
+        health breaks it."""
+        for p in reversed(batch):
             world.inflight.pop(p.rid, None)
             p.world = None
             p.attempts -= 1
-            self.queue.appendleft(p)
-            if not world.unreachable:
-                world.unreachable = True
-                self._refresh_serving()
-                if self._on_world_unreachable is not None:
-                    self._on_world_unreachable(world.world_id)
+            if p.answered:
+                self.pending.pop(p.rid, None)  # answered meanwhile (deadline, cancel)
+            else:
+                self.queue.appendleft(p)
+        if not world.unreachable:
+            world.unreachable = True
+            self._refresh_serving()
+            if self._on_world_unreachable is not None:
+                self._on_world_unreachable(world.world_id)
 
     def _pump_queue(self) -> None:
         queue = self.queue
@@ -214,7 +286,7 @@ class Router:
         if p.world.members and sender not in p.world.members:
             self.foreign_replies += 1  # a socket that is not a member answering for it
             return
-        if not frames or not is_map(frames[0]):
+        if not frames or not is_map(codec.frame_buffer(frames[0])):
             # A member answering with something no client could read: a worker fault. The
             # world is reported (it breaks, its requests are re-sent, and its workers are
             # charged as for a stall); the client never sees the garbage.
@@ -313,6 +385,10 @@ class Router:
         so its slot is freed; the answer is dropped as late)."""
         world = p.world
         if world is not None:
+            if world.outbox:
+                self.flush()  # the request itself first, or the cancel finds nothing
+                if p.world is not world:
+                    return  # never reached it
             self._send_worker([world.entry, pack(CancelWork(p.rid, world.world_id,
                                                             world.epoch))])
 

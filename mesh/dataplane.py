@@ -7,6 +7,15 @@ each travel as a short msgpack array whose first element is its tag (docs/protoc
     ["res",    rid, world_id, epoch, status, code]         world -> controller
     ["cancel", rid, world_id, epoch]                       controller -> world entry
     ["hello",  world_id, epoch]  /  ["hello"]              runner -> controller / the echo
+    ["reqs",   world_id, epoch, [[rid, deadline_ms, nframes], ...]]     several dispatches
+    ["ress",   world_id, epoch, [[rid, status, code, nframes], ...]]    several answers
+
+A batch carries the frames of its requests (or answers) one after the other behind its head,
+``nframes`` each (the client header and its tensor frames). The controller sends everything
+it dispatched to one world in one loop iteration as one message, and a world answers a batch
+in one: ZeroMQ's cost is per message (a wake-up of its I/O thread, a flush), so under load the
+sends per request fall with the batch (docs/benchmarks.md). One request alone still travels as
+``req`` and one answer as ``res``.
 
 These are msgspec ``array_like`` Structs: the wire stays a plain array, and ``unpack`` checks
 every field's type in compiled code, so a malformed frame is refused here (``None``) and nobody
@@ -53,7 +62,19 @@ class Hello(msgspec.Struct, array_like=True, frozen=True, tag="hello"):
     epoch: int = 0
 
 
-DataHead = Dispatch | Reply | CancelWork | Hello
+class DispatchBatch(msgspec.Struct, array_like=True, frozen=True, tag="reqs"):
+    world_id: int
+    epoch: int
+    items: list[tuple[int, int, int]]  # (rid, deadline_ms, nframes)
+
+
+class ReplyBatch(msgspec.Struct, array_like=True, frozen=True, tag="ress"):
+    world_id: int
+    epoch: int
+    items: list[tuple[int, int, str, int]]  # (rid, status, code, nframes)
+
+
+DataHead = Dispatch | Reply | CancelWork | Hello | DispatchBatch | ReplyBatch
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(DataHead).decode
@@ -69,6 +90,42 @@ def pack_dispatch(rid: int, world_id: int, epoch: int, deadline_ms: int) -> byte
 
 def pack_reply(rid: int, world_id: int, epoch: int, status: int, code: str = "") -> bytes:
     return _encode(Reply(rid, world_id, epoch, status, code))
+
+
+def pack_dispatch_batch(world_id: int, epoch: int, items: list[tuple[int, int, int]]) -> bytes:
+    return _encode(DispatchBatch(world_id, epoch, items))
+
+
+def pack_reply_batch(world_id: int, epoch: int, items: list[tuple[int, int, str, int]]) -> bytes:
+    return _encode(ReplyBatch(world_id, epoch, items))
+
+
+def batch_parts(counts: list[int], frames: list[Any]) -> list[list[Any]] | None:
+    """``frames`` cut into consecutive parts of ``counts[i]`` frames each, or None when they do
+    not add up (a malformed batch: nothing in it is trusted)."""
+    if any(n < 1 for n in counts) or sum(counts) != len(frames):
+        return None
+    parts = []
+    at = 0
+    for n in counts:
+        parts.append(frames[at:at + n])
+        at += n
+    return parts
+
+
+def replies(head: DataHead | None, frames: list[Any]) -> list[tuple[Reply, list[Any]]]:
+    """The answers in a world's message (``head`` its unpacked frame 0, ``frames`` the rest):
+    each with its own frames; none when it is not an answer or a batch that does not add up."""
+    if type(head) is Reply:
+        return [(head, frames)]
+    if type(head) is not ReplyBatch:
+        return []
+    parts = batch_parts([item[3] for item in head.items], frames)
+    if parts is None:
+        return []
+    world_id, epoch = head.world_id, head.epoch
+    return [(Reply(rid, world_id, epoch, status, code), part)
+            for (rid, status, code, _), part in zip(head.items, parts, strict=True)]
 
 
 HELLO_ECHO = _encode(Hello())

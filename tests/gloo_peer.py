@@ -101,10 +101,11 @@ def _inner(comm: Any, deployment: dict[str, Any]) -> None:
     stage = InnerStage(world, send=sent.append, compute=Compute())
     while stage.serve_one():
         pass
-    for frames in sent:
-        head = dataplane.unpack(frames[0])
-        assert type(head) is dataplane.Reply
-        header = codec.decode([bytes(f) for f in frames[1:]], codec.to_numpy)
+    answers = [a for frames in sent for a in dataplane.replies(dataplane.unpack(frames[0]),
+                                                              frames[1:])]
+    assert len(answers) >= len(sent)
+    for head, frames in answers:
+        header = codec.decode([bytes(f) for f in frames], codec.to_numpy)
         outputs = {k: (v.tolist() if hasattr(v, "tolist") else v)
                    for k, v in (header.get("outputs") or {}).items()}
         print("reply " + json.dumps({"rid": head.rid, "status": head.status,

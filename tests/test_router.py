@@ -49,8 +49,13 @@ class Dispatch:
 class Harness:
     """A router with recording fakes for both sockets and the world-idle callback."""
 
-    def __init__(self, *, max_attempts: int = 3, **deployment: Any) -> None:
+    def __init__(self, *, max_attempts: int = 3, deferred: bool = False,
+                 **deployment: Any) -> None:
         self.clock = FakeClock()
+        # deferred: the router's flushes wait in here until ``end_wake_up`` (the controller's
+        # event loop runs them once the wake-up's callbacks are done); else each dispatch
+        # goes out at once.
+        self.deferred: list[Any] = []
         self.to_client: list[list[Any]] = []
         self.to_worker: list[list[Any]] = []
         self.idle: list[int] = []
@@ -65,6 +70,7 @@ class Harness:
             on_world_idle=self.idle.append,
             on_world_stalled=lambda world_id, why: self.stalled.append((world_id, why)),
             max_attempts=max_attempts,
+            defer=self.deferred.append if deferred else None,
             clock=self.clock,
         )
 
@@ -87,17 +93,27 @@ class Harness:
         self.submitted.append((client, client_id))
         self.router.submit(client, client_id, kind, header, frames, timeout_ms)
 
+    def end_wake_up(self) -> None:
+        while self.deferred:
+            self.deferred.pop(0)()
+
     def dispatches(self, entry: bytes | None = None) -> list[Dispatch]:
         out = []
         for frames in self.to_worker:
             head = dataplane.unpack(frames[1])
             if type(head) is dataplane.CancelWork:
                 continue
-            assert type(head) is dataplane.Dispatch
-            d = Dispatch(frames[0], head.rid, head.world_id, head.epoch, head.deadline_ms,
-                         frames[2], frames[3:])
-            if entry is None or d.entry == entry:
-                out.append(d)
+            if type(head) is dataplane.DispatchBatch:
+                parts = dataplane.batch_parts([n for _, _, n in head.items], frames[2:])
+                assert parts is not None, "a batch whose frame counts do not add up"
+                found = [Dispatch(frames[0], rid, head.world_id, head.epoch, deadline_ms,
+                                  part[0], part[1:])
+                         for (rid, deadline_ms, _), part in zip(head.items, parts, strict=True)]
+            else:
+                assert type(head) is dataplane.Dispatch
+                found = [Dispatch(frames[0], head.rid, head.world_id, head.epoch,
+                                  head.deadline_ms, frames[2], frames[3:])]
+            out += [d for d in found if entry is None or d.entry == entry]
         return out
 
     def cancels(self) -> list[tuple[bytes, int, int, int]]:
@@ -149,6 +165,65 @@ class Harness:
         finals = [(c, h["id"]) for c, h in self.answers() if h["kind"] != ClientKind.CHUNK]
         assert sorted(finals, key=repr) == sorted(self.submitted, key=repr)
         assert self.router.unanswered == 0
+
+
+# -- one message per world and wake-up ---------------------------------------------------------
+
+
+def test_what_one_wake_up_dispatches_to_a_world_goes_out_as_one_message() -> None:
+    h = Harness(deferred=True, max_inflight_per_world=64)
+    h.router.add_world(1, 0, b"w1")
+    h.router.add_world(2, 0, b"w2")
+    for i in range(10):
+        h.submit(f"r{i}", timeout_ms=1000 + 10 * i)
+    assert h.to_worker == []  # nothing is sent before the wake-up's work is done
+    h.end_wake_up()
+    assert sorted(frames[0] for frames in h.to_worker) == [b"w1", b"w2"]
+    assert all(type(dataplane.unpack(f[1])) is dataplane.DispatchBatch for f in h.to_worker)
+    for i in range(10):  # each request with its own header, frames and deadline
+        d = h.dispatch_of(f"r{i}")
+        assert d.frames == [f"tensor-of-r{i}".encode()]
+        assert abs(d.deadline_ms - (1000 + 10 * i)) <= 1  # float rounding of the clock
+    for d in h.dispatches():
+        h.reply(d)
+    h.end_wake_up()
+    h.assert_each_answered_once()
+    # Alone in its wake-up, a request travels as a single dispatch.
+    h.submit("alone")
+    h.end_wake_up()
+    assert type(dataplane.unpack(h.to_worker[-1][1])) is dataplane.Dispatch
+
+
+def test_a_batch_whose_world_is_gone_is_taken_back_and_sent_to_another_world() -> None:
+    h = Harness(deferred=True, max_inflight_per_world=64)
+    h.router.add_world(1, 0, b"w1")
+    h.router.add_world(2, 0, b"w2")
+    h.vanished.add(b"w1")
+    for i in range(6):
+        h.submit(f"r{i}")
+    h.end_wake_up()
+    assert h.router.worlds[1].unreachable and not h.router.worlds[1].inflight
+    delivered = [d for d in h.dispatches(b"w2")]
+    assert sorted(codec.unpack_header(d.header)["id"] for d in delivered) == \
+        [f"r{i}" for i in range(6)]
+    for d in delivered:
+        h.reply(d)
+    h.end_wake_up()
+    h.assert_each_answered_once()
+    assert all(p.attempts == 1 for p in h.router.pending.values())
+
+
+def test_a_cancel_never_overtakes_the_dispatch_it_stops() -> None:
+    h = Harness(deferred=True)
+    h.router.add_world(1, 0, b"w1")
+    h.submit("r")
+    h.router.cancel(b"client-1", "r")  # in the same wake-up: the dispatch is still held
+    kinds = [type(dataplane.unpack(f[1])) for f in h.to_worker]
+    assert kinds == [dataplane.Dispatch, dataplane.CancelWork]
+    assert h.code_of("r") == "cancelled"
+    h.reply(h.dispatch_of("r"))  # the world answers anyway: dropped, its slot freed
+    assert not h.router.worlds[1].inflight
+    h.assert_each_answered_once()
 
 
 # -- world choice and queueing ----------------------------------------------------------------
@@ -605,3 +680,17 @@ def test_a_reply_no_client_could_read_reports_the_world_and_the_request_is_re_se
     h.reply(again)
     assert h.code_of("a") == "ok"
     h.assert_each_answered_once()
+
+
+def test_a_reply_batch_is_split_per_answer_and_one_that_does_not_add_up_is_refused_whole(
+        ) -> None:
+    head = dataplane.unpack(dataplane.pack_reply_batch(3, 1, [(7, dataplane.OK, "", 2),
+                                                              (8, dataplane.ERROR, "x", 1)]))
+    answers = dataplane.replies(head, [b"h7", b"t7", b"h8"])
+    assert [(r.rid, r.world_id, r.epoch, r.status, r.code, f) for r, f in answers] == [
+        (7, 3, 1, dataplane.OK, "", [b"h7", b"t7"]), (8, 3, 1, dataplane.ERROR, "x", [b"h8"])]
+    assert dataplane.replies(head, [b"h7", b"t7"]) == []  # a frame short
+    assert dataplane.replies(head, [b"h7", b"t7", b"h8", b"extra"]) == []
+    zero = dataplane.unpack(dataplane.pack_reply_batch(3, 1, [(7, dataplane.OK, "", 0)]))
+    assert dataplane.replies(zero, []) == []  # an answer without its header
+    assert dataplane.unpack(b"\x94\xa4ress\x03\x01\x91\x93\x07\x00\xa0") is None  # 3 fields

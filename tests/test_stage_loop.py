@@ -147,11 +147,51 @@ def test_a_next_rank_killed_while_batches_are_posted_answers_unavailable_never_m
     assert isinstance(stage.broken, PeerLost)
     assert broken and broken[0][3] is True  # reported as a lost peer
     answers = {}
-    for frames in sent:
-        head = dataplane.unpack(frames[0])
-        header = codec.unpack_header(frames[1])
-        assert type(head) is dataplane.Reply and head.status == dataplane.ERROR
-        assert head.code == header["code"]  # the code travels in the fixed part too
-        answers[head.rid] = header["code"]
+    for message in sent:
+        batch = dataplane.replies(dataplane.unpack(message[0]), message[1:])
+        assert batch, message
+        for head, frames in batch:
+            header = codec.unpack_header(frames[0])
+            assert head.status == dataplane.ERROR
+            assert head.code == header["code"]  # the code travels in the fixed part too
+            answers[head.rid] = header["code"]
     assert set(answers) == set(rids)
     assert set(answers.values()) == {"unavailable"}, answers
+
+
+def test_a_one_rank_world_answers_a_batch_of_dispatches_in_one_message() -> None:
+    spec = DeploymentSpec(**{**MLP, "micro_batches": 1})
+    handler = load_handler(spec, "cpu", stage=0, stages=1)
+    world = World(world_id=1, epoch=1, rank=0, size=1, deployment=spec, handler=handler,
+                  comm=None)
+    sent: list[list[Any]] = []
+    stage = EntryStage(world, send=sent.append, compute=Compute(), on_broken=print)
+    xs = {rid: np.full((1, 64), rid, np.float32) for rid in (1, 2, 3)}
+    parts = [dispatch(rid, x)[1:] for rid, x in xs.items()]
+    bad = codec.encode(request_header(ClientKind.INFER, "c9", "mlp", {"x": np.ones((1, 3),
+                                                                                   np.float32)},
+                                      10_000))
+    parts.append([bytes(f) for f in bad])  # refused by validation: answered in the same batch
+    items = [(rid, 10_000, len(part)) for rid, part in zip((1, 2, 3, 9), parts, strict=True)]
+    stage.accept([dataplane.pack_dispatch_batch(1, 1, items), *[f for p in parts for f in p]])
+    stage.flush()
+    assert len(sent) == 1  # the refusal, alone so far
+    stage.step()
+    assert len(sent) == 2  # three results: one message
+    answers = {head.rid: (head.status, codec.decode([bytes(f) for f in frames]))
+               for message in sent
+               for head, frames in dataplane.replies(dataplane.unpack(message[0]), message[1:])}
+    assert sorted(answers) == [1, 2, 3, 9]
+    assert answers[9][0] == dataplane.ERROR and answers[9][1]["code"] == "bad_request"
+    with torch.inference_mode():
+        for rid, x in xs.items():
+            status, body = answers[rid]
+            assert status == dataplane.OK and body["id"] == f"c{rid}"
+            np.testing.assert_allclose(body["outputs"]["y"],
+                                       handler.module(torch.from_numpy(x)).numpy(), rtol=1e-5)
+    # A batch whose frame counts do not add up is dropped whole: nothing in it is trusted.
+    stage.accept([dataplane.pack_dispatch_batch(1, 1, [(5, 10_000, 2), (6, 10_000, 2)]),
+                  *parts[0], *parts[1][:1]])
+    stage.flush()
+    stage.step()
+    assert len(sent) == 2 and not stage.queued

@@ -215,6 +215,7 @@ class WorldRunner:
                     core.accept(frames)
                 except Exception:
                     log.exception("[%s] dropped a request it could not read", self.world.label)
+            core.flush()
             if self._leave_deadline_s is not None:
                 core.draining = True
                 if core.idle or clock() >= self._leave_deadline_s:

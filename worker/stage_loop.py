@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import codec
-from mesh.dataplane import ERROR, CancelWork, Dispatch, pack_reply, unpack
+from mesh.dataplane import CancelWork, Dispatch, DispatchBatch, batch_parts, unpack
 from mesh.errors import (
     BadRequest,
     Cancelled,
@@ -33,7 +33,6 @@ from mesh.errors import (
     ModelError,
     Unavailable,
 )
-from mesh.messages import error_header
 from worker import pipeline
 from worker.batcher import Batcher, Item
 from worker.comm import HEADER_BYTES, Comm, CommError
@@ -79,12 +78,6 @@ def micro_batches(batch: list[Item], parts: int, budget: int = ITEMS_BUDGET) -> 
         acc += item.rows
         size += cost
     return groups
-
-
-def error_reply(rid: Any, world_id: Any, epoch: Any, client_id: Any,
-                error: MeshError) -> list[Any]:
-    header = codec.pack(error_header(client_id, error.code, error.message, error.retryable))
-    return [pack_reply(rid, world_id, epoch, ERROR, error.code), header]
 
 
 @dataclass(eq=False)
@@ -140,19 +133,33 @@ class EntryStage:
     # -- input ----------------------------------------------------------------------------
 
     def accept(self, frames: list[Any]) -> None:
-        """A message from the controller: a dispatch or a cancel."""
+        """A message from the controller: a dispatch, a batch of them, or a cancel. Answers
+        it gives at once (a request it refuses) are held until ``flush``."""
         head = unpack(frames[0])
-        if type(head) is CancelWork:
+        if isinstance(head, Dispatch):
+            self._accept_one(head.rid, head.world_id, head.epoch, head.deadline_ms, frames[1:])
+        elif isinstance(head, DispatchBatch):
+            parts = batch_parts([n for _, _, n in head.items], frames[1:])
+            if parts is None:
+                log.warning("[%s] dropped a malformed batch of dispatches", self.world.label)
+                return
+            for (rid, deadline_ms, _), part in zip(head.items, parts, strict=True):
+                self._accept_one(rid, head.world_id, head.epoch, deadline_ms, part)
+        elif isinstance(head, CancelWork):
             self._cancel(head.rid)
-            return
-        if type(head) is not Dispatch:
+        else:
             log.warning("[%s] dropped a malformed dispatch", self.world.label)
-            return
-        rid, world_id, epoch, deadline_ms = head.rid, head.world_id, head.epoch, head.deadline_ms
+
+    def flush(self) -> None:
+        """Send the answers held so far."""
+        self.replier.flush()
+
+    def _accept_one(self, rid: int, world_id: int, epoch: int, deadline_ms: int,
+                    frames: list[Any]) -> None:
         world = self.world
         client_id: Any = None
         try:
-            header = codec.decode(frames[1:], codec.to_torch)
+            header = codec.decode(frames, codec.to_torch)
             client_id = header.get("id")
             if world_id != world.world_id or epoch != world.epoch:
                 raise Unavailable(f"this runner serves world {world.world_id}/{world.epoch}")
@@ -167,12 +174,12 @@ class EntryStage:
                 raise BadRequest("'params' must be a map")
             rows = self.handler.validate(inputs, params, kind)
         except MeshError as exc:
-            self._send(error_reply(rid, world_id, epoch, client_id, exc))
+            self.replier.error(rid, client_id, exc)
             return
         except Exception as exc:  # a handler bug: answer this request, keep serving
             log.exception("[%s] validating a request failed", world.label)
-            self._send(error_reply(rid, world_id, epoch, client_id, ModelError(
-                f"validation failed: {type(exc).__name__}: {exc}")))
+            self.replier.error(rid, client_id, ModelError(
+                f"validation failed: {type(exc).__name__}: {exc}"))
             return
         now = self._clock()
         self.batcher.add(Item((rid, client_id), rows, now, now + deadline_ms / 1000.0,
@@ -222,6 +229,8 @@ class EntryStage:
                 self._keepalive()
         except CommError as exc:
             self._break(exc)
+        finally:
+            self.replier.flush()
 
     def _run_batch(self, batch: list[Item]) -> None:
         self.busy = True
@@ -385,6 +394,7 @@ class EntryStage:
             self._answer(item, error)
         while self._decodes:
             self._answer(self._decodes.popleft().item, error)
+        self.replier.flush()
         comm = self.comm
         if graceful and comm is not None and self.broken is None and not comm.aborted:
             try:
@@ -416,7 +426,14 @@ class InnerStage:
         world = self.world
         comm = self.comm
         header, tensors = comm.recv(world.rank - 1)
-        message = pipeline.decode(header)
+        try:
+            return self._serve(pipeline.decode(header), tensors)
+        finally:
+            self.replier.flush()
+
+    def _serve(self, message: Any, tensors: list[Any]) -> bool:
+        world = self.world
+        comm = self.comm
         if isinstance(message, pipeline.Close):
             if not world.is_last:
                 comm.send(world.rank + 1, message.to_wire())

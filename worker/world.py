@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh import codec
-from mesh.dataplane import CHUNK, ERROR, OK, pack_reply
+from mesh.dataplane import CHUNK, ERROR, OK, pack_reply, pack_reply_batch
 from mesh.errors import MeshError, ModelError
 from mesh.messages import (
     PROTOCOL_VERSION,
@@ -27,6 +27,9 @@ from mesh.messages import (
 from mesh.spec import DeploymentSpec
 from worker.comm import Comm
 from worker.handler import Handler
+
+# Answers held for one message at most: bounds a message's size and a held answer's wait.
+MAX_REPLY_BATCH = 256
 
 OnBroken = Callable[[int, int, str, bool], None]  # (world_id, epoch, reason, peer_lost)
 
@@ -98,12 +101,17 @@ def end_header(client_id: Any, seq: int) -> dict[str, Any]:
 
 
 class Replier:
-    """Builds and sends answers for one world (frames for a socket its caller owns)."""
+    """Builds one world's answers and sends them, several to a message: each answer is held
+    until ``flush``, which its stage calls once it has nothing more to add right now (after
+    taking in what arrived, after a batch or a decoding step). One held answer goes out as a
+    ``res`` message, several as one ``ress`` (mesh.dataplane)."""
 
     def __init__(self, world_id: int, epoch: int, send: Callable[[list[Any]], None]) -> None:
         self.world_id = world_id
         self.epoch = epoch
         self._send = send
+        self._items: list[tuple[int, int, str, int]] = []
+        self._frames: list[Any] = []
 
     def result(self, rid: Any, client_id: Any, outputs: dict[str, Any]) -> None:
         try:
@@ -111,20 +119,37 @@ class Replier:
         except Exception as exc:
             self.error(rid, client_id, ModelError(f"output cannot be encoded: {exc}"))
             return
-        self._send([pack_reply(rid, self.world_id, self.epoch, OK), *frames])
+        self._hold(rid, OK, "", frames)
 
     def chunk(self, rid: Any, client_id: Any, seq: int, outputs: dict[str, Any]) -> None:
-        frames = codec.encode(chunk_header(client_id, seq, outputs))
-        self._send([pack_reply(rid, self.world_id, self.epoch, CHUNK), *frames])
+        self._hold(rid, CHUNK, "", codec.encode(chunk_header(client_id, seq, outputs)))
 
     def end(self, rid: Any, client_id: Any, seq: int) -> None:
-        self._send([pack_reply(rid, self.world_id, self.epoch, OK),
-                    codec.pack(end_header(client_id, seq))])
+        self._hold(rid, OK, "", [codec.pack(end_header(client_id, seq))])
 
     def error(self, rid: Any, client_id: Any, error: MeshError) -> None:
         header = codec.pack(error_header(client_id, error.code, error.message, error.retryable))
-        self._send([pack_reply(rid, self.world_id, self.epoch, ERROR,
-                                      error.code), header])
+        self._hold(rid, ERROR, error.code, [header])
+
+    def _hold(self, rid: int, status: int, code: str, frames: list[Any]) -> None:
+        self._items.append((rid, status, code, len(frames)))
+        self._frames.extend(frames)
+        if len(self._items) >= MAX_REPLY_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send every held answer (nothing when none is held)."""
+        items = self._items
+        if not items:
+            return
+        frames = self._frames
+        self._items = []
+        self._frames = []
+        if len(items) == 1:
+            rid, status, code, _ = items[0]
+            self._send([pack_reply(rid, self.world_id, self.epoch, status, code), *frames])
+        else:
+            self._send([pack_reply_batch(self.world_id, self.epoch, items), *frames])
 
 
 def emit_stream_step(replier: Replier, handler: Handler, text: dict[Any, list[str]], rid: Any,
