@@ -15,8 +15,9 @@ class Pending:
     """One accepted request until its final answer (and until its world lets go of it)."""
 
     __slots__ = (
-        "answered", "arrived_s", "attempts", "chunks", "client", "client_id", "deadline_s",
-        "dispatched_s", "frames", "header", "kind", "original_header", "rid", "world",
+        "answered", "arrived_s", "attempts", "avoid", "chunks", "client", "client_id",
+        "deadline_s", "dispatched_s", "frames", "header", "kind", "original_header", "rid",
+        "world",
     )
 
     def __init__(self, rid: int, client: bytes, client_id: Any, kind: str, header: Any,
@@ -33,6 +34,9 @@ class Pending:
         self.deadline_s = deadline_s
         self.world: WorldRoute | None = None
         self.attempts = 0
+        # The world that last failed it (answered unavailable, or broke): a re-send goes to
+        # another world when there is one, so it is not spent on a world that is going away.
+        self.avoid = -1
         self.answered = False
         self.chunks = 0  # stream chunks forwarded to the client so far
 

@@ -176,14 +176,20 @@ class Router:
         else:
             self.queue.append(p)
 
-    def _pick(self) -> WorldRoute | None:
+    def _pick(self, avoid: int = -1) -> WorldRoute | None:
+        """The serving world with the fewest outstanding requests and room for one more;
+        world ``avoid`` only when no other has room."""
         best: WorldRoute | None = None
+        fallback: WorldRoute | None = None
         best_load = self.limit
         for w in self._serving:
             load = len(w.inflight)
             if load < best_load:
+                if w.world_id == avoid:
+                    fallback = w
+                    continue
                 best, best_load = w, load
-        return best
+        return best if best is not None else fallback
 
     def _dispatch(self, p: Pending, world: WorldRoute, now: float) -> None:
         if not world.inflight:
@@ -262,10 +268,11 @@ class Router:
             return
         now = self._clock()
         while queue:
-            world = self._pick()
+            p = queue[0]
+            world = self._pick(p.avoid)
             if world is None:
                 return
-            p = queue.popleft()
+            queue.popleft()
             if p.answered:
                 self._queue_dead -= 1
                 continue
@@ -360,6 +367,8 @@ class Router:
                 return False
         p.answered = False
         self._opened()
+        if p.world is not None:
+            p.avoid = p.world.world_id
         p.world = None
         self.pending[p.rid] = p
         self._by_client[(p.client, p.client_id)] = p.rid

@@ -449,6 +449,33 @@ def test_an_unavailable_error_from_a_worker_is_retried_instead_of_shown_to_the_c
     h.assert_each_answered_once()
 
 
+def test_a_request_a_world_failed_is_re_sent_to_another_world_while_one_has_room() -> None:
+    # World 1 answers "unavailable" (it is breaking, and nobody has told the controller yet):
+    # the re-send goes to world 2, though world 1 now holds fewer requests, so a request is
+    # not spent on a world that is going away. With world 1 alone, it still goes there.
+    h = Harness(max_inflight_per_world=8)
+    h.router.add_world(1, 0, b"w1")
+    h.router.add_world(2, 0, b"w2")
+    h.submit("a")
+    h.submit("b")
+    h.submit("c")
+    on_w1 = h.dispatches(b"w1")
+    failing = on_w1[0]
+    name = codec.unpack_header(failing.header)["id"]
+    for d in on_w1:
+        h.reply_error(d, Unavailable.code, retryable=True)
+    assert h.dispatch_of(name).entry == b"w2"
+    assert len(h.router.worlds[1].inflight) == 0 < len(h.router.worlds[2].inflight)
+    for d in h.dispatches(b"w2"):
+        h.reply(d)
+    h.assert_each_answered_once()
+    solo = Harness()
+    solo.router.add_world(1, 0, b"w1")
+    solo.submit("a")
+    solo.reply_error(solo.dispatch_of("a"), Unavailable.code, retryable=True)
+    assert [d.entry for d in solo.dispatches()] == [b"w1", b"w1"]
+
+
 def test_an_unavailable_error_is_shown_once_the_retry_budget_is_spent() -> None:
     h = Harness(max_attempts=2)
     h.router.add_world(1, 0, b"w1")
