@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
-from mesh import codec
 from mesh.client import Client
 
 
@@ -101,8 +100,9 @@ class LedgerClient(Client):
         super().__init__(endpoint)
         self.answers: Counter[Any] = Counter()
 
-    def _on_message(self, frames: list[Any]) -> None:
-        header = codec.unpack_header(codec.frame_buffer(frames[0]))
-        if header.get("kind") in ("result", "error", "end"):
-            self.answers[header.get("id")] += 1
-        super()._on_message(frames)
+    def _on_header(self, header: dict[str, Any], req_id: Any, kind: Any,
+                   frames: list[Any]) -> None:
+        # Every final answer as received, alone in a message or in a batch of them.
+        if kind in ("result", "error", "end"):
+            self.answers[req_id] += 1
+        super()._on_header(header, req_id, kind, frames)

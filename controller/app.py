@@ -118,7 +118,7 @@ class Controller:
                                      max_request_bytes=c.max_request_bytes,
                                      curve=curve("client"),
                                      max_connections=c.max_client_connections,
-                                     describe=self.describe)
+                                     describe=self.describe, defer=_call_soon)
             built.callback(self.frontend.close)
             self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
                                launcher=self.launcher, snapshot=self.status,

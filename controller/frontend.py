@@ -29,7 +29,16 @@ from mesh.errors import (
     UnsupportedVersion,
     excerpt,
 )
-from mesh.messages import MAX_ID_BYTES, PROTOCOL_VERSION, ClientKind, error_header
+from mesh.messages import (
+    FEATURES,
+    MAX_BATCH,
+    MAX_ID_BYTES,
+    PROTOCOL_VERSION,
+    ClientKind,
+    batch_counts,
+    batch_header,
+    error_header,
+)
 from mesh.security import ServerKeys
 from mesh.transport import Pump, bind_socket, make_socket
 
@@ -51,6 +60,7 @@ class Frontend:
         max_connections: int = 10_000,
         incarnation: str = "",
         describe: Callable[[], list[dict[str, Any]]] | None = None,
+        defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.endpoint = endpoint
         # Which start of the controller this is: a client that sees it change in a pong knows
@@ -73,6 +83,13 @@ class Frontend:
         self.connections = ConnectionWatch(sock, max_connections)
         self.rejected = 0
         self.rejected_by_code: Counter[str] = Counter()
+        # Clients that send batches, and so take their answers in batches too; the newest
+        # ``max_connections`` are remembered (one forgotten is answered one by one).
+        self._batching: dict[bytes, None] = {}
+        self._max_batching = max_connections
+        self._held: dict[bytes, list[list[Any]]] = {}
+        self._flush_scheduled = False
+        self._defer = defer or (lambda fn: fn())
 
     def start(self) -> None:
         self.connections.start()
@@ -83,9 +100,56 @@ class Frontend:
         self.pump.close()
 
     def send(self, frames: list[Any]) -> bool:
-        return self.pump.send(frames)
+        """Send an answer to the client ``frames[0]``: at once, or, to a client that sends
+        batches, held until the end of this wake-up and sent with the others held for it as
+        one batch (``flush``). False: dropped (the client's connection is gone or full)."""
+        client = frames[0]
+        held = self._held.get(client)
+        if held is None:
+            if client not in self._batching:
+                return self.pump.send(frames)
+            held = self._held[client] = []
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._defer(self.flush)
+        held.append(frames)
+        return True
 
-    def _on_message(self, frames: list[Any]) -> None:
+    def flush(self) -> None:
+        """Send each client its held answers, as one batch per client (MAX_BATCH at most)."""
+        self._flush_scheduled = False
+        held, self._held = self._held, {}
+        for client, messages in held.items():
+            for at in range(0, len(messages), MAX_BATCH):
+                part = messages[at:at + MAX_BATCH]
+                if len(part) == 1:
+                    self.pump.send(part[0])
+                    continue
+                frames: list[Any] = [client, codec.pack(batch_header(
+                    [len(m) - 1 for m in part]))]
+                for m in part:
+                    frames += m[1:]
+                self.pump.send(frames)
+
+    def _batch(self, client: bytes, header: dict[str, Any], frames: list[Any],
+               nested: bool) -> None:
+        """Several requests in one message: each handled as if it had come alone."""
+        counts = None if nested else batch_counts(header, len(frames) - 2)
+        if counts is None:
+            raise BadRequest("a batch's 'counts' must list at most "
+                             f"{MAX_BATCH} positive frame counts adding up to the frames "
+                             "after its header" + ("; batches do not nest" if nested else ""))
+        batching = self._batching
+        if client not in batching:
+            if len(batching) >= self._max_batching:
+                del batching[next(iter(batching))]  # the oldest: it is answered one by one
+            batching[client] = None
+        at = 2
+        for n in counts:
+            self._on_message([client, *frames[at:at + n]], True)
+            at += n
+
+    def _on_message(self, frames: list[Any], in_batch: bool = False) -> None:
         client = frames[0]
         if len(frames) < 2:
             self._error(client, None, BadRequest("message has no header frame"))
@@ -106,7 +170,9 @@ class Frontend:
         if not _echoable(req_id):
             req_id = None  # answered without an id rather than with the client's bulk
         try:
-            if size > self.max_request_bytes:
+            # A batch's requests are held to the limit one by one, not all together.
+            if size > self.max_request_bytes and not (
+                    isinstance(header, dict) and header.get("kind") == ClientKind.BATCH):
                 raise PayloadTooLarge(f"request is {size} bytes; limit {self.max_request_bytes}")
             if not isinstance(header, dict):
                 raise BadRequest("header must be a msgpack map")
@@ -119,9 +185,12 @@ class Frontend:
             if isinstance(sent, str) and len(sent.encode()) > MAX_ID_BYTES:
                 raise BadRequest(f"header 'id' is {len(sent.encode())} bytes; a string id "
                                  f"may have at most {MAX_ID_BYTES}")
+            kind = header.get("kind")
+            if kind == ClientKind.BATCH and "id" not in header:
+                self._batch(client, header, frames, in_batch)
+                return
             if req_id is None:
                 raise BadRequest("header 'id' must be a 64-bit integer or a string")
-            kind = header.get("kind")
             if kind == ClientKind.CANCEL:
                 for router in self.routers.values():
                     router.cancel(client, req_id)
@@ -130,10 +199,12 @@ class Frontend:
                 self._description(client, req_id, header.get("model"))
                 return
             if kind == ClientKind.PING:
-                self.pump.send([client, codec.pack({"v": PROTOCOL_VERSION,
-                                                    "kind": ClientKind.PONG, "id": req_id,
-                                                    "incarnation": self.incarnation})])
+                self.send([client, codec.pack({"v": PROTOCOL_VERSION, "kind": ClientKind.PONG,
+                                               "id": req_id, "incarnation": self.incarnation,
+                                               "features": FEATURES})])
                 return
+            if kind == ClientKind.BATCH:
+                raise BadRequest("a batch header has no 'id'")
             if kind not in (ClientKind.INFER, ClientKind.STREAM):
                 raise BadRequest(f"unknown request kind {excerpt(kind)}")
             model = header.get("model")
@@ -178,18 +249,18 @@ class Frontend:
             if not models:
                 raise UnknownModel(f"no deployment named {excerpt(model)}; "
                                    f"serving {sorted(self.routers)[:20]}")
-        self.pump.send([client, codec.pack({"v": PROTOCOL_VERSION,
-                                            "kind": ClientKind.DESCRIPTION, "id": req_id,
-                                            "protocol_version": PROTOCOL_VERSION,
-                                            "models": models})])
+        self.send([client, codec.pack({"v": PROTOCOL_VERSION,
+                                       "kind": ClientKind.DESCRIPTION, "id": req_id,
+                                       "protocol_version": PROTOCOL_VERSION,
+                                       "models": models})])
 
     def _error(self, client: bytes, req_id: Any, exc: MeshError) -> None:
         self.rejected += 1
         self.rejected_by_code[exc.code] += 1
         if self._on_bad_request is not None:
             self._on_bad_request(exc.code)
-        self.pump.send([client, codec.pack(error_header(req_id, exc.code, exc.message,
-                                                        exc.retryable))])
+        self.send([client, codec.pack(error_header(req_id, exc.code, exc.message,
+                                                   exc.retryable))])
 
 
 def _echoable(req_id: Any) -> bool:

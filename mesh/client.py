@@ -49,11 +49,20 @@ from mesh.errors import (
     Unavailable,
     error_from_wire,
 )
-from mesh.messages import PROTOCOL_VERSION, ClientKind, request_header
+from mesh.messages import (
+    MAX_BATCH,
+    PROTOCOL_VERSION,
+    ClientKind,
+    batch_counts,
+    batch_header,
+    request_header,
+)
 from mesh.security import client_keys
 from mesh.transport import Pump, make_socket
 
 _END = object()
+# Requests held for one batch carry at most this many bytes; a larger one goes alone.
+BATCH_BYTES = 256 * 1024
 
 
 class _Stream:
@@ -77,11 +86,14 @@ class Client:
         controller_key: str | None = None,
         heartbeat_s: float = 0.5,
         controller_timeout_s: float = 5.0,
+        batch: bool = True,
     ) -> None:
         """``key`` (this client's NAME.key_secret) and ``controller_key`` (the controller's
         NAME.key) turn on CURVE, for a controller with ``[security] curve = true``.
         ``heartbeat_s`` (0: never ping) and ``controller_timeout_s``: how the client notices a
-        lost controller (module docstring)."""
+        lost controller (module docstring). ``batch``: send the requests made in one loop
+        iteration as one message, once the controller's pong says it takes batches (protocol
+        section 3.9); False: one message per request, always."""
         if not 0 <= heartbeat_s < math.inf or not 0 < controller_timeout_s < math.inf:
             raise ValueError("heartbeat_s must be >= 0 and controller_timeout_s > 0")
         if heartbeat_s and controller_timeout_s < 2 * heartbeat_s:
@@ -108,6 +120,12 @@ class Client:
         self._lost = False
         self._ticker: asyncio.TimerHandle | None = None
         self.controller_losses = 0  # times the client declared its controller lost
+        # Batching: allowed by the caller, offered by the controller (its pong), and what is
+        # held for the flush at the end of this loop iteration.
+        self._batch_allowed = batch
+        self._batching = False
+        self._held: list[list[Any]] = []
+        self._held_bytes = 0
 
     async def connect(self) -> None:
         self._open()
@@ -212,7 +230,7 @@ class Client:
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._calls[req_id] = fut
         timer = loop.call_later(wait_s, self._expire, req_id)
-        pump.send(frames)
+        self._send(pump, frames)
         try:
             return await fut
         finally:
@@ -274,7 +292,7 @@ class Client:
         stream = _Stream()
         self._streams[req_id] = stream
         finished = False
-        pump.send(frames)
+        self._send(pump, frames)
         try:
             async with asyncio.timeout(timeout_s + self.grace_s):
                 while True:
@@ -292,8 +310,8 @@ class Client:
             self._streams.pop(req_id, None)
             if not finished and not self._closed and self._pump is not None:
                 # The caller stopped early: tell the server so the world stops decoding.
-                self._pump.send([codec.pack({"v": PROTOCOL_VERSION, "kind": ClientKind.CANCEL,
-                                             "id": req_id})])
+                self._send(self._pump, [codec.pack({"v": PROTOCOL_VERSION,
+                                                    "kind": ClientKind.CANCEL, "id": req_id})])
 
     # -- liveness -------------------------------------------------------------------------
 
@@ -325,6 +343,9 @@ class Client:
 
     def _on_pong(self, ping_id: int, header: dict[str, Any]) -> None:
         self._pings = {p for p in self._pings if p > ping_id}
+        features = header.get("features")
+        self._batching = self._batch_allowed and isinstance(features, list) and \
+            ClientKind.BATCH in features
         incarnation = header.get("incarnation")
         if not isinstance(incarnation, str) or not incarnation:
             return
@@ -344,6 +365,9 @@ class Client:
         self._silent_since = None
         self._pings.clear()
         self._fail(ControllerLost(why, retry_after_ms=int(self.heartbeat_s * 1000)))
+        self._held.clear()  # requests of the calls just failed
+        self._held_bytes = 0
+        self._batching = False  # until the next controller's pong says it takes batches
         # A fresh socket: what the old one still queued for the lost controller is dropped
         # rather than delivered (and computed) whenever it comes back.
         if self._pump is not None:
@@ -367,6 +391,38 @@ class Client:
             raise RuntimeError("client is not connected; use 'async with Client(...)'")
         return self._pump
 
+    def _send(self, pump: Pump, frames: list[Any]) -> None:
+        """Send now, or hold for this iteration's batch (requests of BATCH_BYTES or more are
+        never held: they go alone, after what is held, so the order is kept)."""
+        if not self._batching:
+            pump.send(frames)
+            return
+        size = sum(len(f) for f in frames)
+        if size >= BATCH_BYTES or self._held_bytes + size > BATCH_BYTES or \
+                len(self._held) >= MAX_BATCH:
+            self._flush()
+            if size >= BATCH_BYTES:
+                pump.send(frames)
+                return
+        if not self._held:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._held.append(frames)
+        self._held_bytes += size
+
+    def _flush(self) -> None:
+        held = self._held
+        if not held or self._pump is None:
+            return
+        self._held = []
+        self._held_bytes = 0
+        if len(held) == 1:
+            self._pump.send(held[0])
+            return
+        frames: list[Any] = [codec.pack(batch_header([len(m) for m in held]))]
+        for m in held:
+            frames += m
+        self._pump.send(frames)
+
     def _expire(self, req_id: int) -> None:
         fut = self._calls.pop(req_id, None)
         if fut is not None and not fut.done():
@@ -377,10 +433,33 @@ class Client:
         self._lost = False
         try:
             header = codec.unpack_header(codec.frame_buffer(frames[0]))
+            kind = header["kind"]
+            if kind == ClientKind.BATCH:
+                counts = batch_counts(header, len(frames) - 1)
+                if counts is not None:
+                    at = 1
+                    for n in counts:
+                        self._on_answer(frames[at:at + n])
+                        at += n
+                return
+            req_id = header["id"]
+        except (MeshError, KeyError, TypeError):
+            return  # not ours to understand; the protocol says answers are well formed
+        self._on_header(header, req_id, kind, frames)
+
+    def _on_answer(self, frames: list[Any]) -> None:
+        """One answer of a batch."""
+        try:
+            header = codec.unpack_header(codec.frame_buffer(frames[0]))
             req_id = header["id"]
             kind = header["kind"]
         except (MeshError, KeyError, TypeError):
-            return  # not ours to understand; the protocol says answers are well formed
+            return
+        if kind != ClientKind.BATCH:
+            self._on_header(header, req_id, kind, frames)
+
+    def _on_header(self, header: dict[str, Any], req_id: Any, kind: Any,
+                   frames: list[Any]) -> None:
         if kind == ClientKind.PONG:
             if req_id in self._pings:
                 self._on_pong(req_id, header)

@@ -46,10 +46,38 @@ class ClientKind:
     PONG = "pong"  # the answer, with the controller's ``incarnation``
     DESCRIBE = "describe"  # client to controller: what do the deployments take and give?
     DESCRIPTION = "description"  # the answer: ``models``, ``protocol_version``
+    # Several messages in one, either way: ``counts`` says how many frames each has. A client
+    # sends one only to a controller whose pong lists "batch" in its ``features``, and only a
+    # client that sent one is answered with one (docs/protocol.md section 3.9).
+    BATCH = "batch"
+
+
+# What a controller's pong says it supports beyond the base protocol.
+FEATURES = ("batch",)
+# Messages in one batch at most, either way.
+MAX_BATCH = 1024
+
+
+def batch_header(counts: list[int]) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "kind": ClientKind.BATCH, "counts": counts}
+
+
+def batch_counts(header: dict[str, Any], nframes: int) -> list[int] | None:
+    """A batch header's ``counts`` when they are valid for ``nframes`` frames after it: a list
+    of at most MAX_BATCH positive integers adding up to ``nframes``; else None."""
+    counts = header.get("counts")
+    if type(counts) is not list or not 0 < len(counts) <= MAX_BATCH:
+        return None
+    total = 0
+    for n in counts:
+        if type(n) is not int or n < 1:
+            return None
+        total += n
+    return counts if total == nframes else None
 
 
 REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCEL,
-                           ClientKind.PING, ClientKind.DESCRIBE})
+                           ClientKind.PING, ClientKind.DESCRIBE, ClientKind.BATCH})
 
 
 # The data path's frame 0 (req, res, cancel, hello) is defined in mesh/dataplane.py.

@@ -8,7 +8,6 @@ from typing import Any, Self
 
 import numpy as np
 
-from mesh import codec
 from mesh.client import Client
 from mesh.errors import MeshError
 
@@ -21,14 +20,14 @@ class LedgerClient(Client):
         self.answers: Counter[Any] = Counter()
         self.chunks: Counter[Any] = Counter()
 
-    def _on_message(self, frames: list[Any]) -> None:
-        header = codec.unpack_header(codec.frame_buffer(frames[0]))
-        kind = header.get("kind")
+    def _on_header(self, header: dict[str, Any], req_id: Any, kind: Any,
+                   frames: list[Any]) -> None:
+        # Every answer as received, alone in a message or in a batch of them.
         if kind == "chunk":
-            self.chunks[header.get("id")] += 1
-        elif kind != "pong" and header.get("id") not in self._pings:
-            self.answers[header.get("id")] += 1
-        super()._on_message(frames)
+            self.chunks[req_id] += 1
+        elif kind != "pong" and req_id not in self._pings:
+            self.answers[req_id] += 1
+        super()._on_header(header, req_id, kind, frames)
 
 
 class Load:
