@@ -54,13 +54,13 @@ def relay(front_port: int, back_port: int) -> None:
                 front.send_multipart(back.recv_multipart(copy=False)[1:], copy=False)
 
 
-def worker(back_port: int, threads: int) -> None:
+def worker(back_port: int, threads: int, hidden: int = 3072, layers: int = 3) -> None:
     import torch
 
     from worker.models.mlp import build
 
     torch.set_num_threads(threads)
-    model = build()
+    model = build(hidden=hidden, layers=layers)
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(f"tcp://127.0.0.1:{back_port}")
     sock.send(b"hello")
@@ -102,7 +102,8 @@ def pause_penalty(pause_s: float = 0.004, rounds: int = 300) -> dict[str, float]
 class FloorChain:
     """The relay and worker processes, and a blocking client to time them with."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, mlp: dict[str, int] | None = None) -> None:
+        self.mlp = mlp or {}
         self.front = free_port()
         self.back = free_port()
         self.threads = threads
@@ -117,7 +118,8 @@ class FloorChain:
             [*cmd, "relay", "--front", str(self.front), "--back", str(self.back)],
             stdin=subprocess.DEVNULL))
         self.procs.append(subprocess.Popen(
-            [*cmd, "worker", "--back", str(self.back), "--threads", str(self.threads)],
+            [*cmd, "worker", "--back", str(self.back), "--threads", str(self.threads),
+             *[a for k, v in self.mlp.items() for a in (f"--{k}", str(v))]],
             stdin=subprocess.DEVNULL, env=env))
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -169,12 +171,14 @@ def main() -> int:
     w = sub.add_parser("worker")
     w.add_argument("--back", type=int, required=True)
     w.add_argument("--threads", type=int, default=1)
+    w.add_argument("--hidden", type=int, default=3072, help="the mlp's width (default 3072)")
+    w.add_argument("--layers", type=int, default=3, help="the mlp's layers (default 3)")
     args = parser.parse_args()
     try:
         if args.role == "relay":
             relay(args.front, args.back)
         else:
-            worker(args.back, args.threads)
+            worker(args.back, args.threads, args.hidden, args.layers)
     except KeyboardInterrupt:
         pass
     return 0

@@ -8,7 +8,9 @@
 #   3. brings up the demo (meshctl up: mlp, and tinygpt in a 2-stage world whose ranks share
 #      the GPU), sends one mlp request and one tinygpt stream, prints each world's backend and
 #      each worker's device, and stops it gracefully (every worker must exit 0);
-#   4. runs a short served-vs-bare benchmark of the mlp on the GPU (bench.overhead).
+#   4. runs a short served-vs-bare benchmark of the mlp on the GPU (bench.overhead) and
+#      prints the performance section: served against bare at batch 1 (p50 above the bare
+#      forward pass) and at the batcher's batch of 32 (rows/s, against a target of 0.9).
 #
 # Usage, from the repository root:  bash bench/gpu_check.sh
 # Everything goes to stdout and to $OUT (or /tmp/gpu_check): tests.log, demo.log, bench.json.
@@ -79,6 +81,19 @@ grep -qE "exited with -|terminate called" "$out/demo.log" && status=1
 echo "== served vs bare (mlp on $device)"
 timeout 300 "$py" -m bench.overhead --device "$device" --duration-s "${BENCH_S:-2}" \
   --rounds 2 --concurrency 1 16 --json "$out/bench.json" || status=1
+
+echo "== performance: mlp served vs bare on $device at batch 1 and 32 (medians of rounds)"
+"$py" - "$out/bench.json" <<'EOF' || status=1
+import json, sys
+r = json.load(open(sys.argv[1]))["mlp"]
+one, full = r["c1"], r["c32"]
+print(f"batch 1:  served p50 {one['served_p50_ms']:.3f} ms, bare forward "
+      f"{one['bare_ms']:.3f} ms: +{one['p50_minus_bare_ms']:.3f} ms")
+ratio = full["ratio_rows_per_s"]
+print(f"batch 32: effective batch {full['effective_batch']:.1f}, served "
+      f"{full['served_rps']:.0f} rows/s, bare {full['bare_rows_per_s']:.0f} rows/s at that "
+      f"batch: {ratio:.2f} of bare (target >= 0.90: {'met' if ratio >= 0.9 else 'missed'})")
+EOF
 
 echo "== gpu check: $([ $status = 0 ] && echo PASS || echo FAIL)"
 exit $status

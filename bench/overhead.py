@@ -60,8 +60,13 @@ ECHO_INPUTS = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
 MLP_BATCH = 32
 
 
+def mlp_kwargs(args: argparse.Namespace) -> dict[str, int]:
+    return {"hidden": args.mlp_hidden, "layers": args.mlp_layers}
+
+
 def write_config(path: Path, ports: dict[str, int], threads: int,
-                 mlp_delay_ms: float = 2.0, device: str = "cpu") -> None:
+                 mlp_delay_ms: float = 2.0, device: str = "cpu",
+                 mlp: dict[str, int] | None = None) -> None:
     # One world per deployment, as measured: no autoscaling, no idle warm worker.
     controller = controller_section(ports, worker_threads=threads, autoscale=False,
                                     warm_workers=0, worker_device=device)
@@ -78,6 +83,7 @@ model = "worker.models.mlp:build"
 max_batch_size = {MLP_BATCH}
 max_batch_delay_ms = {mlp_delay_ms}
 max_inflight_per_world = 256
+factory_kwargs = {{ {", ".join(f"{k} = {v}" for k, v in (mlp or {}).items())} }}
 """)
 
 
@@ -127,7 +133,7 @@ _BARE_MODEL: Any = None
 
 
 def bare_forward(batch: int, threads: int, duration_s: float,
-                 device: str = "cpu") -> dict[str, float]:
+                 device: str = "cpu", mlp: dict[str, int] | None = None) -> dict[str, float]:
     """Median time of the mlp's forward pass in a tight loop, and the rows/s it implies; on a
     GPU, input copied in and output copied out each time, as a worker does."""
     global _BARE_MODEL
@@ -137,7 +143,7 @@ def bare_forward(batch: int, threads: int, duration_s: float,
 
     torch.set_num_threads(threads)
     if _BARE_MODEL is None:
-        _BARE_MODEL = build().to(device)
+        _BARE_MODEL = build(**(mlp or {})).to(device)
     model = _BARE_MODEL
     x = torch.zeros(batch, 64)
     times = []
@@ -213,7 +219,8 @@ async def mlp_round(client: Client, admin: str, floor: FloorChain, direct: Direc
         after = worker_counters(await admin_call(admin, "status"), "mlp")
         eff = (after[1] - before[1]) / max(1, after[0] - before[0])
         # The servers sit idle (no load offered) while the bare loop runs.
-        bare = bare_forward(max(1, round(eff)), args.threads, bare_s, args.device)
+        bare = bare_forward(max(1, round(eff)), args.threads, bare_s, args.device,
+                            mlp_kwargs(args))
         entry: dict[str, Any] = {"served": r.to_dict(), "effective_batch": eff, "bare": bare,
                  "ratio_rows_per_s": r.rps / bare["rows_per_s"]}
         if c == 1:
@@ -266,7 +273,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker", "direct", "direct_mlp")
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     config = tmp / "bench.toml"
-    write_config(config, ports, args.threads, args.mlp_delay_ms, args.device)
+    write_config(config, ports, args.threads, args.mlp_delay_ms, args.device, mlp_kwargs(args))
     client_args: dict[str, str] = {}
     admin_curve: ClientKeys | None = None
     if args.curve:
@@ -279,8 +286,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           threads=args.threads)
     direct_mlp = DirectWorker(ports["direct_mlp"], {
         "name": "mlp", "model": "worker.models.mlp:build", "max_batch_size": MLP_BATCH,
-        "max_batch_delay_ms": args.mlp_delay_ms}, threads=args.threads)
-    floor = FloorChain(args.threads)
+        "max_batch_delay_ms": args.mlp_delay_ms, "factory_kwargs": mlp_kwargs(args)},
+        threads=args.threads)
+    floor = FloorChain(args.threads, mlp_kwargs(args))
     results: dict[str, Any] = {"duration_s": args.duration_s, "threads": args.threads,
                                "rounds": args.rounds, "echo_rounds": [], "mlp_rounds": []}
     try:
@@ -355,6 +363,10 @@ def main() -> int:
                              " each back to back; medians reported")
     parser.add_argument("--mlp-delay-ms", type=float, default=2.0,
                         help="max_batch_delay_ms of the mlp deployment (0: never wait)")
+    parser.add_argument("--mlp-hidden", type=int, default=3072,
+                        help="the mlp's width (default 3072, the demo's; 1024 with --mlp-layers 4"
+                             " is the 4x1024 MLP of docs/benchmarks.md's latency target)")
+    parser.add_argument("--mlp-layers", type=int, default=3, help="the mlp's layers (default 3)")
     parser.add_argument("--device", default="cpu",
                         help="where the mlp worker and the bare loop run: cpu, cuda, cuda:N")
     parser.add_argument("--json", help="write the results here as JSON")

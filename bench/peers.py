@@ -1,0 +1,293 @@
+"""meshserve against Ray Serve, in one run, on the same models and the same driver.
+
+    pip install -e ".[peers]"          # Ray Serve; not installed by CI
+    python -m bench.peers [--rounds 3] [--duration-s 5] [--json peers.json]
+
+Cells (closed loop, ``controller.bench.closed_loop`` drives both systems):
+
+- ``echo``: a no-op that answers with its input (a float32 [1, 4]), at 1, 16 and 128 callers;
+- ``mlp``: the seeded 4x1024 MLP (``worker.models.mlp:build(hidden=1024, layers=4)``, float32
+  [1, 64] in, [1, 10] out) at batch 1, at 1 and 16 callers, without batching;
+- ``mlp-b16``: the same model batching up to 16 requests (2 ms wait), at 16 callers.
+
+Each system serves with one replica on one torch thread: meshserve a controller and one
+worker process per deployment; Ray Serve one replica actor per deployment reached through a
+``DeploymentHandle`` from this process (Ray's fastest path in Python, no HTTP), with
+``@serve.batch`` for ``mlp-b16``. The systems take turns, round by round (A B, then B A, ...),
+and each is stopped entirely (``ray.shutdown()``; the controller and its workers ended by
+PID) before the other starts, so they never share the machine. Ratios are taken within a round
+and the table quotes their medians over rounds. Nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import controller_section, free_ports, start_controller, stop_process
+from bench.overhead import wait_ready
+from controller.bench import BenchResult, closed_loop
+from mesh.client import Client
+from mesh.errors import MeshError, Unavailable
+
+MLP_KWARGS = {"hidden": 1024, "layers": 4}
+ROOT = str(Path(__file__).resolve().parents[1])  # Ray's replicas import the models from here
+# (cell, deployment, callers)
+CELLS = [("echo c=1", "echo", 1), ("echo c=16", "echo", 16), ("echo c=128", "echo", 128),
+         ("mlp c=1", "mlp", 1), ("mlp c=16", "mlp", 16), ("mlp-b16 c=16", "mlp-b16", 16)]
+INPUTS = {"echo": {"x": np.arange(4, dtype=np.float32).reshape(1, 4)},
+          "mlp": {"x": np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)}}
+
+
+def inputs_of(deployment: str) -> dict[str, Any]:
+    return INPUTS["echo" if deployment == "echo" else "mlp"]
+
+
+# -- meshserve --------------------------------------------------------------------------------
+
+
+class Meshserve:
+    name = "meshserve"
+
+    def __init__(self) -> None:
+        self._proc: Any = None
+        self.client: Client | None = None
+        self._tmp = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+
+    async def start(self) -> None:
+        ports = free_ports("client", "admin", "worker")
+        config = self._tmp / "meshserve.toml"
+        mlp = f'model = "worker.models.mlp:build"\nfactory_kwargs = {{ hidden = ' \
+              f'{MLP_KWARGS["hidden"]}, layers = {MLP_KWARGS["layers"]} }}\n'
+        config.write_text(controller_section(ports, autoscale=False, warm_workers=0) + f"""
+[[deployments]]
+name = "echo"
+model = "worker.models.echo:build"
+max_batch_size = 64
+max_inflight_per_world = 256
+
+[[deployments]]
+name = "mlp"
+{mlp}max_batch_size = 1
+max_inflight_per_world = 256
+
+[[deployments]]
+name = "mlp-b16"
+{mlp}max_batch_size = 16
+max_batch_delay_ms = 2.0
+max_inflight_per_world = 256
+""")
+        self._proc = start_controller(config, log=(self._tmp / "controller.log").open("ab"))
+        await wait_ready(f"tcp://127.0.0.1:{ports['admin']}", 180.0)
+        self.client = Client(f"tcp://127.0.0.1:{ports['client']}")
+        await self.client.connect()
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+        if self._proc is not None:
+            stop_process(self._proc)
+            self._proc = None
+
+    async def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float = 30.0
+                    ) -> dict[str, Any]:
+        assert self.client is not None
+        return await self.client.infer(model, inputs, timeout_s=timeout_s)
+
+
+# -- Ray Serve --------------------------------------------------------------------------------
+
+
+def _ray_apps() -> dict[str, Any]:
+    """The three deployments as Ray Serve applications (built on first use: Ray is optional)."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=256,
+                      ray_actor_options={"num_cpus": 0})
+    class Echo:
+        async def __call__(self, inputs: dict[str, Any]) -> dict[str, Any]:
+            return inputs
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=256,
+                      ray_actor_options={"num_cpus": 0})
+    class Mlp:
+        def __init__(self) -> None:
+            import torch
+
+            from worker.models.mlp import build
+            torch.set_num_threads(1)
+            self.torch = torch
+            self.model = build(**MLP_KWARGS)
+
+        def __call__(self, inputs: dict[str, Any]) -> dict[str, Any]:
+            with self.torch.inference_mode():
+                y = self.model(self.torch.from_numpy(inputs["x"]))
+            return {"y": y.numpy()}
+
+    @serve.deployment(num_replicas=1, max_ongoing_requests=256,
+                      ray_actor_options={"num_cpus": 0})
+    class MlpBatched:
+        def __init__(self) -> None:
+            import torch
+
+            from worker.models.mlp import build
+            torch.set_num_threads(1)
+            self.torch = torch
+            self.model = build(**MLP_KWARGS)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+        async def __call__(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            torch = self.torch
+            x = torch.from_numpy(np.concatenate([b["x"] for b in batch]))
+            with torch.inference_mode():
+                y = self.model(x).numpy()
+            return [{"y": y[i:i + 1]} for i in range(len(batch))]
+
+    return {"echo": Echo.bind(), "mlp": Mlp.bind(), "mlp-b16": MlpBatched.bind()}
+
+
+class RayServe:
+    name = "ray-serve"
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        import ray
+        from ray import serve
+
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}})
+        serve.start(http_options={"location": "NoServer"})
+        for name, app in _ray_apps().items():
+            self._handles[name] = serve.run(app, name=name, route_prefix=None,
+                                            blocking=False)
+        for name, handle in self._handles.items():  # first call: replicas up and warm
+            await handle.remote(inputs_of(name))
+
+    async def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        self._handles.clear()
+        serve.shutdown()
+        ray.shutdown()
+
+    async def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float = 30.0
+                    ) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = await asyncio.wait_for(
+                self._handles[model].remote(inputs), timeout_s)
+        except MeshError:
+            raise
+        except Exception as exc:  # counted as an error of the cell, as meshserve's are
+            raise Unavailable(f"ray: {type(exc).__name__}: {exc}") from None
+        return out
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+async def measure(system: Meshserve | RayServe, duration_s: float) -> dict[str, BenchResult]:
+    await system.start()
+    try:
+        out = {}
+        for cell, deployment, callers in CELLS:
+            r = await closed_loop(system, deployment, inputs_of(deployment),  # type: ignore[arg-type]
+                                  concurrency=callers, duration_s=duration_s, warmup_s=1.0)
+            out[cell] = r
+            print(f"  {system.name:9s} {cell:13s} {r.rps:9.1f} req/s  p50 {r.p50_ms:8.3f} ms"
+                  f"  p99 {r.p99_ms:8.3f} ms  errors {sum(r.errors.values())}",
+                  file=sys.stderr, flush=True)
+        return out
+    finally:
+        await system.stop()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    rounds: list[dict[str, Any]] = []
+    for n in range(args.rounds):
+        systems: list[Meshserve | RayServe] = [Meshserve(), RayServe()]
+        if n % 2:
+            systems.reverse()
+        print(f"round {n + 1}: {' then '.join(s.name for s in systems)}", file=sys.stderr)
+        results = {}
+        for system in systems:
+            results[system.name] = await measure(system, args.duration_s)
+            await asyncio.sleep(2.0)  # let the machine settle after a system stops
+        rounds.append({cell: {"meshserve": results["meshserve"][cell].to_dict(),
+                              "ray": results["ray-serve"][cell].to_dict()}
+                       for cell, _, _ in CELLS})
+    return {"rounds": rounds, "summary": summarize(rounds),
+            "config": {"duration_s": args.duration_s, "rounds": args.rounds,
+                       "mlp": MLP_KWARGS}}
+
+
+def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for cell, _, callers in CELLS:
+        rows = [r[cell] for r in rounds]
+
+        def med(get: Any, rows: list[dict[str, Any]] = rows) -> float:
+            return float(statistics.median(get(row) for row in rows))
+
+        out.append({
+            "cell": cell, "callers": callers,
+            "meshserve_rps": med(lambda r: r["meshserve"]["rps"]),
+            "ray_rps": med(lambda r: r["ray"]["rps"]),
+            "rps_ratio": med(lambda r: r["meshserve"]["rps"] / max(r["ray"]["rps"], 1e-9)),
+            "meshserve_p50_ms": med(lambda r: r["meshserve"]["p50_ms"]),
+            "ray_p50_ms": med(lambda r: r["ray"]["p50_ms"]),
+            "p50_ratio": med(lambda r: r["meshserve"]["p50_ms"] / max(r["ray"]["p50_ms"], 1e-9)),
+            "errors": {"meshserve": sum(sum(r["meshserve"]["errors"].values()) for r in rows),
+                       "ray": sum(sum(r["ray"]["errors"].values()) for r in rows)},
+        })
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [f"meshserve vs Ray Serve (medians of {len(results['rounds'])} rounds; ratios per "
+             "round)",
+             "| cell | meshserve req/s | Ray req/s | req/s ratio | meshserve p50 ms | "
+             "Ray p50 ms | p50 ratio | errors (mesh/Ray) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in results["summary"]:
+        lines.append(f"| {s['cell']} | {s['meshserve_rps']:.0f} | {s['ray_rps']:.0f} | "
+                     f"{s['rps_ratio']:.1f}x | {s['meshserve_p50_ms']:.3f} | "
+                     f"{s['ray_p50_ms']:.3f} | {s['p50_ratio']:.2f} | "
+                     f"{s['errors']['meshserve']}/{s['errors']['ray']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--duration-s", type=float, default=5.0,
+                        help="seconds measured per cell (default 5.0)")
+    parser.add_argument("--json", help="write every figure, round by round, here")
+    args = parser.parse_args()
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        print("bench.peers needs Ray Serve: pip install -e '.[peers]'", file=sys.stderr)
+        return 2
+    results = asyncio.run(run(args))
+    print(render(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
