@@ -129,7 +129,8 @@ class Frontend:
                     [len(m) - 1 for m in part]))]
                 for m in part:
                     frames += m[1:]
-                self.pump.send(frames)
+                if not self.pump.send(frames):
+                    self.pump.dropped += len(part) - 1  # answers_dropped counts answers
 
     def _batch(self, client: bytes, header: dict[str, Any], frames: list[Any],
                nested: bool) -> None:

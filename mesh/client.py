@@ -334,6 +334,9 @@ class Client:
     def _ping(self, now: float) -> None:
         if self._pump is None:
             return
+        # What is held goes first: a pong from a restarted controller fails the requests sent
+        # before its ping, so those must have gone before it.
+        self._flush()
         ping_id = next(self._ids)
         self._pings.add(ping_id)
         if self._silent_since is None:

@@ -140,3 +140,45 @@ async def test_the_python_client_batches_once_offered_and_only_when_allowed(
     for batched, alone in zip(results[True], results[False], strict=True):
         np.testing.assert_allclose(batched["y"], alone["y"], rtol=1e-5, atol=1e-6)
     assert failures == []
+
+
+async def test_streams_keep_their_chunks_in_order_beside_batched_short_requests(
+        cluster_factory: Any) -> None:
+    cluster = await cluster_factory("""
+[[deployments]]
+name = "mlp"
+model = "worker.models.mlp:build"
+factory_kwargs = { hidden = 128 }
+
+[[deployments]]
+name = "tinygpt"
+model = "worker.models.tinygpt:build"
+max_batch_size = 4
+""")
+    prompts = ["hello", "batches", "in order", "zeromq"]
+    x = np.ones((1, 64), np.float32)
+
+    async def read(client: Client, prompt: str) -> str:
+        return "".join([c["text"] async for c in client.stream("tinygpt", {"prompt": prompt},
+                                                                max_tokens=24)])
+
+    async def short(client: Client) -> int:
+        done = 0
+        for _ in range(20):
+            outs = await asyncio.gather(*(client.infer("mlp", {"x": x}) for _ in range(16)))
+            done += len(outs)
+        return done
+
+    async with Client(cluster.client) as client:
+        await client.describe()
+        assert client._batching
+        assert client._pump is not None
+        received = client._pump.received
+        results = await asyncio.gather(*(read(client, p) for p in prompts), short(client))
+        messages = client._pump.received - received
+    async with Client(cluster.client, batch=False) as alone:
+        reference = [await read(alone, p) for p in prompts]
+    assert results[:4] == reference  # each chunk once, in order, to its own stream
+    assert all(len(text) == 24 for text in reference)
+    assert results[4] == 320
+    assert messages < 320 + 4 * 25  # answers and chunks came in batches
