@@ -107,6 +107,15 @@ max_inflight_per_world = 256
 # -- Ray Serve --------------------------------------------------------------------------------
 
 
+def _load_mlp() -> tuple[Any, Any]:
+    """torch on one thread, and the same seeded MLP meshserve's worker builds."""
+    import torch
+
+    from worker.models.mlp import build
+    torch.set_num_threads(1)
+    return torch, build(**MLP_KWARGS)
+
+
 def _ray_apps() -> dict[str, Any]:
     """The three deployments as Ray Serve applications (built on first use: Ray is optional)."""
     from ray import serve
@@ -121,12 +130,7 @@ def _ray_apps() -> dict[str, Any]:
                       ray_actor_options={"num_cpus": 0})
     class Mlp:
         def __init__(self) -> None:
-            import torch
-
-            from worker.models.mlp import build
-            torch.set_num_threads(1)
-            self.torch = torch
-            self.model = build(**MLP_KWARGS)
+            self.torch, self.model = _load_mlp()
 
         def __call__(self, inputs: dict[str, Any]) -> dict[str, Any]:
             with self.torch.inference_mode():
@@ -137,12 +141,7 @@ def _ray_apps() -> dict[str, Any]:
                       ray_actor_options={"num_cpus": 0})
     class MlpBatched:
         def __init__(self) -> None:
-            import torch
-
-            from worker.models.mlp import build
-            torch.set_num_threads(1)
-            self.torch = torch
-            self.model = build(**MLP_KWARGS)
+            self.torch, self.model = _load_mlp()
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
         async def __call__(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
