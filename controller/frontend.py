@@ -35,9 +35,9 @@ from mesh.messages import (
     MAX_ID_BYTES,
     PROTOCOL_VERSION,
     ClientKind,
-    batch_counts,
     batch_header,
     error_header,
+    split_batch,
 )
 from mesh.security import ServerKeys
 from mesh.transport import Pump, bind_socket, make_socket
@@ -105,14 +105,15 @@ class Frontend:
         one batch (``flush``). False: dropped (the client's connection is gone or full)."""
         client = frames[0]
         held = self._held.get(client)
-        if held is None:
-            if client not in self._batching:
-                return self.pump.send(frames)
-            held = self._held[client] = []
+        if held is not None:
+            held.append(frames)
+        elif client not in self._batching:
+            return self.pump.send(frames)
+        else:
+            self._held[client] = [frames]
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._defer(self.flush)
-        held.append(frames)
         return True
 
     def flush(self) -> None:
@@ -135,8 +136,8 @@ class Frontend:
     def _batch(self, client: bytes, header: dict[str, Any], frames: list[Any],
                nested: bool) -> None:
         """Several requests in one message: each handled as if it had come alone."""
-        counts = None if nested else batch_counts(header, len(frames) - 2)
-        if counts is None:
+        parts = None if nested else split_batch(header, frames[2:])
+        if parts is None:
             raise BadRequest("a batch's 'counts' must list at most "
                              f"{MAX_BATCH} positive frame counts adding up to the frames "
                              "after its header" + ("; batches do not nest" if nested else ""))
@@ -145,10 +146,8 @@ class Frontend:
             if len(batching) >= self._max_batching:
                 del batching[next(iter(batching))]  # the oldest: it is answered one by one
             batching[client] = None
-        at = 2
-        for n in counts:
-            self._on_message([client, *frames[at:at + n]], True)
-            at += n
+        for part in parts:
+            self._on_message([client, *part], True)
 
     def _on_message(self, frames: list[Any], in_batch: bool = False) -> None:
         client = frames[0]

@@ -53,9 +53,9 @@ from mesh.messages import (
     MAX_BATCH,
     PROTOCOL_VERSION,
     ClientKind,
-    batch_counts,
     batch_header,
     request_header,
+    split_batch,
 )
 from mesh.security import client_keys
 from mesh.transport import Pump, make_socket
@@ -438,12 +438,8 @@ class Client:
             header = codec.unpack_header(codec.frame_buffer(frames[0]))
             kind = header["kind"]
             if kind == ClientKind.BATCH:
-                counts = batch_counts(header, len(frames) - 1)
-                if counts is not None:
-                    at = 1
-                    for n in counts:
-                        self._on_answer(frames[at:at + n])
-                        at += n
+                for part in split_batch(header, frames[1:]) or ():
+                    self._on_answer(part)
                 return
             req_id = header["id"]
         except (MeshError, KeyError, TypeError):

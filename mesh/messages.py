@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 
+from mesh.dataplane import batch_parts
 from mesh.errors import MAX_MESSAGE_CHARS, BadRequest, excerpt
 from mesh.spec import DeploymentSpec
 from mesh.typed import DecodeError, decode
@@ -62,18 +63,15 @@ def batch_header(counts: list[int]) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "kind": ClientKind.BATCH, "counts": counts}
 
 
-def batch_counts(header: dict[str, Any], nframes: int) -> list[int] | None:
-    """A batch header's ``counts`` when they are valid for ``nframes`` frames after it: a list
-    of at most MAX_BATCH positive integers adding up to ``nframes``; else None."""
+def split_batch(header: dict[str, Any], frames: list[Any]) -> list[list[Any]] | None:
+    """The messages of a batch: ``frames`` (those after its header) cut as its ``counts``
+    say, or None when the counts are not a list of at most MAX_BATCH positive integers
+    adding up to ``len(frames)``."""
     counts = header.get("counts")
-    if type(counts) is not list or not 0 < len(counts) <= MAX_BATCH:
+    if type(counts) is not list or not 0 < len(counts) <= MAX_BATCH or \
+            any(type(n) is not int for n in counts):
         return None
-    total = 0
-    for n in counts:
-        if type(n) is not int or n < 1:
-            return None
-        total += n
-    return counts if total == nframes else None
+    return batch_parts(counts, frames)
 
 
 REQUEST_KINDS = frozenset({ClientKind.INFER, ClientKind.STREAM, ClientKind.CANCEL,

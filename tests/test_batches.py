@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from mesh import codec
 from mesh.client import Client
-from mesh.messages import MAX_BATCH, batch_counts, batch_header, request_header
+from mesh.messages import MAX_BATCH, batch_header, request_header, split_batch
 from tests.conftest import GUARDED_LIMIT as LIMIT
 
 
@@ -54,12 +54,9 @@ async def exchange(endpoint: str, frames: list[Any], answers: int, timeout_s: fl
                 if header["kind"] != "batch":
                     got.append((header, reply))
                     continue
-                counts = batch_counts(header, len(reply) - 1)
-                assert counts is not None, header
-                at = 1
-                for n in counts:
-                    got.append((msgpack.unpackb(reply[at], raw=False), reply[at:at + n]))
-                    at += n
+                parts = split_batch(header, reply[1:])
+                assert parts is not None, header
+                got += [(msgpack.unpackb(part[0], raw=False), part) for part in parts]
         return got, messages
     finally:
         sock.close(0)
@@ -182,3 +179,58 @@ max_batch_size = 4
     assert all(len(text) == 24 for text in reference)
     assert results[4] == 320
     assert messages < 320 + 4 * 25  # answers and chunks came in batches
+
+
+async def _until(check: Any, what: str) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_dropped(
+        ) -> None:
+    from controller.frontend import Frontend
+
+    pings = batch(*([codec.pack({"v": 1, "kind": "ping", "id": i})] for i in (1, 2, 3)))
+    context = zmq.asyncio.Context()
+    for deferred in (True, False):
+        held: list[Any] = []
+        front = Frontend(context, f"inproc://frontend-{deferred}", {}, max_request_bytes=1 << 20,
+                         defer=held.append if deferred else None)
+        front.start()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(front.endpoint)
+            await sock.send_multipart(pings)
+            replies = []
+            if deferred:  # held until the loop turn's flush, then one batch
+                await _until(lambda: held, "answers held")  # noqa: B023
+                assert not await sock.poll(100)
+                held.pop()()
+                async with asyncio.timeout(5):
+                    reply = await sock.recv_multipart()
+                header = msgpack.unpackb(reply[0], raw=False)
+                parts = split_batch(header, reply[1:])
+                assert parts is not None
+                replies = [msgpack.unpackb(p[0], raw=False) for p in parts]
+            else:  # no deferral: each answer at once (nothing is left behind)
+                async with asyncio.timeout(5):
+                    for _ in range(3):
+                        reply = await sock.recv_multipart()
+                        replies.append(msgpack.unpackb(reply[0], raw=False))
+            assert [(r["kind"], r["id"]) for r in replies] == [("pong", 1), ("pong", 2),
+                                                              ("pong", 3)]
+            if deferred:  # a client gone before its batch goes out: each answer is counted
+                await sock.send_multipart(pings)
+                await _until(lambda: held, "answers held")  # noqa: B023
+                sock.close(0)
+                await asyncio.sleep(0.3)  # the frontend's side of the connection ends
+                held.pop()()
+                assert front.pump.dropped == 3
+        finally:
+            sock.close(0)
+            front.close()
+    context.term()
