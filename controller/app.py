@@ -94,7 +94,12 @@ class Controller:
             self.guard, curve = self._security(config.security)
             if self.guard is not None:
                 built.callback(self.guard.stop)
-            self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_lost=self._lost)
+            # A heartbeat late by half an interval gets the worker probed; unreachable for
+            # one more interval, it is lost (controller.health).
+            self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_lost=self._lost,
+                                 probe_after_ms=c.heartbeat_interval_ms * 3 // 2,
+                                 grace_ms=c.heartbeat_interval_ms,
+                                 reachable=self._reachable)
             self.launcher = launcher(config, self._exited)
             self.backend = Backend(self._context, c.worker_endpoint, curve=curve("worker"))
             built.callback(self.backend.close)
@@ -270,6 +275,9 @@ class Controller:
     def _exited(self, worker_id: str, returncode: int) -> None:
         if not self._closed:
             self.health.exited(worker_id, returncode)
+
+    def _reachable(self, worker_id: str) -> bool:
+        return self.backend.send_control(worker_id, _PING)
 
     def _lost(self, worker_id: str, reason: str, kill: bool) -> None:
         self.world_manager.tell(WorkerLost(worker_id, reason, kill))

@@ -151,3 +151,97 @@ def test_loop_lag_counts_only_gaps_beyond_the_period_and_its_slack(clock: FakeCl
     clock.now_s += 3.0
     assert lag.tick() == pytest.approx(3.0 - 0.05 - 0.1)
     assert lag.max_s == lag.total_s == pytest.approx(2.85)
+
+
+class Links:
+    """Which workers' connections are up, as the worker socket would answer a probe."""
+
+    def __init__(self) -> None:
+        self.down: set[str] = set()
+        self.probed: list[str] = []
+
+    def __call__(self, worker_id: str) -> bool:
+        self.probed.append(worker_id)
+        return worker_id not in self.down
+
+
+def probing(clock: FakeClock, lost: list, links: Links) -> Health:
+    return Health(timeout_ms=1500, on_lost=lambda *verdict: lost.append(verdict), clock=clock,
+                  probe_after_ms=300, grace_ms=200, reachable=links)
+
+
+def test_a_worker_whose_connection_closed_is_lost_long_before_the_timeout(
+        clock: FakeClock, lost: list) -> None:
+    links = Links()
+    health = probing(clock, lost, links)
+    health.watch("w1")
+    health.watch("w2")
+    links.down.add("w1")  # killed: the kernel closed its connection
+    clock.now_s += 0.25
+    health.beat("w2")
+    assert health.check() == [] and links.probed == []  # nobody is late yet: no probe
+    clock.now_s += 0.1  # w1 late (350 ms): probed, unreachable, within the grace
+    assert health.check() == [] and links.probed == ["w1"]
+    clock.now_s += 0.15
+    assert health.check() == []
+    clock.now_s += 0.06  # unreachable for the grace
+    assert health.check() == ["w1"]
+    assert lost == [("w1", "connection closed (no heartbeat for 560 ms, unreachable for "
+                           "210 ms)", True)]
+    clock.now_s += 0.05
+    health.beat("w2")
+    assert health.check() == []  # once
+    assert len(lost) == 1
+
+
+def test_a_late_but_connected_worker_waits_for_the_heartbeat_timeout(
+        clock: FakeClock, lost: list) -> None:
+    # A stopped process or a host cut off keeps its connection: only silence can judge it.
+    links = Links()
+    health = probing(clock, lost, links)
+    health.watch("w1")
+    for _ in range(29):
+        clock.now_s += 0.05
+        assert health.check() == []
+    assert links.probed.count("w1") == 23  # every check from 350 ms on
+    clock.now_s += 0.06
+    assert health.check() == ["w1"]
+    assert lost == [("w1", "no heartbeat for 1510 ms", True)]
+
+
+def test_a_connection_that_comes_back_within_the_grace_is_no_loss(
+        clock: FakeClock, lost: list) -> None:
+    # A live worker whose connection broke reconnects (ZeroMQ retries every 100 ms); the
+    # grace restarts each time the worker is heard from or reachable again.
+    links = Links()
+    health = probing(clock, lost, links)
+    health.watch("w1")
+    links.down.add("w1")
+    clock.now_s += 0.35
+    health.check()
+    clock.now_s += 0.15
+    links.down.clear()  # reconnected
+    health.check()
+    links.down.add("w1")  # and broke again: a new grace
+    clock.now_s += 0.15
+    assert health.check() == []
+    clock.now_s += 0.04
+    health.beat("w1")  # heard from: no longer late
+    health.check()
+    clock.now_s += 0.35
+    assert health.check() == []  # late again, the grace starts afresh
+    clock.now_s += 0.19
+    assert health.check() == []
+    clock.now_s += 0.02
+    assert health.check() == ["w1"]
+    assert lost[0][1].startswith("connection closed")
+
+
+def test_no_probe_without_a_reachability_check(clock: FakeClock, lost: list) -> None:
+    links = Links()
+    health = Health(timeout_ms=1500, on_lost=lambda *verdict: lost.append(verdict),
+                    clock=clock, probe_after_ms=0, reachable=links)
+    health.watch("w1")
+    links.down.add("w1")
+    clock.now_s += 1.0
+    assert health.check() == [] and links.probed == []
