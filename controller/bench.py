@@ -70,6 +70,14 @@ class Progress:
             self.out.flush()
 
 
+def _raise_from_dead_callers(tasks: list[asyncio.Task[None]]) -> None:
+    """A caller ends only when told to, or on an error that is not the service's answer (a
+    client that is not connected, a bug): raise it rather than report a quiet, empty run."""
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            raise t.exception()  # type: ignore[misc]
+
+
 async def closed_loop(
     client: Client,
     model: str,
@@ -114,6 +122,7 @@ async def closed_loop(
         while True:
             await asyncio.sleep(0.25)
             elapsed = time.perf_counter() - started
+            _raise_from_dead_callers(tasks)
             if progress is not None:
                 progress.update(elapsed, len(latencies), sum(errors.values()), recent[-2000:])
                 del recent[:-2000]
@@ -128,6 +137,7 @@ async def closed_loop(
             t.cancel()
         if progress is not None:
             progress.finish()
+    _raise_from_dead_callers(tasks)
     values = sorted(latencies)
     return BenchResult(
         model=model, concurrency=concurrency, duration_s=round(elapsed, 3),

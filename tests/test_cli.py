@@ -145,6 +145,17 @@ async def test_bench_callers_back_off_from_a_controller_that_refuses_everything(
         ctx.term()
 
 
+async def test_a_bench_whose_callers_cannot_send_fails_instead_of_reporting_nothing() -> None:
+    """A client used without connecting raises in every caller; the run used to report 0
+    requests and no errors for its whole duration."""
+    from controller.bench import closed_loop
+    from mesh.client import Client
+
+    client = Client(f"tcp://127.0.0.1:{free_port()}")  # never connected
+    with pytest.raises(RuntimeError, match="not connected"):
+        await closed_loop(client, "m", {}, concurrency=2, duration_s=5.0, warmup_s=0.0)
+
+
 def test_a_zero_default_is_shown_and_a_flag_default_is_not() -> None:
     sub = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     worker = sub["worker"].format_help()
