@@ -17,6 +17,7 @@ import sys
 from controller.app import Controller
 from controller.config import Config
 from controller.launcher import NoLauncher
+from mesh import gc_policy
 from mesh.logs import speaker
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -85,7 +86,9 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
     # SIGHUP: re-read the allowed CURVE keys now (they are also re-read when a folder changes).
     loop.add_signal_handler(signal.SIGHUP, controller.reload_keys)
     try:
+        gc_policy.tune()
         await controller.start()
+        gc_policy.freeze()  # startup's objects (config, sockets, routers) live for good
         ready = asyncio.ensure_future(controller.wait_serving(wait_ready_s))
         stopped = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)

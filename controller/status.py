@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from controller.fleet import WorldState
+from mesh import gc_policy
 
 if TYPE_CHECKING:
     from controller.router import Router
@@ -134,6 +135,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
                        "client_connections": frontend.connections.open if frontend else 0,
                        "client_connections_refused":
                            frontend.connections.refused if frontend else 0,
+                       # The cyclic collector in this process (mesh.gc_policy).
+                       "gc": gc_policy.stats(),
                        **endpoints},
         "deployments": deployments,
         "worlds": worlds,

@@ -92,6 +92,10 @@ async def test_status_json_has_the_contract_keys_with_live_figures(
     assert worker["state"] == "serving" and worker["worlds"] == [world["id"]]
     assert worker["device"] == "cpu" and worker["pid"] in cluster.worker_pids()
     assert world["workers"] == [worker["id"]]
+    # The controller froze what its startup built and collects young objects rarely.
+    gc = status["controller"]["gc"]
+    assert gc["frozen"] > 10_000 and gc["thresholds"][0] == 50_000, gc
+    assert len(gc["collections"]) == 3
 
     # Stage counts come with heartbeats: the one before the world joined said 0.
     await cluster.wait_for(lambda s: s["workers"][0]["stages_loaded"] == 1,

@@ -11,6 +11,7 @@ import socket
 import sys
 import uuid
 
+from mesh import gc_policy
 from mesh.loop import run as run_loop
 from mesh.security import ClientKeys, client_keys
 from worker.agent import WorkerAgent
@@ -44,6 +45,8 @@ async def run_worker(controller: str, worker_id: str, device: str, threads: int,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop, f"signal {signal.Signals(sig).name}")
     await agent.start()
+    gc_policy.tune()
+    gc_policy.freeze()  # torch's modules and the worker's own: they live for good
     stop = asyncio.ensure_future(agent.stopped.wait())
     crash = asyncio.ensure_future(agent.failed.wait())
     try:
