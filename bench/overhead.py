@@ -17,6 +17,10 @@
    no controller), which splits what meshserve adds between the controller and the rest
    (client and worker).
 
+Where the host has a core for each of them (14 at --threads 1), the client (this process),
+the controller and every worker run on cores of their own (bench/pinning.py; --pin off to
+let them share); the first line printed says which, or what shares what.
+
 Everything comes in rounds (--rounds, default 3). An echo round runs, at each concurrency,
 the direct path and then the controller path back to back; an mlp round runs served, then
 bare at the batch the worker formed, then the floor, while the servers sit idle between
@@ -51,6 +55,7 @@ from bench.common import (
 )
 from bench.direct import DirectWorker
 from bench.floor import FloorChain, pause_penalty
+from bench.pinning import available_cores, describe, pin, plan
 from controller.admin_client import admin_call
 from controller.bench import BenchResult, closed_loop
 from mesh.client import Client
@@ -293,11 +298,38 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch_delay_ms": args.mlp_delay_ms, "factory_kwargs": mlp_kwargs(args)},
         threads=args.threads)
     floor = FloorChain(args.threads, mlp_kwargs(args))
+    # Every process the run starts, and what it needs: the client a core per torch thread (it
+    # runs the bare forward loop too), the controller its Python thread and ZeroMQ's I/O
+    # thread, a worker its torch threads and one for its loop and I/O.
+    per_worker = args.threads + 1
+    needs = [("client", max(1, args.threads)), ("controller", 2), ("echo worker", per_worker),
+             ("mlp worker", per_worker), ("direct echo worker", per_worker),
+             ("direct mlp worker", per_worker), ("floor relay", 1),
+             ("floor worker", per_worker)]
+    cores = available_cores()
+    placement = plan(cores, needs) if args.pin == "auto" else None
+    roles = [role for role, _ in needs]
+    pinning = {"pinned": placement is not None, "cores": len(cores),
+               "placement": placement or {}, "note": describe(placement, roles, cores)}
+    print(pinning["note"], flush=True)
     results: dict[str, Any] = {"duration_s": args.duration_s, "threads": args.threads,
-                               "rounds": args.rounds, "echo_rounds": [], "mlp_rounds": []}
+                               "rounds": args.rounds, "pinning": pinning, "echo_rounds": [],
+                               "mlp_rounds": []}
+
+    def place(role: str, pid: int) -> None:
+        if placement is not None:
+            pin(pid, placement[role])
+
     try:
-        await wait_ready(admin, 180.0, admin_curve)
+        status = await wait_ready(admin, 180.0, admin_curve)
+        place("client", os.getpid())
+        place("controller", ctrl.pid)
+        pids = {w["id"]: w["pid"] for w in status["workers"]}
+        for world in status["worlds"]:
+            for worker_id in world["workers"]:
+                place(f"{world['deployment']} worker", pids[worker_id])
         await direct.start()
+        place("direct echo worker", direct.pid)
         async with Client(f"tcp://127.0.0.1:{ports['client']}", **client_args) as client:
             for n in range(1, args.rounds + 1):
                 results["echo_rounds"].append(
@@ -306,7 +338,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.echo_only:
                 return results | {"echo": summarize_echo(results["echo_rounds"]), "mlp": {}}
             floor.start()
+            place("floor relay", floor.procs[0].pid)
+            place("floor worker", floor.procs[1].pid)
             await direct_mlp.start()
+            place("direct mlp worker", direct_mlp.pid)
             for n in range(1, args.rounds + 1):
                 results["mlp_rounds"].append(
                     await mlp_round(client, admin, floor, direct_mlp, args, n))
@@ -321,7 +356,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(results: dict[str, Any]) -> str:
-    lines = ["", f"Echo, tiny payload (closed loop; medians of {results['rounds']} rounds)",
+    lines = ["", f"Processes: {results['pinning']['note']}",
+             "", f"Echo, tiny payload (closed loop; medians of {results['rounds']} rounds)",
              "| concurrency | direct req/s | via controller req/s | ratio | direct p50 ms | "
              "via p50 ms | controller CPU us/req |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -378,6 +414,10 @@ def main() -> int:
                         help="run the controller with [security] curve = true (keys made for "
                              "the run); the direct path has no CURVE")
     parser.add_argument("--echo-only", action="store_true", help="skip the mlp rounds")
+    parser.add_argument("--pin", choices=("auto", "off"), default="auto",
+                        help="auto (default): give the client, the controller and each worker "
+                             "cores of their own when the host has enough (bench/pinning.py); "
+                             "off: let them share")
     args = parser.parse_args()
     results = run_loop(run(args))
     print(render(results))
