@@ -59,10 +59,16 @@ class EncodeError(TypeError):
     """A value cannot be put on the wire (unsupported type or dtype)."""
 
 
-def _flat_bytes(arr: np.ndarray) -> memoryview:
-    # A flat byte view: ZeroMQ and every other-language reader want plain bytes.
-    if arr.size == 0:
-        return memoryview(b"")
+# Below this, a tensor's bytes are copied out (0.17 us for 16 bytes) rather than viewed (a
+# flattening reshape and numpy's buffer export: 1.07 us); ZeroMQ copies frames this small on
+# sending anyway (mesh.transport.ZERO_COPY_MIN_BYTES). At 4 KiB the two cost 0.34 and 0.51 us.
+COPY_OUT_MAX_BYTES = 8 * 1024
+
+
+def _flat_bytes(arr: np.ndarray) -> bytes | memoryview:
+    # Flat bytes: ZeroMQ and every other-language reader want plain bytes.
+    if arr.nbytes <= COPY_OUT_MAX_BYTES:
+        return arr.tobytes()  # C order, whatever the strides: the caller made it contiguous
     if arr.ndim != 1:
         arr = arr.reshape(-1)
     return memoryview(arr).cast("B")  # type: ignore[arg-type]
@@ -176,8 +182,54 @@ def _check_ref(ref: Any, nframes: int) -> tuple[str, tuple[int, ...], int]:
     return dtype, tuple(shape), index
 
 
+def _size_error(index: int, size: int, dtype: str, shape: tuple[int, ...],
+                expected: int) -> BadRequest:
+    return BadRequest(f"frame {index} holds {size} bytes but dtype {dtype} shape "
+                      f"{list(shape)} needs {expected}")
+
+
+def _decode_simple(obj: dict[Any, Any], frames: Sequence[Frame],
+                   decoder: TensorDecoder) -> bool:
+    """Every request and answer has one shape: a map of plain values and maps (``inputs``,
+    ``outputs``) of plain values and tensor references numbered 1..n in order. Decode that in
+    one flat pass (3 us less than the general walk per message); False, with ``obj``
+    untouched, for anything else, which the general walk then takes."""
+    nframes = len(frames)
+    found: list[tuple[dict[Any, Any], Any, str, tuple[int, ...], int]] = []
+    for value in obj.values():
+        kind = type(value)
+        if kind is list:
+            return False
+        if kind is dict:
+            if TENSOR_KEY in value:
+                return False
+            for key, v in value.items():
+                inner = type(v)
+                if inner is list:
+                    return False
+                if inner is dict:
+                    ref = v.get(TENSOR_KEY)
+                    if ref is None or len(v) != 1:
+                        return False
+                    dtype, shape, index = _check_ref(ref, nframes)
+                    if index != len(found) + 1:
+                        return False
+                    found.append((value, key, dtype, shape, index))
+    if len(found) != nframes - 1:
+        return False
+    for container, key, dtype, shape, index in found:
+        buf = frame_buffer(frames[index])
+        expected = math.prod(shape) * DTYPES[dtype][1]
+        if len(buf) != expected:
+            raise _size_error(index, len(buf), dtype, shape, expected)
+        container[key] = decoder(dtype, shape, buf)
+    return True
+
+
 def decode_tensors(obj: Any, frames: Sequence[Frame], decoder: TensorDecoder) -> Any:
     """Replace every tensor reference inside ``obj`` by ``decoder(dtype, shape, buffer)``."""
+    if type(obj) is dict and _decode_simple(obj, frames, decoder):
+        return obj
     nframes = len(frames)
     used: set[int] = set()
 
@@ -195,10 +247,7 @@ def decode_tensors(obj: Any, frames: Sequence[Frame], decoder: TensorDecoder) ->
                 buf = frame_buffer(frames[index])
                 expected = math.prod(shape) * DTYPES[dtype][1]
                 if len(buf) != expected:
-                    raise BadRequest(
-                        f"frame {index} holds {len(buf)} bytes but dtype {dtype} shape "
-                        f"{list(shape)} needs {expected}"
-                    )
+                    raise _size_error(index, len(buf), dtype, shape, expected)
                 return decoder(dtype, shape, buf)
             for k, v in value.items():
                 if type(v) is dict or type(v) is list:

@@ -203,12 +203,27 @@ def test_tuples_travel_as_lists_and_numpy_scalars_as_python_values() -> None:
     assert out == {"shape": [2, 3], "n": 5, "f": 0.5}
 
 
-def test_encode_sends_a_contiguous_tensor_from_its_own_memory() -> None:
-    t = torch.arange(16, dtype=torch.float32)
-    arr = np.arange(16, dtype=np.int64)
+def test_encode_sends_a_large_contiguous_tensor_from_its_own_memory() -> None:
+    n = codec.COPY_OUT_MAX_BYTES // 4 + 1  # just over the copy-out size, in float32s
+    t = torch.arange(n, dtype=torch.float32)
+    arr = np.arange(n, dtype=np.int64)
     frames = codec.encode({"t": t, "a": arr})
     assert buffer_address(frames[1]) == t.data_ptr()
     assert buffer_address(frames[2]) == arr.ctypes.data
+
+
+def test_encode_copies_a_small_tensor_out_in_c_order() -> None:
+    # Cheaper than viewing its memory (ZeroMQ copies frames this small anyway), and a
+    # snapshot: writing to the tensor after encoding does not change what is sent.
+    t = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    arr = np.arange(6, dtype=np.int64).reshape(2, 3)
+    frames = codec.encode({"t": t, "a": arr})
+    assert type(frames[1]) is bytes and type(frames[2]) is bytes
+    t += 100
+    arr += 100
+    out = codec.decode(frames)
+    np.testing.assert_array_equal(out["t"], np.arange(16, dtype=np.float32).reshape(4, 4))
+    np.testing.assert_array_equal(out["a"], np.arange(6, dtype=np.int64).reshape(2, 3))
 
 
 # -- zero-copy decoding -----------------------------------------------------------------------
