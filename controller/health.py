@@ -111,7 +111,8 @@ class Health(Actor):
         late and unreachable for longer than the grace."""
         now = self._clock()
         lost: list[tuple[str, str]] = []
-        for worker_id, last in self._last.items():
+        # A copy: a probe sends, and nothing it sets off may change what is being walked.
+        for worker_id, last in list(self._last.items()):
             silent_s = now - last
             if silent_s > self.timeout_s:
                 lost.append((worker_id, f"no heartbeat for {silent_s * 1000:.0f} ms"))
