@@ -44,8 +44,8 @@ async def run_worker(controller: str, worker_id: str, device: str, threads: int,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop, f"signal {signal.Signals(sig).name}")
-    await agent.start()
     gc_policy.tune()
+    await agent.start()
     gc_policy.freeze()  # torch's modules and the worker's own: they live for good
     stop = asyncio.ensure_future(agent.stopped.wait())
     crash = asyncio.ensure_future(agent.failed.wait())
