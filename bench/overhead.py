@@ -139,9 +139,15 @@ _BARE_MODEL: Any = None
 
 
 def bare_forward(batch: int, threads: int, duration_s: float,
-                 device: str = "cpu", mlp: dict[str, int] | None = None) -> dict[str, float]:
+                 device: str = "cpu", mlp: dict[str, int] | None = None,
+                 gap_s: float = 0.0) -> dict[str, float]:
     """Median time of the mlp's forward pass in a tight loop, and the rows/s it implies; on a
-    GPU, input copied in and output copied out each time, as a worker does."""
+    GPU, input copied in and output copied out each time, as a worker does.
+
+    ``gap_s``: sleep that long before each pass, as a worker waits between the requests of
+    one caller. On a host whose caches other processes and tenants share, a pass after a pause
+    is slower than back to back (its weights were evicted meanwhile); this measures by how
+    much, with no serving code in the loop."""
     global _BARE_MODEL
     import torch
 
@@ -158,6 +164,8 @@ def bare_forward(batch: int, threads: int, duration_s: float,
             model(x.to(device)).cpu()
         end = time.perf_counter() + duration_s
         while time.perf_counter() < end:
+            if gap_s > 0.0:
+                time.sleep(gap_s)
             t0 = time.perf_counter()
             model(x.to(device)).cpu()
             times.append(time.perf_counter() - t0)
@@ -241,6 +249,12 @@ async def mlp_round(client: Client, admin: str, floor: FloorChain, direct: Direc
             entry["direct"] = direct_r.to_dict()
             entry["direct_minus_bare_ms"] = direct_r.p50_ms - bare["median_ms"]
             entry["pause_penalty"] = pause_penalty(pause_s=bare["median_ms"] / 1000.0)
+            # The bare pass at the served pace: each one after the idle gap a served request
+            # leaves the worker (its round trip less the pass), with no serving code around it.
+            gap_ms = max(0.0, r.p50_ms - bare["median_ms"])
+            entry["paced_bare"] = bare_forward(1, args.threads, bare_s, args.device,
+                                               mlp_kwargs(args), gap_s=gap_ms / 1000.0)
+            entry["paced_bare"]["gap_ms"] = gap_ms
         out[f"c{c}"] = entry
         extra = (f" | floor p50 {entry['floor']['p50_ms']:6.3f} ms, direct p50 "
                  f"{entry['direct']['p50_ms']:6.3f} ms" if c == 1 else "")
@@ -274,6 +288,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             s["direct_minus_bare_ms"] = med(lambda e: e["direct_minus_bare_ms"])
             s["controller_ms"] = med(lambda e: e["served"]["p50_ms"] - e["direct"]["p50_ms"])
             s["pause_penalty"] = med(lambda e: e["pause_penalty"]["ratio"])
+            s["paced_bare_ms"] = med(lambda e: e["paced_bare"]["median_ms"])
+            s["p50_minus_paced_bare_ms"] = med(
+                lambda e: e["served"]["p50_ms"] - e["paced_bare"]["median_ms"])
         summary[key] = s
     return summary
 
@@ -388,7 +405,14 @@ def render(results: dict[str, Any]) -> str:
                   f"{c1['direct_minus_bare_ms']:.3f} | {c1['controller_ms']:.3f} |",
                   "", f"The same Python (10 reply encodings) runs {c1['pause_penalty']:.1f}x "
                   f"slower right after a {c1['bare_ms']:.1f} ms pause than back to back "
-                  "(median of rounds)."]
+                  "(median of rounds).",
+                  "", "The bare pass at the served pace (each after the idle gap a served "
+                  "request leaves the worker): what pausing alone costs the forward pass here",
+                  "| bare forward ms | paced bare ms | served p50 ms | "
+                  "served p50 - paced bare ms |",
+                  "|---:|---:|---:|---:|",
+                  f"| {c1['bare_ms']:.3f} | {c1['paced_bare_ms']:.3f} | "
+                  f"{c1['served_p50_ms']:.3f} | {c1['p50_minus_paced_bare_ms']:.3f} |"]
     return "\n".join(lines)
 
 
