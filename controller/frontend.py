@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from controller import plain_request
 from controller.connections import ConnectionWatch
 from controller.router import Router
 from mesh import codec
@@ -158,8 +159,23 @@ class Frontend:
         for f in frames[1:]:
             size += len(f)
         header_frame = frames[1]
+        buffer = codec.frame_buffer(header_frame)
+        plain = plain_request.read(buffer, frames, 2, size, self.max_request_bytes)
+        if plain is not None:
+            router = self.routers.get(plain.model)
+            if router is not None:
+                dep = router.deployment
+                timeout_ms = plain.timeout_ms
+                if timeout_ms is None:
+                    timeout_ms = dep.default_timeout_ms
+                elif timeout_ms > dep.max_timeout_ms:
+                    router = None  # answered by the general path, with its wording
+                if router is not None:
+                    router.submit(client, plain.id, plain.kind, header_frame, frames[2:],
+                                  max(1, math.ceil(timeout_ms)))
+                    return
         try:
-            header = codec.unpack_header(codec.frame_buffer(header_frame))
+            header = codec.unpack_header(buffer)
         except BadRequest as bad:
             error: MeshError = bad
             if size > self.max_request_bytes:
