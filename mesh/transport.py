@@ -7,7 +7,9 @@ message that is ready with non-blocking receives and hands each one to a plain c
 about 65 us per request, and under load one wake-up serves hundreds of messages.
 
 ZeroMQ's FD is edge-triggered and a send can consume the edge (the library processes pending
-commands inside send), so after sending we re-check ``EVENTS`` once per loop iteration.
+commands inside send), so after sending we re-check ``EVENTS`` once per loop iteration. A
+drain asks ``EVENTS`` before each receive rather than receiving until one fails: a failed
+receive raises zmq.Again, which costs several times more (``readable``).
 A drain serves at most ``max_burst`` messages before yielding, so one busy socket cannot
 starve the others sharing the loop.
 
@@ -89,6 +91,13 @@ def _recv_message(sock: zmq.Socket[Any], copy_prefix: int) -> list[Any]:
     return frames
 
 
+def readable(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message waits on ``sock``: asking EVENTS (3.4 us) is cheaper than a receive
+    that finds nothing and raises zmq.Again (9 us warm; 50 us right after a forward pass has
+    pushed the exception machinery out of the caches, measured in a worker at one caller)."""
+    return bool(int(_getsockopt(sock, _EVENTS)) & _POLLIN)
+
+
 def send_nowait(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
     """Send a multipart message without blocking; raises zmq.Again / ZMQError."""
     last = frames[-1]
@@ -166,6 +175,9 @@ class Pump:
         try:
             while n < self._max_burst:
                 try:
+                    # EVENTS before each receive, not a receive until one fails: see readable.
+                    if not int(_getsockopt(sock, _EVENTS)) & _POLLIN:
+                        return
                     frames = _recv_message(sock, prefix)
                 except zmq.Again:
                     return

@@ -35,7 +35,7 @@ import zmq
 from mesh import dataplane
 from mesh.errors import Unavailable
 from mesh.security import ClientKeys
-from mesh.transport import make_socket, recv_nowait, send_nowait
+from mesh.transport import make_socket, readable, recv_nowait, send_nowait
 from worker.comm import CommError
 from worker.stage_loop import EntryStage, InnerStage
 from worker.world import Compute, OnBroken, RunnerStats, World
@@ -207,7 +207,7 @@ class WorldRunner:
                     pass
             except (BlockingIOError, OSError):
                 pass
-            while True:
+            while readable(sock):  # no receive that fails: see mesh.transport.readable
                 frames = recv_nowait(sock, 2)
                 if frames is None:
                     break
