@@ -10,7 +10,7 @@ import contextlib
 import gc
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -95,7 +95,8 @@ async def test_an_overloaded_deployment_refuses_at_once_and_answers_each_request
     assert max(answers.values()) == 1, "a request answered twice"
 
 
-async def offer_overload(client_endpoint: str, one: Any) -> dict[Any, int]:
+async def offer_overload(client_endpoint: str, one: Callable[[LedgerClient], Awaitable[None]]
+                         ) -> dict[Any, int]:
     """1600 requests at about 400 a second, then 200 more, a patient one and a retrying one;
     returns how many times each request was answered."""
     async with LedgerClient(client_endpoint) as client:
