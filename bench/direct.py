@@ -38,10 +38,12 @@ from mesh.transport import Pump, make_socket
 class DirectWorker:
     """One worker subprocess, driven directly (bench only)."""
 
-    def __init__(self, port: int, deployment: dict[str, Any], *, threads: int = 1) -> None:
+    def __init__(self, port: int, deployment: dict[str, Any], *, threads: int = 1,
+                 device: str = "cpu") -> None:
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.deployment = deployment
         self.threads = threads
+        self.device = device
         self.worker_id = f"direct-{os.getpid()}"
         self._context: zmq.Context[Any] = zmq.Context()
         self._ids = itertools.count(1)
@@ -66,7 +68,7 @@ class DirectWorker:
         pump.start()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "--controller", self.endpoint, "--worker-id",
-             self.worker_id, "--device", "cpu", "--threads", str(self.threads),
+             self.worker_id, "--device", self.device, "--threads", str(self.threads),
              "--parent-pid", str(os.getpid())],
             stdin=subprocess.DEVNULL)
         async with asyncio.timeout(timeout_s):

@@ -54,13 +54,14 @@ def relay(front_port: int, back_port: int) -> None:
                 front.send_multipart(back.recv_multipart(copy=False)[1:], copy=False)
 
 
-def worker(back_port: int, threads: int, hidden: int = 3072, layers: int = 3) -> None:
+def worker(back_port: int, threads: int, hidden: int = 3072, layers: int = 3,
+           device: str = "cpu") -> None:
     import torch
 
     from worker.models.mlp import build
 
     torch.set_num_threads(threads)
-    model = build(hidden=hidden, layers=layers)
+    model = build(hidden=hidden, layers=layers).to(device)
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(f"tcp://127.0.0.1:{back_port}")
     sock.send(b"hello")
@@ -68,7 +69,7 @@ def worker(back_port: int, threads: int, hidden: int = 3072, layers: int = 3) ->
         while True:
             client, body = sock.recv_multipart(copy=False)
             x = torch.frombuffer(bytearray(body.buffer), dtype=torch.float32).view(-1, IN_FEATURES)
-            y = model(x)
+            y = model(x.to(device)).cpu()  # on a GPU: in and out, as a served pass does
             sock.send_multipart([client, y.numpy().tobytes()])
 
 
@@ -102,8 +103,10 @@ def pause_penalty(pause_s: float = 0.004, rounds: int = 300) -> dict[str, float]
 class FloorChain:
     """The relay and worker processes, and a blocking client to time them with."""
 
-    def __init__(self, threads: int, mlp: dict[str, int] | None = None) -> None:
+    def __init__(self, threads: int, mlp: dict[str, int] | None = None,
+                 device: str = "cpu") -> None:
         self.mlp = mlp or {}
+        self.device = device
         self.front = free_port()
         self.back = free_port()
         self.threads = threads
@@ -119,6 +122,7 @@ class FloorChain:
             stdin=subprocess.DEVNULL))
         self.procs.append(subprocess.Popen(
             [*cmd, "worker", "--back", str(self.back), "--threads", str(self.threads),
+             "--device", self.device,
              *[a for k, v in self.mlp.items() for a in (f"--{k}", str(v))]],
             stdin=subprocess.DEVNULL, env=env))
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -173,12 +177,13 @@ def main() -> int:
     w.add_argument("--threads", type=int, default=1)
     w.add_argument("--hidden", type=int, default=3072, help="the mlp's width (default 3072)")
     w.add_argument("--layers", type=int, default=3, help="the mlp's layers (default 3)")
+    w.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
     try:
         if args.role == "relay":
             relay(args.front, args.back)
         else:
-            worker(args.back, args.threads, args.hidden, args.layers)
+            worker(args.back, args.threads, args.hidden, args.layers, args.device)
     except KeyboardInterrupt:
         pass
     return 0

@@ -11,6 +11,8 @@
    at concurrency 16, at the batcher's maximum batch (concurrency = max_batch_size), and at
    twice that (two batches in flight: the worker kept busy at the same batch size); the
    bare loop runs at the effective batch the worker actually formed (from its counters).
+   With --client-batch ROWS, also requests of ROWS rows each, one and two in flight: one
+   request per batch, so the ratio shows what the worker adds to the pass, not the controller.
 3. The transport floor (bench.floor) at concurrency 1: the same four ZeroMQ hops with no
    meshserve code at all, so the served latency splits into what the hops cost on this
    machine and what meshserve adds. And the same mlp worker driven directly (bench.direct,
@@ -261,6 +263,23 @@ async def mlp_round(client: Client, admin: str, floor: FloorChain, direct: Direc
         print(f"mlp  round {n} c={c:<3d} served {r.rps:8.1f} req/s p50 {r.p50_ms:7.3f} ms"
               f" batch {eff:5.2f} | bare {bare['median_ms']:6.3f} ms"
               f" ratio {entry['ratio_rows_per_s']:.2f}{extra}", file=sys.stderr, flush=True)
+    if args.client_batch:
+        # Requests that each carry a whole batch (the client batched its rows): the controller
+        # handles one request per batch, so this isolates what the worker adds to the pass.
+        rows = args.client_batch
+        batch_x = {"x": np.zeros((rows, 64), dtype=np.float32)}
+        bare = bare_forward(rows, args.threads, bare_s, args.device, mlp_kwargs(args))
+        for c in (1, 2):
+            r = await closed_loop(client, "mlp", batch_x, concurrency=c, duration_s=d,
+                                  warmup_s=0.5)
+            entry = {"served": r.to_dict(), "effective_batch": float(rows), "bare": bare,
+                     "rows_per_request": rows,
+                     "ratio_rows_per_s": r.rps * rows / bare["rows_per_s"]}
+            out[f"b{rows}c{c}"] = entry
+            print(f"mlp  round {n} {c} x {rows} rows: served {r.rps * rows:9.1f} rows/s p50 "
+                  f"{r.p50_ms:7.3f} ms | bare {bare['median_ms']:6.3f} ms "
+                  f"{bare['rows_per_s']:9.1f} rows/s ratio {entry['ratio_rows_per_s']:.2f}",
+                  file=sys.stderr, flush=True)
     return out
 
 
@@ -273,7 +292,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         def med(get: Any, entries: list[dict[str, Any]] = entries) -> float:
             return float(statistics.median(get(e) for e in entries))
 
-        s = {"effective_batch": med(lambda e: e["effective_batch"]),
+        s = {"rows_per_request": entries[0].get("rows_per_request", 1),
+             "effective_batch": med(lambda e: e["effective_batch"]),
              "served_rps": med(lambda e: e["served"]["rps"]),
              "served_p50_ms": med(lambda e: e["served"]["p50_ms"]),
              "bare_rows_per_s": med(lambda e: e["bare"]["rows_per_s"]),
@@ -313,8 +333,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     direct_mlp = DirectWorker(ports["direct_mlp"], {
         "name": "mlp", "model": "worker.models.mlp:build", "max_batch_size": MLP_BATCH,
         "max_batch_delay_ms": args.mlp_delay_ms, "factory_kwargs": mlp_kwargs(args)},
-        threads=args.threads)
-    floor = FloorChain(args.threads, mlp_kwargs(args))
+        threads=args.threads, device=args.device)
+    floor = FloorChain(args.threads, mlp_kwargs(args), device=args.device)
     # Every process the run starts, and what it needs: the client a core per torch thread (it
     # runs the bare forward loop too), the controller its Python thread and ZeroMQ's I/O
     # thread, a worker its torch threads and one for its loop and I/O.
@@ -389,7 +409,9 @@ def render(results: dict[str, Any]) -> str:
               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, e in results["mlp"].items():
         delta = f"{e['p50_minus_bare_ms']:.3f}" if "p50_minus_bare_ms" in e else ""
-        lines.append(f"| {c[1:]} | {e['effective_batch']:.2f} | {e['served_rps']:.1f} | "
+        rows = e.get("rows_per_request", 1)
+        callers = c.split("c")[-1] + (f" ({rows} rows each)" if rows > 1 else "")
+        lines.append(f"| {callers} | {e['effective_batch']:.2f} | {e['served_rps']:.1f} | "
                      f"{e['bare_rows_per_s']:.1f} | {e['ratio_rows_per_s']:.2f} | "
                      f"{e['served_p50_ms']:.3f} | {e['bare_ms']:.3f} | {delta} |")
     c1 = results["mlp"].get("c1")
@@ -433,6 +455,9 @@ def main() -> int:
     parser.add_argument("--mlp-layers", type=int, default=3, help="the mlp's layers (default 3)")
     parser.add_argument("--device", default="cpu",
                         help="where the mlp worker and the bare loop run: cpu, cuda, cuda:N")
+    parser.add_argument("--client-batch", type=int, default=0, metavar="ROWS",
+                        help="also serve requests of ROWS rows each (the client batched them),"
+                             " one and two in flight, against the bare pass at ROWS rows")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--curve", action="store_true",
                         help="run the controller with [security] curve = true (keys made for "
