@@ -90,7 +90,9 @@ async def test_status_json_has_the_contract_keys_with_live_figures(
     (worker,) = status["workers"]
     assert {"id", "pid", "host", "device", "state", "worlds"} <= set(worker)
     assert worker["state"] == "serving" and worker["worlds"] == [world["id"]]
-    assert worker["device"] == "cpu" and worker["pid"] in cluster.worker_pids()
+    # worker_device = "auto": the host's GPU where it has one (the GPU check runs this too).
+    assert worker["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert worker["pid"] in cluster.worker_pids()
     assert world["workers"] == [worker["id"]]
     # The controller froze what its startup built and collects young objects rarely.
     gc = status["controller"]["gc"]

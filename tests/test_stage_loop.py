@@ -187,8 +187,11 @@ def test_a_one_rank_world_answers_a_batch_of_dispatches_in_one_message() -> None
         for rid, x in xs.items():
             status, body = answers[rid]
             assert status == dataplane.OK and body["id"] == f"c{rid}"
+            # Each request its own row. A batch of three and a single row take different
+            # matrix kernels on some CPUs (seen on the GPU host's): equal to rounding only.
             np.testing.assert_allclose(body["outputs"]["y"],
-                                       handler.module(torch.from_numpy(x)).numpy(), rtol=1e-5)
+                                       handler.module(torch.from_numpy(x)).numpy(),
+                                       rtol=1e-4, atol=1e-6)
     # A batch whose frame counts do not add up is dropped whole: nothing in it is trusted.
     stage.accept([dataplane.pack_dispatch_batch(1, 1, [(5, 10_000, 2), (6, 10_000, 2)]),
                   *parts[0], *parts[1][:1]])
