@@ -16,7 +16,8 @@
 # Everything goes to stdout and to $OUT (or /tmp/gpu_check): tests.log, demo.log, bench.json.
 # It also runs on a CPU-only host (the GPU tests skip), which is how it is checked here.
 # Knobs: TESTS (default: tests, the whole suite), PYTEST_ARGS (more pytest arguments: say
-# "-n 8" where pytest-xdist is there, --ignore=... for tests whose packages the host lacks),
+# "-n 8 -v" where pytest-xdist is there, so that a run cut short by the timeout still names
+# its failures, and --ignore=... for tests whose packages the host lacks),
 # TESTS_TIMEOUT_S (default 480), BENCH_S (seconds per bench window, default 2).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,13 +47,32 @@ EOF
 device=cpu
 "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && device=cuda
 
+# Every process started from here on carries this mark in its environment.
+export MESH_GPU_CHECK_RUN="gpu-check-$$-$RANDOM"
+sweep() {
+  # A suite cut short by its timeout ends without its teardown: the controllers and workers
+  # of the tests then running live on and would share the host with what is measured next.
+  # Only this run's own (by the mark): never another meshserve on the same host.
+  local pids=() pid
+  for pid in $(pgrep -f -- '-m (controller\.cli|worker|bench\.[a-z]+)( |$)' || true); do
+    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null \
+      | grep -qx "MESH_GPU_CHECK_RUN=$MESH_GPU_CHECK_RUN" && pids+=("$pid")
+  done
+  if [ "${#pids[@]}" -gt 0 ]; then
+    echo "killing ${#pids[@]} processes left behind ($1)"
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+    sleep 1
+  fi
+}
+
 echo "== tests (timeout ${TESTS_TIMEOUT_S:-480}s)"
 # shellcheck disable=SC2086  # TESTS may name several paths
-timeout "${TESTS_TIMEOUT_S:-480}" "$py" -m pytest -q -p no:cacheprovider -rs ${PYTEST_ARGS:-} \
+timeout "${TESTS_TIMEOUT_S:-480}" "$py" -m pytest -q -p no:cacheprovider -rfEs ${PYTEST_ARGS:-} \
   ${TESTS:-tests} \
-  2>&1 | tee "$out/tests.log" | grep -vE '^\.+ *\[' || true
+  2>&1 | tee "$out/tests.log" | grep -vE '^\.+ *\[|^\[gw[0-9]+\] .* (PASSED|SKIPPED) ' || true
 tail -n 1 "$out/tests.log" | grep -qE ' passed' && ! tail -n 1 "$out/tests.log" | grep -q failed \
-  || status=1
+  || { status=1; echo "tests: not all passed (with -v, the lines above name each failure)"; }
+sweep "by the tests"
 
 echo "== demo (meshctl up)"
 MESH_LOG_LEVEL=INFO "$py" -m controller.cli up >"$out/demo.log" 2>&1 &
@@ -79,6 +99,7 @@ kill -INT "$up"
 wait "$up"; echo "meshctl up exited $?"
 grep -E "exited with|terminate called" "$out/demo.log" | sed 's/^.*controller.launcher: //'
 grep -qE "exited with -|terminate called" "$out/demo.log" && status=1
+sweep "by the demo"
 
 echo "== served vs bare (mlp on $device)"
 timeout 300 "$py" -m bench.overhead --device "$device" --duration-s "${BENCH_S:-2}" \
