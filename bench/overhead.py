@@ -137,6 +137,23 @@ def worker_counters(status: dict[str, Any], deployment: str) -> tuple[int, int]:
     return batches, rows
 
 
+async def settled_counters(admin: str, deployment: str, timeout_s: float = 5.0
+                           ) -> tuple[int, int]:
+    """``worker_counters`` from heartbeats sent after this call began: the counters come with
+    heartbeats, so a status read at once can miss the last batches of the phase just ended
+    (that read 1.4 to 3.5 rows a batch at one caller on the GPU host)."""
+    since = time.monotonic()
+    deadline = since + timeout_s
+    while True:
+        status = await admin_call(admin, "status")
+        worlds = {w["id"] for w in status["worlds"] if w["deployment"] == deployment}
+        ages = [w["heartbeat_age_ms"] for w in status["workers"] if worlds & set(w["worlds"])]
+        fresh = (time.monotonic() - since) * 1000.0
+        if (ages and max(ages) < fresh) or time.monotonic() > deadline:
+            return worker_counters(status, deployment)
+        await asyncio.sleep(0.05)
+
+
 _BARE_MODEL: Any = None
 
 
@@ -232,10 +249,11 @@ async def mlp_round(client: Client, admin: str, floor: FloorChain, direct: Direc
     # round the loop; at twice that, one batch is in transit while the other computes: what
     # the worker serves when it is kept busy, at the same batch size.
     for c in (1, 16, MLP_BATCH, 2 * MLP_BATCH):
-        before = worker_counters(await admin_call(admin, "status"), "mlp")
+        # Counted from the warm-up on: the warm-up's batches have the measured shape too.
+        before = await settled_counters(admin, "mlp")
         r: BenchResult = await closed_loop(client, "mlp", mlp_x, concurrency=c,
                                            duration_s=d, warmup_s=0.5)
-        after = worker_counters(await admin_call(admin, "status"), "mlp")
+        after = await settled_counters(admin, "mlp")
         eff = (after[1] - before[1]) / max(1, after[0] - before[0])
         # The servers sit idle (no load offered) while the bare loop runs.
         bare = bare_forward(max(1, round(eff)), args.threads, bare_s, args.device,
@@ -367,7 +385,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 place(f"{world['deployment']} worker", pids[worker_id])
         await direct.start()
         place("direct echo worker", direct.pid)
-        async with Client(f"tcp://127.0.0.1:{ports['client']}", **client_args) as client:
+        async with Client(f"tcp://127.0.0.1:{ports['client']}", key=client_args.get("key"),
+                          controller_key=client_args.get("controller_key")) as client:
             for n in range(1, args.rounds + 1):
                 results["echo_rounds"].append(
                     await echo_round(client, direct, ctrl.pid, args, n))
