@@ -107,7 +107,8 @@ class DirectWorker:
         if isinstance(msg, Register):
             assert self._pump is not None  # messages only come after start()
             self._pump.send([frames[0], codec.pack(Welcome(
-                heartbeat_interval_ms=200, controller_timeout_ms=3_600_000).to_wire())])
+                heartbeat_interval_ms=200, controller_timeout_ms=3_600_000,
+                packed_replies=True).to_wire())])
             self._ready.set()
         elif isinstance(msg, Joined):
             self._entry = msg.entry.encode()

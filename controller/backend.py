@@ -72,7 +72,8 @@ class Backend:
         first = codec.frame_buffer(frames[1])
         if dataplane.is_data(first):
             head = dataplane.unpack(first)
-            if type(head) is dataplane.Reply or type(head) is dataplane.ReplyBatch:
+            if type(head) is dataplane.Reply or type(head) is dataplane.PackedReplyBatch or \
+                    type(head) is dataplane.ReplyBatch:
                 router = self.routes.get(head.world_id)
                 answers = dataplane.replies(head, frames[2:]) if router is not None else []
                 if answers:

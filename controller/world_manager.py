@@ -123,7 +123,7 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         c = config.controller
         self._welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
                                 controller_timeout_ms=c.controller_timeout_ms,
-                                max_idle_stages=c.max_idle_stages)
+                                max_idle_stages=c.max_idle_stages, packed_replies=True)
 
     # -- the mailbox ----------------------------------------------------------------------
 

@@ -241,6 +241,9 @@ class Welcome(Message):
     controller_timeout_ms: int
     # Loaded stages no world uses that the worker may keep (the rest are dropped, LRU first).
     max_idle_stages: int = DEFAULT_MAX_IDLE_STAGES
+    # The controller reads packed answer batches ("resp", mesh.dataplane): a worker sends them
+    # only then, so a worker newer than its controller still speaks what that one reads.
+    packed_replies: bool = False
 
 
 @dataclass(frozen=True, slots=True)

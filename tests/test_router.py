@@ -721,3 +721,68 @@ def test_a_reply_batch_is_split_per_answer_and_one_that_does_not_add_up_is_refus
     zero = dataplane.unpack(dataplane.pack_reply_batch(3, 1, [(7, dataplane.OK, "", 0)]))
     assert dataplane.replies(zero, []) == []  # an answer without its header
     assert dataplane.unpack(b"\x94\xa4ress\x03\x01\x91\x93\x07\x00\xa0") is None  # 3 fields
+
+
+def test_a_packed_reply_batch_slices_its_small_frames_and_keeps_large_ones_whole() -> None:
+    import zmq
+
+    big = memoryview(bytes(range(256)) * (dataplane.PACK_MAX_BYTES // 256)).cast("B")
+    answers_in = [(7, dataplane.OK, "", [b"\x81\xa1h7", b"t7" * 10, big]),
+                  (8, dataplane.ERROR, "bad_request", [b"\x81\xa1h8"]),
+                  (9, dataplane.CHUNK, "", [b"\x81\xa1h9", b""])]  # an empty tensor frame
+    message = dataplane.pack_replies(3, 1, answers_in)
+    assert len(message) == 3 and message[2] is big  # head, pack, the large frame itself
+    head = dataplane.unpack(message[0])
+    assert type(head) is dataplane.PackedReplyBatch
+    for pack in (message[1], zmq.Frame(message[1])):  # as the controller receives it, or not
+        answers = dataplane.replies(head, [pack, big])
+        assert [(r.rid, r.world_id, r.epoch, r.status, r.code) for r, _ in answers] == [
+            (7, 3, 1, dataplane.OK, ""), (8, 3, 1, dataplane.ERROR, "bad_request"),
+            (9, 3, 1, dataplane.CHUNK, "")]
+        assert [[bytes(f) for f in frames] for _, frames in answers] == [
+            [b"\x81\xa1h7", b"t7" * 10, bytes(big)], [b"\x81\xa1h8"], [b"\x81\xa1h9", b""]]
+        assert answers[0][1][2] is big  # never copied on the way
+        assert dataplane.is_map(answers[0][1][0])  # what the router checks, read in place
+
+
+def test_a_packed_reply_batch_whose_sizes_do_not_account_for_every_byte_is_refused_whole(
+        ) -> None:
+    def head(*sizes: list[int]) -> Any:
+        return dataplane.unpack(dataplane.pack(dataplane.PackedReplyBatch(
+            3, 1, [(rid, dataplane.OK, "", list(s)) for rid, s in enumerate(sizes)])))
+
+    pack = b"aaabb"
+    assert len(dataplane.replies(head([3], [2]), [pack])) == 2
+    assert dataplane.replies(head([3], [1]), [pack]) == []  # a byte left over
+    assert dataplane.replies(head([3], [3]), [pack]) == []  # past the end
+    assert dataplane.replies(head([3], [2, -1]), [pack]) == []  # a frame of its own missing
+    assert dataplane.replies(head([3], [2]), [pack, b"extra"]) == []  # one too many
+    assert dataplane.replies(head([3], [2, -2]), [pack, b"x"]) == []  # no such size
+    assert dataplane.replies(head([3], []), [pack]) == []  # an answer without a header
+    assert dataplane.replies(head([3], [2]), []) == []  # no pack at all
+    assert dataplane.unpack(dataplane.pack(dataplane.PackedReplyBatch(
+        3, 1, [(1, 0, "", [2])]))[:-1] + b"\xa1x") is None  # a size that is not an int
+
+
+def test_a_worker_packs_its_answers_only_for_a_controller_that_reads_them() -> None:
+    from mesh.messages import Welcome
+    from worker.world import Replier
+
+    assert Welcome.from_wire(Welcome(heartbeat_interval_ms=1, controller_timeout_ms=1,
+                                     packed_replies=True).to_wire()).packed_replies
+    older = {"kind": "welcome", "heartbeat_interval_ms": 1, "controller_timeout_ms": 1}
+    assert not Welcome.from_wire(older).packed_replies  # a controller that never said so
+    for packed, tag in ((True, dataplane.PackedReplyBatch), (False, dataplane.ReplyBatch)):
+        sent: list[list[Any]] = []
+        replier = Replier(3, 1, sent.append, packed=packed)
+        replier.result(7, "c7", {"y": [1.0, 2.0]})
+        replier.error(8, "c8", BadRequest("no"))
+        replier.flush()
+        (message,) = sent
+        head = dataplane.unpack(message[0])
+        assert type(head) is tag
+        answers = dataplane.replies(head, message[1:])
+        assert [(r.rid, r.status, r.code) for r, _ in answers] == [
+            (7, dataplane.OK, ""), (8, dataplane.ERROR, "bad_request")]
+        assert codec.decode([bytes(f) for f in answers[0][1]])["outputs"] == {"y": [1.0, 2.0]}
+        assert codec.decode([bytes(f) for f in answers[1][1]])["code"] == "bad_request"

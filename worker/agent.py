@@ -119,6 +119,7 @@ class WorkerAgent(Actor):
         self._rejoining = False
         self._last_heard = time.monotonic()
         self._welcomed = asyncio.Event()
+        self._packed_replies = False  # what the controller's last welcome said
         self.stopped = asyncio.Event()
         self.exit_reason = ""
         self._seq = 0
@@ -182,6 +183,7 @@ class WorkerAgent(Actor):
             self._heartbeat_interval_s = message.heartbeat_interval_ms / 1000.0
             self._controller_timeout_s = message.controller_timeout_ms / 1000.0
             self._stages.set_max_idle(message.max_idle_stages)
+            self._packed_replies = message.packed_replies
             self._welcomed.set()
             return
         if isinstance(message, Shutdown):
@@ -280,7 +282,8 @@ class WorkerAgent(Actor):
             if msg.size > 1:
                 comm = await loop.run_in_executor(self._form_pool, self._form, msg)
             world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
-                          deployment=msg.deployment, handler=handler, comm=comm)
+                          deployment=msg.deployment, handler=handler, comm=comm,
+                          packed_replies=self._packed_replies)
             runner = WorldRunner(world, context=self._context, endpoint=self._controller,
                                  identity=runner_identity(self.worker_id, msg.world_id,
                                                           msg.epoch, msg.token),

@@ -109,7 +109,7 @@ class EntryStage:
         self._send = send
         self._on_broken = on_broken
         self._clock = clock
-        self.replier = Replier(world.world_id, world.epoch, send)
+        self.replier = Replier(world.world_id, world.epoch, send, packed=world.packed_replies)
         dep = world.deployment
         self.batcher = Batcher(max_batch_size=dep.max_batch_size,
                                max_batch_delay_ms=dep.max_batch_delay_ms,
@@ -415,7 +415,7 @@ class InnerStage:
         self.handler = world.handler
         self.compute = compute
         self._clock = clock
-        self.replier = Replier(world.world_id, world.epoch, send)
+        self.replier = Replier(world.world_id, world.epoch, send, packed=world.packed_replies)
         self.stats = RunnerStats()
         self.busy = False
         self._text: dict[Any, list[str]] = {}  # infer requests on a streaming model

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh import codec
-from mesh.dataplane import CHUNK, ERROR, OK, pack_reply, pack_reply_batch
+from mesh.dataplane import CHUNK, ERROR, OK, pack_replies, pack_reply, pack_reply_batch
 from mesh.errors import MeshError, ModelError
 from mesh.messages import (
     PROTOCOL_VERSION,
@@ -42,6 +42,8 @@ class World:
     deployment: DeploymentSpec
     handler: Handler
     comm: Comm | None = None
+    # The controller reads packed answer batches (its welcome said so): mesh.dataplane.
+    packed_replies: bool = False
 
     @property
     def is_last(self) -> bool:
@@ -110,14 +112,16 @@ class Replier:
     """Builds one world's answers and sends them, several to a message: each answer is held
     until ``flush``, which its stage calls once it has nothing more to add right now (after
     taking in what arrived, after a batch or a decoding step). One held answer goes out as a
-    ``res`` message, several as one ``ress`` (mesh.dataplane)."""
+    ``res`` message, several as one ``resp`` where the controller reads that (``packed``), else
+    as one ``ress`` (mesh.dataplane)."""
 
-    def __init__(self, world_id: int, epoch: int, send: Callable[[list[Any]], None]) -> None:
+    def __init__(self, world_id: int, epoch: int, send: Callable[[list[Any]], None],
+                 *, packed: bool = False) -> None:
         self.world_id = world_id
         self.epoch = epoch
+        self.packed = packed
         self._send = send
-        self._items: list[tuple[int, int, str, int]] = []
-        self._frames: list[Any] = []
+        self._held: list[tuple[int, int, str, list[Any]]] = []
 
     def result(self, rid: Any, client_id: Any, outputs: dict[str, Any]) -> None:
         try:
@@ -138,24 +142,25 @@ class Replier:
         self._hold(rid, ERROR, error.code, [header])
 
     def _hold(self, rid: int, status: int, code: str, frames: list[Any]) -> None:
-        self._items.append((rid, status, code, len(frames)))
-        self._frames.extend(frames)
-        if len(self._items) >= MAX_REPLY_BATCH:
+        self._held.append((rid, status, code, frames))
+        if len(self._held) >= MAX_REPLY_BATCH:
             self.flush()
 
     def flush(self) -> None:
         """Send every held answer (nothing when none is held)."""
-        items = self._items
-        if not items:
+        held = self._held
+        if not held:
             return
-        frames = self._frames
-        self._items = []
-        self._frames = []
-        if len(items) == 1:
-            rid, status, code, _ = items[0]
+        self._held = []
+        if len(held) == 1:
+            rid, status, code, frames = held[0]
             self._send([pack_reply(rid, self.world_id, self.epoch, status, code), *frames])
+        elif self.packed:
+            self._send(pack_replies(self.world_id, self.epoch, held))
         else:
-            self._send([pack_reply_batch(self.world_id, self.epoch, items), *frames])
+            items = [(rid, status, code, len(frames)) for rid, status, code, frames in held]
+            self._send([pack_reply_batch(self.world_id, self.epoch, items),
+                        *[f for _, _, _, frames in held for f in frames]])
 
 
 def emit_stream_step(replier: Replier, handler: Handler, text: dict[Any, list[str]], rid: Any,
