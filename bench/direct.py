@@ -54,6 +54,7 @@ class DirectWorker:
         self._pump: Pump | None = None
         self.inputs_spec: dict[str, Any] = {}
         self._entry = b""  # the world runner's socket, from Joined
+        self._packed = False  # it reads packed dispatch batches (its Joined)
         self._outbox: list[tuple[int, int, list[Any]]] = []  # (rid, deadline ms, frames)
         self._closed = False
 
@@ -112,6 +113,7 @@ class DirectWorker:
             self._ready.set()
         elif isinstance(msg, Joined):
             self._entry = msg.entry.encode()
+            self._packed = msg.packed_dispatches
             self.inputs_spec = msg.inputs
             self._joined.set()
 
@@ -134,6 +136,9 @@ class DirectWorker:
             rid, deadline_ms, frames = held[0]
             self._pump.send([self._entry, dataplane.pack_dispatch(rid, 1, 1, deadline_ms),
                              *frames])
+            return
+        if self._packed:
+            self._pump.send([self._entry, *dataplane.pack_dispatches(1, 1, held)])
             return
         items = [(rid, deadline_ms, len(frames)) for rid, deadline_ms, frames in held]
         self._pump.send([self._entry, dataplane.pack_dispatch_batch(1, 1, items),

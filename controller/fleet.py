@@ -115,6 +115,7 @@ class WorldInfo:
     form_ms: float = 0.0
     backend: str = "local"  # gloo | nccl | local (one rank), see controller.placement
     entry: str = ""  # identity of rank 0's runner socket, from its Joined
+    packed_dispatches: bool = False  # that socket reads packed dispatch batches (its Joined)
     token: str = ""  # the world's secret (see mesh.messages Join.token)
 
     def member_sockets(self) -> frozenset[bytes]:

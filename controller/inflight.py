@@ -46,13 +46,14 @@ class WorldRoute:
     may go there. (The world's lifecycle state is the WorldManager's; this is routing.)"""
 
     __slots__ = ("draining", "entry", "epoch", "inflight", "last_progress_s", "members",
-                 "outbox", "served", "stall_reported", "unreachable", "world_id")
+                 "outbox", "packed", "served", "stall_reported", "unreachable", "world_id")
 
     def __init__(self, world_id: int, epoch: int, entry: bytes,
-                 members: frozenset[bytes] = frozenset()) -> None:
+                 members: frozenset[bytes] = frozenset(), *, packed: bool = False) -> None:
         self.world_id = world_id
         self.epoch = epoch
         self.entry = entry  # ZeroMQ identity of rank 0's runner socket
+        self.packed = packed  # it reads packed dispatch batches (mesh.dataplane)
         # Identities of its members' runner sockets: answers from any other are dropped
         # (empty: not checked, for tests that drive a router alone).
         self.members = members

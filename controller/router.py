@@ -41,6 +41,7 @@ from mesh.dataplane import (
     pack,
     pack_dispatch,
     pack_dispatch_batch,
+    pack_dispatches,
 )
 from mesh.errors import (
     Cancelled,
@@ -236,6 +237,11 @@ class Router:
             head = pack_dispatch(p.rid, world.world_id, world.epoch,
                                  max(1, int((p.deadline_s - now) * 1000.0)))
             return self._send_worker([world.entry, head, p.header, *p.frames])
+        if world.packed:
+            return self._send_worker([world.entry, *pack_dispatches(
+                world.world_id, world.epoch,
+                [(p.rid, max(1, int((p.deadline_s - now) * 1000.0)), [p.header, *p.frames])
+                 for p in batch])])
         items = []
         frames: list[Any] = [world.entry, b""]
         for p in batch:
@@ -481,8 +487,9 @@ class Router:
     # -- worlds ---------------------------------------------------------------------------
 
     def add_world(self, world_id: int, epoch: int, entry: bytes,
-                  members: frozenset[bytes] = frozenset()) -> None:
-        self.worlds[world_id] = WorldRoute(world_id, epoch, entry, members)
+                  members: frozenset[bytes] = frozenset(), *, packed: bool = False) -> None:
+        """``packed``: its entry reads packed dispatch batches (its ``joined`` said so)."""
+        self.worlds[world_id] = WorldRoute(world_id, epoch, entry, members, packed=packed)
         self._routes[world_id] = self
         self._refresh_serving()
         self._pump_queue()

@@ -105,6 +105,7 @@ class WorkerEvents:
             world.joined.add(worker_id)
             if msg.entry and world.workers[0] == worker_id:
                 world.entry = msg.entry
+                world.packed_dispatches = msg.packed_dispatches
             worker.joined_once = True
             world.load_ms = max(world.load_ms, msg.load_ms)
             world.form_ms = max(world.form_ms, msg.form_ms)

@@ -10,6 +10,7 @@ each travel as a short msgpack array whose first element is its tag (docs/protoc
     ["reqs",   world_id, epoch, [[rid, deadline_ms, nframes], ...]]     several dispatches
     ["ress",   world_id, epoch, [[rid, status, code, nframes], ...]]    several answers
     ["resp",   world_id, epoch, [[rid, status, code, [size, ...]], ...]] several, packed
+    ["reqp",   world_id, epoch, [[rid, deadline_ms, [size, ...]], ...]]   several, packed
 
 A batch carries the frames of its requests (or answers) one after the other behind its head,
 ``nframes`` each (the client header and its tensor frames). The controller sends everything
@@ -18,8 +19,9 @@ in one: ZeroMQ's cost is per message (a wake-up of its I/O thread, a flush), so 
 sends per request fall with the batch (docs/benchmarks.md). One request alone still travels as
 ``req`` and one answer as ``res``.
 
-A packed batch (``resp``, sent to a controller whose ``welcome`` says ``packed_replies``) puts
-its answers' small frames (under ``PACK_MAX_BYTES``: the client headers, small tensors) one
+A packed batch (``resp``, sent to a controller whose ``welcome`` says ``packed_replies``;
+``reqp``, sent to a world whose entry's ``joined`` says ``packed_dispatches``) puts its
+answers' (requests') small frames (under ``PACK_MAX_BYTES``: the client headers, small tensors) one
 after the other in frame 1 and lists each answer's frame sizes; a size of -1 is a frame of its
 own, the next one after frame 1 (a large tensor, never copied). Receiving a frame costs the
 controller about 1.7 us (a zmq.Frame each), slicing one out of the pack about 0.1.
@@ -87,7 +89,14 @@ class PackedReplyBatch(msgspec.Struct, array_like=True, frozen=True, tag="resp")
     items: list[tuple[int, int, str, list[int]]]  # (rid, status, code, frame sizes; -1: own)
 
 
-DataHead = Dispatch | Reply | CancelWork | Hello | DispatchBatch | ReplyBatch | PackedReplyBatch
+class PackedDispatchBatch(msgspec.Struct, array_like=True, frozen=True, tag="reqp"):
+    world_id: int
+    epoch: int
+    items: list[tuple[int, int, list[int]]]  # (rid, deadline_ms, frame sizes; -1: own)
+
+
+DataHead = (Dispatch | Reply | CancelWork | Hello | DispatchBatch | ReplyBatch
+            | PackedReplyBatch | PackedDispatchBatch)
 
 # Frames at least this large travel as frames of their own in a packed batch: below it, a copy
 # into the pack costs less than a frame of its own on the receiving side.
@@ -117,25 +126,40 @@ def pack_reply_batch(world_id: int, epoch: int, items: list[tuple[int, int, str,
     return _encode(ReplyBatch(world_id, epoch, items))
 
 
+def _pack(frames: list[Any], packed: list[Any], own: list[Any]) -> list[int]:
+    """Sort one answer's (request's) frames into the pack or their own; their sizes."""
+    sizes = []
+    for frame in frames:
+        n = len(frame)  # bytes, a zmq.Frame or a byte-format memoryview (mesh.codec's)
+        if n < PACK_MAX_BYTES:
+            packed.append(frame)
+            sizes.append(n)
+        else:
+            own.append(frame)
+            sizes.append(-1)
+    return sizes
+
+
 def pack_replies(world_id: int, epoch: int, answers: list[tuple[int, int, str, list[Any]]]
                  ) -> list[Any]:
     """A ``resp`` message (head, pack, then the frames of their own) of ``answers``, each
     ``(rid, status, code, frames)``."""
-    items = []
     packed: list[Any] = []
     own: list[Any] = []
-    for rid, status, code, frames in answers:
-        sizes = []
-        for frame in frames:
-            n = len(frame)  # bytes, or a byte-format memoryview (mesh.codec's frames)
-            if n < PACK_MAX_BYTES:
-                packed.append(frame)
-                sizes.append(n)
-            else:
-                own.append(frame)
-                sizes.append(-1)
-        items.append((rid, status, code, sizes))
+    items = [(rid, status, code, _pack(frames, packed, own))
+             for rid, status, code, frames in answers]
     return [_encode(PackedReplyBatch(world_id, epoch, items)), b"".join(packed), *own]
+
+
+def pack_dispatches(world_id: int, epoch: int, requests: list[tuple[int, int, list[Any]]]
+                    ) -> list[Any]:
+    """A ``reqp`` message (head, pack, then the frames of their own) of ``requests``, each
+    ``(rid, deadline_ms, frames)``."""
+    packed: list[Any] = []
+    own: list[Any] = []
+    items = [(rid, deadline_ms, _pack(frames, packed, own))
+             for rid, deadline_ms, frames in requests]
+    return [_encode(PackedDispatchBatch(world_id, epoch, items)), b"".join(packed), *own]
 
 
 def batch_parts(counts: list[int], frames: list[Any]) -> list[list[Any]] | None:
@@ -157,10 +181,11 @@ def replies(head: DataHead | None, frames: list[Any]) -> list[tuple[Reply, list[
     if type(head) is Reply:
         return [(head, frames)]
     if type(head) is PackedReplyBatch:
-        return _unpacked(head, frames)
-    if type(head) is not ReplyBatch:
+        parts = unpacked([item[3] for item in head.items], frames)
+    elif type(head) is ReplyBatch:
+        parts = batch_parts([item[3] for item in head.items], frames)
+    else:
         return []
-    parts = batch_parts([item[3] for item in head.items], frames)
     if parts is None:
         return []
     world_id, epoch = head.world_id, head.epoch
@@ -168,38 +193,53 @@ def replies(head: DataHead | None, frames: list[Any]) -> list[tuple[Reply, list[
             for (rid, status, code, _), part in zip(head.items, parts, strict=True)]
 
 
-def _unpacked(head: PackedReplyBatch, frames: list[Any]) -> list[tuple[Reply, list[Any]]]:
-    """The answers of a ``resp``: slices of the pack (frame 0 of ``frames``) and frames of
-    their own; none when the sizes do not account for every byte and frame exactly."""
+def unpacked(sizes: list[list[int]], frames: list[Any]) -> list[list[Any]] | None:
+    """The parts of a packed batch: for each answer (request) its frames, slices of the pack
+    (``frames[0]``) and frames of their own (``frames[1:]``), by ``sizes``; None when they do
+    not account for every byte and frame exactly (a malformed batch: nothing in it is
+    trusted)."""
     if not frames:
-        return []
-    first = frames[0]  # bytes (the controller copies the first frames) or a zmq.Frame
+        return None
+    first = frames[0]  # bytes (the receiver copies the first frames) or a zmq.Frame
     pack = memoryview(first if type(first) is bytes else getattr(first, "buffer", first))
     end = len(pack)
-    own = frames
     next_own = 1
     at = 0
-    world_id, epoch = head.world_id, head.epoch
-    out = []
-    for rid, status, code, sizes in head.items:
-        if not sizes:
-            return []
+    parts = []
+    for listed in sizes:
+        if not listed:
+            return None
         part: list[Any] = []
-        for n in sizes:
+        for n in listed:
             if n >= 0:
                 if at + n > end:
-                    return []
+                    return None
                 part.append(pack[at:at + n])
                 at += n
-            elif n == -1 and next_own < len(own):
-                part.append(own[next_own])
+            elif n == -1 and next_own < len(frames):
+                part.append(frames[next_own])
                 next_own += 1
             else:
-                return []
-        out.append((Reply(rid, world_id, epoch, status, code), part))
-    if at != end or next_own != len(own):
+                return None
+        parts.append(part)
+    if at != end or next_own != len(frames):
+        return None
+    return parts
+
+
+def dispatches(head: DataHead | None, frames: list[Any]) -> list[tuple[int, int, list[Any]]]:
+    """The requests of a dispatch batch, packed or not (``head`` its unpacked frame 0,
+    ``frames`` the rest): each ``(rid, deadline_ms, frames)``; none when it does not add up."""
+    if type(head) is PackedDispatchBatch:
+        parts = unpacked([item[2] for item in head.items], frames)
+    elif type(head) is DispatchBatch:
+        parts = batch_parts([item[2] for item in head.items], frames)
+    else:
         return []
-    return out
+    if parts is None:
+        return []
+    return [(rid, deadline_ms, part)
+            for (rid, deadline_ms, _), part in zip(head.items, parts, strict=True)]
 
 
 HELLO_ECHO = _encode(Hello())

@@ -203,8 +203,10 @@ class Joined(Message):
     inputs: dict[str, Any] = field(default_factory=dict)
     # Its whole description (inputs, outputs, parameters, streaming: Handler.describe).
     describe: dict[str, Any] = field(default_factory=dict)
-    # Rank 0 only: the identity of the socket the world takes its requests on.
+    # Rank 0 only: the identity of the socket the world takes its requests on, and whether
+    # that socket reads packed dispatch batches ("reqp", mesh.dataplane).
     entry: str = ""
+    packed_dispatches: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from controller.config import DeploymentConfig
 from controller.router import Router
 from mesh import codec, dataplane
@@ -103,12 +105,13 @@ class Harness:
             head = dataplane.unpack(frames[1])
             if type(head) is dataplane.CancelWork:
                 continue
-            if type(head) is dataplane.DispatchBatch:
-                parts = dataplane.batch_parts([n for _, _, n in head.items], frames[2:])
-                assert parts is not None, "a batch whose frame counts do not add up"
+            if type(head) is dataplane.DispatchBatch or \
+                    type(head) is dataplane.PackedDispatchBatch:
+                requests = dataplane.dispatches(head, frames[2:])
+                assert requests, "a batch whose frames do not add up"
                 found = [Dispatch(frames[0], rid, head.world_id, head.epoch, deadline_ms,
-                                  part[0], part[1:])
-                         for (rid, deadline_ms, _), part in zip(head.items, parts, strict=True)]
+                                  bytes(part[0]), [bytes(f) for f in part[1:]])
+                         for rid, deadline_ms, part in requests]
             else:
                 assert type(head) is dataplane.Dispatch
                 found = [Dispatch(frames[0], head.rid, head.world_id, head.epoch,
@@ -170,16 +173,20 @@ class Harness:
 # -- one message per world and wake-up ---------------------------------------------------------
 
 
-def test_what_one_wake_up_dispatches_to_a_world_goes_out_as_one_message() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["reqs", "reqp"])
+def test_what_one_wake_up_dispatches_to_a_world_goes_out_as_one_message(packed: bool) -> None:
     h = Harness(deferred=True, max_inflight_per_world=64)
-    h.router.add_world(1, 0, b"w1")
-    h.router.add_world(2, 0, b"w2")
+    h.router.add_world(1, 0, b"w1", packed=packed)  # packed: its entry's joined said so
+    h.router.add_world(2, 0, b"w2", packed=packed)
     for i in range(10):
         h.submit(f"r{i}", timeout_ms=1000 + 10 * i)
     assert h.to_worker == []  # nothing is sent before the wake-up's work is done
     h.end_wake_up()
     assert sorted(frames[0] for frames in h.to_worker) == [b"w1", b"w2"]
-    assert all(type(dataplane.unpack(f[1])) is dataplane.DispatchBatch for f in h.to_worker)
+    kind = dataplane.PackedDispatchBatch if packed else dataplane.DispatchBatch
+    assert all(type(dataplane.unpack(f[1])) is kind for f in h.to_worker)
+    if packed:  # head, then one pack holding every request's header and tensor frame
+        assert all(len(f) == 3 for f in h.to_worker)
     for i in range(10):  # each request with its own header, frames and deadline
         d = h.dispatch_of(f"r{i}")
         assert d.frames == [f"tensor-of-r{i}".encode()]
@@ -762,6 +769,27 @@ def test_a_packed_reply_batch_whose_sizes_do_not_account_for_every_byte_is_refus
     assert dataplane.replies(head([3], [2]), []) == []  # no pack at all
     assert dataplane.unpack(dataplane.pack(dataplane.PackedReplyBatch(
         3, 1, [(1, 0, "", [2])]))[:-1] + b"\xa1x") is None  # a size that is not an int
+
+
+def test_a_packed_dispatch_batch_keeps_a_large_frame_whole_and_refuses_a_bad_count() -> None:
+    big = b"b" * dataplane.PACK_MAX_BYTES
+    message = dataplane.pack_dispatches(4, 2, [(1, 900, [b"\x81\xa1a", b"xy"]),
+                                               (2, 800, [b"\x81\xa1b", big])])
+    assert len(message) == 3 and message[2] is big
+    head = dataplane.unpack(message[0])
+    requests = dataplane.dispatches(head, message[1:])
+    assert [(rid, deadline, [bytes(f) for f in part]) for rid, deadline, part in requests] == [
+        (1, 900, [b"\x81\xa1a", b"xy"]), (2, 800, [b"\x81\xa1b", big])]
+    assert requests[1][2][1] is big
+    assert dataplane.dispatches(head, message[1:2]) == []  # the large frame missing
+    assert dataplane.dispatches(head, [message[1][:-1], big]) == []  # a byte short
+    assert dataplane.dispatches(dataplane.unpack(dataplane.pack_reply(1, 4, 2, 0)),
+                                message[1:]) == []  # not a dispatch batch
+    from mesh.messages import Joined
+
+    joined = {"kind": "joined", "world_id": 1, "epoch": 1, "entry": "w1/1/1"}
+    assert not Joined.from_wire(joined).packed_dispatches  # an older worker: reqs
+    assert Joined.from_wire(joined | {"packed_dispatches": True}).packed_dispatches
 
 
 def test_a_worker_packs_its_answers_only_for_a_controller_that_reads_them() -> None:

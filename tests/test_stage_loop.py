@@ -198,3 +198,34 @@ def test_a_one_rank_world_answers_a_batch_of_dispatches_in_one_message() -> None
     stage.flush()
     stage.step()
     assert len(sent) == 2 and not stage.queued
+
+
+def test_a_one_rank_world_takes_a_packed_batch_of_dispatches_and_drops_a_bad_one_whole(
+        ) -> None:
+    spec = DeploymentSpec(**{**MLP, "micro_batches": 1})
+    handler = load_handler(spec, "cpu", stage=0, stages=1)
+    world = World(world_id=1, epoch=1, rank=0, size=1, deployment=spec, handler=handler,
+                  comm=None)
+    sent: list[list[Any]] = []
+    stage = EntryStage(world, send=sent.append, compute=Compute(), on_broken=print)
+    xs = {1: np.full((1, 64), 1, np.float32), 2: np.full((3, 64), 2, np.float32)}
+    requests = [(rid, 10_000, dispatch(rid, x)[1:]) for rid, x in xs.items()]
+    stage.accept(dataplane.pack_dispatches(1, 1, requests))
+    stage.flush()
+    stage.step()
+    answers = {head.rid: codec.decode([bytes(f) for f in frames])
+               for message in sent
+               for head, frames in dataplane.replies(dataplane.unpack(message[0]), message[1:])}
+    assert sorted(answers) == [1, 2]
+    with torch.inference_mode():
+        for rid, x in xs.items():
+            assert answers[rid]["id"] == f"c{rid}"
+            np.testing.assert_allclose(answers[rid]["outputs"]["y"],
+                                       handler.module(torch.from_numpy(x)).numpy(),
+                                       rtol=1e-4, atol=1e-6)
+    bad = dataplane.pack_dispatches(1, 1, requests)
+    bad[1] = bad[1][:-1]  # the pack a byte short: no request in it is trusted
+    stage.accept(bad)
+    stage.flush()
+    stage.step()
+    assert len(sent) == 1 and not stage.queued

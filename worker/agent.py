@@ -319,7 +319,8 @@ class WorkerAgent(Actor):
         self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
                                form_ms=form_ms, inputs=handler.input_spec(),
                                describe=handler.describe(),
-                               entry=runner.identity if msg.rank == 0 else ""))
+                               entry=runner.identity if msg.rank == 0 else "",
+                               packed_dispatches=msg.rank == 0))
 
     async def _leave(self, msg: Leave) -> None:
         if (msg.world_id, msg.epoch) in self._joining:

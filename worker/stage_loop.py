@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import codec
-from mesh.dataplane import CancelWork, Dispatch, DispatchBatch, batch_parts, unpack
+from mesh.dataplane import (
+    CancelWork,
+    Dispatch,
+    DispatchBatch,
+    PackedDispatchBatch,
+    dispatches,
+    unpack,
+)
 from mesh.errors import (
     BadRequest,
     Cancelled,
@@ -138,12 +145,12 @@ class EntryStage:
         head = unpack(frames[0])
         if isinstance(head, Dispatch):
             self._accept_one(head.rid, head.world_id, head.epoch, head.deadline_ms, frames[1:])
-        elif isinstance(head, DispatchBatch):
-            parts = batch_parts([n for _, _, n in head.items], frames[1:])
-            if parts is None:
+        elif isinstance(head, PackedDispatchBatch | DispatchBatch):
+            requests = dispatches(head, frames[1:])
+            if not requests:
                 log.warning("[%s] dropped a malformed batch of dispatches", self.world.label)
                 return
-            for (rid, deadline_ms, _), part in zip(head.items, parts, strict=True):
+            for rid, deadline_ms, part in requests:
                 self._accept_one(rid, head.world_id, head.epoch, deadline_ms, part)
         elif isinstance(head, CancelWork):
             self._cancel(head.rid)
