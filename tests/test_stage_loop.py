@@ -159,13 +159,18 @@ def test_a_next_rank_killed_while_batches_are_posted_answers_unavailable_never_m
     assert set(answers.values()) == {"unavailable"}, answers
 
 
-def test_a_one_rank_world_answers_a_batch_of_dispatches_in_one_message() -> None:
+def one_rank_mlp() -> tuple[Any, EntryStage, list[list[Any]]]:
+    """A one-rank mlp world on the CPU: its handler, its EntryStage and what it sent."""
     spec = DeploymentSpec(**{**MLP, "micro_batches": 1})
     handler = load_handler(spec, "cpu", stage=0, stages=1)
     world = World(world_id=1, epoch=1, rank=0, size=1, deployment=spec, handler=handler,
                   comm=None)
     sent: list[list[Any]] = []
-    stage = EntryStage(world, send=sent.append, compute=Compute(), on_broken=print)
+    return handler, EntryStage(world, send=sent.append, compute=Compute(), on_broken=print), sent
+
+
+def test_a_one_rank_world_answers_a_batch_of_dispatches_in_one_message() -> None:
+    handler, stage, sent = one_rank_mlp()
     xs = {rid: np.full((1, 64), rid, np.float32) for rid in (1, 2, 3)}
     parts = [dispatch(rid, x)[1:] for rid, x in xs.items()]
     bad = codec.encode(request_header(ClientKind.INFER, "c9", "mlp", {"x": np.ones((1, 3),
@@ -202,12 +207,7 @@ def test_a_one_rank_world_answers_a_batch_of_dispatches_in_one_message() -> None
 
 def test_a_one_rank_world_takes_a_packed_batch_of_dispatches_and_drops_a_bad_one_whole(
         ) -> None:
-    spec = DeploymentSpec(**{**MLP, "micro_batches": 1})
-    handler = load_handler(spec, "cpu", stage=0, stages=1)
-    world = World(world_id=1, epoch=1, rank=0, size=1, deployment=spec, handler=handler,
-                  comm=None)
-    sent: list[list[Any]] = []
-    stage = EntryStage(world, send=sent.append, compute=Compute(), on_broken=print)
+    handler, stage, sent = one_rank_mlp()
     xs = {1: np.full((1, 64), 1, np.float32), 2: np.full((3, 64), 2, np.float32)}
     requests = [(rid, 10_000, dispatch(rid, x)[1:]) for rid, x in xs.items()]
     stage.accept(dataplane.pack_dispatches(1, 1, requests))
