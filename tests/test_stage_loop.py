@@ -159,6 +159,25 @@ def test_a_next_rank_killed_while_batches_are_posted_answers_unavailable_never_m
     assert set(answers.values()) == {"unavailable"}, answers
 
 
+def test_time_rank_0_spends_blocked_on_a_slower_next_rank_is_not_counted_busy(
+        peers: PeersFn) -> None:
+    # Rank 1 takes two messages, then stops taking: rank 0 fills its send window and then
+    # blocks on the next send until the world times out. That wait is rank 1's slowness, not
+    # rank 0's cost: were it counted, the controller would see every stage of a backed-up
+    # pipeline as costly as its bottleneck and never share the cheap one (controller/sharing).
+    peer = peers("receive", "2", timeout_s=1.0)
+    stage, _, _ = entry_for(peer, {**MLP, "max_batch_size": 1, "micro_batches": 1})
+    for rid in range(1, 20):
+        stage.accept(dispatch(rid, np.ones((1, 64), np.float32)))
+    started = time.monotonic()
+    run_until(stage, lambda: stage.broken is not None, 10.0)
+    assert isinstance(stage.broken, WorldTimeout)
+    assert peer.comm.waited_s >= 0.9  # it did block for about the world's timeout
+    assert time.monotonic() - started >= 0.9
+    assert stage.stats.requests >= 10
+    assert stage.stats.busy_s < 0.4, stage.stats.busy_s
+
+
 def one_rank_mlp() -> tuple[Any, EntryStage, list[list[Any]]]:
     """A one-rank mlp world on the CPU: its handler, its EntryStage and what it sent."""
     spec = DeploymentSpec(**{**MLP, "micro_batches": 1})

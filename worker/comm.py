@@ -163,6 +163,9 @@ class Comm:
         self._lock = threading.Lock()
         self._aborted = False
         self._outbox: deque[tuple[list[Any], list[Any]]] = deque()
+        # Seconds spent blocked on a peer (a full send window, a receive not yet arrived):
+        # waiting, not work, so a stage does not count it as busy (see StageLoop).
+        self.waited_s = 0.0
         self._next_header: dict[int, tuple[Any, Any]] = {}
         self.pg: Any = None
         # The world's token (from its Join) in the prefix: nobody who was not told it can meet
@@ -262,11 +265,17 @@ class Comm:
     def reap(self, window: int = 0) -> None:
         """Wait for the oldest posted messages until at most ``window`` remain outstanding."""
         outbox = self._outbox
-        while len(outbox) > window:
-            works, _ = outbox[0]
-            for w in works:
-                self._complete(w)  # raises if the send failed or timed out
-            outbox.popleft()
+        if len(outbox) <= window:
+            return
+        started = time.monotonic()
+        try:
+            while len(outbox) > window:
+                works, _ = outbox[0]
+                for w in works:
+                    self._complete(w)  # raises if the send failed or timed out
+                outbox.popleft()
+        finally:
+            self.waited_s += time.monotonic() - started
 
     def flush(self) -> None:
         """Wait until every posted send has completed (each within the world's timeout).
@@ -285,7 +294,11 @@ class Comm:
             buf = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=self.wire)
             posted = (self._guard(pg.recv, [buf], src, HEADER_TAG), buf)
         work, buf = posted
-        self._complete(work)
+        started = time.monotonic()
+        try:
+            self._complete(work)
+        finally:
+            self.waited_s += time.monotonic() - started
         raw = buf.cpu().numpy().tobytes() if buf.device.type != "cpu" else buf.numpy().tobytes()
         if self.backend == "gloo":
             # Ask for the next header now (a fresh buffer: this one is still being read), so

@@ -239,9 +239,16 @@ class EntryStage:
         finally:
             self.replier.flush()
 
+    def _waited_s(self) -> float:
+        """Seconds this rank's comm has spent blocked on its peers. Rank 0's busy time leaves
+        them out: a stage held up by a slower one is not itself costly, and counting the wait
+        would make every stage look as slow as the bottleneck (see controller/sharing.py)."""
+        return self.comm.waited_s if self.comm is not None else 0.0
+
     def _run_batch(self, batch: list[Item]) -> None:
         self.busy = True
         started = self._clock()
+        waited = self._waited_s()
         try:
             if self.world.size == 1:
                 self._run_local(batch)
@@ -263,7 +270,7 @@ class EntryStage:
             stats.requests += len(batch)
             stats.rows += sum(item.rows for item in batch)
             now = self._clock()
-            stats.busy_s += now - started
+            stats.busy_s += max(0.0, now - started - (self._waited_s() - waited))
             self.last_sent_s = now
 
     def _run_local(self, batch: list[Item]) -> None:
@@ -323,6 +330,7 @@ class EntryStage:
         rid, client_id = item.token
         last = d.step >= d.steps - 1
         started = self._clock()
+        waited = self._waited_s()
         self.busy = True
         try:
             if d.tensors is None:
@@ -352,7 +360,7 @@ class EntryStage:
         finally:
             self.busy = False
             now = self._clock()
-            self.stats.busy_s += now - started
+            self.stats.busy_s += max(0.0, now - started - (self._waited_s() - waited))
             self.last_sent_s = now
             if d not in self._decodes:
                 self.stats.batches += 1
