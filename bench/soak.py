@@ -5,11 +5,13 @@ streams beside short requests, a worker shared by worlds, SIGKILLs and a SIGSTOP
 
 A real controller (subprocess) serves a 2-stage ``mlp`` in three worlds (two of them share
 their rank-0 worker) and a 2-stage ``tinygpt`` that streams; the world timeout is 4 s, so
-every idle stretch outlasts it many times over. The program follows a schedule of phases:
+every idle stretch outlasts it many times over (``--short``: 2 s, and every stretch shorter).
+The program follows a schedule of phases:
 closed-loop ``mlp`` callers and streaming callers, idle stretches of 60-80 s with no traffic,
 and faults injected during the busy phases (SIGKILL of a serving worker, SIGKILL of the
 shared worker, SIGSTOP of a serving worker). The full run lasts over ten minutes; ``--short``
-(about 90 s, one idle stretch of 35 s) runs in CI (tests/test_soak.py).
+(about 60 s, one idle stretch of 22 s: 11 world timeouts, and longer than the workers' 10 s
+controller watchdog) runs in CI (tests/test_soak.py).
 
 It prints, from the client's own ledger: requests sent, answered, failed and duplicated, and
 streams whose text differs from the reference (a chunk lost or repeated); from the
@@ -71,20 +73,23 @@ FULL = [
     Phase("load", 60, callers=4, streams=1),
     Phase("idle", 30),
 ]
+# The short schedule runs at a 2 s world timeout: the same number of timeouts per idle
+# stretch as a 4 s one would need twice the time for.
 SHORT = [
-    Phase("load", 15, callers=4, streams=1, fault="kill", fault_at_s=6),
-    Phase("idle", 35),
-    Phase("load", 15, callers=4, streams=1, fault="stop", fault_at_s=5),
-    Phase("idle", 15),
-    Phase("load", 10, callers=4, streams=1),
+    Phase("load", 10, callers=4, streams=1, fault="kill", fault_at_s=4),
+    Phase("idle", 22),
+    Phase("load", 10, callers=4, streams=1, fault="stop", fault_at_s=3),
+    Phase("idle", 8),
+    Phase("load", 6, callers=4, streams=1),
 ]
 
 WORLD_TIMEOUT_MS = 4000
+SHORT_WORLD_TIMEOUT_MS = 2000
 PROMPTS = ["soak test", "The quick brown fox", "hello world", "meshserve"]
 STREAM_TOKENS = 48
 
 
-def config_text(ports: dict[str, int]) -> str:
+def config_text(ports: dict[str, int], world_timeout_ms: int = WORLD_TIMEOUT_MS) -> str:
     return controller_section(ports, warm_workers=1, autoscale=False) + f"""
 [[deployments]]
 name = "mlp"
@@ -93,7 +98,7 @@ factory_kwargs = {{ hidden = 256 }}
 stages = 2
 worlds = 2
 max_worlds = 4
-world_timeout_ms = {WORLD_TIMEOUT_MS}
+world_timeout_ms = {world_timeout_ms}
 default_timeout_ms = 20000
 
 [[deployments]]
@@ -102,7 +107,7 @@ model = "worker.models.tinygpt:build"
 stages = 2
 max_batch_size = 1
 max_worlds = 2
-world_timeout_ms = {WORLD_TIMEOUT_MS}
+world_timeout_ms = {world_timeout_ms}
 default_timeout_ms = 60000
 """
 
@@ -221,7 +226,8 @@ class Soak:
         ports = free_ports("client", "admin", "worker")
         workdir = Path(tempfile.mkdtemp(prefix="meshserve-soak-"))
         config = workdir / "soak.toml"
-        config.write_text(config_text(ports))
+        config.write_text(config_text(
+            ports, SHORT_WORLD_TIMEOUT_MS if self.args.short else WORLD_TIMEOUT_MS))
         self.admin = f"tcp://127.0.0.1:{ports['admin']}"
         log = open(workdir / "controller.log", "wb")
         ctrl = start_controller(config, log=log, log_level="INFO")
@@ -358,7 +364,7 @@ def render(r: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--short", action="store_true", help="the ~90 s version CI runs")
+    parser.add_argument("--short", action="store_true", help="the ~60 s version CI runs")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()

@@ -1,5 +1,6 @@
-"""The short soak (bench/soak.py --short): about 90 s of load steps, streams, a worker shared
-by worlds, a SIGKILL and a SIGSTOP, with a 35 s idle stretch (nearly 9 world timeouts).
+"""The short soak (bench/soak.py --short): about 60 s of load steps, streams, a worker shared
+by worlds, a SIGKILL and a SIGSTOP, with a 22 s idle stretch (11 world timeouts of 2 s, and
+longer than the workers' 10 s controller watchdog).
 Asserted from the client's ledger and the controller's events: nothing lost, duplicated or
 failed, every stream's text exact, no world break that no fault explains, and the
 controller's memory and descriptors bounded."""

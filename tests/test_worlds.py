@@ -331,18 +331,18 @@ model = "worker.models.mlp:build"
 factory_kwargs = { hidden = 128 }
 stages = 2
 max_worlds = 3
-world_timeout_ms = 3000
+world_timeout_ms = 2000
 """
 
 
 @pytest.mark.timeout(240)
 async def test_idle_pipeline_worlds_and_a_worker_shared_by_three_outlive_fifteen_timeouts(
         cluster_factory: StartCluster) -> None:
-    # World timeout 3 s: 45 s without traffic is 15 timeouts, and longer than every other
-    # timeout (heartbeats 1.5 s, the workers' controller watchdog 10 s). Before the fix, an
-    # idle world broke about 2.5 s after each timeout ('a send has been pending...'), and
-    # every world of a shared worker broke together. (It idled a minute at a 4 s timeout:
-    # the same 15 timeouts, 15 s more of the suite's 15 minutes.)
+    # World timeout 2 s: 31 s without traffic is over 15 timeouts, and longer than every
+    # other timeout (heartbeats 1.5 s, the workers' controller watchdog 10 s). Before the fix,
+    # an idle world broke about 2.5 s after each timeout ('a send has been pending...'), and
+    # every world of a shared worker broke together. (It idled a minute at a 4 s timeout, then
+    # 45 s at 3 s: the same 15 timeouts, more of the suite's 15 minutes.)
     cluster = await cluster_factory(IDLE_PIPELINES, controller="warm_workers = 2")
     status = await cluster.wait_for(
         lambda s: sum(w["state"] == "idle" for w in s["workers"]) >= 2, what="2 idle workers")
@@ -356,7 +356,7 @@ async def test_idle_pipeline_worlds_and_a_worker_shared_by_three_outlive_fifteen
     worlds = sorted(w["id"] for w in status["worlds"])
     assert all(w["workers"][0] == shared for w in status["worlds"])
     assert all(w["backend"] == "gloo" for w in status["worlds"])
-    await asyncio.sleep(45.0)
+    await asyncio.sleep(31.0)
     status = await cluster.status()
     assert [e for e in status["events"] if e["event"] == "world_broken"] == []
     assert sorted(w["id"] for w in status["worlds"]) == worlds
