@@ -164,7 +164,7 @@ class Comm:
         self._aborted = False
         self._outbox: deque[tuple[list[Any], list[Any]]] = deque()
         # Seconds spent blocked on a peer (a full send window, a receive not yet arrived):
-        # waiting, not work, so a stage does not count it as busy (see StageLoop).
+        # waiting, not work, so rank 0 does not count it as busy (EntryStage._waited_s).
         self.waited_s = 0.0
         self._next_header: dict[int, tuple[Any, Any]] = {}
         self.pg: Any = None
