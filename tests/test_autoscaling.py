@@ -35,6 +35,15 @@ def p99(arrivals: list[Arrival], lo: float, hi: float) -> float:
     return percentile(values, 99)
 
 
+def story(arrivals: list[Arrival], worlds_seen: list[tuple[float, int]],
+          events: list[dict[str, Any]], log_tail: str) -> str:
+    """What a failed run did, second by second: pytest cuts long assertion values short."""
+    lines = [f"t={t:4.1f}s worlds={n} p99={p99(arrivals, t - 1.0, t):6.1f} ms"
+             for t, n in worlds_seen]
+    lines += [str(e) for e in events]
+    return "\n".join(lines) + "\ncontroller log:\n" + log_tail
+
+
 async def test_a_load_step_adds_worlds_until_p99_is_back_under_target_and_a_drop_releases_them(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(FIXED, controller=AUTOSCALE)
@@ -51,16 +60,17 @@ async def test_a_load_step_adds_worlds_until_p99_is_back_under_target_and_a_drop
     async with Client(cluster.client) as client:
         arrivals = await open_loop(client, "fixed", {"x": x}, rate, duration_s=40.0,
                                    timeout_s=20.0, on_second=watch)
+    status = await cluster.status()
+    told = story(arrivals, worlds_seen, status["events"], cluster.log_tail(80))
     failed = [a for a in arrivals if a.error]
     assert failed == [], failed[:5]
     assert all(a.latency_ms is not None for a in arrivals)
     peak_worlds = max(n for t, n in worlds_seen if t < 27.0)
-    assert peak_worlds >= 2, worlds_seen
+    assert peak_worlds >= 2, told
     # Under 3x, the controller caught up: the last 6 s of the step are back under target.
-    assert p99(arrivals, 20.0, 26.0) < 150.0, worlds_seen
+    assert p99(arrivals, 20.0, 26.0) < 150.0, told
     # After the drop, worlds were given back (downscale delay 3 s, one at a time).
-    assert worlds_seen[-1][1] < peak_worlds, worlds_seen
-    status = await cluster.status()
+    assert worlds_seen[-1][1] < peak_worlds, told
     dep = status["deployments"][0]
     assert dep["last_decision"] is not None and dep["last_decision"]["reason"].startswith("down")
     scaled = [e for e in status["events"] if e["event"] == "scaled"]
