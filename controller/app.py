@@ -43,6 +43,7 @@ from controller.describe import model_metadata
 from controller.fleet import WorldState
 from controller.frontend import Frontend
 from controller.health import Health
+from controller.held_sends import HeldSends
 from controller.launcher import Launcher, LocalLauncher
 from controller.metrics import MetricsServer
 from controller.probes import liveness, readiness
@@ -59,12 +60,6 @@ log = speaker(logging.getLogger(__name__), "controller")
 
 LauncherFactory = Callable[[Config, Callable[[str, int], None]], Launcher]
 _PING = Ping()
-
-
-def _call_soon(fn: Callable[[], None]) -> object:
-    """Run ``fn`` once the current loop iteration's callbacks are done: how a router sends
-    what one wake-up dispatched as one message per world."""
-    return asyncio.get_running_loop().call_soon(fn)
 
 
 def local_launcher(config: Config, on_exit: Callable[[str, int], None]) -> Launcher:
@@ -101,7 +96,9 @@ class Controller:
                                  grace_ms=c.heartbeat_interval_ms,
                                  reachable=self._reachable)
             self.launcher = launcher(config, self._exited)
-            self.backend = Backend(self._context, c.worker_endpoint, curve=curve("worker"))
+            held = HeldSends()
+            self.backend = Backend(self._context, c.worker_endpoint, curve=curve("worker"),
+                                   after_batch=held.now)
             built.callback(self.backend.close)
             rids = itertools.count(1).__next__
             inflight_ids: dict[tuple[bytes, Any], int] = {}
@@ -112,7 +109,7 @@ class Controller:
                     next_rid=rids, on_world_idle=self._world_idle,
                     on_world_unreachable=self._world_unreachable,
                     on_world_stalled=self._world_stalled, inflight_ids=inflight_ids,
-                    routes=routes, max_attempts=c.max_attempts, defer=_call_soon,
+                    routes=routes, max_attempts=c.max_attempts, defer=held.defer,
                     listening_since=lambda: self.health.lag.last_end_s)
                 for dep in config.deployments}
             self.world_manager = WorldManager(
@@ -123,7 +120,8 @@ class Controller:
                                      max_request_bytes=c.max_request_bytes,
                                      curve=curve("client"),
                                      max_connections=c.max_client_connections,
-                                     describe=self.describe, defer=_call_soon)
+                                     describe=self.describe, defer=held.defer,
+                                     after_batch=held.now)
             built.callback(self.frontend.close)
             self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
                                launcher=self.launcher, snapshot=self.status,

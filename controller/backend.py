@@ -31,10 +31,18 @@ def _ignore(worker_id: str, message: Any) -> None:
     return None
 
 
+def _nothing() -> None:
+    return None
+
+
 class Backend:
     def __init__(self, context: zmq.Context[Any], endpoint: str, *,
-                 curve: ServerKeys | None = None) -> None:
+                 curve: ServerKeys | None = None,
+                 after_batch: Callable[[], None] | None = None) -> None:
         self.endpoint = endpoint
+        # Run what a batch of replies made the frontend hold: its answers go to their clients
+        # before the next message is read (controller/held_sends.py).
+        self._after_batch = after_batch or _nothing
         # world id -> the router of its deployment: the routers add and remove their own
         # worlds (controller.router); this socket only reads it, to route a reply.
         self.routes: dict[int, Router] = {}
@@ -80,6 +88,8 @@ class Backend:
                     sender = frames[0]
                     for reply, part in answers:
                         router.on_reply(reply, part, sender)  # type: ignore[union-attr]
+                    if len(answers) > 1:
+                        self._after_batch()
                     return
             elif type(head) is dataplane.Hello:
                 # A world runner's socket announcing itself: echo, so it knows that its

@@ -62,6 +62,7 @@ class Frontend:
         incarnation: str = "",
         describe: Callable[[], list[dict[str, Any]]] | None = None,
         defer: Callable[[Callable[[], None]], object] | None = None,
+        after_batch: Callable[[], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         # Which start of the controller this is: a client that sees it change in a pong knows
@@ -91,6 +92,9 @@ class Frontend:
         self._held: dict[bytes, list[list[Any]]] = {}
         self._flush_scheduled = False
         self._defer = defer or (lambda fn: fn())
+        # Run what a client's batch made the routers hold: sent on at once, not merged with
+        # what else this wake-up reads (controller/held_sends.py).
+        self._after_batch = after_batch or _nothing
 
     def start(self) -> None:
         self.connections.start()
@@ -149,6 +153,7 @@ class Frontend:
             batching[client] = None
         for part in parts:
             self._on_message([client, *part], True)
+        self._after_batch()
 
     def _on_message(self, frames: list[Any], in_batch: bool = False) -> None:
         client = frames[0]
@@ -286,3 +291,7 @@ def _echoable(req_id: Any) -> bool:
         return -(2**63) <= req_id < 2**64
     return type(req_id) is str and len(req_id) <= 4 * MAX_ID_BYTES and \
         len(req_id.encode()) <= 4 * MAX_ID_BYTES
+
+
+def _nothing() -> None:
+    pass
