@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -17,6 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from controller.admin_client import admin_call
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def dies_with_pytest() -> None:
+    """``preexec_fn`` for what a test starts: SIGTERM when pytest dies (killed, or timed out by
+    CI) before its teardown could end it, so a broken run leaves no controller holding ports
+    and cores on the machine (workers die with their controller: worker/main.py). Start it
+    from pytest's main thread: the signal follows the thread that started the process."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -150,7 +162,8 @@ async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "
     log_path = tmp_path / f"controller-{ports['admin']}.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "up", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=dies_with_pytest)
     cluster = Cluster(proc, f"tcp://127.0.0.1:{ports['client']}",
                       f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
                       config, log_path, admin_curve=admin_curve)
@@ -190,7 +203,8 @@ def start_controller(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "controller.cli", "controller",
                                  "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=dies_with_pytest)
 
 
 def end_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float = 15.0) -> None:
@@ -220,7 +234,8 @@ def joined_cluster(tmp_path: Path, deployments: str, worker_ids: list[str],
                       config, log)
     workers = [subprocess.Popen([sys.executable, "-m", "controller.cli", "worker",
                                  "--controller", cluster.workers_endpoint, "--worker-id", wid,
-                                 "--threads", "1"], stdin=subprocess.DEVNULL)
+                                 "--threads", "1"], stdin=subprocess.DEVNULL,
+                                preexec_fn=dies_with_pytest)
                for wid in worker_ids]
     try:
         yield cluster, workers

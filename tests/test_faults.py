@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, alive, free_ports, write_config
+from tests.cluster import Cluster, alive, dies_with_pytest, free_ports, write_config
 from tests.conftest import StartCluster
 from tests.load import LedgerClient, Load
 
@@ -236,14 +236,16 @@ async def test_a_drained_worker_that_joined_by_itself_ends_dead(tmp_path: Path) 
     with open(log, "wb") as out:
         procs = [subprocess.Popen([sys.executable, "-m", "controller.cli", "controller",
                                    "--config", str(config)],
-                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)]
+                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  preexec_fn=dies_with_pytest)]
     cluster = Cluster(procs[0], f"tcp://127.0.0.1:{ports['client']}",
                       f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
                       config, log)
     try:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "controller.cli", "worker", "--controller",
-             cluster.workers_endpoint, "--worker-id", "remote1"], stdin=subprocess.DEVNULL))
+             cluster.workers_endpoint, "--worker-id", "remote1"], stdin=subprocess.DEVNULL,
+            preexec_fn=dies_with_pytest))
         await cluster.wait_for(lambda s: any(w["id"] == "remote1" and w["state"] == "serving"
                                              for w in s["workers"]), what="remote1 serving")
         drained = await asyncio.to_thread(cluster.meshctl, "drain", "remote1")
@@ -327,7 +329,8 @@ async def test_stage_one_workers_killed_while_rank_zero_posts_batches_cost_clien
     with open(log, "wb") as out:
         ctrl = subprocess.Popen([sys.executable, "-m", "controller.cli", "controller",
                                  "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=dies_with_pytest)
     cluster = Cluster(ctrl, f"tcp://127.0.0.1:{ports['client']}",
                       f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
                       config, log)
@@ -337,7 +340,7 @@ async def test_stage_one_workers_killed_while_rank_zero_posts_batches_cost_clien
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "controller.cli", "worker", "--controller",
              cluster.workers_endpoint, "--worker-id", f"r{n}", "--threads", "1"],
-            stdin=subprocess.DEVNULL))
+            stdin=subprocess.DEVNULL, preexec_fn=dies_with_pytest))
 
     try:
         for n in range(5):  # two worlds of two, and a spare
