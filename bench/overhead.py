@@ -74,10 +74,11 @@ def mlp_kwargs(args: argparse.Namespace) -> dict[str, int]:
 
 def write_config(path: Path, ports: dict[str, int], threads: int,
                  mlp_delay_ms: float = 2.0, device: str = "cpu",
-                 mlp: dict[str, int] | None = None) -> None:
+                 mlp: dict[str, int] | None = None, busy_poll_us: int = 0) -> None:
     # One world per deployment, as measured: no autoscaling, no idle warm worker.
     controller = controller_section(ports, worker_threads=threads, autoscale=False,
-                                    warm_workers=0, worker_device=device)
+                                    warm_workers=0, worker_device=device,
+                                    busy_poll_us=busy_poll_us)
     path.write_text(controller + f"""
 [[deployments]]
 name = "echo"
@@ -337,7 +338,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker", "direct", "direct_mlp")
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     config = tmp / "bench.toml"
-    write_config(config, ports, args.threads, args.mlp_delay_ms, args.device, mlp_kwargs(args))
+    write_config(config, ports, args.threads, args.mlp_delay_ms, args.device, mlp_kwargs(args),
+                 args.busy_poll_us)
     client_args: dict[str, str] = {}
     admin_curve: ClientKeys | None = None
     if args.curve:
@@ -368,8 +370,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                "placement": placement or {}, "note": describe(placement, roles, cores)}
     print(pinning["note"], flush=True)
     results: dict[str, Any] = {"duration_s": args.duration_s, "threads": args.threads,
-                               "rounds": args.rounds, "pinning": pinning, "echo_rounds": [],
-                               "mlp_rounds": []}
+                               "busy_poll_us": args.busy_poll_us, "rounds": args.rounds,
+                               "pinning": pinning, "echo_rounds": [], "mlp_rounds": []}
 
     def place(role: str, pid: int) -> None:
         if placement is not None:
@@ -482,6 +484,8 @@ def main() -> int:
                         help="run the controller with [security] curve = true (keys made for "
                              "the run); the direct path has no CURVE")
     parser.add_argument("--echo-only", action="store_true", help="skip the mlp rounds")
+    parser.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
+                        help="the controller's busy_poll_us (default 0: off)")
     parser.add_argument("--pin", choices=("auto", "off"), default="auto",
                         help="auto (default): give the client, the controller and each worker "
                              "cores of their own when the host has enough (bench/pinning.py); "

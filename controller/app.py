@@ -29,6 +29,7 @@ import zmq
 from controller.admin import Admin
 from controller.autoscaler import Autoscaler
 from controller.backend import Backend
+from controller.busy_poll import BusyPoll
 from controller.commands import (
     FromWorker,
     Scale,
@@ -81,6 +82,7 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: dict[str, asyncio.Task[Any]] = {}
         self._started = False
+        self.busy_poll: BusyPoll | None = None  # set by start() where busy_poll_us > 0
         self._closed = False
         self._context: zmq.Context[Any] = zmq.Context()
         built = contextlib.ExitStack()  # sockets bound so far, closed if a later one fails
@@ -173,6 +175,11 @@ class Controller:
         if self.metrics is not None:
             await self.metrics.start()
             stack.push_async_callback(self.metrics.aclose)
+        if c.busy_poll_us:
+            self.busy_poll = BusyPoll(c.busy_poll_us / 1e6)
+            stack.callback(self.busy_poll.close)
+            self.frontend.pump.on_receive = self.backend.pump.on_receive = \
+                self.busy_poll.activity
         self.backend.start(on_heartbeat=self._heartbeat, on_control=self._control)
         self.frontend.start()
         for actor in (self.health, self.world_manager, self.admin):

@@ -75,6 +75,10 @@ class ControllerConfig:
     # Who starts workers: "local" (subprocesses of the controller) or "none" (workers join
     # with 'meshctl worker').
     launcher: str = "local"
+    # Microseconds the controller's loop keeps polling, instead of sleeping, after each
+    # message it receives: lower latency at low concurrency for up to that much CPU per
+    # quiet spell (controller/busy_poll.py). 0: off.
+    busy_poll_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +302,7 @@ def _check_controller(c: ControllerConfig) -> None:
     _range("controller.max_local_workers", c.max_local_workers, 1, 4096)
     _range("controller.warm_workers", c.warm_workers, 0, 1024)
     _range("controller.max_idle_stages", c.max_idle_stages, 0, 1024)
+    _range("controller.busy_poll_us", c.busy_poll_us, 0, 100_000)
     _range("controller.max_load_failures", c.max_load_failures, 1, 1000)
     _range("controller.max_attempts", c.max_attempts, 1, 100)
     _range("controller.autoscale_tick_ms", c.autoscale_tick_ms, 50, 60000)

@@ -145,6 +145,8 @@ class Pump:
         self.received = 0
         self.sent = 0
         self.dropped = 0
+        # Called once per drain that received something (controller/busy_poll.py).
+        self.on_receive: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -195,6 +197,8 @@ class Pump:
             self._schedule()
         finally:
             self.received += n
+            if n and self.on_receive is not None:
+                self.on_receive()
 
     def send(self, frames: Sequence[Any]) -> bool:
         """Send without blocking; returns False (and counts a drop) when the peer is gone."""
