@@ -74,6 +74,10 @@ class Admin(Actor):
         bind_socket(sock, endpoint)
         self._pump = Pump(sock, self._on_message, name="admin")
 
+    @property
+    def pump(self) -> Pump:
+        return self._pump
+
     async def on_start(self) -> None:
         self._pump.start()
 

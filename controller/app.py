@@ -175,6 +175,11 @@ class Controller:
         if self.metrics is not None:
             await self.metrics.start()
             stack.push_async_callback(self.metrics.aclose)
+        if self.guard is not None:
+            # A revoked key's open connections are refused from the next message on.
+            for domain, pump in (("client", self.frontend.pump), ("worker", self.backend.pump),
+                                 ("admin", self.admin.pump)):
+                pump.admit = self.guard.admits(domain)
         if c.busy_poll_us:
             self.busy_poll = BusyPoll(c.busy_poll_us / 1e6)
             stack.callback(self.busy_poll.close)
@@ -324,7 +329,7 @@ class Controller:
         c = self.config.controller
         return build_status(self.world_manager, self.routers, started_s=self.started_s,
                             autoscaler=self.autoscaler, loop_lag=self.health.lag,
-                            backend=self.backend, frontend=self.frontend,
+                            backend=self.backend, frontend=self.frontend, admin=self.admin,
                             endpoints={"client_endpoint": c.client_endpoint,
                                        "admin_endpoint": c.admin_endpoint,
                                        "worker_endpoint": c.worker_endpoint})

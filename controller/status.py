@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: float,
                  endpoints: dict[str, str], autoscaler: Any = None,
                  loop_lag: Any = None, backend: Any = None,
-                 frontend: Any = None) -> dict[str, Any]:
+                 frontend: Any = None, admin: Any = None) -> dict[str, Any]:
     now = time.monotonic()
     deployments = []
     for name, dep in wm.deployments.items():
@@ -135,6 +135,12 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
                        "client_connections": frontend.connections.open if frontend else 0,
                        "client_connections_refused":
                            frontend.connections.refused if frontend else 0,
+                       # With CURVE: messages dropped, per port, because the key of the
+                       # connection they came on was revoked after it connected.
+                       "revoked_messages": {
+                           "client": frontend.pump.refused if frontend else 0,
+                           "worker": backend.pump.refused if backend else 0,
+                           "admin": admin.pump.refused if admin else 0},
                        # The cyclic collector in this process (mesh.gc_policy).
                        "gc": gc_policy.stats(),
                        **endpoints},

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,23 @@ class Guard:
             log.info("[controller] CURVE keys reloaded: %s",
                      ", ".join(f"{d} {self.ring.count(d)}" for d in DOMAINS))
         return changed
+
+    def admits(self, domain: str) -> Callable[[zmq.Frame], bool]:
+        """For a server socket's pump: whether a message's sender still holds a key allowed
+        on ``domain``. ZeroMQ checks a key once, at the handshake; asked of every message,
+        this makes revoking a key end what its open connections can do at once, not when
+        they close. The key is the message's ``User-Id`` (pyzmq's authenticator sets it to
+        the z85 public key); a message without one is refused."""
+        ring = self.ring
+
+        def admit(frame: zmq.Frame) -> bool:
+            try:
+                key = frame.get("User-Id")
+            except zmq.ZMQError:
+                return False
+            return isinstance(key, str) and ring.callback(domain, key.encode())
+
+        return admit
 
     def stop(self) -> None:
         self._auth.stop()
