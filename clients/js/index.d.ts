@@ -26,7 +26,7 @@ export const errors: {
   DeadlineExceeded: typeof MeshError; Overloaded: typeof MeshError;
   Unavailable: typeof MeshError; Cancelled: typeof MeshError;
   StreamInterrupted: typeof MeshError; ModelError: typeof MeshError;
-  InternalError: typeof MeshError;
+  InternalError: typeof MeshError; ControllerLost: typeof MeshError;
 };
 
 export function decodeAnswer(frames: Uint8Array[]): {
@@ -43,6 +43,10 @@ export interface ModelMetadata {
 export interface ClientOptions {
   defaultTimeoutMs?: number;
   graceMs?: number;
+  /** Ping every this while requests are in flight (500; 0: never). */
+  heartbeatMs?: number;
+  /** Nothing heard this long with requests in flight: ControllerLost, reconnect (5000). */
+  controllerTimeoutMs?: number;
   /** CURVE (Z85 keys): this client's pair and the controller's public key. */
   curve?: { publicKey: string; secretKey: string; serverKey: string };
 }

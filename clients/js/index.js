@@ -21,7 +21,7 @@ const CODES = {
   "PayloadTooLarge", unsupported_version: "UnsupportedVersion", deadline_exceeded:
   "DeadlineExceeded", overloaded: "Overloaded", unavailable: "Unavailable", cancelled:
   "Cancelled", stream_interrupted: "StreamInterrupted", model_error: "ModelError",
-  internal: "InternalError",
+  internal: "InternalError", controller_lost: "ControllerLost",
 };
 export const errors = {};
 for (const [code, name] of Object.entries(CODES)) {
@@ -101,37 +101,109 @@ export function decodeAnswer(frames) {
 export class Client {
   /**
    * @param {string} endpoint  the controller's client endpoint, e.g. tcp://127.0.0.1:5555
-   * @param {{defaultTimeoutMs?: number, graceMs?: number, curve?: {publicKey: string,
-   *          secretKey: string, serverKey: string}}} [options]  curve: Z85 keys
+   * @param {{defaultTimeoutMs?: number, graceMs?: number, heartbeatMs?: number,
+   *          controllerTimeoutMs?: number, curve?: {publicKey: string, secretKey: string,
+   *          serverKey: string}}} [options]  curve: Z85 keys
+   *
+   * A lost controller is noticed without waiting out each request's deadline (protocol
+   * section 3.7): while requests are in flight the client pings every `heartbeatMs` (500;
+   * 0: never); nothing at all heard for `controllerTimeoutMs` (5000) fails them with
+   * `errors.ControllerLost` (retryable) and reconnects on a new socket, so that nothing queued
+   * for the lost controller is delivered later. A pong from a restarted controller (another
+   * `incarnation`) fails what was sent before that ping the same way.
    */
   constructor(endpoint = "tcp://127.0.0.1:5555", options = {}) {
     this.endpoint = endpoint;
     this.defaultTimeoutMs = options.defaultTimeoutMs ?? 30000;
     this.graceMs = options.graceMs ?? 2000;
-    const socketOptions = { linger: 0 };
-    if (options.curve) {
-      socketOptions.curveServerKey = options.curve.serverKey;
-      socketOptions.curvePublicKey = options.curve.publicKey;
-      socketOptions.curveSecretKey = options.curve.secretKey;
+    this.heartbeatMs = options.heartbeatMs ?? 500;
+    this.controllerTimeoutMs = options.controllerTimeoutMs ?? 5000;
+    if (this.heartbeatMs && this.controllerTimeoutMs < 2 * this.heartbeatMs) {
+      throw new RangeError("controllerTimeoutMs must be at least twice heartbeatMs");
     }
-    this.socket = new zmq.Dealer(socketOptions);
-    this.socket.connect(endpoint);
+    this.socketOptions = { linger: 0 };
+    if (options.curve) {
+      this.socketOptions.curveServerKey = options.curve.serverKey;
+      this.socketOptions.curvePublicKey = options.curve.publicKey;
+      this.socketOptions.curveSecretKey = options.curve.secretKey;
+    }
     this.nextId = 1; // ids stay far below 2^53: exact as JavaScript numbers
-    this.waiting = new Map(); // id -> {onMessage(header, frames)}
+    this.waiting = new Map(); // id -> {onMessage(header, frames), sent: the send's number}
+    this.sends = 0; // requests sent so far: which were sent before a given ping
+    this.incarnation = null; // the controller's, from its first pong
+    this.heardMs = Date.now();
     this.closed = false;
-    this.receiving = this.receive();
+    this.connect();
+    if (this.heartbeatMs) {
+      this.heartbeat = setInterval(() => this.tick(), this.heartbeatMs);
+      this.heartbeat.unref(); // an idle client does not keep the process alive
+    }
   }
 
-  async receive() {
+  connect() {
+    this.socket = new zmq.Dealer(this.socketOptions);
+    this.socket.connect(this.endpoint);
+    this.receiving = this.receive(this.socket);
+  }
+
+  async receive(socket) {
     try {
-      for await (const frames of this.socket) {
+      for await (const frames of socket) {
+        this.heardMs = Date.now(); // any message at all: the controller is there
         let header;
         try { header = decode(frames[0]); } catch { continue; }
         const entry = this.waiting.get(header.id);
         if (entry) entry.onMessage(header, frames);
       }
     } catch (err) {
-      if (!this.closed) throw err;
+      if (!this.closed && socket === this.socket) throw err;
+    }
+  }
+
+  /** The heartbeat: ping while requests are in flight; declare the controller lost. */
+  tick() {
+    if (this.closed) return;
+    const now = Date.now();
+    if (![...this.waiting.values()].some((e) => !e.ping)) {
+      this.heardMs = now; // silence while nothing is asked of it means nothing
+      return;
+    }
+    if (now - this.heardMs > this.controllerTimeoutMs) {
+      this.lost(`no answer from the controller at ${this.endpoint} for ` +
+        `${now - this.heardMs} ms`);
+      return;
+    }
+    const id = `ping-${this.nextId++}`;
+    const before = this.sends;
+    this.waiting.set(id, { ping: true, onMessage: (h) => {
+      this.waiting.delete(id);
+      if (h.kind !== "pong") return; // an old controller's bad_request: alive all the same
+      const previous = this.incarnation;
+      this.incarnation = h.incarnation;
+      if (previous !== null && h.incarnation !== previous) {
+        this.fail((e) => e.sent < before, "the controller restarted (a new incarnation): " +
+          "requests sent to the previous one are lost");
+      }
+    } });
+    this.send({ v: PROTOCOL_VERSION, kind: "ping", id }).catch(() => {});
+  }
+
+  /** Fail everything in flight with ControllerLost and start over on a new socket. */
+  lost(why) {
+    this.fail(() => true, why);
+    const old = this.socket;
+    this.heardMs = Date.now();
+    this.connect();
+    old.close();
+  }
+
+  fail(which, why) {
+    for (const [id, entry] of [...this.waiting]) {
+      if (entry.ping) { this.waiting.delete(id); continue; }
+      if (which(entry)) {
+        entry.onMessage({ kind: "error", code: "controller_lost", message: why,
+          retryable: true }, []);
+      }
     }
   }
 
@@ -140,6 +212,11 @@ export class Client {
     const extra = [];
     const full = encodeValue(header, extra);
     return this.socket.send([Buffer.from(encode(full)), ...extra, ...frames]);
+  }
+
+  /** Register what answers request `id` (numbered in send order for `fail`). */
+  expect(id, onMessage) {
+    this.waiting.set(id, { onMessage, sent: this.sends++ });
   }
 
   request(kind, model, inputs, timeoutMs, params) {
@@ -158,7 +235,7 @@ export class Client {
         this.waiting.delete(header.id);
         reject(new errors.DeadlineExceeded("no answer from the controller in time", true, 0));
       }, t + this.graceMs);
-      this.waiting.set(header.id, { onMessage: (h, frames) => {
+      this.expect(header.id, (h, frames) => {
         if (h.kind !== "result" && h.kind !== "error") return;
         clearTimeout(timer);
         this.waiting.delete(header.id);
@@ -166,7 +243,7 @@ export class Client {
         else {
           try { resolve(decodeValue(h.outputs ?? {}, frames)); } catch (e) { reject(e); }
         }
-      } });
+      });
       this.send(header).catch((e) => { clearTimeout(timer); this.waiting.delete(header.id); reject(e); });
     });
   }
@@ -183,12 +260,12 @@ export class Client {
     const queue = [];
     let wake = null;
     const push = (item) => { queue.push(item); if (wake) { wake(); wake = null; } };
-    this.waiting.set(header.id, { onMessage: (h, frames) => {
+    this.expect(header.id, (h, frames) => {
       if (h.kind === "chunk") {
         try { push({ chunk: decodeValue(h.outputs ?? {}, frames) }); } catch (e) { push({ error: e }); }
       } else if (h.kind === "end") push({ end: true });
       else if (h.kind === "error") push({ error: errorFrom(h) });
-    } });
+    });
     const timer = setTimeout(() => push({ error: new errors.DeadlineExceeded(
       `no end of stream within ${t} ms`, true, 0) }), t + this.graceMs);
     let finished = false;
@@ -219,18 +296,19 @@ export class Client {
         this.waiting.delete(header.id);
         reject(new errors.DeadlineExceeded("no description from the controller in time", true, 0));
       }, timeoutMs);
-      this.waiting.set(header.id, { onMessage: (h) => {
+      this.expect(header.id, (h) => {
         clearTimeout(timer);
         this.waiting.delete(header.id);
         if (h.kind === "error") reject(errorFrom(h));
         else resolve({ protocolVersion: h.protocol_version, models: h.models });
-      } });
+      });
       this.send(header).catch(reject);
     });
   }
 
   close() {
     this.closed = true;
+    if (this.heartbeat) clearInterval(this.heartbeat);
     for (const entry of this.waiting.values()) {
       entry.onMessage({ kind: "error", code: "cancelled", message: "client closed", retryable: true }, []);
     }

@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { encode, decode } from "@msgpack/msgpack";
+import * as zmq from "zeromq";
 import { Client, decodeAnswer, errors, tensor } from "../index.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -190,5 +191,78 @@ test("the conformance vectors encode and decode as recorded", () => {
     }
     if (a.kind === "result") assert.deepEqual(Array.from(a.outputs.y.data), r.fields.outputs.y.flat());
   }
-  assert.equal(names.size, Object.keys(errors).length);
+  // ControllerLost is the client's own (protocol section 3.7): never on the wire.
+  assert.equal(names.size, Object.keys(errors).filter((n) => n !== "ControllerLost").length);
+});
+
+// -- a lost or restarted controller (protocol section 3.7), against a fake one ------------
+async function fakeController({ incarnations, answer }) {
+  const router = new zmq.Router({ linger: 0 });
+  const port = await freePort();
+  await router.bind(`tcp://127.0.0.1:${port}`);
+  const seen = { pings: 0, infers: 0 };
+  (async () => {
+    for await (const [peer, head] of router) {
+      const h = decode(head);
+      if (h.kind === "ping") {
+        const incarnation = incarnations[Math.min(seen.pings++, incarnations.length - 1)];
+        if (incarnation !== null) {
+          await router.send([peer, Buffer.from(encode({ v: 1, kind: "pong", id: h.id,
+            incarnation }))]);
+        }
+      } else if (h.kind === "infer") {
+        seen.infers++;
+        if (answer()) {
+          await router.send([peer, Buffer.from(encode({ v: 1, kind: "result", id: h.id,
+            outputs: { n: 2 } }))]);
+        }
+      }
+    }
+  })().catch(() => {});
+  return { endpoint: `tcp://127.0.0.1:${port}`, seen, close: () => router.close() };
+}
+
+test("a silent controller fails what is in flight with ControllerLost, long before its deadline", async () => {
+  const fake = await fakeController({ incarnations: [null], answer: () => false });
+  const c = new Client(fake.endpoint, { heartbeatMs: 100, controllerTimeoutMs: 400 });
+  try {
+    const started = Date.now();
+    await assert.rejects(c.infer("echo", { n: 1 }, { timeoutMs: 30000 }),
+      (e) => e instanceof errors.ControllerLost && e.retryable && e.code === "controller_lost");
+    assert.ok(Date.now() - started < 3000, `took ${Date.now() - started} ms`);
+    assert.ok(fake.seen.pings >= 2 && fake.seen.infers === 1);
+  } finally {
+    c.close();
+    fake.close();
+  }
+});
+
+test("a pong from a restarted controller fails what was sent before it, not what comes after", async () => {
+  let answering = false;
+  const fake = await fakeController({ incarnations: ["one", "two"], answer: () => answering });
+  const c = new Client(fake.endpoint, { heartbeatMs: 100, controllerTimeoutMs: 5000 });
+  try {
+    const started = Date.now();
+    await assert.rejects(c.infer("echo", { n: 1 }, { timeoutMs: 30000 }), errors.ControllerLost);
+    assert.ok(Date.now() - started < 3000);
+    assert.equal(c.incarnation, "two");
+    answering = true;
+    assert.deepEqual(await c.infer("echo", { n: 1 }, { timeoutMs: 5000 }), { n: 2 });
+  } finally {
+    c.close();
+    fake.close();
+  }
+});
+
+test("without requests in flight the client sends no pings", async () => {
+  const fake = await fakeController({ incarnations: ["one"], answer: () => true });
+  const c = new Client(fake.endpoint, { heartbeatMs: 50, controllerTimeoutMs: 200 });
+  try {
+    await new Promise((r) => setTimeout(r, 400));
+    assert.equal(fake.seen.pings, 0);
+    assert.deepEqual(await c.infer("echo", { n: 1 }, { timeoutMs: 5000 }), { n: 2 });
+  } finally {
+    c.close();
+    fake.close();
+  }
 });
