@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+import msgpack
 import pytest
+import zmq
 
 from tests.cluster import start_cluster
 from tests.protocol_vectors import VECTORS
@@ -68,3 +72,95 @@ async def test_the_c_client_passes_its_tests_and_mesh_infer_answers(tmp_path: Pa
         assert bad.returncode == 1 and "[unknown_model]" in bad.stderr
     finally:
         cluster.stop()
+
+
+class FakeController:
+    """A ROUTER on a free port that reads requests and answers pings with the incarnations
+    given (None: silence), never answering a request: a controller that is gone or restarted."""
+
+    def __init__(self, incarnations: list[str | None]) -> None:
+        self.incarnations = incarnations
+        self.pings = 0
+        self.requests = 0
+        self._context = zmq.Context()
+        self._sock = self._context.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(50):
+                continue
+            peer, head, *_ = self._sock.recv_multipart()
+            header = msgpack.unpackb(head)
+            if header.get("kind") != "ping":
+                self.requests += 1
+                continue
+            incarnation = self.incarnations[min(self.pings, len(self.incarnations) - 1)]
+            self.pings += 1
+            if incarnation is not None:
+                self._sock.send_multipart([peer, msgpack.packb(
+                    {"v": 1, "kind": "pong", "id": header["id"], "incarnation": incarnation})])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(0)
+        self._context.term()
+
+
+def mesh_infer(endpoint: str, *liveness: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    out = subprocess.run(["./mesh-infer", "--endpoint", endpoint, "--timeout-ms", "30000",
+                          *liveness, "echo", "n:int=1"], cwd=C, capture_output=True, text=True,
+                         timeout=60)
+    return out, time.monotonic() - started
+
+
+def test_the_c_client_fails_a_call_to_a_silent_controller_as_lost_long_before_its_deadline(
+        ) -> None:
+    build()
+    fake = FakeController([None])
+    try:
+        out, took_s = mesh_infer(fake.endpoint, "--heartbeat-ms", "100",
+                                 "--controller-timeout-ms", "400")
+    finally:
+        fake.close()
+    assert out.returncode == 1 and "[controller_lost]" in out.stderr, out.stderr
+    assert "(retryable)" in out.stderr
+    assert took_s < 5.0, took_s  # the deadline was 30 s
+    assert fake.requests == 1 and fake.pings >= 2
+
+
+def test_the_c_client_fails_a_call_sent_before_a_pong_from_a_restarted_controller() -> None:
+    build()
+    fake = FakeController(["one", "two"])
+    try:
+        out, took_s = mesh_infer(fake.endpoint, "--heartbeat-ms", "100",
+                                 "--controller-timeout-ms", "5000")
+    finally:
+        fake.close()
+    assert out.returncode == 1 and "[controller_lost]" in out.stderr, out.stderr
+    assert "restarted" in out.stderr
+    assert took_s < 5.0, took_s
+
+
+def test_without_liveness_the_c_client_waits_for_the_deadline() -> None:
+    # The two checks above can fail: with pings off, the same call waits out its deadline.
+    build()
+    fake = FakeController([None])
+    try:
+        started = time.monotonic()
+        out = subprocess.run(["./mesh-infer", "--endpoint", fake.endpoint, "--timeout-ms", "500",
+                              "--heartbeat-ms", "0", "echo", "n:int=1"], cwd=C,
+                             capture_output=True, text=True, timeout=60)
+        took_s = time.monotonic() - started
+    finally:
+        fake.close()
+    assert out.returncode == 1 and "[deadline_exceeded]" in out.stderr, out.stderr
+    assert took_s >= 2.4  # 500 ms and the client's 2 s grace
+    assert fake.pings == 0

@@ -30,6 +30,16 @@ struct mesh_client {
     void *ctx;
     void *sock;
     uint64_t next_id;
+    /* How to open the socket again (after a lost controller): the endpoint and CURVE keys. */
+    char *endpoint;
+    int curve;
+    char server_key[41], public_key[41], secret_key[41];
+    /* Liveness (protocol section 3.7): pings while a call waits, silence, incarnations. */
+    int heartbeat_ms;           /* 0: never ping */
+    int controller_timeout_ms;
+    int64_t heard_ms;           /* the last message of any kind, or the call's start */
+    int64_t pinged_ms;
+    char incarnation[80];       /* from the last pong; "" before the first */
 };
 
 static int64_t now_ms(void) {
@@ -79,28 +89,59 @@ mesh_value mesh_int_value(const char *name, int64_t i) {
     return v;
 }
 
+static int open_socket(mesh_client *c) {
+    c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
+    if (!c->sock) return -1;
+    int linger = 0;
+    zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
+    if (c->curve) {
+        zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, c->server_key, 40);
+        zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, c->public_key, 40);
+        zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, c->secret_key, 40);
+    }
+    return zmq_connect(c->sock, c->endpoint);
+}
+
 mesh_client *mesh_connect(const char *endpoint, const mesh_curve *curve) {
     mesh_client *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->ctx = zmq_ctx_new();
-    c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
-    int linger = 0;
-    zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
+    c->endpoint = strdup(endpoint);
     if (curve) {
-        zmq_setsockopt(c->sock, ZMQ_CURVE_SERVERKEY, curve->server_key, 40);
-        zmq_setsockopt(c->sock, ZMQ_CURVE_PUBLICKEY, curve->public_key, 40);
-        zmq_setsockopt(c->sock, ZMQ_CURVE_SECRETKEY, curve->secret_key, 40);
+        c->curve = 1;
+        snprintf(c->server_key, sizeof c->server_key, "%s", curve->server_key);
+        snprintf(c->public_key, sizeof c->public_key, "%s", curve->public_key);
+        snprintf(c->secret_key, sizeof c->secret_key, "%s", curve->secret_key);
     }
-    if (zmq_connect(c->sock, endpoint) != 0) { mesh_close(c); return NULL; }
+    c->heartbeat_ms = 500;
+    c->controller_timeout_ms = 5000;
+    if (!c->ctx || !c->endpoint || open_socket(c) != 0) { mesh_close(c); return NULL; }
     c->next_id = 1;
     return c;
+}
+
+int mesh_set_liveness(mesh_client *c, int heartbeat_ms, int controller_timeout_ms) {
+    if (heartbeat_ms < 0 || controller_timeout_ms <= 0 ||
+            (heartbeat_ms && controller_timeout_ms < 2 * heartbeat_ms))
+        return -1;
+    c->heartbeat_ms = heartbeat_ms;
+    c->controller_timeout_ms = controller_timeout_ms;
+    return 0;
 }
 
 void mesh_close(mesh_client *c) {
     if (!c) return;
     if (c->sock) zmq_close(c->sock);
     if (c->ctx) zmq_ctx_term(c->ctx);
+    free(c->endpoint);
     free(c);
+}
+
+/* The controller is lost: a new socket, so nothing queued for it is delivered later. */
+static void reconnect(mesh_client *c) {
+    zmq_close(c->sock);
+    c->sock = NULL;
+    open_socket(c);
 }
 
 /* -- encoding -------------------------------------------------------------------------------- */
@@ -158,6 +199,19 @@ static int send_request(mesh_client *c, const char *kind, uint64_t id, const cha
         rc = zmq_send(c->sock, inputs[i].data, inputs[i].nbytes, sent < tensors ? ZMQ_SNDMORE : 0);
     }
     return rc < 0 ? -1 : 0;
+}
+
+static void send_ping(mesh_client *c, uint64_t id) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 3);
+    pack_str(&pk, "v"); msgpack_pack_int(&pk, PROTOCOL_VERSION);
+    pack_str(&pk, "kind"); pack_str(&pk, "ping");
+    pack_str(&pk, "id"); msgpack_pack_uint64(&pk, id);
+    zmq_send(c->sock, sb.data, sb.size, ZMQ_DONTWAIT);
+    msgpack_sbuffer_destroy(&sb);
 }
 
 static void send_cancel(mesh_client *c, uint64_t id) {
@@ -278,12 +332,49 @@ const mesh_value *mesh_answer_get(const mesh_answer *a, const char *name) {
 /* The next message for id: 1 (kind in *kind, header in *obj with zone), 0 timeout, -1 error. */
 enum { ANSWER_RESULT, ANSWER_CHUNK, ANSWER_END, ANSWER_ERROR, ANSWER_OTHER };
 
+/* A pong: 1 when it comes from a restarted controller and its ping was sent after request
+ * id (so the request went to the previous one), else 0 (its incarnation noted). */
+static int restarted(mesh_client *c, const msgpack_object *h, uint64_t ping_id, uint64_t id) {
+    const msgpack_object *inc = map_get(h, "incarnation");
+    if (!inc || inc->type != MSGPACK_OBJECT_STR) return 0;
+    char now[sizeof c->incarnation];
+    snprintf(now, sizeof now, "%.*s", (int)inc->via.str.size, inc->via.str.ptr);
+    int changed = c->incarnation[0] && strcmp(now, c->incarnation) != 0;
+    memcpy(c->incarnation, now, sizeof now);
+    return changed && ping_id > id;
+}
+
 static int await_answer(mesh_client *c, uint64_t id, int64_t deadline, frames_t *f,
                         msgpack_unpacked *up, int *kind, mesh_error *err) {
     for (;;) {
-        int rc = recv_frames(c, f, (int)(deadline - now_ms()));
-        if (rc == 0) { set_error(err, "deadline_exceeded", "no answer from the controller in time", 1); return -1; }
+        int64_t now = now_ms();
+        int64_t wait = deadline - now;
+        if (wait <= 0) { set_error(err, "deadline_exceeded", "no answer from the controller in time", 1); return -1; }
+        if (c->heartbeat_ms) {
+            if (now - c->pinged_ms >= c->heartbeat_ms) {
+                send_ping(c, c->next_id++);
+                c->pinged_ms = now;
+            }
+            int64_t until_ping = c->pinged_ms + c->heartbeat_ms - now;
+            int64_t until_lost = c->heard_ms + c->controller_timeout_ms + 1 - now;
+            if (until_ping < wait) wait = until_ping;
+            if (until_lost < wait) wait = until_lost;
+        }
+        int rc = recv_frames(c, f, (int)(wait > 0 ? wait : 0));
+        if (rc == 0) {
+            int64_t silent = now_ms() - c->heard_ms;
+            if (c->heartbeat_ms && silent > c->controller_timeout_ms) {
+                char why[200];
+                snprintf(why, sizeof why, "no answer from the controller at %s for %lld ms",
+                         c->endpoint, (long long)silent);
+                set_error(err, "controller_lost", why, 1);
+                reconnect(c);
+                return -1;
+            }
+            continue;
+        }
         if (rc < 0) { set_error(err, "client", zmq_strerror(zmq_errno()), 0); return -1; }
+        c->heard_ms = now_ms();  /* any message at all: the controller is there */
         msgpack_unpacked_init(up);
         if (msgpack_unpack_next(up, zmq_msg_data(&f->msgs[0]), zmq_msg_size(&f->msgs[0]), NULL)
                 != MSGPACK_UNPACK_SUCCESS) {
@@ -291,6 +382,18 @@ static int await_answer(mesh_client *c, uint64_t id, int64_t deadline, frames_t 
         }
         const msgpack_object *h = &up->data;
         const msgpack_object *hid = map_get(h, "id"), *hk = map_get(h, "kind");
+        if (hid && hid->type == MSGPACK_OBJECT_POSITIVE_INTEGER && hk &&
+                hk->type == MSGPACK_OBJECT_STR && hk->via.str.size == 4 &&
+                !memcmp(hk->via.str.ptr, "pong", 4)) {
+            int lost = restarted(c, h, hid->via.u64, id);
+            msgpack_unpacked_destroy(up); frames_close(f);
+            if (lost) {
+                set_error(err, "controller_lost", "the controller restarted (a new incarnation): "
+                          "the request went to the previous one", 1);
+                return -1;
+            }
+            continue;
+        }
         if (!hid || hid->type != MSGPACK_OBJECT_POSITIVE_INTEGER || hid->via.u64 != id || !hk ||
                 hk->type != MSGPACK_OBJECT_STR) {
             msgpack_unpacked_destroy(up); frames_close(f); continue;  /* not ours: ignored */
@@ -320,6 +423,7 @@ int mesh_infer(mesh_client *c, const char *model, const mesh_value *inputs, size
                const mesh_value *params, size_t n_params, int timeout_ms, mesh_answer *out,
                mesh_error *err) {
     uint64_t id = c->next_id++;
+    c->heard_ms = c->pinged_ms = now_ms();  /* silence while idle means nothing */
     if (send_request(c, "infer", id, model, inputs, n_inputs, params, n_params, timeout_ms) < 0) {
         set_error(err, "client", zmq_strerror(zmq_errno()), 0);
         return -1;
@@ -346,6 +450,7 @@ int mesh_stream_start(mesh_client *c, const char *model, const mesh_value *input
     s->deadline_ms = timeout_ms;
     s->started_ms = now_ms();
     s->done = 0;
+    c->heard_ms = c->pinged_ms = now_ms();
     if (send_request(c, "stream", s->id, model, inputs, n_inputs, params, n_params, timeout_ms) < 0) {
         set_error(err, "client", zmq_strerror(zmq_errno()), 0);
         return -1;
@@ -355,6 +460,8 @@ int mesh_stream_start(mesh_client *c, const char *model, const mesh_value *input
 
 int mesh_stream_next(mesh_client *c, mesh_stream *s, mesh_answer *chunk, mesh_error *err) {
     if (s->done) return 1;
+    /* Nothing was asked of the controller between calls: silence then means nothing. */
+    c->heard_ms = now_ms();
     int64_t deadline = s->started_ms + s->deadline_ms + GRACE_MS;
     for (;;) {
         frames_t f = {.n = 0};

@@ -6,7 +6,8 @@
  *   if (mesh_infer(c, "mlp", &in, 1, NULL, 5000, &out, &err) == 0) { ... mesh_answer_free(&out); }
  *   mesh_close(c);
  *
- * Not thread-safe: one client per thread. Every call has a deadline. */
+ * Not thread-safe: one client per thread. Every call has a deadline, and a lost or restarted
+ * controller fails it sooner (mesh_set_liveness). */
 #ifndef MESH_CLIENT_H
 #define MESH_CLIENT_H
 
@@ -69,6 +70,14 @@ typedef struct mesh_client mesh_client;
 
 mesh_client *mesh_connect(const char *endpoint, const mesh_curve *curve);
 void mesh_close(mesh_client *c);
+
+/* A lost controller is noticed before a call's deadline (protocol section 3.7): while a call
+ * waits, the client pings every heartbeat_ms (default 500; 0: never); nothing at all heard
+ * for controller_timeout_ms (default 5000) fails the call with code "controller_lost"
+ * (retryable) and reconnects on a new socket; so does a pong from a restarted controller (a
+ * new incarnation) for a call sent before that ping. 0, or -1 for values out of range
+ * (controller_timeout_ms must be at least twice heartbeat_ms). */
+int mesh_set_liveness(mesh_client *c, int heartbeat_ms, int controller_timeout_ms);
 
 /* 0 and *out filled, or -1 and *err filled. params may be NULL. */
 int mesh_infer(mesh_client *c, const char *model, const mesh_value *inputs, size_t n_inputs,

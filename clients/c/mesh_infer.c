@@ -1,6 +1,7 @@
 /* mesh-infer: one request to a meshserve controller from the shell.
  *
  *   mesh-infer [--endpoint E] [--timeout-ms T] [--stream] [--max-tokens N]
+ *              [--heartbeat-ms H] [--controller-timeout-ms C]
  *              [--curve SERVER_KEY PUBLIC_KEY SECRET_KEY] MODEL INPUT...
  *
  * INPUT is NAME=TEXT (a string), NAME:int=N, or NAME:DTYPE[D1,D2,...]=v1,v2,... (a tensor;
@@ -56,6 +57,7 @@ static void print_value(const mesh_value *v) {
 int main(int argc, char **argv) {
     const char *endpoint = "tcp://127.0.0.1:5555", *model = NULL;
     int timeout_ms = 30000, stream = 0, max_tokens = -1;
+    int heartbeat_ms = 500, controller_timeout_ms = 5000;
     mesh_curve curve, *use_curve = NULL;
     mesh_value inputs[64];
     size_t n = 0;
@@ -63,6 +65,9 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "--endpoint") && i + 1 < argc) endpoint = argv[++i];
         else if (!strcmp(a, "--timeout-ms") && i + 1 < argc) timeout_ms = atoi(argv[++i]);
+        else if (!strcmp(a, "--heartbeat-ms") && i + 1 < argc) heartbeat_ms = atoi(argv[++i]);
+        else if (!strcmp(a, "--controller-timeout-ms") && i + 1 < argc)
+            controller_timeout_ms = atoi(argv[++i]);
         else if (!strcmp(a, "--stream")) stream = 1;
         else if (!strcmp(a, "--max-tokens") && i + 1 < argc) max_tokens = atoi(argv[++i]);
         else if (!strcmp(a, "--curve") && i + 3 < argc) {
@@ -96,9 +101,15 @@ int main(int argc, char **argv) {
         }
     }
     if (!model) { fprintf(stderr, "usage: mesh-infer [--endpoint E] [--timeout-ms T] [--stream] "
-                  "[--max-tokens N] [--curve S P K] MODEL INPUT...\n"); return 2; }
+                  "[--max-tokens N] [--heartbeat-ms H] [--controller-timeout-ms C] "
+                  "[--curve S P K] MODEL INPUT...\n"); return 2; }
     mesh_client *c = mesh_connect(endpoint, use_curve);
     if (!c) { fprintf(stderr, "mesh-infer: cannot connect to %s\n", endpoint); return 1; }
+    if (mesh_set_liveness(c, heartbeat_ms, controller_timeout_ms) < 0) {
+        fprintf(stderr, "mesh-infer: --controller-timeout-ms must be at least twice --heartbeat-ms\n");
+        mesh_close(c);
+        return 2;
+    }
     mesh_value params[1];
     size_t n_params = 0;
     if (max_tokens >= 0) params[n_params++] = mesh_int_value("max_tokens", max_tokens);
