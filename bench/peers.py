@@ -57,17 +57,19 @@ def inputs_of(deployment: str) -> dict[str, Any]:
 class Meshserve:
     name = "meshserve"
 
-    def __init__(self) -> None:
+    def __init__(self, busy_poll_us: int = 0) -> None:
         self._proc: Any = None
         self.client: Client | None = None
         self._tmp = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+        self._busy_poll_us = busy_poll_us
 
     async def start(self) -> None:
         ports = free_ports("client", "admin", "worker")
         config = self._tmp / "meshserve.toml"
         mlp = f'model = "worker.models.mlp:build"\nfactory_kwargs = {{ hidden = ' \
               f'{MLP_KWARGS["hidden"]}, layers = {MLP_KWARGS["layers"]} }}\n'
-        config.write_text(controller_section(ports, autoscale=False, warm_workers=0) + f"""
+        config.write_text(controller_section(ports, autoscale=False, warm_workers=0,
+                                             busy_poll_us=self._busy_poll_us) + f"""
 [[deployments]]
 name = "echo"
 model = "worker.models.echo:build"
@@ -215,7 +217,7 @@ async def measure(system: Meshserve | RayServe, duration_s: float) -> dict[str, 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds: list[dict[str, Any]] = []
     for n in range(args.rounds):
-        systems: list[Meshserve | RayServe] = [Meshserve(), RayServe()]
+        systems: list[Meshserve | RayServe] = [Meshserve(args.busy_poll_us), RayServe()]
         if n % 2:
             systems.reverse()
         print(f"round {n + 1}: {' then '.join(s.name for s in systems)}", file=sys.stderr)
@@ -228,7 +230,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                        for cell, _, _ in CELLS})
     return {"rounds": rounds, "summary": summarize(rounds),
             "config": {"duration_s": args.duration_s, "rounds": args.rounds,
-                       "mlp": MLP_KWARGS}}
+                       "mlp": MLP_KWARGS, "busy_poll_us": args.busy_poll_us}}
 
 
 def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -274,6 +276,8 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0,
                         help="seconds measured per cell (default 5.0)")
     parser.add_argument("--json", help="write every figure, round by round, here")
+    parser.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
+                        help="meshserve's controller busy_poll_us (default 0: off)")
     args = parser.parse_args()
     try:
         import ray  # noqa: F401
