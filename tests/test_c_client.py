@@ -113,23 +113,26 @@ class FakeController:
         self._context.term()
 
 
-def mesh_infer(endpoint: str, *liveness: str) -> tuple[subprocess.CompletedProcess[str], float]:
+def against_fake(incarnations: list[str | None], *options: str, timeout_ms: int = 30000
+                 ) -> tuple[subprocess.CompletedProcess[str], float, FakeController]:
+    """``mesh-infer`` (one echo call) against a FakeController: its output, how long it took,
+    and the fake (what it received)."""
+    build()
+    fake = FakeController(incarnations)
     started = time.monotonic()
-    out = subprocess.run(["./mesh-infer", "--endpoint", endpoint, "--timeout-ms", "30000",
-                          *liveness, "echo", "n:int=1"], cwd=C, capture_output=True, text=True,
-                         timeout=60)
-    return out, time.monotonic() - started
+    try:
+        out = subprocess.run(["./mesh-infer", "--endpoint", fake.endpoint, "--timeout-ms",
+                              str(timeout_ms), *options, "echo", "n:int=1"], cwd=C,
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        fake.close()
+    return out, time.monotonic() - started, fake
 
 
 def test_the_c_client_fails_a_call_to_a_silent_controller_as_lost_long_before_its_deadline(
         ) -> None:
-    build()
-    fake = FakeController([None])
-    try:
-        out, took_s = mesh_infer(fake.endpoint, "--heartbeat-ms", "100",
-                                 "--controller-timeout-ms", "400")
-    finally:
-        fake.close()
+    out, took_s, fake = against_fake([None], "--heartbeat-ms", "100",
+                                     "--controller-timeout-ms", "400")
     assert out.returncode == 1 and "[controller_lost]" in out.stderr, out.stderr
     assert "(retryable)" in out.stderr
     assert took_s < 5.0, took_s  # the deadline was 30 s
@@ -137,13 +140,8 @@ def test_the_c_client_fails_a_call_to_a_silent_controller_as_lost_long_before_it
 
 
 def test_the_c_client_fails_a_call_sent_before_a_pong_from_a_restarted_controller() -> None:
-    build()
-    fake = FakeController(["one", "two"])
-    try:
-        out, took_s = mesh_infer(fake.endpoint, "--heartbeat-ms", "100",
-                                 "--controller-timeout-ms", "5000")
-    finally:
-        fake.close()
+    out, took_s, _ = against_fake(["one", "two"], "--heartbeat-ms", "100",
+                                  "--controller-timeout-ms", "5000")
     assert out.returncode == 1 and "[controller_lost]" in out.stderr, out.stderr
     assert "restarted" in out.stderr
     assert took_s < 5.0, took_s
@@ -151,16 +149,7 @@ def test_the_c_client_fails_a_call_sent_before_a_pong_from_a_restarted_controlle
 
 def test_without_liveness_the_c_client_waits_for_the_deadline() -> None:
     # The two checks above can fail: with pings off, the same call waits out its deadline.
-    build()
-    fake = FakeController([None])
-    try:
-        started = time.monotonic()
-        out = subprocess.run(["./mesh-infer", "--endpoint", fake.endpoint, "--timeout-ms", "500",
-                              "--heartbeat-ms", "0", "echo", "n:int=1"], cwd=C,
-                             capture_output=True, text=True, timeout=60)
-        took_s = time.monotonic() - started
-    finally:
-        fake.close()
+    out, took_s, fake = against_fake([None], "--heartbeat-ms", "0", timeout_ms=500)
     assert out.returncode == 1 and "[deadline_exceeded]" in out.stderr, out.stderr
     assert took_s >= 2.4  # 500 ms and the client's 2 s grace
     assert fake.pings == 0

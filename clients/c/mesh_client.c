@@ -201,31 +201,22 @@ static int send_request(mesh_client *c, const char *kind, uint64_t id, const cha
     return rc < 0 ? -1 : 0;
 }
 
-static void send_ping(mesh_client *c, uint64_t id) {
+/* A header-only message {v, kind, id}: a ping or a cancel. */
+static void send_bare(mesh_client *c, const char *kind, uint64_t id, int flags) {
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
     msgpack_pack_map(&pk, 3);
     pack_str(&pk, "v"); msgpack_pack_int(&pk, PROTOCOL_VERSION);
-    pack_str(&pk, "kind"); pack_str(&pk, "ping");
+    pack_str(&pk, "kind"); pack_str(&pk, kind);
     pack_str(&pk, "id"); msgpack_pack_uint64(&pk, id);
-    zmq_send(c->sock, sb.data, sb.size, ZMQ_DONTWAIT);
+    zmq_send(c->sock, sb.data, sb.size, flags);
     msgpack_sbuffer_destroy(&sb);
 }
 
-static void send_cancel(mesh_client *c, uint64_t id) {
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 3);
-    pack_str(&pk, "v"); msgpack_pack_int(&pk, PROTOCOL_VERSION);
-    pack_str(&pk, "kind"); pack_str(&pk, "cancel");
-    pack_str(&pk, "id"); msgpack_pack_uint64(&pk, id);
-    zmq_send(c->sock, sb.data, sb.size, 0);
-    msgpack_sbuffer_destroy(&sb);
-}
+static void send_ping(mesh_client *c, uint64_t id) { send_bare(c, "ping", id, ZMQ_DONTWAIT); }
+static void send_cancel(mesh_client *c, uint64_t id) { send_bare(c, "cancel", id, 0); }
 
 /* -- decoding -------------------------------------------------------------------------------- */
 
