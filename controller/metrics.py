@@ -91,6 +91,13 @@ def families(status: dict[str, Any], stats: Mapping[str, LatencyWindow]) -> list
     for code, n in sorted(c.get("requests_rejected", {}).items()):
         rejected.add_metric([code], n)
     out.append(rejected)
+    revoked = CounterMetricFamily("meshserve_revoked_messages",
+                                  "Messages dropped (CURVE on) because the key of the "
+                                  "connection they came on was revoked after it connected, "
+                                  "by port.", labels=["port"])
+    for port, n in sorted(c.get("revoked_messages", {}).items()):
+        revoked.add_metric([port], n)
+    out.append(revoked)
     for key, name, help_text in _HISTOGRAMS:
         hist = HistogramMetricFamily(name, help_text, labels=["deployment"])
         for dep_name, window in sorted(stats.items()):

@@ -26,7 +26,8 @@ def status(name: str = "mlp") -> dict[str, Any]:
                      "quarantined": "declared dead 3 times within 600s"}],
         "controller": {"requests_rejected": {"bad_request": 4, "unknown_model": 1},
                        "unroutable_replies": 7, "workers_died": 2, "worlds_broken": 3,
-                       "client_connections": 5},
+                       "client_connections": 5,
+                       "revoked_messages": {"client": 6, "worker": 0, "admin": 1}},
     }
 
 
@@ -65,6 +66,9 @@ def test_every_outcome_is_counted_and_latency_is_a_histogram() -> None:
     assert families["meshserve_worker_deaths"].samples[0].value == 2
     assert families["meshserve_world_breaks"].samples[0].value == 3
     assert families["meshserve_workers_quarantined"].samples[0].value == 1
+    revoked = {s.labels["port"]: s.value for s in families["meshserve_revoked_messages"].samples
+               if s.name.endswith("_total")}
+    assert revoked == {"client": 6, "worker": 0, "admin": 1}
 
 
 def test_label_values_are_escaped_and_a_deployment_without_worlds_reads_zero() -> None:
