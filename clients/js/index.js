@@ -133,6 +133,8 @@ export class Client {
     this.incarnation = null; // the controller's, from its first pong
     this.heardMs = Date.now();
     this.closed = false;
+    this.outbox = Promise.resolve(); // the send queue (see send)
+    this.unsent = 0;
     this.connect();
     if (this.heartbeatMs) {
       this.heartbeat = setInterval(() => this.tick(), this.heartbeatMs);
@@ -173,6 +175,7 @@ export class Client {
         `${now - this.heardMs} ms`);
       return;
     }
+    if (this.unsent) return; // a send still waits for a connection: a ping would queue behind
     const id = `ping-${this.nextId++}`;
     const before = this.sends;
     this.waiting.set(id, { ping: true, onMessage: (h) => {
@@ -207,11 +210,22 @@ export class Client {
     }
   }
 
+  /**
+   * Queue a message; the promise settles once it is sent. A zeromq socket takes one send at
+   * a time (a second one while the first waits, as it does until a connection is up, throws
+   * EBUSY), so sends go out one after another, in order.
+   */
   send(header, frames = []) {
     if (this.closed) throw new errors.Cancelled("client is closed", true, 0);
     const extra = [];
     const full = encodeValue(header, extra);
-    return this.socket.send([Buffer.from(encode(full)), ...extra, ...frames]);
+    const message = [Buffer.from(encode(full)), ...extra, ...frames];
+    const socket = this.socket;
+    this.unsent++;
+    const sent = this.outbox.then(() => socket.send(message));
+    const done = () => { this.unsent--; };
+    this.outbox = sent.then(done, done);
+    return sent;
   }
 
   /** Register what answers request `id` (numbered in send order for `fail`). */

@@ -266,3 +266,24 @@ test("without requests in flight the client sends no pings", async () => {
     fake.close();
   }
 });
+
+test("calls to a controller whose handshake fails queue their sends and fail as lost", async () => {
+  // A CURVE client against a plain socket: the handshake never completes, so the first send
+  // waits for a connection. A zeromq socket takes one send at a time: the other calls and
+  // the pings must queue behind it, not throw EBUSY out of a timer (that killed the process).
+  const fake = await fakeController({ incarnations: ["one"], answer: () => true });
+  const server = zmq.curveKeyPair();
+  const mine = zmq.curveKeyPair();
+  const c = new Client(fake.endpoint, { heartbeatMs: 100, controllerTimeoutMs: 400,
+    curve: { serverKey: server.publicKey, publicKey: mine.publicKey, secretKey: mine.secretKey } });
+  try {
+    const started = Date.now();
+    const calls = [1, 2, 3].map((n) => c.infer("echo", { n }, { timeoutMs: 30000 }));
+    for (const call of calls) await assert.rejects(call, errors.ControllerLost);
+    assert.ok(Date.now() - started < 3000, `took ${Date.now() - started} ms`);
+    assert.equal(fake.seen.infers, 0);
+  } finally {
+    c.close();
+    fake.close();
+  }
+});
