@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -235,27 +236,37 @@ class Second:
 
 async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any], *,
                       profile: str, duration_s: float, base_rps: float, peak_rps: float,
-                      timeout_s: float = 30.0, out: TextIO | None = None
-                      ) -> tuple[list[Arrival], list[Second]]:
-    """Open-loop load following a profile; one line per second with p99 and live worlds."""
+                      timeout_s: float = 30.0, out: TextIO | None = None,
+                      admin_curve: Any = None) -> tuple[list[Arrival], list[Second]]:
+    """Open-loop load following a profile; one line per second with p99 and live worlds.
+
+    The worlds and workers come from the admin port, polled once a second by a task of their
+    own: a slow or refused status call (-1 in the table) never holds up the arrivals."""
     from controller.admin_client import admin_call
 
     seconds: list[Second] = []
     marks = {"sent": 0}
+    fleet = {"worlds": -1, "workers": -1}
 
     def rate(t: float) -> float:
         return profile_rate(profile, t, duration_s, base_rps, peak_rps)
 
+    async def watch_fleet() -> None:
+        while True:
+            try:
+                status = await admin_call(admin, "status", timeout_s=2.0, curve=admin_curve)
+                dep = next(d for d in status["deployments"] if d["name"] == model)
+                fleet["worlds"] = dep["worlds_current"]
+                fleet["workers"] = sum(1 for w in status["workers"]
+                                       if w["state"] != WorkerState.DEAD)
+            except (MeshError, StopIteration):
+                fleet["worlds"] = fleet["workers"] = -1
+            await asyncio.sleep(1.0)
+
     async def every_second(t: float, arrivals: list[Arrival]) -> None:
         recent = sorted(a.latency_ms for a in arrivals if a.latency_ms is not None
                         and t - 1.0 <= a.sent_s + a.latency_ms / 1e3 < t)
-        try:
-            status = await admin_call(admin, "status", timeout_s=2.0)
-            dep = next(d for d in status["deployments"] if d["name"] == model)
-            worlds = dep["worlds_current"]
-            workers = sum(1 for w in status["workers"] if w["state"] != WorkerState.DEAD)
-        except (MeshError, StopIteration):
-            worlds = workers = -1
+        worlds, workers = fleet["worlds"], fleet["workers"]
         row = Second(t=round(t, 2), target_rps=round(rate(t), 1),
                      sent=len(arrivals) - marks["sent"], done=len(recent),
                      p99_ms=round(percentile(recent, 99), 2), worlds=worlds, workers=workers)
@@ -267,8 +278,14 @@ async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any
                       f"workers {row.workers}\n")
             out.flush()
 
-    arrivals = await open_loop(client, model, inputs, rate, duration_s=duration_s,
-                               timeout_s=timeout_s, on_second=every_second)
+    watcher = asyncio.create_task(watch_fleet(), name="bench.profile.fleet")
+    try:
+        arrivals = await open_loop(client, model, inputs, rate, duration_s=duration_s,
+                                   timeout_s=timeout_s, on_second=every_second)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     return arrivals, seconds
 
 
@@ -338,7 +355,7 @@ def _run_profile_cli(args: argparse.Namespace) -> int:
                 client, args.admin, args.model, inputs, profile=args.profile,
                 duration_s=args.duration_s, base_rps=args.base_rps,
                 peak_rps=args.base_rps * args.peak_x, timeout_s=args.request_timeout_s,
-                out=sys.stderr)
+                out=sys.stderr, admin_curve=_curve_of(args))
         return arrivals, seconds, slo
 
     arrivals, seconds, slo = _run(go())

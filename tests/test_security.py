@@ -4,6 +4,7 @@ key is not in the right folder gets nothing, and revoking a key needs no restart
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -165,3 +166,25 @@ def test_a_curve_config_without_its_keys_is_refused_by_name(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "security.client_keys is required" in result.stderr or \
         "security.controller_key" in result.stderr
+
+
+async def test_the_profile_bench_under_curve_sees_the_fleet_and_keeps_its_rate(
+        cluster_factory: StartCluster, keys: Path) -> None:
+    # ops is allowed on the client port too here: one key for the load and the status polls.
+    shutil.copy(keys / "own" / "ops.key", keys / "clients" / "ops.key")
+    cluster = await cluster_factory(MLP + security(keys), admin_curve=admin_keys(keys, "ops"))
+    own = keys / "own"
+    result = await asyncio.to_thread(
+        cluster.meshctl, "--key", str(own / "ops.key_secret"), "--controller-key",
+        str(own / "controller.key"), "bench", "mlp", "--endpoint", cluster.client,
+        "--profile", "step", "--duration-s", "4", "--base-rps", "20", "--peak-x", "1",
+        "--json", timeout_s=90.0)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    rows = summary["per_second"]
+    # The per-second status polls carry the caller's keys: the fleet is seen, not -1.
+    assert rows and all(r["worlds"] >= 1 and r["workers"] >= 1 for r in rows[1:]), rows
+    # And they never hold up the arrivals: 20/s for 4 s. A status call the controller did not
+    # answer used to stall the sender 2 s a second, halving what was sent.
+    assert summary["requests"] >= 60, summary["requests"]
+    assert summary["errors"] == {}
