@@ -82,7 +82,6 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: dict[str, asyncio.Task[Any]] = {}
         self._started = False
-        self.busy_poll: BusyPoll | None = None  # set by start() where busy_poll_us > 0
         self._closed = False
         self._context: zmq.Context[Any] = zmq.Context()
         built = contextlib.ExitStack()  # sockets bound so far, closed if a later one fails
@@ -181,10 +180,9 @@ class Controller:
                                  ("admin", self.admin.pump)):
                 pump.admit = self.guard.admits(domain)
         if c.busy_poll_us:
-            self.busy_poll = BusyPoll(c.busy_poll_us / 1e6)
-            stack.callback(self.busy_poll.close)
-            self.frontend.pump.on_receive = self.backend.pump.on_receive = \
-                self.busy_poll.activity
+            busy = BusyPoll(c.busy_poll_us / 1e6)
+            stack.callback(busy.close)
+            self.frontend.pump.on_receive = self.backend.pump.on_receive = busy.activity
         self.backend.start(on_heartbeat=self._heartbeat, on_control=self._control)
         self.frontend.start()
         for actor in (self.health, self.world_manager, self.admin):

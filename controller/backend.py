@@ -31,10 +31,6 @@ def _ignore(worker_id: str, message: Any) -> None:
     return None
 
 
-def _nothing() -> None:
-    return None
-
-
 class Backend:
     def __init__(self, context: zmq.Context[Any], endpoint: str, *,
                  curve: ServerKeys | None = None,
@@ -42,7 +38,7 @@ class Backend:
         self.endpoint = endpoint
         # Run what a batch of replies made the frontend hold: its answers go to their clients
         # before the next message is read (controller/held_sends.py).
-        self._after_batch = after_batch or _nothing
+        self._after_batch = after_batch or (lambda: None)
         # world id -> the router of its deployment: the routers add and remove their own
         # worlds (controller.router); this socket only reads it, to route a reply.
         self.routes: dict[int, Router] = {}

@@ -94,7 +94,7 @@ class Frontend:
         self._defer = defer or (lambda fn: fn())
         # Run what a client's batch made the routers hold: sent on at once, not merged with
         # what else this wake-up reads (controller/held_sends.py).
-        self._after_batch = after_batch or _nothing
+        self._after_batch = after_batch or (lambda: None)
 
     def start(self) -> None:
         self.connections.start()
@@ -291,7 +291,3 @@ def _echoable(req_id: Any) -> bool:
         return -(2**63) <= req_id < 2**64
     return type(req_id) is str and len(req_id) <= 4 * MAX_ID_BYTES and \
         len(req_id.encode()) <= 4 * MAX_ID_BYTES
-
-
-def _nothing() -> None:
-    pass

@@ -51,6 +51,16 @@ _CONTROLLER_COUNTERS = (
     ("worlds_broken", "meshserve_world_breaks", "Worlds broken by a failure."),
 )
 
+# Counters by one label, from maps in the controller block: (key, name, label, help).
+_CONTROLLER_LABELLED_COUNTERS = (
+    ("requests_rejected", "meshserve_requests_rejected", "code",
+     "Requests the frontend refused before a deployment saw them (malformed, unknown model, "
+     "too large, ...), by error code."),
+    ("revoked_messages", "meshserve_revoked_messages", "port",
+     "Messages dropped (CURVE on) because the key of the connection they came on was revoked "
+     "after it connected, by port."),
+)
+
 # Per-deployment gauges from the status snapshot: (key, help).
 _DEPLOYMENT_GAUGES = (
     ("rps", "Requests per second over the last 10 s."),
@@ -84,20 +94,11 @@ def families(status: dict[str, Any], stats: Mapping[str, LatencyWindow]) -> list
             requests.add_metric([d["name"], code], n)
     out.append(requests)
     c = status["controller"]
-    rejected = CounterMetricFamily("meshserve_requests_rejected",
-                                   "Requests the frontend refused before a deployment saw "
-                                   "them (malformed, unknown model, too large, ...), by "
-                                   "error code.", labels=["code"])
-    for code, n in sorted(c.get("requests_rejected", {}).items()):
-        rejected.add_metric([code], n)
-    out.append(rejected)
-    revoked = CounterMetricFamily("meshserve_revoked_messages",
-                                  "Messages dropped (CURVE on) because the key of the "
-                                  "connection they came on was revoked after it connected, "
-                                  "by port.", labels=["port"])
-    for port, n in sorted(c.get("revoked_messages", {}).items()):
-        revoked.add_metric([port], n)
-    out.append(revoked)
+    for key, name, label, help_text in _CONTROLLER_LABELLED_COUNTERS:
+        family = CounterMetricFamily(name, help_text, labels=[label])
+        for value, n in sorted(c.get(key, {}).items()):
+            family.add_metric([value], n)
+        out.append(family)
     for key, name, help_text in _HISTOGRAMS:
         hist = HistogramMetricFamily(name, help_text, labels=["deployment"])
         for dep_name, window in sorted(stats.items()):

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
+import msgpack
 import pytest
+import zmq
+import zmq.asyncio
 
+from controller.backend import Backend
+from controller.frontend import Frontend
 from controller.held_sends import HeldSends
+from mesh.messages import PROTOCOL_VERSION, batch_header, split_batch
+from tests.cluster import free_port
+from worker.world import Replier
 
 
 class Soon:
@@ -94,3 +103,92 @@ async def test_without_an_injected_call_soon_it_uses_the_running_loop() -> None:
     assert ran == []
     await asyncio.sleep(0)
     assert ran == ["x"]
+
+
+# -- wired to real sockets: the frontend and the backend flush after a batch ---------------
+
+def ping(rid: int) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": "ping", "id": rid})
+
+
+async def answers(sock: zmq.asyncio.Socket, wait_s: float) -> list[Any]:
+    """The ids of every answer that arrives within ``wait_s`` (batches unpacked)."""
+    ids: list[Any] = []
+    while await sock.poll(int(wait_s * 1000)):
+        frames = await sock.recv_multipart()
+        head = msgpack.unpackb(frames[0])
+        if head.get("kind") == "batch":
+            ids += [msgpack.unpackb(part[0])["id"] for part in split_batch(head, frames[1:])]
+        else:
+            ids.append(head["id"])
+    return ids
+
+
+async def test_a_clients_batch_is_answered_without_waiting_for_the_loops_turn() -> None:
+    soon = Soon()  # never told the iteration ended unless the test says so
+    held = HeldSends(soon)
+    context = zmq.asyncio.Context()
+    frontend = Frontend(context, f"tcp://127.0.0.1:{free_port()}", {}, max_request_bytes=1 << 20,
+                        defer=held.defer, after_batch=held.now)
+    frontend.start()
+    client = context.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(frontend.endpoint)
+    try:
+        await client.send_multipart([msgpack.packb(batch_header([1, 1])), ping(1), ping(2)])
+        assert sorted(await answers(client, 1.0)) == [1, 2]
+        # A lone message from the same (batching) client waits for the end of the turn.
+        await client.send(ping(3))
+        assert await answers(client, 0.3) == []
+        soon.end_iteration()
+        assert await answers(client, 1.0) == [3]
+    finally:
+        client.close(0)
+        frontend.close()
+        context.destroy(0)
+
+
+class Routes:
+    """The part of a Router that the backend calls for a reply."""
+
+    def __init__(self) -> None:
+        self.replies: list[int] = []
+
+    def on_reply(self, head: Any, frames: list[Any], sender: bytes) -> None:
+        self.replies.append(head.rid)
+
+
+async def test_a_workers_batch_of_replies_is_passed_on_at_once() -> None:
+    flushed: list[int] = []
+    context = zmq.asyncio.Context()
+    backend = Backend(context, f"tcp://127.0.0.1:{free_port()}",
+                      after_batch=lambda: flushed.append(1))
+    routes = Routes()
+    backend.routes[7] = routes  # type: ignore[assignment]
+    backend.start(on_heartbeat=lambda *a: None, on_control=lambda *a: None)
+    worker = zmq.Context()
+    sock = worker.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(backend.endpoint)
+    try:
+        replier = Replier(7, 1, sock.send_multipart)
+        for rid in (1, 2):
+            replier.result(rid, rid, {"y": 1})
+        replier.flush()  # one message, two replies
+        for _ in range(100):
+            if routes.replies:
+                break
+            await asyncio.sleep(0.01)
+        assert routes.replies == [1, 2] and flushed == [1]
+        replier.result(3, 3, {"y": 1})
+        replier.flush()  # one reply alone: it waits for the end of the turn
+        for _ in range(100):
+            if len(routes.replies) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert routes.replies == [1, 2, 3] and flushed == [1]
+    finally:
+        sock.close(0)
+        worker.term()
+        backend.close()
+        context.destroy(0)
