@@ -131,6 +131,8 @@ class Controller:
             self.metrics = (MetricsServer(c.metrics_host, c.metrics_port, self.status,
                                           stats=lambda: {name: r.stats for name, r
                                                          in self.routers.items()},
+                                          gen=lambda: {name: r.gen for name, r
+                                                       in self.routers.items() if r.generative},
                                           live=self.live, ready=self.ready)
                             if c.metrics_port else None)
             self.scaling = ScalingInputs(self.world_manager, self.routers,

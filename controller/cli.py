@@ -147,7 +147,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from mesh.ports import require_listening
 
     inputs = parse_assignments(args.inputs)
-    params = {"max_tokens": args.max_tokens} if args.max_tokens is not None else None
+    params = {key: value for key, value in (
+        ("max_tokens", args.max_tokens), ("temperature", args.temperature),
+        ("top_p", args.top_p), ("top_k", args.top_k), ("seed", args.seed),
+        ("stop", args.stop or None)) if value is not None} or None
     require_listening(args.endpoint, "--endpoint or MESH_ENDPOINT")
 
     async def go() -> Any:
@@ -160,8 +163,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                           params=params)
             async for chunk in client.stream(args.model, inputs, timeout_s=args.timeout_s,
                                              params=params):
-                if set(chunk) == {"text"}:
-                    sys.stdout.write(str(chunk["text"]))
+                if isinstance(chunk.get("text"), str):
+                    sys.stdout.write(chunk["text"])
+                    if "finish_reason" in chunk:  # a generative stream's last chunk
+                        sys.stderr.write(f"\n[{chunk['finish_reason']}: "
+                                         f"{chunk.get('prompt_tokens')} prompt tokens, "
+                                         f"{chunk.get('completion_tokens')} generated]")
                 else:
                     sys.stdout.write(json.dumps(outputs_to_json(chunk)) + "\n")
                 sys.stdout.flush()
@@ -344,7 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the request's deadline")
     s.add_argument("--stream", action="store_true",
                    help="stream the answer chunk by chunk (text chunks print as they come)")
-    s.add_argument("--max-tokens", type=int, help="tokens to generate (streaming models)")
+    s.add_argument("--max-tokens", type=int, help="tokens to generate (generative models)")
+    s.add_argument("--temperature", type=float,
+                   help="sampling temperature (generative models; 0: greedy, the default)")
+    s.add_argument("--top-p", dest="top_p", type=float, help="nucleus sampling: keep the "
+                   "likeliest tokens up to this probability, in (0, 1]")
+    s.add_argument("--top-k", dest="top_k", type=int, help="sample from the k likeliest")
+    s.add_argument("--seed", type=int, help="seed of the sampler: the same text every time")
+    s.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the text before this (repeatable)")
     s.set_defaults(func=cmd_infer)
 
     s = sub.add_parser("describe", help="what each deployment takes and gives: inputs, "

@@ -163,7 +163,6 @@ def demo_config() -> Config:
                 min_worlds=1,
                 max_worlds=2,
                 slo_p99_ms=2000.0,
-                max_batch_size=1,
             ),
         ),
     )
@@ -351,6 +350,11 @@ def check_deployment(d: DeploymentConfig, where: str) -> None:
     _range(f"{where}.upscale_delay_s", d.upscale_delay_s, 0.0, 3600.0)
     _range(f"{where}.downscale_delay_s", d.downscale_delay_s, 0.0, 86400.0)
     _range(f"{where}.world_timeout_ms", d.world_timeout_ms, 100, 3_600_000)
+    _range(f"{where}.kv_cache_mb", d.kv_cache_mb, 0.0625, 1_048_576.0)
+    _range(f"{where}.max_seqs", d.max_seqs, 1, 4096)
+    _range(f"{where}.max_batch_tokens", d.max_batch_tokens, 1, 1_048_576)
+    _range(f"{where}.slo_ttft_p99_ms", d.slo_ttft_p99_ms, 0.0, 3_600_000.0)
+    _range(f"{where}.slo_tpot_p50_ms", d.slo_tpot_p50_ms, 0.0, 3_600_000.0)
 
 
 def _range(where: str, value: float, lo: float, hi: float) -> None:

@@ -25,7 +25,7 @@ def tensor_list(spec: dict[str, Any], *, batched: bool) -> list[dict[str, Any]]:
 
 def model_metadata(name: str, description: dict[str, Any], *, stages: int,
                    ready: bool) -> dict[str, Any]:
-    return {
+    out = {
         "name": name,
         "ready": ready,
         "stages": stages,
@@ -36,3 +36,10 @@ def model_metadata(name: str, description: dict[str, Any], *, stages: int,
         # Known once a world has formed (its handlers say); empty before.
         "described": bool(description),
     }
+    if description.get("generative"):
+        # A generative model: the context a prompt and its answer share, the token ids a
+        # stream's chunks carry and a resume may name.
+        out["generative"] = True
+        out["max_context"] = description.get("max_context", 0)
+        out["vocab_size"] = description.get("vocab_size", 0)
+    return out

@@ -1,11 +1,14 @@
 """What a Router holds: accepted requests until their final answer (``Pending``), and its
-view of each world it routes to (``WorldRoute``), with the stream-resume header edit.
+view of each world it routes to (``WorldRoute``), with the stream-resume header edit and what
+the router reads from a generative stream's headers.
 (controller/router.py owns and changes them; they are here to keep it short.)"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+
+import msgspec
 
 from mesh import codec
 from mesh.errors import BadRequest, MeshError
@@ -15,9 +18,9 @@ class Pending:
     """One accepted request until its final answer (and until its world lets go of it)."""
 
     __slots__ = (
-        "answered", "arrived_s", "attempts", "avoid", "chunks", "client", "client_id",
-        "deadline_s", "dispatched_s", "frames", "header", "kind", "original_header", "rid",
-        "world",
+        "answered", "arrived_s", "attempts", "avoid", "chunks", "client", "client_id", "cost",
+        "deadline_s", "dispatched_s", "first_chunk_s", "frames", "header", "kind",
+        "last_chunk_s", "original_header", "rid", "tokens", "world",
     )
 
     def __init__(self, rid: int, client: bytes, client_id: Any, kind: str, header: Any,
@@ -39,14 +42,21 @@ class Pending:
         self.avoid = -1
         self.answered = False
         self.chunks = 0  # stream chunks forwarded to the client so far
+        # Generative streams: the token ids of those chunks (a re-send continues after them),
+        # when the first and the last came, and the tokens still expected (world choice).
+        self.tokens: list[int] = []
+        self.first_chunk_s = 0.0
+        self.last_chunk_s = 0.0
+        self.cost = 0
 
 
 class WorldRoute:
     """The router's view of one world: where its entry is, what it holds, whether new requests
     may go there. (The world's lifecycle state is the WorldManager's; this is routing.)"""
 
-    __slots__ = ("draining", "entry", "epoch", "inflight", "last_progress_s", "members",
-                 "outbox", "packed", "served", "stall_reported", "unreachable", "world_id")
+    __slots__ = ("draining", "entry", "epoch", "inflight", "last_progress_s", "load_tokens",
+                 "members", "outbox", "packed", "served", "stall_reported", "unreachable",
+                 "world_id")
 
     def __init__(self, world_id: int, epoch: int, entry: bytes,
                  members: frozenset[bytes] = frozenset(), *, packed: bool = False) -> None:
@@ -64,6 +74,7 @@ class WorldRoute:
         self.stall_reported = False
         self.served = 0
         self.last_progress_s = 0.0  # last answer or chunk, or first dispatch after idle
+        self.load_tokens = 0  # generative: tokens its requests are still expected to take
 
     @property
     def routable(self) -> bool:
@@ -81,13 +92,50 @@ def bad_duplicate(client_id: Any) -> MeshError:
     return BadRequest(f"request id {client_id!r} is already in flight on this connection")
 
 
-def with_skip(header_frame: Any, skip: int) -> bytes:
-    """The client's header with ``params.skip`` set (the chunks it already has)."""
+class _ChunkTokens(msgspec.Struct):
+    tokens: list[int] = []
+
+
+_chunk_tokens = msgspec.msgpack.Decoder(_ChunkTokens).decode
+
+
+def chunk_tokens(header_frame: Any) -> list[int]:
+    """The token ids a generative stream's chunk header carries (none if unreadable)."""
+    try:
+        return _chunk_tokens(codec.frame_buffer(header_frame)).tokens
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return []
+
+
+def generation_cost(header_frame: Any) -> int:
+    """Tokens a generative request is expected to take: its prompt (about 4 characters a
+    token) and its max_tokens; a rough weight for choosing the least loaded world."""
+    try:
+        header = codec.unpack_header(codec.frame_buffer(header_frame))
+    except Exception:
+        return 16
+    params = header.get("params") or {}
+    inputs = header.get("inputs") or {}
+    max_tokens = params.get("max_tokens", 16) if isinstance(params, dict) else 16
+    prompt = inputs.get("prompt", "") if isinstance(inputs, dict) else ""
+    budget = max_tokens if type(max_tokens) is int and max_tokens > 0 else 16
+    return budget + (len(prompt) // 4 if isinstance(prompt, str) else 0)
+
+
+def with_resume(header_frame: Any, tokens: list[int], chunks: int) -> bytes:
+    """The client's header with ``params.resume`` extended by the tokens (and chunks) its
+    client has received since: the new world prefills them after the prompt and goes on."""
     header = codec.unpack_header(codec.frame_buffer(header_frame))
     params = dict(header.get("params") or {})
-    asked = params.get("skip", 0)
-    params["skip"] = skip + (asked if isinstance(asked, int) and not isinstance(asked, bool)
-                             else 0)
+    asked = params.get("resume")
+    had_tokens: list[int] = []
+    had_chunks = 0
+    if isinstance(asked, dict):
+        if isinstance(asked.get("tokens"), list):
+            had_tokens = list(asked["tokens"])
+        if type(asked.get("chunks")) is int:
+            had_chunks = asked["chunks"]
+    params["resume"] = {"tokens": had_tokens + list(tokens), "chunks": had_chunks + chunks}
     header["params"] = params
     return codec.pack(header)
 

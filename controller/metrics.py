@@ -27,7 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from controller.fleet import WorkerState
-from controller.stats import LatencyWindow
+from controller.stats import GenWindow, LatencyWindow
 from mesh.logs import speaker
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -81,8 +81,10 @@ _HISTOGRAMS = (
 )
 
 
-def families(status: dict[str, Any], stats: Mapping[str, LatencyWindow]) -> list[Metric]:
-    """Every metric family, from a status snapshot and each deployment's latency figures."""
+def families(status: dict[str, Any], stats: Mapping[str, LatencyWindow],
+             gen: Mapping[str, GenWindow] | None = None) -> list[Metric]:
+    """Every metric family, from a status snapshot and each deployment's latency figures
+    (``gen``: the token-level ones of generative deployments)."""
     out: list[Metric] = []
     deps = status["deployments"]
     requests = CounterMetricFamily("meshserve_requests",
@@ -105,6 +107,7 @@ def families(status: dict[str, Any], stats: Mapping[str, LatencyWindow]) -> list
             h = getattr(window, key)
             hist.add_metric([dep_name], [(_le(b), n) for b, n in h.cumulative()], h.sum)
         out.append(hist)
+    out += _generation_families(status, gen or {})
     latency = GaugeMetricFamily("meshserve_latency_ms", "End-to-end latency over the last "
                                 "10 s.", labels=["deployment", "quantile"])
     for d in deps:
@@ -159,6 +162,42 @@ def families(status: dict[str, Any], stats: Mapping[str, LatencyWindow]) -> list
     return out
 
 
+# Per generative deployment, from its status ``generation`` block: (key, name, help, kind).
+_GENERATION = (
+    ("running", "meshserve_sequences_running", "Sequences decoding (holding KV).", "gauge"),
+    ("waiting", "meshserve_sequences_waiting", "Sequences waiting at their world.", "gauge"),
+    ("kv_used_bytes", "meshserve_kv_used_bytes", "KV cache in use, all stages.", "gauge"),
+    ("kv_budget_bytes", "meshserve_kv_budget_bytes", "KV cache budget, all stages.", "gauge"),
+    ("preemptions", "meshserve_preemptions", "Sequences preempted (KV given back, recomputed "
+     "later), by serving worlds.", "counter"),
+    ("tokens_delivered", "meshserve_tokens_delivered", "Stream tokens sent to clients.",
+     "counter"),
+)
+
+
+def _generation_families(status: dict[str, Any], gen: Mapping[str, GenWindow]) -> list[Metric]:
+    out: list[Metric] = []
+    deps = [d for d in status["deployments"] if "generation" in d]
+    for key, name, help_text, kind in _GENERATION:
+        family: Metric = (GaugeMetricFamily(name, help_text, labels=["deployment"])
+                          if kind == "gauge" else
+                          CounterMetricFamily(name, help_text, labels=["deployment"]))
+        for d in deps:
+            family.add_metric([d["name"]], d["generation"][key])  # type: ignore[attr-defined]
+        out.append(family)
+    for key, name, help_text in (
+            ("ttft", "meshserve_time_to_first_token_seconds",
+             "Streams: arrival to first chunk."),
+            ("tpot", "meshserve_time_per_output_token_seconds",
+             "Streams that ended well: first chunk to last, per token after the first.")):
+        hist = HistogramMetricFamily(name, help_text, labels=["deployment"])
+        for dep_name, window in sorted(gen.items()):
+            h = getattr(window, key)
+            hist.add_metric([dep_name], [(_le(b), n) for b, n in h.cumulative()], h.sum)
+        out.append(hist)
+    return out
+
+
 def _le(bound: float) -> str:
     return "+Inf" if bound == math.inf else repr(bound)
 
@@ -171,11 +210,11 @@ class _Fixed(Collector):
         return self._metrics
 
 
-def render_metrics(status: dict[str, Any], stats: Mapping[str, LatencyWindow] | None = None
-                   ) -> str:
+def render_metrics(status: dict[str, Any], stats: Mapping[str, LatencyWindow] | None = None,
+                   gen: Mapping[str, GenWindow] | None = None) -> str:
     """The Prometheus text exposition (prometheus_client escapes the label values)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(families(status, stats or {})))
+    registry.register(_Fixed(families(status, stats or {}, gen)))
     return generate_latest(registry).decode()
 
 
@@ -188,11 +227,13 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]], *,
                  stats: Callable[[], Mapping[str, LatencyWindow]] | None = None,
+                 gen: Callable[[], Mapping[str, GenWindow]] | None = None,
                  live: Probe | None = None, ready: Probe | None = None) -> None:
         self.host = host
         self.port = port
         self._snapshot = snapshot
         self._stats = stats or dict
+        self._gen = gen or dict
         self._probes: dict[str, Probe] = {}
         if live is not None:
             self._probes["/healthz"] = live
@@ -221,7 +262,7 @@ class MetricsServer:
         """(status line, content type, body) for ``path``."""
         if path == "/metrics":
             return (b"200 OK", CONTENT_TYPE_LATEST.encode(),
-                    render_metrics(self._snapshot(), self._stats()).encode())
+                    render_metrics(self._snapshot(), self._stats(), self._gen()).encode())
         probe = self._probes.get(path)
         if probe is not None:
             ok, why = probe()

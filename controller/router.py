@@ -29,8 +29,16 @@ from typing import Any
 
 from controller.admission import Capacity
 from controller.config import DeploymentConfig
-from controller.inflight import Pending, WorldRoute, bad_duplicate, stalled_worlds, with_skip
-from controller.stats import Arrivals, LatencyWindow
+from controller.inflight import (
+    Pending,
+    WorldRoute,
+    bad_duplicate,
+    chunk_tokens,
+    generation_cost,
+    stalled_worlds,
+    with_resume,
+)
+from controller.stats import Arrivals, GenWindow, LatencyWindow
 from mesh import codec
 from mesh.dataplane import (
     CHUNK,
@@ -115,6 +123,11 @@ class Router:
         self._deadlines: list[tuple[float, int]] = []
         # Kept long enough for the autoscaler's breach window (see Controller._autoscale_context).
         self.stats = LatencyWindow(keep_s=max(2.0, deployment.upscale_delay_s))
+        # Generative deployments (their worlds' joins say so): requests go to the world with
+        # the fewest tokens outstanding, streams resume from the tokens delivered, and the
+        # token-level figures are kept here.
+        self.generative = False
+        self.gen = GenWindow(keep_s=max(2.0, deployment.upscale_delay_s))
         self.arrivals = Arrivals()  # accepted requests' arrival times
         # Service rate while saturated, for deadline-aware admission (controller/admission.py):
         # saturated means at least a few requests waiting per world's batch.
@@ -168,6 +181,8 @@ class Router:
         rid = self._next_rid()
         self.arrivals.append(now)
         p = Pending(rid, client, client_id, kind, header, frames, now, now + timeout_ms / 1000.0)
+        if self.generative:
+            p.cost = generation_cost(header)
         self.pending[rid] = p
         self._opened()
         self._by_client[key] = rid
@@ -178,8 +193,10 @@ class Router:
             self.queue.append(p)
 
     def _pick(self, avoid: int = -1) -> WorldRoute | None:
-        """The serving world with the fewest outstanding requests and room for one more;
-        world ``avoid`` only when no other has room."""
+        """The serving world with the fewest outstanding requests (generative: tokens) and
+        room for one more request; world ``avoid`` only when no other has room."""
+        if self.generative:
+            return self._pick_by_tokens(avoid)
         best: WorldRoute | None = None
         fallback: WorldRoute | None = None
         best_load = self.limit
@@ -192,6 +209,19 @@ class Router:
                 best, best_load = w, load
         return best if best is not None else fallback
 
+    def _pick_by_tokens(self, avoid: int) -> WorldRoute | None:
+        best: WorldRoute | None = None
+        fallback: WorldRoute | None = None
+        limit = self.limit
+        for w in self._serving:
+            if len(w.inflight) >= limit:
+                continue
+            if w.world_id == avoid:
+                fallback = w
+            elif best is None or w.load_tokens < best.load_tokens:
+                best = w
+        return best if best is not None else fallback
+
     def _dispatch(self, p: Pending, world: WorldRoute, now: float) -> None:
         if not world.inflight:
             world.last_progress_s = now
@@ -199,6 +229,7 @@ class Router:
         p.attempts += 1
         p.dispatched_s = now
         world.inflight[p.rid] = p
+        world.load_tokens += p.cost
         if not world.outbox:
             self._outboxes.append(world)
         world.outbox.append(p)
@@ -255,7 +286,8 @@ class Router:
         """The world's socket is gone: take these back and route around the world until
         health breaks it."""
         for p in reversed(batch):
-            world.inflight.pop(p.rid, None)
+            if world.inflight.pop(p.rid, None) is not None:
+                world.load_tokens -= p.cost
             p.world = None
             p.attempts -= 1
             if p.answered:
@@ -313,15 +345,19 @@ class Router:
         if p.answered and status != CHUNK:
             self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
         if status == CHUNK:
-            p.world.last_progress_s = self._clock()
+            now = self._clock()
+            p.world.last_progress_s = now
             if not p.answered:
                 p.chunks += 1
+                if self.generative:
+                    self._on_tokens(p, chunk_tokens(frames[0]), now)
                 self._send_client([p.client, *frames])
             return
         world = p.world
         now = self._clock()
         world.last_progress_s = now
         world.inflight.pop(rid, None)
+        world.load_tokens -= p.cost
         world.served += 1
         del self.pending[rid]
         self.capacity.answered(now, len(self.pending))
@@ -352,9 +388,26 @@ class Router:
                 self.stats.record_error(late.code)
             else:
                 self.stats.record(now, now - p.arrived_s, p.dispatched_s - p.arrived_s)
+                if len(p.tokens) > 1:
+                    self.gen.finished(now, (p.last_chunk_s - p.first_chunk_s) /
+                                      (len(p.tokens) - 1))
             self._send_client([p.client, *frames])
         self._pump_queue()
         self._after_world_progress(world)
+
+    def _on_tokens(self, p: Pending, tokens: list[int], now: float) -> None:
+        """A generative stream's chunk came: remember its tokens (a re-send continues after
+        them) and time it."""
+        if not p.tokens:
+            p.first_chunk_s = now
+            self.gen.first_token(now, now - p.arrived_s)
+        p.last_chunk_s = now
+        p.tokens += tokens
+        self.gen.delivered(now, len(tokens))
+        done = min(len(tokens), p.cost)
+        p.cost -= done
+        if p.world is not None:
+            p.world.load_tokens -= done
 
     def _after_world_progress(self, world: WorldRoute) -> None:
         if world.draining and not world.inflight:
@@ -365,10 +418,12 @@ class Router:
         if p.attempts >= self.max_attempts or p.deadline_s <= self._clock():
             return False
         if p.kind == ClientKind.STREAM and p.chunks:
-            # Resume where the client is: the new world regenerates (greedy decoding is
-            # deterministic) and sends only the chunks after the ones already delivered.
+            # Resume where the client is: the new world prefills the prompt and the tokens
+            # already delivered, and generates from there (a seeded sampler continues exactly).
+            if not p.tokens:
+                return False  # chunks without token ids: nothing to continue from
             try:
-                p.header = with_skip(p.original_header, p.chunks)
+                p.header = with_resume(p.original_header, p.tokens, p.chunks)
             except Exception:
                 return False
         p.answered = False
@@ -487,8 +542,12 @@ class Router:
     # -- worlds ---------------------------------------------------------------------------
 
     def add_world(self, world_id: int, epoch: int, entry: bytes,
-                  members: frozenset[bytes] = frozenset(), *, packed: bool = False) -> None:
-        """``packed``: its entry reads packed dispatch batches (its ``joined`` said so)."""
+                  members: frozenset[bytes] = frozenset(), *, packed: bool = False,
+                  generative: bool | None = None) -> None:
+        """``packed``: its entry reads packed dispatch batches (its ``joined`` said so);
+        ``generative``: its model generates tokens (its rank 0's ``joined`` said so)."""
+        if generative is not None:
+            self.generative = generative
         self.worlds[world_id] = WorldRoute(world_id, epoch, entry, members, packed=packed)
         self._routes[world_id] = self
         self._refresh_serving()

@@ -147,3 +147,77 @@ class Arrivals(deque[float]):
                 break
             n += 1
         return n / window_s
+
+
+# Bucket bounds in seconds for time per output token: from 0.5 ms to 2.5 s.
+TPOT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True, slots=True)
+class GenSummary:
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+    tokens_per_s: float
+
+
+class GenWindow:
+    """A generative deployment's token-level figures: time to first token (TTFT, per stream,
+    at its first chunk) and time per output token (TPOT, per stream that ends well: the time
+    from its first chunk to its last over the tokens after the first), over a sliding window,
+    plus Prometheus histograms and a count of the tokens delivered."""
+
+    def __init__(self, window_s: float = 10.0, max_samples: int = 100_000, *,
+                 keep_s: float = 0.0) -> None:
+        self.window_s = window_s
+        self.keep_s = max(window_s, keep_s)
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._tpot: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._tokens: deque[tuple[float, int]] = deque(maxlen=max_samples)
+        self.ttft = Histogram()
+        self.tpot = Histogram(TPOT_BUCKETS_S)
+        self.tokens_total = 0
+
+    def first_token(self, now_s: float, ttft_s: float) -> None:
+        self._ttft.append((now_s, ttft_s))
+        self.ttft.observe(ttft_s)
+
+    def delivered(self, now_s: float, tokens: int) -> None:
+        self.tokens_total += tokens
+        self._tokens.append((now_s, tokens))
+
+    def finished(self, now_s: float, tpot_s: float) -> None:
+        self._tpot.append((now_s, tpot_s))
+        self.tpot.observe(tpot_s)
+
+    def recent(self, now_s: float, window_s: float) -> tuple[int, float, int, float]:
+        """(samples, TTFT p99 ms, samples, TPOT p50 ms) over the last ``window_s`` (for the
+        autoscaler)."""
+        ttft = _since(self._ttft, now_s - window_s)
+        tpot = _since(self._tpot, now_s - window_s)
+        return (len(ttft), percentile(ttft, 99) * 1000.0, len(tpot),
+                percentile(tpot, 50) * 1000.0)
+
+    def summary(self, now_s: float) -> GenSummary:
+        horizon = now_s - self.keep_s
+        for samples in (self._ttft, self._tpot, self._tokens):
+            while samples and samples[0][0] < horizon:
+                samples.popleft()
+        cutoff = now_s - self.window_s
+        ttft = _since(self._ttft, cutoff)
+        tpot = _since(self._tpot, cutoff)
+        tokens = sum(n for t, n in self._tokens if t >= cutoff)
+        return GenSummary(percentile(ttft, 50) * 1000.0, percentile(ttft, 99) * 1000.0,
+                          percentile(tpot, 50) * 1000.0, percentile(tpot, 99) * 1000.0,
+                          tokens / self.window_s)
+
+
+def _since(samples: deque[tuple[float, float]], cutoff: float) -> list[float]:
+    values = []
+    for t, v in reversed(samples):
+        if t < cutoff:
+            break
+        values.append(v)
+    values.sort()
+    return values

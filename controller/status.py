@@ -64,6 +64,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "stage_workers": _stage_workers(wm, name, dep.config.stages),
             "formation_failures": dep.failures,
         })
+        if router.generative:
+            deployments[-1]["generation"] = generation(wm, name, router, now)
     worlds = []
     for world in sorted(wm.worlds.values(), key=lambda w: w.id):
         route = routers[world.deployment].worlds.get(world.id)
@@ -149,6 +151,39 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
         "workers": workers,
         "events": list(wm.events),
     }
+
+
+def generation(wm: WorldManager, name: str, router: Router, now: float) -> dict[str, Any]:
+    """A generative deployment's sequences and KV cache, summed over its serving worlds from
+    their workers' last heartbeats (rank 0: sequences running, waiting, preemptions; every
+    stage: KV bytes in use and budget), and its token-level latencies from the router."""
+    totals = {"running": 0, "waiting": 0, "kv_used_bytes": 0, "kv_budget_bytes": 0,
+              "preemptions": 0, "generated": 0}
+    for world in wm.worlds.values():
+        if world.deployment != name or world.state != WorldState.SERVING:
+            continue
+        for rank, wid in enumerate(world.workers):
+            worker = wm.workers.get(wid)
+            hb = worker.heartbeat if worker is not None else None
+            entry = next((g for g in hb.gen if g.world_id == world.id), None) if hb else None
+            if entry is None:
+                continue
+            totals["kv_used_bytes"] += entry.kv_used_bytes
+            totals["kv_budget_bytes"] += entry.kv_budget_bytes
+            if rank == 0:
+                totals["running"] += entry.running
+                totals["waiting"] += entry.waiting
+                totals["preemptions"] += entry.preemptions
+                totals["generated"] += entry.generated
+    summary = router.gen.summary(now)
+    return {**totals, "ttft_p50_ms": round(summary.ttft_p50_ms, 3),
+            "ttft_p99_ms": round(summary.ttft_p99_ms, 3),
+            "tpot_p50_ms": round(summary.tpot_p50_ms, 3),
+            "tpot_p99_ms": round(summary.tpot_p99_ms, 3),
+            "tokens_per_s": round(summary.tokens_per_s, 1),
+            "tokens_delivered": router.gen.tokens_total,
+            "slo_ttft_p99_ms": router.deployment.slo_ttft_p99_ms,
+            "slo_tpot_p50_ms": router.deployment.slo_tpot_p50_ms}
 
 
 def _stage_workers(wm: WorldManager, name: str, stages: int) -> list[int]:

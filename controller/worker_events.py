@@ -114,7 +114,8 @@ class WorkerEvents:
             if rank == 0:  # what the model takes: rank 0's (a later stage takes activations)
                 if msg.inputs:
                     dep.inputs = dict(msg.inputs)
-                for key in ("inputs", "parameters", "streaming"):
+                for key in ("inputs", "parameters", "streaming", "generative", "max_context",
+                            "vocab_size"):
                     if key in msg.describe:
                         dep.description[key] = msg.describe[key]
             if rank == len(world.workers) - 1 and "outputs" in msg.describe:

@@ -306,7 +306,9 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         dep.last_error = ""
         self.routers[world.deployment].add_world(world.id, world.epoch, world.entry.encode(),
                                                  world.member_sockets(),
-                                                 packed=world.packed_dispatches)
+                                                 packed=world.packed_dispatches,
+                                                 generative=bool(dep.description.get(
+                                                     "generative", False)))
         log.info("world %d/%d of %s serving (formed in %.0f ms)", world.id, world.epoch,
                  world.deployment, (world.ready_s - world.created_s) * 1000)
 

@@ -22,7 +22,8 @@ included) it declares the controller lost, fails everything in flight with
 for the lost controller is delivered later. A pong from a *restarted* controller (another
 ``incarnation``) fails what was sent before that ping the same way: those requests died with
 the previous controller. ``infer(retries=N)`` sends such a request again within its deadline;
-a stream resumes from its last chunk (``params.skip``), as it does after a world failure.
+a generative stream resumes after its last chunk (``params.resume``: the token ids its chunks
+carried), as it does after a world failure.
 A failed request may have been computed, but it is never answered twice.
 """
 
@@ -249,10 +250,12 @@ class Client:
     ) -> AsyncIterator[dict[str, Any]]:
         """One request, a sequence of chunks; ends cleanly on the server's end marker.
 
+        Each chunk is the dict of its outputs (a generative model's: ``{"text": ...}``, the
+        last one with ``finish_reason``, ``prompt_tokens`` and ``completion_tokens``).
         ``resume``: after a lost controller (``ControllerLost``), send the request again with
-        ``params.skip`` raised by the chunks already received, within the same deadline, so
-        the caller sees one stream with every chunk once. Like the controller's own resume
-        after a world failure, this assumes the model is deterministic."""
+        ``params.resume`` naming the tokens already received, within the same deadline, so the
+        caller sees one stream with every chunk once: the new world prefills them after the
+        prompt and generates on from there (a seeded sampler continues exactly)."""
         self._ready()
         timeout_s = self.default_timeout_s if timeout_s is None else timeout_s
         if timeout_s <= 0:
@@ -260,20 +263,27 @@ class Client:
         params = dict(params or {})
         if max_tokens is not None:
             params["max_tokens"] = max_tokens
-        asked = params.get("skip", 0)
-        asked = asked if type(asked) is int else 0
+        asked = params.get("resume")
+        asked_tokens = list(asked.get("tokens") or []) if isinstance(asked, dict) else []
+        asked_chunks = asked.get("chunks", 0) if isinstance(asked, dict) else 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         received = 0
+        tokens: list[int] = []
         attempt = 0
         while True:
             if received:
-                params["skip"] = asked + received
+                if len(tokens) < received:
+                    raise ControllerLost("the stream's chunks carried no token ids to resume "
+                                         "from")
+                params["resume"] = {"tokens": asked_tokens + tokens,
+                                    "chunks": asked_chunks + received}
             try:
                 async with aclosing(self._stream_once(model, inputs, deadline - loop.time(),
                                                       params, timeout_s)) as chunks:
-                    async for chunk in chunks:
+                    async for chunk, chunk_tokens in chunks:
                         received += 1
+                        tokens += chunk_tokens
                         yield chunk
                 return
             except ControllerLost as exc:
@@ -284,8 +294,8 @@ class Client:
                 await asyncio.sleep(pause_s)
 
     async def _stream_once(self, model: str, inputs: dict[str, Any], timeout_s: float,
-                           params: dict[str, Any],
-                           asked_s: float) -> AsyncGenerator[dict[str, Any], None]:
+                           params: dict[str, Any], asked_s: float
+                           ) -> AsyncGenerator[tuple[dict[str, Any], list[int]], None]:
         pump = self._ready()
         req_id = next(self._ids)
         frames = _encode_request(ClientKind.STREAM, req_id, model, inputs, timeout_s, params)
@@ -483,7 +493,9 @@ class Client:
         elif kind == ClientKind.CHUNK:
             stream = self._streams.get(req_id)
             if stream is not None:
-                stream.queue.put_nowait(body.get("outputs", {}))
+                tokens = header.get("tokens")
+                stream.queue.put_nowait((body.get("outputs", {}),
+                                         tokens if type(tokens) is list else []))
         elif kind == ClientKind.END:
             stream = self._streams.get(req_id)
             if stream is not None:

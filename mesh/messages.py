@@ -175,6 +175,21 @@ class Register(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class WorldGen:
+    """One generative world membership's state, as its worker last saw it: rank 0's
+    sequences running and waiting, preemptions and tokens generated (counters), and this
+    stage's KV cache in use and budget."""
+
+    world_id: Count
+    running: Count = 0
+    waiting: Count = 0
+    kv_used_bytes: Count = 0
+    kv_budget_bytes: Count = 0
+    preemptions: Count = 0
+    generated: Count = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
     KIND: ClassVar[str] = "heartbeat"
     seq: Count
@@ -190,6 +205,8 @@ class Heartbeat(Message):
     idle_stages: Count = 0
     # CPU seconds the worker process has used (all threads): how many cores it keeps busy.
     cpu_s: Amount = 0.0
+    # Generative worlds only, one entry per membership.
+    gen: list[WorldGen] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,15 @@ class DeploymentSpec:
     # back after downscale_delay_s of sustained headroom (one at a time).
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 30.0
+    # Generative models (worker.generative): the KV cache budget of each stage of a world,
+    # the sequences a world decodes at once, the tokens one micro-batch may carry (decodes
+    # first, then chunks of prefills), and optional targets for time to first token (p99)
+    # and time per output token (p50); 0: none.
+    kv_cache_mb: float = 256.0
+    max_seqs: int = 64
+    max_batch_tokens: int = 512
+    slo_ttft_p99_ms: float = 0.0
+    slo_tpot_p50_ms: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
         return dict(msgspec.to_builtins(self))

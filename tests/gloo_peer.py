@@ -10,7 +10,9 @@ joins world 1/1 through the TCPStore on PORT, prints ``joined``, then plays SCEN
 * ``echo``: send every message received back to rank 0, until a ``{"k": "x"}``;
 * ``receive N``: take N messages (printing ``got N`` after each), then stop taking any;
 * ``inner DEPLOYMENT_JSON``: serve stage 1 of that deployment with ``InnerStage`` until the
-  world closes, then print each answer it sent as a JSON line (``reply {...}``).
+  world closes, then print each answer it sent as a JSON line (``reply {...}``);
+* ``geninner DEPLOYMENT_JSON``: the same with a generative deployment's ``GenInner`` (each
+  answer also carries the chunk header's ``seq`` and ``tokens``), then ``kv USED_BYTES``.
 
 A comm failure prints ``error KIND`` and exits 3. The test owns the process and ends it by its
 PID. MESH_PEER_DEVICE puts the peer on another device (cuda:0), MESH_PEER_BACKEND on nccl.
@@ -86,9 +88,10 @@ class Peer:
             self.comm.close()
 
 
-def _inner(comm: Any, deployment: dict[str, Any]) -> None:
+def _inner(comm: Any, deployment: dict[str, Any], generative: bool = False) -> None:
     from mesh import codec, dataplane
     from mesh.spec import DeploymentSpec
+    from worker.gen_stage import GenInner
     from worker.loader import load_handler
     from worker.stage_loop import InnerStage
     from worker.world import Compute, World
@@ -98,7 +101,12 @@ def _inner(comm: Any, deployment: dict[str, Any]) -> None:
     world = World(world_id=1, epoch=1, rank=1, size=2, deployment=spec, handler=handler,
                   comm=comm)
     sent: list[list[Any]] = []
-    stage = InnerStage(world, send=sent.append, compute=Compute())
+    stage: InnerStage | GenInner
+    if generative:
+        stage = GenInner(world, send=sent.append, compute=Compute())
+        stage.prepare()
+    else:
+        stage = InnerStage(world, send=sent.append, compute=Compute())
     while stage.serve_one():
         pass
     answers = [a for frames in sent for a in dataplane.replies(dataplane.unpack(frames[0]),
@@ -110,7 +118,10 @@ def _inner(comm: Any, deployment: dict[str, Any]) -> None:
                    for k, v in (header.get("outputs") or {}).items()}
         print("reply " + json.dumps({"rid": head.rid, "status": head.status,
                                      "kind": header.get("kind"), "code": header.get("code"),
+                                     "seq": header.get("seq"), "tokens": header.get("tokens"),
                                      "outputs": outputs}), flush=True)
+    if isinstance(stage, GenInner):
+        print(f"kv {stage.cache.used_bytes}", flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -140,6 +151,8 @@ def main(argv: list[str]) -> int:
                 time.sleep(1.0)
         elif scenario == "inner":
             _inner(comm, json.loads(argv[3]))
+        elif scenario == "geninner":
+            _inner(comm, json.loads(argv[3]), generative=True)
         else:
             raise SystemExit(f"unknown scenario {scenario!r}")
     except CommError as exc:

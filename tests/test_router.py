@@ -684,16 +684,66 @@ def test_fail_all_answers_every_open_request_once() -> None:
     h.assert_each_answered_once()
 
 
-def test_a_resumed_stream_skips_the_chunks_already_delivered_on_top_of_its_own_skip() -> None:
-    from controller.inflight import with_skip as _with_skip
-    from mesh import codec as _codec
-    from mesh.messages import request_header as _rh
+def test_a_resumed_stream_names_the_tokens_delivered_after_those_its_client_resumed_from() -> None:
+    from controller.inflight import with_resume
 
-    original = _codec.pack(_rh("stream", 9, "tinygpt", {"prompt": "hi"}, 5000,
-                               {"max_tokens": 20, "skip": 3}))
-    edited = _codec.unpack_header(_with_skip(original, 5))
-    assert edited["params"] == {"max_tokens": 20, "skip": 8}
+    original = codec.pack(request_header("stream", 9, "tinygpt", {"prompt": "hi"}, 5000,
+                                         {"max_tokens": 20,
+                                          "resume": {"tokens": [1, 2], "chunks": 2}}))
+    edited = codec.unpack_header(with_resume(original, [7, 8, 9], 2))
+    assert edited["params"] == {"max_tokens": 20,
+                                "resume": {"tokens": [1, 2, 7, 8, 9], "chunks": 4}}
     assert edited["inputs"] == {"prompt": "hi"} and edited["id"] == 9
+
+
+def _chunk(client_id: Any, seq: int, tokens: list[int]) -> bytes:
+    return codec.pack({"v": 1, "kind": ClientKind.CHUNK, "id": client_id, "seq": seq,
+                       "outputs": {"text": "x" * len(tokens)}, "tokens": tokens})
+
+
+def _generative_stream(h: Harness, client_id: str, max_tokens: int) -> None:
+    header = codec.pack(request_header(ClientKind.STREAM, client_id, "mlp",
+                                       {"prompt": "hello"}, 5000, {"max_tokens": max_tokens}))
+    h.submitted.append((b"client-1", client_id))
+    h.router.submit(b"client-1", client_id, ClientKind.STREAM, header, [], 5000)
+
+
+def test_a_generative_stream_whose_world_fails_is_re_sent_with_the_tokens_delivered() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1", generative=True)
+    h.router.add_world(2, 0, b"w2", generative=True)
+    _generative_stream(h, "s", 10)
+    first = h.dispatch_of("s")
+    h.clock.advance(0.02)
+    h.reply(first, status=dataplane.CHUNK, frames=[_chunk("s", 0, [5])])
+    h.clock.advance(0.01)
+    h.reply(first, status=dataplane.CHUNK, frames=[_chunk("s", 1, [6, 7])])
+    assert h.router.gen.tokens_total == 3
+    assert h.router.remove_world(first.world_id, "peer lost") == 1
+    again = h.dispatch_of("s")
+    assert again.world_id != first.world_id
+    params = codec.unpack_header(again.header)["params"]
+    assert params == {"max_tokens": 10, "resume": {"tokens": [5, 6, 7], "chunks": 2}}
+    h.reply(again, status=dataplane.CHUNK, frames=[_chunk("s", 2, [8])])
+    h.reply(again, frames=[codec.pack({"v": 1, "kind": ClientKind.END, "id": "s", "seq": 3})])
+    assert [codec.unpack_header(f[1]).get("seq") for f in h.to_client] == [0, 1, 2, 3]
+    h.assert_each_answered_once()
+    summary = h.router.gen.summary(h.clock())
+    assert summary.ttft_p99_ms == pytest.approx(20.0)
+    assert summary.tpot_p50_ms == pytest.approx(10.0 / 3)  # 10 ms over the 3 after the first
+
+
+def test_generative_requests_go_to_the_world_with_the_fewest_tokens_outstanding() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1", generative=True)
+    h.router.add_world(2, 0, b"w2", generative=True)
+    _generative_stream(h, "long", 200)  # world 1 (the first, both empty)
+    _generative_stream(h, "short-1", 4)  # world 2
+    _generative_stream(h, "short-2", 4)  # world 2 again: 8 + 2 tokens against 201
+    entries = {d.entry for d in h.dispatches()}
+    assert entries == {b"w1", b"w2"}
+    by_id = {codec.unpack_header(d.header)["id"]: d.entry for d in h.dispatches()}
+    assert by_id["short-1"] == by_id["short-2"] != by_id["long"]
 
 
 def test_a_reply_no_client_could_read_reports_the_world_and_the_request_is_re_sent() -> None:

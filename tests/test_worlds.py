@@ -31,7 +31,6 @@ TWO_STAGE_TINYGPT = """
 name = "tinygpt"
 model = "worker.models.tinygpt:build"
 stages = 2
-max_batch_size = 1
 """
 
 
@@ -84,17 +83,22 @@ async def test_a_two_stage_tinygpt_world_streams_exactly_the_reference_tokens(
         for prompt in prompts:
             chunks = [c async for c in client.stream("tinygpt", {"prompt": prompt},
                                                      max_tokens=24, timeout_s=30)]
-            assert all(set(c) == {"text"} and len(c["text"]) == 1 for c in chunks)
+            assert all(len(c["text"]) == 1 for c in chunks)  # one character a token
+            assert all(set(c) == {"text"} for c in chunks[:-1])
+            assert chunks[-1] == {"text": chunks[-1]["text"], "finish_reason": "length",
+                                  "prompt_tokens": len(prompt), "completion_tokens": 24}
             assert "".join(c["text"] for c in chunks) == generate(prompt, 24)
         whole = await client.infer("tinygpt", {"prompt": prompts[0]},
                                    params={"max_tokens": 10}, timeout_s=30)
-        assert whole == {"text": generate(prompts[0], 10)}
+        assert whole == {"text": generate(prompts[0], 10), "finish_reason": "length",
+                         "prompt_tokens": len(prompts[0]), "completion_tokens": 10}
         described = await client.describe()
         with pytest.raises(UnknownModel, match="serving \\['tinygpt'\\]"):
             await client.describe("nope")
     assert described["protocol_version"] == 1
     [meta] = described["models"]
     assert meta["name"] == "tinygpt" and meta["streaming"] and meta["stages"] == 2
+    assert meta["generative"] and meta["max_context"] == 768 and meta["vocab_size"] == 96
     assert meta["inputs"] == [{"name": "prompt", "datatype": "str", "shape": [],
                                "example": "hello", "max_chars": 512}]
     assert meta["outputs"] == [{"name": "text", "datatype": "str", "shape": []}]

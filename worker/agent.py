@@ -407,7 +407,8 @@ class WorkerAgent(Actor):
                                   busy=any(r.busy for r in runners), batches=st.batches,
                                   rows=st.rows, requests=st.requests, busy_s=st.busy_s,
                                   stages=len(self._stages), idle_stages=self._stages.idle,
-                                  cpu_s=time.process_time()))
+                                  cpu_s=time.process_time(),
+                                  gen=[g for r in runners if (g := r.gen_stats()) is not None]))
 
     async def _watchdog(self) -> None:
         lag = LoopLag(0.25)

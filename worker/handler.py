@@ -15,13 +15,9 @@ an instance from their factory. The hooks, and where they run:
     split(tensors, batch) -> [outputs]        last stage: one dict of named outputs per request
     run_batch(batch) -> [outputs]             one-stage worlds: split(forward(collate(batch)))
 
-Streaming handlers (``streaming = True``) generate token by token; the decode loop runs inside
-the world (stage 0 drives it, the last stage picks each token and streams it):
-
-    gen_start(request) -> tensors             stage 0: the initial model input
-    gen_pick(tensors) -> list[int]            last stage: next token id per sequence
-    gen_chunk(token) -> outputs               last stage: what the client receives per token
-    gen_extend(tensors, tokens) -> tensors    stage 0: the model input for the next step
+Generative models (text in, tokens out, streamed) subclass ``worker.generative.
+GenerativeHandler`` instead: the engine batches their sequences step by step with a KV cache
+(worker.gen_stage), and the handler computes one packed micro-batch at a time.
 
 All hooks run on the worker's data-plane (or stage) thread, off the event loop that keeps
 heartbeats flowing.
@@ -76,24 +72,6 @@ class Handler(abc.ABC):
     def run_batch(self, batch: list[Request]) -> list[dict[str, Any]]:
         """Compute a batch in one stage; one dict of named outputs per request, in order."""
         return self.split(self.forward(self.collate(batch)), batch)
-
-    # -- streaming ------------------------------------------------------------------------
-
-    def gen_start(self, request: Request) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} does not stream")
-
-    def gen_pick(self, tensors: dict[str, Any]) -> list[int]:
-        raise NotImplementedError(f"{type(self).__name__} does not stream")
-
-    def gen_chunk(self, token: int) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} does not stream")
-
-    def gen_extend(self, tensors: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} does not stream")
-
-    def gen_steps(self, request: Request) -> int:
-        """How many tokens to generate for this request."""
-        return int(request.params.get("max_tokens", 16))
 
     def input_spec(self) -> dict[str, Any]:
         """Describe the inputs, e.g. {"x": {"dtype": "float32", "shape": [1, 64]}} (a tensor,

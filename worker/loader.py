@@ -54,6 +54,10 @@ def load_handler(deployment: DeploymentSpec, device: str, *, stage: int = 0,
             f"factory {deployment.model!r} returned {type(built).__name__}; "
             "expected a torch.nn.Module or a worker.handler.Handler"
         )
+    if handler.streaming and not getattr(handler, "generative", False):
+        raise LoadError(f"{type(handler).__name__} streams but is not a GenerativeHandler: "
+                        "streaming models subclass worker.generative.GenerativeHandler "
+                        "(docs/models.md)")
     try:
         handler.setup(checkpoint=deployment.checkpoint, device=device, stage=stage,
                       stages=stages, split_points=list(deployment.split_points))

@@ -34,9 +34,11 @@ import zmq
 
 from mesh import dataplane
 from mesh.errors import Unavailable
+from mesh.messages import WorldGen
 from mesh.security import ClientKeys
 from mesh.transport import make_socket, readable, recv_nowait, send_nowait
 from worker.comm import CommError
+from worker.gen_stage import GenEntry, GenInner
 from worker.stage_loop import EntryStage, InnerStage
 from worker.world import Compute, OnBroken, RunnerStats, World
 
@@ -62,12 +64,15 @@ class WorldRunner:
         self._clock = clock
         self._sock: zmq.Socket[Any] | None = None
         send = self._send
-        self.core: EntryStage | InnerStage
+        self.core: EntryStage | InnerStage | GenEntry | GenInner
+        generative = getattr(world.handler, "generative", False)
         if world.rank == 0:
-            self.core = EntryStage(world, send=send, compute=compute, on_broken=self._broken,
-                                   clock=clock)
+            entry = GenEntry if generative else EntryStage
+            self.core = entry(world, send=send, compute=compute, on_broken=self._broken,
+                              clock=clock)
         else:
-            self.core = InnerStage(world, send=send, compute=compute, clock=clock)
+            inner = GenInner if generative else InnerStage
+            self.core = inner(world, send=send, compute=compute, clock=clock)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -91,7 +96,12 @@ class WorldRunner:
 
     @property
     def queued(self) -> int:
-        return self.core.queued if isinstance(self.core, EntryStage) else 0
+        return self.core.queued if isinstance(self.core, EntryStage | GenEntry) else 0
+
+    def gen_stats(self) -> WorldGen | None:
+        """A generative world's sequences and KV cache (None for other worlds)."""
+        core = self.core
+        return core.gen_stats() if isinstance(core, GenEntry | GenInner) else None
 
     @property
     def busy(self) -> bool:
@@ -108,7 +118,7 @@ class WorldRunner:
         self._leaving = True
         self._graceful = drain
         self._leave_deadline_s = self._clock() + (timeout_s if drain else 0.0)
-        if isinstance(self.core, InnerStage):
+        if isinstance(self.core, InnerStage | GenInner):
             # Later ranks end on the previous rank's Close, or when its group is released.
             if not drain and self.world.comm is not None:
                 self.world.comm.abort()
@@ -150,7 +160,9 @@ class WorldRunner:
         sock.connect(self._endpoint)
         self._sock = sock
         try:
-            if isinstance(self.core, EntryStage):
+            if isinstance(self.core, GenEntry | GenInner):
+                self.core.prepare()  # the stages agree on their KV room before serving
+            if isinstance(self.core, EntryStage | GenEntry):
                 if self._handshake(sock):
                     self._ready.set_result(None)
                     self._serve_entry(self.core, sock)
@@ -192,7 +204,7 @@ class WorldRunner:
         self._ready.set_exception(CommError("left before the controller answered"))
         return False
 
-    def _serve_entry(self, core: EntryStage, sock: zmq.Socket[Any]) -> None:
+    def _serve_entry(self, core: EntryStage | GenEntry, sock: zmq.Socket[Any]) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -226,7 +238,7 @@ class WorldRunner:
             if core.broken is not None:
                 return
 
-    def _serve_inner(self, core: InnerStage) -> None:
+    def _serve_inner(self, core: InnerStage | GenInner) -> None:
         world = self.world
         try:
             while core.serve_one():

@@ -1,12 +1,13 @@
 """The serving logic of one world membership, with no socket and no thread of its own.
 
 ``EntryStage`` is rank 0: it takes the controller's dispatches, batches them, computes the
-first stage and pushes micro-batches down the world, or drives a stream's decoding one step at
-a time. ``InnerStage`` is every later rank: it receives from the previous rank, computes its
-stage, and passes on or, as the last stage, answers. Both talk to the controller through an
+first stage and pushes micro-batches down the world. ``InnerStage`` is every later rank: it
+receives from the previous rank, computes its stage, and passes on or, as the last stage,
+answers. Both talk to the controller through an
 injected ``send`` and to their peers through the world's ``Comm``, so a test drives them with
 a real gloo pair and a list for a socket. worker.runner wraps each in the thread that owns its
-socket (vLLM's EngineCore / EngineCoreProc split).
+socket (vLLM's EngineCore / EngineCoreProc split). Generative models have stages of their own
+(worker.gen_stage); these serve every other model.
 
 Failures are sorted at this boundary: a ``CommError`` (the world's transport failed) breaks
 the world and answers what it held with the retryable ``Unavailable``, so the controller
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import codec
@@ -51,7 +50,6 @@ from worker.world import (
     RunnerStats,
     World,
     as_model_error,
-    emit_stream_step,
     names_and_tensors,
 )
 
@@ -87,21 +85,23 @@ def micro_batches(batch: list[Item], parts: int, budget: int = ITEMS_BUDGET) -> 
     return groups
 
 
-@dataclass(eq=False)
-class Decode:
-    """One sequence being generated, a step at a time."""
-
-    item: Item
-    steps: int
-    skip: int
-    step: int = 0
-    tensors: dict[str, Any] | None = None
-    cancelled: bool = False
-    text: dict[Any, list[str]] = field(default_factory=dict)
-
-    @property
-    def rid(self) -> Any:
-        return self.item.token[0]
+def read_request(world: World, header: dict[str, Any], world_id: int, epoch: int, *,
+                 closing: bool) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A dispatched request's inputs, params and kind (``header``: its decoded client
+    header), or the MeshError to answer it with: it is not for this world, the world is
+    closing, or it is not well formed."""
+    if world_id != world.world_id or epoch != world.epoch:
+        raise Unavailable(f"this runner serves world {world.world_id}/{world.epoch}")
+    if closing:
+        raise Unavailable(f"world {world.world_id} is closing")
+    inputs = header.get("inputs")
+    params = header.get("params") or {}
+    kind = header.get("kind", "infer")
+    if not isinstance(inputs, dict):
+        raise BadRequest("'inputs' must be a map of named values")
+    if not isinstance(params, dict):
+        raise BadRequest("'params' must be a map")
+    return inputs, params, kind
 
 
 class EntryStage:
@@ -127,15 +127,14 @@ class EntryStage:
         self.broken: CommError | None = None
         self.last_sent_s = clock()
         self._keepalive_s = self.comm.timeout_s / 4 if self.comm is not None else None
-        self._decodes: deque[Decode] = deque()
 
     @property
     def queued(self) -> int:
-        return len(self.batcher) + len(self._decodes)
+        return len(self.batcher)
 
     @property
     def idle(self) -> bool:
-        return not self.batcher and not self._decodes
+        return not self.batcher
 
     # -- input ----------------------------------------------------------------------------
 
@@ -168,17 +167,8 @@ class EntryStage:
         try:
             header = codec.decode(frames, codec.to_torch)
             client_id = header.get("id")
-            if world_id != world.world_id or epoch != world.epoch:
-                raise Unavailable(f"this runner serves world {world.world_id}/{world.epoch}")
-            if self.draining or self.broken is not None:
-                raise Unavailable(f"world {world.world_id} is closing")
-            inputs = header.get("inputs")
-            params = header.get("params") or {}
-            kind = header.get("kind", "infer")
-            if not isinstance(inputs, dict):
-                raise BadRequest("'inputs' must be a map of named values")
-            if not isinstance(params, dict):
-                raise BadRequest("'params' must be a map")
+            inputs, params, kind = read_request(
+                world, header, world_id, epoch, closing=self.draining or self.broken is not None)
             rows = self.handler.validate(inputs, params, kind)
         except MeshError as exc:
             self.replier.error(rid, client_id, exc)
@@ -193,14 +183,11 @@ class EntryStage:
                               Request(inputs, params, rows, kind)))
 
     def _cancel(self, rid: Any) -> None:
-        """Stop work the controller already answered (cancel, deadline): drop it from the
-        queue, or stop its decoding at the next step. Either way it is answered once more
-        (Cancelled), which frees its slot on the controller; that answer is dropped there."""
+        """Drop work the controller already answered (cancel, deadline) from the queue. It is
+        answered once more (Cancelled), which frees its slot on the controller; that answer is
+        dropped there."""
         for item in self.batcher.remove(lambda it: it.token[0] == rid):
             self._answer(item, Cancelled("cancelled while queued"))
-        for d in self._decodes:
-            if d.rid == rid:
-                d.cancelled = True
 
     # -- work -----------------------------------------------------------------------------
 
@@ -208,8 +195,6 @@ class EntryStage:
         """Seconds until ``step`` has something to do (0: now); None: only new input."""
         if self.broken is not None:
             return None
-        if self._decodes:
-            return 0.0
         wait = self.batcher.wait_s()
         if self._keepalive_s is not None:
             due = max(0.0, self.last_sent_s + self._keepalive_s - self._clock())
@@ -217,21 +202,15 @@ class EntryStage:
         return wait
 
     def step(self) -> None:
-        """One unit of work: a decoding step, else a ready batch, else a keepalive if due."""
+        """One unit of work: a ready batch, else a keepalive if due."""
         if self.broken is not None:
             return
         try:
-            if self._decodes:
-                self._decode_step(self._decodes[0])
-                return
             batch, expired = self.batcher.take()
             for item in expired:
                 self._answer(item, DeadlineExceeded("deadline passed while queued"))
             if batch:
-                if self.handler.streaming:
-                    self._start_decodes(batch)
-                else:
-                    self._run_batch(batch)
+                self._run_batch(batch)
             elif self._keepalive_s is not None:
                 self._keepalive()
         except CommError as exc:
@@ -307,85 +286,6 @@ class EntryStage:
         self.comm.send(1, pipeline.KEEPALIVE.to_wire(), window=SEND_WINDOW)
         self.last_sent_s = self._clock()
 
-    # -- decoding -------------------------------------------------------------------------
-
-    def _start_decodes(self, batch: list[Item]) -> None:
-        for item in batch:
-            request: Request = item.payload
-            steps = self.handler.gen_steps(request)
-            self._decodes.append(Decode(item, steps, int(request.params.get("skip", 0))))
-
-    def _decode_step(self, d: Decode) -> None:
-        """One step of the oldest sequence: the unit a stream waits in, so cancels, deadlines
-        and the world's keepalives are looked at between two steps."""
-        item = d.item
-        if d.cancelled:
-            self._end_decode(d, Cancelled("stopped: the caller cancelled"))
-            return
-        if self._clock() > item.deadline_s:
-            self._end_decode(d, DeadlineExceeded("deadline passed while generating"))
-            return
-        handler = self.handler
-        request: Request = item.payload
-        rid, client_id = item.token
-        last = d.step >= d.steps - 1
-        started = self._clock()
-        waited = self._waited_s()
-        self.busy = True
-        try:
-            if d.tensors is None:
-                d.tensors = handler.gen_start(request)
-            with self.compute.turn():
-                acts = handler.forward(d.tensors)
-            if self.world.size == 1:
-                tokens = list(handler.gen_pick(acts))
-                emit_stream_step(self.replier, handler, d.text, rid, client_id, request.kind,
-                                 d.skip, d.step, tokens[0], last)
-            else:
-                tokens_or_none = self._decode_remote(d, acts, last)
-                if tokens_or_none is None:
-                    self._decodes.remove(d)  # a later stage failed and answered it
-                    return
-                tokens = tokens_or_none
-            if last:
-                self._decodes.remove(d)
-                return
-            d.tensors = handler.gen_extend(d.tensors, tokens)
-            d.step += 1
-        except CommError:
-            raise
-        except Exception as exc:
-            log.exception("[%s] decoding failed at step %d", self.world.label, d.step)
-            self._end_decode(d, as_model_error(exc))
-        finally:
-            self.busy = False
-            now = self._clock()
-            self.stats.busy_s += max(0.0, now - started - (self._waited_s() - waited))
-            self.last_sent_s = now
-            if d not in self._decodes:
-                self.stats.batches += 1
-                self.stats.requests += 1
-                self.stats.rows += item.rows
-
-    def _decode_remote(self, d: Decode, acts: dict[str, Any], last: bool) -> list[int] | None:
-        comm = self.comm
-        assert comm is not None
-        rid, client_id = d.item.token
-        names, out = names_and_tensors(acts)
-        step = pipeline.DecodeStep((pipeline.StreamItem(rid, client_id, d.item.payload.kind,
-                                                        d.skip),),
-                                   d.step, last, tuple(names))
-        comm.send(1, step.to_wire(), out)
-        header, _ = comm.recv(self.world.size - 1)
-        reply = pipeline.decode(header)
-        if not isinstance(reply, pipeline.Tokens):
-            raise CommError(f"expected tokens from the last stage, got {type(reply).__name__}")
-        return None if reply.error else list(reply.tokens)
-
-    def _end_decode(self, d: Decode, error: MeshError) -> None:
-        self._answer(d.item, error)
-        self._decodes.remove(d)
-
     # -- endings --------------------------------------------------------------------------
 
     def _answer(self, item: Item, error: MeshError) -> None:
@@ -407,8 +307,6 @@ class EntryStage:
         stages to finish what they hold and stop (they then end without a broken report)."""
         for item in self.batcher.clear():
             self._answer(item, error)
-        while self._decodes:
-            self._answer(self._decodes.popleft().item, error)
         self.replier.flush()
         comm = self.comm
         if graceful and comm is not None and self.broken is None and not comm.aborted:
@@ -433,7 +331,6 @@ class InnerStage:
         self.replier = Replier(world.world_id, world.epoch, send, packed=world.packed_replies)
         self.stats = RunnerStats()
         self.busy = False
-        self._text: dict[Any, list[str]] = {}  # infer requests on a streaming model
 
     def serve_one(self) -> bool:
         """Receive one message from the previous rank and act on it (blocking, at most the
@@ -457,8 +354,9 @@ class InnerStage:
             if not world.is_last:
                 comm.send(world.rank + 1, message.to_wire(), window=SEND_WINDOW)
             return True
-        if isinstance(message, pipeline.Tokens):
-            raise CommError(f"rank {world.rank - 1} sent tokens down the pipeline")
+        if not isinstance(message, pipeline.MicroBatch):
+            raise CommError(f"rank {world.rank - 1} sent a {type(message).__name__} to a "
+                            "batch stage")
         started = self._clock()
         self.busy = True
         try:
@@ -474,25 +372,15 @@ class InnerStage:
             self.stats.busy_s += self._clock() - started
         if not world.is_last:
             names, out = names_and_tensors(acts)
-            forward: pipeline.MicroBatch | pipeline.DecodeStep
-            if isinstance(message, pipeline.MicroBatch):
-                forward = pipeline.MicroBatch(message.items, tuple(names))
-            else:
-                forward = pipeline.DecodeStep(message.items, message.step, message.last,
-                                              tuple(names))
+            forward = pipeline.MicroBatch(message.items, tuple(names))
             comm.send(world.rank + 1, forward.to_wire(), out, window=SEND_WINDOW)
-        elif isinstance(message, pipeline.MicroBatch):
-            self._finish_batch(message, acts)
         else:
-            self._finish_step(message, acts)
+            self._finish_batch(message, acts)
         return True
 
-    def _fail_items(self, message: pipeline.MicroBatch | pipeline.DecodeStep,
-                    error: MeshError) -> None:
+    def _fail_items(self, message: pipeline.MicroBatch, error: MeshError) -> None:
         for item in message.items:
             self.replier.error(item.rid, item.client_id, error)
-        if isinstance(message, pipeline.DecodeStep):
-            self.comm.send(0, pipeline.Tokens((), error.message or error.code).to_wire())
 
     def _finish_batch(self, message: pipeline.MicroBatch, acts: dict[str, Any]) -> None:
         batch = [Request({}, {}, item.rows) for item in message.items]
@@ -509,21 +397,3 @@ class InnerStage:
         stats.rows += sum(item.rows for item in message.items)
         for item, out in zip(message.items, outputs, strict=True):
             self.replier.result(item.rid, item.client_id, out)
-
-    def _finish_step(self, message: pipeline.DecodeStep, acts: dict[str, Any]) -> None:
-        handler = self.handler
-        try:
-            tokens = list(handler.gen_pick(acts))
-        except Exception as exc:
-            log.exception("[%s] picking tokens failed", self.world.label)
-            self._fail_items(message, as_model_error(exc))
-            return
-        # The tokens go back to rank 0 first: the next step must not wait on our replies.
-        self.comm.send(0, pipeline.Tokens(tuple(tokens)).to_wire())
-        if message.last:
-            self.stats.batches += 1
-            self.stats.requests += len(message.items)
-            self.stats.rows += len(message.items)
-        for item, token in zip(message.items, tokens, strict=True):
-            emit_stream_step(self.replier, handler, self._text, item.rid, item.client_id,
-                             item.kind, item.skip, message.step, token, message.last)

@@ -99,13 +99,20 @@ class RunnerStats:
         self.busy_s += other.busy_s
 
 
-def chunk_header(client_id: Any, seq: int, outputs: dict[str, Any]) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "kind": ClientKind.CHUNK, "id": client_id, "seq": seq,
-            "outputs": outputs}
+def chunk_header(client_id: Any, seq: int, outputs: dict[str, Any],
+                 tokens: list[int] | None = None) -> dict[str, Any]:
+    header = {"v": PROTOCOL_VERSION, "kind": ClientKind.CHUNK, "id": client_id, "seq": seq,
+              "outputs": outputs}
+    if tokens is not None:
+        header["tokens"] = tokens  # a generative stream's token ids: what a resume continues from
+    return header
 
 
-def end_header(client_id: Any, seq: int) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "kind": ClientKind.END, "id": client_id, "seq": seq}
+def end_header(client_id: Any, seq: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    header = {"v": PROTOCOL_VERSION, "kind": ClientKind.END, "id": client_id, "seq": seq}
+    if extra:
+        header.update(extra)
+    return header
 
 
 class Replier:
@@ -131,11 +138,13 @@ class Replier:
             return
         self._hold(rid, OK, "", frames)
 
-    def chunk(self, rid: Any, client_id: Any, seq: int, outputs: dict[str, Any]) -> None:
-        self._hold(rid, CHUNK, "", codec.encode(chunk_header(client_id, seq, outputs)))
+    def chunk(self, rid: Any, client_id: Any, seq: int, outputs: dict[str, Any],
+              tokens: list[int] | None = None) -> None:
+        self._hold(rid, CHUNK, "", codec.encode(chunk_header(client_id, seq, outputs, tokens)))
 
-    def end(self, rid: Any, client_id: Any, seq: int) -> None:
-        self._hold(rid, OK, "", [codec.pack(end_header(client_id, seq))])
+    def end(self, rid: Any, client_id: Any, seq: int,
+            extra: dict[str, Any] | None = None) -> None:
+        self._hold(rid, OK, "", [codec.pack(end_header(client_id, seq, extra))])
 
     def error(self, rid: Any, client_id: Any, error: MeshError) -> None:
         header = codec.pack(error_header(client_id, error.code, error.message, error.retryable))
@@ -161,23 +170,6 @@ class Replier:
             items = [(rid, status, code, len(frames)) for rid, status, code, frames in held]
             self._send([pack_reply_batch(self.world_id, self.epoch, items),
                         *[f for _, _, _, frames in held for f in frames]])
-
-
-def emit_stream_step(replier: Replier, handler: Handler, text: dict[Any, list[str]], rid: Any,
-                     client_id: Any, kind: str, skip: int, step: int, token: int,
-                     last: bool) -> None:
-    """Deliver one generated token: a chunk (streams) or a piece of the final text (infer)."""
-    chunk = handler.gen_chunk(token)
-    if kind == ClientKind.STREAM:
-        if step >= skip:  # a resumed stream: tokens the client already has are not resent
-            replier.chunk(rid, client_id, step, chunk)
-        if last:
-            replier.end(rid, client_id, step + 1)
-        return
-    parts = text.setdefault(rid, [])
-    parts.append(str(chunk.get("text", "")))
-    if last:
-        replier.result(rid, client_id, {"text": "".join(text.pop(rid))})
 
 
 def names_and_tensors(tensors: dict[str, Any]) -> tuple[list[str], list[Any]]:

@@ -20,12 +20,15 @@ import torch
 from torch import nn
 
 from mesh.errors import BadRequest
-from worker.handler import Handler, Request
+from worker.generative import GenerativeHandler, StepBatch
+from worker.kv_cache import KvLayout
+from worker.tokenizers import CharTokenizer
 
 VOCAB = ["\n", *[chr(c) for c in range(32, 127)]]
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
 MAX_PROMPT_CHARS = 512
 MAX_TOKENS_LIMIT = 256
+CONTEXT = MAX_PROMPT_CHARS + MAX_TOKENS_LIMIT  # positions: the longest prompt, then its answer
 
 
 class Embed(nn.Module):
@@ -60,6 +63,15 @@ class Block(nn.Module):
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln2(x))
 
+    def step(self, x: torch.Tensor, batch: StepBatch, layer: int) -> torch.Tensor:
+        """The block over a packed batch ``[tokens, dim]``, attending through the KV cache."""
+        n, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=1)
+        shape = (n, self.heads, c // self.heads)
+        att = batch.attend(layer, q.view(shape), k.view(shape), v.view(shape))
+        x = x + self.proj(att.reshape(n, c))
+        return x + self.mlp(self.ln2(x))
+
 
 class Head(nn.Module):
     def __init__(self, dim: int, vocab: int) -> None:
@@ -71,7 +83,7 @@ class Head(nn.Module):
         return self.out(self.ln(x))
 
 
-def build_model(layers: int = 4, dim: int = 128, heads: int = 4, block: int = 256,
+def build_model(layers: int = 4, dim: int = 128, heads: int = 4, block: int = CONTEXT,
                 seed: int = 0) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -92,12 +104,23 @@ def encode(text: str) -> list[int]:
     return [STOI[ch] for ch in text]
 
 
-class TinyGPTHandler(Handler):
-    streaming = True
+class TinyGPTHandler(GenerativeHandler):
+    """tinygpt on the generative engine: one stage's slice of the Sequential, a step at a
+    time over a packed batch (worker.generative)."""
+
+    default_max_tokens = 16
+    max_tokens_limit = MAX_TOKENS_LIMIT
 
     def __init__(self, **model_kwargs: Any) -> None:
         self.model = build_model(**model_kwargs)
         self.device = "cpu"
+        self.tokenizer = CharTokenizer(VOCAB, name="printable ASCII")
+        embed = self.model[0]
+        assert isinstance(embed, Embed)
+        self.max_context = embed.block
+        first = next(m for m in self.model if isinstance(m, Block))
+        self.heads = first.heads
+        self.head_dim = first.qkv.in_features // first.heads
 
     def setup(self, *, checkpoint: str, device: str, stage: int = 0, stages: int = 1,
               split_points: list[int] | None = None) -> None:
@@ -114,6 +137,10 @@ class TinyGPTHandler(Handler):
         self.device = device
         self.model.to(device).eval()
 
+    def kv_layout(self) -> KvLayout:
+        layers = sum(1 for m in self.model if isinstance(m, Block))
+        return KvLayout(layers=layers, heads=self.heads, head_dim=self.head_dim)
+
     def input_spec(self) -> dict[str, Any]:
         return {"prompt": {"dtype": "str", "shape": [], "example": "hello",
                            "max_chars": MAX_PROMPT_CHARS}}
@@ -121,46 +148,25 @@ class TinyGPTHandler(Handler):
     def output_spec(self) -> dict[str, Any]:
         return {"text": {"dtype": "str", "shape": []}}  # one character a chunk; all, in infer
 
-    def param_spec(self) -> dict[str, Any]:
-        return {"max_tokens": {"type": "int", "min": 1, "max": MAX_TOKENS_LIMIT, "default": 16},
-                "skip": {"type": "int", "min": 0, "max": "max_tokens", "default": 0}}
-
-    def validate(self, inputs: dict[str, Any], params: dict[str, Any], kind: str = "infer") -> int:
-        if set(inputs) != {"prompt"} or not isinstance(inputs["prompt"], str):
-            raise BadRequest("inputs must be exactly {'prompt': str}")
-        prompt = inputs["prompt"]
-        if not prompt or len(prompt) > MAX_PROMPT_CHARS:
+    def prompt_ids(self, inputs: dict[str, Any]) -> list[int]:
+        ids = super().prompt_ids(inputs)
+        if len(ids) > MAX_PROMPT_CHARS:
             raise BadRequest(f"prompt must have 1..{MAX_PROMPT_CHARS} characters")
-        encode(prompt)
-        max_tokens = params.get("max_tokens", 16)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) \
-                or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-            raise BadRequest(f"max_tokens must be an integer in 1..{MAX_TOKENS_LIMIT}")
-        skip = params.get("skip", 0)
-        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= max_tokens:
-            raise BadRequest("skip must be an integer in 0..max_tokens")
-        return 1
+        return ids
 
-    def forward(self, tensors: dict[str, Any]) -> dict[str, Any]:
+    def step(self, batch: StepBatch) -> torch.Tensor:
         with torch.inference_mode():
-            return {"x": self.model(tensors["x"])}
-
-    def gen_start(self, request: Request) -> dict[str, Any]:
-        ids = torch.tensor([encode(request.inputs["prompt"])], dtype=torch.long,
-                           device=self.device)
-        return {"x": ids}
-
-    def gen_pick(self, tensors: dict[str, Any]) -> list[int]:
-        logits = tensors["x"][:, -1, :]
-        return [int(i) for i in torch.argmax(logits, dim=-1).tolist()]
-
-    def gen_chunk(self, token: int) -> dict[str, Any]:
-        return {"text": VOCAB[token]}
-
-    def gen_extend(self, tensors: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
-        ids = tensors["x"]
-        nxt = torch.tensor(tokens, dtype=torch.long, device=ids.device)[:, None]
-        return {"x": torch.cat([ids, nxt], dim=1)}
+            x = batch.hidden
+            layer = 0
+            for child in self.model:
+                if isinstance(child, Embed):
+                    x = child.tok(batch.tokens) + child.pos(batch.positions)
+                elif isinstance(child, Block):
+                    x = child.step(x, batch, layer)
+                    layer += 1
+                else:
+                    return child(x[batch.last_rows])
+            return x
 
 
 def build(**model_kwargs: Any) -> TinyGPTHandler:
