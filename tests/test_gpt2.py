@@ -39,7 +39,7 @@ def test_seeded_weights_round_trip_through_a_safetensors_file_whole_and_in_stage
     model = gpt2.build_model({**gpt2.DEFAULTS, **SMALL}, seed=3)
     path = str(tmp_path / "model.safetensors")
     gpt2.save_safetensors(model, path)
-    ids = list("round trip".encode())
+    ids = list(b"round trip")
     with torch.inference_mode():
         want = gpt2.generate(model, ids, 1)
         for stages in (1, 2, 3):
@@ -57,7 +57,7 @@ def test_a_checkpoint_written_by_transformers_gives_its_logits(tmp_path: Path) -
         for p in reference.parameters():  # wider weights: logits far apart, a fair test
             p.mul_(20.0)
     reference.save_pretrained(tmp_path)
-    ids = list("Hugging Face".encode())
+    ids = list(b"Hugging Face")
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0, -1]
     # The sizes come from the config.json beside the checkpoint (these are not the defaults).
@@ -118,5 +118,5 @@ def test_unknown_options_and_a_wrong_checkpoint_fail_the_load_with_the_reason() 
     with pytest.raises(LoadError, match="unknown gpt2 option"):
         gpt2.build(layers=3)
     handler = gpt2.build()
-    with pytest.raises(LoadError, match="reads a Hugging Face model.safetensors"):
+    with pytest.raises(LoadError, match=r"reads a Hugging Face model\.safetensors"):
         handler.setup(checkpoint="weights.pt", device="cpu")

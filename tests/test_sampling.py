@@ -143,15 +143,10 @@ def test_replaying_delivered_tokens_continues_exactly_where_the_first_run_was() 
     whole = out_of(tok, max_tokens=20, stop=["XYZ"])
     emits = [whole.push(t) for t in ids]
     # Cut after the third chunk that carried tokens, as a stream cut by a failure would be.
-    delivered, chunks = [], 0
-    for at, e in enumerate(emits):
-        if e.tokens:
-            delivered += e.tokens
-            chunks += 1
-            if chunks == 3:
-                break
+    carrying = [i for i, e in enumerate(emits) if e.tokens]
+    cut = carrying[2] + 1
+    delivered = [t for e in emits[:cut] for t in e.tokens]
     resumed = out_of(tok, max_tokens=20, stop=["XYZ"])
     resumed.replay(delivered)
     rest = [resumed.push(t) for t in ids[len(delivered):]]
-    assert [(e.text, e.tokens) for e in rest] == [(e.text, e.tokens)
-                                                 for e in emits[at + 1:]]
+    assert [(e.text, e.tokens) for e in rest] == [(e.text, e.tokens) for e in emits[cut:]]

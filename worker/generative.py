@@ -172,28 +172,37 @@ class StepBatch:
 
     def attend(self, layer: int, q: Any, k: Any, v: Any) -> Any:
         """Append ``k``/``v`` to each sequence's cache at its positions and attend causally;
-        returns ``[tokens, heads, head_dim]``."""
+        returns ``[tokens, heads, head_dim]``.
+
+        One sequence at a time (their lengths differ), so the cost per sequence is a handful
+        of tensor calls: the batch is transposed once to ``[heads, tokens, head_dim]`` and
+        each sequence takes views of it, writes its new keys and values with one copy each,
+        and attends over a view of its cache; the outputs are joined in one call."""
         torch = self._torch
         sdpa = self._sdpa
-        out = torch.empty_like(q)
+        qt = q.transpose(0, 1).unsqueeze(0)  # [1, heads, tokens, head_dim]
+        kt = k.transpose(0, 1).unsqueeze(0)
+        vt = v.transpose(0, 1).unsqueeze(0)
         gqa = q.shape[1] != k.shape[1]
+        outs = []
         for s in self.seqs:
-            a, b, end = s.start, s.start + s.n, s.pos + s.n
+            a, b, pos, end = s.start, s.start + s.n, s.pos, s.pos + s.n
             kv = s.kv
-            kv.k[layer, :, s.pos:end].copy_(k[a:b].transpose(0, 1))
-            kv.v[layer, :, s.pos:end].copy_(v[a:b].transpose(0, 1))
+            kl = kv.k[layer]
+            vl = kv.v[layer]
+            kl[:, :, pos:end] = kt[:, :, a:b]
+            vl[:, :, pos:end] = vt[:, :, a:b]
             if end > kv.length:
                 kv.length = end
-            keys = kv.k[layer, :, :end].unsqueeze(0)
-            values = kv.v[layer, :, :end].unsqueeze(0)
-            query = q[a:b].transpose(0, 1).unsqueeze(0)
             if s.n == 1:
-                att = sdpa(query, keys, values, enable_gqa=gqa)
-            elif s.pos == 0:
-                att = sdpa(query, keys, values, is_causal=True, enable_gqa=gqa)
+                outs.append(sdpa(qt[:, :, a:b], kl[:, :, :end], vl[:, :, :end], enable_gqa=gqa))
+            elif pos == 0:
+                outs.append(sdpa(qt[:, :, a:b], kl[:, :, :end], vl[:, :, :end], is_causal=True,
+                                 enable_gqa=gqa))
             else:
-                rows = torch.arange(s.pos, end, device=q.device)[:, None]
+                rows = torch.arange(pos, end, device=q.device)[:, None]
                 cols = torch.arange(end, device=q.device)[None, :]
-                att = sdpa(query, keys, values, attn_mask=cols <= rows, enable_gqa=gqa)
-            out[a:b] = att[0].transpose(0, 1)
-        return out
+                outs.append(sdpa(qt[:, :, a:b], kl[:, :, :end], vl[:, :, :end],
+                                 attn_mask=cols <= rows, enable_gqa=gqa))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out[0].transpose(0, 1)

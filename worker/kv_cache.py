@@ -58,18 +58,20 @@ class KvFull(RuntimeError):
 
 
 class SeqKv:
-    """One sequence's keys and values on this stage, ``length`` positions written."""
+    """One sequence's keys and values on this stage, ``length`` positions written: per layer,
+    a ``[1, kv_heads, capacity, head_dim]`` view (``k[layer]``) of one tensor per sequence,
+    held in a list so attention reaches a layer's cache without indexing a tensor (and 4-d,
+    the shape torch's fused CPU attention takes; 3-d inputs fall back to a slower path)."""
 
-    __slots__ = ("k", "length", "v")
+    __slots__ = ("capacity", "k", "keys", "length", "v", "values")
 
-    def __init__(self, k: Any, v: Any) -> None:
-        self.k = k
-        self.v = v
+    def __init__(self, keys: Any, values: Any) -> None:
+        self.keys = keys  # [layers, kv_heads, capacity, head_dim]
+        self.values = values
+        self.k = list(keys.unsqueeze(1).unbind(0))
+        self.v = list(values.unsqueeze(1).unbind(0))
+        self.capacity = int(keys.shape[2])
         self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return int(self.k.shape[2])
 
 
 class KvCache:
@@ -120,8 +122,8 @@ class KvCache:
         grown = SeqKv(k, v)
         if kv is not None and kv.length:
             n = kv.length
-            k[:, :, :n].copy_(kv.k[:, :, :n])
-            v[:, :, :n].copy_(kv.v[:, :, :n])
+            k[:, :, :n].copy_(kv.keys[:, :, :n])
+            v[:, :, :n].copy_(kv.values[:, :, :n])
             grown.length = n
         self._seqs[sid] = grown
         self.used_blocks += extra

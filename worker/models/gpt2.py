@@ -269,6 +269,7 @@ def generate(model: nn.Sequential, ids: list[int], max_tokens: int) -> list[int]
             t = torch.tensor(seq)
             x = embed(t, torch.arange(len(seq)))
             for block in blocks:
+                assert isinstance(block, Block)
                 x = _full_block(block, x)
             token = int(head(x[-1:]).argmax(-1))
             out.append(token)
