@@ -13,6 +13,9 @@ saturated (its backlog at least a floor at each), so an idle deployment's low an
 never taken for its capacity; with no such measurement in the last ``VALID_S``, nothing is
 refused on this ground (``max_queue`` still bounds the queue). The retry-after hint is how
 long the backlog needs to drain to where the request would have been admitted.
+
+Generative deployments are admitted by tokens instead (``TokenCapacity``): a request's cost is
+its prompt and its ``max_tokens``, not one unit.
 """
 
 from __future__ import annotations
@@ -64,5 +67,50 @@ class Capacity:
         if self.estimate() <= 0.0 or now_s - self.measured_s > VALID_S:
             return 0.0
         wait_s = (backlog + 1) / self.rps
+        budget_s = ADMIT_SHARE * timeout_s
+        return 0.0 if wait_s <= budget_s else wait_s - budget_s
+
+
+class TokenCapacity:
+    """A generative deployment's service rate in tokens per second, measured only while it is
+    saturated (enough sequences unanswered that its worlds decode at full batch): the tokens
+    delivered over the last ``WINDOW_S``. Admission then compares the tokens ahead of a request
+    (every unanswered request's remaining budget, its own included) with that rate: streams on
+    a world decode together, so all of them finish when the tokens ahead are produced."""
+
+    WINDOW_S = 2.0
+    MIN_SPAN_S = 0.5
+
+    __slots__ = ("_events", "_tokens", "floor", "measured_s", "rate")
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor  # unanswered sequences below which the deployment is not saturated
+        self.rate = 0.0
+        self.measured_s = -math.inf
+        self._events: deque[tuple[float, int]] = deque()
+        self._tokens = 0
+
+    def delivered(self, now_s: float, tokens: int, backlog: int) -> None:
+        """``tokens`` reached clients; ``backlog`` sequences are unanswered."""
+        events = self._events
+        if backlog < self.floor:
+            events.clear()
+            self._tokens = 0
+            return
+        events.append((now_s, tokens))
+        self._tokens += tokens
+        while events and events[0][0] < now_s - self.WINDOW_S:
+            self._tokens -= events.popleft()[1]
+        span = now_s - events[0][0]
+        if span >= self.MIN_SPAN_S:
+            self.rate = (self._tokens - events[0][1]) / span
+            self.measured_s = now_s
+
+    def retry_after_s(self, now_s: float, backlog_tokens: int, timeout_s: float) -> float:
+        """0.0 to admit a request whose tokens, with those ahead, come to ``backlog_tokens``;
+        else how long to wait before trying again."""
+        if self.rate <= 0.0 or now_s - self.measured_s > VALID_S:
+            return 0.0
+        wait_s = backlog_tokens / self.rate
         budget_s = ADMIT_SHARE * timeout_s
         return 0.0 if wait_s <= budget_s else wait_s - budget_s

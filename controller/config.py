@@ -163,6 +163,7 @@ def demo_config() -> Config:
                 min_worlds=1,
                 max_worlds=2,
                 slo_p99_ms=2000.0,
+                slo_ttft_p99_ms=500.0,
             ),
         ),
     )

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from controller.admission import Capacity
+from controller.admission import Capacity, TokenCapacity
 from controller.config import DeploymentConfig
 from controller.inflight import (
     Pending,
@@ -132,6 +132,8 @@ class Router:
         # Service rate while saturated, for deadline-aware admission (controller/admission.py):
         # saturated means at least a few requests waiting per world's batch.
         self.capacity = Capacity(floor=4)
+        self.token_capacity = TokenCapacity(floor=4)
+        self.backlog_tokens = 0  # generative: the tokens every unanswered request may take
         # Accepted requests without their final answer, and an event set whenever there is
         # none: what a graceful stop awaits.
         self.unanswered = 0
@@ -171,7 +173,18 @@ class Router:
                 retry_after_ms=100))
             return
         backlog = len(self.pending)
-        if backlog >= self.capacity.floor and self.deployment.admit_by_deadline:
+        cost = generation_cost(header) if self.generative else 0
+        if self.generative:
+            if self.deployment.admit_by_deadline:
+                retry_s = self.token_capacity.retry_after_s(now, self.backlog_tokens + cost,
+                                                            timeout_ms / 1000.0)
+                if retry_s > 0.0:
+                    self._reject(client, client_id, Overloaded(
+                        f"{self.name}: {self.backlog_tokens} tokens ahead at "
+                        f"{self.token_capacity.rate:.0f} tokens/s would not finish within the "
+                        "deadline", retry_after_ms=max(1, int(retry_s * 1e3))))
+                    return
+        elif backlog >= self.capacity.floor and self.deployment.admit_by_deadline:
             retry_s = self.capacity.retry_after_s(now, backlog, timeout_ms / 1000.0)
             if retry_s > 0.0:
                 self._reject(client, client_id, Overloaded(
@@ -181,8 +194,8 @@ class Router:
         rid = self._next_rid()
         self.arrivals.append(now)
         p = Pending(rid, client, client_id, kind, header, frames, now, now + timeout_ms / 1000.0)
-        if self.generative:
-            p.cost = generation_cost(header)
+        p.cost = cost
+        self.backlog_tokens += cost
         self.pending[rid] = p
         self._opened()
         self._by_client[key] = rid
@@ -388,6 +401,10 @@ class Router:
                 self.stats.record_error(late.code)
             else:
                 self.stats.record(now, now - p.arrived_s, p.dispatched_s - p.arrived_s)
+                if self.generative and p.kind != ClientKind.STREAM:
+                    # A whole answer: its tokens count as delivered now (its budget, as
+                    # estimated; the answer itself is not read here).
+                    self.token_capacity.delivered(now, p.cost, len(self.pending) + 1)
                 if len(p.tokens) > 1:
                     self.gen.finished(now, (p.last_chunk_s - p.first_chunk_s) /
                                       (len(p.tokens) - 1))
@@ -406,8 +423,10 @@ class Router:
         self.gen.delivered(now, len(tokens))
         done = min(len(tokens), p.cost)
         p.cost -= done
+        self.backlog_tokens -= done
         if p.world is not None:
             p.world.load_tokens -= done
+        self.token_capacity.delivered(now, len(tokens), len(self.pending))
 
     def _after_world_progress(self, world: WorldRoute) -> None:
         if world.draining and not world.inflight:
@@ -428,6 +447,7 @@ class Router:
                 return False
         p.answered = False
         self._opened()
+        self.backlog_tokens += p.cost
         if p.world is not None:
             p.avoid = p.world.world_id
         p.world = None
@@ -503,6 +523,7 @@ class Router:
 
     def _answered(self, p: Pending) -> None:
         p.answered = True
+        self.backlog_tokens -= p.cost
         self.unanswered -= 1
         if self.unanswered == 0:
             self._all_answered.set()
@@ -598,10 +619,13 @@ class Router:
 
     def _refresh_serving(self) -> None:
         self._serving = [w for w in self.worlds.values() if w.routable]
-        # Saturated: two full batches waiting per serving world, or more.
+        # Saturated: two full batches waiting per serving world, or more (generative: half
+        # the sequences its worlds decode at once).
         dep = self.deployment
         self.capacity.floor = max(4, 2 * len(self._serving) *
                                   min(dep.max_batch_size, dep.max_inflight_per_world))
+        self.token_capacity.floor = max(4, len(self._serving) *
+                                        min(dep.max_seqs, dep.max_inflight_per_world) // 2)
 
     # -- figures --------------------------------------------------------------------------
 

@@ -10,6 +10,12 @@ granular sharing uses too:
 * capacity: per stage, the summed rates of the distinct workers serving it (a worker shared by
   worlds counts once), and the slowest stage; it does not grow when workers only take turns
   on the same hardware, which is what the autoscaler's probe checks.
+
+The latency the policy holds is the end-to-end p99 against ``slo_p99_ms``, except for a
+generative deployment, whose whole streams last as long as they generate: there it is the
+time to first token (p99, against ``slo_ttft_p99_ms``, or ``slo_p99_ms`` when that is 0) and,
+when ``slo_tpot_p50_ms`` is set, the time per output token (p50), whichever is further over
+its target (``generative_pressure``).
 """
 
 from __future__ import annotations
@@ -56,6 +62,20 @@ def capacity_rps(serving: list[WorldInfo], workers: Mapping[str, WorkerInfo]) ->
     return min(rates)
 
 
+def generative_pressure(ttft: tuple[int, float], tpot: tuple[int, float], slo_ttft_ms: float,
+                        slo_tpot_ms: float) -> tuple[int, float, float]:
+    """(samples, latency, target) for the policy from a generative deployment's TTFT p99 and
+    TPOT p50 (each ``(samples, ms)``): the one further over its target, as a latency against
+    the TTFT target (a TPOT at 1.5x its target reads as a TTFT at 1.5x)."""
+    samples, ttft_ms = ttft
+    ratio = ttft_ms / slo_ttft_ms
+    if slo_tpot_ms > 0 and tpot[0] > 0:
+        tpot_ratio = tpot[1] / slo_tpot_ms
+        if tpot_ratio > ratio or samples == 0:
+            samples, ratio = tpot[0], tpot_ratio
+    return samples, ratio * slo_ttft_ms, slo_ttft_ms
+
+
 def world_cpu(serving: list[WorldInfo], workers: Mapping[str, WorkerInfo]) -> float:
     """Cores one busy world keeps busy: its workers' CPU use over their busy fraction (the
     busiest world, so a half-idle one does not look cheap); 0 when none is busy enough."""
@@ -86,12 +106,19 @@ class ScalingInputs:
         router = self._routers[name]
         window_s = max(2.0, dep.config.upscale_delay_s)
         samples, p99 = router.stats.recent(now, window_s)
+        slo = dep.slo_p99_ms
+        if router.generative:
+            ttft_n, ttft_ms, tpot_n, tpot_ms = router.gen.recent(now, window_s)
+            config = dep.config
+            samples, p99, slo = generative_pressure(
+                (ttft_n, ttft_ms), (tpot_n, tpot_ms),
+                config.slo_ttft_p99_ms or dep.slo_p99_ms, config.slo_tpot_p50_ms)
         mine = [w for w in wm.worlds.values() if w.deployment == name]
         serving = [w for w in mine if w.state == WorldState.SERVING]
         forming = sum(1 for w in mine if w.state == WorldState.FORMING)
         cores, busy = self._host_cpu(now)
         return Context(
-            now_s=now, slo_p99_ms=dep.slo_p99_ms, p99_ms=p99, samples=samples,
+            now_s=now, slo_p99_ms=slo, p99_ms=p99, samples=samples,
             arrival_rps=router.arrivals.rate(now, window_s), queued=router.queued,
             serving=len(serving), forming=forming, desired=dep.desired,
             min_worlds=dep.min_worlds, max_worlds=dep.max_worlds,

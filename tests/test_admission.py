@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.admission import ADMIT_SHARE, VALID_S, Capacity
+from controller.admission import ADMIT_SHARE, VALID_S, Capacity, TokenCapacity
 
 
 def saturated(cap: Capacity, start_s: float, seconds: int, rps: int, backlog: int) -> float:
@@ -62,3 +62,21 @@ def test_capacity_follows_a_change_of_service_rate() -> None:
     t = saturated(cap, 0.0, 3, rps=100, backlog=20)
     t = saturated(cap, t, 5, rps=200, backlog=20)  # a second world joined
     assert cap.estimate() > 180
+
+
+def test_a_generative_deployment_is_admitted_by_the_tokens_ahead_of_a_request() -> None:
+    cap = TokenCapacity(floor=8)
+    assert cap.retry_after_s(0.0, backlog_tokens=1_000_000, timeout_s=1.0) == 0.0  # unknown
+    t = 0.0
+    for _ in range(300):  # 2,000 tokens a second, in chunks of 20, 16 sequences unanswered
+        cap.delivered(t, 20, backlog=16)
+        t += 0.01
+    assert 1900 <= cap.rate <= 2100
+    # 10 s deadlines: 0.8 * 10 * 2,000 = 16,000 tokens may be ahead.
+    assert cap.retry_after_s(t, backlog_tokens=15_000, timeout_s=10.0) == 0.0
+    retry = cap.retry_after_s(t, backlog_tokens=20_000, timeout_s=10.0)
+    assert 1.8 < retry < 2.2  # 20,000 / 2,000 - 8 s
+    # Tokens delivered while few sequences run say nothing of capacity, and clear the window.
+    cap.delivered(t, 5, backlog=2)
+    cap.delivered(t + 0.1, 5, backlog=2)
+    assert cap.retry_after_s(t + VALID_S + 1.0, backlog_tokens=20_000, timeout_s=10.0) == 0.0

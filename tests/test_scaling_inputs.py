@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from controller.fleet import WorkerInfo, WorkerLoad, WorldInfo
-from controller.scaling_inputs import capacity_rps, world_cpu, world_rps
+from controller.scaling_inputs import capacity_rps, generative_pressure, world_cpu, world_rps
 
 
 def workers(**loads: tuple[float, float, float]) -> dict[str, WorkerInfo]:
@@ -41,3 +41,13 @@ def test_a_worlds_cpu_is_its_workers_cores_over_their_busy_fraction() -> None:
     # b: 1 core at 90% busy, with a: 0.5 cores -> 1.5 / 0.9 when fully busy.
     assert world_cpu([world(1, "a", "b")], FLEET) == pytest.approx(1.5 / 0.9)
     assert world_cpu([world(1, "d")], FLEET) == 0.0  # idle: not judged
+
+
+def test_a_generative_deployment_is_scaled_on_its_first_token_or_its_token_rate() -> None:
+    # TTFT p99 200 ms against 400: half the target, so a latency of 200 ms against 400.
+    assert generative_pressure((30, 200.0), (0, 0.0), 400.0, 0.0) == (30, 200.0, 400.0)
+    # TPOT p50 30 ms against 20 (1.5x) is further over its target than the TTFT: it is what
+    # the policy sees, as 1.5 x the TTFT target, with the TPOT's samples.
+    assert generative_pressure((30, 200.0), (25, 30.0), 400.0, 20.0) == (25, 600.0, 400.0)
+    # No first token measured yet: the TPOT alone.
+    assert generative_pressure((0, 0.0), (5, 10.0), 400.0, 20.0) == (5, 200.0, 400.0)
