@@ -155,7 +155,8 @@ async def closed_loop(client: Client, model: str, streams: int, tokens: int,
 class InProcess:
     """The floor: the engine's scheduler and the whole model in this process, greedy."""
 
-    def __init__(self, model: str, max_seqs: int, max_batch_tokens: int, threads: int) -> None:
+    def __init__(self, model: str, max_seqs: int, max_batch_tokens: int, threads: int,
+                 device: str = "cpu") -> None:
         import torch
 
         from mesh.spec import DeploymentSpec
@@ -164,9 +165,10 @@ class InProcess:
 
         torch.set_num_threads(threads)
         spec = DeploymentSpec(name="floor", model=model)
-        self.handler: Any = load_handler(spec, "cpu")
+        self.device = device
+        self.handler: Any = load_handler(spec, device)
         self.cache = KvCache(self.handler.kv_layout(), budget_bytes=int(spec.kv_cache_mb * MB),
-                             device="cpu")
+                             device=device)
         self.max_seqs = max_seqs
         self.max_batch_tokens = max_batch_tokens
 
@@ -202,7 +204,7 @@ class InProcess:
             for sid in (*plan.frees, *plan.preempts):
                 self.cache.free(sid)
             chunks = [pipeline.GenChunk(c.seq.sid, c.start, c.n, c.sample) for c in plan.chunks]
-            batch = build_batch(self.cache, chunks, device="cpu", tokens=[
+            batch = build_batch(self.cache, chunks, device=self.device, tokens=[
                 t for c in plan.chunks for t in c.seq.tokens[c.start:c.start + c.n]])
             logits = self.handler.step(batch)
             picked = torch.argmax(logits, dim=-1).tolist()
@@ -228,7 +230,7 @@ class InProcess:
 
 def write_config(path: Path, ports: dict[str, int], args: argparse.Namespace) -> None:
     controller = controller_section(ports, autoscale=False, warm_workers=0,
-                                    worker_threads=args.threads)
+                                    worker_threads=args.threads, worker_device=args.device)
     deployments = ""
     for name, extra in (("new", ""), ("one", "max_seqs = 1\n")):
         deployments += (f'\n[[deployments]]\nname = "{name}"\nmodel = "{args.model}"\n'
@@ -372,8 +374,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     log = (tmp / "controller.log").open("wb")
     ctrl = start_controller(config, log=log, log_level="WARNING")
-    floor = InProcess(args.model, 64, 512, args.threads)
-    results: dict[str, Any] = {"model": args.model, "stages": args.stages,
+    floor = InProcess(args.model, 64, 512, args.threads,
+                      "cuda:0" if args.device == "cuda" else args.device)
+    results: dict[str, Any] = {"model": args.model, "stages": args.stages, "device": args.device,
                                "streams": args.streams, "tokens": args.tokens,
                                "window_s": args.window_s, "threads": args.threads,
                                "rounds": []}
@@ -462,6 +465,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window-s", type=float, default=8.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="the workers' device and the floor's")
     parser.add_argument("--long-prompt-chars", type=int, default=480)
     parser.add_argument("--long-every-s", type=float, default=0.25)
     parser.add_argument("--skip-scenarios", action="store_true",

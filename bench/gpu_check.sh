@@ -14,7 +14,9 @@
 #      each worker's device, and stops it gracefully (every worker must exit 0);
 #   4. runs a short served-vs-bare benchmark of the mlp on the GPU (bench.overhead) and
 #      prints the performance section: served against bare at batch 1 (p50 above the bare
-#      forward pass) and at the batcher's batch of 32 (rows/s, against a target of 0.9).
+#      forward pass) and at the batcher's batch of 32 (rows/s, against a target of 0.9);
+#   5. runs bench.generate with the gpt2 demo at 64 streams on the GPU: served tokens/s
+#      against the same engine in one process (target 0.7) and against one stream at a time.
 #
 # Usage, from the repository root:  bash bench/gpu_check.sh
 # Everything goes to stdout and to $OUT (or /tmp/gpu_check): tests.log, demo.log, bench.json.
@@ -135,6 +137,19 @@ for c in (1, 2):
     print(f"batch 32 ({c} caller{'s' if c > 1 else ''}, 32 rows a request): served "
           f"{b['served_rps'] * 32:.0f} rows/s, bare {b['bare_rows_per_s']:.0f} rows/s: "
           f"{b['ratio_rows_per_s']:.2f} of bare")
+EOF
+
+echo "== generative serving: gpt2 demo, 64 streams, served vs in-process on $device"
+timeout 400 "$py" -m bench.generate --model worker.models.gpt2:build --device "$device" \
+  --streams 64 --tokens 64 --rounds 2 --window-s "${GEN_WINDOW_S:-5}" --skip-scenarios \
+  --json "$out/generate.json" || status=1
+"$py" - "$out/generate.json" <<'EOF' || status=1
+import json, statistics, sys
+r = json.load(open(sys.argv[1]))
+ratio = statistics.median(r["ratios"]["new_over_floor"])
+print(f"gpt2, 64 streams: served / in-process {ratio:.2f} (target >= 0.70: "
+      f"{'met' if ratio >= 0.7 else 'missed'}); new / one "
+      f"{statistics.median(r['ratios']['new_over_one']):.1f}x")
 EOF
 
 echo "== gpu check: $([ $status = 0 ] && echo PASS || echo FAIL)"
