@@ -347,16 +347,17 @@ async def cancel_half(client: Client, admin: str, args: argparse.Namespace) -> d
             for i, r in enumerate(records)]
     await asyncio.gather(*(e.wait() for e in events))
     cancelled_s = time.perf_counter()
-    kv_before = (await generation(admin, "new"))["kv_used_bytes"]
+    before = await generation(admin, "new")
     await asyncio.sleep(0.5)  # two heartbeats
-    kv_after = (await generation(admin, "new"))["kv_used_bytes"]
+    after = await generation(admin, "new")
     following = [Stream(time.perf_counter()) for _ in range(half)]
     runs += [asyncio.ensure_future(run_stream(client, "new", prompt_for(50_000 + i), tokens, r))
              for i, r in enumerate(following)]
     await asyncio.gather(*runs)
     tpot_next = [r.tpot_s * 1e3 for r in following if r.tpot_s is not None]
-    return {"cancelled": half, "kv_before_bytes": kv_before, "kv_after_bytes": kv_after,
-            "kv_freed_share": 1.0 - kv_after / kv_before if kv_before else 0.0,
+    return {"cancelled": half, "running_before": before["running"],
+            "running_after": after["running"], "kv_before_bytes": before["kv_used_bytes"],
+            "kv_after_bytes": after["kv_used_bytes"],
             "next_tpot_p50_ms": pct(tpot_next, 50),
             "since_cancel_s": time.perf_counter() - cancelled_s,
             "next_ok": sum(r.code == "ok" for r in following)}
@@ -448,10 +449,12 @@ def render(results: dict[str, Any]) -> str:
                   f"{lp['decoding']} decoding streams): TPOT p50 {lp['tpot_p50_ms']:.2f} ms, "
                   f"p99 {lp['tpot_p99_ms']:.2f} ms ({lp['tpot_p99_over_p50']:.2f}x); "
                   f"inter-token p50 {lp['itl_p50_ms']:.2f}, p99 {lp['itl_p99_ms']:.2f} ms",
-                  f"cancel {c['cancelled']}: KV {c['kv_before_bytes'] / 1e6:.2f} MB -> "
-                  f"{c['kv_after_bytes'] / 1e6:.2f} MB ({c['kv_freed_share']:.0%} freed), the "
-                  f"next {c['cancelled']} streams' TPOT p50 {c['next_tpot_p50_ms']:.2f} ms "
-                  f"(clean window: {median_of(rounds, 'new', 'tpot_p50_ms'):.2f} ms)"]
+                  f"cancel {c['cancelled']} of {2 * c['cancelled']}: sequences running "
+                  f"{c['running_before']} -> {c['running_after']} within 0.5 s (KV "
+                  f"{c['kv_before_bytes'] / 1e6:.2f} -> {c['kv_after_bytes'] / 1e6:.2f} MB, the "
+                  f"others growing); the next {c['cancelled']} streams' TPOT p50 "
+                  f"{c['next_tpot_p50_ms']:.2f} ms (clean window: "
+                  f"{median_of(rounds, 'new', 'tpot_p50_ms'):.2f} ms)"]
     return "\n".join(lines)
 
 
