@@ -343,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("infer", help="one request from the shell: KEY=JSON ...")
     s.add_argument("model", help="the deployment")
-    s.add_argument("inputs", nargs="*", metavar="KEY[:DTYPE]=JSON",
-                   help="numeric lists become float32 tensors unless a dtype is given")
+    s.add_argument("inputs", nargs="*", metavar="KEY[:DTYPE]=JSON|@FILE",
+                   help="numeric lists become float32 tensors unless a dtype is given; "
+                        "@FILE reads a .npy, .npz or JSON file, @- JSON from stdin")
     s.add_argument("--endpoint", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT),
                    help="the controller's client endpoint (env MESH_ENDPOINT)")
     s.add_argument("--timeout-s", dest="timeout_s", type=float, default=30.0,
