@@ -189,14 +189,21 @@ static int send_request(mesh_client *c, const char *kind, uint64_t id, const cha
     pack_str(&pk, "inputs"); pack_values(&pk, inputs, n_inputs, &next);
     pack_str(&pk, "timeout_ms"); msgpack_pack_int(&pk, timeout_ms);
     if (n_params) { pack_str(&pk, "params"); pack_values(&pk, params, n_params, &next); }
-    size_t tensors = 0;
-    for (size_t i = 0; i < n_inputs; i++) tensors += inputs[i].kind == MESH_VALUE_TENSOR;
+    /* The frames follow the order pack_values numbered them in: the inputs', then the
+     * params' (a tensor among the params is referenced, so it must travel too). */
+    const mesh_value *lists[2] = {inputs, params};
+    size_t counts[2] = {n_inputs, n_params}, tensors = 0, sent = 0;
+    for (int l = 0; l < 2; l++)
+        for (size_t i = 0; i < counts[l]; i++) tensors += lists[l][i].kind == MESH_VALUE_TENSOR;
     int rc = zmq_send(c->sock, buf.data, buf.size, tensors ? ZMQ_SNDMORE : 0);
     msgpack_sbuffer_destroy(&buf);
-    for (size_t i = 0, sent = 0; rc >= 0 && i < n_inputs; i++) {
-        if (inputs[i].kind != MESH_VALUE_TENSOR) continue;
-        sent++;
-        rc = zmq_send(c->sock, inputs[i].data, inputs[i].nbytes, sent < tensors ? ZMQ_SNDMORE : 0);
+    for (int l = 0; l < 2; l++) {
+        for (size_t i = 0; rc >= 0 && i < counts[l]; i++) {
+            const mesh_value *v = &lists[l][i];
+            if (v->kind != MESH_VALUE_TENSOR) continue;
+            sent++;
+            rc = zmq_send(c->sock, v->data, v->nbytes, sent < tensors ? ZMQ_SNDMORE : 0);
+        }
     }
     return rc < 0 ? -1 : 0;
 }

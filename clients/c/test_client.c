@@ -87,6 +87,24 @@ static void a_stream_is_the_infer_chunk_by_chunk_and_cancels(mesh_client *c) {
     mesh_answer_free(&out);
 }
 
+static void a_tensor_among_the_params_travels_with_the_request(mesh_client *c) {
+    float x[4] = {1, 2, 3, 4};
+    int32_t bias[2] = {1, -1};
+    int64_t xs[2] = {1, 4}, bs[1] = {2};
+    mesh_value in = mesh_tensor_value("x", MESH_FLOAT32, xs, 2, x);
+    mesh_value p[2] = {mesh_int_value("max_tokens", 4),
+                       mesh_tensor_value("bias", MESH_INT32, bs, 1, bias)};
+    mesh_answer out;
+    mesh_error err;
+    int rc = mesh_infer(c, "echo", &in, 1, p, 2, 5000, &out, &err);  /* echo ignores params */
+    CHECK(rc == 0, "a tensor param: [%s] %s", err.code, err.message);
+    if (rc) return;
+    const mesh_value *back = mesh_answer_get(&out, "x");
+    CHECK(back && back->nbytes == sizeof x && !memcmp(back->data, x, sizeof x),
+          "x after a tensor param");
+    mesh_answer_free(&out);
+}
+
 static int unhex(const char *h, unsigned char *out, size_t cap) {
     size_t n = strlen(h) / 2;
     if (n > cap) return -1;
@@ -145,6 +163,7 @@ int main(void) {
     CHECK(c != NULL, "connect");
     if (!c) return 1;
     every_dtype_comes_back_bit_for_bit(c);
+    a_tensor_among_the_params_travels_with_the_request(c);
     errors_are_typed_and_deadlines_hold(c);
     a_stream_is_the_infer_chunk_by_chunk_and_cancels(c);
     mesh_close(c);
