@@ -5,9 +5,12 @@ client in any language can check itself offline (docs/protocol-vectors/).
 
 Each case is a request as frames (hex), what it means, and the answer the controller gave:
 its frames (hex) and the fields a client relies on (``kind``, ``id``, ``code``,
-``retryable``; never the message text, which is for people). Encoder cases have a ``value``
-too: the header a client would build, whose msgpack encoding must give exactly ``frames``.
-tests/test_protocol_vectors.py checks the file against a live controller in CI.
+``retryable``, ``retry_after_ms``, the ``outputs`` of a result or chunk; never the message
+text, which is for people). Encoder cases have a ``value`` too: the header a client would
+build, whose msgpack encoding must give exactly ``frames``; each client's tests feed its own
+request builder with them (tests/test_protocol_vectors.py for Python, clients/js/test,
+clients/c/test_client.c). tests/test_protocol_vectors.py checks the file against a live
+controller in CI.
 """
 
 from __future__ import annotations
@@ -47,12 +50,27 @@ def _x() -> list[bytes]:
     return [bytes(f) for f in frames]
 
 
+def _with_params() -> tuple[dict[str, Any], list[bytes]]:
+    """An infer with every kind of value a client sends: a tensor, a string and a negative int
+    among the inputs, and params holding an int and a tensor (its frame follows the inputs')."""
+    header = {"v": 1, "kind": "infer", "id": 17, "model": "echo",
+              "inputs": {"x": np.array([[1, 2, 3, 4]], dtype=np.float32), "prompt": "hello",
+                         "n": -42},
+              "timeout_ms": 5000,
+              "params": {"max_tokens": 4, "bias": np.array([1, -1], dtype=np.int32)}}
+    frames = [bytes(f) for f in codec.encode(header)]
+    return msgpack.unpackb(frames[0]), frames
+
+
 def cases() -> list[dict[str, Any]]:
     """(name, meaning, request frames, value or None) for every case."""
     x_ref, x_frame = _x()[0], _x()[1]
     ref = msgpack.unpackb(x_ref)["x"]
     infer = {"v": 1, "kind": "infer", "id": 1, "model": "echo", "inputs": {"x": ref},
              "timeout_ms": 5000}
+    stream = {**infer, "id": 16, "kind": "stream"}
+    cancel = {"v": 1, "kind": "cancel", "id": 999}
+    with_params, with_params_frames = _with_params()
 
     def frames(header: dict[str, Any], *tensors: bytes) -> list[bytes]:
         return [msgpack.packb(header), *tensors]
@@ -67,6 +85,10 @@ def cases() -> list[dict[str, Any]]:
         {"name": "describe", "meaning": "describe one model: one description",
          "value": {"v": 1, "kind": "describe", "id": 3, "model": "echo"},
          "frames": frames({"v": 1, "kind": "describe", "id": 3, "model": "echo"})},
+        {"name": "infer_params", "meaning": "an infer with a tensor, a string and a negative "
+         "int as inputs and params holding an int and a tensor (frame 2, after the inputs' "
+         "frame): one result with the inputs back (echo ignores params)",
+         "value": with_params, "frames": with_params_frames},
         {"name": "string_id", "meaning": "a string id is echoed as sent",
          "frames": frames({**infer, "id": "req-7"}, x_frame)},
         {"name": "not_msgpack", "meaning": "frame 0 is not msgpack: bad_request, id nil",
@@ -104,10 +126,9 @@ def cases() -> list[dict[str, Any]]:
         {"name": "tensor_size_mismatch", "meaning": "a frame shorter than the reference's "
          "dtype and shape: bad_request", "frames": frames({**infer, "id": 15}, x_frame[:12])},
         {"name": "stream_not_streaming", "meaning": "stream on a model that does not stream: "
-         "bad_request (from the model)", "frames": frames({**infer, "id": 16,
-                                                          "kind": "stream"}, x_frame)},
+         "bad_request (from the model)", "value": stream, "frames": frames(stream, x_frame)},
         {"name": "cancel_unknown", "meaning": "cancel of an id not in flight: no answer at all",
-         "frames": [_h(kind="cancel", id=999)]},
+         "value": cancel, "frames": frames(cancel)},
     ]
     for case in out:
         case["frames"] = [bytes(f).hex() for f in case["frames"]]
@@ -116,42 +137,70 @@ def cases() -> list[dict[str, Any]]:
 
 def replies() -> list[dict[str, Any]]:
     """Answers as a controller sends them, one per error code of protocol section 7 (their
-    retryable flags as the taxonomy says), and a result, a chunk and an end: for decoders."""
+    retryable flags as the taxonomy says), a result, a chunk and an end, and a generative
+    stream's chunk and end: for decoders."""
     from mesh.errors import ERROR_CLASSES
     from mesh.messages import error_header, result_header
+    from worker.world import chunk_header, end_header
 
+    # The fields are written out, not decoded from the frames: they say what the frames
+    # mean independently of any decoder (the Python one included).
     out = []
     for n, (code, cls) in enumerate(sorted(ERROR_CLASSES.items())):
+        after_ms = 100 if code == "overloaded" else 0
         header = error_header(100 + n, code, f"an example {code} error", cls.retryable,
-                              100 if code == "overloaded" else 0)
+                              after_ms)
+        fields = {"kind": "error", "id": 100 + n, "code": code, "retryable": cls.retryable}
+        if after_ms:
+            fields["retry_after_ms"] = after_ms
         out.append({"name": f"error_{code}", "meaning": f"a final {code} error "
                     f"(retryable: {cls.retryable})",
-                    "frames": [msgpack.packb(header).hex()],
-                    "fields": {"kind": "error", "id": 100 + n, "code": code,
-                               "retryable": cls.retryable}})
+                    "frames": [msgpack.packb(header).hex()], "fields": fields})
     y = codec.encode(result_header(200, {"y": np.array([[0.5, -1.0]], dtype=np.float32)}))
     out.append({"name": "result", "meaning": "a result: y float32 [1, 2] = 0.5, -1.0",
                 "frames": [bytes(f).hex() for f in y],
-                "fields": {"kind": "result", "id": 200, "outputs": {"y": [[0.5, -1.0]]}}})
+                "fields": {"kind": "result", "id": 200, "outputs": {"y": {
+                    "dtype": "float32", "shape": [1, 2], "data": [0.5, -1.0]}}}})
     chunk = {"v": 1, "kind": "chunk", "id": 201, "seq": 0, "outputs": {"text": "a"}}
     end = {"v": 1, "kind": "end", "id": 201, "seq": 1}
     out.append({"name": "chunk", "meaning": "a stream's first chunk", "frames":
-                [msgpack.packb(chunk).hex()], "fields": {"kind": "chunk", "id": 201}})
+                [msgpack.packb(chunk).hex()], "fields": {"kind": "chunk", "id": 201,
+                                                         "outputs": {"text": "a"}}})
     out.append({"name": "end", "meaning": "the stream's end after 1 chunk", "frames":
                 [msgpack.packb(end).hex()], "fields": {"kind": "end", "id": 201}})
+    # A generative stream (protocol section 3.5): header keys beyond the base ones (tokens;
+    # finish_reason and the token counts) that a client which does not resume streams must
+    # read past, built as a world builds them.
+    summary = {"finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 2}
+    last = chunk_header(202, 0, {"text": "hi", **summary}, tokens=[104, 105])
+    out.append({"name": "chunk_generative", "meaning": "a generative stream's only chunk: "
+                "tokens in the header, finish_reason and the token counts in its outputs",
+                "frames": [msgpack.packb(last).hex()],
+                "fields": {"kind": "chunk", "id": 202, "outputs": {"text": "hi", **summary}}})
+    out.append({"name": "end_generative", "meaning": "that stream's end, repeating "
+                "finish_reason and the token counts (a client reads past them)",
+                "frames": [msgpack.packb(end_header(202, 1, summary)).hex()],
+                "fields": {"kind": "end", "id": 202}})
     return out
 
 
 def answer_fields(frames: list[bytes]) -> dict[str, Any]:
+    """What a client must read from an answer: its kind, id, error code, retryable and
+    retry_after_ms, and the outputs of a result or chunk, each tensor as its dtype, shape
+    and flat (row-major) data."""
     header = msgpack.unpackb(frames[0], strict_map_key=False)
-    keep = ("kind", "id", "code", "retryable")
+    keep = ("kind", "id", "code", "retryable", "retry_after_ms")
     fields = {k: header[k] for k in keep if k in header}
-    if header.get("kind") == "result":
-        fields["outputs"] = codec.decode_tensors(header, frames, codec.to_numpy)["outputs"]
-        fields["outputs"] = {k: np.asarray(v).tolist() for k, v in fields["outputs"].items()}
+    if header.get("kind") in ("result", "chunk"):
+        fields["outputs"] = codec.decode_tensors(header, frames, _tensor_fields)["outputs"]
     if header.get("kind") == "description":
         fields["models"] = [m["name"] for m in header["models"]]
     return fields
+
+
+def _tensor_fields(dtype: str, shape: list[int], buf: Any) -> dict[str, Any]:
+    data = codec.to_numpy(dtype, shape, buf).ravel().tolist()
+    return {"dtype": dtype, "shape": list(shape), "data": data}
 
 
 async def ask(endpoint: str, frames: list[bytes], wait_s: float = 3.0) -> list[bytes] | None:

@@ -1,5 +1,6 @@
-"""The C client (clients/c): built with its Makefile, then its test program run against a
-live controller (echo and tinygpt) and the conformance vectors, and mesh-infer run once."""
+"""The C client (clients/c): built with its Makefile, then its test program run on the
+conformance vectors (its own request builder and decoder, offline) and against a live
+controller (echo and tinygpt), and mesh-infer run once."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 
+from mesh import codec
 from tests.cluster import start_cluster
 from tests.protocol_vectors import VECTORS
 
@@ -42,21 +46,97 @@ def build() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-async def test_the_c_client_passes_its_tests_and_mesh_infer_answers(tmp_path: Path) -> None:
+# -- the conformance vectors as lines test_client.c reads (its comment gives the format) ---
+
+def _blob(data: bytes) -> str:
+    return "x" + data.hex()
+
+
+def _word(text: str) -> str:
+    assert text and not any(ch.isspace() for ch in text), f"{text!r} cannot be one token"
+    return text
+
+
+def _tensor(name: str, dtype: str, shape: list[int], data: bytes) -> str:
+    return " ".join([_word(name), "t", dtype, str(len(shape)), *map(str, shape), _blob(data)])
+
+
+def _value(name: str, value: Any, frames: list[str] | None = None) -> str:
+    """One value: a tensor reference (with the request's frames) or a recorded tensor
+    ({dtype, shape, data}), a string or an int; the C client's mesh_value has nothing else."""
+    if isinstance(value, dict) and "$tensor" in value and frames is not None:
+        dtype, shape, index = value["$tensor"]
+        return _tensor(name, dtype, shape, bytes.fromhex(frames[index]))
+    if isinstance(value, dict) and set(value) == {"dtype", "shape", "data"}:
+        np_dtype = codec.DTYPES[value["dtype"]][0]
+        assert np_dtype is not None, f"{value['dtype']}: no numpy dtype to write it with"
+        data = np.asarray(value["data"], dtype=np_dtype).tobytes()
+        return _tensor(name, value["dtype"], value["shape"], data)
+    if isinstance(value, str):
+        return f"{_word(name)} s {_blob(value.encode())}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{_word(name)} i {value}"
+    raise AssertionError(f"{name}: {value!r} is not a value the C client reads")
+
+
+def _values(values: dict[str, Any] | None, frames: list[str] | None = None) -> list[str]:
+    values = values or {}
+    return [str(len(values)), *(_value(k, v, frames) for k, v in values.items())]
+
+
+def encode_line(case: dict[str, Any]) -> str:
+    value, frames = case["value"], case["frames"]
+    return " ".join(["encode", _word(case["name"]), _word(value["kind"]), str(value["id"]),
+                     _word(value.get("model", "-")), str(value.get("timeout_ms", "-")),
+                     *_values(value.get("inputs"), frames), *_values(value.get("params"), frames),
+                     str(len(frames)), *(_blob(bytes.fromhex(f)) for f in frames)])
+
+
+def reply_line(name: str, frames: list[str], fields: dict[str, Any]) -> str:
+    answer_id = fields["id"]
+    ident = ["n", "-"] if answer_id is None else ["s", _blob(answer_id.encode())] \
+        if isinstance(answer_id, str) else ["i", str(answer_id)]
+    retry = "-" if "retryable" not in fields else str(int(fields["retryable"]))
+    outputs = ["-"] if "outputs" not in fields else _values(fields["outputs"])
+    return " ".join(["reply", _word(name), str(len(frames)),
+                     *(_blob(bytes.fromhex(f)) for f in frames), _word(fields["kind"]), *ident,
+                     fields.get("code", "-"), retry, str(fields.get("retry_after_ms", "-")),
+                     *outputs])
+
+
+def vector_lines() -> tuple[list[str], int, int]:
+    """Every encoder case and every recorded answer and reply: the lines, and how many of
+    each."""
+    doc = json.loads(VECTORS.read_text())
+    encoders = [encode_line(c) for c in doc["cases"] if "value" in c]
+    answers = [reply_line(c["name"], c["answer"]["frames"], c["answer"]["fields"])
+               for c in doc["cases"] if c["answer"] is not None]
+    answers += [reply_line(r["name"], r["frames"], r["fields"]) for r in doc["replies"]]
+    return encoders + answers, len(encoders), len(answers)
+
+
+def test_the_c_client_builds_and_reads_every_conformance_vector(tmp_path: Path) -> None:
+    # Its own request builder (mesh_encode_request, mesh_encode_control) against every encoder
+    # case, and its own decoder (mesh_decode_reply, what mesh_infer and mesh_stream_next read
+    # with) against every recorded answer and reply: ids, error fields and outputs.
     build()
-    lines = []
-    vectors_doc = json.loads(VECTORS.read_text())
-    answers = [(c["answer"]["fields"], c["answer"]["frames"][0])
-               for c in vectors_doc["cases"] if c["answer"] is not None]
-    answers += [(r["fields"], r["frames"][0]) for r in vectors_doc["replies"]]
-    for fields, frame in answers:
-        retry = "-" if "retryable" not in fields else str(int(fields["retryable"]))
-        lines.append(f"{fields['kind']} {fields.get('code', '-')} {retry} {frame}")
+    lines, encoders, answers = vector_lines()
     vectors = tmp_path / "vectors.txt"
     vectors.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(["./test_client"], cwd=C, env={"MESH_VECTORS": str(vectors)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok: 0 failure(s)" in result.stdout
+    # The C client sends no describe; every other encoder case went through its builder.
+    assert f"vectors: {encoders - 1} encoded, {answers} decoded; not built: describe\n" in \
+        result.stdout, result.stdout
+
+
+async def test_the_c_client_passes_its_tests_and_mesh_infer_answers(tmp_path: Path) -> None:
+    build()
     cluster = await start_cluster(tmp_path, DEPLOYMENTS, controller="warm_workers = 0")
     try:
-        env = {"MESH_ENDPOINT": cluster.client, "MESH_VECTORS": str(vectors), "PATH": "/usr/bin"}
+        env = {"MESH_ENDPOINT": cluster.client, "PATH": "/usr/bin"}
         result = subprocess.run(["./test_client"], cwd=C, env=env, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -1,6 +1,6 @@
 """CURVE with the Node.js and C clients: against a controller with [security] curve = true,
 an allowed key pair is served and a key nobody allowed gets silence (its handshake is refused),
-from each client. Keys come from 'meshctl keys generate'."""
+from each client, one test each. Keys come from 'meshctl keys generate'."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.cluster import start_cluster
 from tests.test_c_client import C, build
-from tests.test_js_client import JS
+from tests.test_js_client import JS, node_or_skip
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,8 +51,11 @@ def z85(path: Path, which: str) -> str:
     raise AssertionError(f"no {which} key in {path}")
 
 
-async def test_the_js_and_c_clients_speak_curve_and_a_stranger_gets_silence(
-        tmp_path: Path) -> None:
+@asynccontextmanager
+async def curve_controller(tmp_path: Path) -> AsyncIterator[Callable[[str], list[str]]]:
+    """A controller with [security] curve = true serving echo, where the key pair "alice" is
+    allowed and "mallory" is not: yields keys(name), the client endpoint followed by the
+    controller's public key and that pair's public and secret keys (Z85)."""
     meshctl = [sys.executable, "-m", "controller.cli"]
     own = tmp_path / "keys"
     for name in ("controller", "alice", "mallory"):
@@ -69,40 +74,42 @@ async def test_the_js_and_c_clients_speak_curve_and_a_stranger_gets_silence(
     cluster = await start_cluster(tmp_path, ECHO + security, controller="warm_workers = 0",
                                   admin_curve=admin)
     server = z85(own / "controller.key", "public")
-    ran = []
-    try:
-        def keys(name: str) -> list[str]:
-            pair = own / f"{name}.key_secret"
-            return [server, z85(pair, "public"), z85(pair, "secret")]
 
-        node = shutil.which("node")
-        if node and (JS / "node_modules" / "zeromq").is_dir():
-            probe = tmp_path / "curve-probe.mjs"
-            probe.write_text(JS_PROBE.replace("INDEX", (JS / "index.js").as_uri()))
-            for name, want in (("alice", {"ok": {"n": 7}}), ("mallory",
-                                                           {"error": "deadline_exceeded"})):
-                out = subprocess.run([node, str(probe), cluster.client, *keys(name)],
-                                     capture_output=True, text=True, timeout=30)
-                assert json.loads(out.stdout) == want, (name, out.stdout, out.stderr)
-            ran.append("js")
-        try:
-            build()
-        except pytest.skip.Exception:
-            pass
-        else:
-            for name, rc in (("alice", 0), ("mallory", 1)):
-                out = subprocess.run(["./mesh-infer", "--endpoint", cluster.client,
-                                      "--timeout-ms", "500", "--curve", *keys(name), "echo",
-                                      "n:int=7"], cwd=C, capture_output=True, text=True,
-                                     timeout=30, env={**os.environ})
-                assert out.returncode == rc, (name, out.stdout, out.stderr)
-                if rc == 0:
-                    assert out.stdout.strip() == "n: 7"
-                else:
-                    assert "[deadline_exceeded]" in out.stderr
-            ran.append("c")
+    def keys(name: str) -> list[str]:
+        pair = own / f"{name}.key_secret"
+        return [cluster.client, server, z85(pair, "public"), z85(pair, "secret")]
+
+    try:
+        yield keys
     finally:
         cluster.stop()
-    if not ran:
-        pytest.skip("neither the JS client (node, npm ci) nor the C client (make) is available")
-    print(f"CURVE checked with the {' and '.join(ran)} client(s)")
+
+
+# One test per client, each skipping with its reason when its client cannot run here, so a
+# run where only one of them could be checked says so.
+
+async def test_the_js_client_speaks_curve_and_a_stranger_gets_silence(tmp_path: Path) -> None:
+    node = node_or_skip()
+    probe = tmp_path / "curve-probe.mjs"
+    probe.write_text(JS_PROBE.replace("INDEX", (JS / "index.js").as_uri()))
+    async with curve_controller(tmp_path) as keys:
+        for name, want in (("alice", {"ok": {"n": 7}}), ("mallory",
+                                                       {"error": "deadline_exceeded"})):
+            out = subprocess.run([node, str(probe), *keys(name)], capture_output=True,
+                                 text=True, timeout=30)
+            assert json.loads(out.stdout) == want, (name, out.stdout, out.stderr)
+
+
+async def test_the_c_client_speaks_curve_and_a_stranger_gets_silence(tmp_path: Path) -> None:
+    build()  # skips, saying why, without a compiler or the libraries
+    async with curve_controller(tmp_path) as keys:
+        for name, rc in (("alice", 0), ("mallory", 1)):
+            endpoint, *curve = keys(name)
+            out = subprocess.run(["./mesh-infer", "--endpoint", endpoint, "--timeout-ms", "500",
+                                  "--curve", *curve, "echo", "n:int=7"], cwd=C,
+                                 capture_output=True, text=True, timeout=30, env={**os.environ})
+            assert out.returncode == rc, (name, out.stdout, out.stderr)
+            if rc == 0:
+                assert out.stdout.strip() == "n: 7"
+            else:
+                assert "[deadline_exceeded]" in out.stderr

@@ -1,16 +1,26 @@
 """docs/protocol-vectors/vectors.json holds: offline (each encodable request is the msgpack of
 its value, each recorded answer decodes to its fields, the file is what the generator makes),
-and live (a controller answers every request exactly as recorded)."""
+and live (a controller answers every request exactly as recorded); and the Python client
+builds every encodable request byte for byte (the Node.js and C clients' tests check theirs).
+"""
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+import zmq
+import zmq.asyncio
 
+from mesh import client as client_module
+from mesh import codec
+from mesh.client import Client
+from mesh.errors import DeadlineExceeded
 from tests.cluster import Cluster, free_ports, start_controller, write_config
 from tests.protocol_vectors import (
     DEPLOYMENTS,
@@ -75,3 +85,73 @@ async def test_a_live_controller_answers_every_vector_as_recorded(tmp_path: Path
 
         end_processes([cluster.proc])
     assert [stable(c) for c in live] == [stable(c) for c in recorded()]
+
+
+class Recorder:
+    """A controller that only listens: a ROUTER on loopback that hands back each message a
+    client sends, as its frames, and never answers."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+
+    async def received(self, timeout_s: float = 5.0) -> list[bytes]:
+        assert await self.sock.poll(int(timeout_s * 1000)), "the client sent nothing"
+        _peer, *frames = await self.sock.recv_multipart()
+        return frames
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def encoder_cases() -> list[dict[str, Any]]:
+    return [c for c in recorded() if "value" in c]
+
+
+async def python_client_sends(recorder: Recorder, value: dict[str, Any],
+                              frames: list[bytes]) -> list[bytes]:
+    """The frames the Python client builds for the request ``value`` (a vector's, with its
+    tensors' data in ``frames``), through the code it sends with: _encode_request for infer
+    and stream (infer() passes it the time left, so its timeout_ms would not be the
+    vector's), and a real Client against ``recorder`` for ping, describe and cancel."""
+    kind = value["kind"]
+    if kind in ("infer", "stream"):
+        header = codec.decode_tensors(copy.deepcopy(value), frames, codec.to_numpy)
+        return [bytes(f) for f in client_module._encode_request(
+            kind, header["id"], header["model"], header["inputs"], header["timeout_ms"] / 1000,
+            header.get("params"))]
+    # A client numbers its requests from 1; the vectors' ids are fixed, so its counter starts
+    # at the vector's. Nothing answers: each call ends at its deadline.
+    client = Client(recorder.endpoint, heartbeat_s=1.0 if kind == "ping" else 0.0, grace_s=0.0)
+    client._ids = itertools.count(value["id"])
+    try:
+        await client.connect()  # with a heartbeat: the first ping goes out at once
+        if kind == "describe":
+            with pytest.raises(DeadlineExceeded):
+                await client.describe(value["model"], timeout_s=0.2)
+        elif kind == "cancel":  # a stream that ends at its deadline is cancelled, same id
+            with pytest.raises(DeadlineExceeded):
+                async for _ in client.stream("echo", {}, timeout_s=0.2):
+                    pass
+            await recorder.received()  # the stream itself
+        elif kind != "ping":
+            raise AssertionError(f"the Python client builds no {kind}")
+        return await recorder.received()
+    finally:
+        await client.aclose()
+
+
+async def test_the_python_client_builds_every_encoder_vector_byte_for_byte() -> None:
+    recorder = Recorder()
+    try:
+        for case in encoder_cases():
+            want = [bytes.fromhex(f) for f in case["frames"]]
+            got = await python_client_sends(recorder, case["value"], want)
+            assert got == want, (case["name"], [f.hex() for f in got], case["frames"])
+        assert {c["value"]["kind"] for c in encoder_cases()} == \
+            {"infer", "stream", "ping", "describe", "cancel"}
+    finally:
+        recorder.close()

@@ -146,6 +146,15 @@ static void reconnect(mesh_client *c) {
 
 /* -- encoding -------------------------------------------------------------------------------- */
 
+/* An sbuffer that remembers a failed write, so a message is never sent truncated. */
+typedef struct { msgpack_sbuffer sb; int failed; } out_buf;
+
+static int out_write(void *data, const char *buf, size_t len) {
+    out_buf *o = data;
+    if (!o->failed && msgpack_sbuffer_write(&o->sb, buf, len) != 0) o->failed = 1;
+    return o->failed ? -1 : 0;
+}
+
 static void pack_str(msgpack_packer *pk, const char *s) {
     size_t n = strlen(s);
     msgpack_pack_str(pk, n);
@@ -173,13 +182,54 @@ static void pack_values(msgpack_packer *pk, const mesh_value *vs, size_t n, int 
     }
 }
 
-static int send_request(mesh_client *c, const char *kind, uint64_t id, const char *model,
+static size_t count_tensors(const mesh_value *vs, size_t n) {
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++) count += vs[i].kind == MESH_VALUE_TENSOR;
+    return count;
+}
+
+/* The tensors' data as frames, after those already in m, in the order pack_values numbered
+ * them. */
+static void add_tensor_frames(mesh_message *m, const mesh_value *vs, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (vs[i].kind == MESH_VALUE_TENSOR)
+            m->frames[m->count++] = (mesh_frame){vs[i].data, vs[i].nbytes};
+}
+
+/* Room for the header and `tensors` frames, and a packer writing the header into *o. */
+static int message_start(mesh_message *m, size_t tensors, out_buf *o, msgpack_packer *pk) {
+    m->count = 0;
+    m->frames = calloc(1 + tensors, sizeof *m->frames);
+    if (!m->frames) return -1;
+    msgpack_sbuffer_init(&o->sb);
+    o->failed = 0;
+    msgpack_packer_init(pk, o, out_write);
+    m->count = 1;
+    return 0;
+}
+
+/* The packed header becomes frame 0: 0, or -1 (and nothing to free) when a write failed. */
+static int message_end(mesh_message *m, out_buf *o) {
+    if (o->failed) {
+        msgpack_sbuffer_destroy(&o->sb);
+        free(m->frames);
+        memset(m, 0, sizeof *m);
+        return -1;
+    }
+    m->frames[0].size = o->sb.size;
+    m->frames[0].data = msgpack_sbuffer_release(&o->sb);
+    return 0;
+}
+
+int mesh_encode_request(const char *kind, uint64_t id, const char *model,
                         const mesh_value *inputs, size_t n_inputs, const mesh_value *params,
-                        size_t n_params, int timeout_ms) {
-    msgpack_sbuffer buf;
-    msgpack_sbuffer_init(&buf);
+                        size_t n_params, int timeout_ms, mesh_message *out) {
+    if (!params) n_params = 0;
+    out_buf o;
     msgpack_packer pk;
-    msgpack_packer_init(&pk, &buf, msgpack_sbuffer_write);
+    if (message_start(out, count_tensors(inputs, n_inputs) + count_tensors(params, n_params),
+                      &o, &pk) < 0)
+        return -1;
     msgpack_pack_map(&pk, 6 + (n_params ? 1 : 0));
     pack_str(&pk, "v"); msgpack_pack_int(&pk, PROTOCOL_VERSION);
     pack_str(&pk, "kind"); pack_str(&pk, kind);
@@ -189,34 +239,62 @@ static int send_request(mesh_client *c, const char *kind, uint64_t id, const cha
     pack_str(&pk, "inputs"); pack_values(&pk, inputs, n_inputs, &next);
     pack_str(&pk, "timeout_ms"); msgpack_pack_int(&pk, timeout_ms);
     if (n_params) { pack_str(&pk, "params"); pack_values(&pk, params, n_params, &next); }
-    size_t tensors = 0;
-    for (size_t i = 0; i < n_inputs; i++) tensors += inputs[i].kind == MESH_VALUE_TENSOR;
-    int rc = zmq_send(c->sock, buf.data, buf.size, tensors ? ZMQ_SNDMORE : 0);
-    msgpack_sbuffer_destroy(&buf);
-    for (size_t i = 0, sent = 0; rc >= 0 && i < n_inputs; i++) {
-        if (inputs[i].kind != MESH_VALUE_TENSOR) continue;
-        sent++;
-        rc = zmq_send(c->sock, inputs[i].data, inputs[i].nbytes, sent < tensors ? ZMQ_SNDMORE : 0);
-    }
-    return rc < 0 ? -1 : 0;
+    add_tensor_frames(out, inputs, n_inputs);
+    add_tensor_frames(out, params, n_params);
+    return message_end(out, &o);
 }
 
-/* A header-only message {v, kind, id}: a ping or a cancel. */
-static void send_bare(mesh_client *c, const char *kind, uint64_t id, int flags) {
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
+int mesh_encode_control(const char *kind, uint64_t id, mesh_message *out) {
+    out_buf o;
     msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    if (message_start(out, 0, &o, &pk) < 0) return -1;
     msgpack_pack_map(&pk, 3);
     pack_str(&pk, "v"); msgpack_pack_int(&pk, PROTOCOL_VERSION);
     pack_str(&pk, "kind"); pack_str(&pk, kind);
     pack_str(&pk, "id"); msgpack_pack_uint64(&pk, id);
-    zmq_send(c->sock, sb.data, sb.size, flags);
-    msgpack_sbuffer_destroy(&sb);
+    return message_end(out, &o);
 }
 
-static void send_ping(mesh_client *c, uint64_t id) { send_bare(c, "ping", id, ZMQ_DONTWAIT); }
-static void send_cancel(mesh_client *c, uint64_t id) { send_bare(c, "cancel", id, 0); }
+void mesh_message_free(mesh_message *m) {
+    if (m->count) free((void *)m->frames[0].data);
+    free(m->frames);
+    memset(m, 0, sizeof *m);
+}
+
+/* Sends every frame of m (flags added to each): 0, or -1 with zmq's errno. */
+static int send_message(mesh_client *c, const mesh_message *m, int flags) {
+    for (size_t i = 0; i < m->count; i++)
+        if (zmq_send(c->sock, m->frames[i].data, m->frames[i].size,
+                     flags | (i + 1 < m->count ? ZMQ_SNDMORE : 0)) < 0)
+            return -1;
+    return 0;
+}
+
+static int send_request(mesh_client *c, const char *kind, uint64_t id, const char *model,
+                        const mesh_value *inputs, size_t n_inputs, const mesh_value *params,
+                        size_t n_params, int timeout_ms, mesh_error *err) {
+    mesh_message m;
+    if (mesh_encode_request(kind, id, model, inputs, n_inputs, params, n_params, timeout_ms,
+                            &m) < 0) {
+        set_error(err, "client", "out of memory", 0);
+        return -1;
+    }
+    int rc = send_message(c, &m, 0);
+    if (rc < 0) set_error(err, "client", zmq_strerror(zmq_errno()), 0);
+    mesh_message_free(&m);
+    return rc;
+}
+
+/* A header-only message: a ping or a cancel. */
+static void send_control(mesh_client *c, const char *kind, uint64_t id, int flags) {
+    mesh_message m;
+    if (mesh_encode_control(kind, id, &m) < 0) return;
+    send_message(c, &m, flags);
+    mesh_message_free(&m);
+}
+
+static void send_ping(mesh_client *c, uint64_t id) { send_control(c, "ping", id, ZMQ_DONTWAIT); }
+static void send_cancel(mesh_client *c, uint64_t id) { send_control(c, "cancel", id, 0); }
 
 /* -- decoding -------------------------------------------------------------------------------- */
 
@@ -261,8 +339,23 @@ static char *dup_str(const msgpack_object *o) {
     return s;
 }
 
-static int decode_outputs(const msgpack_object *outputs, frames_t *f, mesh_answer *out,
-                          mesh_error *err) {
+/* A string field into buf (truncated to fit), or fallback when absent or not a string. */
+static void str_field(const msgpack_object *h, const char *key, char *buf, size_t cap,
+                      const char *fallback) {
+    const msgpack_object *o = map_get(h, key);
+    if (o && o->type == MSGPACK_OBJECT_STR)
+        snprintf(buf, cap, "%.*s", (int)o->via.str.size, o->via.str.ptr);
+    else
+        snprintf(buf, cap, "%s", fallback);
+}
+
+static int tensor_error(mesh_error *err) {
+    set_error(err, "client", "a tensor reference the client cannot read", 0);
+    return -1;
+}
+
+static int decode_outputs(const msgpack_object *outputs, const mesh_frame *frames,
+                          size_t n_frames, mesh_answer *out, mesh_error *err) {
     memset(out, 0, sizeof *out);
     if (!outputs || outputs->type != MSGPACK_OBJECT_MAP) return 0;
     out->values = calloc(outputs->via.map.size ? outputs->via.map.size : 1, sizeof(mesh_value));
@@ -278,18 +371,34 @@ static int decode_outputs(const msgpack_object *outputs, frames_t *f, mesh_answe
                                  *ix = &ref->via.array.ptr[2];
             int d = dt->type == MSGPACK_OBJECT_STR ? dtype_of(dt->via.str.ptr, dt->via.str.size) : -1;
             if (d < 0 || sh->type != MSGPACK_OBJECT_ARRAY || sh->via.array.size > MESH_MAX_DIMS ||
-                ix->type != MSGPACK_OBJECT_POSITIVE_INTEGER || ix->via.u64 >= (uint64_t)f->n) {
-                set_error(err, "client", "a tensor reference the client cannot read", 0);
-                return -1;
+                ix->type != MSGPACK_OBJECT_POSITIVE_INTEGER || ix->via.u64 < 1 ||
+                ix->via.u64 >= n_frames) {
+                mesh_answer_free(out);
+                return tensor_error(err);
             }
             mv->kind = MESH_VALUE_TENSOR;
             mv->dtype = (mesh_dtype)d;
             mv->ndim = (int)sh->via.array.size;
-            for (int j = 0; j < mv->ndim; j++) mv->shape[j] = sh->via.array.ptr[j].via.i64;
-            zmq_msg_t *m = &f->msgs[ix->via.u64];
-            mv->nbytes = zmq_msg_size(m);
+            size_t count = 1;  /* elements; bounded so that count * a dtype's size cannot wrap */
+            for (int j = 0; j < mv->ndim; j++) {
+                const msgpack_object *dim = &sh->via.array.ptr[j];
+                if (dim->type != MSGPACK_OBJECT_POSITIVE_INTEGER || dim->via.u64 > INT64_MAX ||
+                        (dim->via.u64 && count > SIZE_MAX / 16 / dim->via.u64)) {
+                    mesh_answer_free(out);
+                    return tensor_error(err);
+                }
+                mv->shape[j] = (int64_t)dim->via.u64;
+                count *= (size_t)dim->via.u64;
+            }
+            /* A frame that is not its shape's size would have a caller read past it. */
+            const mesh_frame *fr = &frames[ix->via.u64];
+            if (fr->size != count * mesh_dtype_size(mv->dtype)) {
+                mesh_answer_free(out);
+                return tensor_error(err);
+            }
+            mv->nbytes = fr->size;
             mv->data = malloc(mv->nbytes ? mv->nbytes : 1);
-            memcpy(mv->data, zmq_msg_data(m), mv->nbytes);
+            memcpy(mv->data, fr->data, mv->nbytes);
         } else if (v->type == MSGPACK_OBJECT_STR) {
             mv->kind = MESH_VALUE_STRING;
             mv->str = dup_str(v);
@@ -320,8 +429,61 @@ const mesh_value *mesh_answer_get(const mesh_answer *a, const char *name) {
     return NULL;
 }
 
-/* The next message for id: 1 (kind in *kind, header in *obj with zone), 0 timeout, -1 error. */
-enum { ANSWER_RESULT, ANSWER_CHUNK, ANSWER_END, ANSWER_ERROR, ANSWER_OTHER };
+/* Frame 0 unpacked into *up (the caller destroys it, whatever the result) and read into *r:
+ * kind, id and an error's fields, not the outputs. 0, or -1 when it is not a msgpack map. */
+static int decode_header(const mesh_frame *frames, size_t n_frames, msgpack_unpacked *up,
+                         mesh_reply *r) {
+    memset(r, 0, sizeof *r);
+    msgpack_unpacked_init(up);
+    if (n_frames < 1 || msgpack_unpack_next(up, frames[0].data, frames[0].size, NULL) !=
+            MSGPACK_UNPACK_SUCCESS || up->data.type != MSGPACK_OBJECT_MAP)
+        return -1;
+    const msgpack_object *h = &up->data;
+    str_field(h, "kind", r->kind, sizeof r->kind, "");
+    const msgpack_object *id = map_get(h, "id");
+    if (!id || id->type == MSGPACK_OBJECT_NIL) r->id_kind = MESH_ID_NIL;
+    else if (id->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+        r->id_kind = MESH_ID_INT;
+        r->id = id->via.u64;
+    } else if (id->type == MSGPACK_OBJECT_STR) {
+        r->id_kind = MESH_ID_STRING;
+        r->id_str = dup_str(id);
+    } else {
+        r->id_kind = MESH_ID_OTHER;
+    }
+    if (strcmp(r->kind, "error") == 0) {
+        str_field(h, "code", r->error.code, sizeof r->error.code, "internal");
+        str_field(h, "message", r->error.message, sizeof r->error.message, "");
+        const msgpack_object *retry = map_get(h, "retryable");
+        const msgpack_object *after = map_get(h, "retry_after_ms");
+        r->error.retryable = retry && retry->type == MSGPACK_OBJECT_BOOLEAN && retry->via.boolean;
+        r->error.retry_after_ms = after && after->type == MSGPACK_OBJECT_POSITIVE_INTEGER &&
+            after->via.u64 <= INT32_MAX ? (int)after->via.u64 : 0;
+    }
+    return 0;
+}
+
+static int has_outputs(const mesh_reply *r) {
+    return strcmp(r->kind, "result") == 0 || strcmp(r->kind, "chunk") == 0;
+}
+
+int mesh_decode_reply(const mesh_frame *frames, size_t n_frames, mesh_reply *out,
+                      mesh_error *err) {
+    msgpack_unpacked up;
+    int rc = decode_header(frames, n_frames, &up, out);
+    if (rc < 0) set_error(err, "client", "frame 0 is not a msgpack map", 0);
+    else if (has_outputs(out))
+        rc = decode_outputs(map_get(&up.data, "outputs"), frames, n_frames, &out->outputs, err);
+    msgpack_unpacked_destroy(&up);
+    if (rc < 0) mesh_reply_free(out);
+    return rc;
+}
+
+void mesh_reply_free(mesh_reply *r) {
+    free(r->id_str);
+    mesh_answer_free(&r->outputs);
+    memset(r, 0, sizeof *r);
+}
 
 /* A pong: 1 when it comes from a restarted controller and its ping was sent after request
  * id (so the request went to the previous one), else 0 (its incarnation noted). */
@@ -335,8 +497,11 @@ static int restarted(mesh_client *c, const msgpack_object *h, uint64_t ping_id, 
     return changed && ping_id > id;
 }
 
-static int await_answer(mesh_client *c, uint64_t id, int64_t deadline, frames_t *f,
-                        msgpack_unpacked *up, int *kind, mesh_error *err) {
+/* The next answer to request id, decoded as mesh_decode_reply does (outputs only for ours):
+ * 0 and *r filled (free it), or -1 and *err filled. Pongs and answers to other ids are read
+ * and dropped on the way. */
+static int await_answer(mesh_client *c, uint64_t id, int64_t deadline, mesh_reply *r,
+                        mesh_error *err) {
     for (;;) {
         int64_t now = now_ms();
         int64_t wait = deadline - now;
@@ -351,7 +516,8 @@ static int await_answer(mesh_client *c, uint64_t id, int64_t deadline, frames_t 
             if (until_ping < wait) wait = until_ping;
             if (until_lost < wait) wait = until_lost;
         }
-        int rc = recv_frames(c, f, (int)(wait > 0 ? wait : 0));
+        frames_t f = {.n = 0};
+        int rc = recv_frames(c, &f, (int)(wait > 0 ? wait : 0));
         if (rc == 0) {
             int64_t silent = now_ms() - c->heard_ms;
             if (c->heartbeat_ms && silent > c->controller_timeout_ms) {
@@ -366,47 +532,31 @@ static int await_answer(mesh_client *c, uint64_t id, int64_t deadline, frames_t 
         }
         if (rc < 0) { set_error(err, "client", zmq_strerror(zmq_errno()), 0); return -1; }
         c->heard_ms = now_ms();  /* any message at all: the controller is there */
-        msgpack_unpacked_init(up);
-        if (msgpack_unpack_next(up, zmq_msg_data(&f->msgs[0]), zmq_msg_size(&f->msgs[0]), NULL)
-                != MSGPACK_UNPACK_SUCCESS) {
-            msgpack_unpacked_destroy(up); frames_close(f); continue;
+        mesh_frame views[MAX_FRAMES];
+        for (int i = 0; i < f.n; i++)
+            views[i] = (mesh_frame){zmq_msg_data(&f.msgs[i]), zmq_msg_size(&f.msgs[i])};
+        msgpack_unpacked up;
+        rc = decode_header(views, (size_t)f.n, &up, r);
+        int ours = 0, lost = 0;
+        if (rc == 0 && r->id_kind == MESH_ID_INT && !strcmp(r->kind, "pong")) {
+            lost = restarted(c, &up.data, r->id, id);
+        } else if (rc == 0 && r->id_kind == MESH_ID_INT && r->id == id) {
+            ours = 1;
+            if (has_outputs(r))
+                rc = decode_outputs(map_get(&up.data, "outputs"), views, (size_t)f.n,
+                                    &r->outputs, err);
         }
-        const msgpack_object *h = &up->data;
-        const msgpack_object *hid = map_get(h, "id"), *hk = map_get(h, "kind");
-        if (hid && hid->type == MSGPACK_OBJECT_POSITIVE_INTEGER && hk &&
-                hk->type == MSGPACK_OBJECT_STR && hk->via.str.size == 4 &&
-                !memcmp(hk->via.str.ptr, "pong", 4)) {
-            int lost = restarted(c, h, hid->via.u64, id);
-            msgpack_unpacked_destroy(up); frames_close(f);
-            if (lost) {
-                set_error(err, "controller_lost", "the controller restarted (a new incarnation): "
-                          "the request went to the previous one", 1);
-                return -1;
-            }
-            continue;
+        msgpack_unpacked_destroy(&up);
+        frames_close(&f);
+        if (ours && rc == 0) return 0;
+        mesh_reply_free(r);
+        if (ours) return -1;  /* ours, but its outputs cannot be read: *err says why */
+        if (lost) {
+            set_error(err, "controller_lost", "the controller restarted (a new incarnation): "
+                      "the request went to the previous one", 1);
+            return -1;
         }
-        if (!hid || hid->type != MSGPACK_OBJECT_POSITIVE_INTEGER || hid->via.u64 != id || !hk ||
-                hk->type != MSGPACK_OBJECT_STR) {
-            msgpack_unpacked_destroy(up); frames_close(f); continue;  /* not ours: ignored */
-        }
-        const char *k = hk->via.str.ptr;
-        size_t n = hk->via.str.size;
-        *kind = (n == 6 && !memcmp(k, "result", 6)) ? ANSWER_RESULT
-              : (n == 5 && !memcmp(k, "chunk", 5)) ? ANSWER_CHUNK
-              : (n == 3 && !memcmp(k, "end", 3)) ? ANSWER_END
-              : (n == 5 && !memcmp(k, "error", 5)) ? ANSWER_ERROR : ANSWER_OTHER;
-        if (*kind == ANSWER_ERROR && err) {
-            const msgpack_object *code = map_get(h, "code"), *msg = map_get(h, "message"),
-                                 *retry = map_get(h, "retryable"), *after = map_get(h, "retry_after_ms");
-            snprintf(err->code, sizeof err->code, "%.*s", code && code->type == MSGPACK_OBJECT_STR
-                     ? (int)code->via.str.size : 8, code && code->type == MSGPACK_OBJECT_STR
-                     ? code->via.str.ptr : "internal");
-            snprintf(err->message, sizeof err->message, "%.*s", msg && msg->type == MSGPACK_OBJECT_STR
-                     ? (int)msg->via.str.size : 0, msg ? msg->via.str.ptr : "");
-            err->retryable = retry && retry->type == MSGPACK_OBJECT_BOOLEAN && retry->via.boolean;
-            err->retry_after_ms = after && after->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? (int)after->via.u64 : 0;
-        }
-        return 1;
+        /* a pong, an answer to another id, or not a msgpack map: ignored */
     }
 }
 
@@ -415,21 +565,23 @@ int mesh_infer(mesh_client *c, const char *model, const mesh_value *inputs, size
                mesh_error *err) {
     uint64_t id = c->next_id++;
     c->heard_ms = c->pinged_ms = now_ms();  /* silence while idle means nothing */
-    if (send_request(c, "infer", id, model, inputs, n_inputs, params, n_params, timeout_ms) < 0) {
-        set_error(err, "client", zmq_strerror(zmq_errno()), 0);
+    if (send_request(c, "infer", id, model, inputs, n_inputs, params, n_params, timeout_ms,
+                     err) < 0)
         return -1;
-    }
     int64_t deadline = now_ms() + timeout_ms + GRACE_MS;
     for (;;) {
-        frames_t f = {.n = 0};
-        msgpack_unpacked up;
-        int kind;
-        if (await_answer(c, id, deadline, &f, &up, &kind, err) < 0) return -1;
+        mesh_reply r;
+        if (await_answer(c, id, deadline, &r, err) < 0) return -1;
         int rc = -2;
-        if (kind == ANSWER_ERROR) rc = -1;
-        else if (kind == ANSWER_RESULT) rc = decode_outputs(map_get(&up.data, "outputs"), &f, out, err);
-        msgpack_unpacked_destroy(&up);
-        frames_close(&f);
+        if (!strcmp(r.kind, "error")) {
+            if (err) *err = r.error;
+            rc = -1;
+        } else if (!strcmp(r.kind, "result")) {
+            *out = r.outputs;
+            memset(&r.outputs, 0, sizeof r.outputs);
+            rc = 0;
+        }
+        mesh_reply_free(&r);
         if (rc != -2) return rc;
     }
 }
@@ -442,11 +594,8 @@ int mesh_stream_start(mesh_client *c, const char *model, const mesh_value *input
     s->started_ms = now_ms();
     s->done = 0;
     c->heard_ms = c->pinged_ms = now_ms();
-    if (send_request(c, "stream", s->id, model, inputs, n_inputs, params, n_params, timeout_ms) < 0) {
-        set_error(err, "client", zmq_strerror(zmq_errno()), 0);
-        return -1;
-    }
-    return 0;
+    return send_request(c, "stream", s->id, model, inputs, n_inputs, params, n_params,
+                        timeout_ms, err);
 }
 
 int mesh_stream_next(mesh_client *c, mesh_stream *s, mesh_answer *chunk, mesh_error *err) {
@@ -455,16 +604,20 @@ int mesh_stream_next(mesh_client *c, mesh_stream *s, mesh_answer *chunk, mesh_er
     c->heard_ms = now_ms();
     int64_t deadline = s->started_ms + s->deadline_ms + GRACE_MS;
     for (;;) {
-        frames_t f = {.n = 0};
-        msgpack_unpacked up;
-        int kind;
-        if (await_answer(c, s->id, deadline, &f, &up, &kind, err) < 0) { s->done = 1; return -1; }
+        mesh_reply r;
+        if (await_answer(c, s->id, deadline, &r, err) < 0) { s->done = 1; return -1; }
         int rc = -2;
-        if (kind == ANSWER_ERROR) rc = -1;
-        else if (kind == ANSWER_END) rc = 1;
-        else if (kind == ANSWER_CHUNK) rc = decode_outputs(map_get(&up.data, "outputs"), &f, chunk, err);
-        msgpack_unpacked_destroy(&up);
-        frames_close(&f);
+        if (!strcmp(r.kind, "error")) {
+            if (err) *err = r.error;
+            rc = -1;
+        } else if (!strcmp(r.kind, "end")) {
+            rc = 1;
+        } else if (!strcmp(r.kind, "chunk")) {
+            *chunk = r.outputs;
+            memset(&r.outputs, 0, sizeof r.outputs);
+            rc = 0;
+        }
+        mesh_reply_free(&r);
         if (rc == -1 || rc == 1) s->done = 1;
         if (rc != -2) return rc;
     }

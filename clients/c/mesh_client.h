@@ -93,4 +93,52 @@ int mesh_stream_start(mesh_client *c, const char *model, const mesh_value *input
 int mesh_stream_next(mesh_client *c, mesh_stream *s, mesh_answer *chunk, mesh_error *err);
 void mesh_stream_cancel(mesh_client *c, mesh_stream *s);
 
+/* -- the wire without a socket --------------------------------------------------------------
+ * The code the calls above send and read with, callable alone: a program can check the
+ * client against the conformance vectors (docs/protocol-vectors) offline, as test_client.c
+ * does, or speak the protocol over a transport of its own. */
+
+/* One frame: bytes and their length. */
+typedef struct { const void *data; size_t size; } mesh_frame;
+
+/* A message as the client sends it: frames[0] is the msgpack header (owned by the message),
+ * then one frame per tensor in the order the header references them, the inputs' first and
+ * then the params' (protocol section 4); those point at the mesh_values' data, which must
+ * outlive the message. Free it with mesh_message_free. */
+typedef struct { mesh_frame *frames; size_t count; } mesh_message;
+
+/* The message mesh_infer (kind "infer") or mesh_stream_start ("stream") sends as request id:
+ * 0, or -1 when out of memory. params may be NULL. */
+int mesh_encode_request(const char *kind, uint64_t id, const char *model,
+                        const mesh_value *inputs, size_t n_inputs, const mesh_value *params,
+                        size_t n_params, int timeout_ms, mesh_message *out);
+/* A header-only message {v, kind, id}: the client's "ping" and "cancel". 0, or -1. */
+int mesh_encode_control(const char *kind, uint64_t id, mesh_message *out);
+void mesh_message_free(mesh_message *m);
+
+/* An answer's id as sent: nil (or absent), a non-negative integer (the client's own ids), a
+ * string, or anything else (a negative integer, a float, ...). */
+typedef enum { MESH_ID_NIL, MESH_ID_INT, MESH_ID_STRING, MESH_ID_OTHER } mesh_id_kind;
+
+/* One answer (protocol section 3.4) as the client reads it. */
+typedef struct {
+    char kind[32];          /* "result", "chunk", "end", "error", "pong", ... as sent (at most
+                             * 31 characters kept); "" when the header has none */
+    mesh_id_kind id_kind;
+    uint64_t id;            /* MESH_ID_INT */
+    char *id_str;           /* MESH_ID_STRING (owned) */
+    mesh_error error;       /* kind "error": its code ("internal" if none), message,
+                             * retryable, retry_after_ms; else all zero */
+    mesh_answer outputs;    /* kind "result" or "chunk": the named outputs (owned) */
+} mesh_reply;
+
+/* Decodes an answer from its frames exactly as mesh_infer and mesh_stream_next read theirs:
+ * header keys the client does not know are ignored. 0 and *out filled (free it with
+ * mesh_reply_free), or -1 and *err filled: frame 0 is not a msgpack map, or a tensor
+ * reference cannot be read (an unknown dtype, no such frame, a frame whose size is not its
+ * shape's). On -1 *out needs no freeing. */
+int mesh_decode_reply(const mesh_frame *frames, size_t n_frames, mesh_reply *out,
+                      mesh_error *err);
+void mesh_reply_free(mesh_reply *r);
+
 #endif

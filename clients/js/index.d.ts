@@ -29,6 +29,18 @@ export const errors: {
   InternalError: typeof MeshError; ControllerLost: typeof MeshError;
 };
 
+/** The header of an `infer` or `stream` request, as the client sends it. */
+export function requestHeader(kind: "infer" | "stream", id: number, model: string,
+                              inputs: Record<string, Value>, timeoutMs: number,
+                              params?: Record<string, Value>): Record<string, Value>;
+/** The header of a `ping` or a `cancel`. */
+export function controlHeader(kind: "ping" | "cancel", id: number | string): Record<string, Value>;
+/** The header of a `describe` (every model, or `model` only). */
+export function describeHeader(id: number, model?: string): Record<string, Value>;
+/** A message's frames as the client sends them: the msgpack header, then each tensor's data. */
+export function encodeMessage(header: Record<string, Value>): Uint8Array[];
+
+/** One answer (its frames) as the client reads it. */
 export function decodeAnswer(frames: Uint8Array[]): {
   kind: string; id: number | string | null; error?: MeshError; outputs?: Outputs;
 };

@@ -88,6 +88,40 @@ function decodeValue(value, frames) {
   return value;
 }
 
+// -- messages: what the client sends, built here and nowhere else (the tests give these the
+// conformance vectors' values and compare bytes) ----------------------------------------
+
+/** The header of an `infer` or `stream` request (protocol section 3.2). */
+export function requestHeader(kind, id, model, inputs, timeoutMs, params) {
+  const header = { v: PROTOCOL_VERSION, kind, id, model, inputs,
+    timeout_ms: Math.max(1, Math.round(timeoutMs)) };
+  if (params && Object.keys(params).length) header.params = params;
+  return header;
+}
+
+/** The header of a `ping` or a `cancel`: nothing but the id. */
+export function controlHeader(kind, id) {
+  return { v: PROTOCOL_VERSION, kind, id };
+}
+
+/** The header of a `describe`: every model, or only `model` (protocol section 3.8). */
+export function describeHeader(id, model) {
+  const header = { v: PROTOCOL_VERSION, kind: "describe", id };
+  if (model !== undefined) header.model = model;
+  return header;
+}
+
+/**
+ * A message's frames as the client sends them: the msgpack header, each tensor in it made a
+ * reference, then the tensors' data, one frame each, in the order the header names them
+ * (protocol section 4: the inputs' before the params').
+ */
+export function encodeMessage(header) {
+  const frames = [];
+  const full = encodeValue(header, frames);
+  return [Buffer.from(encode(full)), ...frames];
+}
+
 /** One answer as frames (Buffers): {kind, id, error?: MeshError, outputs?}. */
 export function decodeAnswer(frames) {
   const h = decode(frames[0]);
@@ -188,7 +222,7 @@ export class Client {
           "requests sent to the previous one are lost");
       }
     } });
-    this.send({ v: PROTOCOL_VERSION, kind: "ping", id }).catch(() => {});
+    this.send(controlHeader("ping", id)).catch(() => {});
   }
 
   /** Fail everything in flight with ControllerLost and start over on a new socket. */
@@ -215,11 +249,9 @@ export class Client {
    * a time (a second one while the first waits, as it does until a connection is up, throws
    * EBUSY), so sends go out one after another, in order.
    */
-  send(header, frames = []) {
+  send(header) {
     if (this.closed) throw new errors.Cancelled("client is closed", true, 0);
-    const extra = [];
-    const full = encodeValue(header, extra);
-    const message = [Buffer.from(encode(full)), ...extra, ...frames];
+    const message = encodeMessage(header);
     const socket = this.socket;
     this.unsent++;
     const sent = this.outbox.then(() => socket.send(message));
@@ -233,17 +265,10 @@ export class Client {
     this.waiting.set(id, { onMessage, sent: this.sends++ });
   }
 
-  request(kind, model, inputs, timeoutMs, params) {
-    const header = { v: PROTOCOL_VERSION, kind, id: this.nextId++, model, inputs,
-      timeout_ms: Math.max(1, Math.round(timeoutMs)) };
-    if (params && Object.keys(params).length) header.params = params;
-    return header;
-  }
-
   /** One request, one answer: the named outputs (tensors as {dtype, shape, data}). */
   async infer(model, inputs, { timeoutMs, params } = {}) {
     const t = timeoutMs ?? this.defaultTimeoutMs;
-    const header = this.request("infer", model, inputs, t, params);
+    const header = requestHeader("infer", this.nextId++, model, inputs, t, params);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.waiting.delete(header.id);
@@ -270,7 +295,7 @@ export class Client {
     const t = timeoutMs ?? this.defaultTimeoutMs;
     const p = { ...(params ?? {}) };
     if (maxTokens !== undefined) p.max_tokens = maxTokens;
-    const header = this.request("stream", model, inputs, t, p);
+    const header = requestHeader("stream", this.nextId++, model, inputs, t, p);
     const queue = [];
     let wake = null;
     const push = (item) => { queue.push(item); if (wake) { wake(); wake = null; } };
@@ -296,15 +321,14 @@ export class Client {
       clearTimeout(timer);
       this.waiting.delete(header.id);
       if (!finished && !this.closed) {
-        await this.send({ v: PROTOCOL_VERSION, kind: "cancel", id: header.id }).catch(() => {});
+        await this.send(controlHeader("cancel", header.id)).catch(() => {});
       }
     }
   }
 
   /** What the controller serves (protocol section 3.8). */
   async describe(model, { timeoutMs = 5000 } = {}) {
-    const header = { v: PROTOCOL_VERSION, kind: "describe", id: this.nextId++ };
-    if (model !== undefined) header.model = model;
+    const header = describeHeader(this.nextId++, model);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.waiting.delete(header.id);
