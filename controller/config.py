@@ -123,7 +123,8 @@ class KubernetesConfig:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
     service_account: str = ""
-    # Seconds a worker pod gets to stop when it is released (scale-down, shutdown).
+    # Seconds a worker pod gets to stop when it is released (scale-down, shutdown). At least
+    # 1: a grace of 0 is a force delete (the pod object goes before its container stops).
     termination_grace_s: int = 15
 
 
@@ -229,7 +230,7 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
 def _check_kubernetes(k: KubernetesConfig, used: bool) -> None:
     _range("kubernetes.max_workers", k.max_workers, 1, 100_000)
     _range("kubernetes.threads", k.threads, 0, 1024)
-    _range("kubernetes.termination_grace_s", k.termination_grace_s, 0, 3600)
+    _range("kubernetes.termination_grace_s", k.termination_grace_s, 1, 3600)
     if k.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"kubernetes.device must be cpu, cuda or auto, got {k.device!r}")
     if k.image_pull_policy not in ("Always", "IfNotPresent", "Never"):

@@ -11,7 +11,9 @@ replaced by the controller under a new id, never restarted in place.
 One watch on the owned pods reports every end of a worker once, as the local launcher reports
 a process exit: a container that terminated (its exit code; 137 reads as SIGKILL), a pod that
 failed or was deleted by someone else (a node drained, ``kubectl delete``). ``kill`` (``meshctl
-kill``) deletes a pod with no grace; ``stop`` (scale-down, shutdown) with the configured grace.
+kill``, a hung worker) deletes a pod with a grace of ``KILL_GRACE_S`` (never 0: see there);
+``stop`` (scale-down, shutdown) with the configured grace. Either way the pod's end is
+reported once its container has stopped.
 A controller restarted in the same pod finds its pods by label and adopts them; their workers
 register again by themselves.
 
@@ -46,6 +48,13 @@ LABEL_WORKER = "meshserve.io/worker-id"
 # network blip): the pods keep running meanwhile; only their exits are learned late.
 WATCH_RETRY_S = 1.0
 MAX_REPORTED = 10_000
+# A kill's grace (meshctl kill, a hung worker): the shortest that is not a force delete. With
+# 0, Kubernetes removes the pod object at once while its container may still run (the kubelet
+# kills it when it notices), so the scheduler could place a replacement on the GPU the old
+# worker still holds. With 1, the kubelet sends SIGTERM, then SIGKILL a second later, and the
+# object (and the resources it holds) stays until the container has stopped: the end this
+# launcher reports is the container's.
+KILL_GRACE_S = 1
 
 
 def pod_name(worker_id: str) -> str:
@@ -159,6 +168,7 @@ class KubernetesLauncher:
         # break repeats recent events, never old ones).
         self._reported: dict[str, None] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # deletes under way (kill, cleanup)
         self._closing = False
         self.api_errors = 0
 
@@ -194,18 +204,18 @@ class KubernetesLauncher:
         pod = self._pods.get(worker_id)
         if pod is None:
             return
-        grace = min(self._k.termination_grace_s, max(0, math.ceil(timeout_s)))
+        grace = min(self._k.termination_grace_s, max(KILL_GRACE_S, math.ceil(timeout_s)))
         await self._delete(pod, grace)
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(pod.ended), timeout_s + 2.0)
 
     def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> bool:
-        """Delete the pod with no grace (``meshctl kill``, a hung worker)."""
+        """Delete the pod with a grace of ``KILL_GRACE_S`` (``meshctl kill``, a hung
+        worker); its end is reported when its container has stopped."""
         pod = self._pods.get(worker_id)
         if pod is None:
             return False
-        asyncio.get_running_loop().create_task(self._delete(pod, 0),
-                                               name=f"launcher.kill.{worker_id}")
+        self._own(self._delete(pod, KILL_GRACE_S), f"launcher.kill.{worker_id}")
         return True
 
     def pids(self) -> dict[str, int]:
@@ -225,10 +235,10 @@ class KubernetesLauncher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(asyncio.shield(p.ended)
                                                         for p in pods)), timeout_s)
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in [*self._tasks, *([self._watch_task] if self._watch_task else [])]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch_task
+                await task
         with contextlib.suppress(Exception):
             await self._client.close()
 
@@ -248,6 +258,12 @@ class KubernetesLauncher:
         except Exception as exc:
             self.api_errors += 1
             log.warning("cannot delete pod %s: %s", pod.name, exc)
+
+    def _own(self, coro: Any, name: str) -> None:
+        """Run ``coro`` as a task this launcher owns (cancelled and awaited by ``aclose``)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _ensure_watch(self) -> None:
         if self._watch_task is None or self._watch_task.done():
@@ -313,7 +329,8 @@ class KubernetesLauncher:
         log.info("worker %s (pod %s) ended: %d%s", worker_id, name, code,
                  " (deleted)" if kind == "DELETED" else "")
         self._on_exit(worker_id, code)
-        if kind != "DELETED" and not self._closing:
-            # A terminated pod stays until deleted (restartPolicy Never): clean it up.
-            asyncio.get_running_loop().create_task(self._delete(known, 0),
-                                                   name=f"launcher.cleanup.{worker_id}")
+        if kind != "DELETED" and not self._closing and "deletionTimestamp" not in meta:
+            # A terminated pod stays until deleted (restartPolicy Never): clean it up. Its
+            # container has stopped, so removing the object at once (grace 0) frees nothing
+            # that is still in use.
+            self._own(self._delete(known, 0), f"launcher.cleanup.{worker_id}")

@@ -323,3 +323,12 @@ def test_the_mlp_example_serves_one_stage_worlds_two_at_start() -> None:
 def test_the_echo_example_serves_the_echo_handler() -> None:
     dep = load_config(EXAMPLES / "echo.toml").deployment("echo")
     assert dep.model == "worker.models.echo:build"
+
+
+def test_a_kubernetes_grace_of_zero_a_force_delete_is_rejected_by_name() -> None:
+    raw = {"deployments": [{"name": "mlp", "model": "worker.models.mlp:build"}],
+           "kubernetes": {"termination_grace_s": 0}}
+    with pytest.raises(ConfigError, match=r"kubernetes\.termination_grace_s"):
+        parse_config(raw)
+    raw["kubernetes"] = {"termination_grace_s": 1}
+    assert parse_config(raw).kubernetes.termination_grace_s == 1

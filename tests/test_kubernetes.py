@@ -94,9 +94,9 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
         kube.node_kill(pod_name("w1"))
         await wait_until(lambda: exits == [("w1", -signal.SIGKILL)], what="w1's exit")
         await wait_until(lambda: pod_name("w1") not in kube.pods, what="w1's pod deleted")
-        # meshctl kill: a delete with no grace.
+        # meshctl kill: a delete with a short grace; this stand-in ends on the SIGTERM.
         assert launcher.kill("w2") and not launcher.kill("nobody")
-        await wait_until(lambda: ("w2", -signal.SIGKILL) in exits, what="w2's exit")
+        await wait_until(lambda: ("w2", -signal.SIGTERM) in exits, what="w2's exit")
         # The watch's connection dies silently, a pod is force-deleted meanwhile, and the
         # API server's history no longer reaches back (410 Gone on resuming): the DELETED
         # event went to nobody, and still its end is reported (from a list on reopening).
@@ -118,6 +118,53 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
     finally:
         await launcher.aclose(timeout_s=5.0)
     assert kube.pids() == {}
+
+
+async def test_a_killed_worker_ends_with_its_pod_and_is_reported_once_its_process_is_gone(
+        kube: FakeKube) -> None:
+    # meshctl kill, or a hung worker: a force delete (grace 0) would remove the pod object at
+    # once while its container still runs, and a replacement could be scheduled onto the GPU
+    # the old worker still holds. So a kill deletes with a short grace, the object stays
+    # until the container has stopped, and the end is reported only then.
+    from controller.kube_launcher import KILL_GRACE_S
+
+    exits: list[tuple[str, int]] = []
+    alive_when_reported: list[bool] = []
+
+    def on_exit(worker_id: str, code: int) -> None:
+        exits.append((worker_id, code))
+        alive_when_reported.append(kube.procs[pod_name(worker_id)].returncode is None)
+
+    # A hung worker: it ignores SIGTERM, so only the kubelet's SIGKILL after the grace ends it.
+    hung = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(600)")
+    k = KubernetesConfig(api_server=kube.url, namespace="meshserve",
+                         command=(sys.executable, "-c", hung), max_workers=2,
+                         termination_grace_s=5)
+    launcher = KubernetesLauncher(k, on_exit=on_exit)
+    try:
+        await launcher.spawn("w1")
+        await wait_until(lambda: ready(kube, "w1"), what="w1 running, SIGTERM ignored")
+        assert launcher.kill("w1")
+        await wait_until(lambda: exits, timeout_s=10, what="w1's end")
+        assert exits == [("w1", -signal.SIGKILL)]
+        assert alive_when_reported == [False], "its end was reported while it still ran"
+        assert kube.deletes == [(pod_name("w1"), KILL_GRACE_S)] and KILL_GRACE_S >= 1
+        # A stop (scale-down, shutdown) deletes with the configured grace.
+        await launcher.spawn("w2")
+        await wait_until(lambda: ready(kube, "w2"), what="w2 running, SIGTERM ignored")
+        await launcher.stop("w2", timeout_s=8.0)
+        assert kube.deletes[-1] == (pod_name("w2"), 5)
+        assert [w for w, _ in exits] == ["w1", "w2"] and alive_when_reported == [False, False]
+    finally:
+        await launcher.aclose(timeout_s=5.0)
+    assert kube.pids() == {}
+
+
+def ready(kube: FakeKube, worker_id: str) -> bool:
+    """Whether the stand-in worker of this pod printed ``ready``."""
+    log = kube.logs / f"{pod_name(worker_id)}.log"
+    return log.exists() and "ready" in log.read_text()
 
 
 MLP = """
