@@ -9,11 +9,13 @@ so that Kubernetes deletes them with it. ``restartPolicy: Never``: a worker that
 replaced by the controller under a new id, never restarted in place.
 
 One watch on the owned pods reports every end of a worker once, as the local launcher reports
-a process exit: a container that terminated (its exit code; 137 reads as SIGKILL), a pod that
-failed or was deleted by someone else (a node drained, ``kubectl delete``). ``kill`` (``meshctl
-kill``, a hung worker) deletes a pod with a grace of ``KILL_GRACE_S`` (never 0: see there);
-``stop`` (scale-down, shutdown) with the configured grace. Either way the pod's end is
-reported once its container has stopped.
+a process exit. It starts from a list of the pods and resumes from that list's
+``resourceVersion`` (after a break: list again, watch again), so no change between the list
+and the watch is missed. Ends it reports: a container that terminated (its exit code; 137
+reads as SIGKILL), a pod that failed or was deleted by someone else (a node drained,
+``kubectl delete``). ``kill`` (``meshctl kill``, a hung worker) deletes a pod with a grace of
+``KILL_GRACE_S`` (never 0: see there); ``stop`` (scale-down, shutdown) with the configured
+grace. Either way the pod's end is reported once its container has stopped.
 A controller restarted in the same pod finds its pods by label and adopts them; their workers
 register again by themselves.
 
@@ -133,6 +135,7 @@ def _label_value(value: str) -> str:
 class _Pod:
     worker_id: str
     name: str
+    created: bool = False  # the API server has it (its create returned, or it was listed)
     ended: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
                                        .create_future())
 
@@ -197,6 +200,7 @@ class KubernetesLauncher:
             self._pods.pop(worker_id, None)
             self.api_errors += 1
             raise LaunchError(f"cannot create pod {pod.name}: {exc}") from None
+        pod.created = True
         log.info("created pod %s for worker %s", pod.name, worker_id)
         return 0
 
@@ -271,16 +275,15 @@ class KubernetesLauncher:
                 self._watch(), name="launcher.kubernetes.watch")
 
     async def _watch(self) -> None:
+        """List, then watch from the list's version; after any break, the same again."""
         from lightkube.resources.core_v1 import Pod
 
         labels = {LABEL_CONTROLLER: self.instance}
-        first = True
         while not self._closing:
             try:
-                if not first:
-                    await self._reconcile(Pod, labels)
-                first = False
-                async for kind, obj in self._client.watch(Pod, labels=labels):
+                version = await self._list(Pod, labels)
+                async for kind, obj in self._client.watch(Pod, labels=labels,
+                                                          resource_version=version):
                     self._on_event(kind, obj.to_dict() if hasattr(obj, "to_dict") else obj)
             except asyncio.CancelledError:
                 raise
@@ -289,17 +292,29 @@ class KubernetesLauncher:
                 log.warning("pod watch failed, reopening in %.0f s: %s", WATCH_RETRY_S, exc)
             await asyncio.sleep(WATCH_RETRY_S)
 
-    async def _reconcile(self, pod_kind: Any, labels: dict[str, str]) -> None:
-        """After a broken watch: a pod deleted meanwhile sent its DELETED event to nobody, so
-        every tracked pod the API no longer lists is reported ended now (else its slot, and
-        its exit, would be lost for good)."""
-        listed = set()
-        async for pod in self._client.list(pod_kind, labels=labels):
-            listed.add(pod.metadata.name)
-        for wid, pod in list(self._pods.items()):
-            if pod.name not in listed:
+    async def _list(self, pod_kind: Any, labels: dict[str, str]) -> str:
+        """The owned pods as they are now, each taken as an event (an unknown one adopted, an
+        ended one reported), and every tracked pod the API no longer lists reported ended
+        (its DELETED event went to nobody while no watch was open). Returns the list's
+        resourceVersion: the watch resumes right after it, so a change that lands between
+        the list and the watch is still seen (a watch "from now" would start with the pods
+        that exist, and a pod deleted in between would never be reported)."""
+        # Only pods known to exist before the list was asked for can be missing from it (one
+        # whose create is still under way may not be listed yet).
+        before = {wid: pod for wid, pod in self._pods.items() if pod.created}
+        listing = self._client.list(pod_kind, labels=labels)
+        listed: dict[str, dict[str, Any]] = {}
+        async for pod in listing:
+            as_dict = pod.to_dict() if hasattr(pod, "to_dict") else pod
+            listed[as_dict["metadata"]["name"]] = as_dict
+        version = str(listing.resourceVersion)
+        for wid, pod in before.items():
+            if pod.name not in listed and self._pods.get(wid) is pod:
                 self._on_event("DELETED", {"metadata": {
                     "name": pod.name, "annotations": {"meshserve.io/worker-id": wid}}})
+        for as_dict in listed.values():
+            self._on_event("ADDED", as_dict)
+        return version
 
     def _on_event(self, kind: str, pod: dict[str, Any]) -> None:
         meta = pod.get("metadata") or {}
@@ -313,7 +328,7 @@ class KubernetesLauncher:
                 return
             # A pod of this controller from before its restart: adopt it (its worker
             # registers again by itself).
-            known = self._pods[worker_id] = _Pod(worker_id, name)
+            known = self._pods[worker_id] = _Pod(worker_id, name, created=True)
             log.info("adopted pod %s (worker %s)", name, worker_id)
         code = exit_code(pod)
         if code is None and kind == "DELETED":

@@ -161,6 +161,41 @@ async def test_a_killed_worker_ends_with_its_pod_and_is_reported_once_its_proces
     assert kube.pids() == {}
 
 
+async def test_a_pod_deleted_between_the_list_and_the_watch_is_still_reported(
+        kube: FakeKube) -> None:
+    # After a broken watch the launcher lists its pods, then watches again. It must watch from
+    # the list's resourceVersion: a watch from "now" starts with the pods that exist, so a pod
+    # deleted between the two would never be reported ended.
+    exits: list[tuple[str, int]] = []
+    k = KubernetesConfig(api_server=kube.url, namespace="meshserve",
+                         command=(sys.executable, "-c", "import time; time.sleep(600)"),
+                         max_workers=3, termination_grace_s=5)
+    launcher = KubernetesLauncher(k, on_exit=lambda w, rc: exits.append((w, rc)))
+    try:
+        for wid in ("w1", "w2"):
+            await launcher.spawn(wid)
+        await wait_until(lambda: len(kube.pids()) == 2, what="2 pods running")
+        # The watch misses a few events, then the API server's history no longer reaches
+        # back (410 Gone on resuming): the launcher has to list.
+        kube.deafen_watches()
+        await launcher.spawn("w3")
+        await wait_until(lambda: len(kube.pids()) == 3, what="w3 running")
+        lists = sum(1 for m, name in kube.calls if m == "GET" and not name)
+        kube.after_next_list(lambda: kube.delete_now(pod_name("w2")))
+        kube.break_watches()
+        await wait_until(lambda: ("w2", -signal.SIGKILL) in exits, timeout_s=10,
+                         what="w2's end, deleted between the list and the watch")
+        assert sum(1 for m, name in kube.calls if m == "GET" and not name) >= lists + 2, \
+            kube.calls
+        # The reopened watch goes on: a later end is reported too.
+        kube.node_kill(pod_name("w1"))
+        await wait_until(lambda: ("w1", -signal.SIGKILL) in exits, what="w1's end")
+        assert sorted(w for w, _ in exits) == ["w1", "w2"]
+    finally:
+        await launcher.aclose(timeout_s=5.0)
+    assert kube.pids() == {}
+
+
 def ready(kube: FakeKube, worker_id: str) -> bool:
     """Whether the stand-in worker of this pod printed ``ready``."""
     log = kube.logs / f"{pod_name(worker_id)}.log"
