@@ -16,8 +16,10 @@ reads as SIGKILL), a pod that failed or was deleted by someone else (a node drai
 ``kubectl delete``). ``kill`` (``meshctl kill``, a hung worker) deletes a pod with a grace of
 ``KILL_GRACE_S`` (never 0: see there); ``stop`` (scale-down, shutdown) with the configured
 grace. Either way the pod's end is reported once its container has stopped.
-A controller restarted in the same pod finds its pods by label and adopts them; their workers
-register again by themselves.
+A controller restarted in the same pod finds its pods by label and adopts them before it
+creates any (``adopt``: the first list), so no new worker takes the id, or the pod name, of an
+adopted one; their workers register again by themselves. ``spawn`` refuses an id that has a
+pod, and a create the API refuses never drops the record of a pod this launcher tracks.
 
 The client library is lightkube (async, small, typed), an optional extra:
 ``pip install meshserve[kubernetes]``.
@@ -171,15 +173,39 @@ class KubernetesLauncher:
         # break repeats recent events, never old ones).
         self._reported: dict[str, None] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        self._listed = asyncio.Event()  # the first list is in: every existing pod is known
         self._tasks: set[asyncio.Task[None]] = set()  # deletes under way (kill, cleanup)
         self._closing = False
         self.api_errors = 0
 
     # -- the Launcher interface ----------------------------------------------------------
 
+    async def adopt(self, timeout_s: float) -> list[str]:
+        """The pods this controller's label finds, listed before anything is created: each
+        is tracked (a running one's end reported when it comes, an ended one's at once and
+        its pod deleted); returns the ids of the running ones. Raises LaunchError when the
+        API server cannot be listed within ``timeout_s``: creating pods without knowing which
+        exist could ask for one that does."""
+        self._ensure_watch()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._listed.wait()
+        except TimeoutError:
+            raise LaunchError(f"cannot list the pods of {LABEL_CONTROLLER}={self.instance} "
+                              f"within {timeout_s:.0f} s (is the API server reachable?)"
+                              ) from None
+        adopted = sorted(self._pods)
+        if adopted:
+            log.info("adopted %d pod(s) of a previous run: %s", len(adopted),
+                     ", ".join(adopted))
+        return adopted
+
     async def spawn(self, worker_id: str) -> int:
         if self._closing:
             raise LaunchError("launcher is shutting down")
+        if worker_id in self._pods:
+            raise LaunchError(f"worker {worker_id} has a pod already "
+                              f"({self._pods[worker_id].name})")
         if len(self._pods) >= self._k.max_workers:
             raise LaunchError(f"kubernetes worker limit reached ({self._k.max_workers})")
         from lightkube import codecs
@@ -192,14 +218,12 @@ class KubernetesLauncher:
         self._pods[worker_id] = pod
         try:
             await self._client.create(codecs.from_dict(manifest))
-        except ApiError as exc:
-            self._pods.pop(worker_id, None)
+        except Exception as exc:  # refused (409: the name is taken), unreachable, ...
+            if self._pods.get(worker_id) is pod:  # never another pod's record
+                del self._pods[worker_id]
             self.api_errors += 1
-            raise LaunchError(f"cannot create pod {pod.name}: {exc.status.message}") from None
-        except Exception as exc:  # the API server unreachable, refused, ...
-            self._pods.pop(worker_id, None)
-            self.api_errors += 1
-            raise LaunchError(f"cannot create pod {pod.name}: {exc}") from None
+            why = exc.status.message if isinstance(exc, ApiError) else str(exc)
+            raise LaunchError(f"cannot create pod {pod.name}: {why}") from None
         pod.created = True
         log.info("created pod %s for worker %s", pod.name, worker_id)
         return 0
@@ -282,6 +306,7 @@ class KubernetesLauncher:
         while not self._closing:
             try:
                 version = await self._list(Pod, labels)
+                self._listed.set()
                 async for kind, obj in self._client.watch(Pod, labels=labels,
                                                           resource_version=version):
                     self._on_event(kind, obj.to_dict() if hasattr(obj, "to_dict") else obj)
@@ -324,10 +349,11 @@ class KubernetesLauncher:
             return
         known = self._pods.get(worker_id)
         if known is None:
-            if kind == "DELETED" or exit_code(pod) is not None or self._closing:
+            if kind == "DELETED" or self._closing:
                 return
             # A pod of this controller from before its restart: adopt it (its worker
-            # registers again by itself).
+            # registers again by itself). One that ended meanwhile is adopted too, so that
+            # its end is reported once and its pod deleted.
             known = self._pods[worker_id] = _Pod(worker_id, name, created=True)
             log.info("adopted pod %s (worker %s)", name, worker_id)
         code = exit_code(pod)

@@ -47,6 +47,7 @@ class FakeKube:
         self.verbs: set[str] = set()  # the RBAC verbs those calls need
         self.deletes: list[tuple[str, int]] = []  # (pod name, gracePeriodSeconds)
         self.conflicts = 0  # creates answered 409: the name was taken
+        self.created: list[str] = []  # names of the pods created, in order
         self._after_list: list[Any] = []
         self._started: list[asyncio.subprocess.Process] = []  # every process, for close
         self._rv = 0
@@ -280,6 +281,7 @@ class FakeKube:
                                    creationTimestamp=_now())
             pod["status"] = {"phase": "Pending"}
             self.pods[pname] = pod
+            self.created.append(pname)
             self._emit("ADDED", pod)
             self._reply(writer, 201, pod)
             self._spawn(self._run(pname))

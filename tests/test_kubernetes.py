@@ -196,6 +196,56 @@ async def test_a_pod_deleted_between_the_list_and_the_watch_is_still_reported(
     assert kube.pids() == {}
 
 
+def create_pod(kube: FakeKube, manifest: dict[str, Any]) -> None:
+    """What a previous run of the controller sent to create a pod."""
+    request = urllib.request.Request(
+        f"{kube.url}/api/v1/namespaces/{kube.namespace}/pods", method="POST",
+        data=json.dumps(manifest).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 201
+
+
+async def test_a_restarted_launcher_adopts_its_pods_before_it_creates_any_and_keeps_them(
+        kube: FakeKube) -> None:
+    from controller.launcher import LaunchError
+
+    k = KubernetesConfig(api_server=kube.url, namespace="meshserve",
+                         command=(sys.executable, "-c", "import time; time.sleep(600)"),
+                         max_workers=4, termination_grace_s=5)
+    # What the previous run of this controller (same pod, same label) left: w1 and w3 still
+    # running, w2's container ended while no controller was there to see it.
+    for wid in ("w1", "w2", "w3"):
+        manifest = worker_pod(k, wid, instance="meshserve", owner=None)
+        if wid == "w2":
+            manifest["spec"]["containers"][0]["command"] = [sys.executable, "-c",
+                                                            "raise SystemExit(3)"]
+        await asyncio.to_thread(create_pod, kube, manifest)
+    await wait_until(lambda: len(kube.pids()) == 2 and
+                     kube.pods[pod_name("w2")]["status"]["phase"] == "Failed",
+                     what="the previous run's pods")
+    exits: list[tuple[str, int]] = []
+    launcher = KubernetesLauncher(k, on_exit=lambda w, rc: exits.append((w, rc)))
+    first_call = len(kube.calls)
+    try:
+        assert await launcher.adopt(timeout_s=10) == ["w1", "w3"]
+        assert kube.calls[first_call] == ("GET", "")  # a list, before anything else
+        assert exits == [("w2", 3)]  # its end reported once, its pod cleaned up
+        await wait_until(lambda: pod_name("w2") not in kube.pods, what="w2's pod deleted")
+        assert launcher.room() == 2 and sorted(launcher.pids()) == ["w1", "w3"]
+        # An id that has a pod is refused, before the API is asked and without losing the
+        # pod: its end is still seen.
+        with pytest.raises(LaunchError, match="w1"):
+            await launcher.spawn("w1")
+        assert kube.conflicts == 0 and sum(1 for m, _ in kube.calls if m == "POST") == 3
+        kube.node_kill(pod_name("w1"))
+        await wait_until(lambda: ("w1", -signal.SIGKILL) in exits, what="w1's end")
+        await launcher.spawn("w4")
+        await wait_until(lambda: pod_name("w4") in kube.pids(), what="w4 running")
+    finally:
+        await launcher.aclose(timeout_s=5.0)
+    assert kube.pids() == {} and kube.conflicts == 0
+
+
 def ready(kube: FakeKube, worker_id: str) -> bool:
     """Whether the stand-in worker of this pod printed ``ready``."""
     log = kube.logs / f"{pod_name(worker_id)}.log"
@@ -303,3 +353,74 @@ termination_grace_s = 5
     # The controller deleted its pods on the way out; nothing outlives the test.
     await wait_until(lambda: kube.pids() == {}, timeout_s=15, what="every pod's process ended")
     assert not alive(ctrl.pid)
+
+
+async def test_a_restarted_controller_adopts_its_pods_and_never_asks_for_them_again(
+        kube: FakeKube, tmp_path: Path) -> None:
+    # A controller restarted in its pod (a crash: the container restarts, the pod and its
+    # label stay) finds the pods it had created, takes their workers back, and starts new ones
+    # under new ids: it never asks for a pod that exists, and it still sees the adopted pods'
+    # ends.
+    from tests.cluster import (
+        Cluster,
+        alive,
+        end_processes,
+        free_ports,
+        start_controller,
+        write_config,
+    )
+
+    ports = free_ports("client", "admin", "worker")
+    config = tmp_path / "kube.toml"
+    write_config(config, ports, MLP + f"""
+[kubernetes]
+api_server = "{kube.url}"
+namespace = "meshserve"
+controller_address = "tcp://127.0.0.1:{ports['worker']}"
+command = ["{sys.executable}", "-m", "controller.cli"]
+threads = 1
+termination_grace_s = 5
+""", 'launcher = "kubernetes"\nwarm_workers = 1')
+    endpoints = (f"tcp://127.0.0.1:{ports['client']}", f"tcp://127.0.0.1:{ports['admin']}",
+                 f"tcp://127.0.0.1:{ports['worker']}")
+    first = start_controller(config, tmp_path / "first.log")
+    second = None
+    try:
+        cluster = Cluster(first, *endpoints, config, tmp_path / "first.log")
+        before = await cluster.wait_for(
+            lambda s: serving(1)(s) and sum(w["state"] == "idle" for w in s["workers"]) == 1,
+            timeout_s=60, what="a world and a warm worker on pods")
+        old = sorted(w["id"] for w in before["workers"])
+        assert len(old) == 2 and kube.live() == sorted(pod_name(w) for w in old)
+        first.kill()  # the controller crashes; its pods keep running
+        first.wait(10)
+        calls_before, created_before = len(kube.calls), len(kube.created)
+        second = start_controller(config, tmp_path / "second.log")
+        cluster = Cluster(second, *endpoints, config, tmp_path / "second.log")
+        after = await cluster.wait_for(
+            lambda s: serving(1)(s) and {w["id"] for w in s["workers"]
+                                         if w["state"] in ("idle", "serving")} >= set(old),
+            timeout_s=60, what="the old workers back and a world serving")
+        calls = kube.calls[calls_before:]
+        assert kube.conflicts == 0, calls  # no create for a pod that exists
+        posts = [i for i, (m, _) in enumerate(calls) if m == "POST"]
+        lists = [i for i, (m, name) in enumerate(calls) if m == "GET" and not name]
+        assert lists and (not posts or lists[0] < posts[0]), calls  # listed before any create
+        assert posts == [], calls  # the adopted workers were enough
+        # An adopted pod's end is seen as a worker crash, and replaced under a new id.
+        [victim] = after["worlds"][0]["workers"]
+        kube.node_kill(pod_name(victim))
+        final = await cluster.wait_for(
+            lambda s: serving(1)(s) and victim not in s["worlds"][0]["workers"],
+            timeout_s=60, what="a replacement world")
+        dead = next(w for w in final["workers"] if w["id"] == victim)
+        assert dead["state"] == "dead" and "SIGKILL" in dead["reason"], dead
+        new = kube.created[created_before:]
+        assert new, "no replacement pod was created"
+        numbers = [int(w[1:]) for w in old]
+        assert all(int(name.rsplit("-w", 1)[1]) > max(numbers) for name in new), new
+        assert kube.conflicts == 0
+    finally:
+        end_processes([p for p in (first, second) if p is not None], timeout_s=30)
+    await wait_until(lambda: kube.pids() == {}, timeout_s=20, what="every pod's process ended")
+    assert not alive(first.pid)
