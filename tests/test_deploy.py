@@ -126,6 +126,26 @@ def test_the_manifests_agree_with_the_controller_they_run(overlay: str) -> None:
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+def test_the_launcher_overlays_budget_is_one_kubernetes_can_honour_for_pods_a_pod_owns() -> None:
+    # The launcher's pods are owned by the controller's Pod, not by a workload controller
+    # with a scale: for them Kubernetes honours only an integer minAvailable (with
+    # maxUnavailable or a percentage it cannot count the expected pods, every eviction is
+    # refused, and a node drain hangs).
+    budget = by_kind("launcher", "PodDisruptionBudget", "meshserve-worker")["spec"]
+    assert "maxUnavailable" not in budget
+    assert isinstance(budget["minAvailable"], int)
+    # At the fleet's floor (every deployment at min_worlds, plus the warm workers) a drain
+    # can still evict one worker, so it never waits on a scale-up that no load will cause.
+    toml = by_kind("launcher", "ConfigMap", "meshserve-config")["data"]["meshserve.toml"]
+    config = parse_config(tomllib.loads(toml))
+    floor = sum(d.min_worlds * d.stages for d in config.deployments) + \
+        config.controller.warm_workers
+    assert 1 <= budget["minAvailable"] <= floor - 1, (budget, floor)
+    # The joined overlay's workers are a StatefulSet (it has a scale): one at a time.
+    assert by_kind("joined", "PodDisruptionBudget", "meshserve-worker")["spec"][
+        "maxUnavailable"] == 1
+
+
 def test_the_dockerfile_lints_clean() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
