@@ -48,6 +48,9 @@ LABEL_APP = "app.kubernetes.io/name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_CONTROLLER = "meshserve.io/controller"
 LABEL_WORKER = "meshserve.io/worker-id"
+# What this launcher asks of the API, on pods in its namespace only, as RBAC verbs: the Role in
+# deploy/kubernetes/launcher/rbac.yaml grants exactly these (tests check both ways).
+API_VERBS = ("create", "list", "watch", "delete")
 # How long a watch that broke waits before it is opened again (the API server restarted, a
 # network blip): the pods keep running meanwhile; only their exits are learned late.
 WATCH_RETRY_S = 1.0

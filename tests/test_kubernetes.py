@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 
 from controller.config import KubernetesConfig
-from controller.kube_launcher import LABEL_CONTROLLER, KubernetesLauncher, pod_name, worker_pod
+from controller.kube_launcher import (
+    API_VERBS,
+    LABEL_CONTROLLER,
+    KubernetesLauncher,
+    pod_name,
+    worker_pod,
+)
 from tests.fake_kube import FakeKube
 
 pytestmark = pytest.mark.timeout(120)
@@ -118,6 +124,11 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
     finally:
         await launcher.aclose(timeout_s=5.0)
     assert kube.pids() == {}
+    # Every call the launcher made in its life (adopt, create, watch and list again after a
+    # break, kill, stop, clean up, close) is one its Role grants, and it uses every verb the
+    # Role grants: the Role (deploy/kubernetes/launcher/rbac.yaml) is checked against
+    # API_VERBS in tests/test_deploy.py.
+    assert kube.verbs == set(API_VERBS)
 
 
 async def test_a_killed_worker_ends_with_its_pod_and_is_reported_once_its_process_is_gone(
