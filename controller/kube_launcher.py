@@ -64,6 +64,12 @@ MAX_REPORTED = 10_000
 KILL_GRACE_S = 1
 
 
+# Where a worker pod finds its CURVE keys (kubernetes.keys_secret), and the group that may read
+# them: the image's user (deploy/Dockerfile, USER 10001).
+KEYS_PATH = "/etc/meshserve/keys"
+KEYS_GROUP = 10001
+
+
 def pod_name(worker_id: str) -> str:
     """A DNS-1123 name for a worker's pod."""
     safe = "".join(ch if ch.isalnum() else "-" for ch in worker_id.lower()).strip("-")
@@ -104,6 +110,11 @@ def worker_pod(k: KubernetesConfig, worker_id: str, *, instance: str,
                  "--threads", str(k.threads), *(extra_args or [])],
         "env": env,
     }
+    if k.keys_secret:  # CURVE: the workers' key pair and the controller's public key
+        container["args"] += ["--key", f"{KEYS_PATH}/worker.key_secret",
+                              "--controller-key", f"{KEYS_PATH}/controller.key"]
+        container["volumeMounts"] = [{"name": "keys", "mountPath": KEYS_PATH,
+                                      "readOnly": True}]
     if k.resources:
         container["resources"] = {kind: dict(amounts) for kind, amounts in k.resources.items()}
     metadata: dict[str, Any] = {
@@ -124,6 +135,11 @@ def worker_pod(k: KubernetesConfig, worker_id: str, *, instance: str,
         spec["nodeSelector"] = dict(k.node_selector)
     if k.tolerations:
         spec["tolerations"] = [dict(t) for t in k.tolerations]
+    if k.keys_secret:
+        # Readable by the worker's group only (0440), which the volume is given.
+        spec["volumes"] = [{"name": "keys", "secret": {"secretName": k.keys_secret,
+                                                       "defaultMode": 0o440}}]
+        spec["securityContext"] = {"fsGroup": KEYS_GROUP}
     if k.service_account:
         spec["serviceAccountName"] = k.service_account
     else:

@@ -38,9 +38,15 @@ FORCE_KILL_DELAY_S = 0.5
 
 
 class FakeKube:
-    def __init__(self, logs: Path, namespace: str = "meshserve") -> None:
+    def __init__(self, logs: Path, namespace: str = "meshserve",
+                 secrets: dict[str, Path] | None = None) -> None:
         self.logs = logs
         self.namespace = namespace
+        # Secrets by name, each a folder of its files. A pod's Secret volume stands for that
+        # folder: its container's arguments under the mount path are read from the folder
+        # (a process has no mount namespace here). A pod whose Secret does not exist never
+        # starts (Kubernetes: FailedMount, the pod stays Pending).
+        self.secrets = secrets or {}
         self.pods: dict[str, dict[str, Any]] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.calls: list[tuple[str, str]] = []  # (method, pod name or "" for the collection)
@@ -159,6 +165,15 @@ class FakeKube:
                 env[var["name"]] = "127.0.0.1"
         argv = [_expand(a, env) for a in container.get("command", []) + container.get("args",
                                                                                        [])]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            secret = volumes[mount["name"]].get("secret", {}).get("secretName")
+            if secret is None:
+                continue
+            if secret not in self.secrets:
+                return  # FailedMount: it stays Pending
+            argv = [str(self.secrets[secret]) + a[len(mount["mountPath"]):]
+                    if a.startswith(mount["mountPath"] + "/") else a for a in argv]
         with open(self.logs / f"{name}.log", "ab") as out:
             proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=out,
                                                         stderr=asyncio.subprocess.STDOUT,

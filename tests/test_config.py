@@ -332,3 +332,19 @@ def test_a_kubernetes_grace_of_zero_a_force_delete_is_rejected_by_name() -> None
         parse_config(raw)
     raw["kubernetes"] = {"termination_grace_s": 1}
     assert parse_config(raw).kubernetes.termination_grace_s == 1
+
+
+def test_curve_with_the_kubernetes_launcher_needs_the_workers_key_secret(tmp_path: Path) -> None:
+    for folder in ("clients", "workers", "admins"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "controller.key_secret").write_text("")
+    raw = {"controller": {"launcher": "kubernetes"},
+           "deployments": [{"name": "mlp", "model": "worker.models.mlp:build"}],
+           "security": {"curve": True, "controller_key": "controller.key_secret",
+                        "client_keys": "clients", "worker_keys": "workers",
+                        "admin_keys": "admins"}}
+    with pytest.raises(ConfigError, match=r"kubernetes\.keys_secret"):
+        parse_config(raw, tmp_path)
+    raw["kubernetes"] = {"keys_secret": "meshserve-worker-key"}
+    config = parse_config(raw, tmp_path)
+    assert config.security.curve and config.kubernetes.keys_secret == "meshserve-worker-key"

@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controller.config import parse_config
+from controller.config import Config, parse_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -53,6 +53,32 @@ def _read(folder: Path) -> list[dict[str, Any]]:
 def by_kind(overlay: str, kind: str, name: str) -> dict[str, Any]:
     return next(d for d in manifests(overlay)
                 if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def controller_config(overlay: str, root: Path) -> Config:
+    """The overlay's controller config, parsed as the controller parses it. Its CURVE key
+    paths must lie in the Secret volumes the controller's Deployment mounts (checked here);
+    they are made under ``root``, as the mounts would make them, so that the config's own
+    checks (the files exist) run too."""
+    raw = tomllib.loads(by_kind(overlay, "ConfigMap", "meshserve-config")["data"][
+        "meshserve.toml"])
+    pod = by_kind(overlay, "Deployment", "meshserve-controller")["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: secrets[m["name"]] for m in pod["containers"][0]["volumeMounts"]
+              if m["name"] in secrets}
+    security = raw["security"]
+    for name in ("controller_key", "client_keys", "worker_keys", "admin_keys"):
+        path = Path(security[name])
+        holder = path.parent if name == "controller_key" else path
+        assert str(holder) in mounts, f"security.{name} ({path}) is in no mounted Secret"
+        local = root / path.relative_to("/")
+        if name == "controller_key":
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text("")
+        else:
+            local.mkdir(parents=True, exist_ok=True)
+        security[name] = str(local)
+    return parse_config(raw)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -90,9 +116,10 @@ def test_kustomize_renders_the_same_objects(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_manifests_agree_with_the_controller_they_run(overlay: str) -> None:
-    toml = by_kind(overlay, "ConfigMap", "meshserve-config")["data"]["meshserve.toml"]
-    config = parse_config(tomllib.loads(toml))  # the controller accepts it as it is
+def test_the_manifests_agree_with_the_controller_they_run(overlay: str, tmp_path: Path
+                                                          ) -> None:
+    config = controller_config(overlay, tmp_path)  # the controller accepts it as it is
+    assert config.security.curve  # closed by default
     c = config.controller
     assert c.launcher == ("none" if overlay == "joined" else "kubernetes")
     assert c.metrics_host == "0.0.0.0"
@@ -118,9 +145,22 @@ def test_the_manifests_agree_with_the_controller_they_run(overlay: str) -> None:
             f"tcp://meshserve-controller:{ports['worker']}"
         assert args[args.index("--advertise-host") + 1] == "$(POD_IP)"
         assert account["automountServiceAccountToken"] is False  # no API access at all
+        # CURVE: each worker's key pair and the controller's public key, from the Secret the
+        # kubernetes launcher mounts into its pods too.
+        from controller.kube_launcher import KEYS_PATH
+
+        workers = by_kind(overlay, "StatefulSet", "meshserve-worker")["spec"]["template"][
+            "spec"]
+        [mount] = workers["containers"][0]["volumeMounts"]
+        [volume] = [v for v in workers["volumes"] if v["name"] == mount["name"]]
+        assert mount["mountPath"] == KEYS_PATH
+        assert volume["secret"]["secretName"] == "meshserve-worker-key"
+        assert args[args.index("--key") + 1] == f"{KEYS_PATH}/worker.key_secret"
+        assert args[args.index("--controller-key") + 1] == f"{KEYS_PATH}/controller.key"
     else:
         k = config.kubernetes
         assert k.controller_address == f"tcp://meshserve-controller:{ports['worker']}"
+        assert k.keys_secret == "meshserve-worker-key"  # the worker pods' CURVE keys
         assert account["automountServiceAccountToken"] is True
         role = by_kind(overlay, "Role", "meshserve-launcher")
         # Pods only, and exactly the verbs the launcher calls (API_VERBS; tests/
@@ -139,7 +179,8 @@ def test_the_manifests_agree_with_the_controller_they_run(overlay: str) -> None:
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def test_the_launcher_overlays_budget_is_one_kubernetes_can_honour_for_pods_a_pod_owns() -> None:
+def test_the_launcher_overlays_budget_is_one_kubernetes_can_honour_for_pods_a_pod_owns(
+        tmp_path: Path) -> None:
     # The launcher's pods are owned by the controller's Pod, not by a workload controller
     # with a scale: for them Kubernetes honours only an integer minAvailable (with
     # maxUnavailable or a percentage it cannot count the expected pods, every eviction is
@@ -149,8 +190,7 @@ def test_the_launcher_overlays_budget_is_one_kubernetes_can_honour_for_pods_a_po
     assert isinstance(budget["minAvailable"], int)
     # At the fleet's floor (every deployment at min_worlds, plus the warm workers) a drain
     # can still evict one worker, so it never waits on a scale-up that no load will cause.
-    toml = by_kind("launcher", "ConfigMap", "meshserve-config")["data"]["meshserve.toml"]
-    config = parse_config(tomllib.loads(toml))
+    config = controller_config("launcher", tmp_path)
     floor = sum(d.min_worlds * d.stages for d in config.deployments) + \
         config.controller.warm_workers
     assert 1 <= budget["minAvailable"] <= floor - 1, (budget, floor)

@@ -435,3 +435,85 @@ termination_grace_s = 5
         end_processes([p for p in (first, second) if p is not None], timeout_s=30)
     await wait_until(lambda: kube.pids() == {}, timeout_s=20, what="every pod's process ended")
     assert not alive(first.pid)
+
+
+def test_a_worker_pod_under_curve_mounts_the_keys_secret_and_passes_its_keys() -> None:
+    from controller.kube_launcher import KEYS_PATH
+
+    k = KubernetesConfig(keys_secret="meshserve-worker-key")
+    pod = worker_pod(k, "w1", instance="meshserve-ctl-0", owner=None)
+    container = pod["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--key") + 1] == f"{KEYS_PATH}/worker.key_secret"
+    assert args[args.index("--controller-key") + 1] == f"{KEYS_PATH}/controller.key"
+    assert container["volumeMounts"] == [{"name": "keys", "mountPath": KEYS_PATH,
+                                          "readOnly": True}]
+    [volume] = pod["spec"]["volumes"]
+    assert volume["secret"] == {"secretName": "meshserve-worker-key", "defaultMode": 0o440}
+    import kubernetes_validate
+
+    kubernetes_validate.validate(pod, "1.31", strict=True)
+    assert "--key" not in worker_pod(KubernetesConfig(), "w1", instance="x", owner=None)[
+        "spec"]["containers"][0]["args"]
+
+
+async def test_a_controller_under_curve_serves_through_pods_that_hold_the_workers_key(
+        tmp_path: Path) -> None:
+    # CURVE with the kubernetes launcher: the worker pods get their key pair and the
+    # controller's public key from a Secret, and only that key is allowed on the worker port.
+    import numpy as np
+
+    from mesh.client import Client
+    from mesh.security import ClientKeys, generate
+    from tests.cluster import Cluster, end_processes, free_ports, start_controller, write_config
+
+    own, secret = tmp_path / "own", tmp_path / "secret"
+    for name in ("controller", "worker", "alice", "ops"):
+        generate(name, own)
+    secret.mkdir()
+    for name in ("worker.key_secret", "controller.key"):  # kubectl create secret ... --from-file
+        (secret / name).write_bytes((own / name).read_bytes())
+    for folder, name in (("clients", "alice"), ("workers", "worker"), ("admins", "ops")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{name}.key").write_bytes((own / f"{name}.key").read_bytes())
+    kube = FakeKube(tmp_path, secrets={"meshserve-worker-key": secret})
+    await kube.start()
+    ports = free_ports("client", "admin", "worker")
+    config = tmp_path / "kube.toml"
+    write_config(config, ports, MLP + f"""
+[security]
+curve = true
+controller_key = "{own / 'controller.key_secret'}"
+client_keys = "{tmp_path / 'clients'}"
+worker_keys = "{tmp_path / 'workers'}"
+admin_keys = "{tmp_path / 'admins'}"
+
+[kubernetes]
+api_server = "{kube.url}"
+namespace = "meshserve"
+controller_address = "tcp://127.0.0.1:{ports['worker']}"
+command = ["{sys.executable}", "-m", "controller.cli"]
+threads = 1
+termination_grace_s = 5
+keys_secret = "meshserve-worker-key"
+""", 'launcher = "kubernetes"')
+    ctrl = start_controller(config, tmp_path / "controller.log")
+    try:
+        cluster = Cluster(ctrl, f"tcp://127.0.0.1:{ports['client']}",
+                          f"tcp://127.0.0.1:{ports['admin']}",
+                          f"tcp://127.0.0.1:{ports['worker']}", config,
+                          tmp_path / "controller.log",
+                          admin_curve=ClientKeys.load(own / "ops.key_secret",
+                                                      own / "controller.key"))
+        await cluster.wait_for(serving(1), timeout_s=60, what="a world on a pod, under CURVE")
+        async with Client(cluster.client, key=str(own / "alice.key_secret"),
+                          controller_key=str(own / "controller.key")) as client:
+            out = await client.infer("mlp", {"x": np.ones((1, 64), np.float32)}, timeout_s=10)
+        assert out["y"].shape == (1, 10)
+        [pod] = kube.live()
+        args = kube.pods[pod]["spec"]["containers"][0]["args"]
+        assert "--key" in args and "--controller-key" in args
+    finally:
+        end_processes([ctrl], timeout_s=30)
+        await wait_until(lambda: kube.pids() == {}, timeout_s=20, what="the pods ended")
+        await kube.close()
