@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controller.config import Config, parse_config
+from controller.config import Config, KubernetesConfig, parse_config
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -86,7 +86,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(overlay: str) -
     docs = manifests(overlay)
     kinds = {d["kind"] for d in docs}
     assert kinds >= {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
-                     "PodDisruptionBudget"}
+                     "PodDisruptionBudget", "NetworkPolicy"}
     assert ("StatefulSet" in kinds) == (overlay == "joined")  # workers: joined, or launched
     assert ({"Role", "RoleBinding"} <= kinds) == (overlay == "launcher")
     for doc in docs:
@@ -197,6 +197,42 @@ def test_the_launcher_overlays_budget_is_one_kubernetes_can_honour_for_pods_a_po
     # The joined overlay's workers are a StatefulSet (it has a scale): one at a time.
     assert by_kind("joined", "PodDisruptionBudget", "meshserve-worker")["spec"][
         "maxUnavailable"] == 1
+
+
+OWN_PODS = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "meshserve"}}}]
+
+
+def selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+    return policy["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_open_meshserves_ports_to_its_own_pods_and_clients_to_those_named(
+        overlay: str) -> None:
+    from controller.kube_launcher import worker_pod
+
+    policies = [d["spec"] for d in manifests(overlay) if d["kind"] == "NetworkPolicy"]
+    deployment = by_kind(overlay, "Deployment", "meshserve-controller")["spec"]["template"]
+    controller_labels = deployment["metadata"]["labels"]
+    worker_labels = (by_kind("joined", "StatefulSet", "meshserve-worker")["spec"]["template"][
+        "metadata"]["labels"] if overlay == "joined" else
+        worker_pod(KubernetesConfig(), "w1", instance="x", owner=None)["metadata"]["labels"])
+    [ctrl] = [p for p in policies if selects(p, controller_labels)]
+    [workers] = [p for p in policies if selects(p, worker_labels)]
+    assert ctrl["policyTypes"] == ["Ingress"] and workers["policyTypes"] == ["Ingress"]
+    # The workers' ports (the rendezvous store, gloo, NCCL: ephemeral, unauthenticated) take
+    # meshserve's own pods only, on every port.
+    assert workers["ingress"] == [{"from": OWN_PODS}]
+    # The controller: each port it has is in exactly one rule; worker and admin take
+    # meshserve's own pods only (operators come through kubectl port-forward), client and
+    # metrics whom the operator names, never everyone.
+    rules = {p["port"]: rule for rule in ctrl["ingress"] for p in rule["ports"]}
+    assert set(rules) == {p["name"] for p in deployment["spec"]["containers"][0]["ports"]}
+    assert rules["worker"]["from"] == OWN_PODS and rules["admin"]["from"] == OWN_PODS
+    for port in ("client", "metrics"):
+        peers = rules[port].get("from")
+        assert peers and all(peer.get("podSelector", {}).get("matchLabels") or
+                             peer.get("ipBlock") for peer in peers), (port, peers)
 
 
 def test_the_dockerfile_lints_clean() -> None:
