@@ -123,7 +123,12 @@ class KubernetesConfig:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
     service_account: str = ""
-    # Seconds a worker pod gets to stop when it is released (scale-down, shutdown).
+    # With security.curve: the Secret mounted into every worker pod, holding the workers' key
+    # pair (worker.key_secret, its public half in security.worker_keys) and the controller's
+    # public key (controller.key); docs/kubernetes.md says how to make it.
+    keys_secret: str = ""
+    # Seconds a worker pod gets to stop when it is released (scale-down, shutdown). At least
+    # 1: a grace of 0 is a force delete (the pod object goes before its container stops).
     termination_grace_s: int = 15
 
 
@@ -219,10 +224,10 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
         raise ConfigError("'kubernetes' must be a table")
     kubernetes = _build(KubernetesConfig, kube_raw, "kubernetes")
     _check_kubernetes(kubernetes, controller.launcher == "kubernetes")
-    if controller.launcher == "kubernetes" and security.curve:
-        raise ConfigError("security.curve with launcher = 'kubernetes' is not supported yet: "
-                          "worker pods would need the keys mounted; use launcher = 'none' "
-                          "with a worker StatefulSet that mounts them")
+    if controller.launcher == "kubernetes" and security.curve and not kubernetes.keys_secret:
+        raise ConfigError("kubernetes.keys_secret is required when security.curve is true: "
+                          "the Secret with the worker pods' key pair (worker.key_secret) and "
+                          "the controller's public key (controller.key)")
     return Config(controller=controller, deployments=tuple(deployments), security=security,
                   kubernetes=kubernetes)
 
@@ -230,7 +235,7 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
 def _check_kubernetes(k: KubernetesConfig, used: bool) -> None:
     _range("kubernetes.max_workers", k.max_workers, 1, 100_000)
     _range("kubernetes.threads", k.threads, 0, 1024)
-    _range("kubernetes.termination_grace_s", k.termination_grace_s, 0, 3600)
+    _range("kubernetes.termination_grace_s", k.termination_grace_s, 1, 3600)
     if k.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"kubernetes.device must be cpu, cuda or auto, got {k.device!r}")
     if k.image_pull_policy not in ("Always", "IfNotPresent", "Never"):

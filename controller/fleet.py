@@ -71,6 +71,9 @@ class WorkerInfo:
     store_addr: str = ""
     worlds: set[int] = field(default_factory=set)
     spawned_by_us: bool = False
+    # Started by a previous run of this controller and taken back after a restart (its
+    # launcher still ran it): its end before it registers is no launch failure.
+    adopted: bool = False
     retiring: bool = False
     joined_once: bool = False
     preloaded: bool = False  # it loaded a model at least once (a later crash is no load fault)

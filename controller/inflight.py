@@ -58,14 +58,14 @@ class WorldRoute:
                  "members", "outbox", "packed", "served", "stall_reported", "unreachable",
                  "world_id")
 
-    def __init__(self, world_id: int, epoch: int, entry: bytes,
-                 members: frozenset[bytes] = frozenset(), *, packed: bool = False) -> None:
+    def __init__(self, world_id: int, epoch: int, entry: bytes, members: frozenset[bytes],
+                 *, packed: bool = False) -> None:
         self.world_id = world_id
         self.epoch = epoch
         self.entry = entry  # ZeroMQ identity of rank 0's runner socket
         self.packed = packed  # it reads packed dispatch batches (mesh.dataplane)
         # Identities of its members' runner sockets: answers from any other are dropped
-        # (empty: not checked, for tests that drive a router alone).
+        # (empty: every answer is dropped).
         self.members = members
         self.inflight: dict[int, Pending] = {}
         self.outbox: list[Pending] = []  # dispatched, to be sent at the router's next flush

@@ -41,6 +41,12 @@ class Launcher(Protocol):
 
     can_spawn: bool
 
+    async def adopt(self, timeout_s: float) -> list[str]:
+        """Before the first spawn: the ids of the workers this launcher already runs from a
+        previous run of its controller (a restart), now its own again (it reports their ends
+        as any other). No new worker may take one of these ids."""
+        ...
+
     async def spawn(self, worker_id: str) -> int: ...
 
     async def stop(self, worker_id: str, timeout_s: float) -> None: ...
@@ -111,6 +117,9 @@ class LocalLauncher:
         used = [c.device for c in self._children.values()]
         # Least-loaded GPU: one worker per GPU until every GPU has one.
         return min((f"cuda:{i}" for i in range(self._gpus)), key=used.count)
+
+    async def adopt(self, timeout_s: float) -> list[str]:
+        return []  # its workers die with the controller that started them: none outlive it
 
     async def spawn(self, worker_id: str) -> int:
         if self._closing:
@@ -222,6 +231,9 @@ class NoLauncher:
     """Workers join on their own (``meshctl worker``); this controller starts none."""
 
     can_spawn = False
+
+    async def adopt(self, timeout_s: float) -> list[str]:
+        return []  # workers that joined by themselves register again by themselves
 
     async def spawn(self, worker_id: str) -> int:
         raise LaunchError("this controller has no launcher; start workers with 'meshctl worker'")

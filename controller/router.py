@@ -341,8 +341,10 @@ class Router:
                 p.world.epoch != head.epoch:
             self.late_replies += 1  # from a world that no longer owns this request
             return
-        if p.world.members and sender not in p.world.members:
-            self.foreign_replies += 1  # a socket that is not a member answering for it
+        if sender not in p.world.members:
+            # A socket that is not a member answering for it. A world whose members are not
+            # known takes no answer at all: fail closed, never "anyone may answer".
+            self.foreign_replies += 1
             return
         if not frames or not is_map(codec.frame_buffer(frames[0])):
             # A member answering with something no client could read: a worker fault. The
@@ -562,11 +564,12 @@ class Router:
 
     # -- worlds ---------------------------------------------------------------------------
 
-    def add_world(self, world_id: int, epoch: int, entry: bytes,
-                  members: frozenset[bytes] = frozenset(), *, packed: bool = False,
-                  generative: bool | None = None) -> None:
-        """``packed``: its entry reads packed dispatch batches (its ``joined`` said so);
-        ``generative``: its model generates tokens (its rank 0's ``joined`` said so)."""
+    def add_world(self, world_id: int, epoch: int, entry: bytes, members: frozenset[bytes],
+                  *, packed: bool = False, generative: bool | None = None) -> None:
+        """``members``: the routing ids of its members' sockets, the only senders whose
+        answers it takes (none when empty); ``packed``: its entry reads packed dispatch
+        batches (its ``joined`` said so); ``generative``: its model generates tokens (its
+        rank 0's ``joined`` said so)."""
         if generative is not None:
             self.generative = generative
         self.worlds[world_id] = WorldRoute(world_id, epoch, entry, members, packed=packed)

@@ -79,7 +79,8 @@ class WorkerEvents:
             self._register(worker_id, msg)
             return
         worker = self.workers.get(worker_id)
-        if worker is None:
+        if worker is None or worker.state == WorkerState.STARTING:
+            # Unknown, or adopted and not registered with this run yet: a previous run's.
             self._ask_to_register(worker_id)
             return
         if worker.state == WorkerState.DEAD:
@@ -180,7 +181,8 @@ class WorkerEvents:
         """Note a heartbeat received at ``received_s``; True when it cleared a suspect (worth
         a plan)."""
         worker = self.workers.get(worker_id)
-        if worker is None:
+        if worker is None or worker.state == WorkerState.STARTING:
+            # Unknown, or adopted and not registered with this run yet: a previous run's.
             self._ask_to_register(worker_id)
             return False
         was_suspect = worker.suspect
@@ -207,7 +209,8 @@ class WorkerEvents:
         if worker.state == WorkerState.DEAD:
             return
         was_draining = worker.state == WorkerState.DRAINING
-        if worker.state == WorkerState.STARTING and worker.spawned_by_us and not self.stopping:
+        if worker.state == WorkerState.STARTING and worker.spawned_by_us \
+                and not worker.adopted and not self.stopping:
             self._spawn_failed(worker_id, reason)
         worker.state = WorkerState.DEAD
         worker.reason = reason

@@ -8,6 +8,9 @@ the routers which worlds to route to, and they answer with messages of their own
 
 A world is a list of workers in rank order (rank = pipeline stage); it serves once every rank
 has joined. World ids are never reused; a world re-formed after a failure is a new world.
+Worker ids (``w1``, ``w2``, ...) are never reused within a run, and a restarted controller
+first takes back the workers its launcher still runs (``on_start``), then numbers new ones
+above theirs.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ from mesh.messages import Preload as PreloadMsg
 log = speaker(logging.getLogger(__name__), "controller")
 
 SendWorker = Callable[[str, Message], bool]
+# How long a starting controller waits for its launcher to say which workers it already runs.
+ADOPT_TIMEOUT_S = 30.0
 
 
 class WorldManager(WorkerEvents, OperatorCommands, Actor):
@@ -124,6 +129,19 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         self._welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
                                 controller_timeout_ms=c.controller_timeout_ms,
                                 max_idle_stages=c.max_idle_stages, packed_replies=True)
+
+    async def on_start(self) -> None:
+        """Before the first plan: the workers the launcher still runs from a previous run of
+        this controller (a restart under the kubernetes launcher) are ours again, expected
+        to register, and new ids start above theirs, so nothing is started for them and no
+        new worker asks for an id, or a pod, that one of them holds."""
+        adopted = await self.launcher.adopt(timeout_s=ADOPT_TIMEOUT_S)
+        now = self._clock()
+        for worker_id in adopted:
+            self.workers[worker_id] = WorkerInfo(worker_id, since_s=now, spawned_by_us=True,
+                                                 adopted=True)
+        numbers = [int(w[1:]) for w in adopted if w[:1] == "w" and w[1:].isdigit()]
+        self._worker_ids = itertools.count(max(numbers, default=0) + 1)
 
     # -- the mailbox ----------------------------------------------------------------------
 
@@ -382,6 +400,8 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
 
     async def _spawn_worker(self) -> None:
         worker_id = f"w{next(self._worker_ids)}"
+        while worker_id in self.workers:  # one that joined by itself under this name
+            worker_id = f"w{next(self._worker_ids)}"
         info = WorkerInfo(worker_id, since_s=self._clock(), spawned_by_us=True)
         self.workers[worker_id] = info
         try:

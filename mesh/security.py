@@ -10,8 +10,12 @@ fails and ZeroMQ drops the connection before any message is read.
 Keys are ``zmq.auth`` certificate files (``meshctl keys generate NAME``: ``NAME.key`` holds the
 public key, ``NAME.key_secret`` both). The key ring re-reads its folders on ``reload()``: the
 controller calls it on SIGHUP and when a folder's contents change (checked every second), so
-revoking a key is deleting its file. A revoked key cannot connect again; a connection it opened
-before stays open until it closes (ZeroMQ authenticates at the handshake only).
+revoking a key is deleting its file. A revoked key cannot connect again, and the connections it
+opened before get nothing more either: ZeroMQ authenticates at the handshake only, so the
+controller also checks the sender's key (its ``User-Id``) of every message on every port
+against the key ring as last read (``Guard.admits``) and drops the revoked ones, from the next
+message on. A revoked worker then falls silent and is declared dead; a revoked admin's or
+client's requests go unanswered.
 
 Workers the local launcher starts are the controller's own children: they use the
 controller's key pair, which the key ring always allows on the worker domain.

@@ -4,11 +4,15 @@ container as a local process from the pod's command, args and env.
 
 It is not Kubernetes: one namespace, equality label selectors only, no scheduling, no
 admission, every pod at 127.0.0.1. What it keeps faithful is what the launcher relies on: the
-wire format the real client library (lightkube) speaks, resource versions and watches that
-start with the current pods and resume from a version, grace periods (SIGTERM, then SIGKILL),
-container exit codes (128 + signal), and pods that stay Failed until deleted
-(``restartPolicy: Never``). ``node_kill`` stands for a node that kills a container (OOM, a
-crash): the process gets SIGKILL and its pod reports it.
+wire format the real client library (lightkube) speaks, resource versions (a list says the
+version it was taken at; a watch starts with the current pods, or resumes after a version, or
+is answered 410 Gone once that version's history is compacted), grace periods (SIGTERM, then
+SIGKILL; every delete's ``gracePeriodSeconds`` is recorded in ``deletes``), a grace of 0 as
+Kubernetes has it (a force delete: the object is gone at once, its container is killed later,
+when the kubelet notices), container exit codes (128 + signal), and pods that stay Failed
+until deleted (``restartPolicy: Never``). ``node_kill`` stands for a node that kills a
+container (OOM, a crash): the process gets SIGKILL and its pod reports it. ``calls`` and
+``verbs`` record what was asked, in the terms of an RBAC Role.
 
 Every process it starts is ended by its PID in ``close``.
 """
@@ -28,15 +32,30 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 POD_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?$")
+# How long after a force delete (grace 0) the kubelet kills the container: the object is gone
+# at once, the process is not.
+FORCE_KILL_DELAY_S = 0.5
 
 
 class FakeKube:
-    def __init__(self, logs: Path, namespace: str = "meshserve") -> None:
+    def __init__(self, logs: Path, namespace: str = "meshserve",
+                 secrets: dict[str, Path] | None = None) -> None:
         self.logs = logs
         self.namespace = namespace
+        # Secrets by name, each a folder of its files. A pod's Secret volume stands for that
+        # folder: its container's arguments under the mount path are read from the folder
+        # (a process has no mount namespace here). A pod whose Secret does not exist never
+        # starts (Kubernetes: FailedMount, the pod stays Pending).
+        self.secrets = secrets or {}
         self.pods: dict[str, dict[str, Any]] = {}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.calls: list[tuple[str, str]] = []  # (method, pod name or "" for the collection)
+        self.verbs: set[str] = set()  # the RBAC verbs those calls need
+        self.deletes: list[tuple[str, int]] = []  # (pod name, gracePeriodSeconds)
+        self.conflicts = 0  # creates answered 409: the name was taken
+        self.created: list[str] = []  # names of the pods created, in order
+        self._after_list: list[Any] = []
+        self._started: list[asyncio.subprocess.Process] = []  # every process, for close
         self._rv = 0
         self._history: list[tuple[int, str, dict[str, Any]]] = []
         self._compacted_rv = 0
@@ -57,12 +76,12 @@ class FakeKube:
     async def close(self) -> None:
         for q in [q for _, q in self._watchers]:
             q.put_nowait(None)
-        for proc in self.procs.values():
+        for proc in self._started:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10.0
-        for proc in list(self.procs.values()):
+        for proc in self._started:
             try:
                 await asyncio.wait_for(proc.wait(), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
@@ -77,6 +96,7 @@ class FakeKube:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
     def pids(self) -> dict[str, int]:
+        """Live processes by pod name (a force-deleted pod's, until it is killed, too)."""
         return {name: p.pid for name, p in self.procs.items() if p.returncode is None}
 
     def node_kill(self, name: str) -> None:
@@ -104,6 +124,11 @@ class FakeKube:
             proc.kill()
         self._remove(name)
 
+    def after_next_list(self, action: Any) -> None:
+        """Run ``action`` right after the next list is answered, before anything else (a
+        change that lands between a client's list and its watch)."""
+        self._after_list.append(action)
+
     def live(self) -> list[str]:
         return sorted(n for n, p in self.pods.items()
                       if p["status"]["phase"] in ("Pending", "Running")
@@ -128,7 +153,9 @@ class FakeKube:
     # -- the kubelet ----------------------------------------------------------------------
 
     async def _run(self, name: str) -> None:
-        pod = self.pods[name]
+        pod = self.pods.get(name)
+        if pod is None:
+            return  # deleted before its container started
         container = pod["spec"]["containers"][0]
         env = dict(os.environ)
         for var in container.get("env", []):
@@ -138,16 +165,32 @@ class FakeKube:
                 env[var["name"]] = "127.0.0.1"
         argv = [_expand(a, env) for a in container.get("command", []) + container.get("args",
                                                                                        [])]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            secret = volumes[mount["name"]].get("secret", {}).get("secretName")
+            if secret is None:
+                continue
+            if secret not in self.secrets:
+                return  # FailedMount: it stays Pending
+            argv = [str(self.secrets[secret]) + a[len(mount["mountPath"]):]
+                    if a.startswith(mount["mountPath"] + "/") else a for a in argv]
         with open(self.logs / f"{name}.log", "ab") as out:
             proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=out,
                                                         stderr=asyncio.subprocess.STDOUT,
                                                         stdin=asyncio.subprocess.DEVNULL)
         self.procs[name] = proc
+        self._started.append(proc)
+        if self.pods.get(name) is not pod:  # deleted while its container started
+            proc.kill()
+            await proc.wait()
+            return
         pod["status"] = {"phase": "Running", "podIP": "127.0.0.1", "containerStatuses": [
             {"name": container["name"], "image": container["image"], "imageID": "",
              "ready": True, "restartCount": 0, "state": {"running": {"startedAt": _now()}}}]}
         self._emit("MODIFIED", pod)
         rc = await proc.wait()
+        if self.pods.get(name) is not pod:
+            return  # force-deleted: the object went before its process
         code = 128 - rc if rc < 0 else rc  # killed by a signal: 128 + its number
         pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
         pod["status"]["containerStatuses"][0].update(ready=False, state={"terminated": {
@@ -169,13 +212,21 @@ class FakeKube:
             self._remove(name)
             return
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
-        if grace_s > 0:
-            try:
-                await asyncio.wait_for(asyncio.shield(proc.wait()), grace_s)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    async def _kill_later(self, proc: asyncio.subprocess.Process | None) -> None:
+        """After a force delete: the kubelet notices the pod is gone and kills its
+        container."""
+        if proc is None or proc.returncode is not None:
+            return
+        await asyncio.sleep(FORCE_KILL_DELAY_S)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -209,6 +260,10 @@ class FakeKube:
             return False
         name = unquote(m.group(2) or "")
         self.calls.append((method, name))
+        watch = query.get("watch") in ("true", "1")
+        self.verbs.add({"GET": "watch" if watch else "get" if name else "list",
+                        "POST": "create", "DELETE": "delete", "PUT": "update",
+                        "PATCH": "patch"}.get(method, method.lower()))
         if method == "GET" and not name and query.get("watch") in ("true", "1") \
                 and query.get("resourceVersion") and \
                 int(query["resourceVersion"]) < self._compacted_rv:
@@ -224,6 +279,9 @@ class FakeKube:
             self._reply(writer, 200, {"kind": "PodList", "apiVersion": "v1",
                                       "metadata": {"resourceVersion": str(self._rv)},
                                       "items": items})
+            await writer.drain()
+            while self._after_list:
+                self._after_list.pop(0)()
         elif method == "GET":
             pod = self.pods.get(name)
             self._reply(writer, 200 if pod else 404, pod or _status(404, f"pod {name} not found"))
@@ -231,12 +289,14 @@ class FakeKube:
             pod = json.loads(body)
             pname = pod["metadata"]["name"]
             if pname in self.pods:
+                self.conflicts += 1
                 self._reply(writer, 409, _status(409, f"pod {pname} already exists"))
                 return False
             pod["metadata"].update(uid=str(uuid.uuid4()), namespace=self.namespace,
                                    creationTimestamp=_now())
             pod["status"] = {"phase": "Pending"}
             self.pods[pname] = pod
+            self.created.append(pname)
             self._emit("ADDED", pod)
             self._reply(writer, 201, pod)
             self._spawn(self._run(pname))
@@ -248,10 +308,18 @@ class FakeKube:
             options = json.loads(body) if body else {}
             grace = int(query.get("gracePeriodSeconds", options.get(
                 "gracePeriodSeconds", pod["spec"].get("terminationGracePeriodSeconds", 30))))
-            pod["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=grace)
-            self._emit("MODIFIED", pod)
+            self.deletes.append((name, grace))
+            if grace == 0:  # a force delete: the object is gone now, its process later
+                self._remove(name)
+                self._reply(writer, 200, pod)
+                self._spawn(self._kill_later(self.procs.get(name)))
+                return False
+            if "deletionTimestamp" not in pod["metadata"]:
+                pod["metadata"].update(deletionTimestamp=_now(),
+                                       deletionGracePeriodSeconds=grace)
+                self._emit("MODIFIED", pod)
+                self._spawn(self._terminate(name, grace))
             self._reply(writer, 200, pod)
-            self._spawn(self._terminate(name, grace))
         else:
             self._reply(writer, 405, _status(405, f"{method} {url.path} is not supported"))
         return False

@@ -15,7 +15,8 @@ joins world 1/1 through the TCPStore on PORT, prints ``joined``, then plays SCEN
   answer also carries the chunk header's ``seq`` and ``tokens``), then ``kv USED_BYTES``.
 
 A comm failure prints ``error KIND`` and exits 3. The test owns the process and ends it by its
-PID. MESH_PEER_DEVICE puts the peer on another device (cuda:0), MESH_PEER_BACKEND on nccl.
+PID. MESH_PEER_DEVICE puts the peer on another device (cuda:0), MESH_PEER_BACKEND on nccl;
+MESH_PEER_TOKEN gives it the world's token, MESH_PEER_CONNECT_S bounds its wait for rank 0.
 
 ``Peer`` is the test's side: it starts the process and holds rank 0's ``Comm``.
 """
@@ -134,7 +135,9 @@ def main(argv: list[str]) -> int:
                           timeout=datetime.timedelta(seconds=30))
     comm = Comm(world_id=1, epoch=1, rank=1, size=2, store=store,
                 device=os.environ.get("MESH_PEER_DEVICE", "cpu"), timeout_s=timeout_s,
-                backend=os.environ.get("MESH_PEER_BACKEND", "gloo"), connect_timeout_s=60.0)
+                backend=os.environ.get("MESH_PEER_BACKEND", "gloo"),
+                connect_timeout_s=float(os.environ.get("MESH_PEER_CONNECT_S", "60")),
+                token=os.environ.get("MESH_PEER_TOKEN", ""))
     print("joined", flush=True)
     try:
         if scenario == "echo":

@@ -323,3 +323,28 @@ def test_the_mlp_example_serves_one_stage_worlds_two_at_start() -> None:
 def test_the_echo_example_serves_the_echo_handler() -> None:
     dep = load_config(EXAMPLES / "echo.toml").deployment("echo")
     assert dep.model == "worker.models.echo:build"
+
+
+def test_a_kubernetes_grace_of_zero_a_force_delete_is_rejected_by_name() -> None:
+    raw = {"deployments": [{"name": "mlp", "model": "worker.models.mlp:build"}],
+           "kubernetes": {"termination_grace_s": 0}}
+    with pytest.raises(ConfigError, match=r"kubernetes\.termination_grace_s"):
+        parse_config(raw)
+    raw["kubernetes"] = {"termination_grace_s": 1}
+    assert parse_config(raw).kubernetes.termination_grace_s == 1
+
+
+def test_curve_with_the_kubernetes_launcher_needs_the_workers_key_secret(tmp_path: Path) -> None:
+    for folder in ("clients", "workers", "admins"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "controller.key_secret").write_text("")
+    raw = {"controller": {"launcher": "kubernetes"},
+           "deployments": [{"name": "mlp", "model": "worker.models.mlp:build"}],
+           "security": {"curve": True, "controller_key": "controller.key_secret",
+                        "client_keys": "clients", "worker_keys": "workers",
+                        "admin_keys": "admins"}}
+    with pytest.raises(ConfigError, match=r"kubernetes\.keys_secret"):
+        parse_config(raw, tmp_path)
+    raw["kubernetes"] = {"keys_secret": "meshserve-worker-key"}
+    config = parse_config(raw, tmp_path)
+    assert config.security.curve and config.kubernetes.keys_secret == "meshserve-worker-key"

@@ -39,7 +39,7 @@ class Rig:
             send_client=lambda frames: self.frontend.send(frames),
             send_worker=self._to_worker,
             next_rid=itertools.count(1).__next__, on_world_idle=lambda world_id: None)
-        self.router.add_world(1, 1, b"w1")
+        self.router.add_world(1, 1, b"w1", frozenset({b"w1"}))
         self.frontend = Frontend(context, f"inproc://{name}", {"mlp": self.router},
                                  max_request_bytes=LIMIT)
         self.client = context.socket(zmq.DEALER)

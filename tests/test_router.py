@@ -76,6 +76,10 @@ class Harness:
             clock=self.clock,
         )
 
+    def add_world(self, world_id: int, epoch: int, entry: bytes, **kwargs: Any) -> None:
+        """A world whose one member socket is ``entry`` (what answers for it, see ``reply``)."""
+        self.router.add_world(world_id, epoch, entry, frozenset({entry}), **kwargs)
+
     def _send_client(self, frames: list[Any]) -> bool:
         self.to_client.append(list(frames))
         return True
@@ -140,7 +144,9 @@ class Harness:
         client_id = codec.unpack_header(d.header)["id"]
         if frames is None:
             frames = [codec.pack(result_header(client_id, {"y": client_id})), b"y-bytes"]
-        self.router.on_reply(dataplane.Reply(d.rid, d.world_id, d.epoch, status, code), frames)
+        # From the socket the request went to: the world's member.
+        self.router.on_reply(dataplane.Reply(d.rid, d.world_id, d.epoch, status, code), frames,
+                             d.entry)
 
     def reply_error(self, d: Dispatch, code: str, retryable: bool = False) -> None:
         client_id = codec.unpack_header(d.header)["id"]
@@ -176,8 +182,8 @@ class Harness:
 @pytest.mark.parametrize("packed", [False, True], ids=["reqs", "reqp"])
 def test_what_one_wake_up_dispatches_to_a_world_goes_out_as_one_message(packed: bool) -> None:
     h = Harness(deferred=True, max_inflight_per_world=64)
-    h.router.add_world(1, 0, b"w1", packed=packed)  # packed: its entry's joined said so
-    h.router.add_world(2, 0, b"w2", packed=packed)
+    h.add_world(1, 0, b"w1", packed=packed)  # packed: its entry's joined said so
+    h.add_world(2, 0, b"w2", packed=packed)
     for i in range(10):
         h.submit(f"r{i}", timeout_ms=1000 + 10 * i)
     assert h.to_worker == []  # nothing is sent before the wake-up's work is done
@@ -203,8 +209,8 @@ def test_what_one_wake_up_dispatches_to_a_world_goes_out_as_one_message(packed: 
 
 def test_a_batch_whose_world_is_gone_is_taken_back_and_sent_to_another_world() -> None:
     h = Harness(deferred=True, max_inflight_per_world=64)
-    h.router.add_world(1, 0, b"w1")
-    h.router.add_world(2, 0, b"w2")
+    h.add_world(1, 0, b"w1")
+    h.add_world(2, 0, b"w2")
     h.vanished.add(b"w1")
     for i in range(6):
         h.submit(f"r{i}")
@@ -222,7 +228,7 @@ def test_a_batch_whose_world_is_gone_is_taken_back_and_sent_to_another_world() -
 
 def test_a_cancel_never_overtakes_the_dispatch_it_stops() -> None:
     h = Harness(deferred=True)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("r")
     h.router.cancel(b"client-1", "r")  # in the same wake-up: the dispatch is still held
     kinds = [type(dataplane.unpack(f[1])) for f in h.to_worker]
@@ -238,8 +244,8 @@ def test_a_cancel_never_overtakes_the_dispatch_it_stops() -> None:
 
 def test_a_request_goes_to_the_world_with_the_fewest_outstanding_requests() -> None:
     h = Harness(max_inflight_per_world=8)
-    h.router.add_world(1, 0, b"w1")
-    h.router.add_world(2, 0, b"w2")
+    h.add_world(1, 0, b"w1")
+    h.add_world(2, 0, b"w2")
     for i in range(3):
         h.submit(f"a{i}")
     # Three requests over two idle worlds: 2 and 1 (in some order).
@@ -263,7 +269,7 @@ def test_a_dispatch_carries_the_request_untouched_with_its_remaining_time() -> N
     h = Harness()
     h.submit("a", timeout_ms=1000)
     h.clock.advance(0.4)  # waits in the queue: no world yet
-    h.router.add_world(7, 3, b"w7")
+    h.add_world(7, 3, b"w7")
     d = h.dispatch_of("a")
     assert (d.entry, d.world_id, d.epoch) == (b"w7", 7, 3)
     assert d.deadline_ms == 600
@@ -273,7 +279,7 @@ def test_a_dispatch_carries_the_request_untouched_with_its_remaining_time() -> N
 
 def test_requests_queue_while_every_world_is_full_and_go_out_as_replies_free_slots() -> None:
     h = Harness(max_inflight_per_world=2)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     for i in range(4):
         h.submit(i)
     assert len(h.dispatches()) == 2
@@ -294,7 +300,7 @@ def test_requests_queue_while_every_world_is_full_and_go_out_as_replies_free_slo
 
 def test_a_request_beyond_a_full_queue_is_answered_overloaded() -> None:
     h = Harness(max_inflight_per_world=1, max_queue=1)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("in-flight")
     h.submit("queued")
     h.submit("turned-away")
@@ -322,7 +328,7 @@ def test_requests_answered_while_queued_give_their_queue_places_back() -> None:
     h.router.sweep()
     h.submit("c", timeout_ms=1000)
     assert h.final_answers("c") == []  # queued, not Overloaded
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.reply(h.dispatch_of("c"))
     h.assert_each_answered_once()
 
@@ -332,7 +338,7 @@ def test_requests_answered_while_queued_give_their_queue_places_back() -> None:
 
 def test_the_deadline_sweep_answers_deadline_exceeded_exactly_once() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("slow", timeout_ms=100)
     h.clock.advance(0.05)
     h.router.sweep()
@@ -346,7 +352,7 @@ def test_the_deadline_sweep_answers_deadline_exceeded_exactly_once() -> None:
 
 def test_a_reply_after_the_deadline_answer_is_dropped_and_frees_the_world_slot() -> None:
     h = Harness(max_inflight_per_world=1)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("slow", timeout_ms=100)
     h.submit("waiting", timeout_ms=5000)
     h.clock.advance(0.2)
@@ -368,7 +374,7 @@ def test_a_result_that_arrives_past_the_deadline_before_the_sweep_is_a_deadline_
     # The controller's loop was busy past the deadline: the worker's result is read before
     # the deadline timer runs. The caller must not get a success after its deadline.
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("slow", timeout_ms=100)
     h.clock.advance(0.3)
     h.reply(h.dispatch_of("slow"))  # no sweep in between
@@ -380,7 +386,7 @@ def test_a_result_that_arrives_past_the_deadline_before_the_sweep_is_a_deadline_
 
 def test_a_reply_after_the_deadline_answer_is_counted_as_late() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("slow", timeout_ms=100)
     h.clock.advance(0.2)
     h.router.sweep()
@@ -394,7 +400,7 @@ def test_a_request_that_expires_in_the_queue_is_never_dispatched() -> None:
     h.clock.advance(0.2)
     h.router.sweep()
     assert h.code_of("expired") == "deadline_exceeded"
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     assert h.to_worker == []
     assert h.router.queued == 0
     h.assert_each_answered_once()
@@ -405,7 +411,7 @@ def test_a_request_that_expires_in_the_queue_is_never_dispatched() -> None:
 
 def test_a_reply_is_forwarded_to_the_client_as_identity_plus_the_worker_frames() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("a", client=b"client-9")
     frames = [codec.pack(result_header("a", {"y": 1})), b"raw-tensor-bytes"]
     h.reply(h.dispatch_of("a"), frames=frames)
@@ -416,7 +422,7 @@ def test_a_reply_is_forwarded_to_the_client_as_identity_plus_the_worker_frames()
 
 def test_stream_chunks_are_forwarded_in_order_and_the_request_stays_open_until_the_end() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("s", kind=ClientKind.STREAM)
     d = h.dispatch_of("s")
     chunks = [codec.pack({"v": 1, "kind": ClientKind.CHUNK, "id": "s", "seq": i}) for i in range(3)]
@@ -432,7 +438,7 @@ def test_stream_chunks_are_forwarded_in_order_and_the_request_stays_open_until_t
 
 def test_a_reply_for_an_unknown_request_is_counted_late_and_dropped() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.router.on_reply(dataplane.Reply(999, 1, 0, dataplane.OK),
                       [codec.pack(result_header("x", {}))])
     assert h.router.late_replies == 1
@@ -441,8 +447,8 @@ def test_a_reply_for_an_unknown_request_is_counted_late_and_dropped() -> None:
 
 def test_an_unavailable_error_from_a_worker_is_retried_instead_of_shown_to_the_client() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
-    h.router.add_world(2, 0, b"w2")
+    h.add_world(1, 0, b"w1")
+    h.add_world(2, 0, b"w2")
     h.submit("a")
     first = h.dispatch_of("a")
     h.reply_error(first, Unavailable.code, retryable=True)
@@ -461,8 +467,8 @@ def test_a_request_a_world_failed_is_re_sent_to_another_world_while_one_has_room
     # the re-send goes to world 2, though world 1 now holds fewer requests, so a request is
     # not spent on a world that is going away. With world 1 alone, it still goes there.
     h = Harness(max_inflight_per_world=8)
-    h.router.add_world(1, 0, b"w1")
-    h.router.add_world(2, 0, b"w2")
+    h.add_world(1, 0, b"w1")
+    h.add_world(2, 0, b"w2")
     h.submit("a")
     h.submit("b")
     h.submit("c")
@@ -477,7 +483,7 @@ def test_a_request_a_world_failed_is_re_sent_to_another_world_while_one_has_room
         h.reply(d)
     h.assert_each_answered_once()
     solo = Harness()
-    solo.router.add_world(1, 0, b"w1")
+    solo.add_world(1, 0, b"w1")
     solo.submit("a")
     solo.reply_error(solo.dispatch_of("a"), Unavailable.code, retryable=True)
     assert [d.entry for d in solo.dispatches()] == [b"w1", b"w1"]
@@ -485,7 +491,7 @@ def test_a_request_a_world_failed_is_re_sent_to_another_world_while_one_has_room
 
 def test_an_unavailable_error_is_shown_once_the_retry_budget_is_spent() -> None:
     h = Harness(max_attempts=2)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("a")
     for _ in range(2):
         h.reply_error(h.dispatch_of("a"), Unavailable.code, retryable=True)
@@ -496,7 +502,7 @@ def test_an_unavailable_error_is_shown_once_the_retry_budget_is_spent() -> None:
 
 def test_a_model_error_from_a_worker_is_forwarded_without_a_retry() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("a")
     h.reply_error(h.dispatch_of("a"), ModelError.code)
     assert len(h.dispatches()) == 1
@@ -509,9 +515,9 @@ def test_a_model_error_from_a_worker_is_forwarded_without_a_retry() -> None:
 
 def test_a_draining_world_gets_no_new_requests_and_reports_idle_once_its_work_is_answered() -> None:
     h = Harness(max_inflight_per_world=8)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("on-w1")
-    h.router.add_world(2, 0, b"w2")
+    h.add_world(2, 0, b"w2")
     h.submit("x")
     h.submit("y")  # w1 now holds fewer than w2 ...
     h.router.drain_world(1)
@@ -527,17 +533,17 @@ def test_a_draining_world_gets_no_new_requests_and_reports_idle_once_its_work_is
 
 def test_draining_an_idle_world_reports_it_idle_at_once() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.router.drain_world(1)
     assert h.idle == [1]
 
 
 def test_removing_a_world_re_sends_its_unanswered_requests_to_another_world() -> None:
     h = Harness(max_inflight_per_world=8)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("a")
     h.submit("b")
-    h.router.add_world(2, 0, b"w2")
+    h.add_world(2, 0, b"w2")
     old = {cid: h.dispatch_of(cid) for cid in ("a", "b")}
     assert {d.entry for d in old.values()} == {b"w1"}
 
@@ -560,7 +566,7 @@ def test_removing_a_world_re_sends_its_unanswered_requests_to_another_world() ->
 
 def test_removing_the_only_world_with_no_retry_left_answers_unavailable() -> None:
     h = Harness(max_attempts=1)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("a")
     assert h.router.remove_world(1, "worker lost") == 0
     assert h.code_of("a") == "unavailable"
@@ -570,8 +576,8 @@ def test_removing_the_only_world_with_no_retry_left_answers_unavailable() -> Non
 
 def test_removing_a_world_after_the_deadline_answers_unavailable_without_a_re_send() -> None:
     h = Harness(max_attempts=3)
-    h.router.add_world(1, 0, b"w1")
-    h.router.add_world(2, 0, b"w2")
+    h.add_world(1, 0, b"w1")
+    h.add_world(2, 0, b"w2")
     h.submit("a", timeout_ms=100)
     entry = h.dispatch_of("a").entry
     h.clock.advance(0.2)  # deadline passed, sweep not yet run
@@ -583,12 +589,12 @@ def test_removing_a_world_after_the_deadline_answers_unavailable_without_a_re_se
 
 def test_a_request_of_a_removed_world_waits_for_the_next_world_while_retries_remain() -> None:
     h = Harness(max_attempts=3)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("a")
     h.router.remove_world(1, "worker lost")
     assert h.final_answers("a") == []
     assert h.router.queued == 1
-    h.router.add_world(2, 1, b"w2")
+    h.add_world(2, 1, b"w2")
     h.reply(h.dispatch_of("a"))
     assert h.code_of("a") == "ok"
     h.assert_each_answered_once()
@@ -597,9 +603,9 @@ def test_a_request_of_a_removed_world_waits_for_the_next_world_while_retries_rem
 def test_a_world_whose_worker_vanished_does_not_make_the_router_spin() -> None:
     h = Harness(max_attempts=3)
     h.vanished.add(b"gone")
-    h.router.add_world(1, 0, b"gone")
+    h.add_world(1, 0, b"gone")
     h.submit("a")
-    h.router.add_world(2, 0, b"w2")  # pumps the queue
+    h.add_world(2, 0, b"w2")  # pumps the queue
     assert len(h.dispatches(b"gone")) <= 3
     h.router.remove_world(1, "worker lost")
     h.reply(h.dispatch_of("a"))
@@ -611,7 +617,7 @@ def test_a_world_whose_worker_vanished_does_not_make_the_router_spin() -> None:
 
 def test_a_second_request_with_an_id_already_in_flight_is_a_bad_request() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("same")
     h.router.submit(b"client-1", "same", ClientKind.INFER, b"", [], 1000)
     (dup,) = h.final_answers("same")
@@ -627,7 +633,7 @@ def test_a_second_request_with_an_id_already_in_flight_is_a_bad_request() -> Non
 
 def test_an_id_can_be_reused_once_its_request_is_answered() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("id")
     h.reply(h.dispatch_of("id"))
     h.submit("id")
@@ -638,7 +644,7 @@ def test_an_id_can_be_reused_once_its_request_is_answered() -> None:
 
 def test_cancelling_an_in_flight_request_answers_cancelled_and_drops_the_worker_result() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("a")
     h.router.cancel(b"client-1", "a")
     assert h.code_of("a") == "cancelled"
@@ -652,7 +658,7 @@ def test_cancelling_a_queued_request_answers_cancelled_and_it_is_never_dispatche
     h = Harness()
     h.submit("a")
     h.router.cancel(b"client-1", "a")
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     assert h.to_worker == []
     assert h.code_of("a") == "cancelled"
     h.assert_each_answered_once()
@@ -666,7 +672,7 @@ def test_cancelling_an_unknown_request_sends_nothing() -> None:
 
 def test_a_request_arriving_while_not_accepting_is_answered_cancelled() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.router.accepting = False
     h.submit("a")
     assert h.code_of("a") == "cancelled"
@@ -676,7 +682,7 @@ def test_a_request_arriving_while_not_accepting_is_answered_cancelled() -> None:
 
 def test_fail_all_answers_every_open_request_once() -> None:
     h = Harness(max_inflight_per_world=1)
-    h.router.add_world(1, 0, b"w1")
+    h.add_world(1, 0, b"w1")
     h.submit("in-flight")
     h.submit("queued")
     h.router.fail_all(Unavailable("shutting down"))
@@ -710,8 +716,8 @@ def _generative_stream(h: Harness, client_id: str, max_tokens: int) -> None:
 
 def test_a_generative_stream_whose_world_fails_is_re_sent_with_the_tokens_delivered() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1", generative=True)
-    h.router.add_world(2, 0, b"w2", generative=True)
+    h.add_world(1, 0, b"w1", generative=True)
+    h.add_world(2, 0, b"w2", generative=True)
     _generative_stream(h, "s", 10)
     first = h.dispatch_of("s")
     h.clock.advance(0.02)
@@ -735,8 +741,8 @@ def test_a_generative_stream_whose_world_fails_is_re_sent_with_the_tokens_delive
 
 def test_generative_requests_go_to_the_world_with_the_fewest_tokens_outstanding() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1", generative=True)
-    h.router.add_world(2, 0, b"w2", generative=True)
+    h.add_world(1, 0, b"w1", generative=True)
+    h.add_world(2, 0, b"w2", generative=True)
     _generative_stream(h, "long", 200)  # world 1 (the first, both empty)
     _generative_stream(h, "short-1", 4)  # world 2
     _generative_stream(h, "short-2", 4)  # world 2 again: 8 + 2 tokens against 201
@@ -748,8 +754,8 @@ def test_generative_requests_go_to_the_world_with_the_fewest_tokens_outstanding(
 
 def test_a_reply_no_client_could_read_reports_the_world_and_the_request_is_re_sent() -> None:
     h = Harness()
-    h.router.add_world(1, 0, b"w1")
-    h.router.add_world(2, 0, b"w2")
+    h.add_world(1, 0, b"w1")
+    h.add_world(2, 0, b"w2")
     h.submit("a")
     d = h.dispatch_of("a")
     h.reply(d, frames=[b"\xc1 garbage", b"y"])
@@ -864,3 +870,33 @@ def test_a_worker_packs_its_answers_only_for_a_controller_that_reads_them() -> N
             (7, dataplane.OK, ""), (8, dataplane.ERROR, "bad_request")]
         assert codec.decode([bytes(f) for f in answers[0][1]])["outputs"] == {"y": [1.0, 2.0]}
         assert codec.decode([bytes(f) for f in answers[1][1]])["code"] == "bad_request"
+
+
+def test_a_reply_to_a_world_with_no_known_members_is_refused_from_any_sender() -> None:
+    # Fail closed: a world whose member sockets are not known accepts no answer at all, rather
+    # than an answer from anyone.
+    h = Harness()
+    h.router.add_world(1, 0, b"w1", frozenset())
+    h.submit("a")
+    d = h.dispatch_of("a")
+    for sender in (b"", b"w1", b"mallory"):
+        h.router.on_reply(dataplane.Reply(d.rid, d.world_id, d.epoch, dataplane.OK),
+                          [codec.pack(result_header("a", {"y": 1}))], sender)
+    assert h.router.foreign_replies == 3
+    assert h.final_answers("a") == []
+    assert h.router.in_flight == 1
+
+
+def test_only_a_member_socket_of_the_world_may_answer_for_it() -> None:
+    h = Harness()
+    h.router.add_world(1, 0, b"w1", frozenset({b"w1", b"w1-last"}))
+    h.submit("a")
+    d = h.dispatch_of("a")
+    header = codec.pack(result_header("a", {"y": 1}))
+    h.router.on_reply(dataplane.Reply(d.rid, d.world_id, d.epoch, dataplane.OK), [header],
+                      b"mallory")
+    assert h.router.foreign_replies == 1 and h.final_answers("a") == []
+    h.router.on_reply(dataplane.Reply(d.rid, d.world_id, d.epoch, dataplane.OK), [header],
+                      b"w1-last")
+    assert h.code_of("a") == "ok"
+    h.assert_each_answered_once()

@@ -21,6 +21,7 @@ from controller.admin_client import admin_call
 from mesh import codec
 from mesh.client import Client
 from mesh.errors import ControllerLost, DeadlineExceeded
+from mesh.messages import AdminReply, AdminRequest
 from mesh.security import ClientKeys
 from tests.conftest import StartCluster
 
@@ -188,3 +189,118 @@ async def test_the_profile_bench_under_curve_sees_the_fleet_and_keeps_its_rate(
     # answer used to stall the sender 2 s a second, halving what was sent.
     assert summary["requests"] >= 60, summary["requests"]
     assert summary["errors"] == {}
+
+
+@pytest.fixture
+def remote_workers(tmp_path: Path) -> Any:
+    """Start ``meshctl worker`` processes that join a controller with a CURVE key pair; each
+    is ended by its PID on teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(endpoint: str, worker_id: str, key: Path, controller_key: Path
+              ) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{worker_id}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "controller.cli", "worker", "--controller", endpoint,
+                 "--worker-id", worker_id, "--device", "cpu", "--threads", "1",
+                 "--key", str(key), "--controller-key", str(controller_key)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in started:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def worker_state(status: dict[str, Any], worker_id: str) -> str:
+    return next((w["state"] for w in status["workers"] if w["id"] == worker_id), "")
+
+
+async def test_a_remote_worker_with_an_allowed_key_joins_and_an_unknown_key_is_refused(
+        cluster_factory: StartCluster, keys: Path, remote_workers: Any) -> None:
+    own = keys / "own"
+    assert meshctl("keys", "generate", "w7", "--dir", str(own)).returncode == 0
+    shutil.copy(own / "w7.key", keys / "workers" / "w7.key")
+    cluster = await cluster_factory(MLP + security(keys), admin_curve=admin_keys(keys, "ops"))
+    # mallory holds a key pair, just not one the workers folder allows.
+    stranger = remote_workers(cluster.workers_endpoint, "w-mallory",
+                              own / "mallory.key_secret", own / "controller.key")
+    allowed = remote_workers(cluster.workers_endpoint, "w7", own / "w7.key_secret",
+                             own / "controller.key")
+    status = await cluster.wait_for(lambda s: worker_state(s, "w7") == "idle", timeout_s=60,
+                                    what="the remote worker w7 registered")
+    assert worker_state(status, "w-mallory") == ""
+    # The stranger's process has been running as long as w7's: it was refused, not late.
+    # Give it two more heartbeat periods' worth of chances.
+    for _ in range(20):
+        status = await cluster.status()
+        assert worker_state(status, "w-mallory") == "", "an unknown worker key registered"
+        await asyncio.sleep(0.1)
+    assert stranger.poll() is None and allowed.poll() is None
+
+
+async def test_a_revoked_worker_key_cuts_its_open_connection(
+        cluster_factory: StartCluster, keys: Path, remote_workers: Any) -> None:
+    own = keys / "own"
+    assert meshctl("keys", "generate", "w7", "--dir", str(own)).returncode == 0
+    shutil.copy(own / "w7.key", keys / "workers" / "w7.key")
+    cluster = await cluster_factory(MLP + security(keys), admin_curve=admin_keys(keys, "ops"))
+    remote_workers(cluster.workers_endpoint, "w7", own / "w7.key_secret",
+                   own / "controller.key")
+    await cluster.wait_for(lambda s: worker_state(s, "w7") == "idle", timeout_s=60,
+                           what="the remote worker w7 registered")
+    # Revoked while connected: ZeroMQ would keep the connection (it checks a key at the
+    # handshake only); the controller drops its every message, so it falls silent and is
+    # declared dead.
+    (keys / "workers" / "w7.key").unlink()
+    cluster.proc.send_signal(signal.SIGHUP)
+    status = await cluster.wait_for(lambda s: worker_state(s, "w7") == "dead", timeout_s=15,
+                                    what="the revoked worker declared dead")
+    assert status["controller"]["revoked_messages"]["worker"] >= 1
+    assert worker_state(status, "w1") == "serving"  # the controller's own worker keeps on
+
+
+async def test_a_revoked_admin_key_cuts_its_open_connection(
+        cluster_factory: StartCluster, keys: Path) -> None:
+    own = keys / "own"
+    assert meshctl("keys", "generate", "ops2", "--dir", str(own)).returncode == 0
+    shutil.copy(own / "ops2.key", keys / "admins" / "ops2.key")
+    cluster = await cluster_factory(MLP + security(keys), admin_curve=admin_keys(keys, "ops2"))
+    context = zmq.asyncio.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        admin_keys(keys, "ops").apply(sock)
+        sock.connect(cluster.admin)
+
+        async def status_on_the_open_connection(request_id: int) -> bool:
+            await sock.send(codec.pack(AdminRequest(id=request_id, command="status",
+                                                    args={}).to_wire()))
+            if not await sock.poll(1500):
+                return False
+            reply = AdminReply.from_wire(codec.unpack_header((await sock.recv_multipart())[-1]))
+            return reply.ok and reply.id == request_id
+
+        assert await status_on_the_open_connection(1)
+        (keys / "admins" / "ops.key").unlink()
+        cluster.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):  # the reload is logged with the admin domain's new key count
+            if "admin 1" in cluster.log_tail(200).split("CURVE keys reloaded")[-1]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the controller never reloaded its keys")
+        assert not await status_on_the_open_connection(2), "a revoked admin key was answered"
+        sock.close(0)
+    finally:
+        context.destroy(0)
+    status = await cluster.status()  # ops2's key still works
+    assert status["controller"]["revoked_messages"]["admin"] >= 1

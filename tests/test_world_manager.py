@@ -14,7 +14,7 @@ import pytest
 from controller.commands import FromWorker, Scale, Tick, WorkerLost
 from controller.config import Config, parse_config
 from controller.fleet import WorkerState, WorldState
-from controller.launcher import NoLauncher
+from controller.launcher import Launcher, LaunchError, NoLauncher
 from controller.router import Router
 from controller.worker_events import MAX_DEATHS
 from controller.world_manager import WorldManager
@@ -43,14 +43,14 @@ def config(stages: int = 1, worlds: int = 1) -> Config:
 class Fleet:
     """A WorldManager and what it sent to each worker."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, launcher: Launcher | None = None) -> None:
         self.now = 100.0
         self.sent: list[tuple[str, Message]] = []
         self.watched: list[str] = []
         self.router = Router(cfg.deployments[0], send_client=lambda f: True,
                              send_worker=lambda f: True, next_rid=iter(range(1, 10**6)).__next__,
                              on_world_idle=lambda w: None, clock=lambda: self.now)
-        self.wm = WorldManager(cfg, {"m": self.router}, NoLauncher(),
+        self.wm = WorldManager(cfg, {"m": self.router}, launcher or NoLauncher(),
                                send_worker=self._send, on_watch=self.watched.append,
                                on_forget=lambda w: None, clock=lambda: self.now,
                                wall_clock=lambda: 1e9 + self.now)
@@ -277,3 +277,71 @@ async def test_requests_of_a_dead_shared_worker_are_not_re_sent_into_its_other_w
     for p in f.router.pending.values():
         assert p.world is not None and p.world.world_id == third
         assert p.attempts <= 2, "a re-send was spent on a world of the dead worker"
+
+
+class PodsLeftBehind:
+    """The Launcher interface over pods a previous run of the controller left running
+    (``left``: their worker ids), as the kubernetes launcher finds them after a restart;
+    records what it is asked to start."""
+
+    can_spawn = True
+
+    def __init__(self, left: list[str]) -> None:
+        self.left = left
+        self.spawned: list[str] = []
+
+    async def adopt(self, timeout_s: float) -> list[str]:
+        return list(self.left)
+
+    async def spawn(self, worker_id: str) -> int:
+        if worker_id in self.left or worker_id in self.spawned:
+            raise LaunchError(f"a pod for {worker_id} exists")
+        self.spawned.append(worker_id)
+        return 0
+
+    async def stop(self, worker_id: str, timeout_s: float) -> None:
+        return None
+
+    def kill(self, worker_id: str, sig: int = 9) -> bool:
+        return False
+
+    def pids(self) -> dict[str, int]:
+        return {w: 0 for w in [*self.left, *self.spawned]}
+
+    def room(self) -> int:
+        return 8
+
+    def host(self) -> dict[str, int]:
+        return {}
+
+    async def aclose(self, timeout_s: float) -> None:
+        return None
+
+
+async def test_a_restarted_controller_adopts_its_launchers_workers_and_starts_new_ids_above(
+        ) -> None:
+    launcher = PodsLeftBehind(["w3", "w7"])
+    f = Fleet(config(worlds=2), launcher)
+    await f.wm.on_start()  # before the first plan: the pods are known before any is asked for
+    adopted = [f.wm.workers[w] for w in ("w3", "w7")]
+    assert all(w.state == WorkerState.STARTING and w.spawned_by_us for w in adopted)
+    await f.wm.handle(Tick())
+    assert launcher.spawned == []  # they are coming back: nothing new is started for them
+    # An adopted worker still speaks of its old life: it is asked to register again.
+    await f.wm.handle(FromWorker("w3", Heartbeat(seq=9)))
+    assert f.take(Ping) == [("w3", Ping(register=True))]
+    await f.register("w3", 1)
+    await f.register("w7", 1)
+    assert len(await f.join_all()) == 2
+    await f.wm.handle(WorkerLost("w7", "exited with -9"))
+    assert launcher.spawned == ["w8"]  # a new id, above every adopted one
+
+
+async def test_adopted_workers_that_end_before_registering_are_no_launch_failures() -> None:
+    launcher = PodsLeftBehind(["w1", "w2", "w3", "w4"])
+    f = Fleet(config(), launcher)
+    await f.wm.on_start()
+    for worker_id in launcher.left:  # pods of the previous run, ending as it restarted
+        await f.wm.handle(WorkerLost(worker_id, "exited with 0"))
+    assert f.wm.spawn_quarantined == ""
+    assert launcher.spawned == ["w5"]

@@ -47,6 +47,7 @@ from mesh.spec import DeploymentSpec
 from worker.comm import Comm, CommError, parse_addr
 from worker.link import Link
 from worker.loader import LoadError, load_handler
+from worker.rendezvous import rendezvous_store
 from worker.runner import WorldRunner
 from worker.stage_cache import StageCache
 from worker.world import Compute, RunnerStats, World
@@ -127,14 +128,13 @@ class WorkerAgent(Actor):
 
     async def on_start(self) -> None:
         import torch
-        import torch.distributed as dist
 
         if self.threads > 0:
             torch.set_num_threads(self.threads)
         # This worker's rendezvous store: worlds whose rank 0 lives here meet in it, each under
-        # a prefix of its own (world id and epoch), so a store outlives any one world.
-        self._store = dist.TCPStore(self._advertise_host, 0, 1, True, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=60))
+        # a prefix of its own (world id, epoch and token), so a store outlives any one world.
+        # It listens on the advertise address only (worker/rendezvous.py).
+        self._store = rendezvous_store(self._advertise_host, timeout_s=60.0)
         self.store_addr = f"{self._advertise_host}:{self._store.port}"
         self._device_uuid = device_uuid(self.device)
         self._loop = asyncio.get_running_loop()

@@ -46,6 +46,8 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from worker.rendezvous import pin_nccl_to
+
 log = logging.getLogger(__name__)
 
 HEADER_BYTES = 4096
@@ -174,6 +176,8 @@ class Comm:
                                   f"world/{world_id}/{epoch}/", store)
         connect = datetime.timedelta(seconds=max(timeout_s, connect_timeout_s))
         if self.backend == "nccl":
+            if bind_host:
+                pin_nccl_to(bind_host)
             opts = dist.ProcessGroupNCCL.Options()
             # Non-blocking communicators: a hung peer cannot wedge this process, and the
             # group can be aborted from another thread.
