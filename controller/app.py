@@ -151,8 +151,11 @@ class Controller:
         if not s.curve:
             return None, lambda domain: None
         public, secret = read_key_pair(s.controller_key)
+        # The controller's own key pair is allowed on the worker port (its local workers hold
+        # it) and on the client port (the HTTP gateway meshctl up starts holds it).
         ring = KeyRing({"client": Path(s.client_keys), "worker": Path(s.worker_keys),
-                        "admin": Path(s.admin_keys)}, always={"worker": {public}})
+                        "admin": Path(s.admin_keys)}, always={"worker": {public},
+                                                              "client": {public}})
         guard = Guard(self._context, ring)
         log.info("CURVE on: %s", ", ".join(f"{d} keys {ring.count(d)}" for d in DOMAINS))
         return guard, lambda domain: ServerKeys(public, secret, domain)

@@ -49,7 +49,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # 'up' always brings its own local worker pool.
     config = dataclasses.replace(config, controller=dataclasses.replace(config.controller,
                                                                          launcher="local"))
-    return _run(serve(config))
+    return _run(serve(config, with_gateway=True, log_level=args.log_level))
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
@@ -65,6 +65,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     args.key = args.key or args.global_key
     args.controller_key = args.controller_key or args.global_controller_key
     return run_from_args(args)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from controller.config import GatewayConfig, check_gateway, load_gateway_config
+    from mesh.errors import ConfigError
+    from mesh.gateway.serve import run
+
+    cfg = load_gateway_config(args.config) if args.config else GatewayConfig()
+    if args.settings:  # meshctl up's own gateway: its [gateway] table, checked there already
+        cfg = GatewayConfig(**json.loads(args.settings))
+    flags = {"listen": args.listen, "processes": args.processes,
+             "api_keys_file": args.api_keys_file, "tls_cert": args.tls_cert,
+             "tls_key": args.tls_key, "request_timeout_s": args.request_timeout_s}
+    cfg = check_gateway(dataclasses.replace(
+        cfg, **{k: v for k, v in flags.items() if v is not None}), Path.cwd())
+    if not cfg.listen:
+        raise ConfigError("the gateway needs --listen HOST:PORT (or [gateway] listen)")
+    return run(cfg, args.controller, key=args.global_key, controller_key=args.global_controller_key,
+               reuse_port=args.reuse_port)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -290,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("controller", help="the controller alone; workers come from its launcher")
     s.add_argument("--config", required=True, help="TOML config file")
     s.set_defaults(func=cmd_controller)
+
+    s = sub.add_parser("gateway", help="an HTTP gateway: OpenAI-compatible /v1 and KServe v2 "
+                       "/v2, a client of the controller")
+    s.add_argument("--controller", default=os.environ.get("MESH_ENDPOINT", DEFAULT_ENDPOINT),
+                   help="the controller's client endpoint (env MESH_ENDPOINT)")
+    s.add_argument("--listen", help="HOST:PORT to serve HTTP on (default 127.0.0.1:8000)")
+    s.add_argument("--config", help="a TOML file whose [gateway] table to use")
+    s.add_argument("--processes", type=int, help="processes sharing the port (SO_REUSEPORT)")
+    s.add_argument("--api-keys-file", dest="api_keys_file",
+                   help="bearer tokens, one a line: every route but health and /metrics needs one")
+    s.add_argument("--tls-cert", dest="tls_cert", help="TLS certificate (PEM)")
+    s.add_argument("--tls-key", dest="tls_key", help="TLS private key (PEM)")
+    s.add_argument("--request-timeout-s", dest="request_timeout_s", type=float,
+                   help="deadline of a request that names none (default 60)")
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--settings", help=argparse.SUPPRESS)  # meshctl up's [gateway], as JSON
+    s.set_defaults(func=cmd_gateway)
 
     s = sub.add_parser("worker", help="one worker that joins a controller")
     add_worker_arguments(s)

@@ -97,6 +97,34 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The HTTP gateway (``meshctl gateway``, and the one ``meshctl up`` starts): OpenAI-
+    compatible ``/v1`` and KServe v2 ``/v2`` for clients that speak HTTP (mesh/gateway/)."""
+
+    # HOST:PORT it listens on; "" turns off the one meshctl up starts.
+    listen: str = "127.0.0.1:8000"
+    # Processes sharing the port (SO_REUSEPORT), where one core is not enough.
+    processes: int = 1
+    # CURVE: the gateway's own key pair (NAME.key_secret), allowed on the client port; "" with
+    # meshctl up: the controller's own (allowed there for it).
+    key: str = ""
+    # Bearer tokens, one per line ("" : none needed); TLS certificate and key (PEM).
+    api_keys_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Limits: a request's body and header bytes, how long a client may take to send its
+    # headers and its body, idle keep-alive, open connections; the deadline of a request that
+    # names none.
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 5.0
+    max_connections: int = 4096
+    request_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class KubernetesConfig:
     """``launcher = "kubernetes"``: one pod per worker (controller/kube_launcher.py)."""
 
@@ -138,6 +166,7 @@ class Config:
     deployments: tuple[DeploymentConfig, ...]
     security: SecurityConfig = SecurityConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    gateway: GatewayConfig = GatewayConfig()
 
     def deployment(self, name: str) -> DeploymentConfig:
         for dep in self.deployments:
@@ -189,7 +218,7 @@ def load_config(path: str | Path) -> Config:
 def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
     """A validated Config from a parsed TOML document; ``base`` is the folder that relative
     paths (the security keys) are read from (the config file's; default: the current one)."""
-    unknown = set(raw) - {"controller", "deployments", "security", "kubernetes"}
+    unknown = set(raw) - {"controller", "deployments", "security", "kubernetes", "gateway"}
     if unknown:
         raise ConfigError(f"unknown top-level key {sorted(unknown)[0]!r}")
     controller_raw = raw.get("controller", {})
@@ -228,8 +257,59 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
         raise ConfigError("kubernetes.keys_secret is required when security.curve is true: "
                           "the Secret with the worker pods' key pair (worker.key_secret) and "
                           "the controller's public key (controller.key)")
+    gateway_raw = raw.get("gateway", {})
+    if not isinstance(gateway_raw, dict):
+        raise ConfigError("'gateway' must be a table")
+    gateway = check_gateway(_build(GatewayConfig, gateway_raw, "gateway"), base or Path.cwd())
     return Config(controller=controller, deployments=tuple(deployments), security=security,
-                  kubernetes=kubernetes)
+                  kubernetes=kubernetes, gateway=gateway)
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    """The ``[gateway]`` table of a config file alone (``meshctl gateway --config``); the rest
+    of the file is not read."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    table = raw.get("gateway", {})
+    if not isinstance(table, dict):
+        raise ConfigError("'gateway' must be a table")
+    return check_gateway(_build(GatewayConfig, table, "gateway"), path.resolve().parent)
+
+
+_LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})$")
+
+
+def check_gateway(g: GatewayConfig, base: Path) -> GatewayConfig:
+    """Ranges and files checked; paths made absolute (from ``base``)."""
+    if g.listen:
+        found = _LISTEN_RE.match(g.listen)
+        if not found or not 0 <= int(found.group(2)) <= 65535:
+            raise ConfigError(f"gateway.listen must be HOST:PORT (or \"\" for none), got "
+                              f"{g.listen!r}")
+    _range("gateway.processes", g.processes, 1, 256)
+    _range("gateway.max_body_bytes", g.max_body_bytes, 1024, 2**40)
+    _range("gateway.max_header_bytes", g.max_header_bytes, 1024, 1024 * 1024)
+    _range("gateway.header_timeout_s", g.header_timeout_s, 0.1, 3600.0)
+    _range("gateway.body_timeout_s", g.body_timeout_s, 0.1, 3600.0)
+    _range("gateway.keepalive_timeout_s", g.keepalive_timeout_s, 0.1, 3600.0)
+    _range("gateway.max_connections", g.max_connections, 1, 1_000_000)
+    _range("gateway.request_timeout_s", g.request_timeout_s, 0.001, 86400.0)
+    if bool(g.tls_cert) != bool(g.tls_key):
+        raise ConfigError("gateway.tls_cert and gateway.tls_key go together")
+    paths: dict[str, Any] = {}
+    for name in ("key", "api_keys_file", "tls_cert", "tls_key"):
+        value = getattr(g, name)
+        if value:
+            path = (base / value).resolve()
+            if not path.is_file():
+                raise ConfigError(f"gateway.{name}: no file {str(path)!r}")
+            paths[name] = str(path)
+    return dataclasses.replace(g, **paths)
 
 
 def _check_kubernetes(k: KubernetesConfig, used: bool) -> None:

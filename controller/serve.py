@@ -16,6 +16,7 @@ import sys
 
 from controller.app import Controller
 from controller.config import Config
+from controller.gateway_child import GatewayProcess
 from controller.launcher import NoLauncher
 from mesh import gc_policy
 from mesh.logs import speaker
@@ -39,7 +40,7 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def next_steps(config: Config, serving: list[str]) -> str:
+def next_steps(config: Config, serving: list[str], *, gateway: bool = False) -> str:
     """What to try now and how to stop, printed under the ready line."""
     c = config.controller
     admin = "" if c.admin_endpoint == "tcp://127.0.0.1:5556" else f" --admin {c.admin_endpoint}"
@@ -49,12 +50,18 @@ def next_steps(config: Config, serving: list[str]) -> str:
     if serving:
         lines.append(f"        meshctl bench {serving[0]} --duration-s 5{endpoint}{admin}"
                      "   (requests shaped as its inputs)")
+    if gateway:
+        scheme = "https" if config.gateway.tls_cert else "http"
+        lines.append(f"        curl {scheme}://{config.gateway.listen}/v1/models   (HTTP: "
+                     "OpenAI /v1, KServe v2 /v2)")
     lines.append(f"  stop: Ctrl-C here, or kill -TERM {os.getpid()}: what is in flight is "
                  "answered first, then the workers stop")
     return "\n".join(lines)
 
 
-async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
+async def serve(config: Config, *, wait_ready_s: float = 300.0, with_gateway: bool = False,
+                log_level: str = "WARNING") -> int:
+    """Run the controller (and, for ``meshctl up``, its HTTP gateway) until stopped."""
     limit = raise_fd_limit()
     log.info("descriptor limit %d", limit)
     launcher_kind = config.controller.launcher
@@ -85,10 +92,16 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
     # SIGHUP: re-read the allowed CURVE keys now (they are also re-read when a folder changes).
     loop.add_signal_handler(signal.SIGHUP, controller.reload_keys)
+    gateway = GatewayProcess(config, log_level=log_level) if with_gateway and \
+        config.gateway.listen else None
+    supervise: asyncio.Future[None] | None = None
     try:
         gc_policy.tune()
         await controller.start()
         gc_policy.freeze()  # startup's objects (config, sockets, routers) live for good
+        if gateway is not None:
+            gateway.start()
+            supervise = asyncio.ensure_future(gateway.supervise())
         ready = asyncio.ensure_future(controller.wait_serving(wait_ready_s))
         stopped = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -100,13 +113,15 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
                   f"{config.controller.admin_endpoint})", file=sys.stderr, flush=True)
             for name, reason in down.items():
                 print(f"meshserve: NOT serving {name}: {reason}", file=sys.stderr, flush=True)
-            print(next_steps(config, [d.name for d in config.deployments if d.name not in down]),
-                  file=sys.stderr, flush=True)
+            print(next_steps(config, [d.name for d in config.deployments if d.name not in down],
+                             gateway=gateway is not None), file=sys.stderr, flush=True)
         elif ready in done:
             log.warning("not every deployment is serving after %.0fs; carrying on",
                         wait_ready_s)
         await stopped
         ready.cancel()
+        if gateway is not None:
+            gateway.terminate()  # it finishes its requests while the controller answers them
         if signals_seen == 1:
             drain_s = config.controller.drain_timeout_ms / 1000.0
             draining = asyncio.ensure_future(controller.drain(drain_s))
@@ -119,5 +134,10 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0) -> int:
             elif not draining.result():
                 log.warning("drain timed out after %.1fs", drain_s)
     finally:
+        if supervise is not None:
+            supervise.cancel()
+        if gateway is not None:
+            gateway.terminate()
+            await gateway.wait(15.0)
         await controller.aclose()
     return 0

@@ -33,7 +33,7 @@ import asyncio
 import itertools
 import math
 import random
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, Self
 
@@ -247,7 +247,7 @@ class Client:
         timeout_s: float | None = None,
         params: dict[str, Any] | None = None,
         resume: bool = True,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """One request, a sequence of chunks; ends cleanly on the server's end marker.
 
         Each chunk is the dict of its outputs (a generative model's: ``{"text": ...}``, the

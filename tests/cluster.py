@@ -115,6 +115,10 @@ class Cluster:
         """Live worker processes of this cluster, found by their controller endpoint."""
         return pids_with(f"--controller {self.workers_endpoint}")
 
+    def gateway_pids(self) -> list[int]:
+        """Live HTTP gateway processes of this cluster (meshctl up's, found the same way)."""
+        return pids_with(f"gateway --controller {self.client}")
+
     def meshctl(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "controller.cli", "--admin", self.admin, *args],
@@ -144,6 +148,9 @@ def write_config(path: Path, ports: dict[str, int], deployments: str, controller
     if "autoscale" not in controller:
         # Tests that set world counts by hand would race the autoscaler; its own tests opt in.
         controller += "\nautoscale = false"
+    if "[gateway]" not in deployments:
+        # No HTTP gateway unless a test asks for one (on a port of its own).
+        deployments += '\n[gateway]\nlisten = ""\n'
     path.write_text(
         "[controller]\n"
         f'client_endpoint = "tcp://127.0.0.1:{ports["client"]}"\n'
@@ -186,9 +193,10 @@ def reap(cluster: Cluster) -> list[int]:
         with contextlib.suppress(Exception):
             cluster.stop(signal.SIGTERM, timeout_s=20.0)
     deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and cluster.worker_pids():
+    while time.monotonic() < deadline and (cluster.worker_pids() or cluster.gateway_pids()):
         time.sleep(0.05)
-    for pid in cluster.worker_pids() + [p for p in cluster.seen_worker_pids if alive(p)]:
+    for pid in cluster.worker_pids() + cluster.gateway_pids() + [
+            p for p in cluster.seen_worker_pids if alive(p)]:
         if pid in leaked:
             continue
         leaked.append(pid)

@@ -74,10 +74,14 @@ class GenerativeHandler(Handler):
     # -- requests (stage 0) ---------------------------------------------------------------
 
     def prompt_ids(self, inputs: dict[str, Any]) -> list[int]:
-        """The prompt of ``{"prompt": str}``; override for other inputs."""
-        if set(inputs) != {"prompt"} or not isinstance(inputs["prompt"], str):
-            raise BadRequest("inputs must be exactly {'prompt': str}")
-        prompt = inputs["prompt"]
+        """The prompt of ``{"prompt": str}``, or of a chat ``{"messages": [{"role",
+        "content"}, ...]}`` through ``chat_prompt``; override for other inputs."""
+        if set(inputs) == {"messages"}:
+            prompt = self.chat_prompt(chat_messages(inputs["messages"]))
+        elif set(inputs) != {"prompt"} or not isinstance(inputs["prompt"], str):
+            raise BadRequest("inputs must be exactly {'prompt': str} or {'messages': [...]}")
+        else:
+            prompt = inputs["prompt"]
         if not prompt:
             raise BadRequest("prompt must not be empty")
         if len(prompt) > MAX_PROMPT_CHARS:
@@ -139,6 +143,30 @@ class GenerativeHandler(Handler):
         out["max_context"] = self.max_context
         out["vocab_size"] = self.tokenizer.vocab_size
         return out
+
+
+MAX_MESSAGES = 1024
+
+
+def chat_messages(value: Any) -> list[dict[str, str]]:
+    """A chat's messages, checked: ``role`` and ``content`` strings (a content given as a list
+    of ``{"type": "text", "text": ...}`` parts is joined)."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_MESSAGES:
+        raise BadRequest(f"messages must be a list of 1..{MAX_MESSAGES} messages")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be a map with a 'role' string")
+        content = message.get("content", "")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise BadRequest(f"messages[{i}].content parts must be text parts")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+        out.append({"role": message["role"], "content": content})
+    return out
 
 
 @dataclass(frozen=True, slots=True)
