@@ -135,8 +135,22 @@ def test_the_manifests_agree_with_the_controller_they_run(overlay: str, tmp_path
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     mount = container["volumeMounts"][0]["mountPath"]
     assert container["args"] == ["controller", "--config", f"{mount}/meshserve.toml"]
+    # The HTTP gateway beside it: the controller's client port over loopback, the
+    # controller's own key pair (allowed on the client port), the [gateway] table's port.
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    http = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    args = gateway["args"]
+    command = args.index("gateway")
+    assert args[command + 1:command + 3] == ["--controller", f"tcp://127.0.0.1:{ports['client']}"]
+    assert args[args.index("--config") + 1] == f"{mount}/meshserve.toml"
+    assert args[args.index("--key") + 1] == args[args.index("--controller-key") + 1] == \
+        "/etc/meshserve-keys/own/controller.key_secret"
+    assert config.gateway.listen == f"0.0.0.0:{http['http']}"
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     service = by_kind(overlay, "Service", "meshserve-controller")
-    assert {p["port"] for p in service["spec"]["ports"]} == set(ports.values())
+    assert {p["port"] for p in service["spec"]["ports"]} == set(ports.values()) | set(
+        http.values())
     account = by_kind(overlay, "ServiceAccount", pod["serviceAccountName"])
     if overlay == "joined":
         args = by_kind(overlay, "StatefulSet", "meshserve-worker")["spec"]["template"][
@@ -227,9 +241,10 @@ def test_network_policies_open_meshserves_ports_to_its_own_pods_and_clients_to_t
     # meshserve's own pods only (operators come through kubectl port-forward), client and
     # metrics whom the operator names, never everyone.
     rules = {p["port"]: rule for rule in ctrl["ingress"] for p in rule["ports"]}
-    assert set(rules) == {p["name"] for p in deployment["spec"]["containers"][0]["ports"]}
+    assert set(rules) == {p["name"] for c in deployment["spec"]["containers"]
+                          for p in c["ports"]}
     assert rules["worker"]["from"] == OWN_PODS and rules["admin"]["from"] == OWN_PODS
-    for port in ("client", "metrics"):
+    for port in ("client", "http", "metrics"):
         peers = rules[port].get("from")
         assert peers and all(peer.get("podSelector", {}).get("matchLabels") or
                              peer.get("ipBlock") for peer in peers), (port, peers)
