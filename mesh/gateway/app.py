@@ -281,9 +281,11 @@ class Gateway:
     async def _v2_infer(self, request: Request, send: Send, name: str) -> int:
         body = await read_body(request, self.limits)
         infer = kserve.parse_infer(body, request.headers.get(kserve.HEADER_LENGTH))
-        outputs = await self._until_gone(request, self.client.infer(
-            name, infer.inputs, timeout_s=infer.timeout_s or self.timeout_s,
-            params=infer.params or None))
+        # Not watched for a disconnect: a task per request costs more than the rare request
+        # abandoned mid-way wastes (generations belong on /v1, which is watched).
+        outputs = await self.client.infer(name, infer.inputs,
+                                          timeout_s=infer.timeout_s or self.timeout_s,
+                                          params=infer.params or None)
         payload, headers = kserve.encode_outputs(name, infer, outputs)
         binary = kserve.HEADER_LENGTH in headers
         await respond(send, 200, payload, headers=headers,
@@ -326,9 +328,10 @@ class Gateway:
         sse = EventStream(send)
 
         async def pump() -> None:
+            send_event = sse.raw
             async with aclosing(chunks) as stream:
                 async for event in openai.events(completion, stream):
-                    await sse.event(event)
+                    await send_event(event)
             await sse.event("[DONE]")
             await sse.close()
 

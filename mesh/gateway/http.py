@@ -17,11 +17,12 @@ number of connections are uvicorn's own settings (``timeout_keep_alive``,
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
+
+import msgspec
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -190,10 +191,14 @@ async def read_body(request: Request, limits: HttpLimits) -> bytes:
     return b"".join(parts)
 
 
+_decode_json = msgspec.json.Decoder().decode
+_encode_json = msgspec.json.Encoder().encode
+
+
 def parse_json(body: bytes, what: str = "the body") -> Any:
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return _decode_json(body)
+    except (msgspec.DecodeError, ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"{what} is not JSON: {str(exc)[:80]}") from None
 
 
@@ -209,8 +214,7 @@ async def respond(send: Send, status: int, body: bytes, *,
 
 async def respond_json(send: Send, status: int, value: Any, *,
                        headers: dict[str, str] | None = None) -> None:
-    await respond(send, status, json.dumps(value, separators=(",", ":")).encode(),
-                  headers=headers)
+    await respond(send, status, _encode_json(value), headers=headers)
 
 
 class EventStream:
@@ -228,9 +232,13 @@ class EventStream:
                 (b"x-accel-buffering", b"no")]})
 
     async def event(self, data: str) -> None:
-        await self.start()
-        await self._send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(),
-                          "more_body": True})
+        await self.raw(f"data: {data}\n\n".encode())
+
+    async def raw(self, event: bytes) -> None:
+        """An event already formatted (``data: ...`` and its blank line)."""
+        if not self.started:
+            await self.start()
+        await self._send({"type": "http.response.body", "body": event, "more_body": True})
 
     async def close(self) -> None:
         await self.start()

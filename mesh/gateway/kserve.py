@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from mesh.gateway.http import HttpError
@@ -41,6 +42,9 @@ FROM_MESH = {"bool": "BOOL", "uint8": "UINT8", "int8": "INT8", "int16": "INT16",
 RESERVED = frozenset({"binary_data_output", "timeout", "priority", "sequence_id",
                       "sequence_start", "sequence_end"})
 HEADER_LENGTH = "inference-header-content-length"
+# msgspec's JSON, several times json's speed on the numbers lists tensors are made of.
+_decode_json = msgspec.json.Decoder().decode
+_encode_json = msgspec.json.Encoder().encode
 
 
 @dataclass(slots=True)
@@ -71,8 +75,8 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     else:
         head, binary = body, memoryview(b"")
     try:
-        doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = _decode_json(head)
+    except (msgspec.DecodeError, ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"the request is not JSON: {str(exc)[:80]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise HttpError(400, "the request must be an object with an 'inputs' list")
@@ -192,7 +196,7 @@ def encode_outputs(model: str, request: InferRequest, outputs: dict[str, Any]
     doc: dict[str, Any] = {"model_name": model, "outputs": listed}
     if request.id:
         doc["id"] = request.id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = _encode_json(doc)
     if not binary:
         return head, {}
     return head + b"".join(binary), {HEADER_LENGTH: str(len(head))}

@@ -89,7 +89,7 @@ def run(cfg: GatewayConfig, controller: str, *, key: str = "", controller_key: s
         app, http=guarded_protocol(limits), loop=loop, lifespan="on",
         timeout_keep_alive=max(1, round(cfg.keepalive_timeout_s)),
         limit_concurrency=cfg.max_connections, timeout_graceful_shutdown=int(DRAIN_S),
-        log_level="warning", access_log=False, server_header=False,
+        log_level="warning", access_log=False, server_header=False, proxy_headers=False,
         ssl_certfile=cfg.tls_cert or None, ssl_keyfile=cfg.tls_key or None)
     shared = reuse_port or cfg.processes > 1
     sock = listen_socket(host, port, reuse_port=shared)
