@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 
 from bench.common import controller_section, free_ports, start_controller, stop_process
-from controller.admin_client import admin_call
-from controller.bench import Second, plot_profile, run_profile
-from controller.stats import percentile
+from mesh.admin_client import admin_call
 from mesh.client import Client
 from mesh.errors import MeshError
+from mesh.loadgen import Second, plot_profile, run_profile
 from mesh.loop import run as run_loop
+from mesh.stats import percentile
 
 
 def write_config(path: Path, ports: dict[str, int], args: argparse.Namespace) -> None:

@@ -38,10 +38,10 @@ from bench.common import (
     start_controller,
     stop_process,
 )
-from controller.admin_client import admin_call
-from controller.stats import percentile
+from mesh.admin_client import admin_call
 from mesh.errors import MeshError
 from mesh.loop import run as run_loop
+from mesh.stats import percentile
 
 
 def write_config(path: Path, ports: dict[str, int], warm: int, worlds: int, hidden: int) -> None:

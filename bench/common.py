@@ -72,7 +72,7 @@ def start_controller(config: Path, *, log: IO[bytes] | None = None,
                      log_level: str = "INFO") -> subprocess.Popen[bytes]:
     """``meshctl controller --config`` as a subprocess (it starts its own workers)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "controller.cli", "--log-level", log_level, "controller",
+        [sys.executable, "-m", "mesh.cli", "--log-level", log_level, "controller",
          "--config", str(config)],
         stdout=log, stderr=subprocess.STDOUT if log is not None else None,
         stdin=subprocess.DEVNULL)

@@ -53,10 +53,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import controller_section, free_ports, start_controller, stop_process
-from controller.admin_client import admin_call
-from controller.stats import percentile
+from mesh.admin_client import admin_call
 from mesh.client import Client
 from mesh.loop import run as run_loop
+from mesh.stats import percentile
 
 PROMPT_WORDS = ("the", "pipeline", "keeps", "every", "stage", "busy", "with", "tokens", "of",
                 "many", "streams", "at", "once", "and", "a", "cache")

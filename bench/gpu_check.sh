@@ -91,15 +91,15 @@ tail -n 1 "$out/tests.log" | grep -qE ' passed' && ! tail -n 1 "$out/tests.log" 
 sweep "by the tests"
 
 echo "== demo (meshctl up)"
-MESH_LOG_LEVEL=INFO "$py" -m controller.cli up >"$out/demo.log" 2>&1 &
+MESH_LOG_LEVEL=INFO "$py" -m mesh.cli up >"$out/demo.log" 2>&1 &
 up=$!
 for _ in $(seq 120); do grep -q "meshserve ready" "$out/demo.log" && break; sleep 1; done
 grep -E "meshserve (ready|: NOT)" "$out/demo.log" || { echo "demo never ready"; status=1; }
 x=$("$py" -c 'print([[0.5] * 64])')
-timeout 60 "$py" -m controller.cli infer mlp "x=$x" | cut -c1-120 || status=1
-timeout 60 "$py" -m controller.cli infer tinygpt 'prompt="hello"' --stream --max-tokens 24 \
+timeout 60 "$py" -m mesh.cli infer mlp "x=$x" | cut -c1-120 || status=1
+timeout 60 "$py" -m mesh.cli infer tinygpt 'prompt="hello"' --stream --max-tokens 24 \
   || status=1
-timeout 30 "$py" -m controller.cli status --json | "$py" -c '
+timeout 30 "$py" -m mesh.cli status --json | "$py" -c '
 import json, sys
 s = json.load(sys.stdin)
 for w in s["worlds"]:

@@ -58,9 +58,9 @@ from bench.common import (
 from bench.direct import DirectWorker
 from bench.floor import FloorChain, pause_penalty
 from bench.pinning import available_cores, describe, pin, plan
-from controller.admin_client import admin_call
-from controller.bench import BenchResult, closed_loop
+from mesh.admin_client import admin_call
 from mesh.client import Client
+from mesh.loadgen import BenchResult, closed_loop
 from mesh.loop import run as run_loop
 from mesh.security import ClientKeys, generate
 

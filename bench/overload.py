@@ -34,8 +34,8 @@ from bench.common import (
     stop_process,
 )
 from bench.overhead import wait_ready
-from controller.bench import closed_loop, open_loop
 from mesh.errors import MeshError
+from mesh.loadgen import closed_loop, open_loop
 from mesh.loop import run as run_loop
 
 DEADLINE_S = 0.5

@@ -3,7 +3,7 @@
     pip install -e ".[peers]"          # Ray Serve; not installed by CI
     python -m bench.peers [--rounds 3] [--duration-s 5] [--json peers.json]
 
-Cells (closed loop, ``controller.bench.closed_loop`` drives both systems):
+Cells (closed loop, ``mesh.loadgen.closed_loop`` drives both systems):
 
 - ``echo``: a no-op that answers with its input (a float32 [1, 4]), at 1, 16 and 128 callers;
 - ``mlp``: the seeded 4x1024 MLP (``worker.models.mlp:build(hidden=1024, layers=4)``, float32
@@ -41,9 +41,9 @@ import numpy as np
 
 from bench.common import controller_section, free_ports, start_controller, stop_process
 from bench.overhead import wait_ready
-from controller.bench import BenchResult, closed_loop
 from mesh.client import Client
 from mesh.errors import MeshError, Unavailable
+from mesh.loadgen import BenchResult, closed_loop
 
 MLP_KWARGS = {"hidden": 1024, "layers": 4}
 HTTP_CALLERS = 32
@@ -368,7 +368,7 @@ def http_result(model: str, res: dict[str, Any], callers: int, duration_s: float
 def start_gateway(controller: str, listen: str, log: Any) -> Any:
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-m", "controller.cli", "--log-level", "WARNING",
+    return subprocess.Popen([sys.executable, "-m", "mesh.cli", "--log-level", "WARNING",
                              "gateway", "--controller", controller, "--listen", listen],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

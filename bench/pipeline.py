@@ -353,13 +353,13 @@ class Controller:
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "controller.cli", "--log-level", "INFO", "controller",
+                [sys.executable, "-m", "mesh.cli", "--log-level", "INFO", "controller",
                  "--config", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=single_thread_env())
 
     async def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
-        from controller.admin_client import admin_call
+        from mesh.admin_client import admin_call
 
         status: dict[str, Any] = await admin_call(self.admin, "status", timeout_s=timeout_s)
         self.worker_pids.update(w["pid"] for w in status["workers"] if w.get("pid"))
@@ -425,8 +425,8 @@ async def served_window(ctl: Controller, client: Any, deployment: str, workers: 
     """Closed loop of full-batch requests: rows/s, latency, stage counters, CPU per process."""
     import numpy as np
 
-    from controller.stats import percentile
     from mesh.errors import MeshError
+    from mesh.stats import percentile
 
     x = {"x": np.zeros((BATCH, FEATURES), dtype=np.float32)}
     done: list[float] = []  # completion times inside the window
@@ -556,13 +556,13 @@ async def release_world(ctl: Controller) -> None:
     iteration starts from. ``max_local_workers = 4`` keeps the warm pool from starting new
     workers and retiring released ones while the extra world lives.
     """
-    from controller.admin_client import admin_call
+    from mesh.admin_client import admin_call
 
     await admin_call(ctl.admin, "scale", {"deployment": "mlp", "worlds": 1})
 
 
 async def run_formations(ctl: Controller, n: int) -> dict[str, Any]:
-    from controller.admin_client import admin_call
+    from mesh.admin_client import admin_call
 
     def steady(s: dict[str, Any]) -> bool:
         worlds = [w for w in s["worlds"] if w["deployment"] == "mlp"]

@@ -45,7 +45,7 @@ from bench.common import (
     start_controller,
     stop_process,
 )
-from controller.admin_client import admin_call
+from mesh.admin_client import admin_call
 from mesh.client import Client
 from mesh.errors import MeshError
 from mesh.loop import run as run_loop

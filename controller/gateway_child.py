@@ -39,7 +39,7 @@ def gateway_command(config: Config, log_level: str) -> list[str]:
     port)."""
     g = config.gateway
     s = config.security
-    cmd = [sys.executable, "-m", "controller.cli", "--log-level", log_level]
+    cmd = [sys.executable, "-m", "mesh.cli", "--log-level", log_level]
     if s.curve:
         cmd += ["--key", g.key or s.controller_key, "--controller-key", s.controller_key]
     settings = {k: getattr(g, k) for k in g.__dataclass_fields__ if k not in ("key",)}

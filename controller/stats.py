@@ -11,6 +11,8 @@ from bisect import bisect_left
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from mesh.stats import percentile
+
 # Bucket bounds in seconds for the latency histograms (request, queue, compute): from 1 ms (a
 # small model on one core) to 30 s (the default deadline), about 2.5x apart.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -50,14 +52,6 @@ class LatencySummary:
     p99_ms: float
     max_ms: float
 
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (q in [0, 100])."""
-    if not sorted_values:
-        return 0.0
-    # q * n first: q / 100 is inexact in binary (0.07 * 100 > 7) and would skip a rank.
-    k = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values) / 100.0) - 1))
-    return sorted_values[k]
 
 
 class LatencyWindow:

@@ -8,7 +8,7 @@ because it is several times faster on small maps, reads msgpack natively, and va
 dataclasses, so the records stay what the rest of the code already uses.
 
 The data path (request headers, ``req``/``res`` frames) is not decoded here: its fields are
-checked by hand in mesh/codec.py and controller/inputs.py, where a request's microseconds
+checked by hand in mesh/codec.py and mesh/cli/inputs.py, where a request's microseconds
 are measured (docs/benchmarks.md).
 """
 

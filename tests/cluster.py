@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.admin_client import admin_call
+from mesh.admin_client import admin_call
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
@@ -121,7 +121,7 @@ class Cluster:
 
     def meshctl(self, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "controller.cli", "--admin", self.admin, *args],
+            [sys.executable, "-m", "mesh.cli", "--admin", self.admin, *args],
             capture_output=True, text=True, timeout=timeout_s, check=False)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -168,7 +168,7 @@ async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "
     write_config(config, ports, deployments, controller)
     log_path = tmp_path / f"controller-{ports['admin']}.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "up", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "up", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             preexec_fn=dies_with_pytest)
     cluster = Cluster(proc, f"tcp://127.0.0.1:{ports['client']}",
@@ -209,7 +209,7 @@ def reap(cluster: Cluster) -> list[int]:
 def start_controller(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """``meshctl controller --config`` (the config's launcher decides who starts workers)."""
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "controller.cli", "controller",
+        return subprocess.Popen([sys.executable, "-m", "mesh.cli", "controller",
                                  "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=dies_with_pytest)
@@ -240,7 +240,7 @@ def joined_cluster(tmp_path: Path, deployments: str, worker_ids: list[str],
     cluster = Cluster(start_controller(config, log), f"tcp://127.0.0.1:{ports['client']}",
                       f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
                       config, log)
-    workers = [subprocess.Popen([sys.executable, "-m", "controller.cli", "worker",
+    workers = [subprocess.Popen([sys.executable, "-m", "mesh.cli", "worker",
                                  "--controller", cluster.workers_endpoint, "--worker-id", wid,
                                  "--threads", "1"], stdin=subprocess.DEVNULL,
                                 preexec_fn=dies_with_pytest)

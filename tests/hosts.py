@@ -1,7 +1,7 @@
 """Hosts, simulated: Linux network namespaces joined by veth pairs and a bridge.
 
     with Hosts(["ctl", "a", "b"]) as hosts:
-        proc = hosts.popen("a", [sys.executable, "-m", "controller.cli", "worker", ...], log)
+        proc = hosts.popen("a", [sys.executable, "-m", "mesh.cli", "worker", ...], log)
         hosts.cut("a")   # host a's link goes down: a partition
         hosts.heal("a")
 
@@ -200,7 +200,7 @@ class Site:
         self.workers: dict[str, Any] = {}
 
     def start_controller(self) -> subprocess.Popen[bytes]:
-        return self.hosts.popen("ctl", [sys.executable, "-m", "controller.cli", "controller",
+        return self.hosts.popen("ctl", [sys.executable, "-m", "mesh.cli", "controller",
                                         "--config", str(self.config)], self.log)
 
     def restart_controller(self) -> None:
@@ -210,6 +210,6 @@ class Site:
 
     def worker(self, host: str, worker_id: str) -> None:
         self.workers[worker_id] = self.hosts.popen(host, [
-            sys.executable, "-m", "controller.cli", "worker",
+            sys.executable, "-m", "mesh.cli", "worker",
             "--controller", self.worker_endpoint, "--advertise-host", self.hosts.address(host),
             "--worker-id", worker_id, "--threads", "1"], self.folder / f"{worker_id}.log")

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from controller.bench import Arrival, open_loop
-from controller.stats import percentile
 from mesh.client import Client
+from mesh.loadgen import Arrival, open_loop
+from mesh.stats import percentile
 from tests.conftest import StartCluster
 
 # 20 ms per request (batches of one): 50 requests/s per world, whatever the CPU does.

@@ -13,7 +13,8 @@ import time
 import pytest
 import zmq
 
-from controller.cli import DEFAULT_ADMIN, build_parser, parse_args
+from mesh.cli import DEFAULT_ADMIN
+from mesh.cli.parser import build_parser, parse_args
 from mesh.transport import bind_socket
 from tests.cluster import free_port
 
@@ -58,7 +59,7 @@ def test_no_controller_fails_in_about_a_second_with_a_hint(argv: list[str]) -> N
     env = {**os.environ, "MESH_ADMIN": f"tcp://127.0.0.1:{port}",
            "MESH_ENDPOINT": f"tcp://127.0.0.1:{port}"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "controller.cli", *argv], env=env,
+    result = subprocess.run([sys.executable, "-m", "mesh.cli", *argv], env=env,
                             capture_output=True, text=True, timeout=30)
     assert time.monotonic() - started < 5.0  # a process start plus a refused connect
     assert result.returncode == 1
@@ -84,7 +85,7 @@ def test_a_port_in_use_names_the_process_that_holds_it() -> None:
 
 def test_bench_plot_is_checked_before_anything_runs() -> None:
     env = {**os.environ, "MESH_ADMIN": f"tcp://127.0.0.1:{free_port()}"}
-    result = subprocess.run([sys.executable, "-m", "controller.cli", "bench", "mlp", "--plot",
+    result = subprocess.run([sys.executable, "-m", "mesh.cli", "bench", "mlp", "--plot",
                              "x.png"], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--plot draws an open-loop run" in result.stderr
     # Without matplotlib (hidden from the import system), the error says how to get it.
@@ -93,7 +94,7 @@ def test_bench_plot_is_checked_before_anything_runs() -> None:
             "    def find_spec(self, name, path, target=None):\n"
             "        if name.split('.')[0] == 'matplotlib': raise ImportError(name)\n"
             "sys.meta_path.insert(0, No())\n"
-            "from controller.cli import main\n"
+            "from mesh.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     result = subprocess.run([sys.executable, "-c", hide, "bench", "mlp", "--profile", "step",
                              "--plot", "x.png"], env=env, capture_output=True, text=True,
@@ -109,9 +110,9 @@ async def test_bench_callers_back_off_from_a_controller_that_refuses_everything(
 
     import zmq.asyncio
 
-    from controller.bench import closed_loop
     from mesh import codec
     from mesh.client import Client
+    from mesh.loadgen import closed_loop
     from mesh.messages import error_header
 
     port = free_port()
@@ -148,8 +149,8 @@ async def test_bench_callers_back_off_from_a_controller_that_refuses_everything(
 async def test_a_bench_whose_callers_cannot_send_fails_instead_of_reporting_nothing() -> None:
     """A client used without connecting raises in every caller; the run used to report 0
     requests and no errors for its whole duration."""
-    from controller.bench import closed_loop
     from mesh.client import Client
+    from mesh.loadgen import closed_loop
 
     client = Client(f"tcp://127.0.0.1:{free_port()}")  # never connected
     with pytest.raises(RuntimeError, match="not connected"):

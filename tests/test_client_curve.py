@@ -56,7 +56,7 @@ async def curve_controller(tmp_path: Path) -> AsyncIterator[Callable[[str], list
     """A controller with [security] curve = true serving echo, where the key pair "alice" is
     allowed and "mallory" is not: yields keys(name), the client endpoint followed by the
     controller's public key and that pair's public and secret keys (Z85)."""
-    meshctl = [sys.executable, "-m", "controller.cli"]
+    meshctl = [sys.executable, "-m", "mesh.cli"]
     own = tmp_path / "keys"
     for name in ("controller", "alice", "mallory"):
         subprocess.run([*meshctl, "keys", "generate", name, "--dir", str(own)], check=True,

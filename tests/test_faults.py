@@ -234,7 +234,7 @@ async def test_a_drained_worker_that_joined_by_itself_ends_dead(tmp_path: Path) 
                  'model = "worker.models.echo:build"\n', 'launcher = "none"')
     log = tmp_path / "controller.log"
     with open(log, "wb") as out:
-        procs = [subprocess.Popen([sys.executable, "-m", "controller.cli", "controller",
+        procs = [subprocess.Popen([sys.executable, "-m", "mesh.cli", "controller",
                                    "--config", str(config)],
                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   preexec_fn=dies_with_pytest)]
@@ -243,7 +243,7 @@ async def test_a_drained_worker_that_joined_by_itself_ends_dead(tmp_path: Path) 
                       config, log)
     try:
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", "worker", "--controller",
+            [sys.executable, "-m", "mesh.cli", "worker", "--controller",
              cluster.workers_endpoint, "--worker-id", "remote1"], stdin=subprocess.DEVNULL,
             preexec_fn=dies_with_pytest))
         await cluster.wait_for(lambda s: any(w["id"] == "remote1" and w["state"] == "serving"
@@ -327,7 +327,7 @@ async def test_stage_one_workers_killed_while_rank_zero_posts_batches_cost_clien
     write_config(config, ports, POSTING, 'launcher = "none"')
     log = tmp_path / "controller.log"
     with open(log, "wb") as out:
-        ctrl = subprocess.Popen([sys.executable, "-m", "controller.cli", "controller",
+        ctrl = subprocess.Popen([sys.executable, "-m", "mesh.cli", "controller",
                                  "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=dies_with_pytest)
@@ -338,7 +338,7 @@ async def test_stage_one_workers_killed_while_rank_zero_posts_batches_cost_clien
 
     def start_worker(n: int) -> None:
         workers.append(subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", "worker", "--controller",
+            [sys.executable, "-m", "mesh.cli", "worker", "--controller",
              cluster.workers_endpoint, "--worker-id", f"r{n}", "--threads", "1"],
             stdin=subprocess.DEVNULL, preexec_fn=dies_with_pytest))
 

@@ -276,7 +276,7 @@ def _rss_kb(pid: int) -> int:
 
 
 def _gateway_pid(port: int) -> int:
-    out = subprocess.run(["pgrep", "-f", f"controller.cli.* gateway .*{port}"],
+    out = subprocess.run(["pgrep", "-f", f"mesh.cli.* gateway .*{port}"],
                          capture_output=True, text=True).stdout.split()
     assert out, "no gateway process found"
     return int(out[0])

@@ -1,4 +1,4 @@
-"""Shell arguments into request inputs (controller/inputs.py): JSON on the command line, and
+"""Shell arguments into request inputs (mesh/cli/inputs.py): JSON on the command line, and
 values too large for one read from files (.npy, .npz, JSON) or stdin."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.inputs import parse_assignments
+from mesh.cli.inputs import parse_assignments
 from mesh.errors import BadRequest
 
 

@@ -300,7 +300,7 @@ async def test_a_controller_scales_through_pods_and_replaces_a_killed_one(
 api_server = "{kube.url}"
 namespace = "meshserve"
 controller_address = "tcp://127.0.0.1:{ports['worker']}"
-command = ["{sys.executable}", "-m", "controller.cli"]
+command = ["{sys.executable}", "-m", "mesh.cli"]
 threads = 1
 resources = {{ requests = {{ cpu = "1" }} }}
 termination_grace_s = 5
@@ -388,7 +388,7 @@ async def test_a_restarted_controller_adopts_its_pods_and_never_asks_for_them_ag
 api_server = "{kube.url}"
 namespace = "meshserve"
 controller_address = "tcp://127.0.0.1:{ports['worker']}"
-command = ["{sys.executable}", "-m", "controller.cli"]
+command = ["{sys.executable}", "-m", "mesh.cli"]
 threads = 1
 termination_grace_s = 5
 """, 'launcher = "kubernetes"\nwarm_workers = 1')
@@ -492,7 +492,7 @@ admin_keys = "{tmp_path / 'admins'}"
 api_server = "{kube.url}"
 namespace = "meshserve"
 controller_address = "tcp://127.0.0.1:{ports['worker']}"
-command = ["{sys.executable}", "-m", "controller.cli"]
+command = ["{sys.executable}", "-m", "mesh.cli"]
 threads = 1
 termination_grace_s = 5
 keys_secret = "meshserve-worker-key"

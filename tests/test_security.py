@@ -17,8 +17,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from controller.admin_client import admin_call
 from mesh import codec
+from mesh.admin_client import admin_call
 from mesh.client import Client
 from mesh.errors import ControllerLost, DeadlineExceeded
 from mesh.messages import AdminReply, AdminRequest
@@ -29,7 +29,7 @@ X = {"x": np.ones((1, 64), np.float32)}
 
 
 def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mesh.cli", *args], capture_output=True,
                           text=True, timeout=60, check=False)
 
 
@@ -201,7 +201,7 @@ def remote_workers(tmp_path: Path) -> Any:
               ) -> subprocess.Popen[bytes]:
         with open(tmp_path / f"{worker_id}.log", "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "controller.cli", "worker", "--controller", endpoint,
+                [sys.executable, "-m", "mesh.cli", "worker", "--controller", endpoint,
                  "--worker-id", worker_id, "--device", "cpu", "--threads", "1",
                  "--key", str(key), "--controller-key", str(controller_key)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -97,7 +97,7 @@ def run(cfg: GatewayConfig, controller: str, *, key: str = "", controller_key: s
     if cfg.processes > 1 and not reuse_port:
         args = child_args(argv if argv is not None else sys.argv[1:])
         for _ in range(cfg.processes - 1):
-            siblings.append(subprocess.Popen([sys.executable, "-m", "controller.cli", *args],
+            siblings.append(subprocess.Popen([sys.executable, "-m", "mesh.cli", *args],
                                              stdin=subprocess.DEVNULL,
                                              preexec_fn=dies_with_parent))
     def pass_on(sig: int) -> None:

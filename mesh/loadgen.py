@@ -1,28 +1,27 @@
-"""``meshctl bench``: closed-loop load against a running controller, with a live display.
+"""Load generators: a client-side tool (``meshctl bench``, bench/ and the tests drive it),
+not a part of the server.
 
-N concurrent callers each send a request, wait for its answer, and send the next, for
-``duration_s`` seconds after a warm-up. Reports req/s, latency percentiles (p50, p95, p99,
-max) and errors by code, as a table or JSON.
+``closed_loop``: N concurrent callers each send a request, wait for its answer, and send the
+next, for ``duration_s`` seconds after a warm-up; req/s, latency percentiles (p50, p95, p99,
+max) and errors by code. ``open_loop``: Poisson arrivals whose rate follows a function of
+time, every request its own task. ``run_profile``: an open loop following a named profile,
+with the fleet's size polled from the admin port once a second.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import math
 import random
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from controller.fleet import WorkerState
-from controller.stats import percentile
 from mesh.client import Client, backoff_s
 from mesh.errors import MeshError
+from mesh.stats import percentile
 
 
 @dataclass
@@ -242,7 +241,7 @@ async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any
 
     The worlds and workers come from the admin port, polled once a second by a task of their
     own: a slow or refused status call (-1 in the table) never holds up the arrivals."""
-    from controller.admin_client import admin_call
+    from mesh.admin_client import admin_call
 
     seconds: list[Second] = []
     marks = {"sent": 0}
@@ -258,7 +257,7 @@ async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any
                 dep = next(d for d in status["deployments"] if d["name"] == model)
                 fleet["worlds"] = dep["worlds_current"]
                 fleet["workers"] = sum(1 for w in status["workers"]
-                                       if w["state"] != WorkerState.DEAD)
+                                       if w["state"] != "dead")
             except (MeshError, StopIteration):
                 fleet["worlds"] = fleet["workers"] = -1
             await asyncio.sleep(1.0)
@@ -332,123 +331,3 @@ def render_result(r: BenchResult) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-
-
-def _run_profile_cli(args: argparse.Namespace) -> int:
-    from controller.admin_client import admin_call
-    from controller.cli import _run
-
-    if args.base_rps <= 0 or args.peak_x < 1:
-        print("meshctl bench: --base-rps must be > 0 and --peak-x >= 1", file=sys.stderr)
-        return 2
-
-    async def go() -> tuple[list[Arrival], list[Second], float]:
-        inputs = await _inputs_for(args)
-        status = await admin_call(args.admin, "status", {}, timeout_s=args.admin_timeout_s,
-                                  curve=_curve_of(args))
-        slo = next((d["slo_p99_ms"] for d in status["deployments"] if d["name"] == args.model),
-                   0.0)
-        async with Client(args.endpoint, key=args.global_key or None,
-                          controller_key=args.global_controller_key or None) as client:
-            await client.infer(args.model, inputs, timeout_s=args.request_timeout_s)
-            arrivals, seconds = await run_profile(
-                client, args.admin, args.model, inputs, profile=args.profile,
-                duration_s=args.duration_s, base_rps=args.base_rps,
-                peak_rps=args.base_rps * args.peak_x, timeout_s=args.request_timeout_s,
-                out=sys.stderr, admin_curve=_curve_of(args))
-        return arrivals, seconds, slo
-
-    arrivals, seconds, slo = _run(go())
-    lat = sorted(a.latency_ms for a in arrivals if a.latency_ms is not None)
-    errors: dict[str, int] = {}
-    for a in arrivals:
-        if a.error:
-            errors[a.error] = errors.get(a.error, 0) + 1
-    summary = {
-        "model": args.model, "profile": args.profile, "duration_s": args.duration_s,
-        "base_rps": args.base_rps, "peak_rps": args.base_rps * args.peak_x,
-        "requests": len(arrivals), "answered": len(lat), "errors": errors,
-        "p50_ms": round(percentile(lat, 50), 3), "p99_ms": round(percentile(lat, 99), 3),
-        "slo_p99_ms": slo,
-        "seconds_over_slo": sum(1 for s in seconds if s.p99_ms > slo) if slo else None,
-        "worker_seconds": sum(max(0, s.workers) for s in seconds),
-        "max_worlds": max((s.worlds for s in seconds), default=0),
-        "per_second": [asdict(s) for s in seconds],
-    }
-    if args.plot:
-        plot_profile(seconds, arrivals, slo, args.plot,
-                     f"{args.model}: {args.profile} {args.base_rps:g} -> "
-                     f"{args.base_rps * args.peak_x:g} req/s")
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        rows = [(k, v) for k, v in summary.items() if k != "per_second"]
-        width = max(len(k) for k, _ in rows)
-        print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
-    return 0
-
-
-async def _inputs_for(args: argparse.Namespace) -> dict[str, Any]:
-    from controller.admin_client import admin_call
-    from controller.inputs import example_inputs, parse_assignments
-
-    if args.input:
-        return parse_assignments(args.input)
-    status = await admin_call(args.admin, "status", {}, timeout_s=args.admin_timeout_s,
-                                  curve=_curve_of(args))
-    for dep in status["deployments"]:
-        if dep["name"] == args.model:
-            inputs = example_inputs(dep.get("inputs") or {})
-            if not inputs:
-                raise MeshError(f"deployment {args.model!r} has not described its inputs yet; "
-                                "pass --input KEY=JSON")
-            return inputs
-    from mesh.errors import UnknownModel
-
-    raise UnknownModel(f"no deployment named {args.model!r}")
-
-
-def run_bench_cli(args: argparse.Namespace) -> int:
-    from controller.cli import _run
-    from mesh.ports import require_listening
-
-    if args.concurrency < 1 or args.duration_s <= 0:
-        print("meshctl bench: --concurrency must be >= 1 and --duration-s > 0", file=sys.stderr)
-        return 2
-    if args.plot and not args.profile:
-        print("meshctl bench: --plot draws an open-loop run: add --profile step|ramp|spike|"
-              "diurnal", file=sys.stderr)
-        return 2
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("meshctl bench: --plot needs matplotlib, which meshserve does not install by "
-                  "default: pip install 'meshserve[plot]' (or pip install matplotlib)",
-                  file=sys.stderr)
-            return 2
-    require_listening(args.admin if not args.input else args.endpoint,
-                      "--admin or MESH_ADMIN" if not args.input else "--endpoint")
-    if args.profile:
-        return _run_profile_cli(args)
-
-    async def go() -> BenchResult:
-        inputs = await _inputs_for(args)
-        async with Client(args.endpoint, key=args.global_key or None,
-                          controller_key=args.global_controller_key or None) as client:
-            # One request first: fail fast (unknown model, bad inputs) before the load starts.
-            await client.infer(args.model, inputs, timeout_s=args.request_timeout_s)
-            return await closed_loop(
-                client, args.model, inputs, concurrency=args.concurrency,
-                duration_s=args.duration_s, warmup_s=args.warmup_s,
-                timeout_s=args.request_timeout_s, progress=Progress(sys.stderr, args.duration_s))
-
-    result = _run(go())
-    print(json.dumps(result.to_dict()) if args.json else render_result(result))
-    return 0
-
-
-def _curve_of(args: Any) -> Any:
-    from mesh.security import client_keys
-
-    return client_keys(args.global_key, args.global_controller_key)
