@@ -1,8 +1,9 @@
 """The controller's configuration: one typed object, parsed and validated once.
 
 Sources, in order of precedence: command-line flags, then the TOML file, then defaults. Every
-key is checked for type and range, cross-field rules are enforced (min <= worlds <= max), and
-an unknown key is rejected by its dotted name so a typo never silently falls back to a default.
+key is checked for type and range when it is decoded (the ranges are in the types, as msgspec
+``Meta``; mesh/typed.py), cross-field rules are enforced here (min <= worlds <= max), and an
+unknown key is rejected by its dotted name so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta
 
 from controller.probes import READINESS_RULES
 from mesh.errors import ConfigError
@@ -23,62 +26,64 @@ from mesh.typed import DecodeError, decode
 # The deployment part of the config is exactly what workers receive (mesh/spec.py).
 DeploymentConfig = DeploymentSpec
 
-_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ENDPOINT_RE = re.compile(r"^(tcp://[^:/\s]+:\d+|ipc://\S+|inproc://\S+)$")
+_ENDPOINT_PATTERN = r"^(tcp://[^:/\s]+:\d+|ipc://\S+|inproc://\S+)$"
+_ENDPOINT_RE = re.compile(_ENDPOINT_PATTERN)
+# A ZeroMQ address the controller binds.
+Endpoint = Annotated[str, Meta(pattern=_ENDPOINT_PATTERN)]
 
 
 @dataclass(frozen=True, slots=True)
 class ControllerConfig:
-    client_endpoint: str = "tcp://127.0.0.1:5555"
-    admin_endpoint: str = "tcp://127.0.0.1:5556"
-    worker_endpoint: str = "tcp://127.0.0.1:5557"
-    metrics_port: int = 9464  # 0 disables the metrics endpoint
+    client_endpoint: Endpoint = "tcp://127.0.0.1:5555"
+    admin_endpoint: Endpoint = "tcp://127.0.0.1:5556"
+    worker_endpoint: Endpoint = "tcp://127.0.0.1:5557"
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] = 9464  # 0 disables the metrics endpoint
     metrics_host: str = "127.0.0.1"
     # When /readyz says ready: "all" deployments have a serving world, "any" has, or as
     # soon as the controller is "listening".
     readiness: str = "all"
-    max_request_bytes: int = 64 * 1024 * 1024
+    max_request_bytes: Annotated[int, Meta(ge=1024, le=2**40)] = 64 * 1024 * 1024
     # Client connections held at once; one accepted beyond this is closed at once (logged,
     # counted). Each holds a descriptor: keep it well under the process's descriptor limit.
-    max_client_connections: int = 10_000
-    heartbeat_interval_ms: int = 200
+    max_client_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    heartbeat_interval_ms: Annotated[int, Meta(ge=10, le=60000)] = 200
     # A worker silent this long is declared hung: its worlds break and it is killed.
-    heartbeat_timeout_ms: int = 1500
-    # A worker exits when it hears nothing from the controller for this long.
-    controller_timeout_ms: int = 10000
+    heartbeat_timeout_ms: Annotated[int, Meta(ge=50, le=600000)] = 1500
+    # A worker exits when it hears nothing from the controller for this long (at least 3 s:
+    # the controller pings every second, anything shorter than a few pings is a false alarm).
+    controller_timeout_ms: Annotated[int, Meta(ge=3000, le=3600000)] = 10000
     # How long SIGINT/SIGTERM waits for in-flight requests before stopping workers.
-    drain_timeout_ms: int = 10000
+    drain_timeout_ms: Annotated[int, Meta(ge=0, le=3600000)] = 10000
     # How long a world may take to form (worker start + model load) before it is abandoned.
-    world_form_timeout_ms: int = 120000
+    world_form_timeout_ms: Annotated[int, Meta(ge=100, le=3600000)] = 120000
     # Local launcher: device for spawned workers ("auto", "cpu", "cuda") and torch threads.
-    worker_device: str = "auto"
-    worker_threads: int = 0  # 0: torch's default
+    worker_device: Annotated[str, Meta(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    worker_threads: Annotated[int, Meta(ge=0, le=1024)] = 0  # 0: torch's default
     # Local launcher: how many workers this host may run at once.
-    max_local_workers: int = 16
+    max_local_workers: Annotated[int, Meta(ge=1, le=4096)] = 16
     # Formation failures in a row (a model that fails to load, a worker that crashes while
     # loading) before a deployment is quarantined: no more attempts until 'meshctl scale'.
-    max_load_failures: int = 3
+    max_load_failures: Annotated[int, Meta(ge=1, le=1000)] = 3
     # Times one request may be sent to a world (first try plus re-sends after failures).
-    max_attempts: int = 4
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 4
     # Scale each deployment's worlds between its bounds to hold its latency target.
     autoscale: bool = True
-    autoscale_tick_ms: int = 500
+    autoscale_tick_ms: Annotated[int, Meta(ge=50, le=60000)] = 500
     # Idle, started workers kept ready (torch imported) so a new world forms without paying
     # for a process start; refilled in the background.
-    warm_workers: int = 1
+    warm_workers: Annotated[int, Meta(ge=0, le=1024)] = 1
     # Idle workers load every stage of every deployment ahead of time (memory for speed).
     preload_warm: bool = True
     # Stages a worker keeps loaded that none of its worlds uses (for reuse: re-forming a
     # world, preloading), least recently used dropped first; stages in use always stay.
-    max_idle_stages: int = DEFAULT_MAX_IDLE_STAGES
+    max_idle_stages: Annotated[int, Meta(ge=0, le=1024)] = DEFAULT_MAX_IDLE_STAGES
     # Who starts workers: "local" (subprocesses of the controller) or "none" (workers join
     # with 'meshctl worker').
-    launcher: str = "local"
+    launcher: Literal["local", "none", "kubernetes"] = "local"
     # Microseconds the controller's loop keeps polling, instead of sleeping, after each
     # message it receives: lower latency at low concurrency for up to that much CPU per
     # quiet spell (controller/busy_poll.py). 0: off.
-    busy_poll_us: int = 0
+    busy_poll_us: Annotated[int, Meta(ge=0, le=100_000)] = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +109,7 @@ class GatewayConfig:
     # HOST:PORT it listens on; "" turns off the one meshctl up starts.
     listen: str = "127.0.0.1:8000"
     # Processes sharing the port (SO_REUSEPORT), where one core is not enough.
-    processes: int = 1
+    processes: Annotated[int, Meta(ge=1, le=256)] = 1
     # CURVE: the gateway's own key pair (NAME.key_secret), allowed on the client port; "" with
     # meshctl up: the controller's own (allowed there for it).
     key: str = ""
@@ -115,13 +120,13 @@ class GatewayConfig:
     # Limits: a request's body and header bytes, how long a client may take to send its
     # headers and its body, idle keep-alive, open connections; the deadline of a request that
     # names none.
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_header_bytes: int = 16 * 1024
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    keepalive_timeout_s: float = 5.0
-    max_connections: int = 4096
-    request_timeout_s: float = 60.0
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=2**40)] = 64 * 1024 * 1024
+    max_header_bytes: Annotated[int, Meta(ge=1024, le=1024 * 1024)] = 16 * 1024
+    header_timeout_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 10.0
+    body_timeout_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 30.0
+    keepalive_timeout_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 5.0
+    max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+    request_timeout_s: Annotated[float, Meta(ge=0.001, le=86400.0)] = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +140,14 @@ class KubernetesConfig:
     namespace: str = ""
     # The controller's worker endpoint as pods reach it (its Service).
     controller_address: str = "tcp://meshserve-controller:5557"
-    max_workers: int = 16
+    max_workers: Annotated[int, Meta(ge=1, le=100_000)] = 16
     # The worker pods: image and command, and whatever Kubernetes needs to place them.
     image: str = "meshserve:cpu"
-    image_pull_policy: str = "IfNotPresent"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     command: tuple[str, ...] = ("meshctl",)
-    device: str = "cpu"  # the workers' --device: cpu, cuda (one GPU per pod) or auto
-    threads: int = 1
+    # The workers' --device: cpu, cuda (one GPU per pod) or auto.
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: Annotated[int, Meta(ge=0, le=1024)] = 1
     # Container resources, as in a pod spec:
     # {requests = {cpu = "1"}, limits = {"nvidia.com/gpu" = 1}}
     resources: dict[str, dict[str, str | int]] = dataclasses.field(default_factory=dict)
@@ -157,7 +163,7 @@ class KubernetesConfig:
     keys_secret: str = ""
     # Seconds a worker pod gets to stop when it is released (scale-down, shutdown). At least
     # 1: a grace of 0 is a force delete (the pod object goes before its container stops).
-    termination_grace_s: int = 15
+    termination_grace_s: Annotated[int, Meta(ge=1, le=3600)] = 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,14 +297,6 @@ def check_gateway(g: GatewayConfig, base: Path) -> GatewayConfig:
         if not found or not 0 <= int(found.group(2)) <= 65535:
             raise ConfigError(f"gateway.listen must be HOST:PORT (or \"\" for none), got "
                               f"{g.listen!r}")
-    _range("gateway.processes", g.processes, 1, 256)
-    _range("gateway.max_body_bytes", g.max_body_bytes, 1024, 2**40)
-    _range("gateway.max_header_bytes", g.max_header_bytes, 1024, 1024 * 1024)
-    _range("gateway.header_timeout_s", g.header_timeout_s, 0.1, 3600.0)
-    _range("gateway.body_timeout_s", g.body_timeout_s, 0.1, 3600.0)
-    _range("gateway.keepalive_timeout_s", g.keepalive_timeout_s, 0.1, 3600.0)
-    _range("gateway.max_connections", g.max_connections, 1, 1_000_000)
-    _range("gateway.request_timeout_s", g.request_timeout_s, 0.001, 86400.0)
     if bool(g.tls_cert) != bool(g.tls_key):
         raise ConfigError("gateway.tls_cert and gateway.tls_key go together")
     paths: dict[str, Any] = {}
@@ -313,13 +311,6 @@ def check_gateway(g: GatewayConfig, base: Path) -> GatewayConfig:
 
 
 def _check_kubernetes(k: KubernetesConfig, used: bool) -> None:
-    _range("kubernetes.max_workers", k.max_workers, 1, 100_000)
-    _range("kubernetes.threads", k.threads, 0, 1024)
-    _range("kubernetes.termination_grace_s", k.termination_grace_s, 1, 3600)
-    if k.device not in ("cpu", "cuda", "auto"):
-        raise ConfigError(f"kubernetes.device must be cpu, cuda or auto, got {k.device!r}")
-    if k.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
-        raise ConfigError("kubernetes.image_pull_policy must be Always, IfNotPresent or Never")
     if used and not k.command:
         raise ConfigError("kubernetes.command must name the worker image's meshctl")
     if used and not _ENDPOINT_RE.match(k.controller_address):
@@ -358,57 +349,21 @@ def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
 
 
 def _check_controller(c: ControllerConfig) -> None:
-    for name in ("client_endpoint", "admin_endpoint", "worker_endpoint"):
-        value = getattr(c, name)
-        if not _ENDPOINT_RE.match(value):
-            raise ConfigError(f"controller.{name} must look like tcp://HOST:PORT, got {value!r}")
+    """The rules between fields; each field's own range is in its type."""
     endpoints = [c.client_endpoint, c.admin_endpoint, c.worker_endpoint]
     if len(set(endpoints)) != 3:
         raise ConfigError("controller endpoints must be three different addresses")
-    _range("controller.metrics_port", c.metrics_port, 0, 65535)
-    _range("controller.max_request_bytes", c.max_request_bytes, 1024, 2**40)
-    _range("controller.max_client_connections", c.max_client_connections, 1, 1_000_000)
-    _range("controller.heartbeat_interval_ms", c.heartbeat_interval_ms, 10, 60000)
-    _range("controller.heartbeat_timeout_ms", c.heartbeat_timeout_ms, 50, 600000)
     if c.heartbeat_timeout_ms < 2 * c.heartbeat_interval_ms:
         raise ConfigError(
             "controller.heartbeat_timeout_ms must be at least twice heartbeat_interval_ms"
         )
-    # The controller pings every second: anything shorter than a few pings is a false alarm.
-    _range("controller.controller_timeout_ms", c.controller_timeout_ms, 3000, 3600000)
-    _range("controller.drain_timeout_ms", c.drain_timeout_ms, 0, 3600000)
-    _range("controller.world_form_timeout_ms", c.world_form_timeout_ms, 100, 3600000)
-    device = c.worker_device
-    if device not in ("auto", "cpu", "cuda") and not re.match(r"^cuda:\d+$", device):
-        raise ConfigError(
-            f"controller.worker_device must be auto, cpu, cuda or cuda:N, got {c.worker_device!r}"
-        )
-    _range("controller.worker_threads", c.worker_threads, 0, 1024)
-    _range("controller.max_local_workers", c.max_local_workers, 1, 4096)
-    _range("controller.warm_workers", c.warm_workers, 0, 1024)
-    _range("controller.max_idle_stages", c.max_idle_stages, 0, 1024)
-    _range("controller.busy_poll_us", c.busy_poll_us, 0, 100_000)
-    _range("controller.max_load_failures", c.max_load_failures, 1, 1000)
-    _range("controller.max_attempts", c.max_attempts, 1, 100)
-    _range("controller.autoscale_tick_ms", c.autoscale_tick_ms, 50, 60000)
     if c.readiness not in READINESS_RULES:
         raise ConfigError(f"controller.readiness must be one of {list(READINESS_RULES)}, got "
                           f"{c.readiness!r}")
-    if c.launcher not in ("local", "none", "kubernetes"):
-        raise ConfigError("controller.launcher must be 'local', 'none' or 'kubernetes', got "
-                          f"{c.launcher!r}")
 
 
 def check_deployment(d: DeploymentConfig, where: str) -> None:
-    if not _NAME_RE.match(d.name):
-        raise ConfigError(f"{where}.name must be 1-64 letters, digits, '_', '.', '-'")
-    if not _FACTORY_RE.match(d.model):
-        raise ConfigError(
-            f"{where}.model must be a factory 'package.module:function', got {d.model!r}"
-        )
-    _range(f"{where}.stages", d.stages, 1, 64)
-    _range(f"{where}.min_worlds", d.min_worlds, 0, 1024)
-    _range(f"{where}.max_worlds", d.max_worlds, 1, 1024)
+    """The rules between fields; each field's own range is in its type (mesh/spec.py)."""
     if d.min_worlds > d.max_worlds:
         raise ConfigError(
             f"{where}.min_worlds ({d.min_worlds}) exceeds max_worlds ({d.max_worlds})")
@@ -417,32 +372,11 @@ def check_deployment(d: DeploymentConfig, where: str) -> None:
             f"{where}.worlds ({d.worlds}) must lie between min_worlds ({d.min_worlds}) "
             f"and max_worlds ({d.max_worlds})"
         )
-    _range(f"{where}.slo_p99_ms", d.slo_p99_ms, 0.1, 3600000.0)
-    _range(f"{where}.max_batch_size", d.max_batch_size, 1, 65536)
-    _range(f"{where}.max_batch_delay_ms", d.max_batch_delay_ms, 0.0, 10000.0)
-    _range(f"{where}.max_queue", d.max_queue, 0, 10_000_000)
-    _range(f"{where}.max_inflight_per_world", d.max_inflight_per_world, 1, 1_000_000)
-    _range(f"{where}.default_timeout_ms", d.default_timeout_ms, 1, 86_400_000)
-    _range(f"{where}.max_timeout_ms", d.max_timeout_ms, 1, 86_400_000)
     if d.default_timeout_ms > d.max_timeout_ms:
         raise ConfigError(f"{where}.default_timeout_ms exceeds max_timeout_ms")
     if d.split_points:
         if len(d.split_points) != d.stages - 1:
             raise ConfigError(f"{where}.split_points must list stages - 1 = {d.stages - 1} "
                               f"child indices, got {d.split_points}")
-        if d.split_points != sorted(set(d.split_points)) or d.split_points[0] < 1:
+        if d.split_points != sorted(set(d.split_points)):
             raise ConfigError(f"{where}.split_points must increase strictly from 1")
-    _range(f"{where}.micro_batches", d.micro_batches, 0, 1024)
-    _range(f"{where}.upscale_delay_s", d.upscale_delay_s, 0.0, 3600.0)
-    _range(f"{where}.downscale_delay_s", d.downscale_delay_s, 0.0, 86400.0)
-    _range(f"{where}.world_timeout_ms", d.world_timeout_ms, 100, 3_600_000)
-    _range(f"{where}.kv_cache_mb", d.kv_cache_mb, 0.0625, 1_048_576.0)
-    _range(f"{where}.max_seqs", d.max_seqs, 1, 4096)
-    _range(f"{where}.max_batch_tokens", d.max_batch_tokens, 1, 1_048_576)
-    _range(f"{where}.slo_ttft_p99_ms", d.slo_ttft_p99_ms, 0.0, 3_600_000.0)
-    _range(f"{where}.slo_tpot_p50_ms", d.slo_tpot_p50_ms, 0.0, 3_600_000.0)
-
-
-def _range(where: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise ConfigError(f"{where} must lie in [{lo}, {hi}], got {value!r}")

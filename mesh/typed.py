@@ -34,13 +34,35 @@ def decode(data: Any, cls: type[T], where: str) -> T:
     try:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
-        raise DecodeError(located(str(exc), where)) from None
+        raise DecodeError(located(str(exc), where, data)) from None
 
 
-def located(message: str, where: str) -> str:
+def located(message: str, where: str, data: Any = None) -> str:
+    """msgspec's message with the field's dotted name, and the value that did not fit
+    (``controller.busy_poll_us: expected `int` <= 100000, got 200000``)."""
     missing = _MISSING.match(message)
     if missing:
         return f"{where}{missing.group(2) or ''}.{missing.group(1)} is required"
     match = _AT.match(message)
     what, path = (match.group(1), match.group(2)) if match else (message, "")
-    return f"{where}{path or ''}: {what[:1].lower()}{what[1:]}"
+    text = f"{where}{path or ''}: {what[:1].lower()}{what[1:]}"
+    found, value = _at(data, path or "")
+    if found and isinstance(value, str | int | float | bool) and "got" not in what:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        if shown not in what:
+            text += f", got {shown}"
+    return text
+
+
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _at(data: Any, path: str) -> tuple[bool, Any]:
+    """The value at a msgspec path (``.a.b[2]``) of ``data``, if there is one."""
+    for key, index in _STEP.findall(path):
+        try:
+            data = data[key] if key else data[int(index)]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return False, None
+    return True, data

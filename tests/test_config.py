@@ -348,3 +348,29 @@ def test_curve_with_the_kubernetes_launcher_needs_the_workers_key_secret(tmp_pat
     raw["kubernetes"] = {"keys_secret": "meshserve-worker-key"}
     config = parse_config(raw, tmp_path)
     assert config.security.curve and config.kubernetes.keys_secret == "meshserve-worker-key"
+
+
+def test_a_workers_join_checks_the_deployments_ranges_as_the_config_does() -> None:
+    """The ranges live in the record both sides decode (mesh/spec.py): a join whose deployment
+    has a value out of range is refused by the worker, naming the field and the value."""
+    from mesh.errors import BadRequest
+    from mesh.messages import Join
+
+    spec = {"name": "mlp", "model": "worker.models.mlp:build", "stages": 2}
+    join = {"kind": "join", "world_id": 1, "epoch": 1, "rank": 0, "size": 2, "deployment": spec}
+    assert Join.from_wire(join).deployment.stages == 2
+    for key, value in (("stages", 0), ("max_batch_size", 10**6), ("kv_cache_mb", -1.0),
+                       ("name", "has space"), ("split_points", [0])):
+        with pytest.raises(BadRequest) as info:
+            Join.from_wire({**join, "deployment": {**spec, key: value}})
+        assert f"join.deployment.{key}" in str(info.value)
+        shown = repr(value[0] if isinstance(value, list) else value)
+        assert f"got {shown}" in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "literal", "shown"), [
+    ("stages", 0, "got 0"), ("slo_p99_ms", "nan", "got nan"), ("max_seqs", 5000, "got 5000")])
+def test_a_range_error_names_the_field_and_the_value(tmp_path: Path, key: str, literal: object,
+                                                     shown: str) -> None:
+    message = rejected(tmp_path, mlp_with(**{key: literal}))
+    assert message.startswith(f"deployments[mlp].{key}: expected") and shown in message
