@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from controller.admin import Admin
-from controller.autoscaler import Autoscaler
+from controller.autoscaler import Autoscaler, policy_of
 from controller.backend import Backend
 from controller.busy_poll import BusyPoll
 from controller.commands import (
@@ -139,6 +139,7 @@ class Controller:
                                          self.launcher.host().get("cores", 0))
             self.autoscaler = Autoscaler(list(self.routers), context_of=self.scaling.context,
                                          apply=self._autoscale_apply,
+                                         policy=policy_of(config.autoscaler),
                                          tick_s=c.autoscale_tick_ms / 1000.0)
         except BaseException:
             built.close()

@@ -1,15 +1,21 @@
 """Autoscaling on the latency users feel: a pure policy and the actor that ticks it.
 
-``decide(ctx, state) -> (desired_worlds, state, reason)`` is a pure function of what the
-router measured (end-to-end p99 over a sliding window, queue depth, arrival rate, each world's
+A ``ScalingPolicy`` decides; the first one, ``LatencyPolicy``, is
+``decide(ctx, state, thresholds) -> (desired_worlds, state, reason)``, a pure function of what
+the router measured (end-to-end p99 over a sliding window, queue depth, arrival rate, each world's
 service rate measured online) and of its own state (when a breach or a headroom began). The
 ``Autoscaler`` actor calls it on a tick with an injected clock and applies the answer through
 the WorldManager; a policy error is logged and the loop carries on.
 
 The policy:
 
-* scale up fast: when p99 has breached the target for ``upscale_delay_s`` (default 2 s), or
-  when the arrival rate is predicted to exceed what the worlds can serve at ``target_util``;
+The thresholds named below are ``[autoscaler]`` keys (defaults: target_util 0.75, down_util
+0.5, down_fraction 0.5, min_samples 20, probe_s 3, min_gain 0.1, hold_s 300); the delays are
+each deployment's.
+
+* scale up fast: when p99 has breached the target for ``upscale_delay_s`` (default 2 s) with
+  at least ``min_samples`` answers in the window, or when the arrival rate is predicted to
+  exceed what the worlds can serve at ``target_util``;
   jump straight to the number of worlds the arrival rate needs (at least one more), counting
   worlds still forming as capacity on its way, so a slow start is not answered twice;
 * scale down slowly, one world at a time: only after p99 has stayed under
@@ -37,8 +43,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from controller.config import AutoscalerConfig
 from mesh.logs import speaker
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -72,16 +79,6 @@ class Context:
     world_cpu: float = 0.0
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 30.0
-    target_util: float = 0.75
-    down_util: float = 0.5
-    down_fraction: float = 0.5
-    min_samples: int = 20
-    # How long a bigger fleet serves before its capacity is judged: long enough for the
-    # workers' smoothed costs to settle, short because a probe that fails costs throughput.
-    probe_s: float = 3.0
-    min_gain: float = 0.1  # the rise in service rate that makes added worlds worth keeping
-    hold_s: float = 300.0  # how long a ceiling found that way holds before a new probe
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,15 +101,53 @@ class State:
     ceiling_why: str = ""
 
 
-def needed_worlds(ctx: Context) -> int | None:
+S = TypeVar("S")
+_DEFAULTS = AutoscalerConfig()
+
+
+class ScalingPolicy(Protocol[S]):
+    """What the Autoscaler ticks: a pure decision from what was measured (``Context``) and the
+    policy's own state. ``LatencyPolicy`` is the first one; another (a schedule, a queue
+    length target) only needs these two methods and a name in ``[autoscaler] policy``."""
+
+    def initial(self) -> S: ...
+
+    def decide(self, ctx: Context, state: S) -> tuple[int, S, str]:
+        """The number of worlds to aim for, the next state, and why."""
+        ...
+
+
+class LatencyPolicy:
+    """Hold the p99 target: the policy this module's docstring describes, with its
+    thresholds from ``[autoscaler]`` (controller/config.py ``AutoscalerConfig``)."""
+
+    def __init__(self, thresholds: AutoscalerConfig = _DEFAULTS) -> None:
+        self.thresholds = thresholds
+
+    def initial(self) -> State:
+        return State()
+
+    def decide(self, ctx: Context, state: State) -> tuple[int, State, str]:
+        return decide(ctx, state, self.thresholds)
+
+
+def policy_of(config: AutoscalerConfig) -> ScalingPolicy[Any]:
+    """The policy ``[autoscaler] policy`` names."""
+    if config.policy == "latency":
+        return LatencyPolicy(config)
+    raise ValueError(f"unknown scaling policy {config.policy!r}")  # the config refuses it
+
+
+def needed_worlds(ctx: Context, t: AutoscalerConfig = _DEFAULTS) -> int | None:
     """Worlds the arrival rate needs at the target utilisation (None: rate unknown)."""
     if ctx.world_rps <= 0 or ctx.arrival_rps <= 0:
         return None
-    return max(1, math.ceil(ctx.arrival_rps / (ctx.world_rps * ctx.target_util)))
+    return max(1, math.ceil(ctx.arrival_rps / (ctx.world_rps * t.target_util)))
 
 
-def decide(ctx: Context, state: State) -> tuple[int, State, str]:
-    """The number of worlds to aim for, the next state, and why."""
+def decide(ctx: Context, state: State,
+           t: AutoscalerConfig = _DEFAULTS) -> tuple[int, State, str]:
+    """The latency policy: the number of worlds to aim for, the next state, and why."""
     lo, hi = ctx.min_worlds, ctx.max_worlds
     current = ctx.desired
     clamped = max(lo, min(hi, current))
@@ -121,11 +156,11 @@ def decide(ctx: Context, state: State) -> tuple[int, State, str]:
     if state.ceiling is not None and ctx.now_s >= state.ceiling_until_s:
         state = replace(state, ceiling=None, ceiling_why="")
     if state.probe is not None:
-        verdict = _judge_probe(ctx, state)
+        verdict = _judge_probe(ctx, state, t)
         if verdict is not None:
             return verdict
         state = replace(state, probe=_advance_probe(ctx, state.probe))
-    target, state, why = _decide(ctx, state)
+    target, state, why = _decide(ctx, state, t)
     if target > current and state.probe is not None:
         if state.probe.serving_since_s is not None:
             # The last step's worlds serve and are being measured: judge them first.
@@ -170,15 +205,16 @@ def _advance_probe(ctx: Context, probe: Probe) -> Probe | None:
     return probe
 
 
-def _judge_probe(ctx: Context, state: State) -> tuple[int, State, str] | None:
+def _judge_probe(ctx: Context, state: State,
+                 t: AutoscalerConfig) -> tuple[int, State, str] | None:
     """Once the bigger fleet has served for ``probe_s``: keep it, or go back and hold."""
     probe = state.probe
     assert probe is not None
     if (ctx.desired != probe.to_worlds or probe.serving_since_s is None
-            or ctx.now_s - probe.serving_since_s < ctx.probe_s):
+            or ctx.now_s - probe.serving_since_s < t.probe_s):
         return None
     rate = ctx.capacity_rps
-    if rate <= 0.0 or rate >= probe.rate_before * (1.0 + ctx.min_gain):
+    if rate <= 0.0 or rate >= probe.rate_before * (1.0 + t.min_gain):
         return ctx.desired, replace(state, probe=None), (
             f"{probe.to_worlds} worlds serve {rate:.0f}/s against {probe.rate_before:.0f}/s "
             f"with {probe.from_worlds}: kept")
@@ -186,11 +222,11 @@ def _judge_probe(ctx: Context, state: State) -> tuple[int, State, str] | None:
     why = (f"{probe.to_worlds} worlds served {rate:.0f}/s, no more than {probe.from_worlds} "
            f"served ({probe.rate_before:.0f}/s): the host has no room for more")
     held = replace(state, probe=None, breach_since_s=None, headroom_since_s=None, ceiling=back,
-                   ceiling_until_s=ctx.now_s + ctx.hold_s, ceiling_why=why)
-    return back, held, f"down: {why}; holding at {back} for {ctx.hold_s:.0f}s"
+                   ceiling_until_s=ctx.now_s + t.hold_s, ceiling_why=why)
+    return back, held, f"down: {why}; holding at {back} for {t.hold_s:.0f}s"
 
 
-def _decide(ctx: Context, state: State) -> tuple[int, State, str]:
+def _decide(ctx: Context, state: State, t: AutoscalerConfig) -> tuple[int, State, str]:
     lo, hi = ctx.min_worlds, ctx.max_worlds
     current = ctx.desired
     # Worlds asked for but not yet forming count too: the manager acts on its next pass.
@@ -199,8 +235,8 @@ def _decide(ctx: Context, state: State) -> tuple[int, State, str]:
         target = max(1, lo)
         return target, replace(state, breach_since_s=None), "up: requests arrived with no world"
     capacity_on_the_way = max(ctx.serving + ctx.forming, current)
-    need = needed_worlds(ctx)
-    breaching = ctx.samples >= ctx.min_samples and ctx.p99_ms > ctx.slo_p99_ms
+    need = needed_worlds(ctx, t)
+    breaching = ctx.samples >= t.min_samples and ctx.p99_ms > ctx.slo_p99_ms
     predicted = need is not None and need > capacity_on_the_way
     if breaching or predicted:
         since = state.breach_since_s if state.breach_since_s is not None else ctx.now_s
@@ -221,10 +257,10 @@ def _decide(ctx: Context, state: State) -> tuple[int, State, str]:
         return current, state, f"breach for {waited:.1f}s (acting at {ctx.upscale_delay_s}s)"
     # No breach, none predicted: is there room to give a world back?
     state = replace(state, breach_since_s=None)
-    low_latency = ctx.samples == 0 or ctx.p99_ms < ctx.down_fraction * ctx.slo_p99_ms
+    low_latency = ctx.samples == 0 or ctx.p99_ms < t.down_fraction * ctx.slo_p99_ms
     fits_in_fewer = ctx.queued == 0 and (
         (need is None and ctx.arrival_rps == 0)
-        or (need is not None and ctx.arrival_rps <= (current - 1) * ctx.world_rps * ctx.down_util))
+        or (need is not None and ctx.arrival_rps <= (current - 1) * ctx.world_rps * t.down_util))
     if current > lo and low_latency and fits_in_fewer and ctx.forming == 0:
         since = state.headroom_since_s if state.headroom_since_s is not None else ctx.now_s
         state = replace(state, headroom_since_s=since)
@@ -252,7 +288,7 @@ class Decision:
 
 
 class Autoscaler:
-    """Ticks ``decide`` for every deployment and applies its answers.
+    """Ticks the policy for every deployment and applies its answers.
 
     ``context_of(name)`` builds a Context (or None to skip), ``apply(name, worlds, reason)``
     sets the target; both are injected, as is the clock, so tests drive it without sleeping.
@@ -260,13 +296,15 @@ class Autoscaler:
 
     def __init__(self, names: list[str], *, context_of: Callable[[str, float], Context | None],
                  apply: Callable[[str, int, str], None], tick_s: float = 0.5,
+                 policy: ScalingPolicy[Any] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._names = names
         self._context_of = context_of
         self._apply = apply
         self.tick_s = tick_s
+        self.policy: ScalingPolicy[Any] = policy or LatencyPolicy()
         self._clock = clock
-        self.states: dict[str, State] = {n: State() for n in names}
+        self.states: dict[str, Any] = {n: self.policy.initial() for n in names}
         self.last: dict[str, Decision] = {}
         self.reason: dict[str, str] = {}
 
@@ -277,7 +315,7 @@ class Autoscaler:
                 ctx = self._context_of(name, now)
                 if ctx is None:
                     continue
-                target, self.states[name], why = decide(ctx, self.states[name])
+                target, self.states[name], why = self.policy.decide(ctx, self.states[name])
                 self.reason[name] = why
                 if target != ctx.desired:
                     decision = Decision(time.time(), name, ctx.desired, target, why)

@@ -87,6 +87,29 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoscalerConfig:
+    """``[autoscaler]``: the scaling policy and its thresholds (controller/autoscaler.py says
+    what each does); the delays before acting are each deployment's own."""
+
+    policy: Literal["latency"] = "latency"
+    # Scale up when the arrival rate needs the worlds busier than this.
+    target_util: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.75
+    # Give a world back only if the rest would stay under this, and p99 under
+    # down_fraction of the target.
+    down_util: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    down_fraction: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
+    # Answers in the window before its p99 counts as a breach.
+    min_samples: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
+    # How long a bigger fleet serves before its capacity is judged (long enough for the
+    # workers' smoothed costs to settle, short because a failed probe costs throughput), the
+    # rise in service rate that makes added worlds worth keeping, and how long a ceiling found
+    # otherwise holds before a new probe.
+    probe_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 3.0
+    min_gain: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.1
+    hold_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class SecurityConfig:
     """ZeroMQ CURVE on every socket (mesh/security.py). Relative paths are read from the config
     file's folder."""
@@ -173,6 +196,7 @@ class Config:
     security: SecurityConfig = SecurityConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     gateway: GatewayConfig = GatewayConfig()
+    autoscaler: AutoscalerConfig = AutoscalerConfig()
 
     def deployment(self, name: str) -> DeploymentConfig:
         for dep in self.deployments:
@@ -224,7 +248,8 @@ def load_config(path: str | Path) -> Config:
 def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
     """A validated Config from a parsed TOML document; ``base`` is the folder that relative
     paths (the security keys) are read from (the config file's; default: the current one)."""
-    unknown = set(raw) - {"controller", "deployments", "security", "kubernetes", "gateway"}
+    unknown = set(raw) - {"controller", "deployments", "security", "kubernetes", "gateway",
+                          "autoscaler"}
     if unknown:
         raise ConfigError(f"unknown top-level key {sorted(unknown)[0]!r}")
     controller_raw = raw.get("controller", {})
@@ -267,8 +292,16 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
     if not isinstance(gateway_raw, dict):
         raise ConfigError("'gateway' must be a table")
     gateway = check_gateway(_build(GatewayConfig, gateway_raw, "gateway"), base or Path.cwd())
+    autoscaler_raw = raw.get("autoscaler", {})
+    if not isinstance(autoscaler_raw, dict):
+        raise ConfigError("'autoscaler' must be a table")
+    autoscaler = _build(AutoscalerConfig, autoscaler_raw, "autoscaler")
+    if autoscaler.down_util >= autoscaler.target_util:
+        raise ConfigError(f"autoscaler.down_util ({autoscaler.down_util}) must be below "
+                          f"target_util ({autoscaler.target_util}): the gap keeps a steady "
+                          "load from moving the world count back and forth")
     return Config(controller=controller, deployments=tuple(deployments), security=security,
-                  kubernetes=kubernetes, gateway=gateway)
+                  kubernetes=kubernetes, gateway=gateway, autoscaler=autoscaler)
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:

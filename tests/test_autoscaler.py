@@ -232,3 +232,22 @@ def test_no_world_is_added_that_the_hosts_free_cores_cannot_run() -> None:
     assert decide(waits, State())[0] == 2
     # An unknown host (remote workers) is not either: the probe judges.
     assert decide(dataclasses.replace(busy, host_cores=0), State())[0] == 2
+
+
+def test_the_latency_policys_thresholds_come_from_its_config() -> None:
+    """[autoscaler] sets what were constants: with min_samples 5, 10 slow answers are a
+    breach; with the default 20 they are noise. A policy is anything with initial/decide."""
+    from controller.autoscaler import LatencyPolicy, ScalingPolicy, policy_of
+    from controller.config import AutoscalerConfig
+
+    slow = ctx(10.0, p99_ms=500.0, samples=10, arrival_rps=0.0, world_rps=0.0)
+    default: ScalingPolicy[State] = LatencyPolicy()
+    eager = policy_of(AutoscalerConfig(min_samples=5))
+    state = default.initial()
+    for now in (10.0, 13.0):
+        target, state, why = default.decide(dataclasses.replace(slow, now_s=now), state)
+    assert target == slow.desired, why
+    state = eager.initial()
+    for now in (10.0, 13.0):
+        target, state, why = eager.decide(dataclasses.replace(slow, now_s=now), state)
+    assert target == slow.desired + 1 and why.startswith("up: p99"), why

@@ -374,3 +374,14 @@ def test_a_range_error_names_the_field_and_the_value(tmp_path: Path, key: str, l
                                                      shown: str) -> None:
     message = rejected(tmp_path, mlp_with(**{key: literal}))
     assert message.startswith(f"deployments[mlp].{key}: expected") and shown in message
+
+
+def test_the_autoscaler_table_sets_the_policys_thresholds(tmp_path: Path) -> None:
+    config = load_text(tmp_path, "[autoscaler]\nmin_samples = 5\nhold_s = 60\n\n" + MLP)
+    assert (config.autoscaler.min_samples, config.autoscaler.hold_s) == (5, 60.0)
+    assert config.autoscaler.target_util == 0.75  # the rest keep their defaults
+    assert "autoscaler.target_util" in rejected(tmp_path, "[autoscaler]\ntarget_util = 1.5\n\n"
+                                                + MLP)
+    assert "autoscaler.policy" in rejected(tmp_path, '[autoscaler]\npolicy = "magic"\n\n' + MLP)
+    assert "autoscaler.down_util" in rejected(
+        tmp_path, "[autoscaler]\ntarget_util = 0.5\ndown_util = 0.6\n\n" + MLP)
