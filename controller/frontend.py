@@ -56,10 +56,8 @@ class Frontend:
         routers: dict[str, Router],
         *,
         max_request_bytes: int,
-        on_bad_request: Callable[[str], None] | None = None,
         curve: ServerKeys | None = None,
         max_connections: int = 10_000,
-        incarnation: str = "",
         describe: Callable[[], list[dict[str, Any]]] | None = None,
         defer: Callable[[Callable[[], None]], object] | None = None,
         after_batch: Callable[[], None] | None = None,
@@ -67,11 +65,10 @@ class Frontend:
         self.endpoint = endpoint
         # Which start of the controller this is: a client that sees it change in a pong knows
         # that the requests it sent before were lost with the previous one.
-        self.incarnation = incarnation or os.urandom(8).hex()
+        self.incarnation = os.urandom(8).hex()
         self._describe = describe or list
         self.routers = routers
         self.max_request_bytes = max_request_bytes
-        self._on_bad_request = on_bad_request
         # ZeroMQ drops the connection of a peer sending a frame over MAXMSGSIZE; keep that far
         # above our own limit so an oversized request normally gets a typed answer instead.
         # A client that does not read its answers: at most CLIENT_SEND_HWM of them wait in
@@ -278,8 +275,6 @@ class Frontend:
     def _error(self, client: bytes, req_id: Any, exc: MeshError) -> None:
         self.rejected += 1
         self.rejected_by_code[exc.code] += 1
-        if self._on_bad_request is not None:
-            self._on_bad_request(exc.code)
         self.send([client, codec.pack(error_header(req_id, exc.code, exc.message,
                                                    exc.retryable))])
 

@@ -13,10 +13,9 @@ including every error's wording. So a request accepted here is one the general p
 accept with the same id, kind, model and timeout (tests/test_plain_request.py checks both
 paths agree, on good and on hostile headers).
 
-Measured (the Frontend alone, warm, requests in batches of 64): 11.2 us per request through the
-general path (msgpack into dicts, then about twenty lookups and isinstance checks, then the
-reference walk), 6.8 us through this one; in service at 128 callers the controller's CPU per
-request fell from 58.3 to 52.0 us (docs/benchmarks.md).
+It is cheaper than the general path (msgpack into dicts, then about twenty lookups and
+isinstance checks, then the reference walk) by about a third per request; the figures are in
+docs/benchmarks.md (Micro-costs behind the code).
 """
 
 from __future__ import annotations

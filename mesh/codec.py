@@ -46,8 +46,8 @@ DTYPES: dict[str, tuple[Any, int]] = {
     "bool": (np.bool_, 1),
 }
 _NUMPY_NAMES = {np.dtype(v[0]).name: k for k, v in DTYPES.items() if v[0] is not None}
-# By dtype object: ``dtype.name`` is computed in Python by numpy (2.9 us, more than the rest
-# of a tensor's encoding); a dtype hashes in C. Native byte order only: a big-endian dtype
+# By dtype object: ``dtype.name`` is computed in Python by numpy (more than the rest of a
+# tensor's encoding costs); a dtype hashes in C. Native byte order only: a big-endian dtype
 # is not equal to these and takes the name lookup.
 _NUMPY_DTYPES = {np.dtype(v[0]): k for k, v in DTYPES.items() if v[0] is not None}
 
@@ -59,9 +59,9 @@ class EncodeError(TypeError):
     """A value cannot be put on the wire (unsupported type or dtype)."""
 
 
-# Below this, a tensor's bytes are copied out (0.17 us for 16 bytes) rather than viewed (a
-# flattening reshape and numpy's buffer export: 1.07 us); ZeroMQ copies frames this small on
-# sending anyway (mesh.transport.ZERO_COPY_MIN_BYTES). At 4 KiB the two cost 0.34 and 0.51 us.
+# Below this, a tensor's bytes are copied out rather than viewed (a flattening reshape and
+# numpy's buffer export cost more than copying a few KiB); ZeroMQ copies frames this small on
+# sending anyway (mesh.transport.ZERO_COPY_MIN_BYTES). Figures: docs/benchmarks.md.
 COPY_OUT_MAX_BYTES = 8 * 1024
 
 
@@ -192,7 +192,7 @@ def _decode_simple(obj: dict[Any, Any], frames: Sequence[Frame],
                    decoder: TensorDecoder) -> bool:
     """Every request and answer has one shape: a map of plain values and maps (``inputs``,
     ``outputs``) of plain values and tensor references numbered 1..n in order. Decode that in
-    one flat pass (about 2 us less than the general walk per message); False, with ``obj``
+    one flat pass (cheaper than the general walk); False, with ``obj``
     untouched, for anything else, which the general walk then takes."""
     nframes = len(frames)
     found: list[tuple[dict[Any, Any], Any, str, tuple[int, ...], int]] = []
@@ -284,9 +284,9 @@ _torch: Any = None
 def to_torch(dtype: str, shape: tuple[int, ...], buf: Any) -> Any:
     """Decode a tensor frame as a torch tensor, zero-copy when the frame is writable.
 
-    Through numpy: ``np.frombuffer`` and ``torch.from_numpy`` cost 2 us where
-    ``torch.frombuffer`` and a torch reshape cost 8 (measured on a 4-float tensor), once per
-    input tensor of every request a worker takes. A read-only frame (bytes) is copied: a
+    Through numpy: ``np.frombuffer`` and ``torch.from_numpy`` cost a quarter of what
+    ``torch.frombuffer`` and a torch reshape do, once per input tensor of every request a
+    worker takes (docs/benchmarks.md). A read-only frame (bytes) is copied: a
     model may write to its input in place."""
     global _torch
     torch = _torch

@@ -11,10 +11,9 @@ reference cycles need the collector, and they are rare on the data path.
 
 So: a young collection every ``YOUNG`` allocations, older generations rarely, and
 ``freeze`` once a process has started (imports, configuration, sockets), which moves every
-object alive then into a permanent generation that no collection traverses. Measured with
-``python -m bench.overhead --echo-only --concurrency 128`` (3 alternating rounds, 2-core VM,
-2026-11-30): controller CPU per request 62.8 -> 56.0 us (medians), requests per second
-through the controller +8%.
+object alive then into a permanent generation that no collection traverses: about a tenth
+less controller CPU per request through the controller (``python -m bench.overhead
+--echo-only --concurrency 128``; the figures are in docs/benchmarks.md).
 
 A worker freezes at start only, not after loading a model: a model's stage can be dropped
 later (``max_idle_stages``), and a frozen object in a reference cycle would never be freed.

@@ -1,10 +1,11 @@
 """ZeroMQ sockets driven from event-loop file-descriptor callbacks.
 
 Why not ``await sock.recv_multipart()`` (zmq.asyncio)? Each await costs a future, a task
-switch and a poller round trip: about 165 us of controller CPU per request in our prototype.
-A ``Pump`` instead registers the socket's FD with the loop and, when it fires, drains every
-message that is ready with non-blocking receives and hands each one to a plain callback:
-about 65 us per request, and under load one wake-up serves hundreds of messages.
+switch and a poller round trip: in our prototype that was most of the controller's CPU per
+request. A ``Pump`` instead registers the socket's FD with the loop and, when it fires,
+drains every message that is ready with non-blocking receives and hands each one to a plain
+callback (less than half the CPU per request), and under load one wake-up serves hundreds of
+messages.
 
 ZeroMQ's FD is edge-triggered and a send can consume the edge (the library processes pending
 commands inside send), so after sending we re-check ``EVENTS`` once per loop iteration. A
@@ -15,7 +16,7 @@ starve the others sharing the loop.
 
 Per-message cost matters here (it is most of the controller's CPU), so the pump calls the
 Cython backend's ``send``/``recv`` directly with integer flags: pyzmq's ``send_multipart`` costs
-about 6.8 us for three small frames, three backend ``send`` calls about 0.7 us. Small frames
+about ten times as much as the backend's ``send`` calls for the same frames. Small frames
 are copied (cheaper than building a zmq.Frame); frames of ``ZERO_COPY_MIN_BYTES`` or more are
 sent without copying, and frames past ``copy_prefix`` (the tensor frames) are received as
 zmq.Frame objects, so a large tensor is never copied on its way through the controller.
@@ -84,7 +85,7 @@ def _recv_message(sock: zmq.Socket[Any], copy_prefix: int,
     """The frames of one message (raises zmq.Again when none waits); None when ``admit``
     refuses its first frame (the whole message is read and dropped). Each frame is taken as a
     ``zmq.Frame`` and its ``more`` flag read from it: asking the socket for RCVMORE instead
-    builds a SocketOption enum per call in pyzmq (about 2.8 us a frame, measured)."""
+    builds a SocketOption enum per call in pyzmq (more than the frame's receive)."""
     frame = _recv(sock, _NOBLOCK, False)
     if admit is not None and not admit(frame):
         while frame.more:
@@ -98,9 +99,9 @@ def _recv_message(sock: zmq.Socket[Any], copy_prefix: int,
 
 
 def readable(sock: zmq.Socket[Any]) -> bool:
-    """Whether a message waits on ``sock``: asking EVENTS (3.4 us) is cheaper than a receive
-    that finds nothing and raises zmq.Again (9 us warm; 50 us right after a forward pass has
-    pushed the exception machinery out of the caches, measured in a worker at one caller)."""
+    """Whether a message waits on ``sock``: asking EVENTS is cheaper than a receive that finds
+    nothing and raises zmq.Again (several times cheaper, more so right after a forward pass
+    has pushed the exception machinery out of the caches; docs/benchmarks.md)."""
     return bool(int(_getsockopt(sock, _EVENTS)) & _POLLIN)
 
 
@@ -170,8 +171,8 @@ class Pump:
             self._loop.call_soon(self._recheck)
 
     def _recheck(self) -> None:
-        # Asking EVENTS (2.4 us) is cheaper than a receive that raises zmq.Again (5.2 us), and
-        # after a send there is usually nothing new to read.
+        # Asking EVENTS is cheaper than a receive that raises zmq.Again, and after a send
+        # there is usually nothing new to read.
         self._scheduled = False
         if not self._closed and int(_getsockopt(self.sock, _EVENTS)) & _POLLIN:
             self._drain()

@@ -1,7 +1,7 @@
 """The worker's control link to the controller: one DEALER socket on the event loop.
 
 Registration, heartbeats, joins and leaves travel here; requests and answers travel on the
-data plane's own socket (worker/dataplane.py), so neither can hold up the other.
+data plane's own socket (worker/runner.py), so neither can hold up the other.
 """
 
 from __future__ import annotations
