@@ -7,10 +7,10 @@ computation (a batch, or one decoding step) at a time (``Compute``).
 
 Why a thread that owns its socket, instead of an event loop handing batches to a pool? Every
 hand-off between threads is a wake-up: on our 2-core machines a ``run_in_executor`` round trip
-costs several times the whole controller hop (docs/benchmarks.md). Rank 0's thread blocks in ``poll`` on
-its socket, takes in every request that arrived, runs what is ready, sends the answers and
-polls again. Later ranks block in the world's receive (at most its timeout; keepalives come
-every quarter of it) and send their answers on their own socket.
+costs several times the whole controller hop (docs/benchmarks.md). Rank 0's thread blocks in
+``poll`` on its socket, takes in every request that arrived, runs what is ready, sends the
+answers and polls again. Later ranks block in the world's receive (at most its timeout;
+keepalives come every quarter of it) and send their answers on their own socket.
 
 Rank 0's socket is the world's entry: the controller dispatches to its identity (reported in
 ``Joined``). A ROUTER can address a peer only after that peer spoke, so the runner announces
