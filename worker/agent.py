@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,6 +54,8 @@ from worker.stage_cache import StageCache
 from worker.world import Compute, RunnerStats, World
 
 log = logging.getLogger(__name__)
+# How many ended joins a worker remembers the answer of (a repeat comes within seconds).
+ENDED_JOINS_KEPT = 1024
 
 
 def device_uuid(device: str) -> str:
@@ -107,6 +110,11 @@ class WorkerAgent(Actor):
         self._stuck: list[WorldRunner] = []  # runners let go of before their thread ended
         # Worlds whose join is loading or forming -> whether a leave came meanwhile.
         self._joining: dict[tuple[int, int], bool] = {}
+        # The answers already given to joins, for a repeat of one (the controller sends a
+        # join again until it is answered): the Joined of each world held, and how the last
+        # ENDED_JOINS_KEPT others ended (JoinFailed, or Left).
+        self._joined: dict[int, Joined] = {}
+        self._ended: OrderedDict[tuple[int, int], JoinFailed | Left] = OrderedDict()
         self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
         self._advertise_host = advertise_host
         self._store: Any = None
@@ -125,6 +133,7 @@ class WorkerAgent(Actor):
         self.exit_reason = ""
         self._seq = 0
         self._device_uuid = ""
+        self._drop_joins = 0  # fault injection: joins still to drop (Fault.drop_joins)
 
     async def on_start(self) -> None:
         import torch
@@ -192,8 +201,17 @@ class WorkerAgent(Actor):
         if self.stopped.is_set() or not self.running:
             return  # stopping: nothing new starts
         if isinstance(message, Fault):
-            self._log.warning("fault injected: +%.0f ms per computation", message.delay_ms)
+            self._log.warning("fault injected: +%.0f ms per computation%s", message.delay_ms,
+                              f", the next {message.drop_joins} join(s) dropped"
+                              if message.drop_joins else "")
             self._compute.delay_s = message.delay_ms / 1000.0
+            self._drop_joins = message.drop_joins
+            return
+        if isinstance(message, Join) and self._drop_joins > 0:
+            # Fault injection (tests): a join lost on its way, as on a connection torn down.
+            self._drop_joins -= 1
+            self._log.warning("fault injected: join of world %d/%d dropped", message.world_id,
+                              message.epoch)
             return
         self.tell(message)
 
@@ -262,11 +280,39 @@ class WorkerAgent(Actor):
                     connect_timeout_s=msg.form_timeout_ms / 1000.0, token=msg.token,
                     bind_host=self._advertise_host)
 
-    async def _join(self, msg: Join) -> None:
+    def _answer_again(self, msg: Join) -> bool:
+        """A join repeated (the controller sends it again until it is answered): answer it
+        as the first was answered, or not at all while that is still being worked out. True
+        when ``msg`` was such a repeat; a world and epoch is formed once, however often its
+        join comes."""
+        key = (msg.world_id, msg.epoch)
+        if key in self._joining:
+            return True  # loading or forming: answered once that ends
         held = self._runners.get(msg.world_id)
-        if held is not None:
-            self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch,
-                                   entry=held.identity if msg.rank == 0 else ""))
+        answer: Joined | JoinFailed | Left | None = self._ended.get(key)
+        if held is not None and held.world.epoch == msg.epoch:
+            answer = self._joined.get(msg.world_id)
+            if answer is None:
+                return True  # being left before it was announced: Left follows
+        elif held is not None:  # world ids are never reused: a controller bug
+            answer = JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
+                                error=f"this worker holds epoch {held.world.epoch} of the world")
+        if answer is None:
+            return False
+        log.info("[worker %s world %d/%d] join repeated: answered again (%s)", self.worker_id,
+                 msg.world_id, msg.epoch, answer.KIND)
+        self._link.send(answer)
+        return True
+
+    def _end_join(self, answer: JoinFailed | Left) -> None:
+        """Remember how a join ended, for a repeat of it that arrives later."""
+        self._ended[answer.world_id, answer.epoch] = answer
+        while len(self._ended) > ENDED_JOINS_KEPT:
+            self._ended.popitem(last=False)
+        self._link.send(answer)
+
+    async def _join(self, msg: Join) -> None:
+        if self._answer_again(msg):
             return
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -299,10 +345,13 @@ class WorkerAgent(Actor):
             self._stages.release(msg.world_id)
             log.error("[worker %s world %d/%d] join failed: %s", self.worker_id, msg.world_id,
                       msg.epoch, exc)
-            self._link.send(JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
-                                       error=f"{type(exc).__name__}: {exc}"))
+            failed = JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
+                                error=f"{type(exc).__name__}: {exc}")
             if self._joining.pop(key):
-                self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
+                self._link.send(failed)
+                self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch))
+            else:
+                self._end_join(failed)
             return
         self._runners[msg.world_id] = runner
         if self._joining.pop(key) or self.stopped.is_set():
@@ -316,11 +365,13 @@ class WorkerAgent(Actor):
                  "%.0f ms)", self.worker_id, msg.world_id, msg.epoch, msg.rank, msg.size,
                  msg.deployment.name, comm.backend if comm is not None else "local",
                  load_ms, form_ms)
-        self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
-                               form_ms=form_ms, inputs=handler.input_spec(),
-                               describe=handler.describe(),
-                               entry=runner.identity if msg.rank == 0 else "",
-                               packed_dispatches=msg.rank == 0))
+        joined = Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
+                        form_ms=form_ms, inputs=handler.input_spec(),
+                        describe=handler.describe(),
+                        entry=runner.identity if msg.rank == 0 else "",
+                        packed_dispatches=msg.rank == 0)
+        self._joined[msg.world_id] = joined  # the same answer to a repeat of this join
+        self._link.send(joined)
 
     async def _leave(self, msg: Leave) -> None:
         if (msg.world_id, msg.epoch) in self._joining:
@@ -328,11 +379,13 @@ class WorkerAgent(Actor):
             return
         runner = self._runners.get(msg.world_id)
         if runner is None or runner.world.epoch != msg.epoch:
-            self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
+            # Never joined (its join may still be on its way): a join that comes after this
+            # is answered with this Left, not formed.
+            self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch))
             return
         await self._end_runner(runner, drain=not msg.abort, timeout_s=10.0)
         log.info("[worker %s world %d/%d] left", self.worker_id, msg.world_id, msg.epoch)
-        self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
+        self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch))
 
     async def _end_runner(self, runner: WorldRunner, *, drain: bool, timeout_s: float) -> None:
         """Stop one world's runner and let go of its stage. A later rank whose previous rank
@@ -347,6 +400,7 @@ class WorkerAgent(Actor):
                         self.worker_id, runner.world.label, timeout_s)
             self._stuck.append(runner)
         self._runners.pop(runner.world.world_id, None)
+        self._joined.pop(runner.world.world_id, None)
         self._retired.add(runner.stats)
         self._stages.release(runner.world.world_id)
 
@@ -363,6 +417,9 @@ class WorkerAgent(Actor):
             try:
                 await self._stop_runners(timeout_s=2.0)
             finally:
+                # World ids are the controller's, and a restarted one counts from 1 again:
+                # answers given to the last one's joins must not answer the next one's.
+                self._ended.clear()
                 self._rejoining = False
                 self._last_heard = time.monotonic()
                 self._register()
