@@ -11,7 +11,6 @@ children, which must not outlive their parent) it exits instead.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import os
 import socket
@@ -45,7 +44,8 @@ from mesh.messages import (
 )
 from mesh.security import ClientKeys
 from mesh.spec import DeploymentSpec
-from worker.comm import Comm, CommError, parse_addr
+from worker.comm import Comm, CommError, default_backend, parse_addr
+from worker.formation import Formation, FormationAborted
 from worker.link import Link
 from worker.loader import LoadError, load_handler
 from worker.rendezvous import rendezvous_store
@@ -108,8 +108,11 @@ class WorkerAgent(Actor):
         self._form_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="form")
         self._runners: dict[int, WorldRunner] = {}
         self._stuck: list[WorldRunner] = []  # runners let go of before their thread ended
-        # Worlds whose join is loading or forming -> whether a leave came meanwhile.
-        self._joining: dict[tuple[int, int], bool] = {}
+        # Worlds whose join is loading or forming, and the switch that aborts it.
+        self._joining: dict[tuple[int, int], Formation] = {}
+        # Registrations since the start: a join's answer goes only to the controller that
+        # sent it (see _answer).
+        self._registration = 0
         # The answers already given to joins, for a repeat of one (the controller sends a
         # join again until it is answered): the Joined of each world held, and how the last
         # ENDED_JOINS_KEPT others ended (JoinFailed, or Left).
@@ -153,6 +156,8 @@ class WorkerAgent(Actor):
         self.spawn(self._watchdog(), name=f"{self.name}.watchdog")
 
     async def on_stop(self) -> None:
+        for formation in self._joining.values():
+            formation.abort("the worker is stopping")  # no formation thread left waiting
         await self._stop_runners(timeout_s=5.0)
         self._link.close()
         self._loader_pool.shutdown(wait=False, cancel_futures=True)
@@ -262,23 +267,26 @@ class WorkerAgent(Actor):
 
             torch.cuda.empty_cache()  # give the freed weights back to other processes
 
-    def _store_for(self, addr: str) -> Any:
-        """A store client of its own for one world's rendezvous. A TCPStore client is one
-        socket, and a blocking wait on it (a rendezvous whose peer died) holds every other
-        operation on it: a shared client made this worker's next world wait out the stuck
-        one's whole formation timeout (120 s) before its rank 0 could even publish itself."""
-        import torch.distributed as dist
-
-        host, port = parse_addr(addr or self.store_addr)
-        return dist.TCPStore(host, port, 1, False, wait_for_workers=False,
-                             timeout=datetime.timedelta(seconds=30))
-
-    def _form(self, msg: Join) -> Comm:
-        return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
-                    store=self._store_for(msg.rendezvous), device=self.device,
-                    timeout_s=msg.world_timeout_ms / 1000.0, backend=msg.backend,
-                    connect_timeout_s=msg.form_timeout_ms / 1000.0, token=msg.token,
-                    bind_host=self._advertise_host)
+    def _form(self, msg: Join, formation: Formation) -> Comm:
+        """Form the world's group (in a thread of the form pool), on a store client of its
+        own that ``formation`` can close: an abort, from the event loop, makes this raise
+        ``FormationAborted`` within milliseconds, whatever the rendezvous waits for."""
+        host, port = parse_addr(msg.rendezvous or self.store_addr)
+        timeout_s = msg.world_timeout_ms / 1000.0
+        connect_timeout_s = max(timeout_s, msg.form_timeout_ms / 1000.0)
+        backend = msg.backend or default_backend(self.device)
+        store = formation.store(host, port, connect_timeout_s=connect_timeout_s,
+                                timeout_s=timeout_s, closable=backend == "gloo")
+        try:
+            return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
+                        store=store, device=self.device, timeout_s=timeout_s,
+                        backend=backend, connect_timeout_s=connect_timeout_s,
+                        token=msg.token, bind_host=self._advertise_host)
+        except BaseException:
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()  # its client and socket go now, not with the next collection
+            raise
 
     def _answer_again(self, msg: Join) -> bool:
         """A join repeated (the controller sends it again until it is answered): answer it
@@ -304,12 +312,24 @@ class WorkerAgent(Actor):
         self._link.send(answer)
         return True
 
-    def _end_join(self, answer: JoinFailed | Left) -> None:
-        """Remember how a join ended, for a repeat of it that arrives later."""
-        self._ended[answer.world_id, answer.epoch] = answer
-        while len(self._ended) > ENDED_JOINS_KEPT:
-            self._ended.popitem(last=False)
+    def _answer(self, answer: Joined | JoinFailed | Left, registration: int) -> bool:
+        """Send a join's answer, unless the join came from a controller this worker has
+        registered with since (a restarted one numbers its worlds from 1 again: the answer
+        would name one of its worlds). True when sent."""
+        if registration != self._registration:
+            log.info("[worker %s world %d/%d] %s not sent: the join came before this worker "
+                     "registered again", self.worker_id, answer.world_id, answer.epoch,
+                     answer.KIND)
+            return False
         self._link.send(answer)
+        return True
+
+    def _end_join(self, answer: JoinFailed | Left, registration: int) -> None:
+        """Answer a join that ended, and remember the answer for a repeat of it."""
+        if self._answer(answer, registration):
+            self._ended[answer.world_id, answer.epoch] = answer
+            while len(self._ended) > ENDED_JOINS_KEPT:
+                self._ended.popitem(last=False)
 
     async def _join(self, msg: Join) -> None:
         if self._answer_again(msg):
@@ -318,15 +338,18 @@ class WorkerAgent(Actor):
         loop = asyncio.get_running_loop()
         comm: Comm | None = None
         key = (msg.world_id, msg.epoch)
-        self._joining[key] = False
+        registration = self._registration
+        formation = Formation(f"world {msg.world_id}/{msg.epoch}")
+        self._joining[key] = formation
         runner: WorldRunner | None = None
         try:
             handler = await loop.run_in_executor(self._loader_pool, self._handler_for,
                                                  msg.deployment, msg.rank, msg.size,
                                                  msg.world_id)
             load_ms = (time.perf_counter() - started) * 1000.0
+            formation.check()  # given up on while loading: nothing to form
             if msg.size > 1:
-                comm = await loop.run_in_executor(self._form_pool, self._form, msg)
+                comm = await loop.run_in_executor(self._form_pool, self._form, msg, formation)
             world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
                           deployment=msg.deployment, handler=handler, comm=comm,
                           packed_replies=self._packed_replies)
@@ -343,22 +366,28 @@ class WorkerAgent(Actor):
             if runner is not None:
                 runner.leave(drain=False)
             self._stages.release(msg.world_id)
+            del self._joining[key]
+            if formation.aborted:
+                # Given up on by the controller (or lost with it): it hears Left, no failure.
+                log.info("[worker %s world %d/%d] leaving before its join completed: formation "
+                         "aborted after %.0f ms: %s%s", self.worker_id, msg.world_id, msg.epoch,
+                         (time.perf_counter() - started) * 1000.0, formation.reason,
+                         "" if isinstance(exc, FormationAborted) else f" ({exc})")
+                self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch), registration)
+                return
             log.error("[worker %s world %d/%d] join failed: %s", self.worker_id, msg.world_id,
                       msg.epoch, exc)
-            failed = JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
-                                error=f"{type(exc).__name__}: {exc}")
-            if self._joining.pop(key):
-                self._link.send(failed)
-                self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch))
-            else:
-                self._end_join(failed)
+            self._end_join(JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
+                                      error=f"{type(exc).__name__}: {exc}"), registration)
             return
         self._runners[msg.world_id] = runner
-        if self._joining.pop(key) or self.stopped.is_set():
+        del self._joining[key]
+        if formation.aborted or self.stopped.is_set():
             # Told to leave while loading or forming: never announce it, just let go.
             log.info("[worker %s world %d/%d] leaving before its join completed",
                      self.worker_id, msg.world_id, msg.epoch)
-            await self._leave(Leave(world_id=msg.world_id, epoch=msg.epoch, abort=True))
+            await self._end_runner(runner, drain=False, timeout_s=10.0)
+            self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch), registration)
             return
         form_ms = (time.perf_counter() - started) * 1000.0 - load_ms
         log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, %s, load %.0f ms, form "
@@ -371,21 +400,24 @@ class WorkerAgent(Actor):
                         entry=runner.identity if msg.rank == 0 else "",
                         packed_dispatches=msg.rank == 0)
         self._joined[msg.world_id] = joined  # the same answer to a repeat of this join
-        self._link.send(joined)
+        self._answer(joined, registration)
 
     async def _leave(self, msg: Leave) -> None:
-        if (msg.world_id, msg.epoch) in self._joining:
-            self._joining[msg.world_id, msg.epoch] = True  # the join lets go and says Left
+        formation = self._joining.get((msg.world_id, msg.epoch))
+        if formation is not None:
+            # Still loading or forming: the controller gave up on the world. The join stops
+            # at once (a load cannot be stopped: it stops once loaded) and says Left.
+            formation.abort("the controller gave up on the world")
             return
         runner = self._runners.get(msg.world_id)
         if runner is None or runner.world.epoch != msg.epoch:
             # Never joined (its join may still be on its way): a join that comes after this
             # is answered with this Left, not formed.
-            self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch))
+            self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch), self._registration)
             return
         await self._end_runner(runner, drain=not msg.abort, timeout_s=10.0)
         log.info("[worker %s world %d/%d] left", self.worker_id, msg.world_id, msg.epoch)
-        self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch))
+        self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch), self._registration)
 
     async def _end_runner(self, runner: WorldRunner, *, drain: bool, timeout_s: float) -> None:
         """Stop one world's runner and let go of its stage. A later rank whose previous rank
@@ -410,8 +442,11 @@ class WorkerAgent(Actor):
         if self._rejoining or self.stopped.is_set():
             return
         self._rejoining = True
-        self._log.warning("%s: leaving %d world(s), registering again", why, len(self._runners))
+        self._log.warning("%s: leaving %d world(s) and %d formation(s), registering again",
+                          why, len(self._runners), len(self._joining))
         self._welcomed.clear()
+        for formation in self._joining.values():
+            formation.abort("lost the controller")
 
         async def rejoin() -> None:
             try:
@@ -420,6 +455,7 @@ class WorkerAgent(Actor):
                 # World ids are the controller's, and a restarted one counts from 1 again:
                 # answers given to the last one's joins must not answer the next one's.
                 self._ended.clear()
+                self._registration += 1
                 self._rejoining = False
                 self._last_heard = time.monotonic()
                 self._register()
