@@ -326,9 +326,12 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         """Send the same joins again: a worker answers each world and epoch once, so a repeat
         that reaches it while it forms the world, or after it joined, changes nothing."""
         now = self._clock()
+        # Only the first at INFO: a member that loads a large model answers late, and gets
+        # the join once a second meanwhile.
         log.log(logging.INFO if world.join_resends == 0 else logging.DEBUG,
-                "world %d/%d: no answer to the join from %s after %.1fs; sent again",
-                world.id, world.epoch, list(workers), now - world.joins_sent_s)
+                "world %d/%d: join sent again to %s, unanswered for %.1fs (lost on the way, "
+                "or still loading)", world.id, world.epoch, list(workers),
+                now - world.joins_sent_s)
         world.joins_sent_s = now
         world.join_resends += 1
         for wid in workers:
