@@ -148,11 +148,14 @@ class Admin(Actor):
                 return self._stall(args.stall_ms)
             worker = self._wm.workers.get(args.worker)
             if worker is None or worker.state == WorkerState.DEAD or self._send_worker is None \
-                    or not self._send_worker(args.worker, Fault(delay_ms=args.delay_ms)):
+                    or not self._send_worker(args.worker, Fault(delay_ms=args.delay_ms,
+                                                                drop_joins=args.drop_joins)):
                 raise BadRequest(f"worker {excerpt(args.worker)} is not live")
-            log.warning("fault injected: worker %s computes %.0f ms slower", args.worker,
-                        args.delay_ms)
-            return {"worker": args.worker, "delay_ms": args.delay_ms}
+            log.warning("fault injected: worker %s computes %.0f ms slower%s", args.worker,
+                        args.delay_ms, f" and drops its next {args.drop_joins} join(s)"
+                        if args.drop_joins else "")
+            return {"worker": args.worker, "delay_ms": args.delay_ms,
+                    "drop_joins": args.drop_joins}
         if isinstance(args, KillArgs):
             pid = self._launcher.pids().get(args.worker)
             if pid is None or not self._launcher.kill(args.worker):

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from controller.config import DeploymentConfig
-from mesh.messages import Heartbeat, runner_identity
+from mesh.messages import Heartbeat, Join, runner_identity
 
 
 class WorkerState(StrEnum):
@@ -120,6 +120,12 @@ class WorldInfo:
     entry: str = ""  # identity of rank 0's runner socket, from its Joined
     packed_dispatches: bool = False  # that socket reads packed dispatch batches (its Joined)
     token: str = ""  # the world's secret (see mesh.messages Join.token)
+    # Each member's join, as sent: re-sent unchanged to the members that have not answered
+    # it (a join lost on a connection torn down would otherwise leave the world forming
+    # until world_form_timeout_ms), when, and how often.
+    joins: dict[str, Join] = field(default_factory=dict)
+    joins_sent_s: float = 0.0
+    join_resends: int = 0
 
     def member_sockets(self) -> frozenset[bytes]:
         """Routing ids of its members' runner sockets: the only senders of its answers."""

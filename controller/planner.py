@@ -10,6 +10,10 @@ to change the fleet. Tests drive ``plan`` on hand-made views with any clock.
 The rules, in the order they run:
 
 * a forming world older than ``form_timeout_s`` breaks (it is formed again, under a new id);
+* a forming world's join is sent again, every ``join_resend_s``, to each member that has not
+  answered it: a join lost on its way (a connection torn down after a partition heals) costs
+  a second, not the formation timeout. A worker answers a join once per world and epoch
+  however often it comes (worker/agent.py);
 * a deployment below its desired count forms worlds from idle workers that are not suspect,
   sharing an existing worker for stages that are not the bottleneck (controller/sharing.py),
   unless it is quarantined or backing off;
@@ -55,6 +59,8 @@ class WorldView:
     state: WorldState
     workers: tuple[str, ...]
     created_s: float
+    unanswered: tuple[str, ...] = ()  # forming: members whose join has not been answered
+    joins_sent_s: float = 0.0  # forming: when its joins were last sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,7 @@ class View:
     warm_workers: int = 0
     preload_warm: bool = False
     form_timeout_s: float = 120.0
+    join_resend_s: float = 1.0
     forget_dead_s: float = 60.0
     can_spawn: bool = False  # a launcher that starts workers, not quarantined, not backing off
     room: int = 0  # workers the launcher may start now
@@ -88,6 +95,12 @@ class Form:
     deployment: str
     workers: tuple[str, ...]  # rank order; some may already serve other worlds (shared)
     why: str = ""  # the sharing decision, when workers are shared
+
+
+@dataclass(frozen=True, slots=True)
+class ResendJoin:
+    world_id: int
+    workers: tuple[str, ...]  # the members whose join has not been answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +140,7 @@ class Forget:
     worker_id: str
 
 
-Action = Form | Drain | Break | Spawn | LauncherFull | Retire | Preload | Forget
+Action = Form | ResendJoin | Drain | Break | Spawn | LauncherFull | Retire | Preload | Forget
 
 
 @dataclass
@@ -150,6 +163,9 @@ def plan(view: View) -> list[Action]:
             actions.append(Break(world.id, f"not formed within {view.form_timeout_s:.0f}s"))
     broken = {a.world_id for a in actions if isinstance(a, Break)}
     worlds = [w for w in worlds if w.id not in broken]
+    actions += [ResendJoin(w.id, w.unanswered) for w in worlds
+                if w.state == WorldState.FORMING and w.unanswered
+                and now - w.joins_sent_s >= view.join_resend_s]
 
     workers = view.workers
     pool = _Pool([w for w in workers.values()

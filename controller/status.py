@@ -81,6 +81,8 @@ def build_status(wm: WorldManager, routers: dict[str, Router], *, started_s: flo
             "age_s": round(now - world.created_s, 3),
             "load_ms": round(world.load_ms, 1),
             "form_ms": round(world.form_ms, 1),
+            # Times its joins were sent again to members that had not answered (forming).
+            "join_resends": world.join_resends,
             "backend": world.backend,
         })
     workers = []

@@ -21,6 +21,7 @@ from mesh.messages import (
     Heartbeat,
     Joined,
     JoinFailed,
+    Leave,
     Left,
     Message,
     Ping,
@@ -101,8 +102,13 @@ class WorkerEvents:
             self.foreign_messages += 1
             return
         if isinstance(msg, Joined):
-            if world is None or world.epoch != msg.epoch or world.state != WorldState.FORMING:
+            if world is None:
+                # A join that arrived after the world was given up on (a repeat, or one
+                # delayed on a connection): the worker holds a world nobody will use.
+                self._send(worker_id, Leave(world_id=msg.world_id, epoch=msg.epoch, abort=True))
                 return
+            if world.epoch != msg.epoch or world.state != WorldState.FORMING:
+                return  # a repeated answer to a repeated join
             world.joined.add(worker_id)
             if msg.entry and world.workers[0] == worker_id:
                 world.entry = msg.entry

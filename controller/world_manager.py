@@ -57,6 +57,7 @@ from controller.planner import (
     Form,
     LauncherFull,
     Preload,
+    ResendJoin,
     Retire,
     Spawn,
     View,
@@ -202,7 +203,9 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
                 valued=w.joined_once or w.preloaded, preloaded=w.preloaded,
                 util=w.load.util, cost_ms=w.load.cost_ms)
                 for w in self.workers.values()},
-            worlds=tuple(WorldView(w.id, w.deployment, w.state, tuple(w.workers), w.created_s)
+            worlds=tuple(WorldView(w.id, w.deployment, w.state, tuple(w.workers), w.created_s,
+                                   unanswered=tuple(m for m in w.workers if m not in w.joined),
+                                   joins_sent_s=w.joins_sent_s)
                          for w in self.worlds.values()),
             warm_workers=c.warm_workers, preload_warm=c.preload_warm,
             form_timeout_s=c.world_form_timeout_ms / 1000.0,
@@ -254,6 +257,10 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
                 log.info("%s %s", action.deployment, action.why)
             self._form_world(self.deployments[action.deployment],
                              [self.workers[w] for w in action.workers])
+        elif isinstance(action, ResendJoin):
+            world = self.worlds.get(action.world_id)
+            if world is not None:
+                self._resend_joins(world, action.workers)
         elif isinstance(action, Drain):
             world = self.worlds.get(action.world_id)
             if world is not None:
@@ -301,16 +308,36 @@ class WorldManager(WorkerEvents, OperatorCommands, Actor):
         for rank, worker in enumerate(workers):
             worker.worlds.add(world.id)
             worker.state = WorkerState.SERVING
-            self._send(worker.id, Join(
+            join = Join(
                 world_id=world.id, epoch=world.epoch, rank=rank, size=len(workers),
                 deployment=spec, rendezvous=workers[0].store_addr,
                 world_timeout_ms=dep.config.world_timeout_ms,
                 form_timeout_ms=self.config.controller.world_form_timeout_ms,
                 peers=list(world.workers), backend="" if backend == "local" else backend,
-                token=world.token))
+                token=world.token)
+            world.joins[worker.id] = join
+            self._send(worker.id, join)
+        world.joins_sent_s = world.created_s
         log.info("forming world %d/%d of %s on %s (%s: %s)", world.id, world.epoch,
                  dep.config.name, world.workers, backend, why)
         return world
+
+    def _resend_joins(self, world: WorldInfo, workers: tuple[str, ...]) -> None:
+        """Send the same joins again: a worker answers each world and epoch once, so a repeat
+        that reaches it while it forms the world, or after it joined, changes nothing."""
+        now = self._clock()
+        # Only the first at INFO: a member that loads a large model answers late, and gets
+        # the join once a second meanwhile.
+        log.log(logging.INFO if world.join_resends == 0 else logging.DEBUG,
+                "world %d/%d: join sent again to %s, unanswered for %.1fs (lost on the way, "
+                "or still loading)", world.id, world.epoch, list(workers),
+                now - world.joins_sent_s)
+        world.joins_sent_s = now
+        world.join_resends += 1
+        for wid in workers:
+            join = world.joins.get(wid)
+            if join is not None:
+                self._send(wid, join)
 
     def _world_serving(self, world: WorldInfo) -> None:
         world.state = WorldState.SERVING

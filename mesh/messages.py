@@ -305,10 +305,12 @@ class Shutdown(Message):
 
 @dataclass(frozen=True, slots=True)
 class Fault(Message):
-    """Fault injection: make every batch and stage computation take ``delay_ms`` longer."""
+    """Fault injection: make every batch and stage computation take ``delay_ms`` longer, and
+    (tests only) drop the next ``drop_joins`` joins the worker receives, as if lost on the way."""
 
     KIND: ClassVar[str] = "fault"
     delay_ms: float = 0.0
+    drop_joins: Count = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +406,8 @@ class FaultArgs:
     worker: Name  # a worker id, or "controller" (then stall_ms)
     delay_ms: Annotated[float, msgspec.Meta(ge=0.0, le=600_000.0)] = 0.0
     stall_ms: Annotated[float, msgspec.Meta(gt=0.0, le=60_000.0)] | None = None
+    # Tests only (no meshctl flag): the worker drops the next N joins it receives.
+    drop_joins: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
 
 
 ADMIN_ARGS: dict[str, type[Any]] = {

@@ -226,18 +226,17 @@ def test_a_rendezvous_stuck_on_a_dead_peer_does_not_hold_up_the_next_world() -> 
     """Rank 0 of world 5 waits for a peer that died; world 6, on the same rank-0 worker and
     its store, must still form at once. With one store client per worker it waited the stuck
     rendezvous's whole timeout (the soak saw 120 s): each world now gets a client of its own
-    (WorkerAgent._store_for)."""
+    (worker.formation.Formation.store)."""
     import threading
-    from types import SimpleNamespace
 
-    from worker.agent import WorkerAgent
+    from worker.formation import Formation
 
     master = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False,
                            timeout=datetime.timedelta(seconds=30))
-    worker = SimpleNamespace(store_addr=f"127.0.0.1:{master.port}")
 
     def store() -> Any:
-        return WorkerAgent._store_for(worker, "")  # type: ignore[arg-type]
+        return Formation("test").store("127.0.0.1", master.port, connect_timeout_s=6.0,
+                                       timeout_s=5.0)
 
     stuck_failed = threading.Event()
 

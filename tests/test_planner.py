@@ -12,6 +12,7 @@ from controller.planner import (
     Form,
     LauncherFull,
     Preload,
+    ResendJoin,
     Retire,
     Spawn,
     View,
@@ -106,6 +107,22 @@ def test_a_forming_world_past_its_timeout_breaks_and_is_formed_again() -> None:
     actions = plan(view(now=31.0, **fleet))  # type: ignore[arg-type]
     assert actions[0] == Break(7, "not formed within 30s")
     assert of(actions, Form) == [Form("mlp", ("w2",))]  # the replacement, at once
+
+
+def test_a_forming_worlds_join_goes_again_each_second_to_the_members_that_did_not_answer(
+        ) -> None:
+    forming = WorldView(7, "pipe", WorldState.FORMING, ("w1", "w2"), created_s=10.0,
+                        unanswered=("w2",), joins_sent_s=10.0)
+    fleet = dict(deployments=(dep("pipe", stages=2),),
+                 workers=[worker("w1", SERVING, worlds=frozenset({7})),
+                          worker("w2", SERVING, worlds=frozenset({7}))],
+                 worlds=[forming], join_resend_s=1.0, form_timeout_s=30.0)
+    assert of(plan(view(now=10.9, **fleet)), ResendJoin) == []  # type: ignore[arg-type]
+    assert plan(view(now=11.0, **fleet)) == [ResendJoin(7, ("w2",))]  # type: ignore[arg-type]
+    # Past the formation timeout it is given up on instead.
+    actions = plan(view(now=41.0, **fleet))  # type: ignore[arg-type]
+    assert of(actions, ResendJoin) == [] and of(actions, Break) == [
+        Break(7, "not formed within 30s")]
 
 
 def test_suspect_workers_are_not_given_a_new_world_until_they_heartbeat() -> None:

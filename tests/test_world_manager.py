@@ -218,6 +218,46 @@ async def test_a_formation_that_times_out_breaks_and_forms_again_under_a_new_id(
     assert f.wm.events and list(f.wm.events)[-1]["reason"].startswith("not formed within")
 
 
+async def test_a_join_without_an_answer_is_sent_again_each_second_until_it_is_answered(
+        ) -> None:
+    f = Fleet(config(stages=2))
+    await f.register("a", 11)
+    await f.register("b", 12)
+    (_, join_a), (_, join_b) = f.take(Join)
+    await f.wm.handle(FromWorker("a", Joined(world_id=join_a.world_id, epoch=1, entry="a/1")))
+    f.now += 0.9
+    await f.wm.handle(Tick())
+    assert f.take(Join) == []
+    f.now += 0.2
+    await f.wm.handle(Tick())
+    assert f.take(Join) == [("b", join_b)]  # the same join, to the one that did not answer
+    world = f.wm.worlds[join_a.world_id]
+    assert world.join_resends == 1 and world.state == WorldState.FORMING
+    f.now += 1.0
+    await f.wm.handle(Tick())
+    assert f.take(Join) == [("b", join_b)]
+    await f.wm.handle(FromWorker("b", Joined(world_id=join_b.world_id, epoch=1)))
+    assert world.state == WorldState.SERVING
+    # The answer to a repeat comes again: it changes nothing, and nothing is sent again.
+    await f.wm.handle(FromWorker("b", Joined(world_id=join_b.world_id, epoch=1)))
+    f.now += 5.0
+    await f.wm.handle(Tick())
+    assert world.state == WorldState.SERVING and f.take(Join) == [] and f.take(Leave) == []
+
+
+async def test_a_world_joined_after_it_was_given_up_on_is_left_at_once() -> None:
+    f = Fleet(config())
+    await f.register("a", 11)
+    [(_, join)] = f.take(Join)
+    f.now += 121.0  # world_form_timeout_ms is 120 s: broken, and formed again
+    await f.wm.handle(Tick())
+    assert f.take(Leave) == [("a", Leave(world_id=join.world_id, epoch=1, abort=True))]
+    f.take(Join)
+    # The first join's answer, late: the worker holds a world nobody will route to.
+    await f.wm.handle(FromWorker("a", Joined(world_id=join.world_id, epoch=1, entry="a/1")))
+    assert f.take(Leave) == [("a", Leave(world_id=join.world_id, epoch=1, abort=True))]
+
+
 async def test_scaling_down_drains_the_newest_world_and_scaling_up_forms_on_idle_ones() -> None:
     f = Fleet(config(worlds=2))
     for i, w in enumerate("abc"):

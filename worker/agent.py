@@ -11,11 +11,11 @@ children, which must not outlive their parent) it exits instead.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,7 +44,8 @@ from mesh.messages import (
 )
 from mesh.security import ClientKeys
 from mesh.spec import DeploymentSpec
-from worker.comm import Comm, CommError, parse_addr
+from worker.comm import Comm, CommError, default_backend, parse_addr
+from worker.formation import Formation, FormationAborted
 from worker.link import Link
 from worker.loader import LoadError, load_handler
 from worker.rendezvous import rendezvous_store
@@ -53,6 +54,8 @@ from worker.stage_cache import StageCache
 from worker.world import Compute, RunnerStats, World
 
 log = logging.getLogger(__name__)
+# How many ended joins a worker remembers the answer of (a repeat comes within seconds).
+ENDED_JOINS_KEPT = 1024
 
 
 def device_uuid(device: str) -> str:
@@ -105,8 +108,16 @@ class WorkerAgent(Actor):
         self._form_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="form")
         self._runners: dict[int, WorldRunner] = {}
         self._stuck: list[WorldRunner] = []  # runners let go of before their thread ended
-        # Worlds whose join is loading or forming -> whether a leave came meanwhile.
-        self._joining: dict[tuple[int, int], bool] = {}
+        # Worlds whose join is loading or forming, and the switch that aborts it.
+        self._joining: dict[tuple[int, int], Formation] = {}
+        # Registrations since the start: a join's answer goes only to the controller that
+        # sent it (see _answer).
+        self._registration = 0
+        # The answers already given to joins, for a repeat of one (the controller sends a
+        # join again until it is answered): the Joined of each world held, and how the last
+        # ENDED_JOINS_KEPT others ended (JoinFailed, or Left).
+        self._joined: dict[int, Joined] = {}
+        self._ended: OrderedDict[tuple[int, int], JoinFailed | Left] = OrderedDict()
         self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
         self._advertise_host = advertise_host
         self._store: Any = None
@@ -125,6 +136,7 @@ class WorkerAgent(Actor):
         self.exit_reason = ""
         self._seq = 0
         self._device_uuid = ""
+        self._drop_joins = 0  # fault injection: joins still to drop (Fault.drop_joins)
 
     async def on_start(self) -> None:
         import torch
@@ -144,6 +156,8 @@ class WorkerAgent(Actor):
         self.spawn(self._watchdog(), name=f"{self.name}.watchdog")
 
     async def on_stop(self) -> None:
+        for formation in self._joining.values():
+            formation.abort("the worker is stopping")  # no formation thread left waiting
         await self._stop_runners(timeout_s=5.0)
         self._link.close()
         self._loader_pool.shutdown(wait=False, cancel_futures=True)
@@ -192,8 +206,17 @@ class WorkerAgent(Actor):
         if self.stopped.is_set() or not self.running:
             return  # stopping: nothing new starts
         if isinstance(message, Fault):
-            self._log.warning("fault injected: +%.0f ms per computation", message.delay_ms)
+            self._log.warning("fault injected: +%.0f ms per computation%s", message.delay_ms,
+                              f", the next {message.drop_joins} join(s) dropped"
+                              if message.drop_joins else "")
             self._compute.delay_s = message.delay_ms / 1000.0
+            self._drop_joins = message.drop_joins
+            return
+        if isinstance(message, Join) and self._drop_joins > 0:
+            # Fault injection (tests): a join lost on its way, as on a connection torn down.
+            self._drop_joins -= 1
+            self._log.warning("fault injected: join of world %d/%d dropped", message.world_id,
+                              message.epoch)
             return
         self.tell(message)
 
@@ -244,43 +267,89 @@ class WorkerAgent(Actor):
 
             torch.cuda.empty_cache()  # give the freed weights back to other processes
 
-    def _store_for(self, addr: str) -> Any:
-        """A store client of its own for one world's rendezvous. A TCPStore client is one
-        socket, and a blocking wait on it (a rendezvous whose peer died) holds every other
-        operation on it: a shared client made this worker's next world wait out the stuck
-        one's whole formation timeout (120 s) before its rank 0 could even publish itself."""
-        import torch.distributed as dist
+    def _form(self, msg: Join, formation: Formation) -> Comm:
+        """Form the world's group (in a thread of the form pool), on a store client of its
+        own that ``formation`` can close: an abort, from the event loop, makes this raise
+        ``FormationAborted`` within milliseconds, whatever the rendezvous waits for."""
+        host, port = parse_addr(msg.rendezvous or self.store_addr)
+        timeout_s = msg.world_timeout_ms / 1000.0
+        connect_timeout_s = max(timeout_s, msg.form_timeout_ms / 1000.0)
+        backend = msg.backend or default_backend(self.device)
+        store = formation.store(host, port, connect_timeout_s=connect_timeout_s,
+                                timeout_s=timeout_s, closable=backend == "gloo")
+        try:
+            return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
+                        store=store, device=self.device, timeout_s=timeout_s,
+                        backend=backend, connect_timeout_s=connect_timeout_s,
+                        token=msg.token, bind_host=self._advertise_host)
+        except BaseException:
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()  # its client and socket go now, not with the next collection
+            raise
 
-        host, port = parse_addr(addr or self.store_addr)
-        return dist.TCPStore(host, port, 1, False, wait_for_workers=False,
-                             timeout=datetime.timedelta(seconds=30))
+    def _answer_again(self, msg: Join) -> bool:
+        """A join repeated (the controller sends it again until it is answered): answer it
+        as the first was answered, or not at all while that is still being worked out. True
+        when ``msg`` was such a repeat; a world and epoch is formed once, however often its
+        join comes."""
+        key = (msg.world_id, msg.epoch)
+        if key in self._joining:
+            return True  # loading or forming: answered once that ends
+        held = self._runners.get(msg.world_id)
+        answer: Joined | JoinFailed | Left | None = self._ended.get(key)
+        if held is not None and held.world.epoch == msg.epoch:
+            answer = self._joined.get(msg.world_id)
+            if answer is None:
+                return True  # being left before it was announced: Left follows
+        elif held is not None:  # world ids are never reused: a controller bug
+            answer = JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
+                                error=f"this worker holds epoch {held.world.epoch} of the world")
+        if answer is None:
+            return False
+        log.info("[worker %s world %d/%d] join repeated: answered again (%s)", self.worker_id,
+                 msg.world_id, msg.epoch, answer.KIND)
+        self._link.send(answer)
+        return True
 
-    def _form(self, msg: Join) -> Comm:
-        return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
-                    store=self._store_for(msg.rendezvous), device=self.device,
-                    timeout_s=msg.world_timeout_ms / 1000.0, backend=msg.backend,
-                    connect_timeout_s=msg.form_timeout_ms / 1000.0, token=msg.token,
-                    bind_host=self._advertise_host)
+    def _answer(self, answer: Joined | JoinFailed | Left, registration: int) -> bool:
+        """Send a join's answer, unless the join came from a controller this worker has
+        registered with since (a restarted one numbers its worlds from 1 again: the answer
+        would name one of its worlds). True when sent."""
+        if registration != self._registration:
+            log.info("[worker %s world %d/%d] %s not sent: the join came before this worker "
+                     "registered again", self.worker_id, answer.world_id, answer.epoch,
+                     answer.KIND)
+            return False
+        self._link.send(answer)
+        return True
+
+    def _end_join(self, answer: JoinFailed | Left, registration: int) -> None:
+        """Answer a join that ended, and remember the answer for a repeat of it."""
+        if self._answer(answer, registration):
+            self._ended[answer.world_id, answer.epoch] = answer
+            while len(self._ended) > ENDED_JOINS_KEPT:
+                self._ended.popitem(last=False)
 
     async def _join(self, msg: Join) -> None:
-        held = self._runners.get(msg.world_id)
-        if held is not None:
-            self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch,
-                                   entry=held.identity if msg.rank == 0 else ""))
+        if self._answer_again(msg):
             return
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         comm: Comm | None = None
         key = (msg.world_id, msg.epoch)
-        self._joining[key] = False
+        registration = self._registration
+        formation = Formation(f"world {msg.world_id}/{msg.epoch}")
+        self._joining[key] = formation
         runner: WorldRunner | None = None
         try:
             handler = await loop.run_in_executor(self._loader_pool, self._handler_for,
                                                  msg.deployment, msg.rank, msg.size,
                                                  msg.world_id)
             load_ms = (time.perf_counter() - started) * 1000.0
+            formation.check()  # given up on while loading: nothing to form
             if msg.size > 1:
-                comm = await loop.run_in_executor(self._form_pool, self._form, msg)
+                comm = await loop.run_in_executor(self._form_pool, self._form, msg, formation)
             world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
                           deployment=msg.deployment, handler=handler, comm=comm,
                           packed_replies=self._packed_replies)
@@ -297,42 +366,58 @@ class WorkerAgent(Actor):
             if runner is not None:
                 runner.leave(drain=False)
             self._stages.release(msg.world_id)
+            del self._joining[key]
+            if formation.aborted:
+                # Given up on by the controller (or lost with it): it hears Left, no failure.
+                log.info("[worker %s world %d/%d] leaving before its join completed: formation "
+                         "aborted after %.0f ms: %s%s", self.worker_id, msg.world_id, msg.epoch,
+                         (time.perf_counter() - started) * 1000.0, formation.reason,
+                         "" if isinstance(exc, FormationAborted) else f" ({exc})")
+                self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch), registration)
+                return
             log.error("[worker %s world %d/%d] join failed: %s", self.worker_id, msg.world_id,
                       msg.epoch, exc)
-            self._link.send(JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
-                                       error=f"{type(exc).__name__}: {exc}"))
-            if self._joining.pop(key):
-                self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
+            self._end_join(JoinFailed(world_id=msg.world_id, epoch=msg.epoch,
+                                      error=f"{type(exc).__name__}: {exc}"), registration)
             return
         self._runners[msg.world_id] = runner
-        if self._joining.pop(key) or self.stopped.is_set():
+        del self._joining[key]
+        if formation.aborted or self.stopped.is_set():
             # Told to leave while loading or forming: never announce it, just let go.
             log.info("[worker %s world %d/%d] leaving before its join completed",
                      self.worker_id, msg.world_id, msg.epoch)
-            await self._leave(Leave(world_id=msg.world_id, epoch=msg.epoch, abort=True))
+            await self._end_runner(runner, drain=False, timeout_s=10.0)
+            self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch), registration)
             return
         form_ms = (time.perf_counter() - started) * 1000.0 - load_ms
         log.info("[worker %s world %d/%d] joined as rank %d/%d (%s, %s, load %.0f ms, form "
                  "%.0f ms)", self.worker_id, msg.world_id, msg.epoch, msg.rank, msg.size,
                  msg.deployment.name, comm.backend if comm is not None else "local",
                  load_ms, form_ms)
-        self._link.send(Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
-                               form_ms=form_ms, inputs=handler.input_spec(),
-                               describe=handler.describe(),
-                               entry=runner.identity if msg.rank == 0 else "",
-                               packed_dispatches=msg.rank == 0))
+        joined = Joined(world_id=msg.world_id, epoch=msg.epoch, load_ms=load_ms,
+                        form_ms=form_ms, inputs=handler.input_spec(),
+                        describe=handler.describe(),
+                        entry=runner.identity if msg.rank == 0 else "",
+                        packed_dispatches=msg.rank == 0)
+        self._joined[msg.world_id] = joined  # the same answer to a repeat of this join
+        self._answer(joined, registration)
 
     async def _leave(self, msg: Leave) -> None:
-        if (msg.world_id, msg.epoch) in self._joining:
-            self._joining[msg.world_id, msg.epoch] = True  # the join lets go and says Left
+        formation = self._joining.get((msg.world_id, msg.epoch))
+        if formation is not None:
+            # Still loading or forming: the controller gave up on the world. The join stops
+            # at once (a load cannot be stopped: it stops once loaded) and says Left.
+            formation.abort("the controller gave up on the world")
             return
         runner = self._runners.get(msg.world_id)
         if runner is None or runner.world.epoch != msg.epoch:
-            self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
+            # Never joined (its join may still be on its way): a join that comes after this
+            # is answered with this Left, not formed.
+            self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch), self._registration)
             return
         await self._end_runner(runner, drain=not msg.abort, timeout_s=10.0)
         log.info("[worker %s world %d/%d] left", self.worker_id, msg.world_id, msg.epoch)
-        self._link.send(Left(world_id=msg.world_id, epoch=msg.epoch))
+        self._end_join(Left(world_id=msg.world_id, epoch=msg.epoch), self._registration)
 
     async def _end_runner(self, runner: WorldRunner, *, drain: bool, timeout_s: float) -> None:
         """Stop one world's runner and let go of its stage. A later rank whose previous rank
@@ -347,6 +432,7 @@ class WorkerAgent(Actor):
                         self.worker_id, runner.world.label, timeout_s)
             self._stuck.append(runner)
         self._runners.pop(runner.world.world_id, None)
+        self._joined.pop(runner.world.world_id, None)
         self._retired.add(runner.stats)
         self._stages.release(runner.world.world_id)
 
@@ -356,13 +442,20 @@ class WorkerAgent(Actor):
         if self._rejoining or self.stopped.is_set():
             return
         self._rejoining = True
-        self._log.warning("%s: leaving %d world(s), registering again", why, len(self._runners))
+        self._log.warning("%s: leaving %d world(s) and %d formation(s), registering again",
+                          why, len(self._runners), len(self._joining))
         self._welcomed.clear()
+        for formation in self._joining.values():
+            formation.abort("lost the controller")
 
         async def rejoin() -> None:
             try:
                 await self._stop_runners(timeout_s=2.0)
             finally:
+                # World ids are the controller's, and a restarted one counts from 1 again:
+                # answers given to the last one's joins must not answer the next one's.
+                self._ended.clear()
+                self._registration += 1
                 self._rejoining = False
                 self._last_heard = time.monotonic()
                 self._register()
