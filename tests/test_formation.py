@@ -30,8 +30,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from controller.admin_client import admin_call
 from controller.config import parse_config
+from mesh.admin_client import admin_call
 from mesh.messages import Join, Joined, Leave, Left, Message
 from tests.cluster import Cluster, alive, free_port
 from tests.conftest import StartCluster
