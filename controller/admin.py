@@ -17,10 +17,7 @@ from typing import Any
 
 import zmq
 
-from controller.commands import DrainTarget, FormWorld, Scale, SetSlo
-from controller.fleet import WorkerState
 from controller.launcher import Launcher
-from controller.world_manager import WorldManager
 from mesh import codec
 from mesh.actor import Actor
 from mesh.errors import BadRequest, MeshError, excerpt
@@ -30,14 +27,9 @@ from mesh.messages import (
     PROTOCOL_VERSION,
     AdminReply,
     AdminRequest,
-    DrainArgs,
-    Fault,
     FaultArgs,
-    FormArgs,
     KillArgs,
     NoArgs,
-    ScaleArgs,
-    SloArgs,
 )
 from mesh.security import ServerKeys
 from mesh.transport import Pump, bind_socket, make_socket
@@ -58,18 +50,16 @@ class Admin(Actor):
         context: zmq.Context[Any],
         endpoint: str,
         *,
-        world_manager: WorldManager,
+        fleet: Actor,
         launcher: Launcher,
         snapshot: Callable[[], dict[str, Any]],
-        send_worker: Callable[[str, Any], bool] | None = None,
         curve: ServerKeys | None = None,
     ) -> None:
         super().__init__("admin")
         self.endpoint = endpoint
-        self._wm = world_manager
+        self._fleet = fleet  # the WorldManager: the fleet's commands are asked of it
         self._launcher = launcher
         self._snapshot = snapshot
-        self._send_worker = send_worker
         sock = make_socket(context, zmq.ROUTER, max_msg_bytes=1 << 20, curve=curve)
         bind_socket(sock, endpoint)
         self._pump = Pump(sock, self._on_message, name="admin")
@@ -111,9 +101,7 @@ class Admin(Actor):
     def _reply(self, peer: bytes, reply: AdminReply) -> None:
         self._pump.send([peer, codec.pack(reply.to_wire())])
 
-    async def handle(self, message: Any) -> None:
-        if not isinstance(message, _Call):
-            return
+    async def handle(self, message: _Call) -> None:
         req = message.request
         try:
             result = await self._run(req.command, message.args)
@@ -129,41 +117,24 @@ class Admin(Actor):
         self._reply(message.peer, AdminReply(id=req.id, ok=True, result=result))
 
     async def _run(self, command: str, args: Any) -> Any:
-        if isinstance(args, NoArgs):
-            return "pong" if command == "ping" else self._snapshot()
-        if isinstance(args, ScaleArgs):
-            return await self._wm.ask(Scale(args.deployment, args.worlds, args.min_worlds,
-                                            args.max_worlds), timeout_s=10.0)
-        if isinstance(args, SloArgs):
-            return await self._wm.ask(SetSlo(args.deployment, args.p99_ms), timeout_s=10.0)
-        if isinstance(args, FormArgs):
-            return await self._wm.ask(FormWorld(args.deployment, tuple(args.workers)),
-                                      timeout_s=10.0)
-        if isinstance(args, DrainArgs):
-            return await self._wm.ask(DrainTarget(args.target), timeout_s=10.0)
-        if isinstance(args, FaultArgs):
-            if args.worker == "controller":
-                if args.stall_ms is None:
+        """One command: the controller process's own here; the fleet's go to the
+        WorldManager as they are (controller/fleet_commands.py)."""
+        match args:
+            case NoArgs():
+                return "pong" if command == "ping" else self._snapshot()
+            case KillArgs(worker):
+                pid = self._launcher.pids().get(worker)
+                if pid is None or not self._launcher.kill(worker):
+                    raise BadRequest(f"worker {excerpt(worker)} is not a live process of "
+                                     "this controller's launcher")
+                log.warning("SIGKILL sent to worker %s (pid %d) by operator", worker, pid)
+                return {"killed": worker, "pid": pid}
+            case FaultArgs(worker="controller", stall_ms=stall_ms):
+                if stall_ms is None:
                     raise BadRequest("fault controller needs stall_ms")
-                return self._stall(args.stall_ms)
-            worker = self._wm.workers.get(args.worker)
-            if worker is None or worker.state == WorkerState.DEAD or self._send_worker is None \
-                    or not self._send_worker(args.worker, Fault(delay_ms=args.delay_ms,
-                                                                drop_joins=args.drop_joins)):
-                raise BadRequest(f"worker {excerpt(args.worker)} is not live")
-            log.warning("fault injected: worker %s computes %.0f ms slower%s", args.worker,
-                        args.delay_ms, f" and drops its next {args.drop_joins} join(s)"
-                        if args.drop_joins else "")
-            return {"worker": args.worker, "delay_ms": args.delay_ms,
-                    "drop_joins": args.drop_joins}
-        if isinstance(args, KillArgs):
-            pid = self._launcher.pids().get(args.worker)
-            if pid is None or not self._launcher.kill(args.worker):
-                raise BadRequest(f"worker {excerpt(args.worker)} is not a live process of "
-                                 "this controller's launcher")
-            log.warning("SIGKILL sent to worker %s (pid %d) by operator", args.worker, pid)
-            return {"killed": args.worker, "pid": pid}
-        raise BadRequest(f"unhandled command {command!r}")  # pragma: no cover
+                return self._stall(stall_ms)
+            case _:
+                return await self._fleet.ask(args, timeout_s=10.0)
 
     def _stall(self, stall_ms: float) -> dict[str, Any]:
         """Fault injection: block the controller's own event loop, as a long synchronous call

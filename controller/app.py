@@ -1,4 +1,4 @@
-"""The controller process: builds the sockets, routers and actors, runs them, releases them.
+"""The controller process: its parts, who tells whom, and one exit stack that releases them.
 
     Frontend (clients) --submit--> Router (per deployment) --dispatch--> Backend (workers)
     Backend --reply--> Router --answer--> Frontend
@@ -7,20 +7,22 @@
     Router --idle / unreachable / stalled--> WorldManager --add / drain / remove--> Router
     Admin (meshctl), Autoscaler --scale / slo / form / drain--> WorldManager
 
-Everything is built in ``__init__`` (sockets bound); ``start`` starts it, pushing each part's
-release onto one ``AsyncExitStack``, so ``aclose`` undoes exactly what started, in reverse.
-The data path is synchronous callbacks on one event loop (see mesh.transport for why); the
-control path goes through the WorldManager's mailbox. Readiness and drain are awaited.
+``Controller.open(config)`` builds every part, binds its sockets and starts it, pushing each
+release onto one ``AsyncExitStack``; leaving the ``async with`` undoes exactly what was done,
+in reverse, whether the controller ran for weeks or failed halfway through starting. The data
+path is synchronous callbacks on one event loop (see mesh.transport for why); the control path
+goes through the WorldManager's mailbox, and the WorldManager applies what the Fleet decides
+(controller/fleet.py). Readiness and drain are awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +32,21 @@ from controller.admin import Admin
 from controller.autoscaler import Autoscaler, policy_of
 from controller.backend import Backend
 from controller.busy_poll import BusyPoll
-from controller.commands import (
-    FromWorker,
-    Scale,
-    Tick,
-    WorkerLost,
-    WorldIdle,
-    WorldStalled,
-    WorldUnreachable,
-)
 from controller.config import Config, SecurityConfig
-from controller.describe import model_metadata
-from controller.fleet import WorldState
+from controller.describe import describe_fleet
+from controller.fleet import Fleet
 from controller.frontend import Frontend
 from controller.health import Health
 from controller.held_sends import HeldSends
 from controller.launcher import Launcher, LocalLauncher
+from controller.mailbox import AutoScale, FromWorker, Tick, WorkerLost
 from controller.metrics import MetricsServer
 from controller.probes import liveness, readiness
-from controller.router import Router
+from controller.routers import Routers
 from controller.scaling_inputs import ScalingInputs
-from controller.status import build_status
+from controller.status import Parts, build_status
 from controller.world_manager import WorldManager
+from mesh.actor import Mailbox
 from mesh.errors import Cancelled
 from mesh.logs import speaker
 from mesh.messages import Heartbeat, Message, Ping
@@ -73,137 +68,169 @@ def local_launcher(config: Config, on_exit: Callable[[str, int], None]) -> Launc
                          extra_args=keys)
 
 
+def _security(context: zmq.Context[Any], s: SecurityConfig
+              ) -> tuple[Guard | None, Callable[[str], ServerKeys | None]]:
+    """With CURVE: the running authenticator, and each socket's server keys by domain."""
+    if not s.curve:
+        return None, lambda domain: None
+    public, secret = read_key_pair(s.controller_key)
+    # The controller's own key pair is allowed on the worker port (its local workers hold it)
+    # and on the client port (the HTTP gateway meshctl up starts holds it).
+    ring = KeyRing({"client": Path(s.client_keys), "worker": Path(s.worker_keys),
+                    "admin": Path(s.admin_keys)}, always={"worker": {public}, "client": {public}})
+    guard = Guard(context, ring)
+    log.info("CURVE on: %s", ", ".join(f"{d} keys {ring.count(d)}" for d in DOMAINS))
+    return guard, lambda domain: ServerKeys(public, secret, domain)
+
+
+@dataclass
+class Stopping:
+    """Set once the controller starts to stop: a worker's exit is then no loss to report."""
+
+    now: bool = False
+    workers_stopped: bool = False
+
+
 class Controller:
-    def __init__(self, config: Config, *, launcher: LauncherFactory = local_launcher) -> None:
+    """A running controller (from ``Controller.open``): what serve.py and tests ask of it."""
+
+    def __init__(self, config: Config, *, fleet: Fleet, routers: Routers, parts: Parts,
+                 world_manager: WorldManager, health: Health, admin: Admin, guard: Guard | None,
+                 loops: dict[str, asyncio.Task[Any]], stopping: Stopping) -> None:
         self.config = config
+        self.fleet = fleet
+        self.routers = routers
+        self.world_manager = world_manager
+        self._parts = parts
+        self._health = health
+        self._admin = admin
+        self._guard = guard
+        self._loops = loops
+        self._stopping = stopping
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, config: Config, *,
+                   launcher: LauncherFactory = local_launcher) -> AsyncIterator[Controller]:
         c = config.controller
-        self.started_s = time.monotonic()
-        self._stack = contextlib.AsyncExitStack()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._loops: dict[str, asyncio.Task[Any]] = {}
-        self._started = False
-        self._closed = False
-        self._context: zmq.Context[Any] = zmq.Context()
-        built = contextlib.ExitStack()  # sockets bound so far, closed if a later one fails
-        built.callback(self._context.term)
-        try:
-            self.guard, curve = self._security(config.security)
-            if self.guard is not None:
-                built.callback(self.guard.stop)
+        async with contextlib.AsyncExitStack() as stack:
+            context: zmq.Context[Any] = zmq.Context()
+            stack.callback(context.term)  # last: after every socket is closed
+            guard, curve = _security(context, config.security)
+            if guard is not None:
+                stack.callback(guard.stop)  # its ZAP socket too, after the servers'
+            stopping = Stopping()
+            inbox = Mailbox()  # the WorldManager's: the routers and Health tell it
+            held = HeldSends()
+            backend = Backend(context, c.worker_endpoint, curve=curve("worker"),
+                              after_batch=held.now)
+            stack.callback(backend.close)
             # A heartbeat late by half an interval gets the worker probed; unreachable for
             # one more interval, it is lost (controller.health).
-            self.health = Health(timeout_ms=c.heartbeat_timeout_ms, on_lost=self._lost,
-                                 probe_after_ms=c.heartbeat_interval_ms * 3 // 2,
-                                 grace_ms=c.heartbeat_interval_ms,
-                                 reachable=self._reachable)
-            self.launcher = launcher(config, self._exited)
-            held = HeldSends()
-            self.backend = Backend(self._context, c.worker_endpoint, curve=curve("worker"),
-                                   after_batch=held.now)
-            built.callback(self.backend.close)
-            rids = itertools.count(1).__next__
-            inflight_ids: dict[tuple[bytes, Any], int] = {}
-            routes: dict[int, Router] = {}
-            self.routers: dict[str, Router] = {
-                dep.name: Router(
-                    dep, send_client=self._send_client, send_worker=self.backend.send,
-                    next_rid=rids, on_world_idle=self._world_idle,
-                    on_world_unreachable=self._world_unreachable,
-                    on_world_stalled=self._world_stalled, inflight_ids=inflight_ids,
-                    routes=routes, max_attempts=c.max_attempts, defer=held.defer,
-                    listening_since=lambda: self.health.lag.last_end_s)
-                for dep in config.deployments}
-            self.world_manager = WorldManager(
-                config, self.routers, self.launcher, send_worker=self.backend.send_control,
-                on_watch=self.health.watch, on_forget=self.health.forget)
-            self.backend.routes = routes
-            self.frontend = Frontend(self._context, c.client_endpoint, self.routers,
-                                     max_request_bytes=c.max_request_bytes,
-                                     curve=curve("client"),
-                                     max_connections=c.max_client_connections,
-                                     describe=self.describe, defer=held.defer,
-                                     after_batch=held.now)
-            built.callback(self.frontend.close)
-            self.admin = Admin(self._context, c.admin_endpoint, world_manager=self.world_manager,
-                               launcher=self.launcher, snapshot=self.status,
-                               send_worker=self.backend.send_control, curve=curve("admin"))
-            built.callback(self.admin.close)
-            self.metrics = (MetricsServer(c.metrics_host, c.metrics_port, self.status,
-                                          stats=lambda: {name: r.stats for name, r
-                                                         in self.routers.items()},
-                                          gen=lambda: {name: r.gen for name, r
-                                                       in self.routers.items() if r.generative},
-                                          live=self.live, ready=self.ready)
-                            if c.metrics_port else None)
-            self.scaling = ScalingInputs(self.world_manager, self.routers,
-                                         self.launcher.host().get("cores", 0))
-            self.autoscaler = Autoscaler(list(self.routers), context_of=self.scaling.context,
-                                         apply=self._autoscale_apply,
-                                         policy=policy_of(config.autoscaler),
-                                         tick_s=c.autoscale_tick_ms / 1000.0)
-        except BaseException:
-            built.close()
-            raise
-        built.pop_all()
+            health = Health(timeout_ms=c.heartbeat_timeout_ms,
+                            on_lost=lambda w, why, kill: inbox.tell(WorkerLost(w, why, kill)),
+                            probe_after_ms=c.heartbeat_interval_ms * 3 // 2,
+                            grace_ms=c.heartbeat_interval_ms,
+                            reachable=lambda w: backend.send_control(w, _PING))
 
-    def _security(self, s: SecurityConfig) -> tuple[Guard | None,
-                                                   Callable[[str], ServerKeys | None]]:
-        """With CURVE: the running authenticator, and each socket's server keys by domain."""
-        if not s.curve:
-            return None, lambda domain: None
-        public, secret = read_key_pair(s.controller_key)
-        # The controller's own key pair is allowed on the worker port (its local workers hold
-        # it) and on the client port (the HTTP gateway meshctl up starts holds it).
-        ring = KeyRing({"client": Path(s.client_keys), "worker": Path(s.worker_keys),
-                        "admin": Path(s.admin_keys)}, always={"worker": {public},
-                                                              "client": {public}})
-        guard = Guard(self._context, ring)
-        log.info("CURVE on: %s", ", ".join(f"{d} keys {ring.count(d)}" for d in DOMAINS))
-        return guard, lambda domain: ServerKeys(public, secret, domain)
+            def exited(worker_id: str, returncode: int) -> None:
+                if not stopping.now:
+                    health.exited(worker_id, returncode)
+
+            workers = launcher(config, exited)
+            fleet = Fleet(config)
+            frontend = Frontend(context, c.client_endpoint,
+                                max_request_bytes=c.max_request_bytes, curve=curve("client"),
+                                max_connections=c.max_client_connections,
+                                describe=lambda: describe_fleet(fleet), defer=held.defer,
+                                after_batch=held.now)
+            stack.callback(frontend.close)
+            routers = Routers(config, send_client=frontend.send, send_worker=backend.send,
+                              tell=inbox.tell, defer=held.defer,
+                              listening_since=lambda: health.lag.last_end_s)
+            world_manager = WorldManager(fleet, workers, routers, health, mailbox=inbox,
+                                         send_worker=backend.send_control)
+            scaling = ScalingInputs(fleet, routers, workers.host().get("cores", 0))
+            autoscaler = Autoscaler(
+                list(routers), context_of=scaling.context,
+                apply=lambda name, n, why: inbox.tell(AutoScale(name, n, why)),
+                policy=policy_of(config.autoscaler), tick_s=c.autoscale_tick_ms / 1000.0)
+            # The status reads the admin socket's counters too: a snapshot is only ever asked
+            # for once ``parts`` is complete, a line below.
+            admin = Admin(context, c.admin_endpoint, fleet=world_manager, launcher=workers,
+                          snapshot=lambda: build_status(config, fleet, routers, parts),
+                          curve=curve("admin"))
+            stack.callback(admin.close)
+            parts = Parts(started_s=time.monotonic(), launcher=workers, backend=backend,
+                          frontend=frontend, admin=admin, autoscaler=autoscaler,
+                          loop_lag=health.lag)
+            loops: dict[str, asyncio.Task[Any]] = {}
+            controller = cls(config, fleet=fleet, routers=routers, parts=parts,
+                             world_manager=world_manager, health=health, admin=admin,
+                             guard=guard, loops=loops, stopping=stopping)
+            # The workers are told to stop and ended by PID (their launcher's) first, while
+            # everything else still runs (the last push below); this one covers a start that
+            # fails halfway, before the sockets close (the shutdowns go out on one of them).
+            stack.push_async_callback(controller._stop_workers)
+            # Answers already queued in ZeroMQ get a moment to leave before the sockets close.
+            stack.push_async_callback(asyncio.sleep, 0.05)
+            if c.metrics_port:
+                metrics = MetricsServer(
+                    c.metrics_host, c.metrics_port, controller.status,
+                    stats=lambda: {name: r.stats for name, r in routers.items()},
+                    gen=lambda: {name: r.gen for name, r in routers.items() if r.generative},
+                    live=controller.live, ready=controller.ready)
+                await metrics.start()
+                stack.push_async_callback(metrics.aclose)
+            if guard is not None:
+                # A revoked key's open connections are refused from the next message on.
+                for domain, pump in (("client", frontend.pump), ("worker", backend.pump),
+                                     ("admin", admin.pump)):
+                    pump.admit = guard.admits(domain)
+            if c.busy_poll_us:
+                busy = BusyPoll(c.busy_poll_us / 1e6)
+                stack.callback(busy.close)
+                frontend.pump.on_receive = backend.pump.on_receive = busy.activity
+
+            def heartbeat(worker_id: str, hb: Heartbeat) -> None:
+                health.beat(worker_id)
+                inbox.tell(FromWorker(worker_id, hb, time.monotonic()))
+
+            def control(worker_id: str, message: Message) -> None:
+                health.beat(worker_id)
+                inbox.tell(FromWorker(worker_id, message))
+
+            backend.start(route=routers.by_world.get, on_heartbeat=heartbeat, on_control=control)
+            frontend.start(routers)
+            for actor in (health, world_manager, admin):
+                await actor.start()
+                stack.push_async_callback(actor.aclose)
+            tasks = _Tasks(loops)
+            if c.autoscale:
+                tasks.spawn(autoscaler.run(), "controller.autoscaler")
+            tasks.spawn(_sweep_loop(routers), "controller.sweep")
+            tasks.spawn(controller._tick_loop(), "controller.tick")
+            stack.push_async_callback(tasks.cancel)
+            stack.push_async_callback(controller._stop_workers)
+            inbox.tell(Tick())
+            log.info("clients %s, admin %s, workers %s%s", c.client_endpoint, c.admin_endpoint,
+                     c.worker_endpoint, f", metrics http://{c.metrics_host}:{c.metrics_port}"
+                     "/metrics" if c.metrics_port else "")
+            yield controller
+            stopping.now = True
+        log.info("stopped")
+
+    async def _stop_workers(self) -> None:
+        self._stopping.now = True
+        if self._stopping.workers_stopped:
+            return
+        self._stopping.workers_stopped = True
+        stop_s = self.config.controller.drain_timeout_ms / 1000.0
+        await self.world_manager.shutdown_workers(timeout_s=max(2.0, min(stop_s, 10.0)))
 
     def reload_keys(self) -> bool:
         """Re-read the allowed keys (SIGHUP, or a key folder changed)."""
-        return self.guard.reload() if self.guard is not None else False
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        c = self.config.controller
-        stack = self._stack
-        stack.callback(self._context.term)  # last: after every socket is closed
-        if self.guard is not None:
-            stack.callback(self.guard.stop)  # its ZAP socket too, after the servers'
-        stack.callback(self.backend.close)
-        stack.callback(self.frontend.close)
-        # Answers already queued in ZeroMQ get a moment to leave before the sockets close.
-        stack.push_async_callback(asyncio.sleep, 0.05)
-        if self.metrics is not None:
-            await self.metrics.start()
-            stack.push_async_callback(self.metrics.aclose)
-        if self.guard is not None:
-            # A revoked key's open connections are refused from the next message on.
-            for domain, pump in (("client", self.frontend.pump), ("worker", self.backend.pump),
-                                 ("admin", self.admin.pump)):
-                pump.admit = self.guard.admits(domain)
-        if c.busy_poll_us:
-            busy = BusyPoll(c.busy_poll_us / 1e6)
-            stack.callback(busy.close)
-            self.frontend.pump.on_receive = self.backend.pump.on_receive = busy.activity
-        self.backend.start(on_heartbeat=self._heartbeat, on_control=self._control)
-        self.frontend.start()
-        for actor in (self.health, self.world_manager, self.admin):
-            await actor.start()
-            stack.push_async_callback(actor.aclose)
-        stack.push_async_callback(self._cancel_tasks)
-        if c.autoscale:
-            self._spawn(self.autoscaler.run(), "controller.autoscaler")
-        self._spawn(self._sweep_loop(), "controller.sweep")
-        self._spawn(self._tick_loop(), "controller.tick")
-        self._started = True
-        self.world_manager.tell(Tick())
-        log.info("clients %s, admin %s, workers %s%s", c.client_endpoint, c.admin_endpoint,
-                 c.worker_endpoint, f", metrics http://{c.metrics_host}:{c.metrics_port}"
-                 "/metrics" if c.metrics_port else "")
+        return self._guard.reload() if self._guard is not None else False
 
     async def wait_serving(self, timeout_s: float) -> dict[str, str]:
         """Wait until every deployment either has its desired number of serving worlds or
@@ -213,8 +240,7 @@ class Controller:
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting requests; wait for every accepted one to be answered."""
-        for router in self.routers.values():
-            router.accepting = False
+        self.routers.stop_accepting()
         try:
             async with asyncio.timeout(timeout_s):
                 for router in self.routers.values():
@@ -225,115 +251,45 @@ class Controller:
                 router.fail_all(Cancelled("controller stopped before an answer came"))
             return False
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._started:
-            stop_s = self.config.controller.drain_timeout_ms / 1000.0
-            await self.world_manager.shutdown_workers(timeout_s=max(2.0, min(stop_s, 10.0)))
-        else:
-            await self.launcher.aclose(timeout_s=5.0)
-        await self._stack.aclose()
-        if not self._started:  # nothing was pushed: release what __init__ built
-            self.backend.close()
-            self.frontend.close()
-            self.admin.close()
-            if self.guard is not None:
-                self.guard.stop()
-            self._context.term()
-        log.info("stopped")
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        self._loops[name] = task  # for liveness: these run until the controller stops
-        task.add_done_callback(self._tasks.discard)
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Every deployment's metadata, for a client's ``describe`` (controller/describe.py)."""
-        wm = self.world_manager
-        serving = {w.deployment for w in wm.worlds.values() if w.state == WorldState.SERVING}
-        return [model_metadata(name, dep.description, stages=dep.config.stages,
-                               ready=name in serving)
-                for name, dep in wm.deployments.items()]
+    def status(self) -> dict[str, Any]:
+        return build_status(self.config, self.fleet, self.routers, self._parts)
 
     def live(self) -> tuple[bool, str]:
         """/healthz: controller/probes.py."""
-        return liveness((self.health, self.world_manager, self.admin), self._loops,
-                        stopping=self._closed)
+        return liveness((self._health, self.world_manager, self._admin), self._loops,
+                        stopping=self._stopping.now)
 
     def ready(self) -> tuple[bool, str]:
         """/readyz: controller/probes.py."""
-        stopping = self._closed or not all(r.accepting for r in self.routers.values())
+        stopping = self._stopping.now or not self.routers.accepting
         return readiness(self.status(), self.config.controller.readiness, stopping)
-
-    async def _cancel_tasks(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    # -- wiring: who tells whom -----------------------------------------------------------
-
-    def _send_client(self, frames: list[Any]) -> bool:
-        return self.frontend.send(frames)
-
-    def _heartbeat(self, worker_id: str, hb: Heartbeat) -> None:
-        self.health.beat(worker_id)
-        self.world_manager.tell(FromWorker(worker_id, hb, time.monotonic()))
-
-    def _control(self, worker_id: str, message: Message) -> None:
-        self.health.beat(worker_id)
-        self.world_manager.tell(FromWorker(worker_id, message))
-
-    def _exited(self, worker_id: str, returncode: int) -> None:
-        if not self._closed:
-            self.health.exited(worker_id, returncode)
-
-    def _reachable(self, worker_id: str) -> bool:
-        return self.backend.send_control(worker_id, _PING)
-
-    def _lost(self, worker_id: str, reason: str, kill: bool) -> None:
-        self.world_manager.tell(WorkerLost(worker_id, reason, kill))
-
-    def _world_unreachable(self, world_id: int) -> None:
-        self.world_manager.tell(WorldUnreachable(world_id))
-
-    def _world_stalled(self, world_id: int, reason: str) -> None:
-        self.world_manager.tell(WorldStalled(world_id, reason))
-
-    def _world_idle(self, world_id: int) -> None:
-        self.world_manager.tell(WorldIdle(world_id))
-
-    def _autoscale_apply(self, name: str, worlds: int, reason: str) -> None:
-        self.world_manager.tell(Scale(deployment=name, worlds=worlds, by_operator=False,
-                                      reason=reason))
-
-    async def _sweep_loop(self) -> None:
-        # Deadlines are checked every 5 ms while requests are open, every 50 ms when idle
-        # (an idle controller should not wake 200 times a second).
-        while True:
-            busy = any(router.pending for router in self.routers.values())
-            await asyncio.sleep(0.005 if busy else 0.05)
-            for router in self.routers.values():
-                router.sweep()
 
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.world_manager.tell(Tick())
-            for worker_id in self.world_manager.live_workers():
-                self.backend.send_control(worker_id, _PING)
-            if self.guard is not None and self.guard.ring.stale():
+            self.world_manager.tell(Tick())  # the Fleet pings every live worker on a tick
+            if self._guard is not None and self._guard.ring.stale():
                 self.reload_keys()
 
-    # -- queries --------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        c = self.config.controller
-        return build_status(self.world_manager, self.routers, started_s=self.started_s,
-                            autoscaler=self.autoscaler, loop_lag=self.health.lag,
-                            backend=self.backend, frontend=self.frontend, admin=self.admin,
-                            endpoints={"client_endpoint": c.client_endpoint,
-                                       "admin_endpoint": c.admin_endpoint,
-                                       "worker_endpoint": c.worker_endpoint})
+async def _sweep_loop(routers: Routers) -> None:
+    # Deadlines are checked every 5 ms while requests are open, every 50 ms when idle (an
+    # idle controller should not wake 200 times a second).
+    while True:
+        await asyncio.sleep(0.005 if routers.busy else 0.05)
+        routers.sweep()
+
+
+class _Tasks:
+    """The controller's own loops: they run until it stops (liveness watches them)."""
+
+    def __init__(self, loops: dict[str, asyncio.Task[Any]]) -> None:
+        self._loops = loops
+
+    def spawn(self, coro: Any, name: str) -> None:
+        self._loops[name] = asyncio.get_running_loop().create_task(coro, name=name)
+
+    async def cancel(self) -> None:
+        for task in self._loops.values():
+            task.cancel()
+        await asyncio.gather(*self._loops.values(), return_exceptions=True)

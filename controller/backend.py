@@ -31,6 +31,10 @@ def _ignore(worker_id: str, message: Any) -> None:
     return None
 
 
+def _no_route(world_id: int) -> Router | None:
+    return None
+
+
 class Backend:
     def __init__(self, context: zmq.Context[Any], endpoint: str, *,
                  curve: ServerKeys | None = None,
@@ -39,9 +43,8 @@ class Backend:
         # Run what a batch of replies made the frontend hold: its answers go to their clients
         # before the next message is read (controller/held_sends.py).
         self._after_batch = after_batch or (lambda: None)
-        # world id -> the router of its deployment: the routers add and remove their own
-        # worlds (controller.router); this socket only reads it, to route a reply.
-        self.routes: dict[int, Router] = {}
+        # world id -> the router of its deployment (controller/routers.py ``by_world``).
+        self._route: Callable[[int], Router | None] = _no_route
         self._on_heartbeat: Callable[[str, Heartbeat], None] = _ignore
         self._on_control: Callable[[str, Message], None] = _ignore
         sock = make_socket(context, zmq.ROUTER, curve=curve)
@@ -53,10 +56,12 @@ class Backend:
         self.rejected = 0  # control messages that did not decode or type-check
         self._rejected_logged_s = 0.0
 
-    def start(self, *, on_heartbeat: Callable[[str, Heartbeat], None],
+    def start(self, *, route: Callable[[int], Router | None],
+              on_heartbeat: Callable[[str, Heartbeat], None],
               on_control: Callable[[str, Message], None]) -> None:
-        """Start delivering: heartbeats and other control messages to these callbacks,
-        replies to the router that owns their world."""
+        """Start delivering: replies to the router ``route`` names for their world,
+        heartbeats and other control messages to these callbacks."""
+        self._route = route
         self._on_heartbeat = on_heartbeat
         self._on_control = on_control
         self.pump.start()
@@ -78,7 +83,7 @@ class Backend:
             head = dataplane.unpack(first)
             if type(head) is dataplane.Reply or type(head) is dataplane.PackedReplyBatch or \
                     type(head) is dataplane.ReplyBatch:
-                router = self.routes.get(head.world_id)
+                router = self._route(head.world_id)
                 answers = dataplane.replies(head, frames[2:]) if router is not None else []
                 if answers:
                     sender = frames[0]

@@ -2,11 +2,16 @@
 whether it streams, in the shape of KServe v2's model metadata (``name``, ``inputs`` and
 ``outputs`` as ``{name, datatype, shape}`` with -1 for the batch dimension), plus
 ``parameters``, ``streaming``, ``stages`` and ``ready``. Pure: from what the handlers sent with
-their joins (controller/fleet.py ``DeploymentState.description``)."""
+their joins (controller/records.py ``DeploymentState.description``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from controller.records import WorldState
+
+if TYPE_CHECKING:
+    from controller.fleet import Fleet
 
 
 def tensor_list(spec: dict[str, Any], *, batched: bool) -> list[dict[str, Any]]:
@@ -43,3 +48,11 @@ def model_metadata(name: str, description: dict[str, Any], *, stages: int,
         out["max_context"] = description.get("max_context", 0)
         out["vocab_size"] = description.get("vocab_size", 0)
     return out
+
+
+def describe_fleet(fleet: Fleet) -> list[dict[str, Any]]:
+    """Every deployment's metadata, for a client's ``describe``."""
+    serving = {w.deployment for w in fleet.worlds.values() if w.state == WorldState.SERVING}
+    return [model_metadata(name, dep.description, stages=dep.config.stages,
+                           ready=name in serving)
+            for name, dep in fleet.deployments.items()]

@@ -1,175 +1,496 @@
-"""The fleet as the WorldManager knows it: workers, worlds and deployments, and their states.
+"""The Fleet: the one owner of the workers, worlds and deployments' live settings, as a
+synchronous core with no sockets, tasks or processes.
 
-The WorldManager owns these records and is the only one to change them (controller/
-world_manager.py). Everything else sees them through a read-only snapshot (controller/
-planner.py ``View``) or the status JSON. States are ``StrEnum``s: their values are the strings
-of the status contract (DESIGN.md), compared as members, never as bare strings.
+``handle(message)`` takes one event or command (controller/mailbox.py; an operator's admin
+arguments, mesh/messages.py), changes the records (controller/records.py), asks the planner
+what to do next (``plan(view)``, controller/planner.py, a pure function) and carries that out
+on the records too, and returns what the rest of the controller must do as data
+(controller/effects.py): messages to workers, routes added or removed, workers to start or
+stop. The WorldManager (controller/world_manager.py) feeds it and applies its effects; tests
+read them directly (tests/test_fleet.py).
+
+What it does with worker reports (register, joined, left, broken, heartbeat, death) is in
+controller/worker_reports.py, and its answers to operators and the autoscaler in
+controller/fleet_commands.py: plain functions of the Fleet, each called from ``handle`` only.
+
+A world is a list of workers in rank order (rank = pipeline stage); it serves once every rank
+has joined. World ids are never reused; a world re-formed after a failure is a new world.
+Worker ids (``w1``, ``w2``, ...) are never reused within a run, and a restarted controller
+first takes back the workers its launcher still runs (``Adopted``), then numbers new ones
+above theirs.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+import logging
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from controller.config import DeploymentConfig
-from mesh.messages import Heartbeat, Join, runner_identity
+from controller import fleet_commands, worker_reports
+from controller.config import Config
+from controller.effects import (
+    DrainRoute,
+    Effect,
+    ForgetWorker,
+    RouteWorld,
+    SendTo,
+    Settled,
+    SetUnavailable,
+    StartWorker,
+    StopWorker,
+    UnrouteWorld,
+)
+from controller.mailbox import (
+    Adopted,
+    FromWorker,
+    Started,
+    StartFailed,
+    Stopping,
+    Tick,
+    Unrouted,
+    WorkerLost,
+    WorldIdle,
+    WorldStalled,
+    WorldUnreachable,
+)
+from controller.placement import Placement, world_backend
+from controller.planner import (
+    Action,
+    Break,
+    Drain,
+    Forget,
+    Form,
+    LauncherFull,
+    Preload,
+    ResendJoin,
+    Retire,
+    Spawn,
+    plan,
+)
+from controller.records import (
+    LIVE_WORLD,
+    DeploymentState,
+    EventLog,
+    WorkerInfo,
+    WorkerState,
+    WorldInfo,
+    WorldState,
+)
+from controller.view import DeploymentView, View, WorkerView, WorldView
+from mesh.logs import speaker
+from mesh.messages import Heartbeat, Join, Leave, Message, Ping, Shutdown, Welcome
+from mesh.messages import Preload as PreloadMsg
+
+log = speaker(logging.getLogger(__name__), "controller")
 
 
-class WorkerState(StrEnum):
-    STARTING = "starting"  # started by the launcher, not registered yet
-    IDLE = "idle"  # registered, in no world
-    SERVING = "serving"  # in at least one world
-    DRAINING = "draining"  # told to finish its worlds, then to stop
-    DEAD = "dead"  # exited, or declared dead and fenced
+@dataclass(frozen=True, slots=True)
+class LauncherRoom:
+    """What the launcher can do now, as the Fleet needs to know it for one event."""
+
+    can_spawn: bool = False  # it starts workers at all
+    room: int = 0  # workers it may start now
 
 
-class WorldState(StrEnum):
-    FORMING = "forming"  # Join sent, not every rank joined yet
-    SERVING = "serving"  # routed to
-    DRAINING = "draining"  # not routed to; released once its in-flight requests are answered
-    BROKEN = "broken"  # a member failed; gone from the map, kept only in events
-
-
-LIVE_WORLD = (WorldState.FORMING, WorldState.SERVING)
-
-
-@dataclass
-class WorkerLoad:
-    """What a worker's heartbeats say about its load, smoothed (one estimate, used for sharing
-    decisions and for the autoscaler's capacity)."""
-
-    util: float = 0.0  # busy fraction of its compute
-    cost_ms: float = 0.0  # compute time per request (which stage is the bottleneck)
-    cpu_cores: float = 0.0  # cores its process keeps busy
-
-    def update(self, previous: Heartbeat, hb: Heartbeat, elapsed_s: float,
-               smoothing: float = 0.3) -> None:
-        keep = 1.0 - smoothing
-        d_busy = hb.busy_s - previous.busy_s
-        busy = max(0.0, min(1.0, d_busy / elapsed_s))
-        self.util = keep * self.util + smoothing * busy
-        cores = max(0.0, (hb.cpu_s - previous.cpu_s) / elapsed_s)
-        self.cpu_cores = keep * self.cpu_cores + smoothing * cores
-        d_req = hb.requests - previous.requests
-        if d_req > 0 and d_busy > 0:
-            cost = d_busy * 1000.0 / d_req
-            self.cost_ms = cost if self.cost_ms == 0.0 else keep * self.cost_ms + smoothing * cost
-
-
-@dataclass
-class WorkerInfo:
-    id: str
-    since_s: float  # when it entered its current state
-    state: WorkerState = WorkerState.STARTING
-    pid: int = 0
-    host: str = ""
-    device: str = ""
-    device_uuid: str = ""
-    store_addr: str = ""
-    worlds: set[int] = field(default_factory=set)
-    spawned_by_us: bool = False
-    # Started by a previous run of this controller and taken back after a restart (its
-    # launcher still ran it): its end before it registers is no launch failure.
-    adopted: bool = False
-    retiring: bool = False
-    joined_once: bool = False
-    preloaded: bool = False  # it loaded a model at least once (a later crash is no load fault)
-    # Set when a world of this worker broke by someone else's report: the worker may be the
-    # one that died, so it is not reused until it heartbeats again after this time.
-    suspect_since_s: float = 0.0
-    reason: str = ""
-    # Times its worlds broke on a stall (a world holding requests that answered nothing), and
-    # why it was quarantined ("" while it is not): a worker that keeps stalling its worlds
-    # (a blackhole) is not given new ones.
-    stalls: list[float] = field(default_factory=list)
-    deaths: list[float] = field(default_factory=list)  # when it was declared dead, recently
-    quarantined: str = ""
-    heartbeat: Heartbeat | None = None
-    heartbeat_s: float = 0.0
-    load: WorkerLoad = field(default_factory=WorkerLoad)
-
-    @property
-    def suspect(self) -> bool:
-        return self.heartbeat_s < self.suspect_since_s
-
-    def heard(self, hb: Heartbeat, now_s: float) -> None:
-        """A heartbeat: update the load estimate and the liveness marks."""
-        if self.heartbeat is not None and now_s > self.heartbeat_s:
-            self.load.update(self.heartbeat, hb, now_s - self.heartbeat_s)
-        self.heartbeat = hb
-        self.heartbeat_s = now_s
+NO_LAUNCHER = LauncherRoom()
+PING = Ping()
 
 
 @dataclass
-class WorldInfo:
-    id: int
-    deployment: str
-    epoch: int
-    workers: list[str]
-    created_s: float
-    state: WorldState = WorldState.FORMING
-    joined: set[str] = field(default_factory=set)
-    ready_s: float = 0.0
-    reason: str = ""
-    load_ms: float = 0.0
-    form_ms: float = 0.0
-    backend: str = "local"  # gloo | nccl | local (one rank), see controller.placement
-    entry: str = ""  # identity of rank 0's runner socket, from its Joined
-    packed_dispatches: bool = False  # that socket reads packed dispatch batches (its Joined)
-    token: str = ""  # the world's secret (see mesh.messages Join.token)
-    # Each member's join, as sent: re-sent unchanged to the members that have not answered
-    # it (a join lost on a connection torn down would otherwise leave the world forming
-    # until world_form_timeout_ms), when, and how often.
-    joins: dict[str, Join] = field(default_factory=dict)
-    joins_sent_s: float = 0.0
-    join_resends: int = 0
+class Step:
+    """The Fleet's answer to one message: a command's result, and the effects, in order."""
 
-    def member_sockets(self) -> frozenset[bytes]:
-        """Routing ids of its members' runner sockets: the only senders of its answers."""
-        return frozenset(runner_identity(w, self.id, self.epoch, self.token).encode()
-                         for w in self.workers)
+    result: Any = None
+    effects: list[Effect] = field(default_factory=list)
 
 
-@dataclass
-class DeploymentState:
-    """A deployment's live settings and formation record. The one place for what an operator
-    or the autoscaler changes at run time: the world count, its bounds, the latency target."""
+class Fleet:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.workers: dict[str, WorkerInfo] = {}
+        self.worlds: dict[int, WorldInfo] = {}
+        self.deployments: dict[str, DeploymentState] = {
+            d.name: DeploymentState.of(d) for d in config.deployments}
+        self.events = EventLog(wall_clock)
+        self.world_ids = itertools.count(1)
+        self.worker_ids = itertools.count(1)
+        # Workers that die before registering (a broken environment, an import error) make
+        # the launcher back off, and stop after max_load_failures in a row.
+        self.spawn_failures = 0
+        self.spawn_retry_at_s = 0.0
+        self.spawn_quarantined = ""
+        # (worker id, pid) of processes declared dead: the same process must never come back,
+        # but a new process may reuse the id (a remote worker restarted by its operator).
+        self.fenced: set[tuple[str, int]] = set()
+        # Unknown workers asked to register (a previous controller's fleet), and when.
+        self.asked: dict[str, float] = {}
+        self.foreign_messages = 0  # about worlds their sender is not a member of (dropped)
+        self.workers_died = 0  # since the start: worker churn, for metrics
+        self.worlds_broken = 0
+        self.stopping = False
+        c = config.controller
+        self.welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
+                               controller_timeout_ms=c.controller_timeout_ms,
+                               max_idle_stages=c.max_idle_stages, packed_replies=True)
+        self._out: list[Effect] = []
+        self._launcher = NO_LAUNCHER
+        self._full_reported = False
+        self._unavailable: dict[str, str] = {name: "" for name in self.deployments}
+        self.settled: dict[str, str] | None = None  # set once: the ready line
+        self._broken_events: dict[int, dict[str, Any]] = {}  # awaiting their re-send count
 
-    config: DeploymentConfig
-    desired: int
-    min_worlds: int
-    max_worlds: int
-    slo_p99_ms: float
-    failures: int = 0
-    retry_at_s: float = 0.0
-    last_error: str = ""
-    quarantined: str = ""  # why formation stopped being retried ("" = it is not)
-    inputs: dict[str, Any] = field(default_factory=dict)
-    # What clients are told by 'describe': rank 0's inputs, parameters and streaming, the
-    # last rank's outputs (from their handlers, sent with their joins).
-    description: dict[str, Any] = field(default_factory=dict)
+    # -- the one entry ----------------------------------------------------------------------
 
-    @classmethod
-    def of(cls, config: DeploymentConfig) -> DeploymentState:
-        return cls(config, config.worlds, config.min_worlds, config.max_worlds,
-                   config.slo_p99_ms)
+    def handle(self, message: Any, launcher: LauncherRoom = NO_LAUNCHER) -> Step:
+        """Apply one message; plan; return the result and what to do. A command that is
+        refused raises its typed error (mesh.errors) before changing anything."""
+        self._out = []
+        self._launcher = launcher
+        if launcher.room > 0:
+            self._full_reported = False
+        # Every message ends with a plan, so what it changed (a replacement, a spare, a
+        # drain) acts now, before an operator command's result goes back. A heartbeat plans
+        # only when it cleared a suspect (it may take a place in a new world now).
+        act = True
+        result: Any = None
+        match message:
+            case FromWorker(worker_id, Heartbeat() as hb, received_s):
+                act = worker_reports.heartbeat(self, worker_id, hb, received_s or self.clock())
+            case FromWorker(worker_id, report):
+                worker_reports.from_worker(self, worker_id, report)
+            case WorkerLost(worker_id, reason, kill):
+                worker_reports.worker_died(self, worker_id, reason, kill=kill)
+            case WorldIdle(world_id):
+                self.release_world(world_id)
+            case WorldUnreachable(world_id):
+                self._break_live(world_id, "its stage-0 worker's data socket is unreachable")
+            case WorldStalled(world_id, reason):
+                self._break_live(world_id, reason, stalled=True)
+            case Started(worker_id, pid):
+                worker = self.workers.get(worker_id)
+                if worker is not None and worker.pid == 0:
+                    worker.pid = pid
+                act = False
+            case StartFailed(worker_id, error):
+                self._start_failed(worker_id, error)
+            case Unrouted(world_id, resent):
+                self._unrouted(world_id, resent)
+                act = False
+            case Adopted(worker_ids):
+                self._adopt(worker_ids)
+            case Stopping():
+                self._stop_all()
+            case Tick():
+                # Liveness for the workers: each exits when these stop (controller_timeout_ms).
+                for worker_id in self.live_workers():
+                    self.send(worker_id, PING)
+            case _:
+                result = fleet_commands.run(self, message)
+        if act:
+            self._act()
+        return Step(result, self._out)
 
+    def emit(self, effect: Effect) -> None:
+        self._out.append(effect)
 
-class EventLog:
-    """The last world, worker and scaling events, for status: what broke, when, and why."""
+    def send(self, worker_id: str, message: Message) -> None:
+        self._out.append(SendTo(worker_id, message))
 
-    def __init__(self, wall_clock: Callable[[], float], keep: int = 100) -> None:
-        self._wall_clock = wall_clock
-        self._events: deque[dict[str, Any]] = deque(maxlen=keep)
+    # -- plan and apply ---------------------------------------------------------------------
 
-    def add(self, kind: str, **fields: Any) -> None:
-        self._events.append({"t": round(self._wall_clock(), 3), "event": kind, **fields})
+    def view(self) -> View:
+        """An immutable snapshot of the fleet, for the planner."""
+        c = self.config.controller
+        now = self.clock()
+        return View(
+            now_s=now,
+            deployments=tuple(
+                DeploymentView(name, d.config.stages, d.desired, bool(d.quarantined),
+                               d.retry_at_s) for name, d in self.deployments.items()),
+            workers={w.id: WorkerView(
+                w.id, w.state, w.since_s, frozenset(w.worlds), suspect=w.suspect,
+                quarantined=bool(w.quarantined), spawned_by_us=w.spawned_by_us,
+                valued=w.joined_once or w.preloaded, preloaded=w.preloaded,
+                util=w.load.util, cost_ms=w.load.cost_ms)
+                for w in self.workers.values()},
+            worlds=tuple(WorldView(w.id, w.deployment, w.state, tuple(w.workers), w.created_s,
+                                   unanswered=tuple(m for m in w.workers if m not in w.joined),
+                                   joins_sent_s=w.joins_sent_s)
+                         for w in self.worlds.values()),
+            warm_workers=c.warm_workers, preload_warm=c.preload_warm,
+            form_timeout_s=c.world_form_timeout_ms / 1000.0,
+            can_spawn=(self._launcher.can_spawn and not self.spawn_quarantined
+                       and now >= self.spawn_retry_at_s),
+            room=self._launcher.room)
 
-    def __iter__(self) -> Any:
-        return iter(self._events)
+    def _act(self) -> None:
+        if self.stopping:
+            return
+        # A break frees its workers: plan once more so their replacement forms now, not on
+        # the next message (a few passes at most; a plan without breaks settles it).
+        for _ in range(3):
+            actions = plan(self.view())
+            for action in actions:
+                self._apply(action)
+            if not any(isinstance(a, Break) for a in actions):
+                break
+        down = {}
+        for name, dep in self.deployments.items():
+            reason = self.unavailable_reason(dep)
+            if reason != self._unavailable[name]:
+                self._unavailable[name] = reason
+                self.emit(SetUnavailable(name, reason))
+            if reason:
+                down[name] = reason
+        if self.settled is None and all(name in down or self.serving(name) >= dep.desired
+                                        for name, dep in self.deployments.items()):
+            self.settled = down
+            self.emit(Settled(dict(down)))
 
-    def __len__(self) -> int:
-        return len(self._events)
+    def _apply(self, action: Action) -> None:
+        match action:
+            case Form(deployment, workers, why):
+                if why:
+                    log.info("%s %s", deployment, why)
+                self.form_world(self.deployments[deployment], [self.workers[w] for w in workers])
+            case ResendJoin(world_id, workers):
+                if world_id in self.worlds:
+                    self._resend_joins(self.worlds[world_id], workers)
+            case Drain(world_id, reason):
+                if world_id in self.worlds:
+                    self.drain_world(self.worlds[world_id], reason)
+            case Break(world_id, reason):
+                if world_id in self.worlds:
+                    self.break_world(self.worlds[world_id], reason)
+            case Spawn(count):
+                for _ in range(min(count, self._launcher.room)):
+                    self._start_worker()
+            case LauncherFull(wanted):
+                if not self._full_reported:
+                    self._full_reported = True
+                    log.warning("%d more workers wanted, but the launcher is full; raise "
+                                "controller.max_local_workers or add remote workers", wanted)
+                    self.events.add("launcher_full", wanted=wanted)
+            case Retire(worker_id):
+                self.retire_worker(self.workers[worker_id])
+            case Preload(worker_id):
+                self._preload(self.workers[worker_id])
+            case Forget(worker_id):
+                self.workers.pop(worker_id, None)
+
+    def unavailable_reason(self, dep: DeploymentState) -> str:
+        """Why no world of ``dep`` can form now ("" when one can, or one serves)."""
+        if dep.quarantined:
+            return f"quarantined after {dep.quarantined}"
+        if self.spawn_quarantined and not any(
+                w.deployment == dep.config.name and w.state in LIVE_WORLD
+                for w in self.worlds.values()):
+            return f"no worker can be started: {self.spawn_quarantined}"
+        return ""
+
+    def serving(self, deployment: str) -> int:
+        return sum(1 for w in self.worlds.values()
+                   if w.deployment == deployment and w.state == WorldState.SERVING)
+
+    def live_workers(self) -> list[str]:
+        """Workers that registered and are not dead (the ones to ping)."""
+        return [w.id for w in self.workers.values()
+                if w.state not in (WorkerState.DEAD, WorkerState.STARTING)]
+
+    # -- worlds -----------------------------------------------------------------------------
+
+    def form_world(self, dep: DeploymentState, workers: list[WorkerInfo]) -> WorldInfo:
+        backend, why = world_backend([Placement(w.host, w.device, w.device_uuid)
+                                      for w in workers])
+        now = self.clock()
+        world = WorldInfo(id=next(self.world_ids), deployment=dep.config.name, epoch=1,
+                          workers=[w.id for w in workers], created_s=now,
+                          backend=backend, token=secrets.token_hex(8), joins_sent_s=now)
+        self.worlds[world.id] = world
+        for rank, worker in enumerate(workers):
+            worker.worlds.add(world.id)
+            worker.state = WorkerState.SERVING
+            join = Join(
+                world_id=world.id, epoch=world.epoch, rank=rank, size=len(workers),
+                deployment=dep.config, rendezvous=workers[0].store_addr,
+                world_timeout_ms=dep.config.world_timeout_ms,
+                form_timeout_ms=self.config.controller.world_form_timeout_ms,
+                peers=list(world.workers), backend="" if backend == "local" else backend,
+                token=world.token)
+            world.joins[worker.id] = join
+            self.send(worker.id, join)
+        log.info("forming world %d/%d of %s on %s (%s: %s)", world.id, world.epoch,
+                 dep.config.name, world.workers, backend, why)
+        return world
+
+    def _resend_joins(self, world: WorldInfo, workers: tuple[str, ...]) -> None:
+        """Send the same joins again: a worker answers each world and epoch once, so a repeat
+        that reaches it while it forms the world, or after it joined, changes nothing."""
+        now = self.clock()
+        # Only the first at INFO: a member that loads a large model answers late, and gets
+        # the join once a second meanwhile.
+        log.log(logging.INFO if world.join_resends == 0 else logging.DEBUG,
+                "world %d/%d: join sent again to %s, unanswered for %.1fs (lost on the way, "
+                "or still loading)", world.id, world.epoch, list(workers),
+                now - world.joins_sent_s)
+        world.joins_sent_s = now
+        world.join_resends += 1
+        for wid in workers:
+            if wid in world.joins:
+                self.send(wid, world.joins[wid])
+
+    def world_serving(self, world: WorldInfo) -> None:
+        world.state = WorldState.SERVING
+        world.ready_s = self.clock()
+        self.events.add("world_serving", world=world.id, epoch=world.epoch,
+                        deployment=world.deployment, workers=list(world.workers),
+                        formed_ms=round((world.ready_s - world.created_s) * 1000, 1),
+                        load_ms=round(world.load_ms, 1), form_ms=round(world.form_ms, 1))
+        dep = self.deployments[world.deployment]
+        dep.failures = 0
+        dep.last_error = ""
+        self.emit(RouteWorld(world.deployment, world.id, world.epoch, world.entry.encode(),
+                             world.member_sockets(), world.packed_dispatches,
+                             bool(dep.description.get("generative", False))))
+        log.info("world %d/%d of %s serving (formed in %.0f ms)", world.id, world.epoch,
+                 world.deployment, (world.ready_s - world.created_s) * 1000)
+
+    def drain_world(self, world: WorldInfo, reason: str) -> None:
+        if world.state == WorldState.FORMING:
+            self.release_world(world.id)
+            return
+        if world.state != WorldState.SERVING:
+            return
+        world.state = WorldState.DRAINING
+        world.reason = reason
+        log.info("draining world %d/%d of %s: %s", world.id, world.epoch, world.deployment,
+                 reason)
+        self.emit(DrainRoute(world.deployment, world.id))  # WorldIdle once it is idle
+
+    def release_world(self, world_id: int) -> None:
+        world = self.worlds.pop(world_id, None)
+        if world is None:
+            return
+        self.emit(UnrouteWorld(world.deployment, world_id, "released"))
+        self._leave(world, abort=False)
+        log.info("released world %d/%d of %s", world.id, world.epoch, world.deployment)
+
+    def _break_live(self, world_id: int, reason: str, *, stalled: bool = False) -> None:
+        world = self.worlds.get(world_id)
+        if world is not None and world.state in (WorldState.SERVING, WorldState.DRAINING):
+            if stalled:
+                worker_reports.count_stall(self, world)
+            self.break_world(world, reason)
+
+    def break_world(self, world: WorldInfo, reason: str) -> None:
+        if self.worlds.pop(world.id, None) is None:
+            return
+        world.state = WorldState.BROKEN
+        self.worlds_broken += 1
+        self.events.add("world_broken", world=world.id, epoch=world.epoch,
+                        deployment=world.deployment, reason=reason, resent=0)
+        self._broken_events[world.id] = self.events.last()
+        self.emit(UnrouteWorld(world.deployment, world.id, reason))  # answered by Unrouted
+        self._leave(world, abort=True)
+
+    def _unrouted(self, world_id: int, resent: int) -> None:
+        """A broken world's requests went elsewhere: say how many, in its event and the log."""
+        event = self._broken_events.pop(world_id, None)
+        if event is None:
+            return
+        event["resent"] = resent
+        (log.info if self.stopping else log.warning)(
+            "world %d/%d of %s broken: %s (%d requests re-sent)", world_id, event["epoch"],
+            event["deployment"], event["reason"], resent)
+
+    def _leave(self, world: WorldInfo, *, abort: bool) -> None:
+        for wid in world.workers:
+            worker = self.workers.get(wid)
+            if worker is None or worker.state == WorkerState.DEAD:
+                continue
+            self.send(wid, Leave(world_id=world.id, epoch=world.epoch, abort=abort))
+            worker.worlds.discard(world.id)
+            self.settle_worker(worker)
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def settle_worker(self, worker: WorkerInfo) -> None:
+        if worker.worlds or worker.state == WorkerState.DEAD:
+            return
+        if worker.state == WorkerState.DRAINING:
+            if not worker.retiring:
+                self.retire_worker(worker)
+            return
+        worker.state = WorkerState.IDLE
+        worker.since_s = self.clock()
+
+    def retire_worker(self, worker: WorkerInfo) -> None:
+        worker.state = WorkerState.DRAINING
+        worker.retiring = True
+        worker.since_s = self.clock()
+        if worker.spawned_by_us:
+            # It goes quiet on purpose, and the launcher reports its exit: not a hang. A
+            # worker that joined by itself has no launcher to report it, so Health keeps
+            # watching and declares it dead once it has gone quiet.
+            self.emit(ForgetWorker(worker.id))
+        self.send(worker.id, Shutdown(reason="released"))
+        if worker.spawned_by_us:
+            self.emit(StopWorker(worker.id))
+
+    def _start_worker(self) -> None:
+        worker_id = f"w{next(self.worker_ids)}"
+        while worker_id in self.workers:  # one that joined by itself under this name
+            worker_id = f"w{next(self.worker_ids)}"
+        self.workers[worker_id] = WorkerInfo(worker_id, since_s=self.clock(), spawned_by_us=True)
+        self._launcher = LauncherRoom(self._launcher.can_spawn, self._launcher.room - 1)
+        self.emit(StartWorker(worker_id))  # answered by Started or StartFailed
+
+    def _start_failed(self, worker_id: str, error: str) -> None:
+        log.error("cannot start a worker: %s", error)
+        worker = self.workers.get(worker_id)
+        if worker is not None and worker.state == WorkerState.STARTING:
+            worker.state = WorkerState.DEAD
+            worker.reason = f"launch failed: {error}"
+
+    def _adopt(self, worker_ids: tuple[str, ...]) -> None:
+        """The workers the launcher still runs from a previous run of this controller (a
+        restart under the kubernetes launcher) are ours again, expected to register, and new
+        ids start above theirs, so nothing is started for them and no new worker asks for an
+        id, or a pod, that one of them holds."""
+        now = self.clock()
+        for worker_id in worker_ids:
+            self.workers[worker_id] = WorkerInfo(worker_id, since_s=now, spawned_by_us=True,
+                                                 adopted=True)
+        numbers = [int(w[1:]) for w in worker_ids if w[:1] == "w" and w[1:].isdigit()]
+        self.worker_ids = itertools.count(max(numbers, default=0) + 1)
+
+    def _preload(self, worker: WorkerInfo) -> None:
+        """A warm worker loads every stage it may be asked for, so a later join only forms
+        the group: re-forming after a failure then costs milliseconds, not a model load.
+        At most ``max_idle_stages`` of them (more would only be dropped again), in config
+        order."""
+        worker.preloaded = True
+        budget = self.config.controller.max_idle_stages
+        for dep in self.deployments.values():
+            if dep.quarantined:
+                continue
+            for rank in range(dep.config.stages):
+                if budget <= 0:
+                    return
+                budget -= 1
+                self.send(worker.id, PreloadMsg(deployment=dep.config, rank=rank,
+                                                size=dep.config.stages))
+
+    def _stop_all(self) -> None:
+        """Tell every worker to stop; the launcher then ends the ones it started."""
+        self.stopping = True
+        for worker in self.workers.values():
+            if worker.state != WorkerState.DEAD:
+                self.emit(ForgetWorker(worker.id))
+                self.send(worker.id, Shutdown(reason="controller stopping"))

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
@@ -53,7 +53,6 @@ class Frontend:
         self,
         context: zmq.Context[Any],
         endpoint: str,
-        routers: dict[str, Router],
         *,
         max_request_bytes: int,
         curve: ServerKeys | None = None,
@@ -67,7 +66,7 @@ class Frontend:
         # that the requests it sent before were lost with the previous one.
         self.incarnation = os.urandom(8).hex()
         self._describe = describe or list
-        self.routers = routers
+        self.routers: Mapping[str, Router] = {}  # from ``start``
         self.max_request_bytes = max_request_bytes
         # ZeroMQ drops the connection of a peer sending a frame over MAXMSGSIZE; keep that far
         # above our own limit so an oversized request normally gets a typed answer instead.
@@ -93,7 +92,9 @@ class Frontend:
         # what else this wake-up reads (controller/held_sends.py).
         self._after_batch = after_batch or (lambda: None)
 
-    def start(self) -> None:
+    def start(self, routers: Mapping[str, Router]) -> None:
+        """Start taking requests, for these deployments' routers."""
+        self.routers = routers
         self.connections.start()
         self.pump.start()
 

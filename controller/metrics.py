@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from controller.fleet import WorkerState
+from controller.records import WorkerState
 from controller.stats import GenWindow, LatencyWindow
 from mesh.logs import speaker
 

@@ -30,62 +30,11 @@ The rules, in the order they run:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from controller.fleet import LIVE_WORLD, WorkerState, WorldState
+from controller.records import LIVE_WORLD, WorkerState, WorldState
 from controller.sharing import shareable
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerView:
-    id: str
-    state: WorkerState
-    since_s: float
-    worlds: frozenset[int] = frozenset()
-    suspect: bool = False
-    quarantined: bool = False  # its worlds stalled too often: never given a world again
-    spawned_by_us: bool = False
-    valued: bool = False  # it holds a model (served or preloaded): worth keeping when idle
-    preloaded: bool = False
-    util: float = 0.0
-    cost_ms: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class WorldView:
-    id: int
-    deployment: str
-    state: WorldState
-    workers: tuple[str, ...]
-    created_s: float
-    unanswered: tuple[str, ...] = ()  # forming: members whose join has not been answered
-    joins_sent_s: float = 0.0  # forming: when its joins were last sent
-
-
-@dataclass(frozen=True, slots=True)
-class DeploymentView:
-    name: str
-    stages: int
-    desired: int
-    quarantined: bool = False
-    retry_at_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class View:
-    now_s: float
-    deployments: tuple[DeploymentView, ...]
-    workers: Mapping[str, WorkerView]
-    worlds: tuple[WorldView, ...]
-    warm_workers: int = 0
-    preload_warm: bool = False
-    form_timeout_s: float = 120.0
-    join_resend_s: float = 1.0
-    forget_dead_s: float = 60.0
-    can_spawn: bool = False  # a launcher that starts workers, not quarantined, not backing off
-    room: int = 0  # workers the launcher may start now
-
+from controller.view import View, WorkerView
 
 # -- actions --------------------------------------------------------------------------------
 

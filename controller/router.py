@@ -38,6 +38,7 @@ from controller.inflight import (
     stalled_worlds,
     with_resume,
 )
+from controller.mailbox import RouterReport, WorldIdle, WorldStalled, WorldUnreachable
 from controller.stats import Arrivals, GenWindow, LatencyWindow
 from mesh import codec
 from mesh.dataplane import (
@@ -77,11 +78,8 @@ class Router:
         send_client: Callable[[list[Any]], bool],
         send_worker: Callable[[list[Any]], bool],
         next_rid: Callable[[], int],
-        on_world_idle: Callable[[int], None],
-        on_world_unreachable: Callable[[int], None] | None = None,
-        on_world_stalled: Callable[[int, str], None] | None = None,
+        tell: Callable[[RouterReport], None],
         inflight_ids: dict[tuple[bytes, Any], int] | None = None,
-        routes: dict[int, Router] | None = None,
         max_attempts: int = 4,
         defer: Callable[[Callable[[], None]], object] | None = None,
         listening_since: Callable[[], float] = lambda: float("-inf"),
@@ -92,12 +90,8 @@ class Router:
         self._send_client = send_client
         self._send_worker = send_worker
         self._next_rid = next_rid
-        self._on_world_idle = on_world_idle
-        self._on_world_unreachable = on_world_unreachable
-        self._on_world_stalled = on_world_stalled
-        # world id -> its router, shared by every router of a controller: each router adds and
-        # removes its own worlds, and the Backend reads it to route a worker's reply.
-        self._routes: dict[int, Router] = routes if routes is not None else {}
+        # What it reports to the WorldManager (a world went idle, cannot be reached, stalled).
+        self._tell = tell
         self.max_attempts = max_attempts
         # Runs the flush once the current wake-up's work is done (the controller: the event
         # loop's call_soon); None: at once, one message per dispatch (tests that drive a
@@ -121,7 +115,7 @@ class Router:
         self._by_client: dict[tuple[bytes, Any], int] = (
             inflight_ids if inflight_ids is not None else {})
         self._deadlines: list[tuple[float, int]] = []
-        # Kept long enough for the autoscaler's breach window (see Controller._autoscale_context).
+        # Kept long enough for the autoscaler's breach window (controller/scaling_inputs.py).
         self.stats = LatencyWindow(keep_s=max(2.0, deployment.upscale_delay_s))
         # Generative deployments (their worlds' joins say so): requests go to the world with
         # the fewest tokens outstanding, streams resume from the tokens delivered, and the
@@ -310,8 +304,7 @@ class Router:
         if not world.unreachable:
             world.unreachable = True
             self._refresh_serving()
-            if self._on_world_unreachable is not None:
-                self._on_world_unreachable(world.world_id)
+            self._tell(WorldUnreachable(world.world_id))
 
     def _pump_queue(self) -> None:
         queue = self.queue
@@ -352,10 +345,10 @@ class Router:
             # charged as for a stall); the client never sees the garbage.
             self.bad_replies += 1
             world = p.world
-            if not world.stall_reported and self._on_world_stalled is not None:
+            if not world.stall_reported:
                 world.stall_reported = True
-                self._on_world_stalled(world.world_id, "answered with a reply header that is "
-                                                       "not a msgpack map")
+                self._tell(WorldStalled(world.world_id, "answered with a reply header that "
+                                        "is not a msgpack map"))
             return
         if p.answered and status != CHUNK:
             self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
@@ -432,7 +425,7 @@ class Router:
 
     def _after_world_progress(self, world: WorldRoute) -> None:
         if world.draining and not world.inflight:
-            self._on_world_idle(world.world_id)
+            self._tell(WorldIdle(world.world_id))
 
     def _retry(self, p: Pending) -> bool:
         """Put an unanswered request back in line if its deadline and budget allow."""
@@ -515,9 +508,9 @@ class Router:
     def _report_stalls(self, now_s: float) -> None:
         for world_id, reason in self.stalled(now_s):
             world = self.worlds[world_id]
-            if not world.stall_reported and self._on_world_stalled is not None:
+            if not world.stall_reported:
                 world.stall_reported = True
-                self._on_world_stalled(world_id, reason)
+                self._tell(WorldStalled(world_id, reason))
 
     def _opened(self) -> None:
         self.unanswered += 1
@@ -573,7 +566,6 @@ class Router:
         if generative is not None:
             self.generative = generative
         self.worlds[world_id] = WorldRoute(world_id, epoch, entry, members, packed=packed)
-        self._routes[world_id] = self
         self._refresh_serving()
         self._pump_queue()
 
@@ -585,21 +577,20 @@ class Router:
             self._refresh_serving()
 
     def drain_world(self, world_id: int) -> None:
-        """Stop routing to a world; ``on_world_idle`` fires once its in-flight work is done."""
+        """Stop routing to a world; ``WorldIdle`` is told once its in-flight work is done."""
         world = self.worlds.get(world_id)
         if world is None:
             return
         world.draining = True
         self._refresh_serving()
         if not world.inflight:
-            self._on_world_idle(world_id)
+            self._tell(WorldIdle(world_id))
 
     def remove_world(self, world_id: int, reason: str) -> int:
         """Forget a world; re-send its unanswered requests elsewhere. Returns how many."""
         world = self.worlds.pop(world_id, None)
         if world is None:
             return 0
-        self._routes.pop(world_id, None)
         self._refresh_serving()
         resent = 0
         for p in sorted(world.inflight.values(), key=lambda q: q.arrived_s, reverse=True):

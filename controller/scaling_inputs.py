@@ -1,8 +1,8 @@
 """What the autoscaler's policy sees: one ``Context`` per deployment and tick, built from the
-router's latency and arrival figures, the WorldManager's fleet and the host's busy cores.
+router's latency and arrival figures, the Fleet's records and the host's busy cores.
 
 The service-rate figures come from one estimate, the workers' smoothed load (controller/
-fleet.py ``WorkerLoad``: compute time per request, busy fraction, CPU cores), which worker-
+records.py ``WorkerLoad``: compute time per request, busy fraction, CPU cores), which worker-
 granular sharing uses too:
 
 * one world's service rate: the rate of its slowest stage, 1 / the highest compute time per
@@ -24,12 +24,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from controller.autoscaler import Context
-from controller.fleet import WorkerInfo, WorldInfo, WorldState
 from controller.host_cpu import HostCpu
+from controller.records import WorkerInfo, WorldInfo, WorldState
 
 if TYPE_CHECKING:
+    from controller.fleet import Fleet
     from controller.router import Router
-    from controller.world_manager import WorldManager
 
 
 def world_rps(serving: list[WorldInfo], workers: Mapping[str, WorkerInfo]) -> float:
@@ -91,15 +91,14 @@ def world_cpu(serving: list[WorldInfo], workers: Mapping[str, WorkerInfo]) -> fl
 class ScalingInputs:
     """Builds the autoscaler's Context; samples the host's CPU once per tick."""
 
-    def __init__(self, world_manager: WorldManager, routers: Mapping[str, Router],
-                 host_cores: int) -> None:
-        self._wm = world_manager
+    def __init__(self, fleet: Fleet, routers: Mapping[str, Router], host_cores: int) -> None:
+        self._fleet = fleet
         self._routers = routers
         self._host = HostCpu(host_cores) if host_cores else None
         self._sampled_s = -1.0
 
     def context(self, name: str, now: float) -> Context | None:
-        wm = self._wm
+        wm = self._fleet
         dep = wm.deployments[name]
         if dep.quarantined:
             return None

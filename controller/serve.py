@@ -13,11 +13,12 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 
-from controller.app import Controller
+from controller.app import Controller, LauncherFactory, local_launcher
 from controller.config import Config
 from controller.gateway_child import GatewayProcess
-from controller.launcher import NoLauncher
+from controller.launcher import Launcher, NoLauncher
 from mesh import gc_policy
 from mesh.logs import speaker
 
@@ -65,15 +66,15 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0, with_gateway: bo
     limit = raise_fd_limit()
     log.info("descriptor limit %d", limit)
     launcher_kind = config.controller.launcher
-    if launcher_kind == "local":
-        controller = Controller(config)
-    elif launcher_kind == "kubernetes":
+    launcher: LauncherFactory = local_launcher
+    if launcher_kind == "kubernetes":
         from controller.kube_launcher import KubernetesLauncher
 
-        controller = Controller(config, launcher=lambda cfg, on_exit: KubernetesLauncher(
-            cfg.kubernetes, on_exit=on_exit))
-    else:
-        controller = Controller(config, launcher=lambda cfg, on_exit: NoLauncher())
+        def launcher(cfg: Config, on_exit: Callable[[str, int], None]) -> Launcher:
+            return KubernetesLauncher(cfg.kubernetes, on_exit=on_exit)
+    elif launcher_kind != "local":
+        def launcher(cfg: Config, on_exit: Callable[[str, int], None]) -> Launcher:
+            return NoLauncher()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     hurry = asyncio.Event()
@@ -90,54 +91,64 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0, with_gateway: bo
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    # SIGHUP: re-read the allowed CURVE keys now (they are also re-read when a folder changes).
-    loop.add_signal_handler(signal.SIGHUP, controller.reload_keys)
     gateway = GatewayProcess(config, log_level=log_level) if with_gateway and \
         config.gateway.listen else None
-    supervise: asyncio.Future[None] | None = None
-    try:
-        gc_policy.tune()
-        await controller.start()
+    gc_policy.tune()
+    async with Controller.open(config, launcher=launcher) as controller:
+        # SIGHUP: re-read the allowed CURVE keys now (also re-read when a folder changes).
+        loop.add_signal_handler(signal.SIGHUP, controller.reload_keys)
         gc_policy.freeze()  # startup's objects (config, sockets, routers) live for good
-        if gateway is not None:
-            gateway.start()
-            supervise = asyncio.ensure_future(gateway.supervise())
-        ready = asyncio.ensure_future(controller.wait_serving(wait_ready_s))
-        stopped = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if ready in done and ready.exception() is None:
-            down: dict[str, str] = ready.result()
-            names = ", ".join(d.name for d in config.deployments if d.name not in down)
-            print(f"meshserve ready: serving {names or 'nothing'} on "
-                  f"{config.controller.client_endpoint} (admin "
-                  f"{config.controller.admin_endpoint})", file=sys.stderr, flush=True)
-            for name, reason in down.items():
-                print(f"meshserve: NOT serving {name}: {reason}", file=sys.stderr, flush=True)
-            print(next_steps(config, [d.name for d in config.deployments if d.name not in down],
-                             gateway=gateway is not None), file=sys.stderr, flush=True)
-        elif ready in done:
-            log.warning("not every deployment is serving after %.0fs; carrying on",
-                        wait_ready_s)
-        await stopped
-        ready.cancel()
-        if gateway is not None:
-            gateway.terminate()  # it finishes its requests while the controller answers them
-        if signals_seen == 1:
-            drain_s = config.controller.drain_timeout_ms / 1000.0
-            draining = asyncio.ensure_future(controller.drain(drain_s))
-            hurried = asyncio.ensure_future(hurry.wait())
-            await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)
-            hurried.cancel()
-            if not draining.done():
-                draining.cancel()
-                await controller.drain(0.0)  # answer what is left with Cancelled
-            elif not draining.result():
-                log.warning("drain timed out after %.1fs", drain_s)
-    finally:
-        if supervise is not None:
-            supervise.cancel()
-        if gateway is not None:
-            gateway.terminate()
-            await gateway.wait(15.0)
-        await controller.aclose()
+        supervise: asyncio.Future[None] | None = None
+        try:
+            if gateway is not None:
+                gateway.start()
+                supervise = asyncio.ensure_future(gateway.supervise())
+            await _until_stopped(controller, config, stop, wait_ready_s,
+                                 gateway=gateway is not None)
+            if gateway is not None:
+                gateway.terminate()  # it finishes its requests while the controller answers
+            if signals_seen == 1:
+                await _drain(controller, config, hurry)
+        finally:
+            if supervise is not None:
+                supervise.cancel()
+            if gateway is not None:
+                gateway.terminate()
+                await gateway.wait(15.0)
     return 0
+
+
+async def _until_stopped(controller: Controller, config: Config, stop: asyncio.Event,
+                         wait_ready_s: float, *, gateway: bool) -> None:
+    """Say when every deployment serves (or why one cannot), then wait for a stop signal."""
+    ready = asyncio.ensure_future(controller.wait_serving(wait_ready_s))
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if ready in done and ready.exception() is None:
+        down: dict[str, str] = ready.result()
+        names = ", ".join(d.name for d in config.deployments if d.name not in down)
+        print(f"meshserve ready: serving {names or 'nothing'} on "
+              f"{config.controller.client_endpoint} (admin "
+              f"{config.controller.admin_endpoint})", file=sys.stderr, flush=True)
+        for name, reason in down.items():
+            print(f"meshserve: NOT serving {name}: {reason}", file=sys.stderr, flush=True)
+        print(next_steps(config, [d.name for d in config.deployments if d.name not in down],
+                         gateway=gateway), file=sys.stderr, flush=True)
+    elif ready in done:
+        log.warning("not every deployment is serving after %.0fs; carrying on", wait_ready_s)
+    await stopped
+    ready.cancel()
+
+
+async def _drain(controller: Controller, config: Config, hurry: asyncio.Event) -> None:
+    """Answer what is in flight, within drain_timeout_ms; a second signal cuts it short."""
+    drain_s = config.controller.drain_timeout_ms / 1000.0
+    draining = asyncio.ensure_future(controller.drain(drain_s))
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if not draining.done():
+        draining.cancel()
+        await controller.drain(0.0)  # answer what is left with Cancelled
+    elif not draining.result():
+        log.warning("drain timed out after %.1fs", drain_s)

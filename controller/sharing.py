@@ -10,12 +10,9 @@ unknown, and never every stage (a world of only shared workers adds nothing).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
-from controller.fleet import WorkerState
-
-if TYPE_CHECKING:
-    from controller.planner import WorkerView, WorldView
+from controller.records import WorkerState
+from controller.view import WorkerView, WorldView
 
 MAX_UTIL = 0.85  # a worker busier than this has no room for another world's stage
 SHARE_BELOW = 1 / 1.5  # of the bottleneck's cost

@@ -31,15 +31,28 @@ class _Ask:
         self.future = future
 
 
-_STOP = object()
+class Mailbox:
+    """An actor's queue. Made by the actor, or before it when others must be able to tell it
+    from their own construction on (parts that tell each other in a cycle: the controller's
+    routers and its WorldManager)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.closed = False
+
+    def tell(self, message: Any) -> None:
+        if self.closed:
+            raise ActorStopped("the actor of this mailbox is stopped")
+        self.queue.put_nowait(message)
 
 
 class Actor:
     """Base class: override ``handle`` (and optionally ``on_start`` / ``on_stop``)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, mailbox: Mailbox | None = None) -> None:
         self.name = name
-        self._mailbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._box = mailbox or Mailbox()
+        self._mailbox = self._box.queue
         self._tasks: set[asyncio.Task[Any]] = set()
         self._running = False
         self._stopped = False
@@ -69,6 +82,7 @@ class Actor:
         if self._stopped:
             return
         self._stopped = True
+        self._box.closed = True
         self._running = False
         try:
             await self.on_stop()

@@ -410,9 +410,14 @@ class FaultArgs:
     drop_joins: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
 
 
+@dataclass(frozen=True, slots=True)
+class UnquarantineArgs:
+    worker: Name  # a worker quarantined for its stalls or deaths
+
+
 ADMIN_ARGS: dict[str, type[Any]] = {
     "status": NoArgs, "ping": NoArgs, "scale": ScaleArgs, "slo": SloArgs, "form": FormArgs,
-    "drain": DrainArgs, "kill": KillArgs, "fault": FaultArgs,
+    "drain": DrainArgs, "kill": KillArgs, "fault": FaultArgs, "unquarantine": UnquarantineArgs,
 }
 ADMIN_COMMANDS = frozenset(ADMIN_ARGS)
 

@@ -197,9 +197,9 @@ async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_d
     context = zmq.asyncio.Context()
     for deferred in (True, False):
         held: list[Any] = []
-        front = Frontend(context, f"inproc://frontend-{deferred}", {}, max_request_bytes=1 << 20,
+        front = Frontend(context, f"inproc://frontend-{deferred}", max_request_bytes=1 << 20,
                          defer=held.append if deferred else None)
-        front.start()
+        front.start({})
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:

@@ -128,9 +128,9 @@ async def test_a_clients_batch_is_answered_without_waiting_for_the_loops_turn() 
     soon = Soon()  # never told the iteration ended unless the test says so
     held = HeldSends(soon)
     context = zmq.asyncio.Context()
-    frontend = Frontend(context, f"tcp://127.0.0.1:{free_port()}", {}, max_request_bytes=1 << 20,
+    frontend = Frontend(context, f"tcp://127.0.0.1:{free_port()}", max_request_bytes=1 << 20,
                         defer=held.defer, after_batch=held.now)
-    frontend.start()
+    frontend.start({})
     client = context.socket(zmq.DEALER)
     client.setsockopt(zmq.LINGER, 0)
     client.connect(frontend.endpoint)
@@ -164,8 +164,8 @@ async def test_a_workers_batch_of_replies_is_passed_on_at_once() -> None:
     backend = Backend(context, f"tcp://127.0.0.1:{free_port()}",
                       after_batch=lambda: flushed.append(1))
     routes = Routes()
-    backend.routes[7] = routes  # type: ignore[assignment]
-    backend.start(on_heartbeat=lambda *a: None, on_control=lambda *a: None)
+    backend.start(route={7: routes}.get,  # type: ignore[arg-type]
+                  on_heartbeat=lambda *a: None, on_control=lambda *a: None)
     worker = zmq.Context()
     sock = worker.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

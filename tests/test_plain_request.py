@@ -38,10 +38,12 @@ class Rig:
                              default_timeout_ms=5_000),
             send_client=lambda frames: self.frontend.send(frames),
             send_worker=self._to_worker,
-            next_rid=itertools.count(1).__next__, on_world_idle=lambda world_id: None)
+            next_rid=itertools.count(1).__next__, tell=lambda report: None)
         self.router.add_world(1, 1, b"w1", frozenset({b"w1"}))
-        self.frontend = Frontend(context, f"inproc://{name}", {"mlp": self.router},
-                                 max_request_bytes=LIMIT)
+        self.frontend = Frontend(context, f"inproc://{name}", max_request_bytes=LIMIT)
+        # Driven by hand (``outcome`` hands it each message), so never started: its routers
+        # are given here instead of to ``start``.
+        self.frontend.routers = {"mlp": self.router}
         self.client = context.socket(zmq.DEALER)
         self.client.setsockopt(zmq.IDENTITY, b"c1")
         self.client.setsockopt(zmq.LINGER, 0)

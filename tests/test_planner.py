@@ -1,12 +1,10 @@
-"""The WorldManager's decisions, driven through ``plan`` on hand-made views: no processes, no
+"""The Fleet's decisions, driven through ``plan`` on hand-made views: no processes, no
 sockets, any clock. Each test builds the fleet as the actor would see it at one moment."""
 
 from __future__ import annotations
 
-from controller.fleet import WorkerState, WorldState
 from controller.planner import (
     Break,
-    DeploymentView,
     Drain,
     Forget,
     Form,
@@ -15,11 +13,10 @@ from controller.planner import (
     ResendJoin,
     Retire,
     Spawn,
-    View,
-    WorkerView,
-    WorldView,
     plan,
 )
+from controller.records import WorkerState, WorldState
+from controller.view import DeploymentView, View, WorkerView, WorldView
 
 IDLE, SERVING, STARTING, DEAD = (WorkerState.IDLE, WorkerState.SERVING, WorkerState.STARTING,
                                  WorkerState.DEAD)

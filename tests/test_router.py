@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from controller.config import DeploymentConfig
+from controller.mailbox import RouterReport, WorldIdle, WorldStalled
 from controller.router import Router
 from mesh import codec, dataplane
 from mesh.errors import BadRequest, ModelError, Unavailable
@@ -69,8 +70,7 @@ class Harness:
             send_client=self._send_client,
             send_worker=self._send_worker,
             next_rid=itertools.count(1).__next__,
-            on_world_idle=self.idle.append,
-            on_world_stalled=lambda world_id, why: self.stalled.append((world_id, why)),
+            tell=self._told,
             max_attempts=max_attempts,
             defer=self.deferred.append if deferred else None,
             clock=self.clock,
@@ -79,6 +79,12 @@ class Harness:
     def add_world(self, world_id: int, epoch: int, entry: bytes, **kwargs: Any) -> None:
         """A world whose one member socket is ``entry`` (what answers for it, see ``reply``)."""
         self.router.add_world(world_id, epoch, entry, frozenset({entry}), **kwargs)
+
+    def _told(self, report: RouterReport) -> None:
+        if isinstance(report, WorldIdle):
+            self.idle.append(report.world_id)
+        elif isinstance(report, WorldStalled):
+            self.stalled.append((report.world_id, report.reason))
 
     def _send_client(self, frames: list[Any]) -> bool:
         self.to_client.append(list(frames))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.fleet import WorkerInfo, WorkerLoad, WorldInfo
+from controller.records import WorkerInfo, WorkerLoad, WorldInfo
 from controller.scaling_inputs import capacity_rps, generative_pressure, world_cpu, world_rps
 
 

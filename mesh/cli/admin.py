@@ -102,6 +102,11 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unquarantine(args: argparse.Namespace) -> int:
+    print(json.dumps(admin(args, "unquarantine", {"worker": args.worker})))
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     s = sub.add_parser("status", help="deployments, worlds, workers, latency and load")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -141,3 +146,8 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--stall-ms", type=float,
                    help="controller: block its event loop this long, once")
     s.set_defaults(func=cmd_fault)
+
+    s = sub.add_parser("unquarantine", help="give a worker quarantined for its stalls or "
+                       "deaths worlds again")
+    s.add_argument("worker", help="the worker id (status shows why it is quarantined)")
+    s.set_defaults(func=cmd_unquarantine)

@@ -56,7 +56,7 @@ name = "tinygpt"
 model = "worker.models.tinygpt:build"
 max_batch_size = 1
 `);
-  controller = spawn(python, ["-m", "controller.cli", "up", "--config", config],
+  controller = spawn(python, ["-m", "mesh.cli", "up", "--config", config],
     { cwd: repo, stdio: ["ignore", "ignore", "pipe"] });
   let log = "";
   controller.stderr.on("data", (d) => { log += d; });

@@ -1,0 +1,112 @@
+"""What the Fleet asks the world to do, as data: it returns these from every event it handles
+(controller/fleet.py) and the WorldManager applies them in order (controller/world_manager.py).
+Nothing here acts; a test reads them as the Fleet's answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.messages import Message
+
+
+@dataclass(frozen=True, slots=True)
+class SendTo:
+    """A control message to a worker (join, leave, welcome, ping, shutdown, preload...)."""
+
+    worker_id: str
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class StartWorker:
+    """Ask the launcher for a worker under this id; it answers ``Started`` or
+    ``StartFailed`` (controller/mailbox.py)."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopWorker:
+    """The launcher ends a worker it started, after its Shutdown (in the background)."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KillWorker:
+    """The launcher SIGKILLs a worker that went silent."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchWorker:
+    """Health expects this worker's heartbeats from now on."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetWorker:
+    """Health stops watching it: it goes quiet on purpose, or it is dead."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteWorld:
+    """A world serves: its deployment's router sends it requests from now on."""
+
+    deployment: str
+    world_id: int
+    epoch: int
+    entry: bytes  # rank 0's runner socket
+    members: frozenset[bytes]  # every member's runner socket: the only senders of answers
+    packed: bool  # the entry reads packed dispatch batches
+    generative: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRoute:
+    """No new requests for the world; ``WorldIdle`` once it answered what it holds."""
+
+    deployment: str
+    world_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRoute:
+    """Stop sending to a world about to break (its requests are re-sent when it does)."""
+
+    deployment: str
+    world_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnrouteWorld:
+    """The world is gone: its requests are re-sent elsewhere or answered; the router answers
+    ``Unrouted`` with how many were re-sent."""
+
+    deployment: str
+    world_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetUnavailable:
+    """Why no world of a deployment can form now ("": one can): requests that find no serving
+    world are answered at once."""
+
+    deployment: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Every deployment serves its desired worlds or cannot; for the latter, why (once)."""
+
+    down: dict[str, str]
+
+
+Effect = (SendTo | StartWorker | StopWorker | KillWorker | WatchWorker | ForgetWorker
+          | RouteWorld | DrainRoute | HoldRoute | UnrouteWorld | SetUnavailable | Settled)
