@@ -14,6 +14,10 @@ never taken for its capacity; with no such measurement in the last ``VALID_S``, 
 refused on this ground (``max_queue`` still bounds the queue). The retry-after hint is how
 long the backlog needs to drain to where the request would have been admitted.
 
+Answers a world gave without serving (a request cancelled, or whose deadline passed in its
+queue: dropped, answered at once) are not counted: a burst of them read as service once
+raised the measured rate several-fold, and admission then took in far more than could finish.
+
 Generative deployments are admitted by tokens instead (``TokenCapacity``): a request's cost is
 its prompt and its ``max_tokens``, not one unit.
 """
@@ -42,9 +46,12 @@ class Capacity:
         self.measured_s = -math.inf  # when ``rps`` was last measured
         self._times: deque[float] = deque(maxlen=self.WINDOW)
 
-    def answered(self, now_s: float, backlog: int) -> None:
+    def answered(self, now_s: float, backlog: int, served: bool = True) -> None:
         """A world answered a request; ``backlog`` is what is still unanswered (per answer:
-        an append, or a clear when the deployment is not saturated)."""
+        an append, or a clear when the deployment is not saturated); ``served``: false when
+        the world dropped it without computing it (it says nothing of the rate)."""
+        if not served:
+            return
         if backlog >= self.floor:
             self._times.append(now_s)
         elif self._times:

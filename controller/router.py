@@ -375,7 +375,9 @@ class Router:
         world.load_tokens -= p.cost
         world.served += 1
         del self.pending[rid]
-        self.capacity.answered(now, len(self.pending))
+        # An error answer took no service worth counting (most are work the world dropped:
+        # cancelled, or its deadline passed in the world's queue).
+        self.capacity.answered(now, len(self.pending), served=status != ERROR)
         if not p.answered:
             self._answered(p)
             self._by_client.pop((p.client, p.client_id), None)

@@ -57,6 +57,15 @@ def test_an_old_measurement_expires() -> None:
     assert cap.retry_after_s(later, backlog=500, timeout_s=0.5) == 0.0
 
 
+def test_answers_given_without_service_are_not_taken_for_a_saturated_rate() -> None:
+    cap = Capacity(floor=4)
+    t = saturated(cap, 0.0, 3, rps=100, backlog=20)
+    for i in range(200):  # an expired backlog answered in 2 ms
+        cap.answered(t + i * 1e-5, backlog=300, served=False)
+    t = saturated(cap, t + 0.01, 1, rps=100, backlog=20)
+    assert 95 <= cap.estimate() <= 105
+
+
 def test_capacity_follows_a_change_of_service_rate() -> None:
     cap = Capacity(floor=4)
     t = saturated(cap, 0.0, 3, rps=100, backlog=20)
