@@ -984,6 +984,33 @@ def settle(h: Harness, world: ServingWorld) -> None:
     raise AssertionError("the world never finished its backlog")
 
 
+def test_a_cold_deployment_offered_four_times_its_capacity_answers_in_time_from_the_first_second(
+        ) -> None:
+    # A world of 100 requests a second that has served nothing, then 400 a second with 500 ms
+    # deadlines: what it admits must be what it can answer in time, from the first second on.
+    h = Harness(max_batch_size=1)
+    h.add_world(1, 0, b"w1")
+    world = ServingWorld(h, service_s=0.010)
+    oks = offer(h, world, rps=400, seconds=3.0, timeout_ms=500, tag="spike")
+    assert min(oks) >= 85, oks
+    settle(h, world)
+    h.assert_each_answered_once()
+
+
+def test_a_spike_after_a_quiet_minute_is_admitted_by_the_rate_its_world_served_at_before(
+        ) -> None:
+    h = Harness(max_batch_size=1)
+    h.add_world(1, 0, b"w1")
+    world = ServingWorld(h, service_s=0.010)
+    offer(h, world, rps=50, seconds=2.0, timeout_ms=500, tag="light")
+    settle(h, world)
+    h.clock.advance(60.0)
+    oks = offer(h, world, rps=400, seconds=1.0, timeout_ms=500, tag="spike")
+    assert oks[0] >= 85, oks
+    settle(h, world)
+    h.assert_each_answered_once()
+
+
 def test_answers_a_world_gave_without_serving_do_not_raise_the_rate_admission_assumes() -> None:
     # Work a world drops comes back as a burst of immediate answers (cancelled, or its
     # deadline passed in the world's queue): no service rate can be read from them, or
