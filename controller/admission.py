@@ -8,11 +8,26 @@ work ahead of a request with the deployment's measured service rate:
     wait = (backlog + 1) / capacity_rps      backlog: accepted, unanswered requests
     admit if wait <= ADMIT_SHARE * the request's timeout, else Overloaded(retry_after)
 
-``Capacity`` measures the service rate only over answers given while the deployment was
-saturated (its backlog at least a floor at each), so an idle deployment's low answer rate is
-never taken for its capacity; with no such measurement in the last ``VALID_S``, nothing is
-refused on this ground (``max_queue`` still bounds the queue). The retry-after hint is how
-long the backlog needs to drain to where the request would have been admitted.
+The service rate comes from two measurements:
+
+* ``Capacity``: the rate over the last answers given while the deployment was saturated (its
+  backlog at least a floor at each), the whole deployment's capacity; used while it is at
+  most ``VALID_S`` old.
+* Otherwise the worlds' own rates (``WorldRate``, ``worlds_rps``): each world's served
+  answers over the time it held work, from its first answer on, whatever the load. Idle time
+  is not counted, so a quiet deployment's low answer rate is never taken for its capacity;
+  a lightly loaded world underestimates its rate (a batch of one, the round trip), so a spike
+  starts conservative and admits more as the evidence grows. It is what lets a deployment
+  that was idle, or quiet for longer than ``VALID_S``, refuse in the first second of a spike
+  what it cannot answer in time, instead of admitting blindly until it has measured itself
+  saturated (goodput of a cold spike, before and after: docs/benchmarks.md).
+
+Answers a world gave without serving (a request cancelled, or whose deadline passed in its
+queue: dropped, answered at once) count in neither: a burst of them read as service once
+raised the measured rate several-fold, and admission then took in far more than could finish.
+Before any answer at all nothing is refused on this ground (``max_queue`` still bounds the
+queue): that lasts one service time. The retry-after hint is how long the backlog needs to
+drain to where the request would have been admitted.
 
 Generative deployments are admitted by tokens instead (``TokenCapacity``): a request's cost is
 its prompt and its ``max_tokens``, not one unit.
@@ -22,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 
 ADMIT_SHARE = 0.8  # of the request's timeout that the wait ahead of it may take
 VALID_S = 10.0  # a capacity measured longer ago than this is not used
@@ -42,9 +58,12 @@ class Capacity:
         self.measured_s = -math.inf  # when ``rps`` was last measured
         self._times: deque[float] = deque(maxlen=self.WINDOW)
 
-    def answered(self, now_s: float, backlog: int) -> None:
+    def answered(self, now_s: float, backlog: int, served: bool = True) -> None:
         """A world answered a request; ``backlog`` is what is still unanswered (per answer:
-        an append, or a clear when the deployment is not saturated)."""
+        an append, or a clear when the deployment is not saturated); ``served``: false when
+        the world dropped it without computing it (it says nothing of the rate)."""
+        if not served:
+            return
         if backlog >= self.floor:
             self._times.append(now_s)
         elif self._times:
@@ -59,16 +78,67 @@ class Capacity:
             self.measured_s = times[-1]
         return self.rps
 
-    def retry_after_s(self, now_s: float, backlog: int, timeout_s: float) -> float:
+    def rate_rps(self, now_s: float, prior_rps: float = 0.0) -> float:
+        """The rate admission assumes: the saturated measurement while it is fresh, else
+        ``prior_rps`` (the worlds' own rates, ``worlds_rps``); 0: unknown."""
+        if self.estimate() > 0.0 and now_s - self.measured_s <= VALID_S:
+            return self.rps
+        return prior_rps
+
+    def retry_after_s(self, now_s: float, backlog: int, timeout_s: float,
+                      prior_rps: float = 0.0) -> float:
         """0.0 to admit a request with ``timeout_s`` behind ``backlog``; else how long to wait
         before trying again."""
         if backlog < self.floor:
             return 0.0
-        if self.estimate() <= 0.0 or now_s - self.measured_s > VALID_S:
+        rate = self.rate_rps(now_s, prior_rps)
+        if rate <= 0.0:
             return 0.0
-        wait_s = (backlog + 1) / self.rps
+        wait_s = (backlog + 1) / rate
         budget_s = ADMIT_SHARE * timeout_s
         return 0.0 if wait_s <= budget_s else wait_s - budget_s
+
+
+class WorldRate:
+    """One world's service rate: the answers it served over the time it held work (from the
+    moment it got work while holding none to each answer), weighted towards the last
+    ``1 / (1 - KEEP)`` answers so that it follows a change. Known from the first answer."""
+
+    KEEP = 1.0 - 1.0 / 64
+
+    __slots__ = ("_busy_s", "_served", "since_s")
+
+    def __init__(self) -> None:
+        self._busy_s = 0.0
+        self._served = 0.0
+        self.since_s: float | None = None  # when it last got work while holding none
+
+    def holding(self, now_s: float) -> None:
+        """It got work while holding none."""
+        self.since_s = now_s
+
+    def answered(self, now_s: float, served: bool, holding: bool) -> None:
+        """It answered a request (``served``: false when it dropped it without computing
+        it); ``holding``: it still holds work."""
+        if self.since_s is None:
+            return  # an answer for work it was not known to hold: no span to read
+        keep = self.KEEP
+        self._busy_s = self._busy_s * keep + max(0.0, now_s - self.since_s)
+        self._served = self._served * keep + (1.0 if served else 0.0)
+        self.since_s = now_s if holding else None
+
+    @property
+    def rps(self) -> float:
+        """Requests a second it serves while it holds work; 0 before its first answer."""
+        return self._served / self._busy_s if self._busy_s > 0.0 else 0.0
+
+
+def worlds_rps(rates: Sequence[float]) -> float:
+    """A deployment's service rate from its serving worlds' own (``WorldRate.rps``): their
+    sum, a world with none yet counted as the mean of the others (the same model on the same
+    kind of worker); 0 while no world has one."""
+    known = [r for r in rates if r > 0.0]
+    return len(rates) * sum(known) / len(known) if known else 0.0
 
 
 class TokenCapacity:

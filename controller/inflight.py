@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from controller.admission import WorldRate
 from mesh import codec
 from mesh.errors import BadRequest, MeshError
 
@@ -55,8 +56,8 @@ class WorldRoute:
     may go there. (The world's lifecycle state is the WorldManager's; this is routing.)"""
 
     __slots__ = ("draining", "entry", "epoch", "inflight", "last_progress_s", "load_tokens",
-                 "members", "outbox", "packed", "served", "stall_reported", "unreachable",
-                 "world_id")
+                 "members", "outbox", "packed", "rate", "served", "stall_reported",
+                 "unreachable", "world_id")
 
     def __init__(self, world_id: int, epoch: int, entry: bytes, members: frozenset[bytes],
                  *, packed: bool = False) -> None:
@@ -75,6 +76,7 @@ class WorldRoute:
         self.served = 0
         self.last_progress_s = 0.0  # last answer or chunk, or first dispatch after idle
         self.load_tokens = 0  # generative: tokens its requests are still expected to take
+        self.rate = WorldRate()  # its service rate while it holds work (admission)
 
     @property
     def routable(self) -> bool:

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from controller.admission import Capacity, TokenCapacity
+from controller.admission import Capacity, TokenCapacity, worlds_rps
 from controller.config import DeploymentConfig
 from controller.inflight import (
     Pending,
@@ -179,11 +179,15 @@ class Router:
                         "deadline", retry_after_ms=max(1, int(retry_s * 1e3))))
                     return
         elif backlog >= self.capacity.floor and self.deployment.admit_by_deadline:
-            retry_s = self.capacity.retry_after_s(now, backlog, timeout_ms / 1000.0)
+            # The worlds' own rates stand in until the deployment has measured itself
+            # saturated: a cold spike is refused from its first answers on.
+            prior_rps = worlds_rps([w.rate.rps for w in self._serving])
+            retry_s = self.capacity.retry_after_s(now, backlog, timeout_ms / 1000.0, prior_rps)
             if retry_s > 0.0:
+                rate = self.capacity.rate_rps(now, prior_rps)
                 self._reject(client, client_id, Overloaded(
-                    f"{self.name}: {backlog} requests ahead at {self.capacity.rps:.0f}/s would "
-                    f"not finish within the deadline", retry_after_ms=max(1, int(retry_s * 1e3))))
+                    f"{self.name}: {backlog} requests ahead at {rate:.0f}/s would not finish "
+                    "within the deadline", retry_after_ms=max(1, int(retry_s * 1e3))))
                 return
         rid = self._next_rid()
         self.arrivals.append(now)
@@ -232,6 +236,7 @@ class Router:
     def _dispatch(self, p: Pending, world: WorldRoute, now: float) -> None:
         if not world.inflight:
             world.last_progress_s = now
+            world.rate.holding(now)
         p.world = world
         p.attempts += 1
         p.dispatched_s = now
@@ -368,7 +373,11 @@ class Router:
         world.load_tokens -= p.cost
         world.served += 1
         del self.pending[rid]
-        self.capacity.answered(now, len(self.pending))
+        # An error answer took no service worth counting (most are work the world dropped:
+        # cancelled, or its deadline passed in the world's queue).
+        served = status != ERROR
+        world.rate.answered(now, served, bool(world.inflight))
+        self.capacity.answered(now, len(self.pending), served)
         if not p.answered:
             self._answered(p)
             self._by_client.pop((p.client, p.client_id), None)

@@ -54,6 +54,9 @@ class FakeKube:
         self.deletes: list[tuple[str, int]] = []  # (pod name, gracePeriodSeconds)
         self.conflicts = 0  # creates answered 409: the name was taken
         self.created: list[str] = []  # names of the pods created, in order
+        self.lists = 0  # lists of the pod collection answered
+        # Events a deafened watch did not deliver: (type, pod name).
+        self.swallowed: list[tuple[str, str]] = []
         self._after_list: list[Any] = []
         self._started: list[asyncio.subprocess.Process] = []  # every process, for close
         self._rv = 0
@@ -142,7 +145,11 @@ class FakeKube:
         snapshot = json.loads(json.dumps(pod))
         self._history.append((self._rv, kind, snapshot))
         for selector, queue in self._watchers:
-            if _matches(snapshot, selector) and not self._deaf:
+            if not _matches(snapshot, selector):
+                continue
+            if self._deaf:
+                self.swallowed.append((kind, pod["metadata"]["name"]))
+            else:
                 queue.put_nowait({"type": kind, "object": snapshot})
 
     def _spawn(self, coro: Any) -> None:
@@ -276,6 +283,7 @@ class FakeKube:
         if method == "GET" and not name:
             selector = _selector(query.get("labelSelector", ""))
             items = [p for p in self.pods.values() if _matches(p, selector)]
+            self.lists += 1
             self._reply(writer, 200, {"kind": "PodList", "apiVersion": "v1",
                                       "metadata": {"resourceVersion": str(self._rv)},
                                       "items": items})

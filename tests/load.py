@@ -10,6 +10,7 @@ import numpy as np
 
 from mesh.client import Client
 from mesh.errors import MeshError
+from tests.polling import until
 
 
 class LedgerClient(Client):
@@ -61,6 +62,12 @@ class Load:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._caller(i)) for i in range(self.callers)]
+
+    async def answered(self, more: int, timeout_s: float = 30.0) -> None:
+        """Return once ``more`` requests have been answered ok since the call: the load is
+        flowing (before a fault is injected, or after the fleet recovered from one)."""
+        target = self.ok + more
+        await until(lambda: self.ok >= target, timeout_s, f"{more} more answers")
 
     async def stop(self) -> None:
         self._stop.set()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from controller.admission import ADMIT_SHARE, VALID_S, Capacity, TokenCapacity
+from controller.admission import (
+    ADMIT_SHARE,
+    VALID_S,
+    Capacity,
+    TokenCapacity,
+    WorldRate,
+    worlds_rps,
+)
 
 
 def saturated(cap: Capacity, start_s: float, seconds: int, rps: int, backlog: int) -> float:
@@ -14,9 +21,74 @@ def saturated(cap: Capacity, start_s: float, seconds: int, rps: int, backlog: in
     return t
 
 
-def test_nothing_is_refused_before_a_saturated_rate_was_measured() -> None:
+def serve(rate: WorldRate, start_s: float, answers: int, service_s: float,
+          gap_s: float = 0.0) -> float:
+    """A world answers ``answers`` requests one at a time, ``service_s`` each, idle for
+    ``gap_s`` between them."""
+    t = start_s
+    for _ in range(answers):
+        rate.holding(t)
+        t += service_s
+        rate.answered(t, served=True, holding=False)
+        t += gap_s
+    return t
+
+
+def test_nothing_is_refused_before_any_rate_was_measured() -> None:
     cap = Capacity(floor=4)
     assert cap.retry_after_s(0.5, backlog=10_000, timeout_s=0.5) == 0.0
+    assert cap.retry_after_s(0.5, backlog=10_000, timeout_s=0.5,
+                             prior_rps=worlds_rps([WorldRate().rps])) == 0.0
+
+
+def test_a_worlds_rate_is_what_it_served_over_the_time_it_held_work() -> None:
+    rate = WorldRate()
+    # 10 ms a request, mostly idle between requests: the idle time is not service time.
+    serve(rate, 0.0, answers=20, service_s=0.010, gap_s=0.090)
+    assert 99 <= rate.rps <= 101
+    # Held work without a break: 3 answers in 30 ms.
+    held = WorldRate()
+    held.holding(0.0)
+    for t in (0.010, 0.020):
+        held.answered(t, served=True, holding=True)
+    held.answered(0.030, served=True, holding=False)
+    assert 99 <= held.rps <= 101
+
+
+def test_one_answer_gives_a_world_its_first_rate() -> None:
+    rate = WorldRate()
+    assert rate.rps == 0.0
+    serve(rate, 0.0, answers=1, service_s=0.010)
+    assert 99 <= rate.rps <= 101
+
+
+def test_a_world_that_drops_work_without_serving_it_keeps_the_rate_it_served_at() -> None:
+    rate = WorldRate()
+    t = serve(rate, 0.0, answers=100, service_s=0.010)
+    # Two hundred expired requests answered at once, then two more served.
+    rate.holding(t)
+    for _ in range(200):
+        rate.answered(t, served=False, holding=True)
+    t = serve(rate, t + 0.010, answers=2, service_s=0.010)
+    assert 90 <= rate.rps <= 101
+
+
+def test_the_worlds_rates_add_up_and_a_world_with_none_yet_counts_as_their_mean() -> None:
+    assert worlds_rps([]) == 0.0
+    assert worlds_rps([0.0, 0.0]) == 0.0
+    assert worlds_rps([100.0, 50.0]) == 150.0
+    assert worlds_rps([100.0, 50.0, 0.0]) == 225.0
+
+
+def test_a_cold_deployment_refuses_what_its_first_answers_say_cannot_finish_in_time() -> None:
+    cap = Capacity(floor=4)
+    rate = WorldRate()
+    t = serve(rate, 0.0, answers=1, service_s=0.010)
+    prior = worlds_rps([rate.rps])
+    # About 100 a second: 0.8 * 0.5 s * 100 = 40 may wait ahead.
+    assert cap.retry_after_s(t, backlog=30, timeout_s=0.5, prior_rps=prior) == 0.0
+    retry = cap.retry_after_s(t, backlog=80, timeout_s=0.5, prior_rps=prior)
+    assert 0.35 < retry < 0.45
 
 
 def test_an_idle_deployments_low_answer_rate_is_not_taken_for_its_capacity() -> None:
@@ -49,12 +121,26 @@ def test_a_backlog_below_the_floor_is_always_admitted() -> None:
     assert cap.retry_after_s(t, backlog=64, timeout_s=0.1) > 0.0
 
 
-def test_an_old_measurement_expires() -> None:
+def test_an_old_measurement_expires_and_gives_way_to_the_worlds_own_rates() -> None:
     cap = Capacity(floor=4)
     t = saturated(cap, 0.0, 3, rps=100, backlog=20)
     assert cap.retry_after_s(t, backlog=500, timeout_s=0.5) > 0.0
     later = t + VALID_S + 2.0
     assert cap.retry_after_s(later, backlog=500, timeout_s=0.5) == 0.0
+    # What the worlds measured while they served (they still exist) holds after it expires.
+    assert cap.rate_rps(later, prior_rps=50.0) == 50.0
+    assert cap.retry_after_s(later, backlog=500, timeout_s=0.5, prior_rps=50.0) > 0.0
+    # A fresh saturated measurement comes first.
+    assert 95 <= cap.rate_rps(t, prior_rps=50.0) <= 105
+
+
+def test_answers_given_without_service_are_not_taken_for_a_saturated_rate() -> None:
+    cap = Capacity(floor=4)
+    t = saturated(cap, 0.0, 3, rps=100, backlog=20)
+    for i in range(200):  # an expired backlog answered in 2 ms
+        cap.answered(t + i * 1e-5, backlog=300, served=False)
+    t = saturated(cap, t + 0.01, 1, rps=100, backlog=20)
+    assert 95 <= cap.estimate() <= 105
 
 
 def test_capacity_follows_a_change_of_service_rate() -> None:

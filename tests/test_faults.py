@@ -22,6 +22,7 @@ import pytest
 from tests.cluster import Cluster, alive, dies_with_pytest, free_ports, write_config
 from tests.conftest import StartCluster
 from tests.load import LedgerClient, Load
+from tests.polling import until
 
 PIPELINE = """
 [[deployments]]
@@ -33,6 +34,12 @@ worlds = 2
 max_worlds = 4
 default_timeout_ms = 15000
 """
+
+
+def declared_dead(status: dict[str, Any], worker_id: str) -> bool:
+    """Whether the controller has declared this worker dead."""
+    return any(e["event"] == "worker_dead" and e["worker"] == worker_id
+               for e in status["events"])
 
 
 async def form_shared_world(cluster: Cluster) -> tuple[str, dict[str, Any]]:
@@ -59,7 +66,7 @@ async def test_chaos_three_kills_answer_every_request_exactly_once(
     killed: list[int] = []
     async with LedgerClient(cluster.client) as client:
         async with Load(client) as load:
-            await asyncio.sleep(2.0)
+            await load.answered(80)
             for round_ in range(3):
                 status = await cluster.status()
                 candidates = [w for w in status["workers"] if w["state"] == "serving"]
@@ -68,13 +75,14 @@ async def test_chaos_three_kills_answer_every_request_exactly_once(
                           else rng.choice(candidates))
                 os.kill(victim["pid"], signal.SIGKILL)
                 killed.append(victim["pid"])
-                await asyncio.sleep(0.5)
-                assert not alive(victim["pid"])
-                await asyncio.sleep(4.5)
-            await cluster.wait_for(
-                lambda s: sum(w["state"] == "serving" for w in s["worlds"]) >= 3,
-                timeout_s=30, what="worlds re-formed")
-            await asyncio.sleep(1.0)
+                await until(lambda v=victim: not alive(v["pid"]), 0.5, "the victim gone")
+                # The next kill lands on a fleet that has noticed this one, re-formed its
+                # worlds, and serves again.
+                await cluster.wait_for(
+                    lambda s, v=victim: declared_dead(s, v["id"])
+                    and sum(w["state"] == "serving" for w in s["worlds"]) >= 3,
+                    timeout_s=30, what="the kill noticed and the worlds re-formed")
+                await load.answered(80)
     load.assert_exactly_once()
     assert load.errors == [], load.errors[:3]
     assert load.ok > 200
@@ -96,7 +104,7 @@ async def test_killing_the_shared_worker_breaks_both_its_worlds_and_both_are_ref
     pid = next(w["pid"] for w in status["workers"] if w["id"] == shared)
     async with LedgerClient(cluster.client) as client:
         async with Load(client) as load:
-            await asyncio.sleep(1.0)
+            await load.answered(50)
             os.kill(pid, signal.SIGKILL)
             status = await cluster.wait_for(
                 lambda s: shared_worlds <= {e["world"] for e in s["events"]
@@ -108,7 +116,7 @@ async def test_killing_the_shared_worker_breaks_both_its_worlds_and_both_are_ref
             await cluster.wait_for(
                 lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 3,
                 timeout_s=30, what="both re-formed")
-            await asyncio.sleep(1.0)
+            await load.answered(50)
     load.assert_exactly_once()
     assert load.errors == []
 
@@ -122,20 +130,19 @@ async def test_killing_a_non_shared_worker_breaks_only_its_world(
     pid = next(w["pid"] for w in status["workers"] if w["id"] == victim)
     async with LedgerClient(cluster.client) as client:
         async with Load(client) as load:
-            await asyncio.sleep(1.0)
+            await load.answered(50)
             os.kill(pid, signal.SIGKILL)
             await cluster.wait_for(
                 lambda s: any(e["event"] == "world_broken" and e["world"] == world_a["id"]
                               for e in s["events"]), timeout_s=5, what="world A broken")
             served_b = next(w["served"] for w in (await cluster.status())["worlds"]
                             if w["id"] == world_b["id"])
-            await asyncio.sleep(1.0)
-            status = await cluster.status()
-            assert world_b["id"] in {w["id"] for w in status["worlds"]}
+            # World B never stopped answering: it serves more after A broke.
+            status = await cluster.wait_for(
+                lambda s: any(w["id"] == world_b["id"] and w["served"] > served_b
+                              for w in s["worlds"]), timeout_s=1.0, what="world B answering")
             assert not any(e["event"] == "world_broken" and e["world"] == world_b["id"]
                            for e in status["events"])
-            now_b = next(w["served"] for w in status["worlds"] if w["id"] == world_b["id"])
-            assert now_b > served_b  # world B never stopped answering
     load.assert_exactly_once()
     assert load.errors == []
 
@@ -151,7 +158,7 @@ async def test_a_stopped_stage_is_detected_within_two_seconds_and_resuming_it_du
         load = Load(client)
         load.start()
         try:
-            await asyncio.sleep(1.0)
+            await load.answered(50)
             os.kill(pid, signal.SIGSTOP)
             stopped_at = time.monotonic()
             await cluster.wait_for(
@@ -159,15 +166,17 @@ async def test_a_stopped_stage_is_detected_within_two_seconds_and_resuming_it_du
                               for e in s["events"]), timeout_s=5, what="the hang detected")
             detected_s = time.monotonic() - stopped_at
             assert detected_s < 2.0 + 0.3, detected_s  # 0.3 s: status polling granularity
-            await asyncio.sleep(1.0)
         finally:
-            if alive(pid):
+            if alive(pid):  # resumed once declared dead (its requests were re-sent)
                 os.kill(pid, signal.SIGCONT)
-        await asyncio.sleep(1.5)  # whatever the resumed process still had must not surface
+        # Fenced: the hung process is ended.
+        await until(lambda: not alive(pid), 2.5, "the hung process ended")
+        # Whatever the resumed process still had must not surface: the load goes on, and
+        # the ledger finds every request answered once.
+        await load.answered(50)
         await load.stop()
     load.assert_exactly_once()
     assert load.errors == []
-    assert not alive(pid)  # fenced: the hung process was ended
 
 
 async def test_a_stream_whose_world_dies_completes_with_exactly_the_reference_tokens(
@@ -350,18 +359,23 @@ async def test_stage_one_workers_killed_while_rank_zero_posts_batches_cost_clien
             and any(w["state"] == "idle" for w in s["workers"]), what="2 worlds and a spare")
         async with LedgerClient(cluster.client) as client:
             async with Load(client, callers=12, timeout_s=20) as load:
-                await asyncio.sleep(1.5)
+                await load.answered(60)
                 for kill in range(KILLS_WHILE_POSTING):
+                    # Each kill finds the worlds re-formed and a spare registered (the one
+                    # started at the last kill), so the next world forms at once.
                     status = await cluster.wait_for(
-                        lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 2,
-                        timeout_s=30, what="two worlds serving")
+                        lambda s: sum(w["state"] == "serving" for w in s["worlds"]) == 2
+                        and any(w["state"] == "idle" for w in s["workers"]),
+                        timeout_s=30, what="two worlds serving and a spare")
+                    await load.answered(60)  # each kill lands while batches are posted
                     world = random.Random(kill).choice(status["worlds"])
                     victim = next(w for w in status["workers"] if w["id"] == world["workers"][1])
                     os.kill(victim["pid"], signal.SIGKILL)
                     start_worker(5 + kill)  # the next spare
-                    await asyncio.sleep(2.5)
-                    assert not alive(victim["pid"])
-                await asyncio.sleep(1.0)
+                    await until(lambda v=victim: not alive(v["pid"]), 2.5, "the victim gone")
+                    await cluster.wait_for(lambda s, v=victim: declared_dead(s, v["id"]),
+                                           timeout_s=10, what="the kill noticed")
+                await load.answered(60)
         load.assert_exactly_once()
         assert load.errors == [], {type(e).__name__: str(e)[:200] for e in load.errors}
         assert load.ok > 300

@@ -107,12 +107,18 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
         # API server's history no longer reaches back (410 Gone on resuming): the DELETED
         # event went to nobody, and still its end is reported (from a list on reopening).
         kube.deafen_watches()
+        w3 = kube.procs[pod_name("w3")]
         kube.delete_now(pod_name("w3"))
-        await asyncio.sleep(0.2)
+        # Not yet known: the API server's DELETED event went to the dead watch, and the node
+        # has seen w3's container end (all that could ever tell of it has happened).
+        await wait_until(lambda: ("DELETED", pod_name("w3")) in kube.swallowed
+                         and w3.returncode is not None, what="w3's end swallowed")
         assert ("w3", -signal.SIGKILL) not in exits
+        lists = kube.lists
         kube.break_watches()
         await wait_until(lambda: ("w3", -signal.SIGKILL) in exits, timeout_s=5,
                          what="w3's end found by the reopened watch")
+        assert kube.lists > lists  # found by listing again, as the watch reopened
         await launcher.spawn("w3b")
         await wait_until(lambda: len(kube.pids()) == 1, what="w3b running")
         # Scale-down: a delete with grace; the worker stops on SIGTERM.

@@ -7,6 +7,7 @@ final answer (a result or a typed error), and nothing else reached the client.
 from __future__ import annotations
 
 import itertools
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,12 +174,14 @@ class Harness:
         return answer["code"] if answer["kind"] == ClientKind.ERROR else "ok"
 
     def assert_each_answered_once(self) -> None:
-        """Every submitted request got exactly one final answer; no answer is unexplained."""
+        """Every submitted request got exactly one final answer; no answer is unexplained.
+        (One pass over the answers: the spike scenarios submit thousands.)"""
+        finals = Counter((c, h["id"]) for c, h in self.answers() if h["kind"] != ClientKind.CHUNK)
         for client, client_id in self.submitted:
-            got = self.final_answers(client_id, client)
-            assert len(got) == 1, f"request {client_id!r} got {len(got)} final answers: {got}"
-        finals = [(c, h["id"]) for c, h in self.answers() if h["kind"] != ClientKind.CHUNK]
-        assert sorted(finals, key=repr) == sorted(self.submitted, key=repr)
+            got = finals[(client, client_id)]
+            assert got == 1, (f"request {client_id!r} got {got} final answers: "
+                              f"{self.final_answers(client_id, client)}")
+        assert finals == Counter(self.submitted)
         assert self.router.unanswered == 0
 
 
@@ -905,4 +908,131 @@ def test_only_a_member_socket_of_the_world_may_answer_for_it() -> None:
     h.router.on_reply(dataplane.Reply(d.rid, d.world_id, d.epoch, dataplane.OK), [header],
                       b"w1-last")
     assert h.code_of("a") == "ok"
+    h.assert_each_answered_once()
+
+
+# -- admission under a spike -------------------------------------------------------------------
+
+
+class ServingWorld:
+    """One world behind a Harness, as worker/stage_loop.py serves: one request at a time,
+    ``service_s`` each, first come first served; a request whose deadline passed while it was
+    queued, or that the router cancelled, is dropped with an immediate answer."""
+
+    def __init__(self, h: Harness, service_s: float) -> None:
+        self.h = h
+        self.service_s = service_s
+        self.queue: deque[tuple[Dispatch, float]] = deque()
+        self.current: Dispatch | None = None
+        self.done_s = 0.0
+
+    def _read(self, now_s: float) -> None:
+        for frames in self.h.to_worker:
+            head = dataplane.unpack(frames[1])
+            if type(head) is dataplane.CancelWork:
+                for item in [q for q in self.queue if q[0].rid == head.rid]:
+                    self.queue.remove(item)
+                    self.h.reply_error(item[0], "cancelled")
+            else:
+                assert type(head) is dataplane.Dispatch
+                d = Dispatch(frames[0], head.rid, head.world_id, head.epoch, head.deadline_ms,
+                             frames[2], frames[3:])
+                self.queue.append((d, now_s + head.deadline_ms / 1000.0))
+        self.h.to_worker.clear()
+
+    def step(self, now_s: float) -> None:
+        self._read(now_s)
+        if self.current is not None and now_s >= self.done_s - 1e-9:
+            done, self.current = self.current, None
+            self.h.reply(done)
+            self._read(now_s)
+        while self.current is None and self.queue:
+            d, deadline_s = self.queue.popleft()
+            if deadline_s <= now_s:
+                self.h.reply_error(d, "deadline_exceeded")
+                self._read(now_s)
+            else:
+                self.current, self.done_s = d, now_s + self.service_s
+
+
+def offer(h: Harness, world: ServingWorld, rps: float, seconds: float, timeout_ms: int,
+          tag: str) -> list[int]:
+    """``rps`` requests a second for ``seconds`` on the fake clock, 1 ms a tick; returns how
+    many answers ``ok`` (to any request) the client got in each second."""
+    tick_s, gap_s = 0.001, 1.0 / rps
+    next_s, n, oks = h.clock.now_s, 0, []
+    read = len(h.to_client)
+    for tick in range(1, round(seconds / tick_s) + 1):
+        h.clock.advance(tick_s)
+        now_s = h.clock.now_s
+        while next_s <= now_s:
+            h.submit(f"{tag}-{n}", timeout_ms=timeout_ms)
+            n += 1
+            next_s += gap_s
+        h.router.sweep()
+        world.step(now_s)
+        if tick % 1000 == 0:
+            answers = h.to_client[read:]
+            read += len(answers)
+            oks.append(sum(1 for frames in answers
+                           if codec.unpack_header(frames[1])["kind"] == ClientKind.RESULT))
+    return oks
+
+
+def settle(h: Harness, world: ServingWorld) -> None:
+    """Let the world finish what it holds (1 ms ticks, at most 5 s)."""
+    for _ in range(5000):
+        if not h.router.pending:
+            return
+        h.clock.advance(0.001)
+        h.router.sweep()
+        world.step(h.clock.now_s)
+    raise AssertionError("the world never finished its backlog")
+
+
+def test_a_cold_deployment_offered_four_times_its_capacity_answers_in_time_from_the_first_second(
+        ) -> None:
+    # A world of 100 requests a second that has served nothing, then 400 a second with 500 ms
+    # deadlines: what it admits must be what it can answer in time, from the first second on.
+    h = Harness(max_batch_size=1)
+    h.add_world(1, 0, b"w1")
+    world = ServingWorld(h, service_s=0.010)
+    oks = offer(h, world, rps=400, seconds=3.0, timeout_ms=500, tag="spike")
+    assert min(oks) >= 85, oks
+    settle(h, world)
+    h.assert_each_answered_once()
+
+
+def test_a_spike_after_a_quiet_minute_is_admitted_by_the_rate_its_world_served_at_before(
+        ) -> None:
+    h = Harness(max_batch_size=1)
+    h.add_world(1, 0, b"w1")
+    world = ServingWorld(h, service_s=0.010)
+    offer(h, world, rps=50, seconds=2.0, timeout_ms=500, tag="light")
+    settle(h, world)
+    h.clock.advance(60.0)
+    oks = offer(h, world, rps=400, seconds=1.0, timeout_ms=500, tag="spike")
+    assert oks[0] >= 85, oks
+    settle(h, world)
+    h.assert_each_answered_once()
+
+
+def test_answers_a_world_gave_without_serving_do_not_raise_the_rate_admission_assumes() -> None:
+    # Work a world drops comes back as a burst of immediate answers (cancelled, or its
+    # deadline passed in the world's queue): no service rate can be read from them, or
+    # admission takes in far more than the world can answer in time.
+    h = Harness(max_batch_size=1, max_inflight_per_world=1000)
+    h.add_world(1, 0, b"w1")
+    world = ServingWorld(h, service_s=0.010)
+    offer(h, world, rps=400, seconds=2.0, timeout_ms=500, tag="warm")
+    # Two hundred patient requests, all dispatched, then cancelled by their caller.
+    for i in range(200):
+        h.submit(f"patient-{i}", timeout_ms=10_000)
+    h.clock.advance(0.001)
+    world.step(h.clock.now_s)
+    for i in range(200):
+        h.router.cancel(b"client-1", f"patient-{i}")
+    oks = offer(h, world, rps=400, seconds=2.0, timeout_ms=500, tag="after")
+    assert min(oks) >= 85, oks
+    settle(h, world)
     h.assert_each_answered_once()

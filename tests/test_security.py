@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,24 @@ async def served(cluster: Any, keys: Path, name: str | None) -> bool:
         return True
 
 
+async def keys_reloaded(cluster: Any, domain: str, count: int, timeout_s: float) -> None:
+    """Poll the controller's log until its latest reload of the key folders allows ``count``
+    keys on ``domain`` (a reload is logged with each domain's count, when the keys changed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reloads = [line for line in cluster.log_tail(200).splitlines()
+                   if "CURVE keys reloaded: " in line]
+        if reloads:
+            counts = dict(item.rsplit(" ", 1) for item in
+                          reloads[-1].split("CURVE keys reloaded: ", 1)[1].split(", "))
+            if counts.get(domain) == str(count):
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no reload with {count} {domain} keys in {timeout_s} s: "
+                                 f"{reloads[-1:]}")
+        await asyncio.sleep(0.02)
+
+
 def admin_keys(keys: Path, name: str) -> ClientKeys:
     return ClientKeys.load(keys / "own" / f"{name}.key_secret", keys / "own" / "controller.key")
 
@@ -143,7 +162,8 @@ async def test_only_allowed_keys_are_served_and_a_revoked_key_is_refused_without
         assert (await open_before.infer("mlp", X, timeout_s=5.0))["y"].shape == (1, 10)
         (keys / "clients" / "alice.key").unlink()
         cluster.proc.send_signal(signal.SIGHUP)
-        await asyncio.sleep(0.5)
+        # At once: the folder watch alone would take up to a second.
+        await keys_reloaded(cluster, "client", 0, timeout_s=0.5)
         assert not await served(cluster, keys, "alice")
         with pytest.raises(DeadlineExceeded):
             await open_before.infer("mlp", X, timeout_s=1.0)
@@ -292,12 +312,7 @@ async def test_a_revoked_admin_key_cuts_its_open_connection(
         assert await status_on_the_open_connection(1)
         (keys / "admins" / "ops.key").unlink()
         cluster.proc.send_signal(signal.SIGHUP)
-        for _ in range(100):  # the reload is logged with the admin domain's new key count
-            if "admin 1" in cluster.log_tail(200).split("CURVE keys reloaded")[-1]:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the controller never reloaded its keys")
+        await keys_reloaded(cluster, "admin", 1, timeout_s=5.0)
         assert not await status_on_the_open_connection(2), "a revoked admin key was answered"
         sock.close(0)
     finally:
