@@ -95,130 +95,86 @@ class Controller:
     """A running controller (from ``Controller.open``): what serve.py and tests ask of it."""
 
     def __init__(self, config: Config, *, fleet: Fleet, routers: Routers, parts: Parts,
-                 world_manager: WorldManager, health: Health, admin: Admin, guard: Guard | None,
-                 loops: dict[str, asyncio.Task[Any]], stopping: Stopping) -> None:
+                 world_manager: WorldManager, health: Health, guard: Guard | None,
+                 inbox: Mailbox, stopping: Stopping) -> None:
         self.config = config
         self.fleet = fleet
         self.routers = routers
         self.world_manager = world_manager
         self._parts = parts
         self._health = health
-        self._admin = admin
         self._guard = guard
-        self._loops = loops
+        self._inbox = inbox
         self._stopping = stopping
+        self._loops: dict[str, asyncio.Task[Any]] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, config: Config, *,
                    launcher: LauncherFactory = local_launcher) -> AsyncIterator[Controller]:
-        c = config.controller
         async with contextlib.AsyncExitStack() as stack:
-            context: zmq.Context[Any] = zmq.Context()
-            stack.callback(context.term)  # last: after every socket is closed
-            guard, curve = _security(context, config.security)
-            if guard is not None:
-                stack.callback(guard.stop)  # its ZAP socket too, after the servers'
-            stopping = Stopping()
-            inbox = Mailbox()  # the WorldManager's: the routers and Health tell it
-            held = HeldSends()
-            backend = Backend(context, c.worker_endpoint, curve=curve("worker"),
-                              after_batch=held.now)
-            stack.callback(backend.close)
-            # A heartbeat late by half an interval gets the worker probed; unreachable for
-            # one more interval, it is lost (controller.health).
-            health = Health(timeout_ms=c.heartbeat_timeout_ms,
-                            on_lost=lambda w, why, kill: inbox.tell(WorkerLost(w, why, kill)),
-                            probe_after_ms=c.heartbeat_interval_ms * 3 // 2,
-                            grace_ms=c.heartbeat_interval_ms,
-                            reachable=lambda w: backend.send_control(w, _PING))
-
-            def exited(worker_id: str, returncode: int) -> None:
-                if not stopping.now:
-                    health.exited(worker_id, returncode)
-
-            workers = launcher(config, exited)
-            fleet = Fleet(config)
-            frontend = Frontend(context, c.client_endpoint,
-                                max_request_bytes=c.max_request_bytes, curve=curve("client"),
-                                max_connections=c.max_client_connections,
-                                describe=lambda: describe_fleet(fleet), defer=held.defer,
-                                after_batch=held.now)
-            stack.callback(frontend.close)
-            routers = Routers(config, send_client=frontend.send, send_worker=backend.send,
-                              tell=inbox.tell, defer=held.defer,
-                              listening_since=lambda: health.lag.last_end_s)
-            world_manager = WorldManager(fleet, workers, routers, health, mailbox=inbox,
-                                         send_worker=backend.send_control)
-            scaling = ScalingInputs(fleet, routers, workers.host().get("cores", 0))
-            autoscaler = Autoscaler(
-                list(routers), context_of=scaling.context,
-                apply=lambda name, n, why: inbox.tell(AutoScale(name, n, why)),
-                policy=policy_of(config.autoscaler), tick_s=c.autoscale_tick_ms / 1000.0)
-            # The status reads the admin socket's counters too: a snapshot is only ever asked
-            # for once ``parts`` is complete, a line below.
-            admin = Admin(context, c.admin_endpoint, fleet=world_manager, launcher=workers,
-                          snapshot=lambda: build_status(config, fleet, routers, parts),
-                          curve=curve("admin"))
-            stack.callback(admin.close)
-            parts = Parts(started_s=time.monotonic(), launcher=workers, backend=backend,
-                          frontend=frontend, admin=admin, autoscaler=autoscaler,
-                          loop_lag=health.lag)
-            loops: dict[str, asyncio.Task[Any]] = {}
-            controller = cls(config, fleet=fleet, routers=routers, parts=parts,
-                             world_manager=world_manager, health=health, admin=admin,
-                             guard=guard, loops=loops, stopping=stopping)
-            # The workers are told to stop and ended by PID (their launcher's) first, while
-            # everything else still runs (the last push below); this one covers a start that
-            # fails halfway, before the sockets close (the shutdowns go out on one of them).
-            stack.push_async_callback(controller._stop_workers)
-            # Answers already queued in ZeroMQ get a moment to leave before the sockets close.
-            stack.push_async_callback(asyncio.sleep, 0.05)
-            if c.metrics_port:
-                metrics = MetricsServer(
-                    c.metrics_host, c.metrics_port, controller.status,
-                    stats=lambda: {name: r.stats for name, r in routers.items()},
-                    gen=lambda: {name: r.gen for name, r in routers.items() if r.generative},
-                    live=controller.live, ready=controller.ready)
-                await metrics.start()
-                stack.push_async_callback(metrics.aclose)
-            if guard is not None:
-                # A revoked key's open connections are refused from the next message on.
-                for domain, pump in (("client", frontend.pump), ("worker", backend.pump),
-                                     ("admin", admin.pump)):
-                    pump.admit = guard.admits(domain)
-            if c.busy_poll_us:
-                busy = BusyPoll(c.busy_poll_us / 1e6)
-                stack.callback(busy.close)
-                frontend.pump.on_receive = backend.pump.on_receive = busy.activity
-
-            def heartbeat(worker_id: str, hb: Heartbeat) -> None:
-                health.beat(worker_id)
-                inbox.tell(FromWorker(worker_id, hb, time.monotonic()))
-
-            def control(worker_id: str, message: Message) -> None:
-                health.beat(worker_id)
-                inbox.tell(FromWorker(worker_id, message))
-
-            backend.start(route=routers.by_world.get, on_heartbeat=heartbeat, on_control=control)
-            frontend.start(routers)
-            for actor in (health, world_manager, admin):
-                await actor.start()
-                stack.push_async_callback(actor.aclose)
-            tasks = _Tasks(loops)
-            if c.autoscale:
-                tasks.spawn(autoscaler.run(), "controller.autoscaler")
-            tasks.spawn(_sweep_loop(routers), "controller.sweep")
-            tasks.spawn(controller._tick_loop(), "controller.tick")
-            stack.push_async_callback(tasks.cancel)
-            stack.push_async_callback(controller._stop_workers)
-            inbox.tell(Tick())
-            log.info("clients %s, admin %s, workers %s%s", c.client_endpoint, c.admin_endpoint,
-                     c.worker_endpoint, f", metrics http://{c.metrics_host}:{c.metrics_port}"
-                     "/metrics" if c.metrics_port else "")
+            controller = _assemble(cls, config, launcher, stack)
+            await controller._start(stack)
             yield controller
-            stopping.now = True
+            controller._stopping.now = True
         log.info("stopped")
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Start every part, pushing each one's stop; then the first tick."""
+        c = self.config.controller
+        parts, routers, health, inbox = self._parts, self.routers, self._health, self._inbox
+        if c.metrics_port:
+            metrics = MetricsServer(
+                c.metrics_host, c.metrics_port, self.status,
+                stats=lambda: {name: r.stats for name, r in routers.items()},
+                gen=lambda: {name: r.gen for name, r in routers.items() if r.generative},
+                live=self.live, ready=self.ready)
+            await metrics.start()
+            stack.push_async_callback(metrics.aclose)
+        pumps = {"client": parts.frontend.pump, "worker": parts.backend.pump,
+                 "admin": parts.admin.pump}
+        if self._guard is not None:
+            # A revoked key's open connections are refused from the next message on.
+            for domain, pump in pumps.items():
+                pump.admit = self._guard.admits(domain)
+        if c.busy_poll_us:
+            busy = BusyPoll(c.busy_poll_us / 1e6)
+            stack.callback(busy.close)
+            pumps["client"].on_receive = pumps["worker"].on_receive = busy.activity
+
+        def heartbeat(worker_id: str, hb: Heartbeat) -> None:
+            health.beat(worker_id)
+            inbox.tell(FromWorker(worker_id, hb, time.monotonic()))
+
+        def control(worker_id: str, message: Message) -> None:
+            health.beat(worker_id)
+            inbox.tell(FromWorker(worker_id, message))
+
+        parts.backend.start(route=routers.by_world.get, on_heartbeat=heartbeat,
+                            on_control=control)
+        parts.frontend.start(routers)
+        for actor in (health, self.world_manager, parts.admin):
+            await actor.start()
+            stack.push_async_callback(actor.aclose)
+        if c.autoscale:
+            self._spawn(parts.autoscaler.run(), "controller.autoscaler")
+        self._spawn(_sweep_loop(routers), "controller.sweep")
+        self._spawn(self._tick_loop(), "controller.tick")
+        stack.push_async_callback(self._cancel_loops)
+        stack.push_async_callback(self._stop_workers)  # first, while everything else runs
+        inbox.tell(Tick())
+        log.info("clients %s, admin %s, workers %s%s", c.client_endpoint, c.admin_endpoint,
+                 c.worker_endpoint, f", metrics http://{c.metrics_host}:{c.metrics_port}"
+                 "/metrics" if c.metrics_port else "")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        """The controller's own loops: they run until it stops (liveness watches them)."""
+        self._loops[name] = asyncio.get_running_loop().create_task(coro, name=name)
+
+    async def _cancel_loops(self) -> None:
+        for task in self._loops.values():
+            task.cancel()
+        await asyncio.gather(*self._loops.values(), return_exceptions=True)
 
     async def _stop_workers(self) -> None:
         self._stopping.now = True
@@ -256,7 +212,7 @@ class Controller:
 
     def live(self) -> tuple[bool, str]:
         """/healthz: controller/probes.py."""
-        return liveness((self._health, self.world_manager, self._admin), self._loops,
+        return liveness((self._health, self.world_manager, self._parts.admin), self._loops,
                         stopping=self._stopping.now)
 
     def ready(self) -> tuple[bool, str]:
@@ -272,24 +228,72 @@ class Controller:
                 self.reload_keys()
 
 
+def _assemble(cls: type[Controller], config: Config, launcher: LauncherFactory,
+              stack: contextlib.AsyncExitStack) -> Controller:
+    """Build every part and bind its socket, pushing each one's release onto ``stack``."""
+    c = config.controller
+    context: zmq.Context[Any] = zmq.Context()
+    stack.callback(context.term)  # last: after every socket is closed
+    guard, curve = _security(context, config.security)
+    if guard is not None:
+        stack.callback(guard.stop)  # its ZAP socket too, after the servers'
+    stopping = Stopping()
+    inbox = Mailbox()  # the WorldManager's: the routers, Health and the autoscaler tell it
+    held = HeldSends()
+    backend = Backend(context, c.worker_endpoint, curve=curve("worker"), after_batch=held.now)
+    stack.callback(backend.close)
+    # A heartbeat late by half an interval gets the worker probed; unreachable for one more
+    # interval, it is lost (controller.health).
+    health = Health(timeout_ms=c.heartbeat_timeout_ms,
+                    on_lost=lambda w, why, kill: inbox.tell(WorkerLost(w, why, kill)),
+                    probe_after_ms=c.heartbeat_interval_ms * 3 // 2,
+                    grace_ms=c.heartbeat_interval_ms,
+                    reachable=lambda w: backend.send_control(w, _PING))
+
+    def exited(worker_id: str, returncode: int) -> None:
+        if not stopping.now:
+            health.exited(worker_id, returncode)
+
+    workers = launcher(config, exited)
+    fleet = Fleet(config)
+    frontend = Frontend(context, c.client_endpoint, max_request_bytes=c.max_request_bytes,
+                        curve=curve("client"), max_connections=c.max_client_connections,
+                        describe=lambda: describe_fleet(fleet), defer=held.defer,
+                        after_batch=held.now)
+    stack.callback(frontend.close)
+    routers = Routers(config, send_client=frontend.send, send_worker=backend.send,
+                      tell=inbox.tell, defer=held.defer,
+                      listening_since=lambda: health.lag.last_end_s)
+    world_manager = WorldManager(fleet, workers, routers, health, mailbox=inbox,
+                                 send_worker=backend.send_control)
+    scaling = ScalingInputs(fleet, routers, workers.host().get("cores", 0))
+    autoscaler = Autoscaler(list(routers), context_of=scaling.context,
+                            apply=lambda name, n, why: inbox.tell(AutoScale(name, n, why)),
+                            policy=policy_of(config.autoscaler),
+                            tick_s=c.autoscale_tick_ms / 1000.0)
+    # The status reads the admin socket's counters too: a snapshot is only ever asked for
+    # once ``parts`` is complete, a line below.
+    admin = Admin(context, c.admin_endpoint, fleet=world_manager, launcher=workers,
+                  snapshot=lambda: build_status(config, fleet, routers, parts),
+                  curve=curve("admin"))
+    stack.callback(admin.close)
+    parts = Parts(started_s=time.monotonic(), launcher=workers, backend=backend,
+                  frontend=frontend, admin=admin, autoscaler=autoscaler, loop_lag=health.lag)
+    controller = cls(config, fleet=fleet, routers=routers, parts=parts,
+                     world_manager=world_manager, health=health, guard=guard, inbox=inbox,
+                     stopping=stopping)
+    # The workers are told to stop and ended by PID (their launcher's) first, while the rest
+    # still runs (pushed again by ``_start``); this one covers a start that fails halfway,
+    # before the sockets close (the shutdowns go out on one of them).
+    stack.push_async_callback(controller._stop_workers)
+    # Answers already queued in ZeroMQ get a moment to leave before the sockets close.
+    stack.push_async_callback(asyncio.sleep, 0.05)
+    return controller
+
+
 async def _sweep_loop(routers: Routers) -> None:
     # Deadlines are checked every 5 ms while requests are open, every 50 ms when idle (an
     # idle controller should not wake 200 times a second).
     while True:
         await asyncio.sleep(0.005 if routers.busy else 0.05)
         routers.sweep()
-
-
-class _Tasks:
-    """The controller's own loops: they run until it stops (liveness watches them)."""
-
-    def __init__(self, loops: dict[str, asyncio.Task[Any]]) -> None:
-        self._loops = loops
-
-    def spawn(self, coro: Any, name: str) -> None:
-        self._loops[name] = asyncio.get_running_loop().create_task(coro, name=name)
-
-    async def cancel(self) -> None:
-        for task in self._loops.values():
-            task.cancel()
-        await asyncio.gather(*self._loops.values(), return_exceptions=True)

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
-from controller.config import AutoscalerConfig
+from controller.autoscaler_config import AutoscalerConfig
 from mesh.logs import speaker
 
 log = speaker(logging.getLogger(__name__), "controller")

@@ -13,16 +13,21 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from msgspec import Meta
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+from controller.autoscaler_config import AutoscalerConfig
 from controller.probes import READINESS_RULES
 from mesh.errors import ConfigError
 from mesh.messages import DEFAULT_MAX_IDLE_STAGES
 from mesh.spec import DeploymentSpec
 from mesh.typed import DecodeError, decode
 
+T = TypeVar("T", bound="DataclassInstance")
 # The deployment part of the config is exactly what workers receive (mesh/spec.py).
 DeploymentConfig = DeploymentSpec
 
@@ -84,29 +89,6 @@ class ControllerConfig:
     # message it receives: lower latency at low concurrency for up to that much CPU per
     # quiet spell (controller/busy_poll.py). 0: off.
     busy_poll_us: Annotated[int, Meta(ge=0, le=100_000)] = 0
-
-
-@dataclass(frozen=True, slots=True)
-class AutoscalerConfig:
-    """``[autoscaler]``: the scaling policy and its thresholds (controller/autoscaler.py says
-    what each does); the delays before acting are each deployment's own."""
-
-    policy: Literal["latency"] = "latency"
-    # Scale up when the arrival rate needs the worlds busier than this.
-    target_util: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.75
-    # Give a world back only if the rest would stay under this, and p99 under
-    # down_fraction of the target.
-    down_util: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
-    down_fraction: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.5
-    # Answers in the window before its p99 counts as a breach.
-    min_samples: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
-    # How long a bigger fleet serves before its capacity is judged (long enough for the
-    # workers' smoothed costs to settle, short because a failed probe costs throughput), the
-    # rise in service rate that makes added worlds worth keeping, and how long a ceiling found
-    # otherwise holds before a new probe.
-    probe_s: Annotated[float, Meta(ge=0.1, le=3600.0)] = 3.0
-    min_gain: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.1
-    hold_s: Annotated[float, Meta(ge=0.0, le=86400.0)] = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +178,7 @@ class Config:
     security: SecurityConfig = SecurityConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     gateway: GatewayConfig = GatewayConfig()
-    autoscaler: AutoscalerConfig = AutoscalerConfig()
+    autoscaler: AutoscalerConfig = dataclasses.field(default_factory=AutoscalerConfig)
 
     def deployment(self, name: str) -> DeploymentConfig:
         for dep in self.deployments:
@@ -236,13 +218,16 @@ def demo_config() -> Config:
 def load_config(path: str | Path) -> Config:
     """Read and validate a TOML config file; raises ConfigError naming the bad field."""
     path = Path(path)
+    return parse_config(_read_toml(path), path.resolve().parent)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    return parse_config(raw, path.resolve().parent)
 
 
 def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
@@ -252,10 +237,7 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
                           "autoscaler"}
     if unknown:
         raise ConfigError(f"unknown top-level key {sorted(unknown)[0]!r}")
-    controller_raw = raw.get("controller", {})
-    if not isinstance(controller_raw, dict):
-        raise ConfigError("'controller' must be a table")
-    controller = _build(ControllerConfig, controller_raw, "controller")
+    controller = _table(raw, "controller", ControllerConfig)
     _check_controller(controller)
     deps_raw = raw.get("deployments", [])
     if not isinstance(deps_raw, list) or not all(isinstance(d, dict) for d in deps_raw):
@@ -274,28 +256,15 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
             raise ConfigError(f"{where}.name: deployment {dep.name!r} is configured twice")
         seen.add(dep.name)
         deployments.append(dep)
-    security_raw = raw.get("security", {})
-    if not isinstance(security_raw, dict):
-        raise ConfigError("'security' must be a table")
-    security = _check_security(_build(SecurityConfig, security_raw, "security"),
-                               base or Path.cwd())
-    kube_raw = raw.get("kubernetes", {})
-    if not isinstance(kube_raw, dict):
-        raise ConfigError("'kubernetes' must be a table")
-    kubernetes = _build(KubernetesConfig, kube_raw, "kubernetes")
+    security = _check_security(_table(raw, "security", SecurityConfig), base or Path.cwd())
+    kubernetes = _table(raw, "kubernetes", KubernetesConfig)
     _check_kubernetes(kubernetes, controller.launcher == "kubernetes")
     if controller.launcher == "kubernetes" and security.curve and not kubernetes.keys_secret:
         raise ConfigError("kubernetes.keys_secret is required when security.curve is true: "
                           "the Secret with the worker pods' key pair (worker.key_secret) and "
                           "the controller's public key (controller.key)")
-    gateway_raw = raw.get("gateway", {})
-    if not isinstance(gateway_raw, dict):
-        raise ConfigError("'gateway' must be a table")
-    gateway = check_gateway(_build(GatewayConfig, gateway_raw, "gateway"), base or Path.cwd())
-    autoscaler_raw = raw.get("autoscaler", {})
-    if not isinstance(autoscaler_raw, dict):
-        raise ConfigError("'autoscaler' must be a table")
-    autoscaler = _build(AutoscalerConfig, autoscaler_raw, "autoscaler")
+    gateway = check_gateway(_table(raw, "gateway", GatewayConfig), base or Path.cwd())
+    autoscaler = _table(raw, "autoscaler", AutoscalerConfig)
     if autoscaler.down_util >= autoscaler.target_util:
         raise ConfigError(f"autoscaler.down_util ({autoscaler.down_util}) must be below "
                           f"target_util ({autoscaler.target_util}): the gap keeps a steady "
@@ -308,16 +277,8 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     """The ``[gateway]`` table of a config file alone (``meshctl gateway --config``); the rest
     of the file is not read."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    table = raw.get("gateway", {})
-    if not isinstance(table, dict):
-        raise ConfigError("'gateway' must be a table")
-    return check_gateway(_build(GatewayConfig, table, "gateway"), path.resolve().parent)
+    return check_gateway(_table(_read_toml(path), "gateway", GatewayConfig),
+                         path.resolve().parent)
 
 
 _LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})$")
@@ -370,7 +331,15 @@ def _check_security(s: SecurityConfig, base: Path) -> SecurityConfig:
     return dataclasses.replace(s, **paths)
 
 
-def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
+def _table(raw: dict[str, Any], name: str, cls: type[T]) -> T:
+    """The ``[name]`` table of a config document as a ``cls`` (defaults when it is absent)."""
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"'{name}' must be a table")
+    return _build(cls, table, name)
+
+
+def _build(cls: type[T], raw: dict[str, Any], where: str) -> T:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:

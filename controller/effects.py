@@ -4,7 +4,8 @@ Nothing here acts; a test reads them as the Fleet's answer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from mesh.messages import Message
 
@@ -110,3 +111,11 @@ class Settled:
 
 Effect = (SendTo | StartWorker | StopWorker | KillWorker | WatchWorker | ForgetWorker
           | RouteWorld | DrainRoute | HoldRoute | UnrouteWorld | SetUnavailable | Settled)
+
+
+@dataclass
+class Step:
+    """The Fleet's answer to one message: a command's result, and the effects, in order."""
+
+    result: Any = None
+    effects: list[Effect] = field(default_factory=list)

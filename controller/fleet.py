@@ -3,15 +3,13 @@ synchronous core with no sockets, tasks or processes.
 
 ``handle(message)`` takes one event or command (controller/mailbox.py; an operator's admin
 arguments, mesh/messages.py), changes the records (controller/records.py), asks the planner
-what to do next (``plan(view)``, controller/planner.py, a pure function) and carries that out
-on the records too, and returns what the rest of the controller must do as data
-(controller/effects.py): messages to workers, routes added or removed, workers to start or
-stop. The WorldManager (controller/world_manager.py) feeds it and applies its effects; tests
-read them directly (tests/test_fleet.py).
-
-What it does with worker reports (register, joined, left, broken, heartbeat, death) is in
-controller/worker_reports.py, and its answers to operators and the autoscaler in
-controller/fleet_commands.py: plain functions of the Fleet, each called from ``handle`` only.
+what to do next (``plan(view)``, controller/planner.py, a pure function), carries that out on
+the records, and returns what the rest of the controller must do as data (controller/
+effects.py): messages to workers, routes added or removed, workers to start or stop. The
+WorldManager (controller/world_manager.py) feeds it and applies its effects; tests read them
+(tests/test_fleet.py). What it does with workers (their reports and their lifecycle) is
+controller/fleet_workers.py, its answers to operators and the autoscaler controller/
+fleet_commands.py: plain functions of the Fleet, called from it only.
 
 A world is a list of workers in rank order (rank = pipeline stage); it serves once every rank
 has joined. World ids are never reused; a world re-formed after a failure is a new world.
@@ -27,21 +25,19 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from controller import fleet_commands, worker_reports
+from controller import fleet_commands, fleet_workers
 from controller.config import Config
 from controller.effects import (
     DrainRoute,
     Effect,
-    ForgetWorker,
     RouteWorld,
     SendTo,
     Settled,
     SetUnavailable,
-    StartWorker,
-    StopWorker,
+    Step,
     UnrouteWorld,
 )
 from controller.mailbox import (
@@ -80,10 +76,9 @@ from controller.records import (
     WorldInfo,
     WorldState,
 )
-from controller.view import DeploymentView, View, WorkerView, WorldView
+from controller.view import View, snapshot
 from mesh.logs import speaker
-from mesh.messages import Heartbeat, Join, Leave, Message, Ping, Shutdown, Welcome
-from mesh.messages import Preload as PreloadMsg
+from mesh.messages import Heartbeat, Join, Leave, Message, Ping, Welcome
 
 log = speaker(logging.getLogger(__name__), "controller")
 
@@ -98,14 +93,6 @@ class LauncherRoom:
 
 NO_LAUNCHER = LauncherRoom()
 PING = Ping()
-
-
-@dataclass
-class Step:
-    """The Fleet's answer to one message: a command's result, and the effects, in order."""
-
-    result: Any = None
-    effects: list[Effect] = field(default_factory=list)
 
 
 class Fleet:
@@ -161,11 +148,11 @@ class Fleet:
         result: Any = None
         match message:
             case FromWorker(worker_id, Heartbeat() as hb, received_s):
-                act = worker_reports.heartbeat(self, worker_id, hb, received_s or self.clock())
+                act = fleet_workers.heartbeat(self, worker_id, hb, received_s or self.clock())
             case FromWorker(worker_id, report):
-                worker_reports.from_worker(self, worker_id, report)
+                fleet_workers.from_worker(self, worker_id, report)
             case WorkerLost(worker_id, reason, kill):
-                worker_reports.worker_died(self, worker_id, reason, kill=kill)
+                fleet_workers.worker_died(self, worker_id, reason, kill=kill)
             case WorldIdle(world_id):
                 self.release_world(world_id)
             case WorldUnreachable(world_id):
@@ -178,14 +165,14 @@ class Fleet:
                     worker.pid = pid
                 act = False
             case StartFailed(worker_id, error):
-                self._start_failed(worker_id, error)
+                fleet_workers.start_failed(self, worker_id, error)
             case Unrouted(world_id, resent):
                 self._unrouted(world_id, resent)
                 act = False
             case Adopted(worker_ids):
-                self._adopt(worker_ids)
+                fleet_workers.adopt(self, worker_ids)
             case Stopping():
-                self._stop_all()
+                fleet_workers.stop_all(self)
             case Tick():
                 # Liveness for the workers: each exits when these stop (controller_timeout_ms).
                 for worker_id in self.live_workers():
@@ -195,6 +182,10 @@ class Fleet:
         if act:
             self._act()
         return Step(result, self._out)
+
+    def took_room(self) -> None:
+        """One worker was asked of the launcher: one place less for this event's plan."""
+        self._launcher = LauncherRoom(self._launcher.can_spawn, self._launcher.room - 1)
 
     def emit(self, effect: Effect) -> None:
         self._out.append(effect)
@@ -206,28 +197,12 @@ class Fleet:
 
     def view(self) -> View:
         """An immutable snapshot of the fleet, for the planner."""
-        c = self.config.controller
         now = self.clock()
-        return View(
-            now_s=now,
-            deployments=tuple(
-                DeploymentView(name, d.config.stages, d.desired, bool(d.quarantined),
-                               d.retry_at_s) for name, d in self.deployments.items()),
-            workers={w.id: WorkerView(
-                w.id, w.state, w.since_s, frozenset(w.worlds), suspect=w.suspect,
-                quarantined=bool(w.quarantined), spawned_by_us=w.spawned_by_us,
-                valued=w.joined_once or w.preloaded, preloaded=w.preloaded,
-                util=w.load.util, cost_ms=w.load.cost_ms)
-                for w in self.workers.values()},
-            worlds=tuple(WorldView(w.id, w.deployment, w.state, tuple(w.workers), w.created_s,
-                                   unanswered=tuple(m for m in w.workers if m not in w.joined),
-                                   joins_sent_s=w.joins_sent_s)
-                         for w in self.worlds.values()),
-            warm_workers=c.warm_workers, preload_warm=c.preload_warm,
-            form_timeout_s=c.world_form_timeout_ms / 1000.0,
-            can_spawn=(self._launcher.can_spawn and not self.spawn_quarantined
-                       and now >= self.spawn_retry_at_s),
-            room=self._launcher.room)
+        can_spawn = (self._launcher.can_spawn and not self.spawn_quarantined
+                     and now >= self.spawn_retry_at_s)
+        return snapshot(self.config.controller, now, self.deployments.values(),
+                        self.workers.values(), self.worlds.values(), can_spawn=can_spawn,
+                        room=self._launcher.room)
 
     def _act(self) -> None:
         if self.stopping:
@@ -270,7 +245,7 @@ class Fleet:
                     self.break_world(self.worlds[world_id], reason)
             case Spawn(count):
                 for _ in range(min(count, self._launcher.room)):
-                    self._start_worker()
+                    fleet_workers.start_worker(self)
             case LauncherFull(wanted):
                 if not self._full_reported:
                     self._full_reported = True
@@ -278,9 +253,9 @@ class Fleet:
                                 "controller.max_local_workers or add remote workers", wanted)
                     self.events.add("launcher_full", wanted=wanted)
             case Retire(worker_id):
-                self.retire_worker(self.workers[worker_id])
+                fleet_workers.retire_worker(self, self.workers[worker_id])
             case Preload(worker_id):
-                self._preload(self.workers[worker_id])
+                fleet_workers.preload(self, self.workers[worker_id])
             case Forget(worker_id):
                 self.workers.pop(worker_id, None)
 
@@ -385,7 +360,7 @@ class Fleet:
         world = self.worlds.get(world_id)
         if world is not None and world.state in (WorldState.SERVING, WorldState.DRAINING):
             if stalled:
-                worker_reports.count_stall(self, world)
+                fleet_workers.count_stall(self, world)
             self.break_world(world, reason)
 
     def break_world(self, world: WorldInfo, reason: str) -> None:
@@ -416,81 +391,4 @@ class Fleet:
                 continue
             self.send(wid, Leave(world_id=world.id, epoch=world.epoch, abort=abort))
             worker.worlds.discard(world.id)
-            self.settle_worker(worker)
-
-    # -- workers ----------------------------------------------------------------------------
-
-    def settle_worker(self, worker: WorkerInfo) -> None:
-        if worker.worlds or worker.state == WorkerState.DEAD:
-            return
-        if worker.state == WorkerState.DRAINING:
-            if not worker.retiring:
-                self.retire_worker(worker)
-            return
-        worker.state = WorkerState.IDLE
-        worker.since_s = self.clock()
-
-    def retire_worker(self, worker: WorkerInfo) -> None:
-        worker.state = WorkerState.DRAINING
-        worker.retiring = True
-        worker.since_s = self.clock()
-        if worker.spawned_by_us:
-            # It goes quiet on purpose, and the launcher reports its exit: not a hang. A
-            # worker that joined by itself has no launcher to report it, so Health keeps
-            # watching and declares it dead once it has gone quiet.
-            self.emit(ForgetWorker(worker.id))
-        self.send(worker.id, Shutdown(reason="released"))
-        if worker.spawned_by_us:
-            self.emit(StopWorker(worker.id))
-
-    def _start_worker(self) -> None:
-        worker_id = f"w{next(self.worker_ids)}"
-        while worker_id in self.workers:  # one that joined by itself under this name
-            worker_id = f"w{next(self.worker_ids)}"
-        self.workers[worker_id] = WorkerInfo(worker_id, since_s=self.clock(), spawned_by_us=True)
-        self._launcher = LauncherRoom(self._launcher.can_spawn, self._launcher.room - 1)
-        self.emit(StartWorker(worker_id))  # answered by Started or StartFailed
-
-    def _start_failed(self, worker_id: str, error: str) -> None:
-        log.error("cannot start a worker: %s", error)
-        worker = self.workers.get(worker_id)
-        if worker is not None and worker.state == WorkerState.STARTING:
-            worker.state = WorkerState.DEAD
-            worker.reason = f"launch failed: {error}"
-
-    def _adopt(self, worker_ids: tuple[str, ...]) -> None:
-        """The workers the launcher still runs from a previous run of this controller (a
-        restart under the kubernetes launcher) are ours again, expected to register, and new
-        ids start above theirs, so nothing is started for them and no new worker asks for an
-        id, or a pod, that one of them holds."""
-        now = self.clock()
-        for worker_id in worker_ids:
-            self.workers[worker_id] = WorkerInfo(worker_id, since_s=now, spawned_by_us=True,
-                                                 adopted=True)
-        numbers = [int(w[1:]) for w in worker_ids if w[:1] == "w" and w[1:].isdigit()]
-        self.worker_ids = itertools.count(max(numbers, default=0) + 1)
-
-    def _preload(self, worker: WorkerInfo) -> None:
-        """A warm worker loads every stage it may be asked for, so a later join only forms
-        the group: re-forming after a failure then costs milliseconds, not a model load.
-        At most ``max_idle_stages`` of them (more would only be dropped again), in config
-        order."""
-        worker.preloaded = True
-        budget = self.config.controller.max_idle_stages
-        for dep in self.deployments.values():
-            if dep.quarantined:
-                continue
-            for rank in range(dep.config.stages):
-                if budget <= 0:
-                    return
-                budget -= 1
-                self.send(worker.id, PreloadMsg(deployment=dep.config, rank=rank,
-                                                size=dep.config.stages))
-
-    def _stop_all(self) -> None:
-        """Tell every worker to stop; the launcher then ends the ones it started."""
-        self.stopping = True
-        for worker in self.workers.values():
-            if worker.state != WorkerState.DEAD:
-                self.emit(ForgetWorker(worker.id))
-                self.send(worker.id, Shutdown(reason="controller stopping"))
+            fleet_workers.settle_worker(self, worker)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from controller import fleet_workers
 from controller.mailbox import AutoScale
 from controller.records import LIVE_WORLD, DeploymentState, WorkerState
 from mesh.errors import BadRequest, UnknownModel, excerpt
@@ -141,7 +142,7 @@ def drain(fleet: Fleet, target: str) -> dict[str, Any]:
             if world_id in fleet.worlds:
                 fleet.drain_world(fleet.worlds[world_id], f"worker {target} drained by operator")
         if not worker.worlds:
-            fleet.retire_worker(worker)
+            fleet_workers.retire_worker(fleet, worker)
         else:
             worker.state = WorkerState.DRAINING
         return {"drained": "worker", "id": target}

@@ -161,22 +161,30 @@ class Frontend:
         size = 0
         for f in frames[1:]:
             size += len(f)
-        header_frame = frames[1]
-        buffer = codec.frame_buffer(header_frame)
+        buffer = codec.frame_buffer(frames[1])
         plain = plain_request.read(buffer, frames, 2, size, self.max_request_bytes)
-        if plain is not None:
-            router = self.routers.get(plain.model)
-            if router is not None:
-                dep = router.deployment
-                timeout_ms = plain.timeout_ms
-                if timeout_ms is None:
-                    timeout_ms = dep.default_timeout_ms
-                elif timeout_ms > dep.max_timeout_ms:
-                    router = None  # answered by the general path, with its wording
-                if router is not None:
-                    router.submit(client, plain.id, plain.kind, header_frame, frames[2:],
-                                  max(1, math.ceil(timeout_ms)))
-                    return
+        if plain is None or not self._submit_plain(client, plain, frames):
+            self._general(client, frames, buffer, size, in_batch)
+
+    def _submit_plain(self, client: bytes, plain: plain_request.PlainRequest,
+                      frames: list[Any]) -> bool:
+        """The usual request, read in one typed pass (controller/plain_request.py); False
+        leaves it to the general path, which words every error."""
+        router = self.routers.get(plain.model)
+        if router is None:
+            return False
+        timeout_ms = plain.timeout_ms
+        if timeout_ms is None:
+            timeout_ms = router.deployment.default_timeout_ms
+        elif timeout_ms > router.deployment.max_timeout_ms:
+            return False
+        router.submit(client, plain.id, plain.kind, frames[1], frames[2:],
+                      max(1, math.ceil(timeout_ms)))
+        return True
+
+    def _general(self, client: bytes, frames: list[Any], buffer: Any, size: int,
+                 in_batch: bool) -> None:
+        """Any message: each of its faults answered with a typed error naming it."""
         try:
             header = codec.unpack_header(buffer)
         except BadRequest as bad:
@@ -189,77 +197,89 @@ class Frontend:
         if not _echoable(req_id):
             req_id = None  # answered without an id rather than with the client's bulk
         try:
-            # A batch's requests are held to the limit one by one, not all together.
-            if size > self.max_request_bytes and not (
-                    isinstance(header, dict) and header.get("kind") == ClientKind.BATCH):
-                raise PayloadTooLarge(f"request is {size} bytes; limit {self.max_request_bytes}")
-            if not isinstance(header, dict):
-                raise BadRequest("header must be a msgpack map")
-            version = header.get("v")
-            if type(version) is not int or version != PROTOCOL_VERSION:
-                raise UnsupportedVersion(
-                    f"protocol version {excerpt(version)} is not supported; this controller "
-                    f"speaks {PROTOCOL_VERSION}")
-            sent = header.get("id")
-            if isinstance(sent, str) and len(sent.encode()) > MAX_ID_BYTES:
-                raise BadRequest(f"header 'id' is {len(sent.encode())} bytes; a string id "
-                                 f"may have at most {MAX_ID_BYTES}")
+            self._check_envelope(header, size)
             kind = header.get("kind")
             if kind == ClientKind.BATCH and "id" not in header:
                 self._batch(client, header, frames, in_batch)
                 return
             if req_id is None:
                 raise BadRequest("header 'id' must be a 64-bit integer or a string")
-            if kind == ClientKind.CANCEL:
-                for router in self.routers.values():
-                    router.cancel(client, req_id)
+            if self._answered_here(client, kind, req_id, header):
                 return
-            if kind == ClientKind.DESCRIBE:
-                self._description(client, req_id, header.get("model"))
-                return
-            if kind == ClientKind.PING:
-                self.send([client, codec.pack({"v": PROTOCOL_VERSION, "kind": ClientKind.PONG,
-                                               "id": req_id, "incarnation": self.incarnation,
-                                               "features": FEATURES})])
-                return
-            if kind == ClientKind.BATCH:
-                raise BadRequest("a batch header has no 'id'")
-            if kind not in (ClientKind.INFER, ClientKind.STREAM):
-                raise BadRequest(f"unknown request kind {excerpt(kind)}")
-            model = header.get("model")
-            found = self.routers.get(model) if isinstance(model, str) else None
-            if found is None:
-                raise UnknownModel(f"no deployment named {excerpt(model)}; "
-                                   f"serving {sorted(self.routers)[:20]}")
-            router = found
-            inputs = header.get("inputs")
-            if not isinstance(inputs, dict):
-                raise BadRequest("header 'inputs' must be a map of named values")
-            if "params" in header and not isinstance(header["params"], dict):
-                raise BadRequest("header 'params' must be a map")
-            timeout_ms = header.get("timeout_ms")
-            dep = router.deployment
-            if timeout_ms is None:
-                timeout_ms = dep.default_timeout_ms
-            elif isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float) \
-                    or not 0 < timeout_ms < math.inf:  # NaN fails this too
-                raise BadRequest(f"'timeout_ms' must be a positive number, got "
-                                 f"{excerpt(timeout_ms)}")
-            elif timeout_ms > dep.max_timeout_ms:
-                raise BadRequest(
-                    f"'timeout_ms' {timeout_ms} exceeds the limit {dep.max_timeout_ms}")
-            tensor_frames = frames[2:]
-            # Check every tensor reference against its frame now, so a malformed request is
-            # answered here and never reaches (or slows) a worker.
-            codec.check_tensor_refs(header, inputs, frames, 2)
+            router, timeout_ms = self._request(kind, header, frames)
         except MeshError as exc:
             self._error(client, req_id, exc)
             return
         except RecursionError:  # a walk deeper than codec.MAX_DEPTH should make impossible
             self._error(client, req_id, BadRequest("header is nested too deeply"))
             return
-        router.submit(client, req_id, kind, header_frame, tensor_frames,
-                      max(1, math.ceil(timeout_ms)))
+        router.submit(client, req_id, kind, frames[1], frames[2:], max(1, math.ceil(timeout_ms)))
+
+    def _check_envelope(self, header: Any, size: int) -> None:
+        """Size, shape, version and id length, whatever the message is."""
+        # A batch's requests are held to the limit one by one, not all together.
+        if size > self.max_request_bytes and not (
+                isinstance(header, dict) and header.get("kind") == ClientKind.BATCH):
+            raise PayloadTooLarge(f"request is {size} bytes; limit {self.max_request_bytes}")
+        if not isinstance(header, dict):
+            raise BadRequest("header must be a msgpack map")
+        version = header.get("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(
+                f"protocol version {excerpt(version)} is not supported; this controller "
+                f"speaks {PROTOCOL_VERSION}")
+        sent = header.get("id")
+        if isinstance(sent, str) and len(sent.encode()) > MAX_ID_BYTES:
+            raise BadRequest(f"header 'id' is {len(sent.encode())} bytes; a string id may "
+                             f"have at most {MAX_ID_BYTES}")
+
+    def _answered_here(self, client: bytes, kind: Any, req_id: Any,
+                       header: dict[str, Any]) -> bool:
+        """Cancel, describe and ping need no world: handled here (True)."""
+        if kind == ClientKind.CANCEL:
+            for router in self.routers.values():
+                router.cancel(client, req_id)
+        elif kind == ClientKind.DESCRIBE:
+            self._description(client, req_id, header.get("model"))
+        elif kind == ClientKind.PING:
+            self.send([client, codec.pack({"v": PROTOCOL_VERSION, "kind": ClientKind.PONG,
+                                           "id": req_id, "incarnation": self.incarnation,
+                                           "features": FEATURES})])
+        else:
+            return False
+        return True
+
+    def _request(self, kind: Any, header: dict[str, Any],
+                 frames: list[Any]) -> tuple[Router, float]:
+        """An infer or stream request's router and deadline, every field checked."""
+        if kind == ClientKind.BATCH:
+            raise BadRequest("a batch header has no 'id'")
+        if kind not in (ClientKind.INFER, ClientKind.STREAM):
+            raise BadRequest(f"unknown request kind {excerpt(kind)}")
+        model = header.get("model")
+        router = self.routers.get(model) if isinstance(model, str) else None
+        if router is None:
+            raise UnknownModel(f"no deployment named {excerpt(model)}; "
+                               f"serving {sorted(self.routers)[:20]}")
+        inputs = header.get("inputs")
+        if not isinstance(inputs, dict):
+            raise BadRequest("header 'inputs' must be a map of named values")
+        if "params" in header and not isinstance(header["params"], dict):
+            raise BadRequest("header 'params' must be a map")
+        timeout_ms = header.get("timeout_ms")
+        dep = router.deployment
+        if timeout_ms is None:
+            timeout_ms = dep.default_timeout_ms
+        elif isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float) \
+                or not 0 < timeout_ms < math.inf:  # NaN fails this too
+            raise BadRequest(f"'timeout_ms' must be a positive number, got "
+                             f"{excerpt(timeout_ms)}")
+        elif timeout_ms > dep.max_timeout_ms:
+            raise BadRequest(f"'timeout_ms' {timeout_ms} exceeds the limit {dep.max_timeout_ms}")
+        # Check every tensor reference against its frame now, so a malformed request is
+        # answered here and never reaches (or slows) a worker.
+        codec.check_tensor_refs(header, inputs, frames, 2)
+        return router, timeout_ms
 
     def _description(self, client: bytes, req_id: Any, model: Any) -> None:
         models = self._describe()

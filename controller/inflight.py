@@ -12,6 +12,7 @@ import msgspec
 
 from controller.admission import WorldRate
 from mesh import codec
+from mesh.dataplane import pack_dispatch, pack_dispatch_batch, pack_dispatches
 from mesh.errors import BadRequest, MeshError
 
 
@@ -88,6 +89,57 @@ class WorldRoute:
         if not self.inflight:
             return 0.0
         return now_s - max(self.last_progress_s, listening_since_s)
+
+
+def pick(serving: list[WorldRoute], limit: int, avoid: int = -1, *,
+         by_tokens: bool = False) -> WorldRoute | None:
+    """The serving world with the fewest outstanding requests (``by_tokens``: tokens) and
+    room for one more request (under ``limit``); world ``avoid`` only when no other has
+    room."""
+    best: WorldRoute | None = None
+    fallback: WorldRoute | None = None
+    if by_tokens:
+        for w in serving:
+            if len(w.inflight) >= limit:
+                continue
+            if w.world_id == avoid:
+                fallback = w
+            elif best is None or w.load_tokens < best.load_tokens:
+                best = w
+        return best if best is not None else fallback
+    best_load = limit
+    for w in serving:
+        load = len(w.inflight)
+        if load < best_load:
+            if w.world_id == avoid:
+                fallback = w
+                continue
+            best, best_load = w, load
+    return best if best is not None else fallback
+
+
+def dispatch_message(world: WorldRoute, batch: list[Pending], now: float) -> list[Any]:
+    """The frames that send ``batch`` to the world's entry: one request as it came, several
+    as one dispatch batch (packed where the entry reads packed ones; mesh.dataplane), each
+    with the milliseconds left to its deadline."""
+    if len(batch) == 1:
+        p = batch[0]
+        head = pack_dispatch(p.rid, world.world_id, world.epoch,
+                             max(1, int((p.deadline_s - now) * 1000.0)))
+        return [world.entry, head, p.header, *p.frames]
+    if world.packed:
+        return [world.entry, *pack_dispatches(
+            world.world_id, world.epoch,
+            [(p.rid, max(1, int((p.deadline_s - now) * 1000.0)), [p.header, *p.frames])
+             for p in batch])]
+    items = []
+    frames: list[Any] = [world.entry, b""]
+    for p in batch:
+        items.append((p.rid, max(1, int((p.deadline_s - now) * 1000.0)), 1 + len(p.frames)))
+        frames.append(p.header)
+        frames += p.frames
+    frames[1] = pack_dispatch_batch(world.world_id, world.epoch, items)
+    return frames
 
 
 def bad_duplicate(client_id: Any) -> MeshError:

@@ -44,7 +44,7 @@ class _Ref(msgspec.Struct, forbid_unknown_fields=True):
 Plain = str | int | float | bool | None
 
 
-class _Header(msgspec.Struct, forbid_unknown_fields=True):
+class PlainRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Only these keys: the general path walks a header with other keys (or with ``params``)
     whole, and may find tensor references in places this pass does not look."""
 
@@ -57,11 +57,11 @@ class _Header(msgspec.Struct, forbid_unknown_fields=True):
     params: dict[str, Plain] = {}
 
 
-_decode = msgspec.msgpack.Decoder(_Header).decode
+_decode = msgspec.msgpack.Decoder(PlainRequest).decode
 
 
 def read(header_frame: Any, frames: list[Any], first: int, size: int,
-         max_bytes: int) -> _Header | None:
+         max_bytes: int) -> PlainRequest | None:
     """The request in ``header_frame`` if it has the usual shape and passes every check that
     needs no deployment; ``frames[first:]`` are its tensor frames, ``size`` the bytes of the
     header and tensor frames together. None: let the general path handle it."""

@@ -34,7 +34,9 @@ from controller.inflight import (
     WorldRoute,
     bad_duplicate,
     chunk_tokens,
+    dispatch_message,
     generation_cost,
+    pick,
     stalled_worlds,
     with_resume,
 )
@@ -48,9 +50,6 @@ from mesh.dataplane import (
     Reply,
     is_map,
     pack,
-    pack_dispatch,
-    pack_dispatch_batch,
-    pack_dispatches,
 )
 from mesh.errors import (
     Cancelled,
@@ -204,34 +203,8 @@ class Router:
             self.queue.append(p)
 
     def _pick(self, avoid: int = -1) -> WorldRoute | None:
-        """The serving world with the fewest outstanding requests (generative: tokens) and
-        room for one more request; world ``avoid`` only when no other has room."""
-        if self.generative:
-            return self._pick_by_tokens(avoid)
-        best: WorldRoute | None = None
-        fallback: WorldRoute | None = None
-        best_load = self.limit
-        for w in self._serving:
-            load = len(w.inflight)
-            if load < best_load:
-                if w.world_id == avoid:
-                    fallback = w
-                    continue
-                best, best_load = w, load
-        return best if best is not None else fallback
-
-    def _pick_by_tokens(self, avoid: int) -> WorldRoute | None:
-        best: WorldRoute | None = None
-        fallback: WorldRoute | None = None
-        limit = self.limit
-        for w in self._serving:
-            if len(w.inflight) >= limit:
-                continue
-            if w.world_id == avoid:
-                fallback = w
-            elif best is None or w.load_tokens < best.load_tokens:
-                best = w
-        return best if best is not None else fallback
+        """The serving world that takes the next request (controller/inflight.py ``pick``)."""
+        return pick(self._serving, self.limit, avoid, by_tokens=self.generative)
 
     def _dispatch(self, p: Pending, world: WorldRoute, now: float) -> None:
         if not world.inflight:
@@ -267,32 +240,13 @@ class Router:
                 continue  # removed meanwhile: its requests were re-sent from its in-flight
             batch = [p for p in batch if p.world is world]
             for at in range(0, len(batch), MAX_DISPATCH_BATCH):
-                if not self._send_batch(world, batch[at:at + MAX_DISPATCH_BATCH], now):
+                if not self._send_worker(dispatch_message(
+                        world, batch[at:at + MAX_DISPATCH_BATCH], now)):
                     self._unsent(world, batch[at:])
                     unsent = True
                     break
         if unsent:
             self._pump_queue()
-
-    def _send_batch(self, world: WorldRoute, batch: list[Pending], now: float) -> bool:
-        if len(batch) == 1:
-            p = batch[0]
-            head = pack_dispatch(p.rid, world.world_id, world.epoch,
-                                 max(1, int((p.deadline_s - now) * 1000.0)))
-            return self._send_worker([world.entry, head, p.header, *p.frames])
-        if world.packed:
-            return self._send_worker([world.entry, *pack_dispatches(
-                world.world_id, world.epoch,
-                [(p.rid, max(1, int((p.deadline_s - now) * 1000.0)), [p.header, *p.frames])
-                 for p in batch])])
-        items = []
-        frames: list[Any] = [world.entry, b""]
-        for p in batch:
-            items.append((p.rid, max(1, int((p.deadline_s - now) * 1000.0)), 1 + len(p.frames)))
-            frames.append(p.header)
-            frames += p.frames
-        frames[1] = pack_dispatch_batch(world.world_id, world.epoch, items)
-        return self._send_worker(frames)
 
     def _unsent(self, world: WorldRoute, batch: list[Pending]) -> None:
         """The world's socket is gone: take these back and route around the world until
@@ -332,9 +286,7 @@ class Router:
     def on_reply(self, head: Reply, frames: list[Any], sender: bytes = b"") -> None:
         """A worker's answer (frame 0 decoded by mesh.dataplane; ``frames`` are the client's)
         from the socket ``sender``, which must be a member of the world."""
-        rid = head.rid
-        status = head.status
-        p = self.pending.get(rid)
+        p = self.pending.get(head.rid)
         if p is None or p.world is None or p.world.world_id != head.world_id or \
                 p.world.epoch != head.epoch:
             self.late_replies += 1  # from a world that no longer owns this request
@@ -355,9 +307,7 @@ class Router:
                 self._tell(WorldStalled(world.world_id, "answered with a reply header that "
                                         "is not a msgpack map"))
             return
-        if p.answered and status != CHUNK:
-            self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
-        if status == CHUNK:
+        if head.status == CHUNK:
             now = self._clock()
             p.world.last_progress_s = now
             if not p.answered:
@@ -366,55 +316,65 @@ class Router:
                     self._on_tokens(p, chunk_tokens(frames[0]), now)
                 self._send_client([p.client, *frames])
             return
-        world = p.world
+        if p.answered:
+            self.late_replies += 1  # after its deadline or a cancel: the world lets go of it
+        self._on_final(p, p.world, head, frames)
+
+    def _on_final(self, p: Pending, world: WorldRoute, head: Reply, frames: list[Any]) -> None:
+        """A request's last answer: the world's slot is free, the client is answered (or the
+        request is re-sent), the next queued request goes out."""
         now = self._clock()
         world.last_progress_s = now
-        world.inflight.pop(rid, None)
+        world.inflight.pop(p.rid, None)
         world.load_tokens -= p.cost
         world.served += 1
-        del self.pending[rid]
+        del self.pending[p.rid]
         # An error answer took no service worth counting (most are work the world dropped:
         # cancelled, or its deadline passed in the world's queue).
-        served = status != ERROR
+        served = head.status != ERROR
         world.rate.answered(now, served, bool(world.inflight))
         self.capacity.answered(now, len(self.pending), served)
         if not p.answered:
             self._answered(p)
             self._by_client.pop((p.client, p.client_id), None)
-            if status == ERROR:
-                code = head.code or "internal"
-                if code == Unavailable.code and self._retry(p):
-                    self._pump_queue()
-                    self._after_world_progress(world)
-                    return
-                if code == Unavailable.code and p.kind == ClientKind.STREAM and p.chunks:
-                    err = StreamInterrupted(f"{self.name}: stream interrupted after {p.chunks} "
-                                            "chunks; no world could resume it in time")
-                    frames = [codec.pack(error_header(p.client_id, err.code, err.message, True))]
-                    code = err.code
-                self.stats.record_error(code)
-            elif now > p.deadline_s:
-                # The answer came after the deadline (its timer had not run yet: the loop was
-                # busy, or the reply waited in the socket): the caller was promised an answer
-                # within the deadline, so it gets the deadline's error, not a late success.
-                late = DeadlineExceeded(f"{self.name}: answered "
-                                        f"{int((now - p.arrived_s) * 1000)} ms after arrival, "
-                                        f"past its {int((p.deadline_s - p.arrived_s) * 1000)} "
-                                        "ms deadline")
-                frames = [codec.pack(error_header(p.client_id, late.code, late.message, True))]
-                self.stats.record_error(late.code)
-            else:
-                self.stats.record(now, now - p.arrived_s, p.dispatched_s - p.arrived_s)
-                if self.generative and p.kind != ClientKind.STREAM:
-                    # A whole answer: its tokens count as delivered now (its budget, as
-                    # estimated; the answer itself is not read here).
-                    self.token_capacity.delivered(now, p.cost, len(self.pending) + 1)
-                if len(p.tokens) > 1:
-                    self.gen.finished(now, (p.last_chunk_s - p.first_chunk_s) /
-                                      (len(p.tokens) - 1))
-            self._send_client([p.client, *frames])
+            answer = self._final_answer(p, head, frames, now)
+            if answer is not None:
+                self._send_client([p.client, *answer])
         self._pump_queue()
         self._after_world_progress(world)
+
+    def _final_answer(self, p: Pending, head: Reply, frames: list[Any],
+                      now: float) -> list[Any] | None:
+        """What the client gets for this last answer, recorded in the figures; None when the
+        request was re-sent instead (a world that could not serve it)."""
+        if head.status == ERROR:
+            code = head.code or "internal"
+            if code == Unavailable.code and self._retry(p):
+                return None
+            if code == Unavailable.code and p.kind == ClientKind.STREAM and p.chunks:
+                err = StreamInterrupted(f"{self.name}: stream interrupted after {p.chunks} "
+                                        "chunks; no world could resume it in time")
+                frames = [codec.pack(error_header(p.client_id, err.code, err.message, True))]
+                code = err.code
+            self.stats.record_error(code)
+            return frames
+        if now > p.deadline_s:
+            # The answer came after the deadline (its timer had not run yet: the loop was
+            # busy, or the reply waited in the socket): the caller was promised an answer
+            # within the deadline, so it gets the deadline's error, not a late success.
+            late = DeadlineExceeded(f"{self.name}: answered {int((now - p.arrived_s) * 1000)} "
+                                    f"ms after arrival, past its "
+                                    f"{int((p.deadline_s - p.arrived_s) * 1000)} ms deadline")
+            self.stats.record_error(late.code)
+            return [codec.pack(error_header(p.client_id, late.code, late.message, True))]
+        self.stats.record(now, now - p.arrived_s, p.dispatched_s - p.arrived_s)
+        if self.generative and p.kind != ClientKind.STREAM:
+            # A whole answer: its tokens count as delivered now (its budget, as estimated;
+            # the answer itself is not read here).
+            self.token_capacity.delivered(now, p.cost, len(self.pending) + 1)
+        if len(p.tokens) > 1:
+            self.gen.finished(now, (p.last_chunk_s - p.first_chunk_s) / (len(p.tokens) - 1))
+        return frames
 
     def _on_tokens(self, p: Pending, tokens: list[int], now: float) -> None:
         """A generative stream's chunk came: remember its tokens (a re-send continues after

@@ -4,10 +4,20 @@ worker-granular sharing (controller/sharing.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from controller.records import WorkerState, WorldState
+from controller.records import (
+    DeploymentState,
+    WorkerInfo,
+    WorkerState,
+    WorldInfo,
+    WorldState,
+)
+
+if TYPE_CHECKING:
+    from controller.config import ControllerConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +68,26 @@ class View:
     forget_dead_s: float = 60.0
     can_spawn: bool = False  # a launcher that starts workers, not quarantined, not backing off
     room: int = 0  # workers the launcher may start now
+
+
+def snapshot(c: ControllerConfig, now: float, deployments: Iterable[DeploymentState],
+             workers: Iterable[WorkerInfo], worlds: Iterable[WorldInfo], *, can_spawn: bool,
+             room: int) -> View:
+    """The fleet's records as the planner sees them at ``now``."""
+    return View(
+        now_s=now,
+        deployments=tuple(
+            DeploymentView(d.config.name, d.config.stages, d.desired, bool(d.quarantined),
+                           d.retry_at_s) for d in deployments),
+        workers={w.id: WorkerView(
+            w.id, w.state, w.since_s, frozenset(w.worlds), suspect=w.suspect,
+            quarantined=bool(w.quarantined), spawned_by_us=w.spawned_by_us,
+            valued=w.joined_once or w.preloaded, preloaded=w.preloaded,
+            util=w.load.util, cost_ms=w.load.cost_ms)
+            for w in workers},
+        worlds=tuple(WorldView(w.id, w.deployment, w.state, tuple(w.workers), w.created_s,
+                               unanswered=tuple(m for m in w.workers if m not in w.joined),
+                               joins_sent_s=w.joins_sent_s)
+                     for w in worlds),
+        warm_workers=c.warm_workers, preload_warm=c.preload_warm,
+        form_timeout_s=c.world_form_timeout_ms / 1000.0, can_spawn=can_spawn, room=room)

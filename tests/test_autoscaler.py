@@ -238,7 +238,7 @@ def test_the_latency_policys_thresholds_come_from_its_config() -> None:
     """[autoscaler] sets what were constants: with min_samples 5, 10 slow answers are a
     breach; with the default 20 they are noise. A policy is anything with initial/decide."""
     from controller.autoscaler import LatencyPolicy, ScalingPolicy, policy_of
-    from controller.config import AutoscalerConfig
+    from controller.autoscaler_config import AutoscalerConfig
 
     slow = ctx(10.0, p99_ms=500.0, samples=10, arrival_rps=0.0, world_rps=0.0)
     default: ScalingPolicy[State] = LatencyPolicy()

@@ -28,6 +28,7 @@ from controller.effects import (
     WatchWorker,
 )
 from controller.fleet import NO_LAUNCHER, Fleet, LauncherRoom
+from controller.fleet_workers import MAX_DEATHS
 from controller.mailbox import (
     Adopted,
     AutoScale,
@@ -43,7 +44,6 @@ from controller.mailbox import (
     WorldUnreachable,
 )
 from controller.records import WorkerState, WorldState
-from controller.worker_reports import MAX_DEATHS
 from mesh.errors import BadRequest, UnknownModel
 from mesh.messages import (
     DrainArgs,

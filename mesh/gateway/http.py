@@ -56,6 +56,14 @@ class HttpError(Exception):
         self.kind = kind  # a convention's error type, where it has one
 
 
+def refusal(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response refusing a request, after which the connection closes."""
+    body = message.encode()
+    return (f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\ncontent-type: text/plain; "
+            f"charset=utf-8\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            .encode() + body)
+
+
 def guarded_protocol(limits: HttpLimits) -> type[Any]:
     """uvicorn's httptools protocol, with a bound on the head's size and time."""
     import httptools
@@ -76,25 +84,20 @@ def guarded_protocol(limits: HttpLimits) -> type[Any]:
 
         def _arm_head_timer(self) -> None:
             if self._head_timer is None:
-                self._head_timer = self.loop.call_later(limits.header_timeout_s,
-                                                        self._head_timed_out)
+                self._head_timer = self.loop.call_later(limits.header_timeout_s, self._timeout)
 
         def _disarm_head_timer(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
 
-        def _head_timed_out(self) -> None:
+        def _timeout(self) -> None:
             self._head_timer = None
             if not self.transport.is_closing():
                 self._refuse(408, "the request's headers did not arrive in time")
 
         def _refuse(self, status: int, message: str) -> None:
-            body = message.encode()
-            self.transport.write(
-                f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\ncontent-type: text/plain; "
-                f"charset=utf-8\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
-                .encode() + body)
+            self.transport.write(refusal(status, message))
             self.transport.close()
 
         def data_received(self, data: bytes) -> None:

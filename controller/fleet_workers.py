@@ -1,15 +1,23 @@
-"""What the Fleet does with what it hears of workers: registrations, joins, leaves,
-broken-world reports, heartbeats and losses; and the records that quarantine a worker that
-keeps stalling or dying. Functions of the Fleet (controller/fleet.py), called from its
-``handle`` only.
+"""What the Fleet does with workers: what it hears of them (registrations, joins, leaves,
+broken-world reports, heartbeats, losses), the records that quarantine one that keeps stalling
+or dying, and their lifecycle (start, settle, retire, preload, adopt, stop). Functions of the
+Fleet (controller/fleet.py), called from it only.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import TYPE_CHECKING
 
-from controller.effects import ForgetWorker, HoldRoute, KillWorker, WatchWorker
+from controller.effects import (
+    ForgetWorker,
+    HoldRoute,
+    KillWorker,
+    StartWorker,
+    StopWorker,
+    WatchWorker,
+)
 from controller.records import WorkerInfo, WorkerState, WorldInfo, WorldState
 from mesh.logs import speaker
 from mesh.messages import (
@@ -24,6 +32,7 @@ from mesh.messages import (
     Shutdown,
     WorldBroken,
 )
+from mesh.messages import Preload as PreloadMsg
 
 if TYPE_CHECKING:
     from controller.fleet import Fleet
@@ -70,7 +79,7 @@ def from_worker(fleet: Fleet, worker_id: str, msg: Message) -> None:
                 fleet.break_world(world, f"join failed: {error}")
         case Left(world_id):
             worker.worlds.discard(world_id)
-            fleet.settle_worker(worker)
+            settle_worker(fleet, worker)
         case WorldBroken(world_id, epoch, reason):
             if world is not None and world.epoch == epoch:
                 now = fleet.clock()
@@ -255,7 +264,7 @@ def spawn_failed(fleet: Fleet, worker_id: str, reason: str) -> None:
     limit = fleet.config.controller.max_load_failures
     if fleet.spawn_failures >= limit:
         fleet.spawn_quarantined = (f"{fleet.spawn_failures} workers in a row died before "
-                                  f"registering; last: {worker_id} {reason}")
+                                   f"registering; last: {worker_id} {reason}")
         log.error("no more workers will be started: %s", fleet.spawn_quarantined)
         fleet.events.add("launcher_quarantined", reason=fleet.spawn_quarantined)
         return
@@ -276,7 +285,7 @@ def formation_failed(fleet: Fleet, world: WorldInfo, error: str) -> None:
                            f"Fix the model, then 'meshctl scale {dep.config.name}' to retry")
         log.error("%s quarantined: %s", dep.config.name, dep.quarantined)
         fleet.events.add("deployment_quarantined", deployment=dep.config.name, reason=error,
-                        failures=dep.failures)
+                         failures=dep.failures)
         return
     backoff_s = backoff(dep.failures)
     dep.retry_at_s = fleet.clock() + backoff_s
@@ -287,3 +296,87 @@ def formation_failed(fleet: Fleet, world: WorldInfo, error: str) -> None:
 def backoff(failures: int) -> float:
     """Seconds to wait after ``failures`` in a row: 0.5, 1, 2, ... up to 60."""
     return float(min(60.0, 0.5 * 2 ** (failures - 1)))
+
+
+# -- their lifecycle --------------------------------------------------------------------
+
+def settle_worker(fleet: Fleet, worker: WorkerInfo) -> None:
+    if worker.worlds or worker.state == WorkerState.DEAD:
+        return
+    if worker.state == WorkerState.DRAINING:
+        if not worker.retiring:
+            retire_worker(fleet, worker)
+        return
+    worker.state = WorkerState.IDLE
+    worker.since_s = fleet.clock()
+
+
+def retire_worker(fleet: Fleet, worker: WorkerInfo) -> None:
+    worker.state = WorkerState.DRAINING
+    worker.retiring = True
+    worker.since_s = fleet.clock()
+    if worker.spawned_by_us:
+        # It goes quiet on purpose, and the launcher reports its exit: not a hang. A
+        # worker that joined by itself has no launcher to report it, so Health keeps
+        # watching and declares it dead once it has gone quiet.
+        fleet.emit(ForgetWorker(worker.id))
+    fleet.send(worker.id, Shutdown(reason="released"))
+    if worker.spawned_by_us:
+        fleet.emit(StopWorker(worker.id))
+
+
+def start_worker(fleet: Fleet) -> None:
+    worker_id = f"w{next(fleet.worker_ids)}"
+    while worker_id in fleet.workers:  # one that joined by itself under this name
+        worker_id = f"w{next(fleet.worker_ids)}"
+    fleet.workers[worker_id] = WorkerInfo(worker_id, since_s=fleet.clock(), spawned_by_us=True)
+    fleet.took_room()
+    fleet.emit(StartWorker(worker_id))  # answered by Started or StartFailed
+
+
+def start_failed(fleet: Fleet, worker_id: str, error: str) -> None:
+    log.error("cannot start a worker: %s", error)
+    worker = fleet.workers.get(worker_id)
+    if worker is not None and worker.state == WorkerState.STARTING:
+        worker.state = WorkerState.DEAD
+        worker.reason = f"launch failed: {error}"
+
+
+def adopt(fleet: Fleet, worker_ids: tuple[str, ...]) -> None:
+    """The workers the launcher still runs from a previous run of this controller (a
+    restart under the kubernetes launcher) are ours again, expected to register, and new
+    ids start above theirs, so nothing is started for them and no new worker asks for an
+    id, or a pod, that one of them holds."""
+    now = fleet.clock()
+    for worker_id in worker_ids:
+        fleet.workers[worker_id] = WorkerInfo(worker_id, since_s=now, spawned_by_us=True,
+                                             adopted=True)
+    numbers = [int(w[1:]) for w in worker_ids if w[:1] == "w" and w[1:].isdigit()]
+    fleet.worker_ids = itertools.count(max(numbers, default=0) + 1)
+
+
+def preload(fleet: Fleet, worker: WorkerInfo) -> None:
+    """A warm worker loads every stage it may be asked for, so a later join only forms
+    the group: re-forming after a failure then costs milliseconds, not a model load.
+    At most ``max_idle_stages`` of them (more would only be dropped again), in config
+    order."""
+    worker.preloaded = True
+    budget = fleet.config.controller.max_idle_stages
+    for dep in fleet.deployments.values():
+        if dep.quarantined:
+            continue
+        for rank in range(dep.config.stages):
+            if budget <= 0:
+                return
+            budget -= 1
+            fleet.send(worker.id, PreloadMsg(deployment=dep.config, rank=rank,
+                                            size=dep.config.stages))
+
+
+def stop_all(fleet: Fleet) -> None:
+    """Tell every worker to stop; the launcher then ends the ones it started."""
+    fleet.stopping = True
+    for worker in fleet.workers.values():
+        if worker.state != WorkerState.DEAD:
+            fleet.emit(ForgetWorker(worker.id))
+            fleet.send(worker.id, Shutdown(reason="controller stopping"))
