@@ -91,7 +91,7 @@ class WorldRoute:
         return now_s - max(self.last_progress_s, listening_since_s)
 
 
-def pick(serving: list[WorldRoute], limit: int, avoid: int = -1, *,
+def pick(serving: list[WorldRoute], limit: int, avoid: int = -1,
          by_tokens: bool = False) -> WorldRoute | None:
     """The serving world with the fewest outstanding requests (``by_tokens``: tokens) and
     room for one more request (under ``limit``); world ``avoid`` only when no other has

@@ -155,7 +155,7 @@ class Router:
         if key in self._by_client:
             self._reject(client, client_id, bad_duplicate(client_id))
             return
-        world = self._pick()
+        world = pick(self._serving, self.limit, -1, self.generative)
         if world is None and self.unavailable and not self._serving:
             self._reject(client, client_id, Unavailable(
                 f"{self.name}: no world can serve it: {self.unavailable}"))
@@ -201,10 +201,6 @@ class Router:
             self._dispatch(p, world, now)
         else:
             self.queue.append(p)
-
-    def _pick(self, avoid: int = -1) -> WorldRoute | None:
-        """The serving world that takes the next request (controller/inflight.py ``pick``)."""
-        return pick(self._serving, self.limit, avoid, by_tokens=self.generative)
 
     def _dispatch(self, p: Pending, world: WorldRoute, now: float) -> None:
         if not world.inflight:
@@ -270,9 +266,12 @@ class Router:
         if not queue:
             return
         now = self._clock()
+        # Which world takes each: controller/inflight.py ``pick`` (dispatching changes none
+        # of these).
+        serving, limit, by_tokens = self._serving, self.limit, self.generative
         while queue:
             p = queue[0]
-            world = self._pick(p.avoid)
+            world = pick(serving, limit, p.avoid, by_tokens)
             if world is None:
                 return
             queue.popleft()
