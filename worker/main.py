@@ -14,6 +14,7 @@ import uuid
 from mesh import gc_policy
 from mesh.loop import run as run_loop
 from mesh.security import ClientKeys, client_keys
+from worker import lifeline
 from worker.agent import WorkerAgent
 
 log = logging.getLogger(__name__)
@@ -84,26 +85,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def follow_parent(parent_pid: int) -> None:
     """Die with the launching controller: SIGTERM on parent death (Linux), checked once now."""
-    if parent_pid <= 0:
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:  # not Linux: the controller watchdog still ends us
-        pass
-    if os.getppid() != parent_pid:
-        raise SystemExit(f"launching controller {parent_pid} is gone")
+    lifeline.follow(parent_pid, signal.SIGTERM, "launching controller")
 
 
 def _exit_quietly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace, *, forked: bool = False) -> int:
     """Run a worker until it is told to stop; ends the process (os._exit) with its code.
+
+    ``forked``: this process is a fork server's child (worker/fork_child.py), which dies with
+    its parent, the server, and the server with the controller; ``--parent-pid`` (the
+    controller) is then not its parent.
 
     Why os._exit: a world's runner may still sit in a gloo wait for a peer that neither
     answers nor closes (it ends at the world's timeout). Python does not join such daemon
@@ -115,7 +109,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     # clean exit too; the event loop installs its own handlers once it runs.
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
-    follow_parent(args.parent_pid)
+    if not forked:
+        follow_parent(args.parent_pid)
     labels = dict(item.split("=", 1) for item in args.label if "=" in item)
     worker_id = args.worker_id or default_worker_id()
     logging.basicConfig(
@@ -140,7 +135,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, forked: bool = False) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return run_from_args(parser.parse_args(argv), forked=forked)
