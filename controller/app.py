@@ -65,7 +65,7 @@ def local_launcher(config: Config, on_exit: Callable[[str, int], None]) -> Launc
     keys = ["--key", s.controller_key, "--controller-key", s.controller_key] if s.curve else []
     return LocalLauncher(c.worker_endpoint, on_exit=on_exit, device=c.worker_device,
                          threads=c.worker_threads, max_workers=c.max_local_workers,
-                         extra_args=keys)
+                         extra_args=keys, fork=c.fork_workers)
 
 
 def _security(context: zmq.Context[Any], s: SecurityConfig

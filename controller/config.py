@@ -64,6 +64,10 @@ class ControllerConfig:
     # Local launcher: device for spawned workers ("auto", "cpu", "cuda") and torch threads.
     worker_device: Annotated[str, Meta(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     worker_threads: Annotated[int, Meta(ge=0, le=1024)] = 0  # 0: torch's default
+    # Local launcher: fork workers from a fork server that imported torch once (tens of
+    # milliseconds a worker, not seconds); false: every worker is a plain `python -m worker`.
+    # Linux only; elsewhere, or when the server fails, workers start plainly (logged once).
+    fork_workers: bool = True
     # Local launcher: how many workers this host may run at once.
     max_local_workers: Annotated[int, Meta(ge=1, le=4096)] = 16
     # Formation failures in a row (a model that fails to load, a worker that crashes while

@@ -1,10 +1,15 @@
 """Launchers start and stop worker processes; the WorldManager asks, the launcher acts.
 
-``LocalLauncher`` runs workers as subprocesses of the controller, each in its own session (a
-Ctrl-C on the terminal reaches the controller alone, which then drains and stops them in
-order). Every worker is ended by its PID on shutdown: SIGTERM, then SIGKILL after a grace
-period. Workers also set a parent-death signal and watch the controller, so even a SIGKILLed
-controller leaves no orphans behind.
+``LocalLauncher`` runs workers as local processes, each in its own session (a Ctrl-C on the
+terminal reaches the controller alone, which then drains and stops them in order). With
+``fork_workers`` (the default) they are forked by a fork server that imported torch once
+(worker/forkserver.py, through controller/fork_client.py): tens of milliseconds where a plain
+``python -m worker`` takes seconds; where that cannot be done, or the server fails, they are
+started plainly, as subprocesses of the controller. Either way a worker looks the same from
+outside (its command line, its exit code) and is ended by its PID on shutdown: SIGTERM, then
+SIGKILL after a grace period. Workers die with the controller (a parent-death signal, and
+they watch it), forked ones through the server, which dies with the controller too, so even a
+SIGKILLed controller leaves no orphans behind.
 
 ``NoLauncher`` is for controllers whose workers join remotely (``meshctl worker``).
 """
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from controller.fork_client import ForkServer, ForkUnavailable
 from mesh.logs import speaker
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -71,17 +77,32 @@ def count_gpus() -> int:
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
+class WorkerProcess(Protocol):
+    """A started worker: a subprocess (``asyncio.subprocess.Process``) or a forked one
+    (``controller.fork_client.ForkedProcess``)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
 @dataclass
 class _Child:
     worker_id: str
-    proc: asyncio.subprocess.Process
+    proc: WorkerProcess
     device: str
     started_s: float = field(default_factory=time.monotonic)
     watcher: asyncio.Task[None] | None = None
 
 
 class LocalLauncher:
-    """Workers as local subprocesses: ``python -m worker --controller ... --worker-id ...``."""
+    """Local workers: ``python -m worker --controller ... --worker-id ...``, forked or run."""
 
     can_spawn = True
 
@@ -96,6 +117,7 @@ class LocalLauncher:
         python: str = sys.executable,
         extra_env: dict[str, str] | None = None,
         extra_args: list[str] | None = None,
+        fork: bool = True,
     ) -> None:
         self.controller_endpoint = controller_endpoint
         self._on_exit = on_exit
@@ -108,6 +130,10 @@ class LocalLauncher:
         self._children: dict[str, _Child] = {}
         self._gpus = count_gpus() if device in ("auto", "cuda") else 0
         self._closing = False
+        # Room for a forked worker's command line: the longest this launcher writes, with a
+        # worker id of up to 64 characters.
+        room = sum(len(arg.encode()) + 1 for arg in self._command("w" * 64, "cuda:9999"))
+        self._forks = ForkServer(python, title_room=room) if fork else None
 
     def _pick_device(self) -> str:
         if self._device not in ("auto", "cuda"):
@@ -119,7 +145,12 @@ class LocalLauncher:
         return min((f"cuda:{i}" for i in range(self._gpus)), key=used.count)
 
     async def adopt(self, timeout_s: float) -> list[str]:
-        return []  # its workers die with the controller that started them: none outlive it
+        """None to adopt (its workers die with the controller that started them); but this
+        is the controller's start, before its first spawn: the fork server starts now, and
+        imports torch while the rest of the controller starts up."""
+        if self._forks is not None:
+            await self._forks.begin(self._env())
+        return []
 
     async def spawn(self, worker_id: str) -> int:
         if self._closing:
@@ -127,7 +158,16 @@ class LocalLauncher:
         if len(self._children) >= self._max_workers:
             raise LaunchError(f"local worker limit reached ({self._max_workers})")
         device = self._pick_device()
-        cmd = [
+        proc, how = await self._start(self._command(worker_id, device), self._env())
+        child = _Child(worker_id, proc, device)
+        self._children[worker_id] = child
+        child.watcher = asyncio.get_running_loop().create_task(
+            self._watch(child), name=f"launcher.watch.{worker_id}")
+        log.info("started worker %s pid %d on %s (%s)", worker_id, proc.pid, device, how)
+        return proc.pid
+
+    def _command(self, worker_id: str, device: str) -> list[str]:
+        return [
             self._python, "-m", "worker",
             "--controller", self.controller_endpoint,
             "--worker-id", worker_id,
@@ -137,20 +177,27 @@ class LocalLauncher:
             "--exit-on-controller-loss",  # a child must not outlive its controller
             *self._extra_args,
         ]
+
+    def _env(self) -> dict[str, str]:
         env = {**os.environ, **self._extra_env}
         if self._threads > 0:
             # Set before torch loads: OpenMP sizes its pool per thread, and a pool larger than
             # the slot keeps a spinning helper thread that slows every process on the host.
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 env.setdefault(var, str(self._threads))
+        return env
+
+    async def _start(self, cmd: list[str], env: dict[str, str]) -> tuple[WorkerProcess, str]:
+        """Forked when the fork server can, else a plain subprocess (its failure is logged
+        once, by the fork server)."""
+        if self._forks is not None and self._forks.usable:
+            with contextlib.suppress(ForkUnavailable):
+                return await self._forks.spawn(cmd, env, os.getcwd()), "forked"
+        if self._closing:  # while the fork server was asked, or started
+            raise LaunchError("launcher is shutting down")
         proc = await asyncio.create_subprocess_exec(*cmd, env=env, start_new_session=True,
                                                     stdin=asyncio.subprocess.DEVNULL)
-        child = _Child(worker_id, proc, device)
-        self._children[worker_id] = child
-        child.watcher = asyncio.get_running_loop().create_task(
-            self._watch(child), name=f"launcher.watch.{worker_id}")
-        log.info("started worker %s pid %d on %s", worker_id, proc.pid, device)
-        return proc.pid
+        return proc, "plain"
 
     async def _watch(self, child: _Child) -> None:
         rc = await child.proc.wait()
@@ -183,7 +230,7 @@ class LocalLauncher:
         if child is None or child.proc.returncode is not None:
             return False
         with contextlib.suppress(ProcessLookupError):
-            os.kill(child.proc.pid, sig)
+            child.proc.send_signal(sig)
             return True
         return False
 
@@ -205,8 +252,8 @@ class LocalLauncher:
                     await proc.wait()
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-                os.kill(proc.pid, signal.SIGTERM)
+                proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+                proc.send_signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(timeout_s):
                     await proc.wait()
@@ -214,17 +261,20 @@ class LocalLauncher:
                 log.warning("worker %s pid %d ignored SIGTERM; SIGKILL",
                             child.worker_id, proc.pid)
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.send_signal(signal.SIGKILL)
                 await proc.wait()
         if child.watcher is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await child.watcher
 
     async def aclose(self, timeout_s: float) -> None:
-        """Stop every worker this launcher started, each by its own PID."""
+        """Stop every worker this launcher started, each by its own PID, then the fork
+        server (it reports the forked ones' exits until then)."""
         self._closing = True
         children = list(self._children.values())
         await asyncio.gather(*(self._stop_child(c, timeout_s) for c in children))
+        if self._forks is not None:
+            await self._forks.aclose()
 
 
 class NoLauncher:
