@@ -115,6 +115,10 @@ class Cluster:
         """Live worker processes of this cluster, found by their controller endpoint."""
         return pids_with(f"--controller {self.workers_endpoint}")
 
+    def fork_server_pids(self) -> list[int]:
+        """This cluster's worker fork server (worker/forkserver.py), found by its parent."""
+        return pids_with(f"worker.forkserver --parent-pid {self.pid} ")
+
     def gateway_pids(self) -> list[int]:
         """Live HTTP gateway processes of this cluster (meshctl up's, found the same way)."""
         return pids_with(f"gateway --controller {self.client}")
@@ -193,9 +197,10 @@ def reap(cluster: Cluster) -> list[int]:
         with contextlib.suppress(Exception):
             cluster.stop(signal.SIGTERM, timeout_s=20.0)
     deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and (cluster.worker_pids() or cluster.gateway_pids()):
+    while time.monotonic() < deadline and (cluster.worker_pids() or cluster.gateway_pids()
+                                           or cluster.fork_server_pids()):
         time.sleep(0.05)
-    for pid in cluster.worker_pids() + cluster.gateway_pids() + [
+    for pid in cluster.worker_pids() + cluster.gateway_pids() + cluster.fork_server_pids() + [
             p for p in cluster.seen_worker_pids if alive(p)]:
         if pid in leaked:
             continue
