@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.socket_fd)
     log.info("ready in %.2f s (pid %d)", time.monotonic() - started, os.getpid())
     ForkServer(sock, env, room).serve()
-    return 0
+    # Nothing to finalize, nothing buffered (logging flushes each record): no interpreter
+    # teardown of torch, which would keep the controller's shutdown waiting.
+    os._exit(0)
 
 
 if __name__ == "__main__":
