@@ -41,7 +41,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -294,7 +294,8 @@ class Autoscaler:
     sets the target; both are injected, as is the clock, so tests drive it without sleeping.
     """
 
-    def __init__(self, names: list[str], *, context_of: Callable[[str, float], Context | None],
+    def __init__(self, names: Iterable[str], *,
+                 context_of: Callable[[str, float], Context | None],
                  apply: Callable[[str, int, str], None], tick_s: float = 0.5,
                  policy: ScalingPolicy[Any] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -304,18 +305,24 @@ class Autoscaler:
         self.tick_s = tick_s
         self.policy: ScalingPolicy[Any] = policy or LatencyPolicy()
         self._clock = clock
-        self.states: dict[str, Any] = {n: self.policy.initial() for n in names}
+        self.states: dict[str, Any] = {}
         self.last: dict[str, Decision] = {}
         self.reason: dict[str, str] = {}
 
     def tick(self) -> None:
         now = self._clock()
-        for name in self._names:
+        names = list(self._names)  # a live view: deployments come and go (meshctl apply)
+        for name in [n for n in self.states if n not in names]:
+            del self.states[name]
+        for name in names:
             try:
                 ctx = self._context_of(name, now)
                 if ctx is None:
                     continue
-                target, self.states[name], why = self.policy.decide(ctx, self.states[name])
+                state = self.states.get(name)
+                if state is None:
+                    state = self.policy.initial()
+                target, self.states[name], why = self.policy.decide(ctx, state)
                 self.reason[name] = why
                 if target != ctx.desired:
                     decision = Decision(time.time(), name, ctx.desired, target, why)

@@ -51,8 +51,19 @@ def model_metadata(name: str, description: dict[str, Any], *, stages: int,
 
 
 def describe_fleet(fleet: Fleet) -> list[dict[str, Any]]:
-    """Every deployment's metadata, for a client's ``describe``."""
+    """Every deployment's metadata, and every route's, for a client's ``describe``. A route
+    answers with its first deployment's description (its deployments serve the same
+    contract), its weights, and ready when any of them serves."""
     serving = {w.deployment for w in fleet.worlds.values() if w.state == WorldState.SERVING}
-    return [model_metadata(name, dep.description, stages=dep.config.stages,
-                           ready=name in serving)
-            for name, dep in fleet.deployments.items()]
+    deployments = {name: dep for name, dep in fleet.deployments.items() if not dep.removing}
+    out = [model_metadata(name, dep.description, stages=dep.config.stages,
+                          ready=name in serving)
+           for name, dep in deployments.items()]
+    for route in fleet.routes:
+        first = deployments.get(next(iter(route.to)))
+        if first is None:
+            continue
+        entry = model_metadata(route.name, first.description, stages=first.config.stages,
+                               ready=any(name in serving for name in route.to))
+        out.append({**entry, "route": {"to": dict(route.to)}})
+    return out

@@ -10,6 +10,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
+from controller import fleet_apply
 from controller.effects import (
     ForgetWorker,
     HoldRoute,
@@ -275,7 +276,10 @@ def spawn_failed(fleet: Fleet, worker_id: str, reason: str) -> None:
 
 
 def formation_failed(fleet: Fleet, world: WorldInfo, error: str) -> None:
-    """Back off exponentially; after ``max_load_failures`` in a row, stop trying."""
+    """Back off exponentially; after ``max_load_failures`` in a row, stop trying. A
+    rollout's new spec that fails is rolled back instead (controller/fleet_apply.py)."""
+    if fleet_apply.load_failed(fleet, world, error):
+        return
     dep = fleet.deployments[world.deployment]
     dep.failures += 1
     dep.last_error = error

@@ -192,6 +192,7 @@ async def _until(check: Any, what: str) -> None:
 async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_dropped(
         ) -> None:
     from controller.frontend import Frontend
+    from controller.routers import Routers
 
     pings = batch(*([codec.pack({"v": 1, "kind": "ping", "id": i})] for i in (1, 2, 3)))
     context = zmq.asyncio.Context()
@@ -199,7 +200,7 @@ async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_d
         held: list[Any] = []
         front = Frontend(context, f"inproc://frontend-{deferred}", max_request_bytes=1 << 20,
                          defer=held.append if deferred else None)
-        front.start({})
+        front.start(Routers.of({}))
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
