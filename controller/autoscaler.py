@@ -18,9 +18,12 @@ each deployment's.
   exceed what the worlds can serve at ``target_util``;
   jump straight to the number of worlds the arrival rate needs (at least one more), counting
   worlds still forming as capacity on its way, so a slow start is not answered twice;
-* scale down slowly, one world at a time: only after p99 has stayed under
-  ``down_fraction`` of the target for ``downscale_delay_s`` (default 30 s) and the remaining
-  worlds would still run below ``down_util``; each step restarts the wait;
+* scale down after a sustained headroom, straight to what the load needs: only after p99 has
+  stayed under ``down_fraction`` of the target for ``downscale_delay_s`` (default 30 s) and
+  one world fewer would still run below ``down_util``; then it gives back every world the
+  measured arrival rate and per-world capacity say is not needed (the fewest worlds that stay
+  under ``down_util``, ``enough_worlds``), never below ``min_worlds``; each step restarts the
+  wait;
 * the gap between the up and down thresholds is the hysteresis that keeps a steady load,
   noisy or not, from moving the count back and forth;
 * a world that adds no service rate is not capacity: after every scale-up the policy measures
@@ -136,6 +139,19 @@ def policy_of(config: AutoscalerConfig) -> ScalingPolicy[Any]:
     if config.policy == "latency":
         return LatencyPolicy(config)
     raise ValueError(f"unknown scaling policy {config.policy!r}")  # the config refuses it
+
+
+def enough_worlds(ctx: Context, t: AutoscalerConfig = _DEFAULTS) -> int:
+    """After a headroom: the fewest worlds that keep the arrival rate under ``down_util`` of
+    their measured capacity (the headroom the down rule asks for), within the bounds, and
+    fewer than now. Nothing arriving: ``min_worlds``."""
+    lo = ctx.min_worlds
+    if ctx.arrival_rps <= 0:
+        return lo
+    if ctx.world_rps <= 0:
+        return max(lo, ctx.desired - 1)  # capacity unknown: one world at a time, as before
+    fewest = math.ceil(ctx.arrival_rps / (ctx.world_rps * t.down_util))
+    return max(lo, 1, min(ctx.desired - 1, fewest))
 
 
 def needed_worlds(ctx: Context, t: AutoscalerConfig = _DEFAULTS) -> int | None:
@@ -266,10 +282,10 @@ def _decide(ctx: Context, state: State, t: AutoscalerConfig) -> tuple[int, State
         state = replace(state, headroom_since_s=since)
         waited = ctx.now_s - since
         if waited >= ctx.downscale_delay_s:
-            target = current - 1
+            target = enough_worlds(ctx, t)
             return target, replace(state, headroom_since_s=None), \
                 f"down: headroom for {waited:.0f}s (p99 {ctx.p99_ms:.1f} ms, " \
-                f"arrival {ctx.arrival_rps:.0f}/s)"
+                f"arrival {ctx.arrival_rps:.0f}/s: {target} world(s) enough)"
         return current, state, f"headroom for {waited:.0f}s (acting at {ctx.downscale_delay_s}s)"
     return current, replace(state, headroom_since_s=None), "steady"
 
