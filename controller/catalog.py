@@ -41,9 +41,9 @@ class Catalog:
         return next((d for d in self.deployments if d.name == name), None)
 
 
-def parse_catalog(raw: dict[str, Any], *, require_deployments: bool = True) -> Catalog:
+def parse_catalog(raw: dict[str, Any]) -> Catalog:
     """The ``[[deployments]]`` and ``[[routes]]`` of a parsed TOML document, checked."""
-    deployments = tuple(_deployments(raw.get("deployments", []), require_deployments))
+    deployments = tuple(_deployments(raw.get("deployments", [])))
     routes = tuple(_routes(raw.get("routes", [])))
     names = {d.name for d in deployments}
     for route in routes:
@@ -58,10 +58,10 @@ def parse_catalog(raw: dict[str, Any], *, require_deployments: bool = True) -> C
     return Catalog(deployments, routes)
 
 
-def _deployments(raw: Any, required: bool) -> list[DeploymentSpec]:
+def _deployments(raw: Any) -> list[DeploymentSpec]:
     if not isinstance(raw, list) or not all(isinstance(d, dict) for d in raw):
         raise ConfigError("'deployments' must be an array of tables ([[deployments]])")
-    if not raw and required:
+    if not raw:
         raise ConfigError("'deployments' is empty: configure at least one model")
     deployments = []
     seen: set[str] = set()

@@ -117,7 +117,9 @@ def apply(fleet: Fleet, args: ApplyArgs) -> dict[str, Any]:
     if unknown:
         raise BadRequest(f"unknown top-level key {sorted(unknown)[0]!r}")
     try:
-        catalog = parse_catalog(args.document, require_deployments=False)
+        # A document without deployments is refused, not read as "remove them all": a wrong
+        # or truncated file must not take every model down (a config file needs one too).
+        catalog = parse_catalog(args.document)
     except ConfigError as exc:
         raise BadRequest(str(exc)) from None
     running = {name: d.config for name, d in fleet.deployments.items() if not d.removing}

@@ -94,6 +94,11 @@ def test_a_dry_run_changes_nothing_and_a_bad_document_is_refused_by_name() -> No
         apply(f, {**MLP, "stages": 0})
     with pytest.raises(BadRequest, match="unknown top-level key 'nope'"):
         f.handle(ApplyArgs(document={"nope": 1}))
+    # A document with no deployments (a wrong or truncated file) takes nothing down.
+    for empty in ({}, {"deployments": []}, {"routes": []}):
+        with pytest.raises(BadRequest, match="'deployments' is empty"):
+            f.handle(ApplyArgs(document=empty))
+    assert not f.fleet.deployments["m"].removing and f.effects == []
 
 
 # -- rollouts -------------------------------------------------------------------------------
