@@ -14,6 +14,10 @@ from mesh.client import Client
 from mesh.errors import MeshError
 from tests.cluster import Cluster, reap, start_cluster
 from tests.gloo_peer import Peer
+from tests.process_guard import (  # noqa: F401 (hooks: a test that starts a process is marked)
+    pytest_runtest_makereport,
+    pytest_runtest_protocol,
+)
 
 StartCluster = Callable[..., Awaitable[Cluster]]
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -63,6 +64,7 @@ async def exchange(endpoint: str, frames: list[Any], answers: int, timeout_s: fl
         context.term()
 
 
+@pytest.mark.integration
 async def test_a_batch_is_answered_request_by_request_and_in_batches(serving: Any) -> None:
     cluster, failures = serving
     xs = {i: np.full((1, 64), i, np.float32) for i in range(1, 9)}
@@ -94,6 +96,7 @@ async def test_a_batch_is_answered_request_by_request_and_in_batches(serving: An
 BAD_COUNTS = [[1, 1], [2, 1, 1], [0, 2, 1], [1.0, 1, 1], "3", [1] * (MAX_BATCH + 1)]
 
 
+@pytest.mark.integration
 async def test_a_batch_that_does_not_add_up_is_refused_whole_and_batches_do_not_nest(
         serving: Any) -> None:
     cluster, failures = serving
@@ -114,6 +117,7 @@ async def test_a_batch_that_does_not_add_up_is_refused_whole_and_batches_do_not_
     assert failures == []
 
 
+@pytest.mark.integration
 async def test_the_python_client_batches_once_offered_and_only_when_allowed(
         serving: Any) -> None:
     cluster, failures = serving
@@ -139,6 +143,7 @@ async def test_the_python_client_batches_once_offered_and_only_when_allowed(
     assert failures == []
 
 
+@pytest.mark.integration
 async def test_streams_keep_their_chunks_in_order_beside_batched_short_requests(
         cluster_factory: Any) -> None:
     cluster = await cluster_factory("""

@@ -24,6 +24,8 @@ from tests.conftest import StartCluster
 from tests.load import LedgerClient, Load
 from tests.polling import until
 
+pytestmark = pytest.mark.integration
+
 PIPELINE = """
 [[deployments]]
 name = "mlp"

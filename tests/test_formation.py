@@ -276,6 +276,7 @@ async def wait_for_log(cluster: Cluster, pattern: str, timeout_s: float) -> str:
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.integration
 async def test_a_join_dropped_once_is_sent_again_and_the_deployment_serves_within_five_seconds(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(PIPELINE, controller=f"warm_workers = 2\n{FORM_TIMEOUT}")
@@ -309,6 +310,7 @@ async def test_a_join_dropped_once_is_sent_again_and_the_deployment_serves_withi
     assert load.errors == [], load.errors[:3]
 
 
+@pytest.mark.integration
 async def test_a_peer_killed_while_its_world_forms_frees_the_waiting_rank_within_five_seconds(
         cluster_factory: StartCluster) -> None:
     # A long heartbeat timeout: the peer is stopped before it is killed, and only the kill

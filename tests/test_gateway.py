@@ -24,7 +24,7 @@ from tests.cluster import Cluster, free_port, reap, start_cluster
 openai = pytest.importorskip("openai")
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 DEPLOYMENTS = """
 [[deployments]]

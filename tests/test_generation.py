@@ -10,10 +10,14 @@ import os
 import signal
 from typing import Any
 
+import pytest
+
 from tests.cluster import Cluster, alive
 from tests.conftest import StartCluster
 from tests.load import LedgerClient
 from worker.models.tinygpt import generate
+
+pytestmark = pytest.mark.integration
 
 TINYGPT = """
 [[deployments]]

@@ -24,7 +24,7 @@ from tests.hosts import Site
 from tests.load import LedgerClient, Load
 
 WHY_NOT = netns.unavailable()
-pytestmark = [pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "-"),
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "-"),
               pytest.mark.timeout(150)]
 
 @pytest.fixture

@@ -80,6 +80,7 @@ def test_a_worker_pod_carries_its_id_owner_resources_and_placement() -> None:
     kubernetes_validate.validate(pod, "1.31", strict=True)
 
 
+@pytest.mark.integration
 async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKube) -> None:
     exits: list[tuple[str, int]] = []
     # A stand-in worker: the pod's command, run by the fake kubelet.
@@ -137,6 +138,7 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
     assert kube.verbs == set(API_VERBS)
 
 
+@pytest.mark.integration
 async def test_a_killed_worker_ends_with_its_pod_and_is_reported_once_its_process_is_gone(
         kube: FakeKube) -> None:
     # meshctl kill, or a hung worker: a force delete (grace 0) would remove the pod object at
@@ -178,6 +180,7 @@ async def test_a_killed_worker_ends_with_its_pod_and_is_reported_once_its_proces
     assert kube.pids() == {}
 
 
+@pytest.mark.integration
 async def test_a_pod_deleted_between_the_list_and_the_watch_is_still_reported(
         kube: FakeKube) -> None:
     # After a broken watch the launcher lists its pods, then watches again. It must watch from
@@ -222,6 +225,7 @@ def create_pod(kube: FakeKube, manifest: dict[str, Any]) -> None:
         assert answer.status == 201
 
 
+@pytest.mark.integration
 async def test_a_restarted_launcher_adopts_its_pods_before_it_creates_any_and_keeps_them(
         kube: FakeKube) -> None:
     from controller.launcher import LaunchError
@@ -294,6 +298,7 @@ def serving(n: int) -> Any:
         sum(w["state"] == "serving" for w in s["worlds"]) == n
 
 
+@pytest.mark.integration
 async def test_a_controller_scales_through_pods_and_replaces_a_killed_one(
         kube: FakeKube, tmp_path: Path) -> None:
     from tests.cluster import Cluster, alive, free_ports, start_controller, write_config
@@ -372,6 +377,7 @@ termination_grace_s = 5
     assert not alive(ctrl.pid)
 
 
+@pytest.mark.integration
 async def test_a_restarted_controller_adopts_its_pods_and_never_asks_for_them_again(
         kube: FakeKube, tmp_path: Path) -> None:
     # A controller restarted in its pod (a crash: the container restarts, the pod and its
@@ -463,6 +469,7 @@ def test_a_worker_pod_under_curve_mounts_the_keys_secret_and_passes_its_keys() -
         "spec"]["containers"][0]["args"]
 
 
+@pytest.mark.integration
 async def test_a_controller_under_curve_serves_through_pods_that_hold_the_workers_key(
         tmp_path: Path) -> None:
     # CURVE with the kubernetes launcher: the worker pods get their key pair and the

@@ -67,6 +67,7 @@ def test_the_file_is_what_the_generator_makes_and_reads_back() -> None:
                       "unsupported_version"}
 
 
+@pytest.mark.integration
 async def test_a_live_controller_answers_every_vector_as_recorded(tmp_path: Path) -> None:
     ports = free_ports("client", "admin", "worker")
     config = tmp_path / "vectors.toml"

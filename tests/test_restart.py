@@ -22,6 +22,8 @@ from mesh.errors import ControllerLost
 from tests.cluster import joined_cluster, restart_controller, start_controller
 from tests.load import LedgerClient, Load
 
+pytestmark = pytest.mark.integration
+
 MLP = """
 [[deployments]]
 name = "mlp"

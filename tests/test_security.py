@@ -26,6 +26,8 @@ from mesh.messages import AdminReply, AdminRequest
 from mesh.security import ClientKeys
 from tests.conftest import StartCluster
 
+pytestmark = pytest.mark.integration
+
 X = {"x": np.ones((1, 64), np.float32)}
 
 

@@ -18,6 +18,8 @@ from tests.cluster import free_port
 from tests.conftest import StartCluster
 from tests.load import Load
 
+pytestmark = pytest.mark.integration
+
 MLP = """
 [[deployments]]
 name = "mlp"

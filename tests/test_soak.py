@@ -16,6 +16,8 @@ import pytest
 
 from tests.cluster import pids_with
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

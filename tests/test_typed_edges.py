@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -25,6 +26,8 @@ from mesh.messages import ADMIN_ARGS, WORKER_MESSAGES
 from tests.cluster import Cluster, free_port
 from tests.conftest import StartCluster
 from tests.test_serving import http_get
+
+pytestmark = pytest.mark.integration
 
 MLP = """
 [[deployments]]
