@@ -18,7 +18,7 @@ import zmq.asyncio
 
 from mesh import codec
 from mesh.messages import request_header
-from tests.cluster import Cluster
+from mesh.testing.cluster import Cluster
 from tests.conftest import GUARDED_LIMIT as LIMIT
 
 pytestmark = pytest.mark.integration

@@ -20,6 +20,7 @@ import zmq.asyncio
 from mesh import codec
 from mesh.client import Client
 from mesh.messages import MAX_BATCH, batch_header, request_header, split_batch
+from mesh.testing.waits import until
 from tests.conftest import GUARDED_LIMIT as LIMIT
 
 
@@ -186,14 +187,6 @@ max_batch_size = 4
     assert messages < 320 + 4 * 25  # answers and chunks came in batches
 
 
-async def _until(check: Any, what: str) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_dropped(
         ) -> None:
     from controller.frontend import Frontend
@@ -212,7 +205,7 @@ async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_d
             await sock.send_multipart(pings)
             replies = []
             if deferred:  # held until the loop turn's flush, then one batch
-                await _until(lambda: held, "answers held")  # noqa: B023
+                await until(lambda: bool(held), 5.0, "answers held", interval_s=0.01)  # noqa: B023
                 assert not await sock.poll(100)
                 held.pop()()
                 async with asyncio.timeout(5):
@@ -230,7 +223,7 @@ async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_d
                                                               ("pong", 3)]
             if deferred:  # a client gone before its batch goes out: each answer is counted
                 await sock.send_multipart(pings)
-                await _until(lambda: held, "answers held")  # noqa: B023
+                await until(lambda: bool(held), 5.0, "answers held", interval_s=0.01)  # noqa: B023
                 sock.close(0)
                 await asyncio.sleep(0.3)  # the frontend's side of the connection ends
                 held.pop()()

@@ -15,8 +15,8 @@ import zmq
 
 from mesh.cli import DEFAULT_ADMIN
 from mesh.cli.parser import build_parser, parse_args
+from mesh.testing.ports import free_port
 from mesh.transport import bind_socket
-from tests.cluster import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

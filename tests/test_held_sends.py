@@ -16,7 +16,7 @@ from controller.backend import Backend
 from controller.frontend import Frontend
 from controller.held_sends import HeldSends
 from mesh.messages import PROTOCOL_VERSION, batch_header, split_batch
-from tests.cluster import free_port
+from mesh.testing.ports import free_port
 from worker.world import Replier
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from mesh.client import Client, backoff_s
 from mesh.errors import MeshError, Overloaded
+from mesh.testing.ledger import LedgerClient
 from tests.conftest import StartCluster
-from tests.load import LedgerClient
 
 SLOW = """
 [[deployments]]
@@ -119,4 +119,4 @@ async def offer_overload(client_endpoint: str, one: Callable[[LedgerClient], Awa
             assert out["y"].shape == (1, 4)
         await asyncio.gather(*patient)
         await asyncio.sleep(0.5)
-        return dict(client.answers)
+        return dict(client.ledger.answers)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.cluster import alive
+from mesh.testing.processes import alive
 from tests.process_guard import ProcessWithoutMarker, refuse_processes
 
 pytest_plugins = ["pytester"]

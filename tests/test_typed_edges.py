@@ -23,7 +23,8 @@ from mesh import codec
 from mesh.client import Client
 from mesh.errors import BadRequest
 from mesh.messages import ADMIN_ARGS, WORKER_MESSAGES
-from tests.cluster import Cluster, free_port
+from mesh.testing.cluster import Cluster
+from mesh.testing.ports import free_port
 from tests.conftest import StartCluster
 from tests.test_serving import http_get
 
