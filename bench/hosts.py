@@ -39,15 +39,10 @@ import numpy as np
 
 from mesh.client import Client
 from mesh.errors import MeshError
+from mesh.testing.configs import deployment
 from mesh.testing.hosts import Hosts, Site, unavailable
 
-MLP = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-factory_kwargs = { hidden = 64 }
-worlds = 2
-"""
+MLP = deployment("mlp", "worker.models.mlp:build", factory_kwargs={"hidden": 64}, worlds=2)
 
 
 class Recorder:

@@ -20,6 +20,7 @@ from mesh.testing.cluster import Cluster
 from mesh.testing.configs import write_config
 from mesh.testing.ports import free_ports
 from mesh.testing.processes import alive, end_processes
+from mesh.testing.waits import serving
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
@@ -48,10 +49,8 @@ async def start_cluster(tmp_path: Path, deployments: str, *, controller: str = "
                       f"tcp://127.0.0.1:{ports['admin']}", f"tcp://127.0.0.1:{ports['worker']}",
                       config, log_path, admin_curve=admin_curve)
     try:
-        await cluster.wait_for(
-            lambda s: not wait_serving or all(d["worlds_current"] >= d["worlds_desired"]
-                                              for d in s["deployments"]),
-            timeout_s=ready_timeout_s, what="every deployment serving")
+        await cluster.wait_for(lambda s: not wait_serving or serving(s),
+                               timeout_s=ready_timeout_s, what="every deployment serving")
     except BaseException:
         reap(cluster)
         raise

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from mesh.testing import hosts as netns
+from mesh.testing.configs import deployment
 from mesh.testing.hosts import Site
 from mesh.testing.ledger import LedgerClient
 from tests.load import Load
@@ -47,13 +48,7 @@ def addresses(status: dict[str, Any], world: dict[str, Any]) -> list[str]:
 
 X = np.ones((1, 64), np.float32)
 
-MLP = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-factory_kwargs = { hidden = 64 }
-worlds = 2
-"""
+MLP = deployment("mlp", "worker.models.mlp:build", factory_kwargs={"hidden": 64}, worlds=2)
 
 TINYGPT_2_STAGES = """
 [[deployments]]

@@ -19,19 +19,14 @@ import numpy as np
 import pytest
 
 from mesh.errors import ControllerLost
+from mesh.testing.configs import deployment
 from mesh.testing.ledger import LedgerClient
 from tests.cluster import joined_cluster, restart_controller, start_controller
 from tests.load import Load
 
 pytestmark = pytest.mark.integration
 
-MLP = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-factory_kwargs = { hidden = 64 }
-worlds = 2
-"""
+MLP = deployment("mlp", "worker.models.mlp:build", factory_kwargs={"hidden": 64}, worlds=2)
 
 
 def serving(s: dict[str, Any]) -> bool:

@@ -19,7 +19,7 @@ from mesh import codec
 from mesh.errors import DeadlineExceeded, Overloaded
 from mesh.messages import PROTOCOL_VERSION, error_header, result_header
 from mesh.testing.clock import FakeClock
-from mesh.testing.configs import write_config
+from mesh.testing.configs import deployment, write_config
 from mesh.testing.ledger import Ledger, LedgerClient
 from mesh.testing.ports import free_port, free_ports
 from mesh.testing.waits import (
@@ -33,11 +33,7 @@ from mesh.testing.waits import (
 
 pytestmark = pytest.mark.timeout(30)
 
-MLP = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-"""
+MLP = deployment("mlp", "worker.models.mlp:build", factory_kwargs={"hidden": 64}, worlds=2)
 
 # -- clock and ports ---------------------------------------------------------------------------
 
@@ -75,7 +71,8 @@ def test_a_written_config_is_quiet_unless_asked_and_the_controller_loads_it(
     assert raw["gateway"] == {"listen": ""}
     cfg = load_config(path)
     assert cfg.controller.warm_workers == 0 and cfg.controller.autoscale is False
-    assert [d.name for d in cfg.deployments] == ["mlp"]
+    ((name, kwargs, worlds),) = [(d.name, d.factory_kwargs, d.worlds) for d in cfg.deployments]
+    assert (name, kwargs, worlds) == ("mlp", {"hidden": 64}, 2)
 
 
 def test_what_a_caller_names_replaces_the_quiet_default_once(tmp_path: Path) -> None:

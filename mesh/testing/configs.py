@@ -3,6 +3,7 @@ given, then the deployments' TOML.
 
     write_config(path, free_ports("client", "admin", "worker"), DEPLOYMENTS,
                  'launcher = "none"', worker_threads=1)
+    MLP = deployment("mlp", "worker.models.mlp:build", factory_kwargs={"hidden": 64}, worlds=2)
 
 A controller started here is quiet unless it asks otherwise (``QUIET``): no metrics port, no
 warm pool (tests count worker processes), no autoscaler (a test or benchmark that sets world
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 Value = bool | int | float | str
+Table = dict[str, Value]
 
 QUIET: dict[str, Value] = {"metrics_port": 0, "warm_workers": 0, "autoscale": False}
 NO_GATEWAY = '\n[gateway]\nlisten = ""\n'
@@ -24,7 +26,9 @@ ENDPOINTS = ("client", "admin", "worker")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_]+)\s*=", re.MULTILINE)
 
 
-def toml_value(value: Value) -> str:
+def toml_value(value: Value | Table) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -52,6 +56,12 @@ def controller_table(endpoints: Mapping[str, int | str], controller: str = "",
     lines = "".join(f"{k} = {toml_value(v)}\n" for k, v in table.items())
     return f"[controller]\n{lines}{controller.strip()}\n" if controller.strip() \
         else f"[controller]\n{lines}"
+
+
+def deployment(name: str, model: str, **settings: Value | Table) -> str:
+    """One ``[[deployments]]`` table (a dict value is written as an inline table)."""
+    lines = "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())
+    return f'\n[[deployments]]\nname = {toml_value(name)}\nmodel = {toml_value(model)}\n{lines}'
 
 
 def config_text(endpoints: Mapping[str, int | str], deployments: str = "",

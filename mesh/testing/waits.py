@@ -5,6 +5,7 @@
   ``until_blocking`` the same where no event loop runs (a thread, a sync fixture).
 - ``wait_status(fetch, predicate, timeout_s, what)``: a controller's admin ``status`` until a
   predicate on it holds; the failure quotes an excerpt of the last status seen.
+- ``serving(status)``: the usual predicate, every deployment serving.
 - ``http_ready(port)``: whether an HTTP server answers 200 on a path (for ``until``).
 """
 
@@ -101,6 +102,12 @@ async def wait_status(fetch: Fetch, predicate: Callable[[Status], bool], timeout
                            + f"\nlast status: {status_excerpt(last)}"
                            + (f"\n{more}" if more else ""))
         await asyncio.sleep(interval_s)
+
+
+def serving(status: Status, worlds: int | None = None) -> bool:
+    """Every deployment has ``worlds`` worlds serving (none given: as many as it wants)."""
+    return all(d["worlds_current"] >= (d["worlds_desired"] if worlds is None else worlds)
+               for d in status["deployments"])
 
 
 def status_excerpt(status: Status, max_chars: int = 2000) -> str:
