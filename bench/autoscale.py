@@ -16,30 +16,28 @@ third of the run and back at two thirds. Reported:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import controller_section, free_ports, start_controller, stop_process
 from mesh.admin_client import admin_call
 from mesh.client import Client
-from mesh.errors import MeshError
 from mesh.loadgen import Second, plot_profile, run_profile
 from mesh.loop import run as run_loop
 from mesh.stats import percentile
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, serving, wait_status
 
 
-def write_config(path: Path, ports: dict[str, int], args: argparse.Namespace) -> None:
-    controller = controller_section(ports, warm_workers=args.warm_workers, autoscale=True,
-                                    autoscale_tick_ms=250)
-    path.write_text(controller + f"""
+def deployment(args: argparse.Namespace) -> str:
+    return f"""
 [[deployments]]
 name = "fixed"
 model = "worker.models.fixed:build"
@@ -51,7 +49,7 @@ max_worlds = {args.max_worlds}
 slo_p99_ms = {args.slo_ms}
 upscale_delay_s = {args.upscale_delay_s}
 downscale_delay_s = {args.downscale_delay_s}
-""")
+"""
 
 
 def recovery_s(seconds: list[Second], step_t: float, slo: float, hold_s: int = 3) -> float | None:
@@ -65,24 +63,17 @@ def recovery_s(seconds: list[Second], step_t: float, slo: float, hold_s: int = 3
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker")
-    config = Path(tempfile.mkdtemp(prefix="meshserve-autoscale-")) / "autoscale.toml"
-    write_config(config, ports, args)
+    config = write_config(Path(tempfile.mkdtemp(prefix="meshserve-autoscale-")) /
+                          "autoscale.toml", ports, deployment(args), worker_threads=1,
+                          warm_workers=args.warm_workers, autoscale=True, autoscale_tick_ms=250)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
-    log = open(config.with_suffix(".log"), "wb")
-    ctrl = start_controller(config, log=log, log_level="INFO")
+    ctrl = start_controller(config, config.with_suffix(".log"), log_level="INFO")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                status = await admin_call(admin, "status", timeout_s=2.0)
-                if status["deployments"][0]["worlds_current"] >= 1 and \
-                        sum(w["state"] == "idle" for w in status["workers"]) >= args.warm_workers:
-                    break
-            except MeshError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("controller not ready")
-            await asyncio.sleep(0.2)
+        await wait_status(
+            admin_status(admin),
+            lambda s: serving(s, 1)
+            and sum(w["state"] == "idle" for w in s["workers"]) >= args.warm_workers,
+            120.0, "a world serving and the warm pool full", interval_s=0.2)
         x = {"x": np.ones((1, 4), dtype=np.float32)}
         async with Client(f"tcp://127.0.0.1:{ports['client']}") as client:
             arrivals, seconds = await run_profile(
@@ -91,8 +82,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 out=sys.stderr)
         final = await admin_call(admin, "status", timeout_s=5.0)
     finally:
-        stop_process(ctrl, 30.0)
-        log.close()
+        end_processes([ctrl], 30.0)
     step_up = args.duration_s / 3
     lat = sorted(a.latency_ms for a in arrivals if a.latency_ms is not None)
     peak_worlds = max(s.worlds for s in seconds)

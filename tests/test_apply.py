@@ -18,7 +18,8 @@ import pytest
 
 from mesh.client import Client
 from mesh.errors import MeshError, UnknownModel
-from tests.cluster import Cluster, start_controller
+from mesh.testing.cluster import Cluster
+from tests.cluster import start_controller
 from tests.conftest import StartCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 from controller.autoscaler import Autoscaler, Context, State, decide
+from mesh.testing.clock import FakeClock
 
 
 def ctx(now: float, **kw: Any) -> Context:
@@ -151,7 +152,7 @@ def test_a_noisy_steady_load_never_oscillates() -> None:
 
 
 def test_the_actor_applies_decisions_and_keeps_the_last_one_with_its_reason() -> None:
-    now = [0.0]
+    clock = FakeClock(0.0)
     applied: list[tuple[str, int, str]] = []
     contexts = {"a": ctx(0.0, p99_ms=400.0, arrival_rps=100.0, world_rps=0.0), "b": None}
 
@@ -160,9 +161,9 @@ def test_the_actor_applies_decisions_and_keeps_the_last_one_with_its_reason() ->
         return None if c is None else dataclasses.replace(c, now_s=t)
 
     scaler = Autoscaler(["a", "b"], context_of=context_of,
-                        apply=lambda n, w, r: applied.append((n, w, r)), clock=lambda: now[0])
+                        apply=lambda n, w, r: applied.append((n, w, r)), clock=clock)
     for _ in range(6):
-        now[0] += 0.5
+        clock.advance(0.5)
         scaler.tick()
     assert applied and applied[0][:2] == ("a", 3) and "p99" in applied[0][2]
     assert scaler.last["a"].to_worlds == 3

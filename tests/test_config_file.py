@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.serve import ConfigFile
-from tests.polling import until
+from mesh.testing.waits import until
 
 PLAN = {"add": [], "roll": [], "update": [], "remove": [], "unchanged": []}
 

@@ -17,7 +17,7 @@ from controller.frontend import Frontend
 from controller.held_sends import HeldSends
 from controller.routers import Routers
 from mesh.messages import PROTOCOL_VERSION, batch_header, split_batch
-from tests.cluster import free_port
+from mesh.testing.ports import free_port
 from worker.world import Replier
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -22,9 +23,12 @@ from mesh import codec
 from mesh.client import Client
 from mesh.errors import BadRequest, UnknownModel
 from mesh.messages import ADMIN_ARGS, WORKER_MESSAGES
-from tests.cluster import Cluster, free_port
+from mesh.testing.cluster import Cluster
+from mesh.testing.ports import free_port
 from tests.conftest import StartCluster
 from tests.test_serving import http_get
+
+pytestmark = pytest.mark.integration
 
 MLP = """
 [[deployments]]
