@@ -8,6 +8,8 @@ world serves 50 req/s whatever the CPU does); open-loop Poisson load steps from 
 third of the run and back at two thirds. Reported:
 
 * seconds from the step until p99 (per 1 s window) is back under the SLO and stays there;
+* after the load falls back, seconds until the worlds are down to what the base load held
+  before the step (and stay there): at most ``downscale_delay_s`` + 10 s;
 * worker-seconds the run used, against a fixed fleet sized for the peak for the whole run;
 * failed requests (there should be none: scale-downs drain);
 * with --plot, a PNG of latency against the SLO and live worlds over time.
@@ -61,6 +63,19 @@ def recovery_s(seconds: list[Second], step_t: float, slo: float, hold_s: int = 3
     return None
 
 
+def settle_after_fall(seconds: list[Second], fall_t: float) -> tuple[int, int, float | None]:
+    """(worlds at the fall, worlds the base rate needed before the step up, seconds from the
+    fall until the worlds were down to that and stayed there)."""
+    before = [s.worlds for s in seconds if s.t <= fall_t and s.worlds >= 0]
+    base = [s.worlds for s in seconds if s.t < fall_t / 2 and s.worlds >= 0]
+    need = max(base[len(base) // 2:], default=1)  # the base rate's level, once it settled
+    after = [s for s in seconds if s.t > fall_t and s.worlds >= 0]
+    for i, s in enumerate(after):
+        if all(x.worlds <= need for x in after[i:]):
+            return (before[-1] if before else -1), need, round(s.t - fall_t, 2)
+    return (before[-1] if before else -1), need, None
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker")
     config = write_config(Path(tempfile.mkdtemp(prefix="meshserve-autoscale-")) /
@@ -83,7 +98,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         final = await admin_call(admin, "status", timeout_s=5.0)
     finally:
         end_processes([ctrl], 30.0)
-    step_up = args.duration_s / 3
+    step_up, fall = args.duration_s / 3, 2 * args.duration_s / 3
+    at_fall, need, settle_s = settle_after_fall(seconds, fall)
     lat = sorted(a.latency_ms for a in arrivals if a.latency_ms is not None)
     peak_worlds = max(s.worlds for s in seconds)
     used = sum(max(0, s.workers) for s in seconds)
@@ -97,6 +113,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms_overall": round(percentile(lat, 99), 2),
         "seconds_to_p99_under_slo_after_step": recovery_s(seconds, step_up, args.slo_ms),
         "peak_worlds": peak_worlds,
+        "worlds_at_fall": at_fall, "worlds_base_load_needs": need,
+        "seconds_to_base_worlds_after_fall": settle_s,
+        "downscale_delay_s": args.downscale_delay_s,
         "worker_seconds_used": used,
         "worker_seconds_fixed_fleet_for_peak": fixed_fleet,
         "worker_seconds_saved_pct": round(100.0 * (1 - used / fixed_fleet), 1)
