@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.errors import BadRequest
+
+if TYPE_CHECKING:
+    from worker.splits import Split
 
 
 @dataclass(slots=True)
@@ -48,6 +51,8 @@ class Handler(abc.ABC):
     streaming = False
     stage = 0
     stages = 1
+    # How a pipeline model was cut into stages, when the loader cut it (worker/splits.py).
+    pipeline_split: Split | None = None
 
     def setup(self, *, checkpoint: str, device: str, stage: int = 0,  # noqa: B027
               stages: int = 1, split_points: list[int] | None = None) -> None:
@@ -90,8 +95,11 @@ class Handler(abc.ABC):
         """What this stage takes and gives, sent with every join: the controller answers a
         client's ``describe`` with rank 0's inputs, parameters and streaming and the last
         rank's outputs."""
-        return {"inputs": self.input_spec(), "outputs": self.output_spec(),
-                "parameters": self.param_spec(), "streaming": self.streaming}
+        out = {"inputs": self.input_spec(), "outputs": self.output_spec(),
+               "parameters": self.param_spec(), "streaming": self.streaming}
+        if self.pipeline_split is not None:
+            out["split"] = self.pipeline_split.describe()  # each stage: children, cost
+        return out
 
 
 def _torch_dtype_name(dtype: Any) -> str:
