@@ -1,8 +1,9 @@
 """What a client is told by ``describe``: each deployment's inputs, outputs, parameters and
 whether it streams, in the shape of KServe v2's model metadata (``name``, ``inputs`` and
 ``outputs`` as ``{name, datatype, shape}`` with -1 for the batch dimension), plus
-``parameters``, ``streaming``, ``stages`` and ``ready``. Pure: from what the handlers sent with
-their joins (controller/records.py ``DeploymentState.description``)."""
+``parameters``, ``streaming``, ``stages``, ``ready`` and, for a module cut into stages,
+``split``. Pure: from what the handlers sent with their joins (controller/records.py
+``DeploymentState.description``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def tensor_list(spec: dict[str, Any], *, batched: bool) -> list[dict[str, Any]]:
     return out
 
 
+def stage_split(description: dict[str, Any], stages: int) -> dict[str, Any] | None:
+    """How rank 0 cut a module into stages (each stage's children and measured cost), or
+    None: one stage, a handler that cuts itself, or a cut of another stage count (one that
+    an earlier configuration left)."""
+    split = description.get("split")
+    if not isinstance(split, dict) or len(split.get("stages") or []) != stages:
+        return None
+    return split
+
+
 def model_metadata(name: str, description: dict[str, Any], *, stages: int,
                    ready: bool) -> dict[str, Any]:
     out = {
@@ -41,6 +52,9 @@ def model_metadata(name: str, description: dict[str, Any], *, stages: int,
         # Known once a world has formed (its handlers say); empty before.
         "described": bool(description),
     }
+    split = stage_split(description, stages)
+    if split is not None:
+        out["split"] = split
     if description.get("generative"):
         # A generative model: the context a prompt and its answer share, the token ids a
         # stream's chunks carry and a resume may name.

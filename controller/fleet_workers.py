@@ -113,7 +113,7 @@ def joined(fleet: Fleet, worker: WorkerInfo, world: WorldInfo | None, msg: Joine
         if msg.inputs:
             dep.inputs = dict(msg.inputs)
         for key in ("inputs", "parameters", "streaming", "generative", "max_context",
-                    "vocab_size"):
+                    "vocab_size", "split"):
             if key in msg.describe:
                 dep.description[key] = msg.describe[key]
     if rank == len(world.workers) - 1 and "outputs" in msg.describe:

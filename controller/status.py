@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from controller.describe import stage_split
 from controller.records import WorkerInfo, WorldInfo, WorldState
 from mesh import gc_policy
 
@@ -96,6 +97,8 @@ def _deployment(fleet: Fleet, name: str, router: Router, autoscaler: Autoscaler,
         "last_decision": autoscaler.last[name].to_dict() if name in autoscaler.last else None,
         "autoscaler": autoscaler.reason.get(name, ""),
         "stage_workers": _stage_workers(fleet, name, dep.config.stages),
+        # How rank 0 cut the model into stages: each stage's children and measured ms.
+        "split": stage_split(dep.description, dep.config.stages),
         "formation_failures": dep.failures,
     }
     if router.generative:

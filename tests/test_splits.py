@@ -332,3 +332,38 @@ def test_a_worker_holds_each_stage_under_its_cut_and_leads_worlds_with_the_first
     lead = agent._handler_for(spec, 0, 2, 4)
     assert lead.pipeline_split == rank0s_cut and list(lead.module._modules)[-1] == "5"
     assert len(agent._stages) == 3
+
+
+# -- what the controller shows --------------------------------------------------------------
+
+
+def test_the_controller_shows_rank_zeros_cut_of_a_deployment_and_no_stale_one() -> None:
+    from controller.config import parse_config
+    from controller.describe import describe_fleet, stage_split
+    from controller.effects import SendTo
+    from controller.fleet import Fleet
+    from controller.mailbox import FromWorker
+    from mesh.messages import Join, Joined, Register
+
+    fleet = Fleet(parse_config({
+        "controller": {"warm_workers": 0, "preload_warm": False, "launcher": "none"},
+        "deployments": [{"name": "r", "model": "worker.models.resnet:build", "stages": 2}]}),
+        clock=lambda: 100.0, wall_clock=lambda: 1e9)
+    joins = []
+    for pid, wid in enumerate(("a", "b"), start=11):
+        step = fleet.handle(FromWorker(wid, Register(worker_id=wid, pid=pid, host="h",
+                                                     device="cpu",
+                                                     store_addr=f"127.0.0.1:{pid}")))
+        joins += [e for e in step.effects if isinstance(e, SendTo)
+                  and isinstance(e.message, Join)]
+    cut = Split((6,), 11, "measured", tuple([1.0] * 11), 16).describe()
+    for e in joins:
+        describe = {"split": cut} if e.message.rank == 0 else {}
+        fleet.handle(FromWorker(e.worker_id, Joined(world_id=e.message.world_id, epoch=1,
+                                                    describe=describe, entry="x")))
+    [meta] = describe_fleet(fleet)
+    assert meta["ready"] and meta["split"] == cut
+    assert meta["split"]["stages"] == [{"children": [0, 5], "ms": 6.0},
+                                       {"children": [6, 10], "ms": 5.0}]
+    assert stage_split({"split": cut}, 3) is None  # left by a configuration of two stages
+    assert stage_split({}, 2) is None
