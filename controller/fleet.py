@@ -124,7 +124,8 @@ class Fleet:
         c = config.controller
         self.welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
                                controller_timeout_ms=c.controller_timeout_ms,
-                               max_idle_stages=c.max_idle_stages, packed_replies=True)
+                               max_idle_stages=c.max_idle_stages,
+                               max_stage_bytes=c.max_stage_bytes, packed_replies=True)
         self._out: list[Effect] = []
         self._launcher = NO_LAUNCHER
         self._full_reported = False

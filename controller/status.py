@@ -145,6 +145,7 @@ def _worker(worker: WorkerInfo, now: float) -> dict[str, Any]:
         "busy_s": round(hb.busy_s, 6) if hb else 0.0,
         "stages_loaded": hb.stages if hb else 0,
         "stages_idle": hb.idle_stages if hb else 0,
+        "stage_bytes": hb.stage_bytes if hb else 0,
         "heartbeat_age_ms": round((now - worker.heartbeat_s) * 1000.0, 1)
         if worker.heartbeat_s else None,
     }

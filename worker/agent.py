@@ -121,7 +121,8 @@ class WorkerAgent(Actor):
         # ENDED_JOINS_KEPT others ended (JoinFailed, or Left).
         self._joined: dict[int, Joined] = {}
         self._ended: OrderedDict[tuple[int, int], JoinFailed | Left] = OrderedDict()
-        self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
+        self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, size_of=self._stage_bytes,
+                                  on_drop=self._dropped_stage)
         # The cut of each deployment's model this worker measured or received first (used
         # only on the loader thread).
         self._splits = SplitMemo()
@@ -202,7 +203,8 @@ class WorkerAgent(Actor):
         if isinstance(message, Welcome):
             self._heartbeat_interval_s = message.heartbeat_interval_ms / 1000.0
             self._controller_timeout_s = message.controller_timeout_ms / 1000.0
-            self._stages.set_max_idle(message.max_idle_stages)
+            self._stages.set_limits(max_idle=message.max_idle_stages,
+                                    max_bytes=message.max_stage_bytes)
             self._packed_replies = message.packed_replies
             self._welcomed.set()
             return
@@ -237,6 +239,11 @@ class WorkerAgent(Actor):
     async def _preload(self, msg: Preload) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        if self._stages.full:
+            self._log.info("preload of %s stage %d skipped: the stages held take %d bytes, "
+                           "max_stage_bytes is %d", msg.deployment.name, msg.rank,
+                           self._stages.bytes, self._stages.max_bytes)
+            return
         try:
             await loop.run_in_executor(self._loader_pool, self._handler_for, msg.deployment,
                                        msg.rank, msg.size)
@@ -280,10 +287,20 @@ class WorkerAgent(Actor):
                                       split=split, built=built),
             world=world)
 
+    def _stage_bytes(self, handler: Any) -> int:
+        try:
+            return int(handler.stage_bytes())
+        except Exception:  # a handler's own override that fails: count nothing, say so
+            self._log.exception("measuring the bytes of a %s stage failed",
+                                type(handler).__name__)
+            return 0
+
     def _dropped_stage(self, key: Any) -> None:
         name, rank, size, _, _ = key
-        self._log.info("dropped %s stage %d/%d: no world uses it and %d newer idle stages "
-                       "are kept (max_idle_stages)", name, rank, size, self._stages.max_idle)
+        self._log.info("dropped %s stage %d/%d: no world uses it, and idle stages are kept "
+                       "within max_idle_stages (%d) and max_stage_bytes (%d; %d bytes held)",
+                       name, rank, size, self._stages.max_idle, self._stages.max_bytes,
+                       self._stages.bytes)
         if self.device.startswith("cuda"):
             import torch
 
@@ -561,6 +578,7 @@ class WorkerAgent(Actor):
                                   busy=any(r.busy for r in runners), batches=st.batches,
                                   rows=st.rows, requests=st.requests, busy_s=st.busy_s,
                                   stages=len(self._stages), idle_stages=self._stages.idle,
+                                  stage_bytes=self._stages.bytes,
                                   cpu_s=time.process_time(),
                                   gen=[g for r in runners if (g := r.gen_stats()) is not None]))
 

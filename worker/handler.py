@@ -101,6 +101,52 @@ class Handler(abc.ABC):
             out["split"] = self.pipeline_split.describe()  # each stage: children, cost
         return out
 
+    def stage_bytes(self) -> int:
+        """Bytes this stage holds on its device: by default the parameters and buffers of
+        every ``nn.Module`` among the handler's attributes (and in lists, tuples and dicts of
+        them), and its tensor attributes, each storage counted once (tied weights share
+        one). Measured once, when the stage loads, for ``max_stage_bytes``."""
+        return held_bytes(getattr(self, "__dict__", {}).values())
+
+
+def held_bytes(values: Any) -> int:
+    """The bytes of the distinct tensor storages in ``values``: tensors, modules (their
+    parameters and buffers), and lists, tuples and dicts of them, one level deep."""
+    import torch
+
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def count(tensor: Any) -> None:
+        nonlocal total
+        try:
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            size = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # no storage of its own (meta, sparse)
+            key, size = ("", id(tensor)), tensor.numel() * tensor.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.nn.Module):
+            for tensor in (*value.parameters(), *value.buffers()):
+                count(tensor)
+        elif isinstance(value, torch.Tensor):
+            count(value)
+
+    for value in values:
+        if isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        else:
+            visit(value)
+    return total
+
 
 def _torch_dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
