@@ -10,10 +10,11 @@ The cut is chosen by cost instead:
   the model and makes an example batch from the handler's input spec (``input_spec``: the
   dtype and one row's shape of ``x``), ``rows`` rows: one micro-batch of a full batch, at
   most ``PROFILE_MAX_ROWS``. It runs the children on the device they will serve on, each on
-  the previous child's output: ``WARMUP`` passes, then up to ``REPEATS`` timed ones (fewer
-  once they took ``BUDGET_S``), keeping each child's least time (``measure_children``; on a
-  shared machine noise only ever adds time). The whole model is on the device while it is
-  measured. ``balance`` then picks the cut whose slowest stage is fastest (a dynamic
+  the previous child's output: ``WARMUP`` passes, then up to ``REPEATS`` timed ones (at least
+  one, no more once they took ``BUDGET_S``), keeping each child's least time
+  (``measure_children``: on a shared machine noise only ever adds time, and the worker's
+  peers are often still starting while it measures). The whole model is on the device while
+  it is measured. ``balance`` then picks the cut whose slowest stage is fastest (a dynamic
   programme over prefix sums); among the cuts within ``TOLERANCE`` of that, the one nearest
   the parameter-count cut, so that a model already balanced by weight (the ``mlp``) keeps
   that cut rather than one or its neighbour by noise.
@@ -61,8 +62,8 @@ import msgspec
 log = logging.getLogger(__name__)
 
 WARMUP = 1
-REPEATS = 5
-BUDGET_S = 1.0  # timed passes stop once they took this long (at least one runs)
+REPEATS = 20
+BUDGET_S = 1.0  # timed passes stop once they took this long (one runs in any case)
 PROFILE_MAX_ROWS = 16
 TOLERANCE = 0.05  # cuts whose slowest stage is within 5% of the best count as equally good
 # Deployments whose cut a worker remembers (the first it measured or received for each).
@@ -225,11 +226,11 @@ def measure_children(module: Any, x: Any, device: str, *, warmup: int = WARMUP,
                      clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """The forward time of each child of ``module`` (an ``nn.Sequential``, in eval mode) in
     milliseconds on ``device``, each child run on the previous one's output: ``warmup``
-    untimed passes over the children, then up to ``repeats`` timed ones (at least one, and no
-    more once ``budget_s`` is spent), each child's least time. Passes interleave the
-    children, and the least time is the one least disturbed, so a burst of load from other
-    processes inflates no child's cost. The module is on ``device`` for the passes and back
-    where it was after them."""
+    untimed passes over the children, then up to ``repeats`` timed ones (at least one,
+    and no more once ``budget_s`` is spent), each child's least time.
+    Passes interleave the children, and the least time is the one least disturbed, so a burst
+    of load from other processes inflates no child's cost. The module is on ``device`` for
+    the passes and back where it was after them."""
     import torch
 
     cuda = device.startswith("cuda")
