@@ -146,7 +146,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "ratio_max": max(ratios),
             "images_per_s": statistics.median(r["rps"] * r["rows"] for r in mine),
             "p50_ms": statistics.median(r["p50_ms"] for r in mine),
-            "errors": sum(r["errors"] for r in mine)}
+            "errors": sum(sum(r["errors"].values()) for r in mine)}
     return out
 
 
@@ -190,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     results = run_loop(main(arguments))
+    if arguments.json:  # every run first, whatever follows
+        Path(arguments.json).write_text(json.dumps({"args": vars(arguments), "runs": results},
+                                                   indent=2))
     summary = medians(results)
     print(render(results, arguments))
     print("\nMedians over the rounds:\n")
