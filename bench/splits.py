@@ -30,39 +30,28 @@ import asyncio
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import controller_section, free_ports, start_controller, stop_process
 from mesh.admin_client import admin_call
 from mesh.client import Client
 from mesh.loadgen import closed_loop
 from mesh.loop import run as run_loop
+from mesh.testing.configs import deployment as deployment_table
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, serving, wait_status
 
 
 def deployment(args: argparse.Namespace, split_points: list[int] | None) -> str:
-    points = f"split_points = {split_points}\n" if split_points else ""
-    return ("[[deployments]]\nname = \"resnet\"\nmodel = \"worker.models.resnet:build\"\n"
-            f"factory_kwargs = {{ width = {args.width}, image = {args.image} }}\n"
-            "stages = 2\nworlds = 1\nmin_worlds = 1\nmax_worlds = 1\nmicro_batches = 2\n"
-            f"max_batch_size = {args.max_batch_size}\n{points}")
-
-
-async def wait_serving(admin: str, timeout_s: float = 180.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            status = await admin_call(admin, "status", timeout_s=5.0)
-        except Exception:  # not listening yet
-            await asyncio.sleep(0.5)
-            continue
-        if all(d["worlds_current"] >= 1 for d in status["deployments"]):
-            return status
-        await asyncio.sleep(0.25)
-    raise TimeoutError("the resnet world did not serve in time")
+    table = deployment_table(
+        "resnet", "worker.models.resnet:build",
+        factory_kwargs={"width": args.width, "image": args.image}, stages=2, worlds=1,
+        min_worlds=1, max_worlds=1, micro_batches=2, max_batch_size=args.max_batch_size)
+    return table + (f"split_points = {split_points}\n" if split_points else "")
 
 
 def stage_counters(status: dict[str, Any]) -> list[tuple[float, int, int]]:
@@ -77,29 +66,27 @@ async def one_run(args: argparse.Namespace, cut: str, split_points: list[int] | 
                   folder: Path) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker")
     admin = f"tcp://127.0.0.1:{ports['admin']}"
-    config = folder / f"{cut}-{ports['admin']}.toml"
-    config.write_text(controller_section(ports, autoscale=False, warm_workers=0,
-                                         preload_warm=False)
-                      + '\n[gateway]\nlisten = ""\n\n'
-                      + deployment(args, split_points))
-    with open(folder / f"{cut}-{ports['admin']}.log", "wb") as log:
-        proc = start_controller(config, log=log)
-        try:
-            await wait_serving(admin)
-            x = np.random.default_rng(0).standard_normal(
-                (args.rows, 3, args.image, args.image)).astype(np.float32)
-            async with Client(f"tcp://127.0.0.1:{ports['client']}") as client:
-                await closed_loop(client, "resnet", {"x": x}, concurrency=args.concurrency,
-                                  duration_s=1.0, warmup_s=0.5)  # both stages warm
-                await asyncio.sleep(0.5)  # a heartbeat after the warm-up
-                before = stage_counters(await admin_call(admin, "status"))
-                result = await closed_loop(client, "resnet", {"x": x},
-                                           concurrency=args.concurrency,
-                                           duration_s=args.duration_s, warmup_s=0.0)
-            await asyncio.sleep(0.5)  # the counters come with heartbeats (every 200 ms)
-            status = await admin_call(admin, "status")
-        finally:
-            stop_process(proc)
+    config = write_config(folder / f"{cut}-{ports['admin']}.toml", ports,
+                          deployment(args, split_points), worker_threads=1,
+                          preload_warm=False)
+    proc = start_controller(config, config.with_suffix(".log"), log_level="INFO")
+    try:
+        await wait_status(admin_status(admin), serving, 180.0, "the resnet world serving",
+                          interval_s=0.25)
+        x = np.random.default_rng(0).standard_normal(
+            (args.rows, 3, args.image, args.image)).astype(np.float32)
+        async with Client(f"tcp://127.0.0.1:{ports['client']}") as client:
+            await closed_loop(client, "resnet", {"x": x}, concurrency=args.concurrency,
+                              duration_s=1.0, warmup_s=0.5)  # both stages warm
+            await asyncio.sleep(0.5)  # a heartbeat after the warm-up
+            before = stage_counters(await admin_call(admin, "status"))
+            result = await closed_loop(client, "resnet", {"x": x},
+                                       concurrency=args.concurrency,
+                                       duration_s=args.duration_s, warmup_s=0.0)
+        await asyncio.sleep(0.5)  # the counters come with heartbeats (every 200 ms)
+        status = await admin_call(admin, "status")
+    finally:
+        end_processes([proc], 30.0)
     after = stage_counters(status)
     busy = [b[0] - a[0] for a, b in zip(before, after, strict=True)]
     rows, micro = after[-1][1] - before[-1][1], after[-1][2] - before[-1][2]

@@ -415,6 +415,14 @@ class FaultArgs:
 
 
 @dataclass(frozen=True, slots=True)
+class ApplyArgs:
+    # A parsed config document: its [[deployments]] and [[routes]] become the running set;
+    # its other tables are checked and reported, not applied.
+    document: dict[str, Any]
+    dry_run: bool = False  # say what would change, change nothing
+
+
+@dataclass(frozen=True, slots=True)
 class UnquarantineArgs:
     worker: Name  # a worker quarantined for its stalls or deaths
 
@@ -422,6 +430,7 @@ class UnquarantineArgs:
 ADMIN_ARGS: dict[str, type[Any]] = {
     "status": NoArgs, "ping": NoArgs, "scale": ScaleArgs, "slo": SloArgs, "form": FormArgs,
     "drain": DrainArgs, "kill": KillArgs, "fault": FaultArgs, "unquarantine": UnquarantineArgs,
+    "apply": ApplyArgs,
 }
 ADMIN_COMMANDS = frozenset(ADMIN_ARGS)
 

@@ -22,7 +22,8 @@ import torch
 
 from mesh.client import Client
 from mesh.errors import MeshError
-from tests.cluster import Cluster
+from mesh.testing.cluster import Cluster
+from mesh.testing.configs import deployment
 from tests.conftest import StartCluster
 from worker.models.resnet import build
 from worker.stages import split_points_for
@@ -33,19 +34,10 @@ WIDTH, IMAGE, ROWS = 64, 64, 8
 CALLERS = 4
 # Requests of ROWS images, two micro-batches of at most max_batch_size / 2 = ROWS rows: every
 # micro-batch has the rows the children were measured on.
-RESNET = f"""
-[[deployments]]
-name = "resnet"
-model = "worker.models.resnet:build"
-factory_kwargs = {{ width = {WIDTH}, image = {IMAGE} }}
-stages = 2
-worlds = 1
-min_worlds = 1
-max_worlds = 1
-micro_batches = 2
-max_batch_size = {2 * ROWS}
-default_timeout_ms = 60000
-"""
+RESNET = deployment("resnet", "worker.models.resnet:build",
+                    factory_kwargs={"width": WIDTH, "image": IMAGE}, stages=2, worlds=1,
+                    min_worlds=1, max_worlds=1, micro_batches=2, max_batch_size=2 * ROWS,
+                    default_timeout_ms=60000)
 # The claim of issue 30. The cut by measured cost gives about 1.1 (docs/benchmarks.md), the
 # cut by weight over 100.
 MAX_RATIO = 1.5
@@ -109,8 +101,8 @@ async def test_a_resnet_in_two_stages_keeps_the_busier_stage_within_1_5x_of_the_
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(RESNET, controller="worker_threads = 1")
     status = await cluster.status()
-    [deployment] = status["deployments"]
-    split = deployment["split"]
+    [resnet] = status["deployments"]
+    split = resnet["split"]
     assert split["basis"] == "measured" and split["rows"] == ROWS, split
     first, second = split["stages"]
     assert first["children"][0] == 0 and second["children"][1] == 10
@@ -141,8 +133,8 @@ async def test_the_cut_by_parameter_count_fails_the_same_check(
     by_weight = split_points_for(build(width=WIDTH, image=IMAGE), 2)
     cluster = await cluster_factory(RESNET + f"split_points = {by_weight}\n",
                                     controller="worker_threads = 1")
-    [deployment] = (await cluster.status())["deployments"]
-    assert deployment["split"]["basis"] == "config", deployment["split"]
+    [resnet] = (await cluster.status())["deployments"]
+    assert resnet["split"]["basis"] == "config", resnet["split"]
     x = np.random.default_rng(0).standard_normal((ROWS, 3, IMAGE, IMAGE)).astype(np.float32)
     [busy] = await busy_windows(cluster, x, 1)
     assert busy[0] > 10 * busy[1], f"stage busy_s {busy} with the cut {by_weight}"

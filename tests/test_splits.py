@@ -337,33 +337,59 @@ def test_a_worker_holds_each_stage_under_its_cut_and_leads_worlds_with_the_first
 # -- what the controller shows --------------------------------------------------------------
 
 
-def test_the_controller_shows_rank_zeros_cut_of_a_deployment_and_no_stale_one() -> None:
-    from controller.config import parse_config
+def test_the_controller_shows_how_the_serving_world_is_cut_and_a_rollouts_once_it_serves(
+        ) -> None:
     from controller.describe import describe_fleet, stage_split
-    from controller.effects import SendTo
-    from controller.fleet import Fleet
-    from controller.mailbox import FromWorker
-    from mesh.messages import Join, Joined, Register
+    from controller.mailbox import FromWorker, WorldIdle
+    from controller.records import WorldState
+    from mesh.messages import ApplyArgs, Join, Joined, JoinFailed
+    from tests.test_fleet import Rig
+    from tests.test_fleet_apply import config
 
-    fleet = Fleet(parse_config({
-        "controller": {"warm_workers": 0, "preload_warm": False, "launcher": "none"},
-        "deployments": [{"name": "r", "model": "worker.models.resnet:build", "stages": 2}]}),
-        clock=lambda: 100.0, wall_clock=lambda: 1e9)
-    joins = []
-    for pid, wid in enumerate(("a", "b"), start=11):
-        step = fleet.handle(FromWorker(wid, Register(worker_id=wid, pid=pid, host="h",
-                                                     device="cpu",
-                                                     store_addr=f"127.0.0.1:{pid}")))
-        joins += [e for e in step.effects if isinstance(e, SendTo)
-                  and isinstance(e.message, Join)]
-    cut = Split((6,), 11, "measured", tuple([1.0] * 11), 16).describe()
-    for e in joins:
-        describe = {"split": cut} if e.message.rank == 0 else {}
-        fleet.handle(FromWorker(e.worker_id, Joined(world_id=e.message.world_id, epoch=1,
-                                                    describe=describe, entry="x")))
-    [meta] = describe_fleet(fleet)
-    assert meta["ready"] and meta["split"] == cut
-    assert meta["split"]["stages"] == [{"children": [0, 5], "ms": 6.0},
-                                       {"children": [6, 10], "ms": 5.0}]
-    assert stage_split({"split": cut}, 3) is None  # left by a configuration of two stages
-    assert stage_split({}, 2) is None
+    resnet = {"name": "r", "model": "worker.models.resnet:build", "stages": 2, "worlds": 1,
+              "min_worlds": 0}
+    f = Rig(config(resnet))
+    for i in range(4):
+        f.register(f"w{i}", 10 + i)
+
+    def answer(cut: dict[str, Any] | None, *, fail_rank: int = -1) -> int:
+        """Every pending join answered, rank 0's with ``cut``; the world's id."""
+        joins = f.take(Join)
+        for worker, join in joins:
+            if join.rank == fail_rank:
+                f.handle(FromWorker(worker, JoinFailed(world_id=join.world_id, epoch=1,
+                                                       error="no memory")))
+                continue
+            describe = {"split": cut} if join.rank == 0 and cut is not None else {}
+            f.handle(FromWorker(worker, Joined(world_id=join.world_id, epoch=join.epoch,
+                                               describe=describe,
+                                               entry="x" if join.rank == 0 else "")))
+        return int(joins[0][1].world_id)
+
+    def shown() -> Any:
+        [meta] = describe_fleet(f.fleet)
+        assert meta.get("split") == stage_split(f.fleet, "r")  # describe shows what status does
+        return meta.get("split")
+
+    measured = Split((6,), 11, "measured", tuple([1.0] * 11), 16).describe()
+    assert shown() is None  # nothing serves yet
+    first = answer(measured)
+    assert shown() == measured
+    assert measured["stages"] == [{"children": [0, 5], "ms": 6.0},
+                                  {"children": [6, 10], "ms": 5.0}]
+    # A rollout whose new spec fails to load: its rank 0's cut is never shown.
+    f.handle(ApplyArgs(document={"deployments": [{**resnet, "split_points": [4]}]}))
+    answer(Split((4,), 11, "config").describe(), fail_rank=1)
+    assert f.fleet.deployments["r"].rollout.state == "failed" and shown() == measured
+    # One that serves: its cut once its world serves (the old one drains).
+    f.handle(ApplyArgs(document={"deployments": [{**resnet, "split_points": [5]}]}))
+    assert shown() == measured
+    configured = Split((5,), 11, "config").describe()
+    answer(configured)
+    assert f.fleet.worlds[first].state == WorldState.DRAINING and shown() == configured
+    f.handle(WorldIdle(first))
+    assert shown() == configured
+    # A cut of another stage count than its world's (a handler's mistake) is not shown.
+    f.handle(ApplyArgs(document={"deployments": [{**resnet, "factory_kwargs": {"seed": 1}}]}))
+    answer(Split((3, 6), 11, "measured", tuple([1.0] * 11), 16).describe())
+    assert shown() is None
