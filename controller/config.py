@@ -85,6 +85,10 @@ class ControllerConfig:
     # Stages a worker keeps loaded that none of its worlds uses (for reuse: re-forming a
     # world, preloading), least recently used dropped first; stages in use always stay.
     max_idle_stages: Annotated[int, Meta(ge=0, le=1024)] = DEFAULT_MAX_IDLE_STAGES
+    # Bytes the stages a worker holds may take (parameters and buffers, in use and idle)
+    # before idle ones are dropped, least recently used first; stages in use always stay.
+    # 0: no bound (a rolling update may hold both revisions' stages).
+    max_stage_bytes: Annotated[int, Meta(ge=0, le=2**50)] = 0
     # Who starts workers: "local" (subprocesses of the controller) or "none" (workers join
     # with 'meshctl worker').
     launcher: Literal["local", "none", "kubernetes"] = "local"

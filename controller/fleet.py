@@ -78,7 +78,7 @@ from controller.records import (
 )
 from controller.view import View, snapshot
 from mesh.logs import speaker
-from mesh.messages import Heartbeat, Join, Leave, Message, Ping, Welcome
+from mesh.messages import Heartbeat, Join, Leave, Message, Ping
 
 log = speaker(logging.getLogger(__name__), "controller")
 
@@ -124,10 +124,7 @@ class Fleet:
         self.workers_died = 0  # since the start: worker churn, for metrics
         self.worlds_broken = 0
         self.stopping = False
-        c = config.controller
-        self.welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
-                               controller_timeout_ms=c.controller_timeout_ms,
-                               max_idle_stages=c.max_idle_stages, packed_replies=True)
+        self.welcome = fleet_workers.welcome(config.controller)
         self._out: list[Effect] = []
         self._launcher = NO_LAUNCHER
         self._full_reported = False

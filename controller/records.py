@@ -124,6 +124,7 @@ class WorldInfo:
     packed_dispatches: bool = False  # that socket reads packed dispatch batches (its Joined)
     token: str = ""  # the world's secret (see mesh.messages Join.token)
     revision: int = 1  # of its deployment's spec: a rollout forms the next one's worlds
+    split: dict[str, Any] | None = None  # how rank 0 cut the model (its Joined's "split")
     # Each member's join, as sent: re-sent unchanged to the members that have not answered
     # it (a join lost on a connection torn down would otherwise leave the world forming
     # until world_form_timeout_ms), when, and how often.

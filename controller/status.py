@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from controller.describe import stage_split
 from controller.records import WorkerInfo, WorldInfo, WorldState
 from mesh import gc_policy
 
@@ -108,6 +109,8 @@ def _deployment(fleet: Fleet, name: str, router: Router, autoscaler: Autoscaler,
         "last_decision": autoscaler.last[name].to_dict() if name in autoscaler.last else None,
         "autoscaler": autoscaler.reason.get(name, ""),
         "stage_workers": _stage_workers(fleet, name, dep.config.stages),
+        # How rank 0 cut the model into stages: each stage's children and measured ms.
+        "split": stage_split(fleet, name),
         "formation_failures": dep.failures,
         # Its spec's revision (one more with every applied change) and hash; the rollout in
         # progress, or the last one; applied away and draining.
@@ -161,6 +164,7 @@ def _worker(worker: WorkerInfo, now: float) -> dict[str, Any]:
         "busy_s": round(hb.busy_s, 6) if hb else 0.0,
         "stages_loaded": hb.stages if hb else 0,
         "stages_idle": hb.idle_stages if hb else 0,
+        "stage_bytes": hb.stage_bytes if hb else 0,
         "heartbeat_age_ms": round((now - worker.heartbeat_s) * 1000.0, 1)
         if worker.heartbeat_s else None,
     }

@@ -200,9 +200,11 @@ class Heartbeat(Message):
     rows: Count = 0
     requests: Count = 0
     busy_s: Amount = 0.0
-    # Stages loaded on this worker, and how many of them no world uses.
+    # Stages loaded on this worker, how many of them no world uses, and the bytes all of
+    # them hold (parameters and buffers, measured as each loaded).
     stages: Count = 0
     idle_stages: Count = 0
+    stage_bytes: Count = 0
     # CPU seconds the worker process has used (all threads): how many cores it keeps busy.
     cpu_s: Amount = 0.0
     # Generative worlds only, one entry per membership.
@@ -258,8 +260,10 @@ class Welcome(Message):
     KIND: ClassVar[str] = "welcome"
     heartbeat_interval_ms: int
     controller_timeout_ms: int
-    # Loaded stages no world uses that the worker may keep (the rest are dropped, LRU first).
+    # Loaded stages no world uses that the worker may keep (the rest are dropped, LRU first),
+    # and the bytes its stages may hold before idle ones are dropped, LRU first (0: no bound).
     max_idle_stages: int = DEFAULT_MAX_IDLE_STAGES
+    max_stage_bytes: Count = 0
     # The controller reads packed answer batches ("resp", mesh.dataplane): a worker sends them
     # only then, so a worker newer than its controller still speaks what that one reads.
     packed_replies: bool = False
