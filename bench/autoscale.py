@@ -8,6 +8,8 @@ world serves 50 req/s whatever the CPU does); open-loop Poisson load steps from 
 third of the run and back at two thirds. Reported:
 
 * seconds from the step until p99 (per 1 s window) is back under the SLO and stays there;
+* after the load falls back, seconds until the worlds are down to what the base load held
+  before the step (and stay there): at most ``downscale_delay_s`` + 10 s;
 * worker-seconds the run used, against a fixed fleet sized for the peak for the whole run;
 * failed requests (there should be none: scale-downs drain);
 * with --plot, a PNG of latency against the SLO and live worlds over time.
@@ -16,30 +18,28 @@ third of the run and back at two thirds. Reported:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import controller_section, free_ports, start_controller, stop_process
 from mesh.admin_client import admin_call
 from mesh.client import Client
-from mesh.errors import MeshError
 from mesh.loadgen import Second, plot_profile, run_profile
 from mesh.loop import run as run_loop
 from mesh.stats import percentile
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, serving, wait_status
 
 
-def write_config(path: Path, ports: dict[str, int], args: argparse.Namespace) -> None:
-    controller = controller_section(ports, warm_workers=args.warm_workers, autoscale=True,
-                                    autoscale_tick_ms=250)
-    path.write_text(controller + f"""
+def deployment(args: argparse.Namespace) -> str:
+    return f"""
 [[deployments]]
 name = "fixed"
 model = "worker.models.fixed:build"
@@ -51,7 +51,7 @@ max_worlds = {args.max_worlds}
 slo_p99_ms = {args.slo_ms}
 upscale_delay_s = {args.upscale_delay_s}
 downscale_delay_s = {args.downscale_delay_s}
-""")
+"""
 
 
 def recovery_s(seconds: list[Second], step_t: float, slo: float, hold_s: int = 3) -> float | None:
@@ -63,26 +63,32 @@ def recovery_s(seconds: list[Second], step_t: float, slo: float, hold_s: int = 3
     return None
 
 
+def settle_after_fall(seconds: list[Second], fall_t: float) -> tuple[int, int, float | None]:
+    """(worlds at the fall, worlds the base rate needed before the step up, seconds from the
+    fall until the worlds were down to that and stayed there)."""
+    before = [s.worlds for s in seconds if s.t <= fall_t and s.worlds >= 0]
+    base = [s.worlds for s in seconds if s.t < fall_t / 2 and s.worlds >= 0]
+    need = max(base[len(base) // 2:], default=1)  # the base rate's level, once it settled
+    after = [s for s in seconds if s.t > fall_t and s.worlds >= 0]
+    for i, s in enumerate(after):
+        if all(x.worlds <= need for x in after[i:]):
+            return (before[-1] if before else -1), need, round(s.t - fall_t, 2)
+    return (before[-1] if before else -1), need, None
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker")
-    config = Path(tempfile.mkdtemp(prefix="meshserve-autoscale-")) / "autoscale.toml"
-    write_config(config, ports, args)
+    config = write_config(Path(tempfile.mkdtemp(prefix="meshserve-autoscale-")) /
+                          "autoscale.toml", ports, deployment(args), worker_threads=1,
+                          warm_workers=args.warm_workers, autoscale=True, autoscale_tick_ms=250)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
-    log = open(config.with_suffix(".log"), "wb")
-    ctrl = start_controller(config, log=log, log_level="INFO")
+    ctrl = start_controller(config, config.with_suffix(".log"), log_level="INFO")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                status = await admin_call(admin, "status", timeout_s=2.0)
-                if status["deployments"][0]["worlds_current"] >= 1 and \
-                        sum(w["state"] == "idle" for w in status["workers"]) >= args.warm_workers:
-                    break
-            except MeshError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("controller not ready")
-            await asyncio.sleep(0.2)
+        await wait_status(
+            admin_status(admin),
+            lambda s: serving(s, 1)
+            and sum(w["state"] == "idle" for w in s["workers"]) >= args.warm_workers,
+            120.0, "a world serving and the warm pool full", interval_s=0.2)
         x = {"x": np.ones((1, 4), dtype=np.float32)}
         async with Client(f"tcp://127.0.0.1:{ports['client']}") as client:
             arrivals, seconds = await run_profile(
@@ -91,9 +97,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 out=sys.stderr)
         final = await admin_call(admin, "status", timeout_s=5.0)
     finally:
-        stop_process(ctrl, 30.0)
-        log.close()
-    step_up = args.duration_s / 3
+        end_processes([ctrl], 30.0)
+    step_up, fall = args.duration_s / 3, 2 * args.duration_s / 3
+    at_fall, need, settle_s = settle_after_fall(seconds, fall)
     lat = sorted(a.latency_ms for a in arrivals if a.latency_ms is not None)
     peak_worlds = max(s.worlds for s in seconds)
     used = sum(max(0, s.workers) for s in seconds)
@@ -107,6 +113,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ms_overall": round(percentile(lat, 99), 2),
         "seconds_to_p99_under_slo_after_step": recovery_s(seconds, step_up, args.slo_ms),
         "peak_worlds": peak_worlds,
+        "worlds_at_fall": at_fall, "worlds_base_load_needs": need,
+        "seconds_to_base_worlds_after_fall": settle_s,
+        "downscale_delay_s": args.downscale_delay_s,
         "worker_seconds_used": used,
         "worker_seconds_fixed_fleet_for_peak": fixed_fleet,
         "worker_seconds_saved_pct": round(100.0 * (1 - used / fixed_fleet), 1)

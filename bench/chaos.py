@@ -31,23 +31,19 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    LedgerClient,
-    controller_section,
-    free_ports,
-    start_controller,
-    stop_process,
-)
 from mesh.admin_client import admin_call
 from mesh.errors import MeshError
 from mesh.loop import run as run_loop
 from mesh.stats import percentile
+from mesh.testing.configs import write_config
+from mesh.testing.ledger import Ledger, LedgerClient
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, wait_status
 
 
-def write_config(path: Path, ports: dict[str, int], warm: int, worlds: int, hidden: int) -> None:
-    # The world count is this benchmark's to hold steady: no autoscaling.
-    controller = controller_section(ports, warm_workers=warm, autoscale=False)
-    path.write_text(controller + f"""
+def deployment(worlds: int, hidden: int) -> str:
+    return f"""
 [[deployments]]
 name = "mlp"
 model = "worker.models.mlp:build"
@@ -56,48 +52,35 @@ stages = 2
 worlds = {worlds}
 max_worlds = {worlds + 2}
 default_timeout_ms = 10000
-""")
-
-
-async def wait_serving(admin: str, worlds: int, idle: int, timeout_s: float) -> dict[str, Any]:
-    """Poll until ``worlds`` serve and ``idle`` warm workers wait beside them."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            status = await admin_call(admin, "status", timeout_s=2.0)
-            if sum(w["state"] == "serving" for w in status["worlds"]) >= worlds and \
-                    sum(w["state"] == "idle" for w in status["workers"]) >= idle:
-                return status
-        except MeshError:
-            pass
-        await asyncio.sleep(0.1)
-    raise TimeoutError("the controller did not serve in time")
+"""
 
 
 async def scenario(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     warm = 1 if name == "warm" else 0
     ports = free_ports("client", "admin", "worker")
-    config = Path(tempfile.mkdtemp(prefix="meshserve-chaos-")) / "chaos.toml"
-    write_config(config, ports, warm, args.worlds, args.hidden)
+    # The world count is this benchmark's to hold steady: no autoscaling.
+    config = write_config(Path(tempfile.mkdtemp(prefix="meshserve-chaos-")) / "chaos.toml",
+                          ports, deployment(args.worlds, args.hidden), worker_threads=1,
+                          warm_workers=warm, autoscale=False)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
-    log = open(config.with_suffix(".log"), "wb")
-    ctrl = start_controller(config, log=log, log_level="INFO")
+    ctrl = start_controller(config, config.with_suffix(".log"), log_level="INFO")
     rng = random.Random(seed)
     samples: list[tuple[float, float]] = []  # (wall time done, latency ms)
     errors: list[tuple[float, str]] = []
-    sent = 0
     kills: list[dict[str, Any]] = []
     worlds_timeline: list[tuple[float, int]] = []
     stop = asyncio.Event()
     try:
-        await wait_serving(admin, args.worlds, warm, 120.0)  # spares start after the worlds
+        await wait_status(  # spares start after the worlds
+            admin_status(admin),
+            lambda s: sum(w["state"] == "serving" for w in s["worlds"]) >= args.worlds
+            and sum(w["state"] == "idle" for w in s["workers"]) >= warm,
+            120.0, f"{args.worlds} worlds serving and {warm} warm workers")
         x = np.zeros((1, 64), dtype=np.float32)
         async with LedgerClient(f"tcp://127.0.0.1:{ports['client']}") as client:
 
             async def caller() -> None:
-                nonlocal sent
                 while not stop.is_set():
-                    sent += 1
                     t0 = time.time()
                     try:
                         await client.infer("mlp", {"x": x}, timeout_s=10.0)
@@ -139,23 +122,19 @@ async def scenario(name: str, args: argparse.Namespace, seed: int) -> dict[str, 
             stop.set()
             await asyncio.gather(*tasks, watcher)
             final = await admin_call(admin, "status", timeout_s=5.0)
-            duplicated = sum(n - 1 for n in client.answers.values() if n > 1)
-            answered_ids = len(client.answers)
     finally:
         stop.set()
-        stop_process(ctrl, 30.0)
-        log.close()
-    result = summarize(name, started, args, samples, errors, sent, answered_ids, duplicated,
-                       kills, final["events"], worlds_timeline)
+        end_processes([ctrl], 30.0)
+    result = summarize(name, started, args, samples, errors, client.ledger, kills,
+                       final["events"], worlds_timeline)
     result["seed"] = seed
     return result
 
 
 def summarize(name: str, started: float, args: argparse.Namespace,
-              samples: list[tuple[float, float]], errors: list[tuple[float, str]], sent: int,
-              answered_ids: int, duplicated: int, kills: list[dict[str, Any]],
-              events: list[dict[str, Any]], worlds_timeline: list[tuple[float, int]]
-              ) -> dict[str, Any]:
+              samples: list[tuple[float, float]], errors: list[tuple[float, str]],
+              ledger: Ledger, kills: list[dict[str, Any]], events: list[dict[str, Any]],
+              worlds_timeline: list[tuple[float, int]]) -> dict[str, Any]:
     detection: list[float] = []
     reform_reused: list[float] = []  # the replacement used workers already running
     reform_spawned: list[float] = []  # the replacement needed a newly started process
@@ -192,13 +171,14 @@ def summarize(name: str, started: float, args: argparse.Namespace,
     end = started + args.warmup_s + args.duration_s + 60
     return {
         "scenario": name,
-        "requests_sent": sent,
-        "answered": answered_ids,
-        "lost": sent - answered_ids,
+        "requests_sent": ledger.sent,
+        "answered": ledger.answered,
+        "lost": ledger.lost,
         "succeeded": len(samples),
         "failed": len(errors),
         "failed_codes": dict(Counter(code for _, code in errors)),
-        "duplicated": duplicated,
+        "duplicated": ledger.duplicates,
+        "late_answers": sum(ledger.late.values()),
         "kills": len(kills),
         "detection_ms": [round(v, 1) for v in detection],
         "detection_median_ms": round(statistics.median(detection), 1) if detection else None,

@@ -31,7 +31,8 @@ from typing import Any
 
 import zmq
 
-from bench.common import free_port, stop_process
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes
 
 IN_FEATURES = 64
 
@@ -107,8 +108,8 @@ class FloorChain:
                  device: str = "cpu") -> None:
         self.mlp = mlp or {}
         self.device = device
-        self.front = free_port()
-        self.back = free_port()
+        ports = free_ports("front", "back")  # distinct: both held while picked
+        self.front, self.back = ports["front"], ports["back"]
         self.threads = threads
         self.procs: list[subprocess.Popen[bytes]] = []
         self._sock: Any = None
@@ -161,8 +162,7 @@ class FloorChain:
     def stop(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-        for proc in self.procs:
-            stop_process(proc, 10.0)
+        end_processes(self.procs, 10.0)
 
 
 def main() -> int:

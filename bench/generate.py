@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import random
@@ -52,11 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import controller_section, free_ports, start_controller, stop_process
 from mesh.admin_client import admin_call
 from mesh.client import Client
 from mesh.loop import run as run_loop
 from mesh.stats import percentile
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, serving, wait_status
 
 PROMPT_WORDS = ("the", "pipeline", "keeps", "every", "stage", "busy", "with", "tokens", "of",
                 "many", "streams", "at", "once", "and", "a", "cache")
@@ -228,26 +230,13 @@ class InProcess:
         return window_figures(list(records.values()), t0, stop_at)
 
 
-def write_config(path: Path, ports: dict[str, int], args: argparse.Namespace) -> None:
-    controller = controller_section(ports, autoscale=False, warm_workers=0,
-                                    worker_threads=args.threads, worker_device=args.device)
-    deployments = ""
+def deployments(args: argparse.Namespace) -> str:
+    text = ""
     for name, extra in (("new", ""), ("one", "max_seqs = 1\n")):
-        deployments += (f'\n[[deployments]]\nname = "{name}"\nmodel = "{args.model}"\n'
-                        f"stages = {args.stages}\nworlds = 1\nmin_worlds = 1\nmax_worlds = 1\n"
-                        f"max_inflight_per_world = 1024\n{extra}")
-    path.write_text(controller + deployments)
-
-
-async def wait_serving(admin: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            status = await admin_call(admin, "status", timeout_s=2.0)
-            if all(d["worlds_current"] >= 1 for d in status["deployments"]):
-                return status
-        await asyncio.sleep(0.25)
-    raise TimeoutError("the deployments did not start serving")
+        text += (f'\n[[deployments]]\nname = "{name}"\nmodel = "{args.model}"\n'
+                 f"stages = {args.stages}\nworlds = 1\nmin_worlds = 1\nmax_worlds = 1\n"
+                 f"max_inflight_per_world = 1024\n{extra}")
+    return text
 
 
 async def stage_busy_s(admin: str, deployment: str) -> list[float]:
@@ -370,11 +359,11 @@ def median_of(rounds: list[dict[str, Any]], name: str, key: str) -> float:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker")
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-generate-"))
-    config = tmp / "generate.toml"
-    write_config(config, ports, args)
+    config = write_config(tmp / "generate.toml", ports, deployments(args), autoscale=False,
+                          warm_workers=0, worker_threads=args.threads,
+                          worker_device=args.device)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
-    log = (tmp / "controller.log").open("wb")
-    ctrl = start_controller(config, log=log, log_level="WARNING")
+    ctrl = start_controller(config, tmp / "controller.log", log_level="WARNING")
     floor = InProcess(args.model, 64, 512, args.threads,
                       "cuda:0" if args.device == "cuda" else args.device)
     results: dict[str, Any] = {"model": args.model, "stages": args.stages, "device": args.device,
@@ -382,7 +371,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                "window_s": args.window_s, "threads": args.threads,
                                "rounds": []}
     try:
-        await wait_serving(admin, 240.0)
+        await wait_status(admin_status(admin), lambda s: serving(s, 1), 240.0,
+                          "both deployments serving", interval_s=0.25)
         async with Client(f"tcp://127.0.0.1:{ports['client']}", default_timeout_s=300) as c:
             await closed_loop(c, "new", 4, 8, 0.5, warm_s=0.0)  # warm both worlds
             await closed_loop(c, "one", 1, 8, 0.5, warm_s=0.0)
@@ -402,8 +392,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["cancel"] = await cancel_half(c, admin, args)
                 results["generation"] = await generation(admin, "new")
     finally:
-        stop_process(ctrl, 30.0)
-        log.close()
+        end_processes([ctrl], 30.0)
     rounds = results["rounds"]
     results["ratios"] = {
         "new_over_one": [r["new"]["tokens_per_s"] / r["one"]["tokens_per_s"] for r in rounds],

@@ -3,7 +3,7 @@ restarted controller takes to serve again, and the clients' p99 latency around e
 
     python -m bench.hosts [--rounds 3] [--callers 8] [--json FILE]     (as root)
 
-Hosts are network namespaces on a bridge (tests/hosts.py): the controller on one, a worker on
+Hosts are network namespaces on a bridge (mesh/testing/hosts.py): the controller on one, a worker on
 each of two others (one 1-stage ``mlp`` world per host), closed-loop callers on the
 controller's host. Each round, under load: host a's link is cut for 4 s and brought back;
 then the controller is SIGKILLed and restarted at once (as a supervisor would). Figures:
@@ -39,15 +39,10 @@ import numpy as np
 
 from mesh.client import Client
 from mesh.errors import MeshError
-from tests.hosts import Hosts, Site, unavailable
+from mesh.testing.configs import deployment
+from mesh.testing.hosts import Hosts, Site, unavailable
 
-MLP = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-factory_kwargs = { hidden = 64 }
-worlds = 2
-"""
+MLP = deployment("mlp", "worker.models.mlp:build", factory_kwargs={"hidden": 64}, worlds=2)
 
 
 class Recorder:

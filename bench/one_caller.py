@@ -31,11 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import free_ports, start_controller, stop_process
 from bench.direct import DirectWorker
-from bench.overhead import wait_ready, write_config
+from bench.overhead import deployments, settings
 from mesh.client import Client
 from mesh.loop import run as run_loop
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, serving, wait_status
 
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 INPUTS = {"echo": np.zeros((1, 4), np.float32), "mlp": np.zeros((1, 64), np.float32)}
@@ -74,8 +77,8 @@ def spy_command(pid: int, out: Path, seconds: float) -> list[str]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker", "direct_echo", "direct_mlp")
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-one-caller-"))
-    config = tmp / "bench.toml"
-    write_config(config, ports, args.threads, 2.0, args.device)
+    config = write_config(tmp / "bench.toml", ports, deployments(),
+                          **settings(args.threads, args.device))
     ctrl = start_controller(config, log_level="WARNING")
     direct = {
         "echo": DirectWorker(ports["direct_echo"], {"name": "echo", "model":
@@ -87,7 +90,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     rounds: list[dict[str, Any]] = []
     try:
-        status = await wait_ready(f"tcp://127.0.0.1:{ports['admin']}", 180.0)
+        status = await wait_status(admin_status(f"tcp://127.0.0.1:{ports['admin']}"), serving,
+                                   180.0, "every deployment serving", interval_s=0.2)
         deployment_of = {w["id"]: w["deployment"] for w in status["worlds"]}
         served_pid = {deployment_of[i]: w["pid"] for w in status["workers"] for i in w["worlds"]}
         for worker in direct.values():
@@ -112,7 +116,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for worker in direct.values():
             await worker.aclose()
-        stop_process(ctrl, 30.0)
+        end_processes([ctrl], 30.0)
     summary = {}
     for model in ("echo", "mlp"):
         for p in ("p10", "p50", "p90"):

@@ -48,13 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    controller_section,
-    cpu_seconds,
-    free_ports,
-    start_controller,
-    stop_process,
-)
+from bench.common import cpu_seconds
 from bench.direct import DirectWorker
 from bench.floor import FloorChain, pause_penalty
 from bench.pinning import available_cores, describe, pin, plan
@@ -63,6 +57,10 @@ from mesh.client import Client
 from mesh.loadgen import BenchResult, closed_loop
 from mesh.loop import run as run_loop
 from mesh.security import ClientKeys, generate
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, serving, wait_status
 
 ECHO_INPUTS = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
 MLP_BATCH = 32
@@ -72,14 +70,8 @@ def mlp_kwargs(args: argparse.Namespace) -> dict[str, int]:
     return {"hidden": args.mlp_hidden, "layers": args.mlp_layers}
 
 
-def write_config(path: Path, ports: dict[str, int], threads: int,
-                 mlp_delay_ms: float = 2.0, device: str = "cpu",
-                 mlp: dict[str, int] | None = None, busy_poll_us: int = 0) -> None:
-    # One world per deployment, as measured: no autoscaling, no idle warm worker.
-    controller = controller_section(ports, worker_threads=threads, autoscale=False,
-                                    warm_workers=0, worker_device=device,
-                                    busy_poll_us=busy_poll_us)
-    path.write_text(controller + f"""
+def deployments(mlp_delay_ms: float = 2.0, mlp: dict[str, int] | None = None) -> str:
+    return f"""
 [[deployments]]
 name = "echo"
 model = "worker.models.echo:build"
@@ -93,7 +85,14 @@ max_batch_size = {MLP_BATCH}
 max_batch_delay_ms = {mlp_delay_ms}
 max_inflight_per_world = 256
 factory_kwargs = {{ {", ".join(f"{k} = {v}" for k, v in (mlp or {}).items())} }}
-""")
+"""
+
+
+def settings(threads: int, device: str, busy_poll_us: int = 0) -> dict[str, int | str | bool]:
+    """The controller's settings: one world per deployment, as measured (no autoscaling, no
+    idle warm worker), the workers' threads and device as asked."""
+    return {"autoscale": False, "warm_workers": 0, "worker_threads": threads,
+            "worker_device": device, "busy_poll_us": busy_poll_us}
 
 
 def curve_keys(tmp: Path) -> tuple[str, dict[str, str], ClientKeys]:
@@ -111,20 +110,6 @@ def curve_keys(tmp: Path) -> tuple[str, dict[str, str], ClientKeys]:
              f'admin_keys = "{tmp / "admins"}"\n')
     client = {"key": str(own / "bench.key_secret"), "controller_key": str(own / "controller.key")}
     return table, client, ClientKeys.load(own / "ops.key_secret", own / "controller.key")
-
-
-async def wait_ready(admin: str, timeout_s: float, curve: ClientKeys | None = None
-                     ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            status = await admin_call(admin, "status", timeout_s=2.0, curve=curve)
-            if all(d["worlds_current"] >= 1 for d in status["deployments"]):
-                return status
-        except Exception:
-            pass
-        await asyncio.sleep(0.2)
-    raise TimeoutError("controller did not become ready")
 
 
 def worker_counters(status: dict[str, Any], deployment: str) -> tuple[int, int]:
@@ -337,14 +322,14 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker", "direct", "direct_mlp")
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
-    config = tmp / "bench.toml"
-    write_config(config, ports, args.threads, args.mlp_delay_ms, args.device, mlp_kwargs(args),
-                 args.busy_poll_us)
     client_args: dict[str, str] = {}
     admin_curve: ClientKeys | None = None
+    security = ""
     if args.curve:
-        table, client_args, admin_curve = curve_keys(tmp)
-        config.write_text(config.read_text() + table)
+        security, client_args, admin_curve = curve_keys(tmp)
+    config = write_config(tmp / "bench.toml", ports,
+                          deployments(args.mlp_delay_ms, mlp_kwargs(args)) + security,
+                          **settings(args.threads, args.device, args.busy_poll_us))
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     ctrl = start_controller(config, log_level="WARNING")
     direct = DirectWorker(ports["direct"], {"name": "echo", "model": "worker.models.echo:build",
@@ -378,7 +363,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pin(pid, placement[role])
 
     try:
-        status = await wait_ready(admin, 180.0, admin_curve)
+        status = await wait_status(admin_status(admin, curve=admin_curve), serving, 180.0,
+                                   "every deployment serving", interval_s=0.2)
         place("client", os.getpid())
         place("controller", ctrl.pid)
         pids = {w["id"]: w["pid"] for w in status["workers"]}
@@ -407,7 +393,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         floor.stop()
         await direct.aclose()
         await direct_mlp.aclose()
-        stop_process(ctrl, 30.0)
+        end_processes([ctrl], 30.0)
     results["echo"] = summarize_echo(results["echo_rounds"])
     results["mlp"] = summarize(results["mlp_rounds"])
     return results

@@ -45,18 +45,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    LedgerClient,
-    controller_section,
-    free_ports,
-    start_controller,
-    stop_process,
-)
-from bench.overhead import wait_ready
-from mesh.admin_client import admin_call
 from mesh.errors import MeshError
 from mesh.loadgen import Arrival, closed_loop, open_loop
 from mesh.loop import run as run_loop
+from mesh.testing.configs import write_config
+from mesh.testing.ledger import LedgerClient
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, serving, wait_status
 
 DEADLINE_S = 0.5
 INPUTS = {"x": np.ones((1, 4), dtype=np.float32)}
@@ -68,8 +64,8 @@ CAPACITY_DEADLINE_S = 30.0
 CAPACITY_S = 5.0
 
 
-def write_config(path: Path, ports: dict[str, int], admission: bool) -> None:
-    path.write_text(controller_section(ports, autoscale=False, warm_workers=0) + f"""
+def deployment(admission: bool) -> str:
+    return f"""
 [[deployments]]
 name = "slow"
 model = "worker.models.fixed:build"
@@ -77,7 +73,7 @@ factory_kwargs = {{ batch_ms = 10.0 }}
 max_batch_size = 1
 max_batch_delay_ms = 0.0
 admit_by_deadline = {"true" if admission else "false"}
-""")
+"""
 
 
 async def capacity(client: LedgerClient, duration_s: float) -> float:
@@ -93,14 +89,12 @@ async def capacity(client: LedgerClient, duration_s: float) -> float:
 async def settle(admin: str, timeout_s: float = 30.0) -> None:
     """Poll until the deployment has nothing queued or in flight (the last phase's backlog is
     gone), so the next phase starts from an empty world."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = await admin_call(admin, "status", timeout_s=2.0)
+    def idle(status: dict[str, Any]) -> bool:
         dep = next(d for d in status["deployments"] if d["name"] == "slow")
-        if dep["queued"] == 0 and dep["in_flight"] == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"the deployment still had work after {timeout_s} s")
+        return bool(dep["queued"] == 0 and dep["in_flight"] == 0)
+
+    await wait_status(admin_status(admin), idle, timeout_s, "nothing queued or in flight",
+                      interval_s=0.05)
 
 
 def tally(arrivals: list[Arrival], duration_s: float, cap: float) -> dict[str, Any]:
@@ -160,15 +154,17 @@ def say(admission: bool, phase: str, row: dict[str, Any], cap: float) -> None:
 async def one_controller(admission: bool, reference_rps: float, args: argparse.Namespace
                          ) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker")
-    config = Path(tempfile.mkdtemp(prefix="meshserve-overload-")) / "overload.toml"
-    write_config(config, ports, admission)
+    config = write_config(Path(tempfile.mkdtemp(prefix="meshserve-overload-")) /
+                          "overload.toml", ports, deployment(admission), worker_threads=1,
+                          autoscale=False, warm_workers=0)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     ctrl = start_controller(config, log_level="WARNING")
     spike = max(args.multiples)
     out: dict[str, Any] = {"admission": admission, "reference_rps": reference_rps,
                            "cold_multiple": spike, "loads": {}}
     try:
-        await wait_ready(admin, 120.0)
+        await wait_status(admin_status(admin), serving, 120.0, "the deployment serving",
+                          interval_s=0.2)
         async with LedgerClient(f"tcp://127.0.0.1:{ports['client']}") as client:
             if reference_rps > 0:
                 await asyncio.sleep(args.idle_s)  # the quiet stretch before the spike
@@ -198,9 +194,10 @@ async def one_controller(admission: bool, reference_rps: float, args: argparse.N
                 out["closed_loop"] = closed
                 say(admission, f"{args.callers} callers resending", closed, cap)
             await settle(admin)
-            out["duplicated"] = sum(1 for n in client.answers.values() if n > 1)
+            out["duplicated"] = client.ledger.answered_twice
+            out["ledger"] = client.ledger.summary()
     finally:
-        stop_process(ctrl, 30.0)
+        end_processes([ctrl], 30.0)
     return out
 
 

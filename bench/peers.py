@@ -39,11 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import controller_section, free_ports, start_controller, stop_process
-from bench.overhead import wait_ready
 from mesh.client import Client
 from mesh.errors import MeshError, Unavailable
 from mesh.loadgen import BenchResult, closed_loop
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import admin_status, http_ready, serving, until, wait_status
 
 MLP_KWARGS = {"hidden": 1024, "layers": 4}
 HTTP_CALLERS = 32
@@ -180,11 +182,9 @@ class Meshserve:
 
     async def start(self) -> None:
         ports = free_ports("client", "admin", "worker")
-        config = self._tmp / "meshserve.toml"
         mlp = f'model = "worker.models.mlp:build"\nfactory_kwargs = {{ hidden = ' \
               f'{MLP_KWARGS["hidden"]}, layers = {MLP_KWARGS["layers"]} }}\n'
-        config.write_text(controller_section(ports, autoscale=False, warm_workers=0,
-                                             busy_poll_us=self._busy_poll_us) + f"""
+        deployments = f"""
 [[deployments]]
 name = "echo"
 model = "worker.models.echo:build"
@@ -206,26 +206,31 @@ max_inflight_per_world = 256
 name = "tinygpt"
 model = "worker.models.tinygpt:build"
 stages = 2
-""")
-        self._proc = start_controller(config, log=(self._tmp / "controller.log").open("ab"))
-        await wait_ready(f"tcp://127.0.0.1:{ports['admin']}", 180.0)
+"""
+        config = write_config(self._tmp / "meshserve.toml", ports, deployments,
+                              autoscale=False, warm_workers=0, worker_threads=1,
+                              busy_poll_us=self._busy_poll_us)
+        self._proc = start_controller(config, self._tmp / "controller.log")
+        await wait_status(admin_status(f"tcp://127.0.0.1:{ports['admin']}"), serving, 180.0,
+                          "every deployment serving", interval_s=0.2)
         self.http_port = free_ports("http")["http"]
         self._gateway = start_gateway(f"tcp://127.0.0.1:{ports['client']}",
                                       f"127.0.0.1:{self.http_port}",
                                       (self._tmp / "gateway.log").open("ab"))
         self.client = Client(f"tcp://127.0.0.1:{ports['client']}")
         await self.client.connect()
-        await wait_http(self.http_port)
+        await until(lambda: http_ready(self.http_port), 60.0, "the gateway ready",
+                    interval_s=0.25)
 
     async def stop(self) -> None:
         if self.client is not None:
             await self.client.aclose()
             self.client = None
         if self._gateway is not None:
-            stop_process(self._gateway)
+            end_processes([self._gateway], 20.0)
             self._gateway = None
         if self._proc is not None:
-            stop_process(self._proc)
+            end_processes([self._proc], 20.0)
             self._proc = None
 
     async def infer(self, model: str, inputs: dict[str, Any], *, timeout_s: float = 30.0
@@ -333,7 +338,8 @@ class RayServe:
                                             blocking=False)
         for name, handle in self._handles.items():  # first call: replicas up and warm
             await handle.remote(inputs_of(name))
-        await wait_http(self.http_port, path="/-/healthz")
+        await until(lambda: http_ready(self.http_port, "/-/healthz"), 60.0,
+                    "Ray Serve's HTTP proxy ready", interval_s=0.25)
 
     async def stop(self) -> None:
         import ray
@@ -371,25 +377,6 @@ def start_gateway(controller: str, listen: str, log: Any) -> Any:
     return subprocess.Popen([sys.executable, "-m", "mesh.cli", "--log-level", "WARNING",
                              "gateway", "--controller", controller, "--listen", listen],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-async def wait_http(port: int, path: str = "/v2/health/ready", timeout_s: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-                         .encode())
-            status = await reader.readline()
-            writer.close()
-            if b" 200 " in status:
-                return
-        except OSError:
-            pass
-        if loop.time() > deadline:
-            raise TimeoutError(f"nothing answers HTTP on port {port}")
-        await asyncio.sleep(0.25)
 
 
 async def measure(system: Meshserve | RayServe, duration_s: float) -> dict[str, BenchResult]:

@@ -60,8 +60,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import alive, controller_section, cpu_seconds, free_port, stop_process
+from bench.common import cpu_seconds
 from mesh.loop import run as run_loop
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_port, free_ports
+from mesh.testing.processes import alive, end_processes, start_controller
+from mesh.testing.waits import until, wait_status
 
 BATCH = 32
 FEATURES = 64
@@ -248,14 +252,13 @@ class RawPipeline:
         return [p.pid for p in self.procs]
 
     async def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not (self.ctl[READY0] and self.ctl[READY1]):
+        def ready() -> bool:
             for p in self.procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"raw stage pid {p.pid} exited with {p.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("raw pipeline did not start")
-            await asyncio.sleep(0.05)
+            return bool(self.ctl[READY0] and self.ctl[READY1])
+
+        await until(ready, timeout_s, "the raw pipeline's stages ready", interval_s=0.05)
 
     async def window(self, warmup_s: float, duration_s: float,
                      pids: dict[str, int]) -> dict[str, Any]:
@@ -292,8 +295,7 @@ class RawPipeline:
         for p in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for p in self.procs:
-            stop_process(p, 5.0)
+        end_processes(self.procs, 5.0)
 
 
 # -- (b) meshserve ---------------------------------------------------------------------------
@@ -335,13 +337,13 @@ class Controller:
     """A controller subprocess on free loopback ports, its output in a log file."""
 
     def __init__(self, tmp: Path, name: str, body: str, **settings: int) -> None:
-        self.ports = {k: free_port() for k in ("client", "admin", "worker")}
+        self.ports = free_ports("client", "admin", "worker")
         self.admin = f"tcp://127.0.0.1:{self.ports['admin']}"
         self.client = f"tcp://127.0.0.1:{self.ports['client']}"
-        self.config = tmp / f"{name}.toml"
         # One world per deployment, held still: the autoscaler would add worlds under load
         # (and so workers, whose CPU this 2-core machine does not have to spare).
-        self.config.write_text(controller_section(self.ports, autoscale=False, **settings) + body)
+        self.config = write_config(tmp / f"{name}.toml", self.ports, body, autoscale=False,
+                                   worker_threads=1, **settings)
         self.log_path = tmp / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.worker_pids: set[int] = set()
@@ -351,12 +353,8 @@ class Controller:
         return self.proc.pid if self.proc is not None else 0
 
     def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mesh.cli", "--log-level", "INFO", "controller",
-                 "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=single_thread_env())
+        self.proc = start_controller(self.config, self.log_path, log_level="INFO",
+                                     env=single_thread_env())
 
     async def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         from mesh.admin_client import admin_call
@@ -367,21 +365,13 @@ class Controller:
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float,
                        what: str, poll_s: float = 0.1) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"controller exited ({self.proc.returncode}) waiting for "
-                                   f"{what}; log: {self.log_path}")
-            with contextlib.suppress(Exception):
-                status = await self.status()
-                if predicate(status):
-                    return status
-            await asyncio.sleep(poll_s)
-        raise TimeoutError(f"timed out waiting for {what}; log: {self.log_path}")
+        return await wait_status(self.status, predicate, timeout_s, what, interval_s=poll_s,
+                                 exit_code=lambda: self.proc.poll() if self.proc else None,
+                                 detail=lambda: f"log: {self.log_path}")
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc, 30.0)
+            end_processes([self.proc], 30.0)
         for pid in self.worker_pids:  # the controller stops its workers; this is a safety net
             stop_pid(pid)
 

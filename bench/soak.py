@@ -38,17 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    LedgerClient,
-    controller_section,
-    free_ports,
-    start_controller,
-    stop_process,
-)
 from mesh.admin_client import admin_call
 from mesh.client import Client
 from mesh.errors import MeshError
 from mesh.loop import run as run_loop
+from mesh.testing.configs import write_config
+from mesh.testing.ledger import LedgerClient
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import end_processes, start_controller
+from mesh.testing.waits import wait_status
 
 
 @dataclass(frozen=True)
@@ -89,8 +87,8 @@ PROMPTS = ["soak test", "The quick brown fox", "hello world", "meshserve"]
 STREAM_TOKENS = 48
 
 
-def config_text(ports: dict[str, int], world_timeout_ms: int = WORLD_TIMEOUT_MS) -> str:
-    return controller_section(ports, warm_workers=1, autoscale=False) + f"""
+def deployments(world_timeout_ms: int = WORLD_TIMEOUT_MS) -> str:
+    return f"""
 [[deployments]]
 name = "mlp"
 model = "worker.models.mlp:build"
@@ -129,7 +127,6 @@ class Soak:
         self.args = args
         self.phases = SHORT if args.short else FULL
         self.rng = random.Random(args.seed)
-        self.sent = 0
         self.ok = 0
         self.failed: Counter[str] = Counter()
         self.streams = 0
@@ -151,16 +148,8 @@ class Soak:
 
     async def wait_for(self, predicate: Any, what: str, timeout_s: float = 120.0
                        ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                status = await self.status()
-                if predicate(status):
-                    return status
-            except MeshError:
-                pass
-            await asyncio.sleep(0.2)
-        raise TimeoutError(f"soak: timed out waiting for {what}")
+        return await wait_status(self.status, predicate, timeout_s, f"soak: {what}",
+                                 interval_s=0.2)
 
     # -- load -----------------------------------------------------------------------------
 
@@ -168,7 +157,6 @@ class Soak:
         rng = np.random.default_rng(seed)
         while not stop.is_set():
             x = rng.standard_normal((1, 64)).astype(np.float32)
-            self.sent += 1
             try:
                 out = await client.infer("mlp", {"x": x}, timeout_s=20.0)
                 assert out["y"].shape == (1, 10)
@@ -182,7 +170,6 @@ class Soak:
         rng = random.Random(seed)
         while not stop.is_set():
             prompt = rng.choice(PROMPTS)
-            self.sent += 1
             self.streams += 1
             text = []
             try:
@@ -225,17 +212,16 @@ class Soak:
     async def run(self) -> dict[str, Any]:
         ports = free_ports("client", "admin", "worker")
         workdir = Path(tempfile.mkdtemp(prefix="meshserve-soak-"))
-        config = workdir / "soak.toml"
-        config.write_text(config_text(
-            ports, SHORT_WORLD_TIMEOUT_MS if self.args.short else WORLD_TIMEOUT_MS))
+        config = write_config(
+            workdir / "soak.toml", ports,
+            deployments(SHORT_WORLD_TIMEOUT_MS if self.args.short else WORLD_TIMEOUT_MS),
+            warm_workers=1, autoscale=False, worker_threads=1)
         self.admin = f"tcp://127.0.0.1:{ports['admin']}"
-        log = open(workdir / "controller.log", "wb")
-        ctrl = start_controller(config, log=log, log_level="INFO")
+        ctrl = start_controller(config, workdir / "controller.log", log_level="INFO")
         try:
             result = await self._run(ctrl.pid, f"tcp://127.0.0.1:{ports['client']}", workdir)
         finally:
-            stop_process(ctrl, 30.0)
-            log.close()
+            end_processes([ctrl], 30.0)
         result["worker_endpoint"] = f"tcp://127.0.0.1:{ports['worker']}"
         return result
 
@@ -283,8 +269,7 @@ class Soak:
                         pass
                 stop.set()
                 await asyncio.gather(*tasks)
-            answered = len(client.answers)
-            duplicated = sum(n - 1 for n in client.answers.values() if n > 1)
+            ledger = client.ledger
         status = await self.wait_for(
             lambda s: sum(w["deployment"] == "mlp" and w["state"] == "serving"
                           for w in s["worlds"]) >= 3, "the worlds re-formed", 60.0)
@@ -293,13 +278,14 @@ class Soak:
         return {
             "schedule": "short" if self.args.short else "full",
             "duration_s": round(time.monotonic() - started, 1),
-            "requests_sent": self.sent,
-            "answered": answered,
+            "requests_sent": ledger.sent,
+            "answered": ledger.answered,
             "succeeded": self.ok,
             "failed": sum(self.failed.values()),
             "failed_codes": dict(self.failed),
-            "lost": self.sent - answered,
-            "duplicated": duplicated,
+            "lost": ledger.lost,
+            "duplicated": ledger.duplicates,
+            "late_answers": sum(ledger.late.values()),
             "streams": self.streams,
             "streams_wrong_text": self.streams_bad,
             "faults": self.faults,

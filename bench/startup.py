@@ -34,25 +34,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import alive, controller_section, free_ports, start_controller, stop_process
 from mesh.admin_client import admin_call
 from mesh.errors import MeshError
 from mesh.loop import run as run_loop
+from mesh.testing.configs import Value, deployment, write_config
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import alive, end_processes, pids_with, start_controller
 
 
-def write_config(path: Path, ports: dict[str, int], worlds: int, fork: str) -> None:
-    settings: dict[str, bool | int | float | str] = {"warm_workers": 0, "autoscale": False}
+def config(path: Path, ports: dict[str, int], worlds: int, fork: str) -> Path:
+    """No warm pool and no autoscaler (the kit's defaults), one torch thread a worker."""
+    settings: dict[str, Value] = {"worker_threads": 1}
     if fork:
         settings["fork_workers"] = fork == "on"
-    path.write_text(controller_section(ports, **settings) + f"""
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-stages = 1
-worlds = 1
-min_worlds = 1
-max_worlds = {worlds}
-""")
+    return write_config(path, ports, deployment("mlp", "worker.models.mlp:build", stages=1,
+                                                worlds=1, min_worlds=1, max_worlds=worlds),
+                        **settings)
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -71,18 +68,9 @@ def memory(pid: int) -> dict[str, int]:
 
 
 def fork_server_pid(controller_pid: int) -> int:
-    """The controller's fork server (a child of it named ``worker.forkserver``), or 0."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if int(stat[1]) == controller_pid and b"worker.forkserver" in cmdline:
-            return int(entry.name)
-    return 0
+    """The controller's fork server (worker/forkserver.py), or 0."""
+    found = pids_with(f"worker.forkserver --parent-pid {controller_pid} ")
+    return found[0] if found else 0
 
 
 async def poll(admin: str, done: Any, timeout_s: float, poll_s: float) -> dict[str, Any]:
@@ -98,14 +86,14 @@ async def poll(admin: str, done: Any, timeout_s: float, poll_s: float) -> dict[s
     raise TimeoutError("the controller did not reach the state in time")
 
 
-def serving(status: dict[str, Any]) -> list[dict[str, Any]]:
+def serving_worlds(status: dict[str, Any]) -> list[dict[str, Any]]:
     return [w for w in status["worlds"] if w["state"] == "serving"]
 
 
 async def one_run(admin: str, ctrl_pid: int, worlds: int, poll_s: float) -> dict[str, Any]:
     started = time.monotonic()
     await admin_call(admin, "scale", {"deployment": "mlp", "worlds": worlds})
-    status = await poll(admin, lambda s: len(serving(s)) >= worlds, 60.0, poll_s)
+    status = await poll(admin, lambda s: len(serving_worlds(s)) >= worlds, 60.0, poll_s)
     scale_s = time.monotonic() - started
 
     pids = [w["pid"] for w in status["workers"] if w["pid"]]
@@ -115,8 +103,8 @@ async def one_run(admin: str, ctrl_pid: int, worlds: int, poll_s: float) -> dict
     victim = next(w for w in status["workers"] if w["state"] == "serving")
     killed = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
-    await poll(admin, lambda s: len(serving(s)) >= worlds and not any(
-        victim["id"] in w["workers"] for w in serving(s)), 60.0, poll_s)
+    await poll(admin, lambda s: len(serving_worlds(s)) >= worlds and not any(
+        victim["id"] in w["workers"] for w in serving_worlds(s)), 60.0, poll_s)
     recover_s = time.monotonic() - killed
 
     await admin_call(admin, "scale", {"deployment": "mlp", "worlds": 1})
@@ -134,13 +122,12 @@ async def one_run(admin: str, ctrl_pid: int, worlds: int, poll_s: float) -> dict
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker")
     folder = Path(tempfile.mkdtemp(prefix="meshserve-startup-"))
-    config = folder / "startup.toml"
-    write_config(config, ports, args.worlds, args.fork_workers)
+    path = config(folder / "startup.toml", ports, args.worlds, args.fork_workers)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     with open(folder / "controller.log", "wb") as log:
-        ctrl = start_controller(config, log=log)
+        ctrl = start_controller(path, log, log_level="INFO")
         try:
-            await poll(admin, lambda s: len(serving(s)) >= 1, 120.0, args.poll_ms / 1000.0)
+            await poll(admin, lambda s: len(serving_worlds(s)) >= 1, 120.0, args.poll_ms / 1000.0)
             runs = []
             for i in range(args.runs):
                 result = await one_run(admin, ctrl.pid, args.worlds, args.poll_ms / 1000.0)
@@ -148,7 +135,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"kill recovery {result['recover_s']:.3f} s", file=sys.stderr, flush=True)
                 runs.append(result)
         finally:
-            stop_process(ctrl, 30.0)
+            end_processes([ctrl], 30.0)
     return {"fork_workers": args.fork_workers or "default", "worlds": args.worlds,
             "runs": runs, "log": str(folder / "controller.log")}
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 
+from controller import state
 from controller.admin import Admin
 from controller.autoscaler import Autoscaler, policy_of
 from controller.backend import Backend
@@ -49,7 +50,7 @@ from controller.world_manager import WorldManager
 from mesh.actor import Mailbox
 from mesh.errors import Cancelled
 from mesh.logs import speaker
-from mesh.messages import Heartbeat, Message, Ping
+from mesh.messages import ApplyArgs, Heartbeat, Message, Ping
 from mesh.security import DOMAINS, Guard, KeyRing, ServerKeys, read_key_pair
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -184,6 +185,12 @@ class Controller:
         stop_s = self.config.controller.drain_timeout_ms / 1000.0
         await self.world_manager.shutdown_workers(timeout_s=max(2.0, min(stop_s, 10.0)))
 
+    async def apply(self, document: dict[str, Any]) -> dict[str, Any]:
+        """Make a config document's deployments and routes the running set (SIGHUP)."""
+        answer: dict[str, Any] = await self.world_manager.ask(ApplyArgs(document=document),
+                                                              timeout_s=10.0)
+        return answer
+
     def reload_keys(self) -> bool:
         """Re-read the allowed keys (SIGHUP, or a key folder changed)."""
         return self._guard.reload() if self._guard is not None else False
@@ -231,6 +238,7 @@ class Controller:
 def _assemble(cls: type[Controller], config: Config, launcher: LauncherFactory,
               stack: contextlib.AsyncExitStack) -> Controller:
     """Build every part and bind its socket, pushing each one's release onto ``stack``."""
+    config, resumed = state.resume(config)  # what a previous run kept, with state_dir
     c = config.controller
     context: zmq.Context[Any] = zmq.Context()
     stack.callback(context.term)  # last: after every socket is closed
@@ -255,7 +263,7 @@ def _assemble(cls: type[Controller], config: Config, launcher: LauncherFactory,
             health.exited(worker_id, returncode)
 
     workers = launcher(config, exited)
-    fleet = Fleet(config)
+    fleet = Fleet(config, resumed=resumed)
     frontend = Frontend(context, c.client_endpoint, max_request_bytes=c.max_request_bytes,
                         curve=curve("client"), max_connections=c.max_client_connections,
                         describe=lambda: describe_fleet(fleet), defer=held.defer,
@@ -267,7 +275,7 @@ def _assemble(cls: type[Controller], config: Config, launcher: LauncherFactory,
     world_manager = WorldManager(fleet, workers, routers, health, mailbox=inbox,
                                  send_worker=backend.send_control)
     scaling = ScalingInputs(fleet, routers, workers.host().get("cores", 0))
-    autoscaler = Autoscaler(list(routers), context_of=scaling.context,
+    autoscaler = Autoscaler(routers, context_of=scaling.context,
                             apply=lambda name, n, why: inbox.tell(AutoScale(name, n, why)),
                             policy=policy_of(config.autoscaler),
                             tick_s=c.autoscale_tick_ms / 1000.0)

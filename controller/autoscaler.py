@@ -18,9 +18,12 @@ each deployment's.
   exceed what the worlds can serve at ``target_util``;
   jump straight to the number of worlds the arrival rate needs (at least one more), counting
   worlds still forming as capacity on its way, so a slow start is not answered twice;
-* scale down slowly, one world at a time: only after p99 has stayed under
-  ``down_fraction`` of the target for ``downscale_delay_s`` (default 30 s) and the remaining
-  worlds would still run below ``down_util``; each step restarts the wait;
+* scale down after a sustained headroom, straight to what the load needs: only after p99 has
+  stayed under ``down_fraction`` of the target for ``downscale_delay_s`` (default 30 s) and
+  one world fewer would still run below ``down_util``; then it gives back every world the
+  measured arrival rate and per-world capacity say is not needed (the fewest worlds that stay
+  under ``down_util``, ``enough_worlds``), never below ``min_worlds``; each step restarts the
+  wait;
 * the gap between the up and down thresholds is the hysteresis that keeps a steady load,
   noisy or not, from moving the count back and forth;
 * a world that adds no service rate is not capacity: after every scale-up the policy measures
@@ -41,7 +44,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -136,6 +139,19 @@ def policy_of(config: AutoscalerConfig) -> ScalingPolicy[Any]:
     if config.policy == "latency":
         return LatencyPolicy(config)
     raise ValueError(f"unknown scaling policy {config.policy!r}")  # the config refuses it
+
+
+def enough_worlds(ctx: Context, t: AutoscalerConfig = _DEFAULTS) -> int:
+    """After a headroom: the fewest worlds that keep the arrival rate under ``down_util`` of
+    their measured capacity (the headroom the down rule asks for), within the bounds, and
+    fewer than now. Nothing arriving: ``min_worlds``."""
+    lo = ctx.min_worlds
+    if ctx.arrival_rps <= 0:
+        return lo
+    if ctx.world_rps <= 0:
+        return max(lo, ctx.desired - 1)  # capacity unknown: one world at a time, as before
+    fewest = math.ceil(ctx.arrival_rps / (ctx.world_rps * t.down_util))
+    return max(lo, 1, min(ctx.desired - 1, fewest))
 
 
 def needed_worlds(ctx: Context, t: AutoscalerConfig = _DEFAULTS) -> int | None:
@@ -266,10 +282,10 @@ def _decide(ctx: Context, state: State, t: AutoscalerConfig) -> tuple[int, State
         state = replace(state, headroom_since_s=since)
         waited = ctx.now_s - since
         if waited >= ctx.downscale_delay_s:
-            target = current - 1
+            target = enough_worlds(ctx, t)
             return target, replace(state, headroom_since_s=None), \
                 f"down: headroom for {waited:.0f}s (p99 {ctx.p99_ms:.1f} ms, " \
-                f"arrival {ctx.arrival_rps:.0f}/s)"
+                f"arrival {ctx.arrival_rps:.0f}/s: {target} world(s) enough)"
         return current, state, f"headroom for {waited:.0f}s (acting at {ctx.downscale_delay_s}s)"
     return current, replace(state, headroom_since_s=None), "steady"
 
@@ -294,7 +310,8 @@ class Autoscaler:
     sets the target; both are injected, as is the clock, so tests drive it without sleeping.
     """
 
-    def __init__(self, names: list[str], *, context_of: Callable[[str, float], Context | None],
+    def __init__(self, names: Iterable[str], *,
+                 context_of: Callable[[str, float], Context | None],
                  apply: Callable[[str, int, str], None], tick_s: float = 0.5,
                  policy: ScalingPolicy[Any] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -304,18 +321,24 @@ class Autoscaler:
         self.tick_s = tick_s
         self.policy: ScalingPolicy[Any] = policy or LatencyPolicy()
         self._clock = clock
-        self.states: dict[str, Any] = {n: self.policy.initial() for n in names}
+        self.states: dict[str, Any] = {}
         self.last: dict[str, Decision] = {}
         self.reason: dict[str, str] = {}
 
     def tick(self) -> None:
         now = self._clock()
-        for name in self._names:
+        names = list(self._names)  # a live view: deployments come and go (meshctl apply)
+        for name in [n for n in self.states if n not in names]:
+            del self.states[name]
+        for name in names:
             try:
                 ctx = self._context_of(name, now)
                 if ctx is None:
                     continue
-                target, self.states[name], why = self.policy.decide(ctx, self.states[name])
+                state = self.states.get(name)
+                if state is None:
+                    state = self.policy.initial()
+                target, self.states[name], why = self.policy.decide(ctx, state)
                 self.reason[name] = why
                 if target != ctx.desired:
                     decision = Decision(time.time(), name, ctx.desired, target, why)

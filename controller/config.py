@@ -21,16 +21,19 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 from controller.autoscaler_config import AutoscalerConfig
+from controller.catalog import RouteConfig, parse_catalog, typed_table
 from controller.probes import READINESS_RULES
 from mesh.errors import ConfigError
 from mesh.messages import DEFAULT_MAX_IDLE_STAGES
 from mesh.spec import DeploymentSpec
-from mesh.typed import DecodeError, decode
 
 T = TypeVar("T", bound="DataclassInstance")
 # The deployment part of the config is exactly what workers receive (mesh/spec.py).
 DeploymentConfig = DeploymentSpec
 
+# The tables a config file may have.
+TABLES = frozenset({"controller", "deployments", "routes", "security", "kubernetes", "gateway",
+                    "autoscaler"})
 _ENDPOINT_PATTERN = r"^(tcp://[^:/\s]+:\d+|ipc://\S+|inproc://\S+)$"
 _ENDPOINT_RE = re.compile(_ENDPOINT_PATTERN)
 # A ZeroMQ address the controller binds.
@@ -86,6 +89,10 @@ class ControllerConfig:
     # Stages a worker keeps loaded that none of its worlds uses (for reuse: re-forming a
     # world, preloading), least recently used dropped first; stages in use always stay.
     max_idle_stages: Annotated[int, Meta(ge=0, le=1024)] = DEFAULT_MAX_IDLE_STAGES
+    # Bytes the stages a worker holds may take (parameters and buffers, in use and idle)
+    # before idle ones are dropped, least recently used first; stages in use always stay.
+    # 0: no bound (a rolling update may hold both revisions' stages).
+    max_stage_bytes: Annotated[int, Meta(ge=0, le=2**50)] = 0
     # Who starts workers: "local" (subprocesses of the controller) or "none" (workers join
     # with 'meshctl worker').
     launcher: Literal["local", "none", "kubernetes"] = "local"
@@ -93,6 +100,12 @@ class ControllerConfig:
     # message it receives: lower latency at low concurrency for up to that much CPU per
     # quiet spell (controller/busy_poll.py). 0: off.
     busy_poll_us: Annotated[int, Meta(ge=0, le=100_000)] = 0
+    # A folder where what was applied (deployments, routes) and what operators changed at run
+    # time (scale, latency targets) is kept, so a restarted controller resumes from it even
+    # when started on its original file ("": nothing is kept; docs/operations.md).
+    state_dir: str = ""
+    # Re-read the config file when it changes (as SIGHUP does), e.g. a Kubernetes ConfigMap.
+    watch_config: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +196,7 @@ class Config:
     kubernetes: KubernetesConfig = KubernetesConfig()
     gateway: GatewayConfig = GatewayConfig()
     autoscaler: AutoscalerConfig = dataclasses.field(default_factory=AutoscalerConfig)
+    routes: tuple[RouteConfig, ...] = ()
 
     def deployment(self, name: str) -> DeploymentConfig:
         for dep in self.deployments:
@@ -237,29 +251,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
     """A validated Config from a parsed TOML document; ``base`` is the folder that relative
     paths (the security keys) are read from (the config file's; default: the current one)."""
-    unknown = set(raw) - {"controller", "deployments", "security", "kubernetes", "gateway",
-                          "autoscaler"}
+    unknown = set(raw) - TABLES
     if unknown:
         raise ConfigError(f"unknown top-level key {sorted(unknown)[0]!r}")
     controller = _table(raw, "controller", ControllerConfig)
     _check_controller(controller)
-    deps_raw = raw.get("deployments", [])
-    if not isinstance(deps_raw, list) or not all(isinstance(d, dict) for d in deps_raw):
-        raise ConfigError("'deployments' must be an array of tables ([[deployments]])")
-    if not deps_raw:
-        raise ConfigError("'deployments' is empty: configure at least one model")
-    deployments = []
-    seen: set[str] = set()
-    for i, dep_raw in enumerate(deps_raw):
-        where = f"deployments[{i}]"
-        if "name" in dep_raw and isinstance(dep_raw["name"], str):
-            where = f"deployments[{dep_raw['name']}]"
-        dep = _build(DeploymentConfig, dep_raw, where)
-        check_deployment(dep, where)
-        if dep.name in seen:
-            raise ConfigError(f"{where}.name: deployment {dep.name!r} is configured twice")
-        seen.add(dep.name)
-        deployments.append(dep)
+    if controller.state_dir:
+        controller = dataclasses.replace(controller, state_dir=str(
+            ((base or Path.cwd()) / controller.state_dir).resolve()))
+    catalog = parse_catalog(raw)
     security = _check_security(_table(raw, "security", SecurityConfig), base or Path.cwd())
     kubernetes = _table(raw, "kubernetes", KubernetesConfig)
     _check_kubernetes(kubernetes, controller.launcher == "kubernetes")
@@ -273,8 +273,9 @@ def parse_config(raw: dict[str, Any], base: Path | None = None) -> Config:
         raise ConfigError(f"autoscaler.down_util ({autoscaler.down_util}) must be below "
                           f"target_util ({autoscaler.target_util}): the gap keeps a steady "
                           "load from moving the world count back and forth")
-    return Config(controller=controller, deployments=tuple(deployments), security=security,
-                  kubernetes=kubernetes, gateway=gateway, autoscaler=autoscaler)
+    return Config(controller=controller, deployments=catalog.deployments, security=security,
+                  kubernetes=kubernetes, gateway=gateway, autoscaler=autoscaler,
+                  routes=catalog.routes)
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:
@@ -340,18 +341,7 @@ def _table(raw: dict[str, Any], name: str, cls: type[T]) -> T:
     table = raw.get(name, {})
     if not isinstance(table, dict):
         raise ConfigError(f"'{name}' must be a table")
-    return _build(cls, table, name)
-
-
-def _build(cls: type[T], raw: dict[str, Any], where: str) -> T:
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"unknown key {where}.{key}")
-    try:
-        return decode(raw, cls, where)
-    except DecodeError as exc:
-        raise ConfigError(str(exc)) from None
+    return typed_table(cls, table, name)
 
 
 def _check_controller(c: ControllerConfig) -> None:
@@ -366,23 +356,3 @@ def _check_controller(c: ControllerConfig) -> None:
     if c.readiness not in READINESS_RULES:
         raise ConfigError(f"controller.readiness must be one of {list(READINESS_RULES)}, got "
                           f"{c.readiness!r}")
-
-
-def check_deployment(d: DeploymentConfig, where: str) -> None:
-    """The rules between fields; each field's own range is in its type (mesh/spec.py)."""
-    if d.min_worlds > d.max_worlds:
-        raise ConfigError(
-            f"{where}.min_worlds ({d.min_worlds}) exceeds max_worlds ({d.max_worlds})")
-    if not d.min_worlds <= d.worlds <= d.max_worlds:
-        raise ConfigError(
-            f"{where}.worlds ({d.worlds}) must lie between min_worlds ({d.min_worlds}) "
-            f"and max_worlds ({d.max_worlds})"
-        )
-    if d.default_timeout_ms > d.max_timeout_ms:
-        raise ConfigError(f"{where}.default_timeout_ms exceeds max_timeout_ms")
-    if d.split_points:
-        if len(d.split_points) != d.stages - 1:
-            raise ConfigError(f"{where}.split_points must list stages - 1 = {d.stages - 1} "
-                              f"child indices, got {d.split_points}")
-        if d.split_points != sorted(set(d.split_points)):
-            raise ConfigError(f"{where}.split_points must increase strictly from 1")

@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.catalog import RouteConfig
 from mesh.messages import Message
+from mesh.spec import DeploymentSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +111,52 @@ class Settled:
     down: dict[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class AddDeployment:
+    """An applied deployment: a router for it, taking requests from now on."""
+
+    spec: DeploymentSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfigure:
+    """A deployment's spec changed (applied, or rolled back): its router reads the new one."""
+
+    spec: DeploymentSpec
+
+
+@dataclass(frozen=True, slots=True)
+class RetireDeployment:
+    """Applied away: its name answers unknown_model from now on; its router finishes what it
+    holds while its worlds drain."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveDeployment:
+    """Its last world is gone: its router goes."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetRoutes:
+    routes: tuple[RouteConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveState:
+    """What is applied and what operators changed, to keep in ``state_dir``
+    (controller/state.py)."""
+
+    state: dict[str, Any]
+
+
 Effect = (SendTo | StartWorker | StopWorker | KillWorker | WatchWorker | ForgetWorker
-          | RouteWorld | DrainRoute | HoldRoute | UnrouteWorld | SetUnavailable | Settled)
+          | RouteWorld | DrainRoute | HoldRoute | UnrouteWorld | SetUnavailable | Settled
+          | AddDeployment | Reconfigure | RetireDeployment | RemoveDeployment | SetRoutes
+          | SaveState)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controller import fleet_commands, fleet_workers
+from controller import fleet_apply, fleet_commands, fleet_workers
 from controller.config import Config
 from controller.effects import (
     DrainRoute,
@@ -78,7 +78,7 @@ from controller.records import (
 )
 from controller.view import View, snapshot
 from mesh.logs import speaker
-from mesh.messages import Heartbeat, Join, Leave, Message, Ping, Welcome
+from mesh.messages import Heartbeat, Join, Leave, Message, Ping
 
 log = speaker(logging.getLogger(__name__), "controller")
 
@@ -97,13 +97,16 @@ PING = Ping()
 
 class Fleet:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 resumed: dict[str, dict[str, Any]] | None = None) -> None:
+        """``resumed``: each deployment's live settings as a run before kept them."""
         self.config = config
         self.clock = clock
         self.workers: dict[str, WorkerInfo] = {}
         self.worlds: dict[int, WorldInfo] = {}
         self.deployments: dict[str, DeploymentState] = {
-            d.name: DeploymentState.of(d) for d in config.deployments}
+            d.name: fleet_apply.resumed(d, (resumed or {}).get(d.name))
+            for d in config.deployments}
         self.events = EventLog(wall_clock)
         self.world_ids = itertools.count(1)
         self.worker_ids = itertools.count(1)
@@ -121,15 +124,13 @@ class Fleet:
         self.workers_died = 0  # since the start: worker churn, for metrics
         self.worlds_broken = 0
         self.stopping = False
-        c = config.controller
-        self.welcome = Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
-                               controller_timeout_ms=c.controller_timeout_ms,
-                               max_idle_stages=c.max_idle_stages, packed_replies=True)
+        self.welcome = fleet_workers.welcome(config.controller)
         self._out: list[Effect] = []
         self._launcher = NO_LAUNCHER
         self._full_reported = False
         self._unavailable: dict[str, str] = {name: "" for name in self.deployments}
         self.settled: dict[str, str] | None = None  # set once: the ready line
+        self.routes = config.routes
         self._broken_events: dict[int, dict[str, Any]] = {}  # awaiting their re-send count
 
     # -- the one entry ----------------------------------------------------------------------
@@ -200,7 +201,7 @@ class Fleet:
         now = self.clock()
         can_spawn = (self._launcher.can_spawn and not self.spawn_quarantined
                      and now >= self.spawn_retry_at_s)
-        return snapshot(self.config.controller, now, self.deployments.values(),
+        return snapshot(self.config.controller, now, self.deployments,
                         self.workers.values(), self.worlds.values(), can_spawn=can_spawn,
                         room=self._launcher.room)
 
@@ -215,10 +216,11 @@ class Fleet:
                 self._apply(action)
             if not any(isinstance(a, Break) for a in actions):
                 break
+        fleet_apply.progress(self)
         down = {}
         for name, dep in self.deployments.items():
             reason = self.unavailable_reason(dep)
-            if reason != self._unavailable[name]:
+            if reason != self._unavailable.get(name, ""):
                 self._unavailable[name] = reason
                 self.emit(SetUnavailable(name, reason))
             if reason:
@@ -286,7 +288,8 @@ class Fleet:
         now = self.clock()
         world = WorldInfo(id=next(self.world_ids), deployment=dep.config.name, epoch=1,
                           workers=[w.id for w in workers], created_s=now,
-                          backend=backend, token=secrets.token_hex(8), joins_sent_s=now)
+                          backend=backend, token=secrets.token_hex(8), joins_sent_s=now,
+                          revision=dep.revision)
         self.worlds[world.id] = world
         for rank, worker in enumerate(workers):
             worker.worlds.add(world.id)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from controller import fleet_workers
+from controller import fleet_apply, fleet_workers
 from controller.mailbox import AutoScale
 from controller.records import LIVE_WORLD, DeploymentState, WorkerState
 from mesh.errors import BadRequest, UnknownModel, excerpt
 from mesh.logs import speaker
 from mesh.messages import (
+    ApplyArgs,
     DrainArgs,
     Fault,
     FaultArgs,
@@ -52,12 +53,14 @@ def run(fleet: Fleet, command: Any) -> Any:
             return fault(fleet, command)
         case UnquarantineArgs(worker):
             return unquarantine(fleet, worker)
+        case ApplyArgs():
+            return fleet_apply.apply(fleet, command)
     raise BadRequest(f"the fleet has no command {type(command).__name__}")
 
 
 def deployment(fleet: Fleet, name: str) -> DeploymentState:
     dep = fleet.deployments.get(name)
-    if dep is None:
+    if dep is None or dep.removing:
         # The same answer as a request for it gets (the frontend's), with the names.
         raise UnknownModel(f"no deployment named {excerpt(name)}; serving "
                            f"{sorted(fleet.deployments)[:20]}")
@@ -94,6 +97,7 @@ def scale(fleet: Fleet, name: str, worlds: int | None, min_worlds: int | None,
         fleet.spawn_failures = 0
     log.info("%s scaled: desired %d worlds, bounds [%d, %d]", dep.config.name, dep.desired,
              lo, hi)
+    fleet_apply.save(fleet)
     return {"deployment": dep.config.name, "worlds_desired": dep.desired,
             "min_worlds": lo, "max_worlds": hi}
 
@@ -102,6 +106,7 @@ def set_slo(fleet: Fleet, name: str, p99_ms: float) -> dict[str, Any]:
     dep = deployment(fleet, name)
     dep.slo_p99_ms = float(p99_ms)  # its range is SloArgs's
     log.info("%s latency target set to p99 %.1f ms", dep.config.name, dep.slo_p99_ms)
+    fleet_apply.save(fleet)
     return {"deployment": dep.config.name, "slo_p99_ms": dep.slo_p99_ms}
 
 

@@ -10,6 +10,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
+from controller import fleet_apply
 from controller.effects import (
     ForgetWorker,
     HoldRoute,
@@ -30,11 +31,13 @@ from mesh.messages import (
     Ping,
     Register,
     Shutdown,
+    Welcome,
     WorldBroken,
 )
 from mesh.messages import Preload as PreloadMsg
 
 if TYPE_CHECKING:
+    from controller.config import ControllerConfig
     from controller.fleet import Fleet
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -116,6 +119,7 @@ def joined(fleet: Fleet, worker: WorkerInfo, world: WorldInfo | None, msg: Joine
                     "vocab_size"):
             if key in msg.describe:
                 dep.description[key] = msg.describe[key]
+        world.split = msg.describe.get("split")  # this world's: a rollout's may differ
     if rank == len(world.workers) - 1 and "outputs" in msg.describe:
         dep.description["outputs"] = msg.describe["outputs"]  # the last stage's
     if world.joined == set(world.workers):
@@ -157,6 +161,15 @@ def register(fleet: Fleet, worker_id: str, msg: Register) -> None:
     fleet.emit(WatchWorker(worker_id))
     fleet.send(worker_id, fleet.welcome)
     log.info("worker %s registered (pid %d, %s)", worker_id, msg.pid, msg.device)
+
+
+def welcome(c: ControllerConfig) -> Welcome:
+    """What a worker is told when it registers: how often to beat, when to give up on the
+    controller, and the bounds of its stage cache (idle stages, bytes of all stages)."""
+    return Welcome(heartbeat_interval_ms=c.heartbeat_interval_ms,
+                   controller_timeout_ms=c.controller_timeout_ms,
+                   max_idle_stages=c.max_idle_stages, max_stage_bytes=c.max_stage_bytes,
+                   packed_replies=True)
 
 
 def heartbeat(fleet: Fleet, worker_id: str, hb: Heartbeat, received_s: float) -> bool:
@@ -275,7 +288,10 @@ def spawn_failed(fleet: Fleet, worker_id: str, reason: str) -> None:
 
 
 def formation_failed(fleet: Fleet, world: WorldInfo, error: str) -> None:
-    """Back off exponentially; after ``max_load_failures`` in a row, stop trying."""
+    """Back off exponentially; after ``max_load_failures`` in a row, stop trying. A
+    rollout's new spec that fails is rolled back instead (controller/fleet_apply.py)."""
+    if fleet_apply.load_failed(fleet, world, error):
+        return
     dep = fleet.deployments[world.deployment]
     dep.failures += 1
     dep.last_error = error

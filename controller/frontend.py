@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -21,6 +21,7 @@ import zmq
 from controller import plain_request
 from controller.connections import ConnectionWatch
 from controller.router import Router
+from controller.routers import Routers
 from mesh import codec
 from mesh.errors import (
     BadRequest,
@@ -66,7 +67,7 @@ class Frontend:
         # that the requests it sent before were lost with the previous one.
         self.incarnation = os.urandom(8).hex()
         self._describe = describe or list
-        self.routers: Mapping[str, Router] = {}  # from ``start``
+        self.routers = Routers.of({})  # from ``start``
         self.max_request_bytes = max_request_bytes
         # ZeroMQ drops the connection of a peer sending a frame over MAXMSGSIZE; keep that far
         # above our own limit so an oversized request normally gets a typed answer instead.
@@ -92,7 +93,7 @@ class Frontend:
         # what else this wake-up reads (controller/held_sends.py).
         self._after_batch = after_batch or (lambda: None)
 
-    def start(self, routers: Mapping[str, Router]) -> None:
+    def start(self, routers: Routers) -> None:
         """Start taking requests, for these deployments' routers."""
         self.routers = routers
         self.connections.start()
@@ -170,7 +171,7 @@ class Frontend:
                       frames: list[Any]) -> bool:
         """The usual request, read in one typed pass (controller/plain_request.py); False
         leaves it to the general path, which words every error."""
-        router = self.routers.get(plain.model)
+        router = self.routers.resolve(plain.model)
         if router is None:
             return False
         timeout_ms = plain.timeout_ms
@@ -257,10 +258,10 @@ class Frontend:
         if kind not in (ClientKind.INFER, ClientKind.STREAM):
             raise BadRequest(f"unknown request kind {excerpt(kind)}")
         model = header.get("model")
-        router = self.routers.get(model) if isinstance(model, str) else None
+        router = self.routers.resolve(model) if isinstance(model, str) else None
         if router is None:
             raise UnknownModel(f"no deployment named {excerpt(model)}; "
-                               f"serving {sorted(self.routers)[:20]}")
+                               f"serving {self.routers.names()[:20]}")
         inputs = header.get("inputs")
         if not isinstance(inputs, dict):
             raise BadRequest("header 'inputs' must be a map of named values")
@@ -287,7 +288,7 @@ class Frontend:
             models = [m for m in models if m["name"] == model]
             if not models:
                 raise UnknownModel(f"no deployment named {excerpt(model)}; "
-                                   f"serving {sorted(self.routers)[:20]}")
+                                   f"serving {self.routers.names()[:20]}")
         self.send([client, codec.pack({"v": PROTOCOL_VERSION,
                                        "kind": ClientKind.DESCRIPTION, "id": req_id,
                                        "protocol_version": PROTOCOL_VERSION,

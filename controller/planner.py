@@ -18,6 +18,9 @@ The rules, in the order they run:
   sharing an existing worker for stages that are not the bottleneck (controller/sharing.py),
   unless it is quarantined or backing off;
 * a deployment above it drains its newest worlds, forming ones first (nothing to drain);
+* during a rollout (controller/fleet_apply.py) only the worlds of the current spec count; the
+  old spec's worlds are drained as the current spec's serve, never below the desired count
+  of serving worlds;
 * workers: the ones still missing plus ``warm_workers`` spares are wanted; starting and suspect
   workers count as supply; the launcher starts the rest if it has room, or says it is full;
   idle workers beyond what is wanted are retired, least valuable first (never loaded, then the
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 
 from controller.records import LIVE_WORLD, WorkerState, WorldState
 from controller.sharing import shareable
-from controller.view import View, WorkerView
+from controller.view import View, WorkerView, WorldView
 
 # -- actions --------------------------------------------------------------------------------
 
@@ -103,6 +106,18 @@ class _Pool:
         return taken
 
 
+def _roll(desired: int, live: list[WorldView], old: list[WorldView]) -> list[Action]:
+    """A rollout: the old spec's worlds go as the current spec's serve, so the deployment
+    never has fewer serving worlds than it wants while it moves (forming old ones first, then
+    the newest)."""
+    serving_new = sum(1 for w in live if w.state == WorldState.SERVING)
+    surplus = len(old) - max(0, desired - serving_new)
+    if surplus <= 0:
+        return []
+    ranked = sorted(old, key=lambda w: (w.state == WorldState.SERVING, -w.created_s, -w.id))
+    return [Drain(w.id, "replaced by its deployment's new spec") for w in ranked[:surplus]]
+
+
 def plan(view: View) -> list[Action]:
     actions: list[Action] = []
     now = view.now_s
@@ -123,7 +138,9 @@ def plan(view: View) -> list[Action]:
     starting = sum(1 for w in workers.values() if w.state == WorkerState.STARTING) + suspects
     needed = 0
     for dep in view.deployments:
-        live = [w for w in worlds if w.deployment == dep.name and w.state in LIVE_WORLD]
+        mine = [w for w in worlds if w.deployment == dep.name and w.state in LIVE_WORLD]
+        live = [w for w in mine if w.current]
+        actions += _roll(dep.desired, live, [w for w in mine if not w.current])
         missing = dep.desired - len(live)
         if missing > 0:
             if now < dep.retry_at_s or dep.quarantined:

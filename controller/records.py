@@ -8,11 +8,14 @@ JSON. States are ``StrEnum``s: their values are the strings of the status contra
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import msgspec
 
 from controller.config import DeploymentConfig
 from mesh.messages import Heartbeat, Join, runner_identity
@@ -120,6 +123,8 @@ class WorldInfo:
     entry: str = ""  # identity of rank 0's runner socket, from its Joined
     packed_dispatches: bool = False  # that socket reads packed dispatch batches (its Joined)
     token: str = ""  # the world's secret (see mesh.messages Join.token)
+    revision: int = 1  # of its deployment's spec: a rollout forms the next one's worlds
+    split: dict[str, Any] | None = None  # how rank 0 cut the model (its Joined's "split")
     # Each member's join, as sent: re-sent unchanged to the members that have not answered
     # it (a join lost on a connection torn down would otherwise leave the world forming
     # until world_form_timeout_ms), when, and how often.
@@ -151,11 +156,44 @@ class DeploymentState:
     # What clients are told by 'describe': rank 0's inputs, parameters and streaming, the
     # last rank's outputs (from their handlers, sent with their joins).
     description: dict[str, Any] = field(default_factory=dict)
+    # Its spec's revision (one more with every applied change) and the spec's hash; the
+    # rollout in progress or the last one (controller/fleet_apply.py); removing: applied
+    # away, its worlds draining, its requests answered unknown_model.
+    revision: int = 1
+    top_revision: int = 1  # the highest it has had (a rolled-back revision is not reused)
+    spec_hash: str = ""
+    rollout: Rollout | None = None
+    removing: bool = False
 
     @classmethod
-    def of(cls, config: DeploymentConfig) -> DeploymentState:
+    def of(cls, config: DeploymentConfig, revision: int = 1) -> DeploymentState:
         return cls(config, config.worlds, config.min_worlds, config.max_worlds,
-                   config.slo_p99_ms)
+                   config.slo_p99_ms, revision=revision, top_revision=revision,
+                   spec_hash=spec_hash(config))
+
+
+@dataclass
+class Rollout:
+    """A deployment moving from one spec to the next: the new spec's worlds form and serve,
+    then the old ones drain. ``state``: rolling, done or failed (then the old spec is back)."""
+
+    from_revision: int
+    to_revision: int
+    previous: DeploymentConfig  # the spec it rolls back to if the new one fails to load
+    started_s: float
+    changed: tuple[str, ...]  # the spec's fields that changed
+    state: str = "rolling"
+    reason: str = ""
+    finished_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from_revision": self.from_revision, "to_revision": self.to_revision,
+                "state": self.state, "reason": self.reason, "changed": list(self.changed)}
+
+
+def spec_hash(spec: DeploymentConfig) -> str:
+    """A short hash of everything a deployment's spec says (its identity across restarts)."""
+    return hashlib.sha256(msgspec.json.encode(spec.to_wire())).hexdigest()[:12]
 
 
 class EventLog:

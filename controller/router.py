@@ -523,6 +523,13 @@ class Router:
             self._answer_error(p, err)
         self._queue_dead = 0
 
+    def reconfigure(self, deployment: DeploymentConfig) -> None:
+        """Its deployment's spec changed (applied, or rolled back): read the new one."""
+        self.deployment = deployment
+        self.limit = deployment.max_inflight_per_world
+        self._stall_s = deployment.world_timeout_ms / 1000.0
+        self._refresh_serving()
+
     # -- worlds ---------------------------------------------------------------------------
 
     def add_world(self, world_id: int, epoch: int, entry: bytes, members: frozenset[bytes],

@@ -1,23 +1,50 @@
-"""Every deployment's router, and the two tables they share: which router a world's answers
-go to, and which request a client's id names.
+"""Every deployment's router, the routes over them, and the two tables they share: which
+router a world's answers go to, and which request a client's id names.
 
-``Routers`` is a read-only mapping of deployment name to its Router (controller/router.py) for
-the Frontend, status and metrics; the WorldManager changes routes through it (``add_world``,
-``drain_world``, ``remove_world``...), and the Backend finds a world's router with ``by_world``
-(a plain dict, read on every answer). The routers report back through the one ``tell`` they
-are built with: the WorldManager's mailbox.
+``Routers`` is a read-only mapping of deployment name to its Router (controller/router.py),
+every one it holds, for status and metrics; the Frontend finds a request's router with
+``resolve`` (a deployment that takes requests, or a route, which picks one of its deployments
+by weight). The WorldManager changes it (``add_world``, ``drain_world``, ``add_deployment``,
+``set_routes``...), and the Backend finds a world's router with ``by_world`` (a plain dict,
+read on every answer). The routers report back through the one ``tell`` they are built with:
+the WorldManager's mailbox.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from controller.config import Config
+from controller.catalog import RouteConfig
+from controller.config import Config, DeploymentConfig
 from controller.effects import RouteWorld
 from controller.mailbox import RouterReport
 from controller.router import Router
+
+
+class WeightedRoute:
+    """A route's deployments in proportion to their weights, spread evenly: smooth weighted
+    round robin (each pick adds every weight to its target's credit and takes the largest),
+    so 80/20 is exactly 8 in every 10, interleaved, however few requests come."""
+
+    __slots__ = ("_credit", "_total", "_weights", "sent", "to")
+
+    def __init__(self, route: RouteConfig) -> None:
+        self.to = dict(route.to)
+        self._weights = list(route.to.items())
+        self._total = sum(route.to.values())
+        self._credit = dict.fromkeys(route.to, 0)
+        self.sent = dict.fromkeys(route.to, 0)  # requests sent to each, since applied
+
+    def pick(self) -> str:
+        credit = self._credit
+        for name, weight in self._weights:
+            credit[name] += weight
+        best = max(credit, key=credit.__getitem__)
+        credit[best] -= self._total
+        self.sent[best] += 1
+        return best
 
 
 class Routers(Mapping[str, Router]):
@@ -31,10 +58,27 @@ class Routers(Mapping[str, Router]):
         self.clients: dict[tuple[bytes, Any], int] = {}
         # world id -> the router of its deployment: where a world's answers go.
         self.by_world: dict[int, Router] = {}
-        self._by_name = {dep.name: Router(
-            dep, send_client=send_client, send_worker=send_worker, next_rid=next_rid,
-            tell=tell, inflight_ids=self.clients, max_attempts=config.controller.max_attempts,
-            defer=defer, listening_since=listening_since) for dep in config.deployments}
+
+        def router(dep: DeploymentConfig) -> Router:
+            return Router(dep, send_client=send_client, send_worker=send_worker,
+                          next_rid=next_rid, tell=tell, inflight_ids=self.clients,
+                          max_attempts=config.controller.max_attempts, defer=defer,
+                          listening_since=listening_since)
+
+        self._new = router
+        self._by_name = {dep.name: router(dep) for dep in config.deployments}
+        # The names a request may use: the deployments that take requests, and the routes.
+        self._taking = dict(self._by_name)
+        self.routes: dict[str, WeightedRoute] = {}
+        self.set_routes(config.routes)
+
+    @classmethod
+    def of(cls, routers: Mapping[str, Router]) -> Routers:
+        """Routers over ones built elsewhere (tests that drive a Frontend by hand)."""
+        made = cls.__new__(cls)
+        made.clients, made.by_world, made.routes = {}, {}, {}
+        made._by_name, made._taking = dict(routers), dict(routers)
+        return made
 
     def __getitem__(self, name: str) -> Router:
         return self._by_name[name]
@@ -44,6 +88,18 @@ class Routers(Mapping[str, Router]):
 
     def __len__(self) -> int:
         return len(self._by_name)
+
+    def resolve(self, name: str) -> Router | None:
+        """The router that takes a request for ``name``: its deployment's, or for a route
+        the next of its deployments by weight; None for a name that serves nothing."""
+        router = self._taking.get(name)
+        if router is None and name in self.routes:
+            router = self._taking.get(self.routes[name].pick())
+        return router
+
+    def names(self) -> list[str]:
+        """What a request may name (for an unknown one's error)."""
+        return sorted([*self._taking, *self.routes])
 
     # -- what the WorldManager does to them --------------------------------------------------
 
@@ -66,6 +122,30 @@ class Routers(Mapping[str, Router]):
 
     def set_unavailable(self, deployment: str, reason: str) -> None:
         self._by_name[deployment].set_unavailable(reason)
+
+    def add_deployment(self, spec: DeploymentConfig) -> None:
+        """An applied deployment (or one applied away and back while its router drained)."""
+        router = self._by_name.get(spec.name)
+        if router is None:
+            router = self._by_name[spec.name] = self._new(spec)
+        else:
+            router.reconfigure(spec)
+        self._taking[spec.name] = router
+
+    def reconfigure(self, spec: DeploymentConfig) -> None:
+        self._by_name[spec.name].reconfigure(spec)
+
+    def retire(self, name: str) -> None:
+        """Applied away: its name takes no new request; its router finishes what it holds."""
+        self._taking.pop(name, None)
+
+    def remove(self, name: str) -> None:
+        """Its last world is gone."""
+        self._taking.pop(name, None)
+        self._by_name.pop(name, None)
+
+    def set_routes(self, routes: Iterable[RouteConfig]) -> None:
+        self.routes = {r.name: WeightedRoute(r) for r in routes}
 
     # -- the controller's timers and its stop ------------------------------------------------
 

@@ -99,8 +99,8 @@ class ScalingInputs:
 
     def context(self, name: str, now: float) -> Context | None:
         wm = self._fleet
-        dep = wm.deployments[name]
-        if dep.quarantined:
+        dep = wm.deployments.get(name)
+        if dep is None or dep.quarantined or dep.removing:
             return None
         router = self._routers[name]
         window_s = max(2.0, dep.config.upscale_delay_s)

@@ -8,18 +8,23 @@ skips the drain.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import resource
 import signal
 import sys
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from controller.app import Controller, LauncherFactory, local_launcher
 from controller.config import Config
 from controller.gateway_child import GatewayProcess
 from controller.launcher import Launcher, NoLauncher
 from mesh import gc_policy
+from mesh.errors import MeshError
 from mesh.logs import speaker
 
 log = speaker(logging.getLogger(__name__), "controller")
@@ -61,8 +66,10 @@ def next_steps(config: Config, serving: list[str], *, gateway: bool = False) -> 
 
 
 async def serve(config: Config, *, wait_ready_s: float = 300.0, with_gateway: bool = False,
-                log_level: str = "WARNING") -> int:
-    """Run the controller (and, for ``meshctl up``, its HTTP gateway) until stopped."""
+                log_level: str = "WARNING", config_path: str = "") -> int:
+    """Run the controller (and, for ``meshctl up``, its HTTP gateway) until stopped.
+    ``config_path``: the file ``config`` came from, re-read on SIGHUP (and on change, with
+    ``watch_config``) and applied as ``meshctl apply`` would."""
     limit = raise_fd_limit()
     log.info("descriptor limit %d", limit)
     launcher_kind = config.controller.launcher
@@ -95,8 +102,12 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0, with_gateway: bo
         config.gateway.listen else None
     gc_policy.tune()
     async with Controller.open(config, launcher=launcher) as controller:
-        # SIGHUP: re-read the allowed CURVE keys now (also re-read when a folder changes).
-        loop.add_signal_handler(signal.SIGHUP, controller.reload_keys)
+        reread = ConfigFile(controller, config_path)
+        # SIGHUP: re-read the allowed CURVE keys now (also re-read when a folder changes),
+        # and the config file's deployments and routes.
+        loop.add_signal_handler(signal.SIGHUP, reread.on_hangup)
+        if config_path and config.controller.watch_config:
+            reread.watch()
         gc_policy.freeze()  # startup's objects (config, sockets, routers) live for good
         supervise: asyncio.Future[None] | None = None
         try:
@@ -110,6 +121,7 @@ async def serve(config: Config, *, wait_ready_s: float = 300.0, with_gateway: bo
             if signals_seen == 1:
                 await _drain(controller, config, hurry)
         finally:
+            reread.close()
             if supervise is not None:
                 supervise.cancel()
             if gateway is not None:
@@ -152,3 +164,61 @@ async def _drain(controller: Controller, config: Config, hurry: asyncio.Event) -
         await controller.drain(0.0)  # answer what is left with Cancelled
     elif not draining.result():
         log.warning("drain timed out after %.1fs", drain_s)
+
+
+class ConfigFile:
+    """The controller's config file, applied again on SIGHUP (and when it changes, watched):
+    its deployments and routes become the running set, exactly as ``meshctl apply`` of it
+    (controller/fleet_apply.py); a file that does not parse changes nothing and is logged."""
+
+    def __init__(self, controller: Controller, path: str) -> None:
+        self._controller = controller
+        self._path = path
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seen = self._digest()
+
+    def on_hangup(self) -> None:
+        self._controller.reload_keys()
+        if self._path:
+            self._spawn(self._apply("SIGHUP"))
+
+    def watch(self) -> None:
+        self._spawn(self._watch())
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _digest(self) -> bytes:
+        try:
+            return hashlib.sha256(Path(self._path).read_bytes()).digest() if self._path else b""
+        except OSError:
+            return b""
+
+    async def _watch(self) -> None:
+        while True:  # a ConfigMap update swaps a symlink: compare contents, not times
+            await asyncio.sleep(1.0)
+            digest = self._digest()
+            if digest and digest != self._seen:
+                self._seen = digest
+                await self._apply("a change")
+
+    def _read(self) -> dict[str, Any]:
+        return tomllib.loads(Path(self._path).read_text())
+
+    async def _apply(self, why: str) -> None:
+        try:
+            document = self._read()
+            answer = await self._controller.apply(document)
+        except (OSError, tomllib.TOMLDecodeError, MeshError) as exc:
+            log.error("%s: re-reading %s: %s (nothing changed)", why, self._path, exc)
+            return
+        plan = answer["plan"]
+        log.info("%s: applied %s: add %s, roll %s, update %s, remove %s", why, self._path,
+                 plan["add"], [r["deployment"] for r in plan["roll"]],
+                 [u["deployment"] for u in plan["update"]], plan["remove"])

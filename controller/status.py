@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from controller.describe import stage_split
 from controller.records import WorkerInfo, WorldInfo, WorldState
 from mesh import gc_policy
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from controller.admin import Admin
     from controller.autoscaler import Autoscaler
     from controller.backend import Backend
+    from controller.catalog import RouteConfig
     from controller.config import Config
     from controller.fleet import Fleet
     from controller.frontend import Frontend
@@ -55,8 +57,19 @@ def build_status(config: Config, fleet: Fleet, routers: Mapping[str, Router],
                    for w in sorted(fleet.worlds.values(), key=lambda w: w.id)],
         "workers": [_worker(w, now)
                     for w in sorted(fleet.workers.values(), key=_worker_sort_key)],
+        "routes": [_route(route, routers) for route in fleet.routes],
         "events": list(fleet.events),
     }
+
+
+def _route(route: RouteConfig, routers: Mapping[str, Router]) -> dict[str, Any]:
+    """A route: its weights, and the split observed since it was applied."""
+    picker = getattr(routers, "routes", {}).get(route.name)
+    sent = dict(picker.sent) if picker is not None else dict.fromkeys(route.to, 0)
+    total = sum(sent.values())
+    return {"name": route.name, "to": dict(route.to), "sent": sent,
+            "observed": {name: round(n / total, 4) if total else 0.0
+                         for name, n in sent.items()}}
 
 
 def _deployment(fleet: Fleet, name: str, router: Router, autoscaler: Autoscaler,
@@ -96,7 +109,15 @@ def _deployment(fleet: Fleet, name: str, router: Router, autoscaler: Autoscaler,
         "last_decision": autoscaler.last[name].to_dict() if name in autoscaler.last else None,
         "autoscaler": autoscaler.reason.get(name, ""),
         "stage_workers": _stage_workers(fleet, name, dep.config.stages),
+        # How rank 0 cut the model into stages: each stage's children and measured ms.
+        "split": stage_split(fleet, name),
         "formation_failures": dep.failures,
+        # Its spec's revision (one more with every applied change) and hash; the rollout in
+        # progress, or the last one; applied away and draining.
+        "revision": dep.revision,
+        "spec_hash": dep.spec_hash,
+        "rollout": dep.rollout.to_dict() if dep.rollout is not None else None,
+        "removing": dep.removing,
     }
     if router.generative:
         out["generation"] = generation(fleet, name, router, now)
@@ -120,6 +141,7 @@ def _world(world: WorldInfo, router: Router, now: float) -> dict[str, Any]:
         # Times its joins were sent again to members that had not answered (forming).
         "join_resends": world.join_resends,
         "backend": world.backend,
+        "revision": world.revision,  # of its deployment's spec
     }
 
 
@@ -142,6 +164,7 @@ def _worker(worker: WorkerInfo, now: float) -> dict[str, Any]:
         "busy_s": round(hb.busy_s, 6) if hb else 0.0,
         "stages_loaded": hb.stages if hb else 0,
         "stages_idle": hb.idle_stages if hb else 0,
+        "stage_bytes": hb.stage_bytes if hb else 0,
         "heartbeat_age_ms": round((now - worker.heartbeat_s) * 1000.0, 1)
         if worker.heartbeat_s else None,
     }

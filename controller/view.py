@@ -44,6 +44,7 @@ class WorldView:
     created_s: float
     unanswered: tuple[str, ...] = ()  # forming: members whose join has not been answered
     joins_sent_s: float = 0.0  # forming: when its joins were last sent
+    current: bool = True  # of its deployment's current spec (False: a rollout replaces it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +71,16 @@ class View:
     room: int = 0  # workers the launcher may start now
 
 
-def snapshot(c: ControllerConfig, now: float, deployments: Iterable[DeploymentState],
+def snapshot(c: ControllerConfig, now: float, deployments: Mapping[str, DeploymentState],
              workers: Iterable[WorkerInfo], worlds: Iterable[WorldInfo], *, can_spawn: bool,
              room: int) -> View:
     """The fleet's records as the planner sees them at ``now``."""
+    revision = {name: d.revision for name, d in deployments.items()}
     return View(
         now_s=now,
         deployments=tuple(
             DeploymentView(d.config.name, d.config.stages, d.desired, bool(d.quarantined),
-                           d.retry_at_s) for d in deployments),
+                           d.retry_at_s) for d in deployments.values()),
         workers={w.id: WorkerView(
             w.id, w.state, w.since_s, frozenset(w.worlds), suspect=w.suspect,
             quarantined=bool(w.quarantined), spawned_by_us=w.spawned_by_us,
@@ -87,7 +89,8 @@ def snapshot(c: ControllerConfig, now: float, deployments: Iterable[DeploymentSt
             for w in workers},
         worlds=tuple(WorldView(w.id, w.deployment, w.state, tuple(w.workers), w.created_s,
                                unanswered=tuple(m for m in w.workers if m not in w.joined),
-                               joins_sent_s=w.joins_sent_s)
+                               joins_sent_s=w.joins_sent_s,
+                               current=w.revision == revision.get(w.deployment, w.revision))
                      for w in worlds),
         warm_workers=c.warm_workers, preload_warm=c.preload_warm,
         form_timeout_s=c.world_form_timeout_ms / 1000.0, can_spawn=can_spawn, room=room)

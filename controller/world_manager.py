@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from controller import state
+from controller.catalog import RouteConfig
 from controller.effects import (
+    AddDeployment,
     DrainRoute,
     Effect,
     ForgetWorker,
     HoldRoute,
     KillWorker,
+    Reconfigure,
+    RemoveDeployment,
+    RetireDeployment,
     RouteWorld,
+    SaveState,
     SendTo,
+    SetRoutes,
     Settled,
     SetUnavailable,
     StartWorker,
@@ -35,6 +43,7 @@ from controller.mailbox import Adopted, Started, StartFailed, Stopping, Unrouted
 from mesh.actor import Actor, Mailbox
 from mesh.logs import speaker
 from mesh.messages import Message
+from mesh.spec import DeploymentSpec
 
 log = speaker(logging.getLogger(__name__), "controller")
 
@@ -50,6 +59,11 @@ class RouteTable(Protocol):
     def hold_world(self, deployment: str, world_id: int) -> None: ...
     def remove_world(self, deployment: str, world_id: int, reason: str) -> int: ...
     def set_unavailable(self, deployment: str, reason: str) -> None: ...
+    def add_deployment(self, spec: DeploymentSpec) -> None: ...
+    def reconfigure(self, spec: DeploymentSpec) -> None: ...
+    def retire(self, name: str) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def set_routes(self, routes: Iterable[RouteConfig]) -> None: ...
 
 
 class Watcher(Protocol):
@@ -117,6 +131,26 @@ class WorldManager(Actor):
             case Settled(down):
                 self._down = down
                 self._settled.set()
+            case AddDeployment(spec):
+                self._routes.add_deployment(spec)
+            case Reconfigure(spec):
+                self._routes.reconfigure(spec)
+            case RetireDeployment(name):
+                self._routes.retire(name)
+            case RemoveDeployment(name):
+                self._routes.remove(name)
+            case SetRoutes(routes):
+                self._routes.set_routes(routes)
+            case SaveState(kept):
+                self._save(kept)
+
+    def _save(self, kept: dict[str, Any]) -> None:
+        try:
+            state.save(self.fleet.config.controller.state_dir, kept)
+        except OSError as exc:
+            # Serving goes on; a restart would resume from the last state that was kept.
+            log.error("cannot keep the state in %s: %s", self.fleet.config.controller.state_dir,
+                      exc)
 
     async def _start(self, worker_id: str) -> None:
         try:

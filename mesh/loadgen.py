@@ -234,10 +234,12 @@ class Second:
 
 
 async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any], *,
-                      profile: str, duration_s: float, base_rps: float, peak_rps: float,
-                      timeout_s: float = 30.0, out: TextIO | None = None,
+                      profile: str | Callable[[float], float], duration_s: float,
+                      base_rps: float = 0.0, peak_rps: float = 0.0, timeout_s: float = 30.0,
+                      out: TextIO | None = None,
                       admin_curve: Any = None) -> tuple[list[Arrival], list[Second]]:
-    """Open-loop load following a profile; one line per second with p99 and live worlds.
+    """Open-loop load following a profile (a name for ``profile_rate``, or the rate itself as a
+    function of seconds); one line per second with p99 and live worlds.
 
     The worlds and workers come from the admin port, polled once a second by a task of their
     own: a slow or refused status call (-1 in the table) never holds up the arrivals."""
@@ -248,6 +250,8 @@ async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any
     fleet = {"worlds": -1, "workers": -1}
 
     def rate(t: float) -> float:
+        if callable(profile):
+            return profile(t)
         return profile_rate(profile, t, duration_s, base_rps, peak_rps)
 
     async def watch_fleet() -> None:
@@ -289,7 +293,9 @@ async def run_profile(client: Any, admin: str, model: str, inputs: dict[str, Any
 
 
 def plot_profile(seconds: list[Second], arrivals: list[Arrival], slo_ms: float, path: str,
-                 title: str) -> None:
+                 title: str, *, oracle: list[int] | None = None) -> None:
+    """A PNG: each request's latency, p99 per second against the SLO, the serving worlds
+    (and, given, an oracle's worlds per second) and the offered load scaled to them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,6 +314,9 @@ def plot_profile(seconds: list[Second], arrivals: list[Arrival], slo_ms: float, 
     ax2 = ax.twinx()
     ax2.step([s.t for s in seconds], [s.worlds for s in seconds], where="post", color="green",
              label="serving worlds")
+    if oracle is not None:
+        ax2.step([s.t for s in seconds], oracle, where="post", color="purple", linestyle=":",
+                 label="oracle worlds")
     ax2.plot([s.t for s in seconds], [s.target_rps / max(1.0, max(x.target_rps for x in seconds))
                                       * max(1, max(x.worlds for x in seconds))
                                       for s in seconds],

@@ -200,9 +200,11 @@ class Heartbeat(Message):
     rows: Count = 0
     requests: Count = 0
     busy_s: Amount = 0.0
-    # Stages loaded on this worker, and how many of them no world uses.
+    # Stages loaded on this worker, how many of them no world uses, and the bytes all of
+    # them hold (parameters and buffers, measured as each loaded).
     stages: Count = 0
     idle_stages: Count = 0
+    stage_bytes: Count = 0
     # CPU seconds the worker process has used (all threads): how many cores it keeps busy.
     cpu_s: Amount = 0.0
     # Generative worlds only, one entry per membership.
@@ -258,8 +260,10 @@ class Welcome(Message):
     KIND: ClassVar[str] = "welcome"
     heartbeat_interval_ms: int
     controller_timeout_ms: int
-    # Loaded stages no world uses that the worker may keep (the rest are dropped, LRU first).
+    # Loaded stages no world uses that the worker may keep (the rest are dropped, LRU first),
+    # and the bytes its stages may hold before idle ones are dropped, LRU first (0: no bound).
     max_idle_stages: int = DEFAULT_MAX_IDLE_STAGES
+    max_stage_bytes: Count = 0
     # The controller reads packed answer batches ("resp", mesh.dataplane): a worker sends them
     # only then, so a worker newer than its controller still speaks what that one reads.
     packed_replies: bool = False
@@ -411,6 +415,14 @@ class FaultArgs:
 
 
 @dataclass(frozen=True, slots=True)
+class ApplyArgs:
+    # A parsed config document: its [[deployments]] and [[routes]] become the running set;
+    # its other tables are checked and reported, not applied.
+    document: dict[str, Any]
+    dry_run: bool = False  # say what would change, change nothing
+
+
+@dataclass(frozen=True, slots=True)
 class UnquarantineArgs:
     worker: Name  # a worker quarantined for its stalls or deaths
 
@@ -418,6 +430,7 @@ class UnquarantineArgs:
 ADMIN_ARGS: dict[str, type[Any]] = {
     "status": NoArgs, "ping": NoArgs, "scale": ScaleArgs, "slo": SloArgs, "form": FormArgs,
     "drain": DrainArgs, "kill": KillArgs, "fault": FaultArgs, "unquarantine": UnquarantineArgs,
+    "apply": ApplyArgs,
 }
 ADMIN_COMMANDS = frozenset(ADMIN_ARGS)
 

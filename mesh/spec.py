@@ -45,8 +45,9 @@ class DeploymentSpec:
     # Extra keyword arguments for the model factory (msgpack/TOML-native values only).
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
     # Pipeline: child indices of the nn.Sequential where stages 1.. begin (default: balanced
-    # by parameter count), micro-batches per batch (0: one per stage), and the timeout of
-    # every world operation (a stage silent this long breaks its world).
+    # by the children's measured time, worker/splits.py), micro-batches per batch (0: one per
+    # stage), and the timeout of every world operation (a stage silent this long breaks its
+    # world).
     split_points: list[Annotated[int, Meta(ge=1, le=4096)]] = field(default_factory=list)
     micro_batches: Annotated[int, Meta(ge=0, le=1024)] = 0
     world_timeout_ms: Annotated[int, Meta(ge=100, le=3_600_000)] = 10000

@@ -12,8 +12,13 @@ import pytest
 
 from mesh.client import Client
 from mesh.errors import MeshError
-from tests.cluster import Cluster, reap, start_cluster
+from mesh.testing.cluster import Cluster
+from tests.cluster import reap, start_cluster
 from tests.gloo_peer import Peer
+from tests.process_guard import (  # noqa: F401 (hooks: a test that starts a process is marked)
+    pytest_runtest_makereport,
+    pytest_runtest_protocol,
+)
 
 StartCluster = Callable[..., Awaitable[Cluster]]
 

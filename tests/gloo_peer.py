@@ -44,7 +44,7 @@ class Peer:
                  peer_device: str = "cpu", backend: str = "gloo") -> None:
         import torch.distributed as dist
 
-        from tests.cluster import free_port
+        from mesh.testing.ports import free_port
         from worker.comm import Comm
 
         port = free_port()
@@ -76,7 +76,7 @@ class Peer:
             raise AssertionError(f"the peer said nothing within {timeout_s}s") from None
 
     def kill(self) -> None:
-        from tests.cluster import alive
+        from mesh.testing.processes import alive
 
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)

@@ -1,34 +1,17 @@
-"""Client-side load with a ledger: what was sent, what came back, and how often."""
+"""Closed-loop load from a client; with a ``mesh.testing.ledger.LedgerClient``, a check that
+every request was answered exactly once."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from typing import Any, Self
+from typing import Self
 
 import numpy as np
 
 from mesh.client import Client
 from mesh.errors import MeshError
-from tests.polling import until
-
-
-class LedgerClient(Client):
-    """A real client that also counts every answer frame it receives, per request id."""
-
-    def __init__(self, endpoint: str, **options: Any) -> None:
-        super().__init__(endpoint, **options)
-        self.answers: Counter[Any] = Counter()
-        self.chunks: Counter[Any] = Counter()
-
-    def _on_header(self, header: dict[str, Any], req_id: Any, kind: Any,
-                   frames: list[Any]) -> None:
-        # Every answer as received, alone in a message or in a batch of them.
-        if kind == "chunk":
-            self.chunks[req_id] += 1
-        elif kind != "pong" and req_id not in self._pings:
-            self.answers[req_id] += 1
-        super()._on_header(header, req_id, kind, frames)
+from mesh.testing.ledger import LedgerClient
+from mesh.testing.waits import until
 
 
 class Load:
@@ -82,7 +65,9 @@ class Load:
 
     def assert_exactly_once(self) -> None:
         assert isinstance(self.client, LedgerClient)
+        ledger = self.client.ledger
         assert self.ok + len(self.errors) == self.sent
-        duplicates = {i: n for i, n in self.client.answers.items() if n != 1}
+        assert ledger.sent == self.sent  # one request on the wire per call
+        duplicates = {i: n for i, n in ledger.answers.items() if n != 1}
         assert not duplicates, f"requests answered more than once: {duplicates}"
-        assert sum(self.client.answers.values()) == self.sent
+        assert ledger.lost == 0 and sum(ledger.answers.values()) == self.sent

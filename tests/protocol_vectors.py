@@ -241,7 +241,9 @@ def stable(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tests.cluster import free_ports, start_controller, write_config
+    from mesh.testing.configs import write_config
+    from mesh.testing.ports import free_ports
+    from tests.cluster import start_controller
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="write " + str(VECTORS))

@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 from controller.autoscaler import Autoscaler, Context, State, decide
+from mesh.testing.clock import FakeClock
 
 
 def ctx(now: float, **kw: Any) -> Context:
@@ -96,16 +97,34 @@ def test_forming_worlds_count_as_capacity_so_a_slow_start_is_not_answered_twice(
     assert all(b - a >= 5.0 for a, b in itertools.pairwise(ups))
 
 
-def test_a_step_down_scales_down_only_after_the_delay_and_one_world_at_a_time() -> None:
+def test_a_step_down_gives_back_what_the_load_does_not_need_once_the_delay_has_passed(
+        ) -> None:
+    """6 worlds of 100/s each, and the load falls to 60/s: after downscale_delay_s of
+    headroom it goes straight to 2 worlds (60/s stays under half of their 200/s), not one world
+    per delay; then it holds (one world would be over half its capacity)."""
     sim = Sim(desired=6)
     down_at = sim.now
     sim.run(200, p99_ms=20.0, arrival_rps=60.0)
-    steps = sim.changes
-    assert steps, "never scaled down"
-    assert steps[0][0] - down_at >= 30.0
-    assert all(b - a >= 30.0 for (a, _), (b, _) in itertools.pairwise(steps))
-    assert [w for _, w in steps] == list(range(5, 5 - len(steps), -1))
-    assert sim.desired >= 1
+    assert len(sim.changes) == 1, sim.changes
+    [(when, worlds)] = sim.changes
+    assert worlds == 2 and 30.0 <= when - down_at <= 31.0
+    assert any(r.startswith("down:") and "2 world(s) enough" in r for r in sim.reasons)
+
+
+def test_after_a_4x_fall_the_worlds_come_down_within_the_delay_and_ten_seconds() -> None:
+    sim = Sim(desired=1, world_rps=100.0)
+    sim.run(20, p99_ms=60.0, arrival_rps=300.0)  # up to what 300/s needs
+    assert sim.desired == 4
+    fell_at = sim.now
+    sim.run(60, p99_ms=10.0, arrival_rps=75.0)  # a quarter of it
+    assert sim.desired == 2  # 75/s under half of 2 x 100/s
+    assert sim.changes[-1][0] - fell_at <= 30.0 + 10.0
+
+
+def test_with_nothing_arriving_it_goes_to_min_worlds_at_once_after_the_delay() -> None:
+    sim = Sim(desired=5, min_worlds=1)
+    sim.run(40, p99_ms=0.0, samples=0, arrival_rps=0.0)
+    assert [w for _, w in sim.changes] == [1]
 
 
 def test_bounds_are_respected_both_ways() -> None:
@@ -133,7 +152,7 @@ def test_a_noisy_steady_load_never_oscillates() -> None:
 
 
 def test_the_actor_applies_decisions_and_keeps_the_last_one_with_its_reason() -> None:
-    now = [0.0]
+    clock = FakeClock(0.0)
     applied: list[tuple[str, int, str]] = []
     contexts = {"a": ctx(0.0, p99_ms=400.0, arrival_rps=100.0, world_rps=0.0), "b": None}
 
@@ -142,9 +161,9 @@ def test_the_actor_applies_decisions_and_keeps_the_last_one_with_its_reason() ->
         return None if c is None else dataclasses.replace(c, now_s=t)
 
     scaler = Autoscaler(["a", "b"], context_of=context_of,
-                        apply=lambda n, w, r: applied.append((n, w, r)), clock=lambda: now[0])
+                        apply=lambda n, w, r: applied.append((n, w, r)), clock=clock)
     for _ in range(6):
-        now[0] += 0.5
+        clock.advance(0.5)
         scaler.tick()
     assert applied and applied[0][:2] == ("a", 3) and "p99" in applied[0][2]
     assert scaler.last["a"].to_worlds == 3

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 
 from mesh.client import Client
 from mesh.loadgen import Arrival, open_loop
 from mesh.stats import percentile
 from tests.conftest import StartCluster
+
+pytestmark = pytest.mark.integration
 
 # 20 ms per request (batches of one): 50 requests/s per world, whatever the CPU does.
 FIXED = """

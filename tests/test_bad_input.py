@@ -12,13 +12,16 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
 from mesh import codec
 from mesh.messages import request_header
-from tests.cluster import Cluster
+from mesh.testing.cluster import Cluster
 from tests.conftest import GUARDED_LIMIT as LIMIT
+
+pytestmark = pytest.mark.integration
 
 
 async def send_raw(cluster: Cluster, frames: list[Any], timeout_s: float = 10.0) -> dict[str, Any]:

@@ -5,22 +5,12 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from mesh.testing.clock import FakeClock
 from worker.batcher import Batcher, Item
 from worker.comm import HEADER_BYTES
 from worker.stage_loop import micro_batches
 
 DELAY_MS = 10.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
 
 
 @pytest.fixture

@@ -13,12 +13,14 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
 from mesh import codec
 from mesh.client import Client
 from mesh.messages import MAX_BATCH, batch_header, request_header, split_batch
+from mesh.testing.waits import until
 from tests.conftest import GUARDED_LIMIT as LIMIT
 
 
@@ -63,6 +65,7 @@ async def exchange(endpoint: str, frames: list[Any], answers: int, timeout_s: fl
         context.term()
 
 
+@pytest.mark.integration
 async def test_a_batch_is_answered_request_by_request_and_in_batches(serving: Any) -> None:
     cluster, failures = serving
     xs = {i: np.full((1, 64), i, np.float32) for i in range(1, 9)}
@@ -94,6 +97,7 @@ async def test_a_batch_is_answered_request_by_request_and_in_batches(serving: An
 BAD_COUNTS = [[1, 1], [2, 1, 1], [0, 2, 1], [1.0, 1, 1], "3", [1] * (MAX_BATCH + 1)]
 
 
+@pytest.mark.integration
 async def test_a_batch_that_does_not_add_up_is_refused_whole_and_batches_do_not_nest(
         serving: Any) -> None:
     cluster, failures = serving
@@ -114,6 +118,7 @@ async def test_a_batch_that_does_not_add_up_is_refused_whole_and_batches_do_not_
     assert failures == []
 
 
+@pytest.mark.integration
 async def test_the_python_client_batches_once_offered_and_only_when_allowed(
         serving: Any) -> None:
     cluster, failures = serving
@@ -139,6 +144,7 @@ async def test_the_python_client_batches_once_offered_and_only_when_allowed(
     assert failures == []
 
 
+@pytest.mark.integration
 async def test_streams_keep_their_chunks_in_order_beside_batched_short_requests(
         cluster_factory: Any) -> None:
     cluster = await cluster_factory("""
@@ -181,17 +187,10 @@ max_batch_size = 4
     assert messages < 320 + 4 * 25  # answers and chunks came in batches
 
 
-async def _until(check: Any, what: str) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_dropped(
         ) -> None:
     from controller.frontend import Frontend
+    from controller.routers import Routers
 
     pings = batch(*([codec.pack({"v": 1, "kind": "ping", "id": i})] for i in (1, 2, 3)))
     context = zmq.asyncio.Context()
@@ -199,7 +198,7 @@ async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_d
         held: list[Any] = []
         front = Frontend(context, f"inproc://frontend-{deferred}", max_request_bytes=1 << 20,
                          defer=held.append if deferred else None)
-        front.start({})
+        front.start(Routers.of({}))
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
@@ -207,7 +206,7 @@ async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_d
             await sock.send_multipart(pings)
             replies = []
             if deferred:  # held until the loop turn's flush, then one batch
-                await _until(lambda: held, "answers held")  # noqa: B023
+                await until(lambda: bool(held), 5.0, "answers held", interval_s=0.01)  # noqa: B023
                 assert not await sock.poll(100)
                 held.pop()()
                 async with asyncio.timeout(5):
@@ -225,7 +224,7 @@ async def test_a_frontend_holds_a_batching_clients_answers_and_counts_each_one_d
                                                               ("pong", 3)]
             if deferred:  # a client gone before its batch goes out: each answer is counted
                 await sock.send_multipart(pings)
-                await _until(lambda: held, "answers held")  # noqa: B023
+                await until(lambda: bool(held), 5.0, "answers held", interval_s=0.01)  # noqa: B023
                 sock.close(0)
                 await asyncio.sleep(0.3)  # the frontend's side of the connection ends
                 held.pop()()

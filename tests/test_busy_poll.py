@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from controller.busy_poll import BusyPoll
 from mesh.client import Client
@@ -79,6 +80,7 @@ def controller_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.integration
 async def test_a_busy_polling_controller_serves_and_stops_spinning_when_traffic_stops(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(

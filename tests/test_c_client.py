@@ -33,7 +33,7 @@ model = "worker.models.tinygpt:build"
 max_batch_size = 1
 """
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 def build() -> None:

@@ -15,8 +15,8 @@ import zmq
 
 from mesh.cli import DEFAULT_ADMIN
 from mesh.cli.parser import build_parser, parse_args
+from mesh.testing.ports import free_port
 from mesh.transport import bind_socket
-from tests.cluster import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,6 +52,7 @@ def test_every_option_of_every_command_is_described() -> None:
     assert "(default: 16)" in text  # defaults are shown
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("argv", [["status"], ["infer", "mlp", "x=[[1]]"],
                                   ["scale", "mlp", "--worlds", "1"]])
 def test_no_controller_fails_in_about_a_second_with_a_hint(argv: list[str]) -> None:
@@ -83,6 +84,7 @@ def test_a_port_in_use_names_the_process_that_holds_it() -> None:
         context.term()
 
 
+@pytest.mark.integration
 def test_bench_plot_is_checked_before_anything_runs() -> None:
     env = {**os.environ, "MESH_ADMIN": f"tcp://127.0.0.1:{free_port()}"}
     result = subprocess.run([sys.executable, "-m", "mesh.cli", "bench", "mlp", "--plot",

@@ -19,7 +19,7 @@ from tests.cluster import start_cluster
 from tests.test_c_client import C, build
 from tests.test_js_client import JS, node_or_skip
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 ECHO = """
 [[deployments]]

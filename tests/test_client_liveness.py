@@ -16,7 +16,7 @@ from mesh import codec
 from mesh.client import Client
 from mesh.errors import ControllerLost, Unavailable
 from mesh.messages import PROTOCOL_VERSION, result_header
-from tests.cluster import free_ports
+from mesh.testing.ports import free_ports
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -28,6 +28,7 @@ from worker.comm import (
 )
 
 
+@pytest.mark.integration
 def test_a_message_carries_its_header_and_tensors_of_any_dtype_and_shape(peers: Any) -> None:
     peer = peers("echo")
     comm = peer.comm
@@ -49,6 +50,7 @@ def test_a_message_carries_its_header_and_tensors_of_any_dtype_and_shape(peers: 
     assert peer.proc.wait(10) == 0
 
 
+@pytest.mark.integration
 def test_posted_sends_stay_outstanding_within_the_window_and_flush_waits_for_them(
         peers: Any) -> None:
     peer = peers("receive", "5")
@@ -67,6 +69,7 @@ def test_posted_sends_stay_outstanding_within_the_window_and_flush_waits_for_the
     assert [peer.line() for _ in range(2)] == ["got 4", "got 5"]
 
 
+@pytest.mark.integration
 def test_a_header_too_large_raises_value_error_and_leaves_the_world_usable(
         peers: Any) -> None:
     comm = peers("echo").comm
@@ -76,6 +79,7 @@ def test_a_header_too_large_raises_value_error_and_leaves_the_world_usable(
     assert comm.recv(1)[0] == {"ok": True}
 
 
+@pytest.mark.integration
 def test_a_receive_from_a_silent_peer_times_out_as_world_timeout(peers: Any) -> None:
     comm = peers("receive", "0", timeout_s=0.5).comm
     started = time.monotonic()
@@ -84,6 +88,7 @@ def test_a_receive_from_a_silent_peer_times_out_as_world_timeout(peers: Any) -> 
     assert 0.4 < time.monotonic() - started < 3.0
 
 
+@pytest.mark.integration
 def test_a_flush_to_a_peer_that_stopped_receiving_times_out_as_world_timeout(
         peers: Any) -> None:
     peer = peers("receive", "1", timeout_s=0.5)
@@ -99,6 +104,7 @@ def test_a_flush_to_a_peer_that_stopped_receiving_times_out_as_world_timeout(
     assert time.monotonic() - started < 3.0
 
 
+@pytest.mark.integration
 def test_closing_a_rank_fails_its_peers_blocked_receive_at_once_as_peer_lost(
         peers: Any) -> None:
     peer = peers("receive", "1", timeout_s=30.0)
@@ -110,6 +116,7 @@ def test_closing_a_rank_fails_its_peers_blocked_receive_at_once_as_peer_lost(
     assert peer.proc.wait(10) == 3
 
 
+@pytest.mark.integration
 def test_an_unreadable_header_is_a_comm_error_for_the_receiver(peers: Any) -> None:
     peer = peers("echo")
     raw = struct.pack("<I", 3) + b"\xc1\xc1\xc1"  # 0xc1 is never valid msgpack
@@ -149,6 +156,7 @@ def test_backend_failures_are_classified_by_their_message() -> None:
     assert classify(other) is other
 
 
+@pytest.mark.integration
 def test_a_gloo_rank_on_a_cuda_device_stages_through_host_memory(peers: Any) -> None:
     # Building a group touches no GPU, so this runs anywhere: the rank declared on cuda:0
     # posts host buffers, and a tensor it is given on the CPU travels without a device copy.
@@ -167,6 +175,7 @@ def test_nccl_is_refused_for_a_cpu_rank() -> None:
              backend="nccl")
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_two_ranks_on_one_gpu_exchange_cuda_tensors_over_gloo(peers: Any) -> None:
     peer = peers("echo", device="cuda:0", peer_device="cuda:0")
@@ -178,6 +187,7 @@ def test_two_ranks_on_one_gpu_exchange_cuda_tensors_over_gloo(peers: Any) -> Non
     torch.testing.assert_close(got, x)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_ranks_on_two_gpus_exchange_messages_over_nccl(peers: Any) -> None:
     peer = peers("echo", device="cuda:0", peer_device="cuda:1", backend="nccl")
@@ -196,6 +206,7 @@ def test_ranks_on_two_gpus_exchange_messages_over_nccl(peers: Any) -> None:
 # -- a peer that dies -----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pause_s", [0.0, 0.02, 0.1, 0.3])
 def test_a_peer_killed_between_two_posted_sends_makes_the_next_call_raise_peer_lost(
         peers: Any, pause_s: float) -> None:
@@ -213,6 +224,7 @@ def test_a_peer_killed_between_two_posted_sends_makes_the_next_call_raise_peer_l
     assert time.monotonic() - started < 5.0
 
 
+@pytest.mark.integration
 def test_a_peer_killed_while_we_wait_to_receive_is_peer_lost_at_once(peers: Any) -> None:
     peer = peers("receive", "0", timeout_s=30.0)
     os.kill(peer.proc.pid, signal.SIGKILL)

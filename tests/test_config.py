@@ -178,7 +178,8 @@ def test_a_deployment_value_of_the_wrong_type_is_rejected_by_name(
     ("key", "literal"),
     [("metrics_port", '"9464"'), ("client_endpoint", "5555"), ("heartbeat_interval_ms", "0.5"),
      ("max_idle_stages", "-1"), ("max_idle_stages", "2.0"), ("busy_poll_us", "-1"),
-     ("busy_poll_us", "200000"), ("busy_poll_us", "0.5")],
+     ("busy_poll_us", "200000"), ("busy_poll_us", "0.5"), ("max_stage_bytes", "-1"),
+     ("max_stage_bytes", "1e9"), ("max_stage_bytes", str(2**50 + 1))],
 )
 def test_a_controller_value_of_the_wrong_type_or_range_is_rejected_by_name(
     tmp_path: Path, key: str, literal: str

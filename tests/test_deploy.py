@@ -103,6 +103,7 @@ def kubectl() -> str:
     return found
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kustomize_renders_the_same_objects(overlay: str) -> None:
     out = subprocess.run([kubectl(), "kustomize", str(K8S / overlay)], capture_output=True,
@@ -250,6 +251,7 @@ def test_network_policies_open_meshserves_ports_to_its_own_pods_and_clients_to_t
                              peer.get("ipBlock") for peer in peers), (port, peers)
 
 
+@pytest.mark.integration
 def test_the_dockerfile_lints_clean() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():

@@ -19,10 +19,17 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, alive, dies_with_pytest, free_ports, write_config
+from mesh.testing.cluster import Cluster
+from mesh.testing.configs import write_config
+from mesh.testing.ledger import LedgerClient
+from mesh.testing.ports import free_ports
+from mesh.testing.processes import alive
+from mesh.testing.waits import until
+from tests.cluster import dies_with_pytest
 from tests.conftest import StartCluster
-from tests.load import LedgerClient, Load
-from tests.polling import until
+from tests.load import Load
+
+pytestmark = pytest.mark.integration
 
 PIPELINE = """
 [[deployments]]
@@ -209,7 +216,7 @@ max_batch_size = 1
     assert "".join(chunks) == generate(prompt, n)
     status = await cluster.status()
     assert status["deployments"][0]["resent"] >= 1
-    assert sum(client.chunks.values()) == n  # every token exactly once
+    assert sum(client.ledger.chunks.values()) == n  # every token exactly once
 
 
 async def test_a_worker_that_crashes_while_loading_is_not_restarted_forever(

@@ -67,6 +67,7 @@ from mesh.messages import (
     Welcome,
     WorldBroken,
 )
+from mesh.testing.clock import FakeClock
 
 
 def config(stages: int = 1, worlds: int = 1, **controller: Any) -> Config:
@@ -82,8 +83,8 @@ class Rig:
     """A Fleet, the effects it returned so far, and a clock the test moves."""
 
     def __init__(self, cfg: Config, launcher: LauncherRoom = NO_LAUNCHER) -> None:
-        self.now = 100.0
-        self.fleet = Fleet(cfg, clock=lambda: self.now, wall_clock=lambda: 1e9 + self.now)
+        self.clock = FakeClock(100.0)
+        self.fleet = Fleet(cfg, clock=self.clock, wall_clock=lambda: 1e9 + self.clock())
         self.launcher = launcher
         self.effects: list[Effect] = []
 
@@ -168,7 +169,7 @@ def test_a_join_failure_backs_off_then_quarantines_the_deployment_until_scaled()
     f.handle(FromWorker("a", JoinFailed(world_id=join.world_id, epoch=1, error="no module x")))
     assert join.world_id not in f.fleet.worlds and f.take(Join) == []  # backing off 0.5 s
     assert f.fleet.deployments["m"].last_error == "no module x"
-    f.now += 0.6
+    f.clock.advance(0.6)
     f.handle(Tick())
     [(_, again)] = f.take(Join)
     f.handle(FromWorker("a", JoinFailed(world_id=again.world_id, epoch=1, error="no module x")))
@@ -177,7 +178,7 @@ def test_a_join_failure_backs_off_then_quarantines_the_deployment_until_scaled()
                                                      f.fleet.deployments["m"].quarantined)]
     assert f.took(Settled) == [Settled({"m": f.fleet.unavailable_reason(
         f.fleet.deployments["m"])})]
-    f.now += 100.0
+    f.clock.advance(100.0)
     f.handle(Tick())
     assert f.take(Join) == []
     f.handle(ScaleArgs("m", worlds=1))  # the operator lifts it
@@ -285,7 +286,7 @@ def test_a_broken_world_report_makes_the_peers_suspect_until_they_heartbeat() ->
     assert f.take(Ping) == [("b", Ping(reply=True))]  # alive?
     assert sorted(w for w, m in f.take(Leave) if m.abort) == ["a", "b"]
     assert f.take(Join) == []  # b may be the one that died: no world on it yet
-    f.now += 0.1
+    f.clock.advance(0.1)
     f.handle(FromWorker("b", Heartbeat(seq=1)))
     assert [w for w, _ in f.take(Join)] == ["a", "b"]
 
@@ -308,7 +309,7 @@ def test_a_worker_whose_worlds_keep_stalling_is_quarantined_and_not_picked_again
     for _ in range(3):
         [world] = f.join_all()
         assert f.fleet.worlds[world].workers == ["a"]
-        f.now += 30.0
+        f.clock.advance(30.0)
         f.handle(WorldStalled(world, "no progress for 10.0s with 5 requests in flight"))
         f.take(Leave)
     assert f.fleet.workers["a"].quarantined.startswith("3 of its worlds stalled")
@@ -346,7 +347,7 @@ def test_a_formation_that_times_out_breaks_and_forms_again_under_a_new_id() -> N
     f = Rig(config())
     f.register("a", 11)
     [(_, join)] = f.take(Join)
-    f.now += 121.0  # world_form_timeout_ms is 120 s
+    f.clock.advance(121.0)  # world_form_timeout_ms is 120 s
     f.handle(Tick())
     assert join.world_id not in f.fleet.worlds
     [(_, again)] = f.take(Join)
@@ -360,22 +361,22 @@ def test_a_join_without_an_answer_is_sent_again_each_second_until_it_is_answered
     f.register("b", 12)
     (_, join_a), (_, join_b) = f.take(Join)
     f.handle(FromWorker("a", Joined(world_id=join_a.world_id, epoch=1, entry="a/1")))
-    f.now += 0.9
+    f.clock.advance(0.9)
     f.handle(Tick())
     assert f.take(Join) == []
-    f.now += 0.2
+    f.clock.advance(0.2)
     f.handle(Tick())
     assert f.take(Join) == [("b", join_b)]  # the same join, to the one that did not answer
     world = f.fleet.worlds[join_a.world_id]
     assert world.join_resends == 1 and world.state == WorldState.FORMING
-    f.now += 1.0
+    f.clock.advance(1.0)
     f.handle(Tick())
     assert f.take(Join) == [("b", join_b)]
     f.handle(FromWorker("b", Joined(world_id=join_b.world_id, epoch=1)))
     assert world.state == WorldState.SERVING
     # The answer to a repeat comes again: it changes nothing, and nothing is sent again.
     f.handle(FromWorker("b", Joined(world_id=join_b.world_id, epoch=1)))
-    f.now += 5.0
+    f.clock.advance(5.0)
     f.handle(Tick())
     assert world.state == WorldState.SERVING and f.take(Join) == [] and f.take(Leave) == []
 
@@ -384,7 +385,7 @@ def test_a_world_joined_after_it_was_given_up_on_is_left_at_once() -> None:
     f = Rig(config())
     f.register("a", 11)
     [(_, join)] = f.take(Join)
-    f.now += 121.0  # world_form_timeout_ms is 120 s: broken, and formed again
+    f.clock.advance(121.0)  # world_form_timeout_ms is 120 s: broken, and formed again
     f.handle(Tick())
     assert f.take(Leave) == [("a", Leave(world_id=join.world_id, epoch=1, abort=True))]
     f.take(Join)
@@ -491,13 +492,13 @@ def test_workers_that_die_before_registering_back_off_then_stop_the_launcher() -
     [first] = f.took(StartWorker)
     f.handle(WorkerLost(first.worker_id, "exited with 1"))
     assert f.took(StartWorker) == []  # backing off 0.5 s
-    f.now += 0.6
+    f.clock.advance(0.6)
     f.handle(Tick())
     [second] = f.took(StartWorker)
     f.handle(WorkerLost(second.worker_id, "exited with 1"))
     assert f.fleet.spawn_quarantined.startswith("2 workers in a row died before registering")
     assert f.took(SetUnavailable)[-1].reason.startswith("no worker can be started")
-    f.now += 100.0
+    f.clock.advance(100.0)
     f.handle(Tick())
     assert f.took(StartWorker) == []
 
@@ -565,7 +566,7 @@ def test_an_operator_gives_a_quarantined_worker_worlds_again() -> None:
     f.register("a", 11)
     for _ in range(3):
         [world] = f.join_all()
-        f.now += 30.0
+        f.clock.advance(30.0)
         f.handle(WorldStalled(world, "no progress for 10.0s with 5 requests in flight"))
     assert f.fleet.workers["a"].quarantined and f.take(Join) == []
     with pytest.raises(BadRequest, match="worker 'b' is not quarantined"):

@@ -24,9 +24,11 @@ import zmq
 import zmq.asyncio
 
 from controller.launcher import LocalLauncher
-from tests.cluster import Cluster, alive, free_port, pids_with
+from mesh.testing.cluster import Cluster
+from mesh.testing.ports import free_port
+from mesh.testing.processes import alive, pids_with
+from mesh.testing.waits import until
 from tests.conftest import StartCluster
-from tests.polling import until
 
 # Real processes: each test bounded (a hung fork or wait fails the test, never the run).
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -268,10 +270,10 @@ async def test_a_refused_fork_starts_plainly_and_leaves_the_forked_workers_runni
 
 THREADS = """
 import importlib, json, os, sys, threading
-from worker.forkserver import PRELOAD, settle_threads, threads_running, unfit
-for name in PRELOAD:
-    importlib.import_module(name)
-report = {"threads_at_import": threads_running()}
+from worker.forkserver import preload, settle_threads, threads_running, unfit
+models = preload()
+report = {"threads_at_import": threads_running(), "models": models,
+          "models_missing": [m for m in models if m not in sys.modules]}
 settle_threads()
 report.update(server_threads=threads_running(), unfit=unfit(), children={})
 stop = threading.Event()
@@ -316,6 +318,10 @@ def test_a_fork_of_the_server_gets_the_torch_threads_it_asks_for() -> None:
     threads, tasks = report["children"]["2"]
     assert threads == 2 and tasks >= 2  # an OpenMP pool of its own, made in the child
     assert report["server_threads_after"] == 1
+    # Every built-in model is imported in the server, not in each worker.
+    assert {"worker.models.mlp", "worker.models.tinygpt", "worker.models.resnet"} <= set(
+        report["models"])
+    assert report["models_missing"] == []
 
 
 RANDOM = """

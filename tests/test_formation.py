@@ -33,9 +33,13 @@ import torch.distributed as dist
 from controller.config import parse_config
 from mesh.admin_client import admin_call
 from mesh.messages import Join, Joined, Leave, Left, Message
-from tests.cluster import Cluster, alive, free_port
+from mesh.testing.cluster import Cluster
+from mesh.testing.ledger import LedgerClient
+from mesh.testing.ports import free_port
+from mesh.testing.processes import alive
+from mesh.testing.waits import until, until_blocking
 from tests.conftest import StartCluster
-from tests.load import LedgerClient, Load
+from tests.load import Load
 from worker.agent import WorkerAgent
 from worker.comm import Comm, PeerLost
 from worker.formation import Formation, FormationAborted
@@ -173,10 +177,8 @@ def test_a_formation_aborted_while_its_peer_never_comes_returns_at_once_and_lets
     thread = threading.Thread(target=rank0, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 5.0
-        while connections_to(master.port) < before + 2:  # rank 0's client is connected
-            assert time.monotonic() < deadline, "rank 0 never reached the store"
-            time.sleep(0.01)
+        until_blocking(lambda: connections_to(master.port) >= before + 2, 5.0,
+                       "rank 0's store client connected", interval_s=0.01)
         time.sleep(0.3)
         assert thread.is_alive() and failed == []  # waiting for rank 1, as it would for 60 s
         started = time.monotonic()
@@ -190,10 +192,8 @@ def test_a_formation_aborted_while_its_peer_never_comes_returns_at_once_and_lets
     assert aborted_s < 0.5, aborted_s
     assert [type(e) for e in failed] == [FormationAborted], failed
     assert "the controller gave up" in str(failed[0])
-    deadline = time.monotonic() + 2.0
-    while connections_to(master.port) > before:  # rank 0's client socket is closed
-        assert time.monotonic() < deadline, "the store client is still connected"
-        time.sleep(0.01)
+    until_blocking(lambda: connections_to(master.port) <= before, 2.0,
+                   "rank 0's store client closed", interval_s=0.01)
 
 
 def test_two_ranks_form_through_their_formations_stores_and_exchange_a_message(
@@ -255,27 +255,22 @@ def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-async def wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
-    """Until the kernel shows ``pid`` stopped (a SIGSTOP is delivered asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    while process_state(pid) != "T":
-        assert time.monotonic() < deadline, f"process {pid} did not stop"
-        await asyncio.sleep(0.01)
+async def log_line(cluster: Cluster, pattern: str, timeout_s: float) -> str:
+    """The first text of the controller's log (its workers write there too) that matches."""
+    found: list[str] = []
+
+    def seen() -> bool:
+        match = re.search(pattern, cluster.log_path.read_text(errors="replace"))
+        if match:
+            found.append(match.group(0))
+        return match is not None
+
+    await until(seen, timeout_s, f"a log line matching {pattern!r}", interval_s=0.1,
+                detail=lambda: f"log tail:\n{cluster.log_tail()}")
+    return found[0]
 
 
-async def wait_for_log(cluster: Cluster, pattern: str, timeout_s: float) -> str:
-    """The first line of the controller's log (its workers write there too) that matches."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = re.search(pattern, cluster.log_path.read_text(errors="replace"))
-        if found:
-            return found.group(0)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no log line matching {pattern!r} within {timeout_s}s; "
-                                 f"log tail:\n{cluster.log_tail()}")
-        await asyncio.sleep(0.1)
-
-
+@pytest.mark.integration
 async def test_a_join_dropped_once_is_sent_again_and_the_deployment_serves_within_five_seconds(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(PIPELINE, controller=f"warm_workers = 2\n{FORM_TIMEOUT}")
@@ -300,7 +295,7 @@ async def test_a_join_dropped_once_is_sent_again_and_the_deployment_serves_withi
             assert not alive(pid)
             (replacement,) = [w for w in status["worlds"] if w["state"] == "serving"]
             # The fault really fired: the replacement's joins were lost and sent again.
-            await wait_for_log(cluster, rf"join of world {replacement['id']}/1 dropped", 1.0)
+            await log_line(cluster, rf"join of world {replacement['id']}/1 dropped", 1.0)
             assert replacement["join_resends"] >= 1, replacement
             await asyncio.sleep(0.5)
     print(f"serving again {recovered_s:.2f}s after the kill, "
@@ -309,6 +304,7 @@ async def test_a_join_dropped_once_is_sent_again_and_the_deployment_serves_withi
     assert load.errors == [], load.errors[:3]
 
 
+@pytest.mark.integration
 async def test_a_peer_killed_while_its_world_forms_frees_the_waiting_rank_within_five_seconds(
         cluster_factory: StartCluster) -> None:
     # A long heartbeat timeout: the peer is stopped before it is killed, and only the kill
@@ -327,7 +323,9 @@ async def test_a_peer_killed_while_its_world_forms_frees_the_waiting_rank_within
     # The peer never gets to its join: the new world's rank 0 waits for it at the rendezvous.
     os.kill(peer_pid, signal.SIGSTOP)
     try:
-        await wait_stopped(peer_pid)
+        # A SIGSTOP is delivered asynchronously: until the kernel shows it stopped.
+        await until(lambda: process_state(peer_pid) == "T", 5.0, f"process {peer_pid} stopped",
+                    interval_s=0.01)
         proc = await asyncio.to_thread(cluster.meshctl, "form", "mlp", waiting, peer)
         assert proc.returncode == 0, proc.stderr
         forming = json.loads(proc.stdout)["world"]
@@ -353,7 +351,7 @@ async def test_a_peer_killed_while_its_world_forms_frees_the_waiting_rank_within
     assert all(peer not in w["workers"] for w in status["worlds"])
     # The rank that waited for the dead peer let go of that world (its thread, its store
     # connection, its stage) and can be given work again.
-    line = await wait_for_log(
+    line = await log_line(
         cluster, rf"\[worker {waiting} world {forming}/1\] (leaving before|join failed)[^\n]*",
         RECOVERY_S - (time.monotonic() - killed_at))
     freed_s = time.monotonic() - killed_at

@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 
 from mesh.client import Client
-from tests.cluster import Cluster, free_port, reap, start_cluster
+from mesh.testing.cluster import Cluster
+from mesh.testing.ports import free_port
+from mesh.testing.waits import http_ready, until
+from tests.cluster import reap, start_cluster
 
 openai = pytest.importorskip("openai")
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 DEPLOYMENTS = """
 [[deployments]]
@@ -46,23 +49,10 @@ max_body_bytes = 1048576
 """
 
 
-def wait_http(port: int, timeout_s: float = 30.0, *, scheme: str = "http") -> None:
-    import ssl
-    import urllib.request
-
-    context = ssl._create_unverified_context() if scheme == "https" else None
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/v2/health/ready",
-                                        timeout=2, context=context) as answer:
-                if answer.status == 200:
-                    return
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the gateway on port {port} is not ready")
-        time.sleep(0.2)
+def wait_ready(port: int, *, tls: bool = False) -> None:
+    """Until the gateway on ``port`` answers its readiness path (from sync code)."""
+    asyncio.run(until(lambda: http_ready(port, tls=tls), 30.0,
+                      f"the gateway on port {port} ready", interval_s=0.2))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +61,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
     tmp = tmp_path_factory.mktemp("gateway")
     cluster = asyncio.run(start_cluster(tmp, DEPLOYMENTS.format(port=port, extra="")))
     try:
-        wait_http(port)
+        wait_ready(port)
         yield cluster, port
     finally:
         leaked = reap(cluster)
@@ -348,7 +338,7 @@ def test_bearer_tokens_tls_and_two_processes_on_one_port(tmp_path: Path) -> None
              f'tls_key = "{tmp_path / "key.pem"}"\nprocesses = 2\n')
     cluster = asyncio.run(start_cluster(tmp_path, DEPLOYMENTS.format(port=port, extra=extra)))
     try:
-        wait_http(port, scheme="https")  # health needs no token
+        wait_ready(port, tls=True)  # health needs no token
         anonymous = openai.OpenAI(base_url=f"https://127.0.0.1:{port}/v1", api_key="wrong",
                                   max_retries=0,
                                   http_client=openai.DefaultHttpxClient(verify=False))

@@ -7,18 +7,11 @@ from typing import Any
 
 import pytest
 
+from mesh.testing.clock import FakeClock
 from worker.gen_scheduler import Plan, Scheduler, Seq
 from worker.sampling import Resume, SamplingParams
 
 BLOCK = 4
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 100.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def seq(sid: int, prompt: int, *, max_tokens: int = 8, deadline_s: float = 1e9) -> Seq:

@@ -176,6 +176,7 @@ def test_a_prompt_longer_than_the_kv_budget_gets_a_bad_request_naming_it() -> No
     assert second["code"] == "bad_request" and "outside printable ASCII" in second["message"]
 
 
+@pytest.mark.integration
 def test_two_stages_with_a_tight_kv_budget_preempt_and_still_give_every_stream_exactly(
         peers: PeersFn) -> None:
     deployment = {**TINY, "stages": 2, "kv_cache_mb": 0.5}  # 512 KiB a stage

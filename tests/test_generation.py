@@ -10,10 +10,15 @@ import os
 import signal
 from typing import Any
 
-from tests.cluster import Cluster, alive
+import pytest
+
+from mesh.testing.cluster import Cluster
+from mesh.testing.ledger import LedgerClient
+from mesh.testing.processes import alive
 from tests.conftest import StartCluster
-from tests.load import LedgerClient
 from worker.models.tinygpt import generate
+
+pytestmark = pytest.mark.integration
 
 TINYGPT = """
 [[deployments]]
@@ -103,7 +108,7 @@ async def test_streams_stay_exact_through_a_kill_and_half_of_them_cancelled(
         assert gen["kv_used_bytes"] == 0 and gen["waiting"] == 0
     # Each chunk once: the finished streams' chunks, and at most what the abandoned ones had
     # when they were abandoned (a chunk on its way may still arrive and be dropped).
-    assert all(count <= n for count in client.chunks.values())
+    assert all(count <= n for count in client.ledger.chunks.values())
 
 
 async def test_a_kv_budget_far_too_small_preempts_and_every_stream_still_finishes_exactly(

@@ -7,19 +7,12 @@ import asyncio
 import pytest
 
 from controller.health import Health, exit_reason
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 50.0
-
-    def __call__(self) -> float:
-        return self.now_s
+from mesh.testing.clock import FakeClock
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(50.0)
 
 
 @pytest.fixture
@@ -35,7 +28,7 @@ def health(clock: FakeClock, lost: list[tuple[str, str, bool]]) -> Health:
 def test_a_beating_worker_is_never_lost(health: Health, clock: FakeClock, lost: list) -> None:
     health.watch("w1")
     for _ in range(10):
-        clock.now_s += 0.6
+        clock.advance(0.6)
         health.beat("w1")
         assert health.check() == []
     assert lost == []
@@ -45,12 +38,12 @@ def test_a_silent_worker_is_lost_once_and_marked_for_killing(
         health: Health, clock: FakeClock, lost: list) -> None:
     health.watch("w1")
     health.watch("w2")
-    clock.now_s += 0.9
+    clock.advance(0.9)
     health.beat("w2")
-    clock.now_s += 0.2
+    clock.advance(0.2)
     assert health.check() == ["w1"]
     assert lost == [("w1", "no heartbeat for 1100 ms", True)]
-    clock.now_s += 5.0
+    clock.advance(5.0)
     health.check()
     assert [w for w, _, _ in lost] == ["w1", "w2"]  # w1 not again
 
@@ -65,7 +58,7 @@ def test_an_exit_is_reported_at_once_and_names_the_signal(health: Health, lost: 
 def test_an_exit_after_a_silence_verdict_is_not_a_second_loss(
         health: Health, clock: FakeClock, lost: list) -> None:
     health.watch("w1")
-    clock.now_s += 2.0
+    clock.advance(2.0)
     health.check()
     health.exited("w1", -9)  # the process killed for its silence ends
     assert len(lost) == 1
@@ -81,7 +74,7 @@ def test_a_worker_that_dies_before_registering_is_still_reported(
 def test_a_beat_from_an_unwatched_worker_starts_nothing(
         health: Health, clock: FakeClock, lost: list) -> None:
     health.beat("stranger")
-    clock.now_s += 10.0
+    clock.advance(10.0)
     assert health.check() == [] and lost == []
 
 
@@ -90,7 +83,7 @@ def test_a_worker_that_registers_again_is_watched_again(
     health.watch("remote")
     health.exited("remote", 0)
     health.watch("remote")  # its operator restarted it under the same id
-    clock.now_s += 2.0
+    clock.advance(2.0)
     health.check()
     assert [reason for _, reason, _ in lost] == ["exited with code 0",
                                                  "no heartbeat for 2000 ms"]
@@ -127,14 +120,14 @@ def test_time_the_controller_was_not_listening_is_no_workers_silence(
         health: Health, clock: FakeClock, lost: list) -> None:
     health.watch("w1")
     health.lag.tick()
-    clock.now_s += 3.0  # the controller's loop was blocked: no heartbeat could be read
+    clock.advance(3.0)  # the controller's loop was blocked: no heartbeat could be read
     health.credit(health.lag.tick())
     assert health.check() == [] and lost == []
     # Silence while listening still counts: checked every 50 ms from now on, w1 is lost once
     # it has been silent for the timeout (1 s) of listening time.
     verdicts: list[str] = []
     for _ in range(30):
-        clock.now_s += 0.05
+        clock.advance(0.05)
         health.credit(health.lag.tick())
         verdicts += health.check()
     assert verdicts == ["w1"]
@@ -146,9 +139,9 @@ def test_loop_lag_counts_only_gaps_beyond_the_period_and_its_slack(clock: FakeCl
 
     lag = LoopLag(0.05, clock=clock)
     assert lag.tick() == 0.0
-    clock.now_s += 0.12  # late, within the slack (2 periods): a busy loop
+    clock.advance(0.12)  # late, within the slack (2 periods): a busy loop
     assert lag.tick() == 0.0
-    clock.now_s += 3.0
+    clock.advance(3.0)
     assert lag.tick() == pytest.approx(3.0 - 0.05 - 0.1)
     assert lag.max_s == lag.total_s == pytest.approx(2.85)
 
@@ -177,18 +170,18 @@ def test_a_worker_whose_connection_closed_is_lost_long_before_the_timeout(
     health.watch("w1")
     health.watch("w2")
     links.down.add("w1")  # killed: the kernel closed its connection
-    clock.now_s += 0.25
+    clock.advance(0.25)
     health.beat("w2")
     assert health.check() == [] and links.probed == []  # nobody is late yet: no probe
-    clock.now_s += 0.1  # w1 late (350 ms): probed, unreachable, within the grace
+    clock.advance(0.1)  # w1 late (350 ms): probed, unreachable, within the grace
     assert health.check() == [] and links.probed == ["w1"]
-    clock.now_s += 0.15
+    clock.advance(0.15)
     assert health.check() == []
-    clock.now_s += 0.06  # unreachable for the grace
+    clock.advance(0.06)  # unreachable for the grace
     assert health.check() == ["w1"]
     assert lost == [("w1", "connection closed (no heartbeat for 560 ms, unreachable for "
                            "210 ms)", True)]
-    clock.now_s += 0.05
+    clock.advance(0.05)
     health.beat("w2")
     assert health.check() == []  # once
     assert len(lost) == 1
@@ -201,10 +194,10 @@ def test_a_late_but_connected_worker_waits_for_the_heartbeat_timeout(
     health = probing(clock, lost, links)
     health.watch("w1")
     for _ in range(29):
-        clock.now_s += 0.05
+        clock.advance(0.05)
         assert health.check() == []
     assert links.probed.count("w1") == 23  # every check from 350 ms on
-    clock.now_s += 0.06
+    clock.advance(0.06)
     assert health.check() == ["w1"]
     assert lost == [("w1", "no heartbeat for 1510 ms", True)]
 
@@ -217,22 +210,22 @@ def test_a_connection_that_comes_back_within_the_grace_is_no_loss(
     health = probing(clock, lost, links)
     health.watch("w1")
     links.down.add("w1")
-    clock.now_s += 0.35
+    clock.advance(0.35)
     health.check()
-    clock.now_s += 0.15
+    clock.advance(0.15)
     links.down.clear()  # reconnected
     health.check()
     links.down.add("w1")  # and broke again: a new grace
-    clock.now_s += 0.15
+    clock.advance(0.15)
     assert health.check() == []
-    clock.now_s += 0.04
+    clock.advance(0.04)
     health.beat("w1")  # heard from: no longer late
     health.check()
-    clock.now_s += 0.35
+    clock.advance(0.35)
     assert health.check() == []  # late again, the grace starts afresh
-    clock.now_s += 0.19
+    clock.advance(0.19)
     assert health.check() == []
-    clock.now_s += 0.02
+    clock.advance(0.02)
     assert health.check() == ["w1"]
     assert lost[0][1].startswith("connection closed")
 
@@ -243,5 +236,5 @@ def test_no_probe_without_a_reachability_check(clock: FakeClock, lost: list) -> 
                     clock=clock, probe_after_ms=0, reachable=links)
     health.watch("w1")
     links.down.add("w1")
-    clock.now_s += 1.0
+    clock.advance(1.0)
     assert health.check() == [] and links.probed == []

@@ -15,8 +15,9 @@ import zmq.asyncio
 from controller.backend import Backend
 from controller.frontend import Frontend
 from controller.held_sends import HeldSends
+from controller.routers import Routers
 from mesh.messages import PROTOCOL_VERSION, batch_header, split_batch
-from tests.cluster import free_port
+from mesh.testing.ports import free_port
 from worker.world import Replier
 
 
@@ -130,7 +131,7 @@ async def test_a_clients_batch_is_answered_without_waiting_for_the_loops_turn() 
     context = zmq.asyncio.Context()
     frontend = Frontend(context, f"tcp://127.0.0.1:{free_port()}", max_request_bytes=1 << 20,
                         defer=held.defer, after_batch=held.now)
-    frontend.start({})
+    frontend.start(Routers.of({}))
     client = context.socket(zmq.DEALER)
     client.setsockopt(zmq.LINGER, 0)
     client.connect(frontend.endpoint)

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -28,6 +29,8 @@ from tests.conftest import GUARDED_LIMIT as LIMIT
 from tests.conftest import StartCluster
 from tests.test_bad_input import send_raw_sized
 from tests.test_typed_edges import MLP, beat, registered_fake_worker
+
+pytestmark = pytest.mark.integration
 
 SMALL = 4096  # every answer to a hostile request is at most this many bytes
 

@@ -1,4 +1,4 @@
-"""meshserve across hosts, simulated with network namespaces (tests/hosts.py).
+"""meshserve across hosts, simulated with network namespaces (mesh/testing/hosts.py).
 
 The controller runs on host ``ctl`` (10.77.0.1), workers on hosts ``a`` and ``b``, each
 joining with ``meshctl worker --controller tcp://10.77.0.1:5557 --advertise-host ADDR``. The
@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests import hosts as netns
-from tests.hosts import Site
-from tests.load import LedgerClient, Load
+from mesh.testing import hosts as netns
+from mesh.testing.configs import deployment
+from mesh.testing.hosts import Site
+from mesh.testing.ledger import LedgerClient
+from tests.load import Load
 
 WHY_NOT = netns.unavailable()
-pytestmark = [pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "-"),
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "-"),
               pytest.mark.timeout(150)]
 
 @pytest.fixture
@@ -46,13 +48,7 @@ def addresses(status: dict[str, Any], world: dict[str, Any]) -> list[str]:
 
 X = np.ones((1, 64), np.float32)
 
-MLP = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-factory_kwargs = { hidden = 64 }
-worlds = 2
-"""
+MLP = deployment("mlp", "worker.models.mlp:build", factory_kwargs={"hidden": 64}, worlds=2)
 
 TINYGPT_2_STAGES = """
 [[deployments]]
@@ -95,7 +91,7 @@ async def test_worlds_on_two_hosts_serve_and_a_restarted_controller_adopts_both_
                 answered_s = time.monotonic() - killed
                 await asyncio.sleep(0.5)
             # Only the requests in flight at the kill failed, each with ControllerLost.
-            assert max(client.answers.values()) == 1
+            assert max(client.ledger.answers.values()) == 1
             assert all(type(e).__name__ == "ControllerLost" for e in load.errors)
         assert {w["id"]: w["pid"] for w in after["workers"]} == pids  # adopted, not restarted
         print(f"serving again {back_s:.2f}s after the controller's kill and restart; the "
@@ -119,7 +115,7 @@ async def test_a_two_stage_world_with_its_ranks_on_two_hosts_streams_over_the_li
             text = "".join([c["text"] async for c in client.stream(
                 "tinygpt", {"prompt": "two hosts"}, max_tokens=64, timeout_s=30)])
         assert text == generate("two hosts", 64)
-        assert sum(client.chunks.values()) == 64
+        assert sum(client.ledger.chunks.values()) == 64
 
 
 async def test_a_partitioned_host_is_routed_around_and_rejoins_as_the_same_workers(

@@ -14,7 +14,7 @@ import pytest
 
 JS = Path(__file__).resolve().parent.parent / "clients" / "js"
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 def node_or_skip() -> str:

@@ -5,11 +5,9 @@ worker exits; and a controller that serves through workers launched this way."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import signal
 import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +23,7 @@ from controller.kube_launcher import (
     pod_name,
     worker_pod,
 )
+from mesh.testing.waits import until
 from tests.fake_kube import FakeKube
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,16 +37,6 @@ async def kube(tmp_path: Path) -> AsyncIterator[FakeKube]:
         yield fake
     finally:
         await fake.close()
-
-
-async def wait_until(predicate: Any, timeout_s: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    for _ in itertools.count():
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_a_worker_pod_carries_its_id_owner_resources_and_placement() -> None:
@@ -80,6 +69,7 @@ def test_a_worker_pod_carries_its_id_owner_resources_and_placement() -> None:
     kubernetes_validate.validate(pod, "1.31", strict=True)
 
 
+@pytest.mark.integration
 async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKube) -> None:
     exits: list[tuple[str, int]] = []
     # A stand-in worker: the pod's command, run by the fake kubelet.
@@ -91,18 +81,18 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
         for wid in ("w1", "w2", "w3"):
             assert await launcher.spawn(wid) == 0
         assert launcher.room() == 0 and sorted(launcher.pids()) == ["w1", "w2", "w3"]
-        await wait_until(lambda: len(kube.pids()) == 3, what="3 pods running")
+        await until(lambda: len(kube.pids()) == 3, 10.0, "3 pods running")
         from controller.launcher import LaunchError
 
         with pytest.raises(LaunchError, match="limit reached"):
             await launcher.spawn("w4")
         # The node kills w1's container: reported once, as SIGKILL; the pod is cleaned up.
         kube.node_kill(pod_name("w1"))
-        await wait_until(lambda: exits == [("w1", -signal.SIGKILL)], what="w1's exit")
-        await wait_until(lambda: pod_name("w1") not in kube.pods, what="w1's pod deleted")
+        await until(lambda: exits == [("w1", -signal.SIGKILL)], 10.0, "w1's exit")
+        await until(lambda: pod_name("w1") not in kube.pods, 10.0, "w1's pod deleted")
         # meshctl kill: a delete with a short grace; this stand-in ends on the SIGTERM.
         assert launcher.kill("w2") and not launcher.kill("nobody")
-        await wait_until(lambda: ("w2", -signal.SIGTERM) in exits, what="w2's exit")
+        await until(lambda: ("w2", -signal.SIGTERM) in exits, 10.0, "w2's exit")
         # The watch's connection dies silently, a pod is force-deleted meanwhile, and the
         # API server's history no longer reaches back (410 Gone on resuming): the DELETED
         # event went to nobody, and still its end is reported (from a list on reopening).
@@ -111,16 +101,16 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
         kube.delete_now(pod_name("w3"))
         # Not yet known: the API server's DELETED event went to the dead watch, and the node
         # has seen w3's container end (all that could ever tell of it has happened).
-        await wait_until(lambda: ("DELETED", pod_name("w3")) in kube.swallowed
-                         and w3.returncode is not None, what="w3's end swallowed")
+        await until(lambda: ("DELETED", pod_name("w3")) in kube.swallowed
+                    and w3.returncode is not None, 10.0, "w3's end swallowed")
         assert ("w3", -signal.SIGKILL) not in exits
         lists = kube.lists
         kube.break_watches()
-        await wait_until(lambda: ("w3", -signal.SIGKILL) in exits, timeout_s=5,
-                         what="w3's end found by the reopened watch")
+        await until(lambda: ("w3", -signal.SIGKILL) in exits, timeout_s=5,
+                    what="w3's end found by the reopened watch")
         assert kube.lists > lists  # found by listing again, as the watch reopened
         await launcher.spawn("w3b")
-        await wait_until(lambda: len(kube.pids()) == 1, what="w3b running")
+        await until(lambda: len(kube.pids()) == 1, 10.0, "w3b running")
         # Scale-down: a delete with grace; the worker stops on SIGTERM.
         await launcher.stop("w3b", timeout_s=5.0)
         assert [w for w, _ in exits] == ["w1", "w2", "w3", "w3b"]
@@ -137,6 +127,7 @@ async def test_pods_are_created_watched_and_deleted_through_the_api(kube: FakeKu
     assert kube.verbs == set(API_VERBS)
 
 
+@pytest.mark.integration
 async def test_a_killed_worker_ends_with_its_pod_and_is_reported_once_its_process_is_gone(
         kube: FakeKube) -> None:
     # meshctl kill, or a hung worker: a force delete (grace 0) would remove the pod object at
@@ -161,15 +152,15 @@ async def test_a_killed_worker_ends_with_its_pod_and_is_reported_once_its_proces
     launcher = KubernetesLauncher(k, on_exit=on_exit)
     try:
         await launcher.spawn("w1")
-        await wait_until(lambda: ready(kube, "w1"), what="w1 running, SIGTERM ignored")
+        await until(lambda: ready(kube, "w1"), 10.0, "w1 running, SIGTERM ignored")
         assert launcher.kill("w1")
-        await wait_until(lambda: exits, timeout_s=10, what="w1's end")
+        await until(lambda: exits, timeout_s=10, what="w1's end")
         assert exits == [("w1", -signal.SIGKILL)]
         assert alive_when_reported == [False], "its end was reported while it still ran"
         assert kube.deletes == [(pod_name("w1"), KILL_GRACE_S)] and KILL_GRACE_S >= 1
         # A stop (scale-down, shutdown) deletes with the configured grace.
         await launcher.spawn("w2")
-        await wait_until(lambda: ready(kube, "w2"), what="w2 running, SIGTERM ignored")
+        await until(lambda: ready(kube, "w2"), 10.0, "w2 running, SIGTERM ignored")
         await launcher.stop("w2", timeout_s=8.0)
         assert kube.deletes[-1] == (pod_name("w2"), 5)
         assert [w for w, _ in exits] == ["w1", "w2"] and alive_when_reported == [False, False]
@@ -178,6 +169,7 @@ async def test_a_killed_worker_ends_with_its_pod_and_is_reported_once_its_proces
     assert kube.pids() == {}
 
 
+@pytest.mark.integration
 async def test_a_pod_deleted_between_the_list_and_the_watch_is_still_reported(
         kube: FakeKube) -> None:
     # After a broken watch the launcher lists its pods, then watches again. It must watch from
@@ -191,22 +183,22 @@ async def test_a_pod_deleted_between_the_list_and_the_watch_is_still_reported(
     try:
         for wid in ("w1", "w2"):
             await launcher.spawn(wid)
-        await wait_until(lambda: len(kube.pids()) == 2, what="2 pods running")
+        await until(lambda: len(kube.pids()) == 2, 10.0, "2 pods running")
         # The watch misses a few events, then the API server's history no longer reaches
         # back (410 Gone on resuming): the launcher has to list.
         kube.deafen_watches()
         await launcher.spawn("w3")
-        await wait_until(lambda: len(kube.pids()) == 3, what="w3 running")
+        await until(lambda: len(kube.pids()) == 3, 10.0, "w3 running")
         lists = sum(1 for m, name in kube.calls if m == "GET" and not name)
         kube.after_next_list(lambda: kube.delete_now(pod_name("w2")))
         kube.break_watches()
-        await wait_until(lambda: ("w2", -signal.SIGKILL) in exits, timeout_s=10,
-                         what="w2's end, deleted between the list and the watch")
+        await until(lambda: ("w2", -signal.SIGKILL) in exits, timeout_s=10,
+                    what="w2's end, deleted between the list and the watch")
         assert sum(1 for m, name in kube.calls if m == "GET" and not name) >= lists + 2, \
             kube.calls
         # The reopened watch goes on: a later end is reported too.
         kube.node_kill(pod_name("w1"))
-        await wait_until(lambda: ("w1", -signal.SIGKILL) in exits, what="w1's end")
+        await until(lambda: ("w1", -signal.SIGKILL) in exits, 10.0, "w1's end")
         assert sorted(w for w, _ in exits) == ["w1", "w2"]
     finally:
         await launcher.aclose(timeout_s=5.0)
@@ -222,6 +214,7 @@ def create_pod(kube: FakeKube, manifest: dict[str, Any]) -> None:
         assert answer.status == 201
 
 
+@pytest.mark.integration
 async def test_a_restarted_launcher_adopts_its_pods_before_it_creates_any_and_keeps_them(
         kube: FakeKube) -> None:
     from controller.launcher import LaunchError
@@ -237,9 +230,9 @@ async def test_a_restarted_launcher_adopts_its_pods_before_it_creates_any_and_ke
             manifest["spec"]["containers"][0]["command"] = [sys.executable, "-c",
                                                             "raise SystemExit(3)"]
         await asyncio.to_thread(create_pod, kube, manifest)
-    await wait_until(lambda: len(kube.pids()) == 2 and
-                     kube.pods[pod_name("w2")]["status"]["phase"] == "Failed",
-                     what="the previous run's pods")
+    await until(lambda: len(kube.pids()) == 2 and
+                kube.pods[pod_name("w2")]["status"]["phase"] == "Failed",
+                timeout_s=10.0, what="the previous run's pods")
     exits: list[tuple[str, int]] = []
     launcher = KubernetesLauncher(k, on_exit=lambda w, rc: exits.append((w, rc)))
     first_call = len(kube.calls)
@@ -247,7 +240,7 @@ async def test_a_restarted_launcher_adopts_its_pods_before_it_creates_any_and_ke
         assert await launcher.adopt(timeout_s=10) == ["w1", "w3"]
         assert kube.calls[first_call] == ("GET", "")  # a list, before anything else
         assert exits == [("w2", 3)]  # its end reported once, its pod cleaned up
-        await wait_until(lambda: pod_name("w2") not in kube.pods, what="w2's pod deleted")
+        await until(lambda: pod_name("w2") not in kube.pods, 10.0, "w2's pod deleted")
         assert launcher.room() == 2 and sorted(launcher.pids()) == ["w1", "w3"]
         # An id that has a pod is refused, before the API is asked and without losing the
         # pod: its end is still seen.
@@ -255,9 +248,9 @@ async def test_a_restarted_launcher_adopts_its_pods_before_it_creates_any_and_ke
             await launcher.spawn("w1")
         assert kube.conflicts == 0 and sum(1 for m, _ in kube.calls if m == "POST") == 3
         kube.node_kill(pod_name("w1"))
-        await wait_until(lambda: ("w1", -signal.SIGKILL) in exits, what="w1's end")
+        await until(lambda: ("w1", -signal.SIGKILL) in exits, 10.0, "w1's end")
         await launcher.spawn("w4")
-        await wait_until(lambda: pod_name("w4") in kube.pids(), what="w4 running")
+        await until(lambda: pod_name("w4") in kube.pids(), 10.0, "w4 running")
     finally:
         await launcher.aclose(timeout_s=5.0)
     assert kube.pids() == {} and kube.conflicts == 0
@@ -294,10 +287,16 @@ def serving(n: int) -> Any:
         sum(w["state"] == "serving" for w in s["worlds"]) == n
 
 
+@pytest.mark.integration
 async def test_a_controller_scales_through_pods_and_replaces_a_killed_one(
         kube: FakeKube, tmp_path: Path) -> None:
-    from tests.cluster import Cluster, alive, free_ports, start_controller, write_config
-    from tests.load import LedgerClient, Load
+    from mesh.testing.cluster import Cluster
+    from mesh.testing.configs import write_config
+    from mesh.testing.ledger import LedgerClient
+    from mesh.testing.ports import free_ports
+    from mesh.testing.processes import alive
+    from tests.cluster import start_controller
+    from tests.load import Load
 
     ports = free_ports("client", "admin", "worker")
     config = tmp_path / "kube.toml"
@@ -329,8 +328,8 @@ termination_grace_s = 5
                 proc = await asyncio.to_thread(cluster.meshctl, "scale", "mlp", "--worlds", "1")
                 assert proc.returncode == 0, proc.stderr
                 await cluster.wait_for(serving(1), timeout_s=60, what="back to 1 world")
-                await wait_until(lambda: len(kube.live()) == 1, timeout_s=30,
-                                 what="the released pods deleted")
+                await until(lambda: len(kube.live()) == 1, timeout_s=30,
+                            what="the released pods deleted")
                 # The node kills the serving worker's container: a worker crash.
                 status = await cluster.status()
                 [victim] = status["worlds"][0]["workers"]
@@ -368,24 +367,22 @@ termination_grace_s = 5
             ctrl.kill()
             ctrl.wait()
     # The controller deleted its pods on the way out; nothing outlives the test.
-    await wait_until(lambda: kube.pids() == {}, timeout_s=15, what="every pod's process ended")
+    await until(lambda: kube.pids() == {}, timeout_s=15, what="every pod's process ended")
     assert not alive(ctrl.pid)
 
 
+@pytest.mark.integration
 async def test_a_restarted_controller_adopts_its_pods_and_never_asks_for_them_again(
         kube: FakeKube, tmp_path: Path) -> None:
     # A controller restarted in its pod (a crash: the container restarts, the pod and its
     # label stay) finds the pods it had created, takes their workers back, and starts new ones
     # under new ids: it never asks for a pod that exists, and it still sees the adopted pods'
     # ends.
-    from tests.cluster import (
-        Cluster,
-        alive,
-        end_processes,
-        free_ports,
-        start_controller,
-        write_config,
-    )
+    from mesh.testing.cluster import Cluster
+    from mesh.testing.configs import write_config
+    from mesh.testing.ports import free_ports
+    from mesh.testing.processes import alive, end_processes
+    from tests.cluster import start_controller
 
     ports = free_ports("client", "admin", "worker")
     config = tmp_path / "kube.toml"
@@ -439,7 +436,7 @@ termination_grace_s = 5
         assert kube.conflicts == 0
     finally:
         end_processes([p for p in (first, second) if p is not None], timeout_s=30)
-    await wait_until(lambda: kube.pids() == {}, timeout_s=20, what="every pod's process ended")
+    await until(lambda: kube.pids() == {}, timeout_s=20, what="every pod's process ended")
     assert not alive(first.pid)
 
 
@@ -463,6 +460,7 @@ def test_a_worker_pod_under_curve_mounts_the_keys_secret_and_passes_its_keys() -
         "spec"]["containers"][0]["args"]
 
 
+@pytest.mark.integration
 async def test_a_controller_under_curve_serves_through_pods_that_hold_the_workers_key(
         tmp_path: Path) -> None:
     # CURVE with the kubernetes launcher: the worker pods get their key pair and the
@@ -471,7 +469,11 @@ async def test_a_controller_under_curve_serves_through_pods_that_hold_the_worker
 
     from mesh.client import Client
     from mesh.security import ClientKeys, generate
-    from tests.cluster import Cluster, end_processes, free_ports, start_controller, write_config
+    from mesh.testing.cluster import Cluster
+    from mesh.testing.configs import write_config
+    from mesh.testing.ports import free_ports
+    from mesh.testing.processes import end_processes
+    from tests.cluster import start_controller
 
     own, secret = tmp_path / "own", tmp_path / "secret"
     for name in ("controller", "worker", "alice", "ops"):
@@ -521,5 +523,5 @@ keys_secret = "meshserve-worker-key"
         assert "--key" in args and "--controller-key" in args
     finally:
         end_processes([ctrl], timeout_s=30)
-        await wait_until(lambda: kube.pids() == {}, timeout_s=20, what="the pods ended")
+        await until(lambda: kube.pids() == {}, timeout_s=20, what="the pods ended")
         await kube.close()

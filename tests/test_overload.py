@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
+import pytest
 
 from mesh.client import Client, backoff_s
 from mesh.errors import MeshError, Overloaded
+from mesh.testing.ledger import LedgerClient
 from tests.conftest import StartCluster
-from tests.load import LedgerClient
 
 SLOW = """
 [[deployments]]
@@ -63,6 +64,7 @@ def test_backoff_follows_the_hint_with_jitter_else_doubles() -> None:
     assert all(backoff_s(0, 30) < 3.0 for _ in range(50))
 
 
+@pytest.mark.integration
 async def test_an_overloaded_deployment_refuses_at_once_and_answers_each_request_once(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(SLOW)
@@ -117,4 +119,4 @@ async def offer_overload(client_endpoint: str, one: Callable[[LedgerClient], Awa
             assert out["y"].shape == (1, 4)
         await asyncio.gather(*patient)
         await asyncio.sleep(0.5)
-        return dict(client.answers)
+        return dict(client.ledger.answers)

@@ -36,6 +36,7 @@ def test_a_role_needs_a_name_of_its_own_and_a_core(needs: list[tuple[str, int]])
         plan(list(range(8)), needs)
 
 
+@pytest.mark.integration
 def test_every_thread_of_a_running_process_is_pinned() -> None:
     core = available_cores()[-1]
     proc = subprocess.Popen([sys.executable, "-c", (
@@ -54,6 +55,7 @@ def test_every_thread_of_a_running_process_is_pinned() -> None:
         proc.wait()
 
 
+@pytest.mark.integration
 def test_a_process_that_is_gone_pins_nothing() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.DEVNULL)
     proc.wait()

@@ -23,6 +23,7 @@ from controller import plain_request
 from controller.config import DeploymentConfig
 from controller.frontend import Frontend
 from controller.router import Router
+from controller.routers import Routers
 from mesh import codec, dataplane
 from mesh.messages import MAX_ID_BYTES, request_header
 
@@ -43,7 +44,7 @@ class Rig:
         self.frontend = Frontend(context, f"inproc://{name}", max_request_bytes=LIMIT)
         # Driven by hand (``outcome`` hands it each message), so never started: its routers
         # are given here instead of to ``start``.
-        self.frontend.routers = {"mlp": self.router}
+        self.frontend.routers = Routers.of({"mlp": self.router})
         self.client = context.socket(zmq.DEALER)
         self.client.setsockopt(zmq.IDENTITY, b"c1")
         self.client.setsockopt(zmq.LINGER, 0)

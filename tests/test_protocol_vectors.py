@@ -21,7 +21,10 @@ from mesh import client as client_module
 from mesh import codec
 from mesh.client import Client
 from mesh.errors import DeadlineExceeded
-from tests.cluster import Cluster, free_ports, start_controller, write_config
+from mesh.testing.cluster import Cluster
+from mesh.testing.configs import write_config
+from mesh.testing.ports import free_ports
+from tests.cluster import start_controller
 from tests.protocol_vectors import (
     DEPLOYMENTS,
     MAX_REQUEST_BYTES,
@@ -67,6 +70,7 @@ def test_the_file_is_what_the_generator_makes_and_reads_back() -> None:
                       "unsupported_version"}
 
 
+@pytest.mark.integration
 async def test_a_live_controller_answers_every_vector_as_recorded(tmp_path: Path) -> None:
     ports = free_ports("client", "admin", "worker")
     config = tmp_path / "vectors.toml"
@@ -81,7 +85,7 @@ async def test_a_live_controller_answers_every_vector_as_recorded(tmp_path: Path
                                what="the echo world")
         live = await run_against(cluster.client)
     finally:
-        from tests.cluster import end_processes
+        from mesh.testing.processes import end_processes
 
         end_processes([cluster.proc])
     assert [stable(c) for c in live] == [stable(c) for c in recorded()]

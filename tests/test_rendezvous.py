@@ -90,6 +90,7 @@ def form(store: Any, token: str, connect_s: float) -> Comm:
                 backend="gloo", connect_timeout_s=connect_s, token=token, bind_host="127.0.0.1")
 
 
+@pytest.mark.integration
 def test_a_stranger_without_the_world_token_cannot_join_its_store_prefix(
         peer_processes: Any) -> None:
     # The stranger reaches the store and knows the world's id and epoch, not its token: it
@@ -111,6 +112,7 @@ def test_a_stranger_without_the_world_token_cannot_join_its_store_prefix(
     comm.close()
 
 
+@pytest.mark.integration
 def test_a_world_listens_on_its_advertise_address_only(peer_processes: Any) -> None:
     before = listening(os.getpid())
     store = rendezvous_store("127.0.0.1", timeout_s=10.0)

@@ -19,16 +19,14 @@ import numpy as np
 import pytest
 
 from mesh.errors import ControllerLost
+from mesh.testing.configs import deployment
+from mesh.testing.ledger import LedgerClient
 from tests.cluster import joined_cluster, restart_controller, start_controller
-from tests.load import LedgerClient, Load
+from tests.load import Load
 
-MLP = """
-[[deployments]]
-name = "mlp"
-model = "worker.models.mlp:build"
-factory_kwargs = { hidden = 64 }
-worlds = 2
-"""
+pytestmark = pytest.mark.integration
+
+MLP = deployment("mlp", "worker.models.mlp:build", factory_kwargs={"hidden": 64}, worlds=2)
 
 
 def serving(s: dict[str, Any]) -> bool:
@@ -86,7 +84,7 @@ async def test_a_restarted_controller_adopts_its_workers_and_serves_the_same_cli
     assert {w["id"] for w in after["workers"]} == {"r0", "r1"}
     # Only requests in flight at the kill (or sent while it was down) failed, each with
     # ControllerLost; none was answered twice.
-    assert max(client.answers.values()) == 1
+    assert max(client.ledger.answers.values()) == 1
     assert load.errors and all(isinstance(e, ControllerLost) for e in load.errors)
 
 
@@ -118,5 +116,5 @@ async def test_a_stream_resumes_from_its_last_chunk_across_a_controller_restart(
                     # client learns of it from the new controller's pong, not a timeout.
                     restart_controller(cluster)
     assert "".join(chunks) == generate(prompt, n)
-    assert sum(client.chunks.values()) == n  # every token exactly once
+    assert sum(client.ledger.chunks.values()) == n  # every token exactly once
     assert client.controller_losses == 0  # a restart, noticed by incarnation, never silence

@@ -24,17 +24,7 @@ from mesh.messages import (
     request_header,
     result_header,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
+from mesh.testing.clock import FakeClock
 
 
 @dataclass
@@ -55,7 +45,7 @@ class Harness:
 
     def __init__(self, *, max_attempts: int = 3, deferred: bool = False,
                  **deployment: Any) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(1000.0)
         # deferred: the router's flushes wait in here until ``end_wake_up`` (the controller's
         # event loop runs them once the wake-up's callbacks are done); else each dispatch
         # goes out at once.

@@ -14,9 +14,12 @@ import torch
 
 from mesh.client import Client
 from mesh.errors import BadRequest, MeshError, UnknownModel
-from tests.cluster import free_port
+from mesh.testing.ports import free_port
+from mesh.testing.waits import until
 from tests.conftest import StartCluster
 from tests.load import Load
+
+pytestmark = pytest.mark.integration
 
 MLP = """
 [[deployments]]
@@ -321,10 +324,8 @@ async def test_a_deployment_that_cannot_come_up_says_why_and_answers_unavailable
     broken = next(d for d in status["deployments"] if d["name"] == "broken")
     assert "quarantined" in broken["unavailable"] and "mlp.pt" in broken["unavailable"]
     # meshctl up says so on its own output, beside the ready line of what does serve.
-    deadline = asyncio.get_running_loop().time() + 10
-    while "NOT serving broken" not in cluster.log_path.read_text(errors="replace"):
-        assert asyncio.get_running_loop().time() < deadline, cluster.log_tail()
-        await asyncio.sleep(0.1)
+    await until(lambda: "NOT serving broken" in cluster.log_path.read_text(errors="replace"),
+                10.0, "meshctl up's line about broken", interval_s=0.1, detail=cluster.log_tail)
     log = cluster.log_path.read_text(errors="replace")
     assert "meshserve ready: serving echo on" in log
     assert "meshserve: NOT serving broken: quarantined after 3 formation failures" in log

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import pids_with
+from mesh.testing.processes import pids_with
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -67,6 +67,7 @@ def read_replies(peer: Peer, count: int) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.mark.integration
 def test_a_two_stage_world_computes_the_unsplit_model_and_closes_on_purpose(
         peers: PeersFn) -> None:
     peer = peers("inner", json.dumps(MLP), timeout_s=5.0)
@@ -92,6 +93,7 @@ def test_a_two_stage_world_computes_the_unsplit_model_and_closes_on_purpose(
     assert sorted(r["rid"] for r in replies) == sorted(xs)
 
 
+@pytest.mark.integration
 def test_an_idle_world_stays_up_through_many_timeouts_on_keepalives(peers: PeersFn) -> None:
     # World timeout 0.6 s: 8 s idle is over 13 timeouts. Rank 0 keeps the world alive with
     # keepalives every 0.15 s and learns each time, from a completed flush, that rank 1 still
@@ -115,6 +117,7 @@ def test_an_idle_world_stays_up_through_many_timeouts_on_keepalives(peers: Peers
     assert peer.proc.wait(10) == 0
 
 
+@pytest.mark.integration
 def test_an_idle_world_whose_next_rank_stops_taking_breaks_on_a_world_timeout(
         peers: PeersFn) -> None:
     peer = peers("receive", "1", timeout_s=0.5)
@@ -129,6 +132,7 @@ def test_an_idle_world_whose_next_rank_stops_taking_breaks_on_a_world_timeout(
     assert time.monotonic() - started < 0.5 / 4 * 3 + 0.5 + 1.5
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("round_", range(3))
 def test_a_next_rank_killed_while_batches_are_posted_answers_unavailable_never_model_error(
         peers: PeersFn, round_: int) -> None:
@@ -159,6 +163,7 @@ def test_a_next_rank_killed_while_batches_are_posted_answers_unavailable_never_m
     assert set(answers.values()) == {"unavailable"}, answers
 
 
+@pytest.mark.integration
 def test_time_rank_0_spends_blocked_on_a_slower_next_rank_is_not_counted_busy(
         peers: PeersFn) -> None:
     # Rank 1 takes two messages, then stops taking: rank 0 fills its send window and then

@@ -34,6 +34,7 @@ stages = 2
 """
 
 
+@pytest.mark.integration
 async def test_a_two_stage_mlp_world_computes_the_unsplit_model(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(TWO_STAGE_MLP)
@@ -73,6 +74,7 @@ async def test_a_two_stage_mlp_world_computes_the_unsplit_model(
     await cluster.wait_for(both_computed, timeout_s=5.0, what="both stages' batch counters")
 
 
+@pytest.mark.integration
 async def test_a_two_stage_tinygpt_world_streams_exactly_the_reference_tokens(
         cluster_factory: StartCluster) -> None:
     from worker.models.tinygpt import generate
@@ -112,6 +114,7 @@ async def test_a_two_stage_tinygpt_world_streams_exactly_the_reference_tokens(
     assert proc.stdout.strip("\n") == generate("hello world", 12)
 
 
+@pytest.mark.integration
 async def test_a_worker_shared_by_two_worlds_serves_both_and_survives_closing_one(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(TWO_STAGE_MLP, controller="warm_workers = 1")
@@ -150,6 +153,7 @@ async def test_a_worker_shared_by_two_worlds_serves_both_and_survives_closing_on
     assert world_a["id"] in by_id[shared]["worlds"]
 
 
+@pytest.mark.integration
 async def test_a_stopped_peer_gives_a_typed_timeout_while_heartbeats_keep_flowing(
         cluster_factory: StartCluster) -> None:
     # Health would notice the stopped process too; give it no chance here, so what breaks the
@@ -206,6 +210,7 @@ def test_a_world_on_a_cuda_device_uses_nccl() -> None:
     comm.abort()
 
 
+@pytest.mark.integration
 async def test_a_stream_the_caller_abandons_stops_decoding_on_the_worker(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory("""
@@ -244,6 +249,7 @@ min_worlds = {worlds}
 """ for name, worlds in (("a", 1), ("b", 0), ("c", 0)))
 
 
+@pytest.mark.integration
 async def test_a_worker_keeps_its_stages_in_use_and_at_most_max_idle_stages_others(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(
@@ -301,6 +307,7 @@ min_worlds = 0
 """
 
 
+@pytest.mark.integration
 async def test_a_world_drained_while_its_worker_still_loads_is_never_served_or_kept(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(SLOW_LOADING)
@@ -339,6 +346,7 @@ world_timeout_ms = 2000
 """
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 async def test_idle_pipeline_worlds_and_a_worker_shared_by_three_outlive_fifteen_timeouts(
         cluster_factory: StartCluster) -> None:
@@ -390,6 +398,7 @@ min_worlds = 0
 """
 
 
+@pytest.mark.integration
 async def test_a_long_stream_does_not_hold_up_another_world_on_the_same_worker(
         cluster_factory: StartCluster) -> None:
     cluster = await cluster_factory(STREAM_BESIDE)

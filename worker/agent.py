@@ -11,11 +11,13 @@ children, which must not outlive their parent) it exits instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -47,9 +49,10 @@ from mesh.spec import DeploymentSpec
 from worker.comm import Comm, CommError, default_backend, parse_addr
 from worker.formation import Formation, FormationAborted
 from worker.link import Link
-from worker.loader import LoadError, load_handler
+from worker.loader import LoadError, build_handler, load_handler, split_for
 from worker.rendezvous import rendezvous_store
 from worker.runner import WorldRunner
+from worker.splits import Split, SplitMemo, publish, receive, store_key
 from worker.stage_cache import StageCache
 from worker.world import Compute, RunnerStats, World
 
@@ -118,7 +121,11 @@ class WorkerAgent(Actor):
         # ENDED_JOINS_KEPT others ended (JoinFailed, or Left).
         self._joined: dict[int, Joined] = {}
         self._ended: OrderedDict[tuple[int, int], JoinFailed | Left] = OrderedDict()
-        self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, on_drop=self._dropped_stage)
+        self._stages = StageCache(DEFAULT_MAX_IDLE_STAGES, size_of=self._stage_bytes,
+                                  on_drop=self._dropped_stage)
+        # The cut of each deployment's model this worker measured or received first (used
+        # only on the loader thread).
+        self._splits = SplitMemo()
         self._advertise_host = advertise_host
         self._store: Any = None
         self.store_addr = ""
@@ -196,7 +203,8 @@ class WorkerAgent(Actor):
         if isinstance(message, Welcome):
             self._heartbeat_interval_s = message.heartbeat_interval_ms / 1000.0
             self._controller_timeout_s = message.controller_timeout_ms / 1000.0
-            self._stages.set_max_idle(message.max_idle_stages)
+            self._stages.set_limits(max_idle=message.max_idle_stages,
+                                    max_bytes=message.max_stage_bytes)
             self._packed_replies = message.packed_replies
             self._welcomed.set()
             return
@@ -231,6 +239,11 @@ class WorkerAgent(Actor):
     async def _preload(self, msg: Preload) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        if self._stages.full:
+            self._log.info("preload of %s stage %d skipped: the stages held take %d bytes, "
+                           "max_stage_bytes is %d", msg.deployment.name, msg.rank,
+                           self._stages.bytes, self._stages.max_bytes)
+            return
         try:
             await loop.run_in_executor(self._loader_pool, self._handler_for, msg.deployment,
                                        msg.rank, msg.size)
@@ -251,37 +264,108 @@ class WorkerAgent(Actor):
                                     peer_lost=peer_lost))
 
     def _handler_for(self, deployment: DeploymentSpec, rank: int, size: int,
-                     world: int | None = None) -> Any:
-        """The stage's handler, loaded unless held; pinned while ``world`` uses it."""
-        key = (deployment.name, rank, size, repr(deployment))
+                     world: int | None = None, *, split: Split | None = None,
+                     decided: bool = False) -> Any:
+        """The stage's handler, loaded unless held; pinned while ``world`` uses it. Its model
+        is cut at ``split`` when ``decided`` (rank 0's cut, received), else where this worker
+        cut the deployment before, else where ``split_for`` decides now (worker/splits.py).
+        A stage is held under its cut's points."""
+        built = None
+        memo = f"{size}:{deployment!r}"
+        if size > 1 and decided:
+            self._splits.remember(memo, split)  # a later world this worker leads cuts so too
+        elif size > 1 and memo in self._splits:
+            split = self._splits.get(memo)
+        elif size > 1:
+            built = build_handler(deployment)  # built once: measured, then loaded
+            split = split_for(built, deployment, self.device, size)
+            self._splits.remember(memo, split)
+        key = (deployment.name, rank, size, repr(deployment),
+               split.points if split is not None else None)
         return self._stages.get(
-            key, lambda: load_handler(deployment, self.device, stage=rank, stages=size),
+            key, lambda: load_handler(deployment, self.device, stage=rank, stages=size,
+                                      split=split, built=built),
             world=world)
 
+    def _stage_bytes(self, handler: Any) -> int:
+        try:
+            return int(handler.stage_bytes())
+        except Exception:  # a handler's own override that fails: count nothing, say so
+            self._log.exception("measuring the bytes of a %s stage failed",
+                                type(handler).__name__)
+            return 0
+
     def _dropped_stage(self, key: Any) -> None:
-        name, rank, size, _ = key
-        self._log.info("dropped %s stage %d/%d: no world uses it and %d newer idle stages "
-                       "are kept (max_idle_stages)", name, rank, size, self._stages.max_idle)
+        name, rank, size, _, _ = key
+        self._log.info("dropped %s stage %d/%d: no world uses it, and idle stages are kept "
+                       "within max_idle_stages (%d) and max_stage_bytes (%d; %d bytes held)",
+                       name, rank, size, self._stages.max_idle, self._stages.max_bytes,
+                       self._stages.bytes)
         if self.device.startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()  # give the freed weights back to other processes
 
-    def _form(self, msg: Join, formation: Formation) -> Comm:
-        """Form the world's group (in a thread of the form pool), on a store client of its
-        own that ``formation`` can close: an abort, from the event loop, makes this raise
-        ``FormationAborted`` within milliseconds, whatever the rendezvous waits for."""
+    def _world_store(self, msg: Join, formation: Formation) -> Any:
+        """A client of the world's rendezvous store (in a thread of the form pool), of its
+        own, that ``formation`` can close: an abort, from the event loop, makes a wait on it
+        raise ``FormationAborted`` within milliseconds, whatever the rendezvous waits for."""
         host, port = parse_addr(msg.rendezvous or self.store_addr)
-        timeout_s = msg.world_timeout_ms / 1000.0
-        connect_timeout_s = max(timeout_s, msg.form_timeout_ms / 1000.0)
         backend = msg.backend or default_backend(self.device)
-        store = formation.store(host, port, connect_timeout_s=connect_timeout_s,
-                                timeout_s=timeout_s, closable=backend == "gloo")
+        return formation.store(host, port, connect_timeout_s=self._connect_timeout_s(msg),
+                               timeout_s=msg.world_timeout_ms / 1000.0,
+                               closable=backend == "gloo")
+
+    @staticmethod
+    def _connect_timeout_s(msg: Join) -> float:
+        return max(msg.world_timeout_ms, msg.form_timeout_ms) / 1000.0
+
+    def _comm(self, msg: Join, store: Any) -> Comm:
+        """Form the world's group over ``store`` (in a thread of the form pool)."""
+        return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
+                    store=store, device=self.device, timeout_s=msg.world_timeout_ms / 1000.0,
+                    backend=msg.backend or default_backend(self.device),
+                    connect_timeout_s=self._connect_timeout_s(msg), token=msg.token,
+                    bind_host=self._advertise_host)
+
+    async def _load_and_form(self, msg: Join, formation: Formation
+                             ) -> tuple[Any, Comm | None, float]:
+        """Load this rank's stage and form the world's group; also the load's milliseconds.
+        Rank 0 publishes its model's cut in the world's store; a later rank of a deployment
+        whose cut is not configured waits for it there before it loads (worker/splits.py)."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        key = store_key(msg.world_id, msg.epoch, msg.token)
+        exchange = msg.size > 1 and not msg.deployment.split_points
+
+        def load(**cut: Any) -> asyncio.Future[Any]:
+            return loop.run_in_executor(self._loader_pool, functools.partial(
+                self._handler_for, msg.deployment, msg.rank, msg.size, msg.world_id, **cut))
+
+        def wait(ready: Callable[[], bool]) -> None:
+            formation.wait(ready, self._connect_timeout_s(msg), "rank 0's cut of the model")
+
+        handler: Any = None
+        load_ms = 0.0
+        if msg.rank == 0 or not exchange:
+            handler = await load()
+            load_ms = (time.perf_counter() - started) * 1000.0
+            formation.check()  # given up on while loading: nothing to form
+            if msg.size == 1:
+                return handler, None, load_ms
+        store = await loop.run_in_executor(self._form_pool, self._world_store, msg, formation)
         try:
-            return Comm(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
-                        store=store, device=self.device, timeout_s=timeout_s,
-                        backend=backend, connect_timeout_s=connect_timeout_s,
-                        token=msg.token, bind_host=self._advertise_host)
+            if handler is None:  # a later rank: rank 0's cut first, then the load
+                split = await loop.run_in_executor(self._form_pool, receive, store, key, wait)
+                loading = time.perf_counter()
+                handler = await load(split=split, decided=True)
+                load_ms = (time.perf_counter() - loading) * 1000.0
+                formation.check()
+            elif exchange:
+                await loop.run_in_executor(self._form_pool, publish, store, key,
+                                           handler.pipeline_split)
+            return handler, await loop.run_in_executor(self._form_pool, self._comm, msg,
+                                                       store), load_ms
         except BaseException:
             close = getattr(store, "close", None)
             if close is not None:
@@ -343,13 +427,7 @@ class WorkerAgent(Actor):
         self._joining[key] = formation
         runner: WorldRunner | None = None
         try:
-            handler = await loop.run_in_executor(self._loader_pool, self._handler_for,
-                                                 msg.deployment, msg.rank, msg.size,
-                                                 msg.world_id)
-            load_ms = (time.perf_counter() - started) * 1000.0
-            formation.check()  # given up on while loading: nothing to form
-            if msg.size > 1:
-                comm = await loop.run_in_executor(self._form_pool, self._form, msg, formation)
+            handler, comm, load_ms = await self._load_and_form(msg, formation)
             world = World(world_id=msg.world_id, epoch=msg.epoch, rank=msg.rank, size=msg.size,
                           deployment=msg.deployment, handler=handler, comm=comm,
                           packed_replies=self._packed_replies)
@@ -500,6 +578,7 @@ class WorkerAgent(Actor):
                                   busy=any(r.busy for r in runners), batches=st.batches,
                                   rows=st.rows, requests=st.requests, busy_s=st.busy_s,
                                   stages=len(self._stages), idle_stages=self._stages.idle,
+                                  stage_bytes=self._stages.bytes,
                                   cpu_s=time.process_time(),
                                   gen=[g for r in runners if (g := r.gen_stats()) is not None]))
 

@@ -47,6 +47,7 @@ import gc
 import importlib
 import logging
 import os
+import pkgutil
 import select
 import signal
 import socket
@@ -72,13 +73,10 @@ log = logging.getLogger("worker.forkserver")  # not __main__, as python -m names
 
 # What every worker imports before it registers, imported here once.
 PRELOAD = ("numpy", "torch", "torch.distributed", "uvloop", "zmq", "worker.main",
-           "worker.stages")
-# The built-in models (and what they import when they load), imported here too so that a
-# worker loading one imports nothing. One that fails to import is logged and left to the
-# workers, which import it (and fail on it) as a plain start would.
-MODELS = ("worker.models.mlp", "worker.models.tinygpt", "worker.models.fixed",
-          "worker.models.faulty", "worker.models.echo", "worker.models.gpt2",
-          "safetensors.torch")
+           "worker.stages", "worker.splits", "safetensors.torch")
+# And the built-in models: every module of worker.models (a worker loading one then imports
+# nothing).
+MODELS_PACKAGE = "worker.models"
 # The server's exit code when it cannot fork safely (more than one thread, CUDA started).
 UNFIT = 3
 
@@ -106,6 +104,22 @@ def unfit() -> str:
     except (AttributeError, OSError) as exc:  # Linux before 5.3
         return f"no pidfd_open here ({exc})"
     return ""
+
+
+def preload() -> list[str]:
+    """Import PRELOAD (an error there ends the server: the launcher starts workers plainly)
+    and the built-in models; returns the models imported. A model that fails to import is
+    logged and left to the workers, which import it (and fail on it) as a plain start would."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+    package = importlib.import_module(MODELS_PACKAGE)
+    models = [f"{MODELS_PACKAGE}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+    for name in models:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any import error: the workers will say it too
+            log.warning("not preloaded: %s (%s: %s)", name, type(exc).__name__, exc)
+    return models
 
 
 def settle_threads() -> None:
@@ -244,13 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     lifeline.follow(args.parent_pid, signal.SIGKILL, "launching controller")
     env = dict(os.environ)  # as started: what every spawn's environment must be
     started = time.monotonic()
-    for name in PRELOAD:
-        importlib.import_module(name)
-    for name in MODELS:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # any import error: the workers will say it too
-            log.warning("not preloaded: %s (%s: %s)", name, type(exc).__name__, exc)
+    preload()
     gc.freeze()  # the children's collections need not walk (and so copy) the server's objects
     settle_threads()
     problem = unfit()

@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.errors import BadRequest
+
+if TYPE_CHECKING:
+    from worker.splits import Split
 
 
 @dataclass(slots=True)
@@ -48,6 +51,8 @@ class Handler(abc.ABC):
     streaming = False
     stage = 0
     stages = 1
+    # How a pipeline model was cut into stages, when the loader cut it (worker/splits.py).
+    pipeline_split: Split | None = None
 
     def setup(self, *, checkpoint: str, device: str, stage: int = 0,  # noqa: B027
               stages: int = 1, split_points: list[int] | None = None) -> None:
@@ -90,8 +95,57 @@ class Handler(abc.ABC):
         """What this stage takes and gives, sent with every join: the controller answers a
         client's ``describe`` with rank 0's inputs, parameters and streaming and the last
         rank's outputs."""
-        return {"inputs": self.input_spec(), "outputs": self.output_spec(),
-                "parameters": self.param_spec(), "streaming": self.streaming}
+        out = {"inputs": self.input_spec(), "outputs": self.output_spec(),
+               "parameters": self.param_spec(), "streaming": self.streaming}
+        if self.pipeline_split is not None:
+            out["split"] = self.pipeline_split.describe()  # each stage: children, cost
+        return out
+
+    def stage_bytes(self) -> int:
+        """Bytes this stage holds on its device: by default the parameters and buffers of
+        every ``nn.Module`` among the handler's attributes (and in lists, tuples and dicts of
+        them), and its tensor attributes, each storage counted once (tied weights share
+        one). Measured once, when the stage loads, for ``max_stage_bytes``."""
+        return held_bytes(getattr(self, "__dict__", {}).values())
+
+
+def held_bytes(values: Any) -> int:
+    """The bytes of the distinct tensor storages in ``values``: tensors, modules (their
+    parameters and buffers), and lists, tuples and dicts of them, one level deep."""
+    import torch
+
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def count(tensor: Any) -> None:
+        nonlocal total
+        try:
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            size = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # no storage of its own (meta, sparse)
+            key, size = ("", id(tensor)), tensor.numel() * tensor.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.nn.Module):
+            for tensor in (*value.parameters(), *value.buffers()):
+                count(tensor)
+        elif isinstance(value, torch.Tensor):
+            count(value)
+
+    for value in values:
+        if isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        else:
+            visit(value)
+    return total
 
 
 def _torch_dtype_name(dtype: Any) -> str:

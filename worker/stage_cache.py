@@ -8,9 +8,15 @@ layouts, must not hold all of them forever (on a GPU that is an out-of-memory er
 for the next join).
 
 The rule: a stage that a world on this worker uses is *in use* and is never dropped; of the
-*idle* ones, the ``max_idle`` most recently used are kept and older ones are dropped. Loading
-happens outside the lock (the event loop pins and unpins while a load runs on the loader
-thread); a join loads and pins in one call, so its stage cannot be dropped in between.
+*idle* ones, the ``max_idle`` most recently used are kept and older ones are dropped. And with
+a byte bound (``max_bytes``, 0: none), idle stages are dropped, least recently used first,
+while the stages kept, in use and idle, hold more bytes than that: during a rolling update a
+worker may hold both revisions' stages, and it is their size, not their count, that fills a
+device. A stage's bytes (``size_of``: its parameters and buffers) are measured once, when it
+loads. Stages in use may hold more than the bound on their own; the bound then keeps no idle
+one. Loading happens outside the lock (the event loop pins and unpins while a load runs on
+the loader thread); a join loads and pins in one call, so its stage cannot be dropped in
+between.
 """
 
 from __future__ import annotations
@@ -25,13 +31,17 @@ log = logging.getLogger(__name__)
 
 
 class StageCache:
-    def __init__(self, max_idle: int, *, on_drop: Callable[[Hashable], None] | None = None
-                 ) -> None:
-        """``on_drop(key)`` runs after a dropped stage's handler is released by the cache, so
+    def __init__(self, max_idle: int, *, max_bytes: int = 0,
+                 size_of: Callable[[Any], int] | None = None,
+                 on_drop: Callable[[Hashable], None] | None = None) -> None:
+        """``size_of(handler)``: the bytes a loaded stage holds (none counted without it).
+        ``on_drop(key)`` runs after a dropped stage's handler is released by the cache, so
         it may give the freed memory back (``torch.cuda.empty_cache``)."""
-        if max_idle < 0:
-            raise ValueError(f"max_idle must be at least 0, got {max_idle}")
+        _check_limits(max_idle, max_bytes)
         self._max_idle = max_idle
+        self._max_bytes = max_bytes
+        self._size_of = size_of
+        self._sizes: dict[Hashable, int] = {}  # key -> bytes, measured when it loaded
         self._on_drop = on_drop
         self._lock = threading.Lock()
         # key -> handler, least recently used first
@@ -50,15 +60,34 @@ class StageCache:
         return self._max_idle
 
     @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
     def idle(self) -> int:
         with self._lock:
             return sum(1 for k in self._stages if not self._users.get(k))
 
-    def set_max_idle(self, max_idle: int) -> None:
-        if max_idle < 0:
-            raise ValueError(f"max_idle must be at least 0, got {max_idle}")
+    @property
+    def bytes(self) -> int:
+        """Bytes of every stage held, in use and idle."""
         with self._lock:
-            self._max_idle = max_idle
+            return sum(self._sizes.values())
+
+    @property
+    def full(self) -> bool:
+        """The stages held reach the byte bound: a stage loaded now (not for a world) would
+        be dropped again at once, or push out one that was."""
+        return self._max_bytes > 0 and self.bytes >= self._max_bytes
+
+    def set_max_idle(self, max_idle: int) -> None:
+        self.set_limits(max_idle=max_idle, max_bytes=self._max_bytes)
+
+    def set_limits(self, *, max_idle: int, max_bytes: int) -> None:
+        """New bounds (the controller's welcome); stages over them are dropped at once."""
+        _check_limits(max_idle, max_bytes)
+        with self._lock:
+            self._max_idle, self._max_bytes = max_idle, max_bytes
             dropped = self._evict()
         self._report(dropped)
 
@@ -73,12 +102,14 @@ class StageCache:
                     self._pin(key, world)
                 return handler
         handler = load()  # may take seconds: not under the lock
+        size = self._size_of(handler) if self._size_of is not None else 0
         with self._lock:
             held = self._stages.get(key)
             if held is not None:
                 handler = held  # built meanwhile by another caller: keep one copy
             else:
                 self._stages[key] = handler
+                self._sizes[key] = size
             self._stages.move_to_end(key)
             if world is not None:
                 self._pin(key, world)
@@ -114,9 +145,17 @@ class StageCache:
         self._users.setdefault(key, set()).add(world)
 
     def _evict(self) -> list[tuple[Hashable, Any]]:
+        """Drop idle stages, least recently used first, while more are idle than
+        ``max_idle`` or all of them hold more than ``max_bytes``."""
         idle = [k for k in self._stages if not self._users.get(k)]  # oldest first
+        held = sum(self._sizes.values())
         dropped = []
-        for key in idle[:max(0, len(idle) - self._max_idle)]:
+        for count, key in enumerate(idle):
+            over_count = len(idle) - count > self._max_idle
+            over_bytes = self._max_bytes > 0 and held > self._max_bytes
+            if not (over_count or over_bytes):
+                break
+            held -= self._sizes.pop(key, 0)
             dropped.append((key, self._stages.pop(key)))
         return dropped
 
@@ -129,3 +168,10 @@ class StageCache:
                     self._on_drop(key)
                 except Exception:
                     log.exception("dropping stage %r failed", key)
+
+
+def _check_limits(max_idle: int, max_bytes: int) -> None:
+    if max_idle < 0:
+        raise ValueError(f"max_idle must be at least 0, got {max_idle}")
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be at least 0 (0: no bound), got {max_bytes}")

@@ -2,8 +2,10 @@
 
 An ``nn.Sequential`` splits along its children into ``stages`` contiguous slices: at the
 explicit ``split_points`` (the child index where each stage after the first begins) or, by
-default, balanced by parameter count so each stage holds about the same weight. A stage keeps
-only its own children; from a checkpoint it loads only the keys of those children.
+default here, balanced by parameter count so each stage holds about the same weight. A worker
+passes the points it chose by the children's measured time (worker/splits.py); this count is
+the fallback, and what a handler that cuts itself gets. A stage keeps only its own children;
+from a checkpoint it loads only the keys of those children.
 """
 
 from __future__ import annotations

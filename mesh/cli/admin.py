@@ -38,12 +38,22 @@ def render_status(status: dict[str, Any]) -> str:
                  for d in status["deployments"] if d.get("last_decision")]
     down = [f"  {d['name']}: {d['unavailable']}" for d in status["deployments"]
             if d.get("unavailable")]
+    rollouts = [f"  {d['name']}: revision {r['from_revision']} -> {r['to_revision']} "
+                f"{r['state']}" + (f": {r['reason']}" if r.get("reason") else "")
+                for d in status["deployments"] if (r := d.get("rollout"))
+                and (r["state"] != "done")]
+    routes = [f"  {r['name']}: " + ", ".join(
+        f"{name} {weight} ({100 * r['observed'].get(name, 0.0):.1f}% of "
+        f"{sum(r['sent'].values())} sent)" for name, weight in r["to"].items())
+        for r in status.get("routes", [])]
     parts = [
         "DEPLOYMENTS",
         _table(["NAME", "STAGES", "WORLDS", "BOUNDS", "SLO_P99", "P50_MS", "P95_MS", "P99_MS",
                 "RPS", "QUEUED", "IN_FLIGHT", "ERRORS"], deps),
         *(["NOT SERVING (requests are answered 'unavailable')", *down] if down else []),
         *(["LAST SCALING DECISIONS", *decisions] if decisions else []),
+        *(["ROLLOUTS", *rollouts] if rollouts else []),
+        *(["ROUTES (weight, observed split)", *routes] if routes else []),
         "",
         "WORLDS",
         _table(["ID", "DEPLOYMENT", "EPOCH", "STATE", "BACKEND", "RANKS", "IN_FLIGHT",

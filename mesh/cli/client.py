@@ -86,6 +86,12 @@ def render_description(d: dict[str, Any]) -> str:
                              + (f"  {json.dumps(extra)}" if extra else ""))
         for name, p in (m.get("parameters") or {}).items():
             lines.append(f"  param  {name}: {json.dumps(p)}")
+        split = m.get("split") or {}
+        for i, stage in enumerate(split.get("stages") or []):
+            first, last = stage.get("children", ["?", "?"])
+            cost = f", {stage['ms']} ms" if stage.get("ms") is not None else ""
+            lines.append(f"  stage  {i}: children {first}-{last}{cost} ({split.get('basis')}"
+                         + (f", {split.get('rows')} rows)" if split.get("rows") else ")"))
     return "\n".join(lines)
 
 

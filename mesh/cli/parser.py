@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any
 
-from mesh.cli import admin, bench, client, server
+from mesh.cli import admin, apply, bench, client, server
 from mesh.cli.common import DEFAULT_ADMIN
 
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, defaults=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=_subparser(common))
-    for group in (server, admin, client, bench):
+    for group in (server, admin, apply, client, bench):
         group.add_commands(sub)
     return p
 

@@ -31,13 +31,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     # 'up' always brings its own local worker pool.
     config = dataclasses.replace(config, controller=dataclasses.replace(config.controller,
                                                                          launcher="local"))
-    return run(serve(config, with_gateway=True, log_level=args.log_level))
+    return run(serve(config, with_gateway=True, log_level=args.log_level,
+                     config_path=args.config or ""))
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
     from controller.serve import serve
 
-    return run(serve(_load(args, demo_if_missing=False)))
+    return run(serve(_load(args, demo_if_missing=False), config_path=args.config))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

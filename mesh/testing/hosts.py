@@ -23,11 +23,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import IO, Any, Self
 
-from tests.cluster import Cluster
+from mesh.testing.cluster import Cluster
+from mesh.testing.configs import write_config
+from mesh.testing.processes import end_processes
 
 PREFIX = "meshns"
 SUBNET = "10.77.0"
@@ -155,16 +156,7 @@ class Hosts:
         _ip("-n", self.switch, "link", "set", self._port(host), "up")
 
     def close(self) -> None:
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15.0
-        for proc in self._procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_processes(self._procs, 15.0)
         for ns in reversed(self._made):
             _kill_inside(ns)
             _ip("netns", "del", ns, check=False)
@@ -187,13 +179,10 @@ class Site:
         self.log = folder / "controller.log"
         ctl = hosts.address("ctl")
         self.worker_endpoint = f"tcp://{ctl}:{WORKER_PORT}"
-        self.config.write_text(
-            "[controller]\n"
-            f'client_endpoint = "ipc://{folder}/client"\n'
-            f'admin_endpoint = "ipc://{folder}/admin"\n'
-            f'worker_endpoint = "{self.worker_endpoint}"\n'
-            'launcher = "none"\nmetrics_port = 0\nwarm_workers = 0\nautoscale = false\n'
-            "controller_timeout_ms = 3000\n" + deployments)
+        write_config(self.config, {"client": f"ipc://{folder}/client",
+                                   "admin": f"ipc://{folder}/admin",
+                                   "worker": self.worker_endpoint},
+                     deployments, launcher="none", controller_timeout_ms=3000)
         self.cluster = Cluster(self.start_controller(), f"ipc://{folder}/client",
                                f"ipc://{folder}/admin", self.worker_endpoint, self.config,
                                self.log)
