@@ -21,7 +21,7 @@ import pytest
 from mesh.client import Client
 from mesh.testing.cluster import Cluster
 from mesh.testing.ports import free_port
-from mesh.testing.waits import http_ready, until
+from mesh.testing.waits import http_ready, until, until_blocking
 from tests.cluster import reap, start_cluster
 
 openai = pytest.importorskip("openai")
@@ -349,9 +349,15 @@ def test_bearer_tokens_tls_and_two_processes_on_one_port(tmp_path: Path) -> None
         assert [m.id for m in client.models.list()] == ["tinygpt"]
         pids = cluster.gateway_pids()
         assert len(pids) == 2  # the first process and its sibling on the same port
-        listening = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True,
-                                   text=True).stdout
-        assert all(f"pid={pid}," in listening for pid in pids), listening
+
+        def listening() -> str:
+            return subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True,
+                                  text=True).stdout
+
+        # The port answered once the first process listened; its sibling may still be
+        # starting (importing its HTTP stack on a busy host): both listen within seconds.
+        until_blocking(lambda: all(f"pid={pid}," in listening() for pid in pids), 30.0,
+                       "both gateway processes listening", detail=listening)
         assert client.completions.create(model="tinygpt", prompt="hi", max_tokens=4,
                                          temperature=0).choices[0].text
         client.close()
