@@ -45,16 +45,16 @@ from mesh.client import Client
 from mesh.loadgen import Second, closed_loop, open_loop, plot_profile, run_profile
 from mesh.loop import run as run_loop
 from mesh.stats import percentile
-from mesh.testing.configs import write_config
+from mesh.testing.configs import deployment, write_config
 from mesh.testing.ports import free_ports
 from mesh.testing.processes import end_processes, start_controller
 from mesh.testing.waits import admin_status, serving, wait_status
 
 NAME = "elastic"
-MODELS = {
+MODELS: dict[str, tuple[str, dict[str, float], int, int]] = {
     # name: (model, factory_kwargs, input row width, max_batch_size)
-    "fixed": ("worker.models.fixed:build", "{ batch_ms = 20.0 }", 4, 1),
-    "mlp": ("worker.models.mlp:build", "{}", 64, 32),
+    "fixed": ("worker.models.fixed:build", {"batch_ms": 20.0}, 4, 1),
+    "mlp": ("worker.models.mlp:build", {}, 64, 32),
 }
 
 
@@ -117,21 +117,12 @@ def worker_seconds(seconds: list[Second]) -> int:
 
 # -- the run -------------------------------------------------------------------------------
 
-def deployment(args: argparse.Namespace) -> str:
+def deployment_toml(args: argparse.Namespace) -> str:
     model, kwargs, _, batch = MODELS[args.model]
-    return f"""
-[[deployments]]
-name = "{NAME}"
-model = "{model}"
-factory_kwargs = {kwargs}
-max_batch_size = {batch}
-worlds = 1
-min_worlds = 1
-max_worlds = {args.max_worlds}
-slo_p99_ms = {args.slo_ms}
-upscale_delay_s = {args.upscale_delay_s}
-downscale_delay_s = {args.downscale_delay_s}
-"""
+    return deployment(NAME, model, factory_kwargs=dict(kwargs), max_batch_size=batch, worlds=1,
+                      min_worlds=1, max_worlds=args.max_worlds, slo_p99_ms=args.slo_ms,
+                      upscale_delay_s=args.upscale_delay_s,
+                      downscale_delay_s=args.downscale_delay_s)
 
 
 async def per_world_rps(client: Client, admin: str, x: dict[str, Any], slo_ms: float,
@@ -164,7 +155,7 @@ async def per_world_rps(client: Client, admin: str, x: dict[str, Any], slo_ms: f
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     ports = free_ports("client", "admin", "worker")
     config = write_config(Path(tempfile.mkdtemp(prefix="meshserve-elastic-")) / "elastic.toml",
-                          ports, deployment(args), worker_threads=1, warm_workers=0,
+                          ports, deployment_toml(args), worker_threads=1, warm_workers=0,
                           autoscale=True, autoscale_tick_ms=250)
     admin = f"tcp://127.0.0.1:{ports['admin']}"
     ctrl = start_controller(config, config.with_suffix(".log"), log_level="INFO")
